@@ -1,0 +1,343 @@
+"""Rollout generation for step 3 (and step 2.5): DeepSpeed Hybrid Engine where it works, HF `generate` elsewhere.
+
+Why a wrapper: the Hybrid Engine (HE) only has inference kernels for a few layer classes, needs a GPU
+and breaks with newer transformers cache APIs; upstream crashed in all those cases. Here the flag is a
+request, not an order: the HE path is probed once (an exception or output that disagrees with the
+native path turns it off for the rest of the run) and everything else runs the KV-cached HF `generate`.
+Under ZeRO-3 the native path gathers the actor's parameters ONCE per call instead of once per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from dschat.utils.dist import any_rank_true, get_world_size
+from dschat.utils.utils import print_rank_0
+
+PATH_HYBRID = "hybrid_engine"
+PATH_HF = "hf_generate"
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print a warning once per process (rank 0 only), however often the situation recurs."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    print_rank_0(f"WARNING: {message}")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _unwrap(engine_or_model) -> torch.nn.Module:
+    return getattr(engine_or_model, "module", engine_or_model)
+
+
+def _is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def answer_mask(sequences: torch.Tensor, prompt_width: int, pad_token_id: int) -> torch.Tensor:
+    """[B, L] -> [B, L - prompt_width] bool: answer tokens before the first pad of each answer."""
+    answers = sequences[:, prompt_width:]
+    is_pad = answers == pad_token_id
+    return is_pad.long().cumsum(dim=1) == 0
+
+
+def answer_lengths(sequences: torch.Tensor, prompt_width: int, pad_token_id: int) -> torch.Tensor:
+    """Number of answer tokens before the first pad, per row ([B] long)."""
+    return answer_mask(sequences, prompt_width, pad_token_id).sum(dim=1)
+
+
+def pad_after_eos(sequences: torch.Tensor, prompt_width: int, eos_token_id: int | None,
+                  pad_token_id: int) -> torch.Tensor:
+    """Replace every answer token after the first eos by pad (the eos itself is kept).
+
+    HF already does this for finished rows; doing it again makes the contract hold for any backend
+    (the HE kernels, custom generators) and for eos ids given as a list in the generation config.
+    """
+    if eos_token_id is None:
+        return sequences
+    out = sequences.clone()
+    answers = out[:, prompt_width:]
+    seen_eos = (answers == eos_token_id).long().cumsum(dim=1)
+    after = (seen_eos - (answers == eos_token_id).long()) > 0
+    answers[after] = pad_token_id
+    return out
+
+
+def decode_answers(tokenizer, sequences: torch.Tensor, prompt_width: int) -> list[str]:
+    """Answer text per row (special tokens and padding removed)."""
+    return tokenizer.batch_decode(sequences[:, prompt_width:], skip_special_tokens=True)
+
+
+def decode_prompts(tokenizer, prompt_ids: torch.Tensor) -> list[str]:
+    return tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------------------------- HE preflight
+
+
+def hybrid_engine_unavailable_reason(model: torch.nn.Module) -> str | None:
+    """Why the Hybrid Engine cannot serve `model` here (None: worth trying).
+
+    Called before `deepspeed.initialize`, so a CPU run or an architecture without HE kernels never gets
+    the `hybrid_engine` config section (DeepSpeed would try to build CUDA kernels for it).
+    """
+    from dschat.utils.dist import on_cpu
+
+    if on_cpu():
+        return "the CPU accelerator has no DeepSpeed inference kernels"
+    try:
+        from deepspeed.module_inject.replace_policy import replace_policies
+    except Exception as err:  # noqa: BLE001 - any import problem means "no HE"
+        return f"DeepSpeed inference policies cannot be imported ({type(err).__name__}: {err})"
+    supported = set()
+    for policy in replace_policies:
+        try:
+            policy(None)
+        except Exception:  # noqa: BLE001,S112 - a policy whose model family is not installed
+            continue
+        layer_class = getattr(policy, "_orig_layer_class", None)
+        for cls in layer_class if isinstance(layer_class, list) else [layer_class]:
+            if cls is not None:
+                supported.add(cls)
+    module = _unwrap(model)
+    if not any(type(m) in supported for m in module.modules()):
+        return f"DeepSpeed has no Hybrid Engine kernels for {type(module).__name__}"
+    return None
+
+
+def _is_hybrid_engine(engine) -> bool:
+    try:
+        from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(engine, DeepSpeedHybridEngine) and bool(getattr(engine, "_inference_containers", None))
+
+
+# --------------------------------------------------------------------------------------------- ZeRO-3
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return 0
+
+
+def full_parameter_bytes(module: torch.nn.Module) -> int:
+    """Size of the module's parameters when fully gathered (ZeRO-3 aware)."""
+    total = 0
+    for p in module.parameters():
+        numel = p.ds_numel if _is_partitioned(p) else p.numel()
+        total += numel * p.element_size()
+    return total
+
+
+def should_gather(module: torch.nn.Module, device: torch.device, fraction: float = 0.5) -> bool:
+    """Size heuristic: gather the whole model only if it fits in `fraction` of the free memory.
+
+    The decision must be identical on every rank (collectives follow from it), so the minimum free
+    memory over ranks is used.
+    """
+    need = full_parameter_bytes(module)
+    free = torch.tensor([float(_free_memory_bytes(device))], device=device)
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+    return need <= fraction * float(free.item())
+
+
+@contextlib.contextmanager
+def gathered_for_generation(module: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Gather every ZeRO-3 parameter once and keep it resident for the whole `generate` call.
+
+    `GatheredParameters` alone is not enough: ZeRO-3's per-module forward hooks would re-partition each
+    layer right after its forward, so decoding would re-gather every layer for every token. Marking the
+    parameters as "external" for the duration stops the hooks from releasing them; the flags are
+    restored before the context re-partitions.
+    """
+    params = [p for p in module.parameters() if _is_partitioned(p)]
+    if not enabled or not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        saved = [p.is_external_param for p in params]
+        for p in params:
+            p.is_external_param = True
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, saved):
+                p.is_external_param = flag
+
+
+# --------------------------------------------------------------------------------------------- generator
+
+
+class Generator:
+    """Generate answers for left-padded prompts; see DESIGN.md "Generation contract".
+
+    `generate(prompt_ids, prompt_mask) -> [B, P + T]` where T <= max_new_tokens is the longest answer
+    of this rank's batch (generation stops once every row hit eos) and everything after an answer's
+    first eos is pad.
+    """
+
+    def __init__(self, engine_or_model, tokenizer, *, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, zero_stage: int = 0,
+                 enable_hybrid_engine: bool = False, gather_params: bool | None = None,
+                 check_hybrid_parity: bool = True):
+        self.engine = engine_or_model
+        self.module = _unwrap(engine_or_model)
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.zero_stage = zero_stage
+        self.gather_params = gather_params
+        self.check_hybrid_parity = check_hybrid_parity
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.last_stats: dict[str, float | str] = {}
+        self._use_hybrid = False
+        self._hybrid_probed = False
+        if enable_hybrid_engine:
+            if _is_hybrid_engine(engine_or_model):
+                self._use_hybrid = True
+            else:
+                reason = hybrid_engine_unavailable_reason(self.module) or \
+                    "the actor engine was built without the DeepSpeed Hybrid Engine"
+                warn_once(f"--enable_hybrid_engine: {reason}; generating with Hugging Face generate "
+                          "(KV cache on) instead")
+
+    @property
+    def path(self) -> str:
+        return PATH_HYBRID if self._use_hybrid else PATH_HF
+
+    @property
+    def synced_gpus(self) -> bool:
+        """Keep ranks stepping together when ZeRO-3 forward hooks may issue collectives."""
+        return self.zero_stage == 3 and get_world_size() > 1
+
+    def generation_config(self, do_sample: bool | None = None):
+        from transformers import GenerationConfig
+
+        sample = self.do_sample if do_sample is None else do_sample
+        kwargs = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1,
+                      pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True)
+        if sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:
+            # Explicit values (transformers' own defaults, which its validator treats as "unset") so a
+            # checkpoint's generation_config cannot leak sampling settings into greedy decoding.
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
+        return GenerationConfig(**kwargs)
+
+    # ---- backends
+    def _hf_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     do_sample: bool | None = None) -> torch.Tensor:
+        gather = False
+        if self.zero_stage == 3:
+            gather = self.gather_params if self.gather_params is not None else \
+                should_gather(self.module, prompt_ids.device)
+        with torch.no_grad(), gathered_for_generation(self.module, enabled=gather), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+            return self.module.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                        generation_config=self.generation_config(do_sample),
+                                        synced_gpus=self.synced_gpus)
+
+    def _hybrid_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                         do_sample: bool | None = None) -> torch.Tensor:
+        # The HE replaced `module.generate` with its own wrapper; eval() swapped the kernels in.
+        with torch.no_grad():
+            return self.module.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                        generation_config=self.generation_config(do_sample),
+                                        synced_gpus=self.synced_gpus)
+
+    def _probe_hybrid(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """First call only: run the HE; on an exception (any rank) or output that disagrees with the
+        native path on the first answer tokens, fall back for good (upstream issues: crashes with newer
+        transformers, repeated-token garbage)."""
+        self._hybrid_probed = True
+        reason = None
+        try:
+            he_out = self._hybrid_generate(prompt_ids, prompt_mask, do_sample=False)
+        except Exception as err:  # noqa: BLE001 - any HE failure means "use the native path"
+            he_out, reason = None, f"the Hybrid Engine failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        if any_rank_true(reason is not None):
+            self._disable_hybrid(reason or "the Hybrid Engine failed on another rank")
+            return
+        if not self.check_hybrid_parity:
+            return
+        self.engine.train()  # back to the training forwards for the native reference
+        self.module.eval()
+        native = self._hf_generate(prompt_ids, prompt_mask, do_sample=False)
+        self.engine.eval()
+        agree = first_tokens_agreement(he_out, native, prompt_ids.shape[1], self.pad_token_id)
+        if any_rank_true(agree < 0.5):
+            self._disable_hybrid(f"Hybrid Engine greedy output disagrees with the native model "
+                                 f"({agree:.0%} of rows agree on the first answer tokens)")
+        else:
+            print_rank_0(f"Hybrid Engine parity check passed ({agree:.0%} of rows agree)")
+
+    def _disable_hybrid(self, reason: str) -> None:
+        self._use_hybrid = False
+        warn_once(f"--enable_hybrid_engine: {reason}; generating with Hugging Face generate from now on")
+        # Put the training forwards back; the HE kernels stay unused from here on.
+        self.engine.train()
+
+    # ---- public API
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        was_training = self.module.training
+        self.engine.eval()
+        start = time.time()
+        try:
+            if self._use_hybrid and not self._hybrid_probed:
+                self._probe_hybrid(prompt_ids, prompt_mask)
+                if self._use_hybrid:
+                    self.engine.eval()
+            if self._use_hybrid:
+                try:
+                    sequences = self._hybrid_generate(prompt_ids, prompt_mask)
+                except Exception as err:  # noqa: BLE001 - never crash on the HE flag
+                    self._disable_hybrid(f"the Hybrid Engine failed ({type(err).__name__}: {err})")
+                    self.module.eval()
+                    sequences = self._hf_generate(prompt_ids, prompt_mask)
+            else:
+                sequences = self._hf_generate(prompt_ids, prompt_mask)
+        finally:
+            if was_training:
+                self.engine.train()
+        elapsed = max(time.time() - start, 1e-9)
+        width = prompt_ids.shape[1]
+        sequences = pad_after_eos(sequences, width, self.eos_token_id, self.pad_token_id)
+        n_tokens = int(answer_lengths(sequences, width, self.pad_token_id).sum())
+        self.last_stats = {"generate_time": elapsed, "tokens_per_second": n_tokens / elapsed,
+                           "answer_tokens": n_tokens, "path": self.path}
+        return sequences
+
+
+def first_tokens_agreement(a: torch.Tensor, b: torch.Tensor, prompt_width: int, pad_token_id: int,
+                           n_tokens: int = 4) -> float:
+    """Fraction of rows whose first `n_tokens` answer tokens are identical in `a` and `b`."""
+    width = min(a.shape[1], b.shape[1], prompt_width + n_tokens)
+    if width <= prompt_width:
+        return 1.0
+    same = (a[:, prompt_width:width] == b[:, prompt_width:width]).all(dim=1)
+    return float(same.float().mean())

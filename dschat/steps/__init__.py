@@ -1,0 +1,1 @@
+"""Step definitions (arguments, trainer, build) behind the thin `main.py` entry points."""

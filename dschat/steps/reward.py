@@ -1,0 +1,115 @@
+"""Step 2: reward model (Bradley-Terry pairwise loss on the score at the end of each answer)."""
+
+from __future__ import annotations
+
+import torch
+
+from dschat.utils import args as flags
+from dschat.utils.build import (
+    apply_lora,
+    build_tokenizer,
+    end_of_text,
+    fuse_lora,
+    initialize_engine,
+    train_ds_config,
+)
+from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_dataset
+from dschat.utils.dist import get_local_rank
+from dschat.utils.losses import pairwise_accuracy
+from dschat.utils.trainer import Trainer, count_updates
+from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model, set_random_seed
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = flags.new_parser("Step 2: reward model fine-tuning (DeepSpeed-Chat compatible flags).")
+    flags.add_data_args(parser)
+    flags.add_model_args(parser)
+    parser.add_argument("--num_padding_at_beginning", type=int, default=1,
+                        help="Pad tokens at the start of every sequence (OPT: 1, Llama and our tiny model: 0).")
+    parser.add_argument("--reward_loss", choices=("end", "divergence"), default="end",
+                        help="'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token loss "
+                             "over the differing suffix.")
+    flags.add_optim_args(parser, learning_rate=5e-5)
+    flags.add_deepspeed_args(parser)
+    flags.add_lora_args(parser)
+    flags.add_logging_args(parser, tensorboard_path="step2_tensorboard", print_loss=False)
+    flags.add_eval_args(parser, eval_interval=0, eval_iters=100)
+    args = parser.parse_args(argv)
+    flags.validate_common(args)
+    return args
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+class RewardTrainer(Trainer):
+    name = "step2_model"
+
+    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = self.engine(**_model_inputs(batch), use_cache=False)
+        chosen, rejected = out["chosen_mean_scores"].detach(), out["rejected_mean_scores"].detach()
+        return {
+            "loss": out["loss"],
+            "accuracy": pairwise_accuracy(chosen, rejected),
+            "rewards/chosen": chosen.float().mean(),
+            "rewards/rejected": rejected.float().mean(),
+            "rewards/margins": (chosen - rejected).float().mean(),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_loader is None:
+            return {}
+        self.engine.eval()
+        sums = torch.zeros(4, device=self.device)
+        count = 0
+        for i, batch in enumerate(self.eval_loader):
+            if self.args.eval_iters and i >= self.args.eval_iters:
+                break
+            out = self.engine(**_model_inputs({k: v.to(self.device) for k, v in batch.items()}), use_cache=False)
+            chosen, rejected = out["chosen_mean_scores"].float(), out["rejected_mean_scores"].float()
+            sums += torch.stack([out["loss"].float(), pairwise_accuracy(chosen, rejected), chosen.mean(),
+                                 rejected.mean()])
+            count += 1
+        loss, acc, chosen, rejected = get_all_reduce_mean(sums / max(1, count)).tolist()
+        print_rank_0(f"chosen_last_scores (higher is better) : {chosen}, rejected_last_scores (lower is better) : "
+                     f"{rejected}, acc (higher is better) : {acc}")
+        return {"loss": loss, "accuracy": acc, "rewards/chosen": chosen, "rewards/rejected": rejected,
+                "rewards/margins": chosen - rejected}
+
+    def save_model(self) -> None:
+        if not self.args.output_dir:
+            return
+        print_rank_0(f"saving the reward model to {self.args.output_dir} ...")
+        fuse_lora(self.engine.module)
+        save_reward_model(self.engine.module, self.tokenizer, self.args.output_dir)
+
+
+def build(args) -> RewardTrainer:
+    from dschat.utils.model.model_utils import create_critic_model
+
+    set_random_seed(args.seed)
+    tokenizer = build_tokenizer(args)
+    ds_config = train_ds_config(args, zero_stage=args.zero_stage, micro_batch_size=args.per_device_train_batch_size,
+                                gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step2_model")
+    train_data, eval_data = create_prompt_dataset(
+        get_local_rank(), args.data_path, args.data_split, args.data_output_path, 2, args.seed, tokenizer,
+        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache,
+    )
+    model = create_critic_model(args.model_name_or_path, tokenizer, ds_config, args.num_padding_at_beginning,
+                                dropout=args.dropout, zero_stage=args.zero_stage,
+                                compute_fp32_loss=args.compute_fp32_loss, loss_type=args.reward_loss)
+    model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora,
+                       force_optimize=["v_head.weight"])
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
+                                  padding=args.padding)
+    steps = count_updates(len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                          args.num_train_epochs, args.max_steps)
+    engine = initialize_engine(model, ds_config, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                               lora_learning_rate=args.lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
+                               num_warmup_steps=args.num_warmup_steps, num_training_steps=steps,
+                               offload=args.offload, args=args)
+    return RewardTrainer(args, engine, train_data, eval_data, collator, tokenizer)

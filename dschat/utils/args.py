@@ -1,0 +1,162 @@
+"""One definition of each flag group, shared by every entry point.
+
+Flag names, types and defaults follow DeepSpeed-Chat (per step where upstream differs), so users'
+scripts run unchanged; the additions are documented in each flag's help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dschat.utils.errors import UserError
+
+SCHEDULER_CHOICES = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exit code 2 (argparse's own code)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/tmp/data_files/",
+                  max_seq_len: int | None = 512) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_path", nargs="*", default=["Dahoas/rm-static"],
+                       help="Dataset names (DeepSpeed-Chat's), `local/jsonfile`, or local files/directories "
+                            "(.json/.jsonl/.jsonl.gz/.parquet with prompt/chosen/rejected keys or HH dialogues). "
+                            "Several are blended.")
+    group.add_argument("--data_split", type=str, default=None,
+                       help="Comma proportions for phases 1,2,3 (default 2,4,4 for named datasets; a local "
+                            "file or directory goes wholly to the running phase unless this is given).")
+    if sft_only:
+        group.add_argument("--sft_only_data_path", nargs="*", default=[],
+                           help="Datasets used only in SFT (split 10,0,0).")
+    group.add_argument("--data_output_path", type=str, default=data_output_path,
+                       help="Where split indices and tokenised caches go (node-local or shared storage).")
+    group.add_argument("--rebuild_data_cache", action="store_true",
+                       help="Rebuild the tokenised cache even if a matching one exists.")
+    group.add_argument("--padding", choices=("longest", "max_length"), default="longest",
+                       help="Pad each batch to its longest row (multiple of 8) or, as upstream, to the max length.")
+    if max_seq_len is not None:
+        group.add_argument("--max_seq_len", type=int, default=max_seq_len,
+                           help="Truncate sequences to this many tokens.")
+    group.add_argument("--end_of_conversation_token", type=str, default=None,
+                       help="Text appended to every training sample (default: the tokenizer's eos token, "
+                            "the same ending for SFT, RM and PPO).")
+
+
+def add_model_args(parser, *, required: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_name_or_path", type=str, required=required,
+                       help="Hugging Face hub id or local directory.")
+    group.add_argument("--dropout", type=float, default=None, help="Override dropout in the model config.")
+    group.add_argument("--gradient_checkpointing", action="store_true", help="Enable HF gradient checkpointing.")
+    group.add_argument("--compute_fp32_loss", action="store_true", help="Compute the loss on fp32 logits.")
+    group.add_argument("--add_eot_token", action="store_true",
+                       help="Add --eot_token to the tokenizer as a special token.")
+    group.add_argument("--eot_token", type=str, default="<|endoftext|>")
+
+
+def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, weight_decay: float = 0.0,
+                   batch_flags: bool = True) -> None:
+    group = parser.add_argument_group("optimisation")
+    if batch_flags:
+        group.add_argument("--per_device_train_batch_size", type=int, default=16)
+        group.add_argument("--per_device_eval_batch_size", type=int, default=16)
+        group.add_argument("--learning_rate", type=float, default=learning_rate)
+        group.add_argument("--weight_decay", type=float, default=weight_decay)
+    group.add_argument("--num_train_epochs", type=int, default=1)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULER_CHOICES)
+    group.add_argument("--num_warmup_steps", type=int, default=num_warmup_steps)
+    group.add_argument("--max_steps", type=int, default=0,
+                       help="Stop after this many optimizer steps (0: run all epochs).")
+
+
+def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
+    group = parser.add_argument_group("deepspeed")
+    group.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
+    group.add_argument("--offload", action="store_true", help="ZeRO offload of parameters and optimizer to CPU.")
+    group.add_argument("--dtype", type=str, default=None, choices=("fp16", "bf16", "fp32"),
+                       help="Training precision (default: fp16 on GPU as upstream, fp32 on CPU).")
+    if zero_flags:
+        group.add_argument("--zero_stage", type=int, default=0, choices=(0, 1, 2, 3))
+    import deepspeed
+
+    deepspeed.add_config_arguments(parser)
+
+
+def add_lora_args(parser) -> None:
+    group = parser.add_argument_group("lora")
+    group.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; > 0 enables LoRA.")
+    group.add_argument("--lora_module_name", type=str, default="decoder.layers.",
+                       help="Substring selecting the Linear layers to wrap (`layers.` for Llama).")
+    group.add_argument("--only_optimize_lora", action="store_true", help="Train only the LoRA parameters.")
+    group.add_argument("--lora_learning_rate", type=float, default=5e-4)
+
+
+def add_logging_args(parser, *, tensorboard_path: str, print_loss: bool = True) -> None:
+    group = parser.add_argument_group("logging and checkpoints")
+    group.add_argument("--output_dir", type=str, default=None, help="Where to save; nothing is saved if omitted.")
+    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--enable_tensorboard", action="store_true")
+    group.add_argument("--tensorboard_path", type=str, default=tensorboard_path)
+    if print_loss:
+        group.add_argument("--print_loss", action="store_true", help="Every rank prints its loss each step.")
+    group.add_argument("--log_interval", type=int, default=10, help="Optimizer steps between log lines.")
+    group.add_argument("--save_steps", type=int, default=0,
+                       help="Write a full resumable training state every N optimizer steps (and each epoch end).")
+    group.add_argument("--save_total_limit", type=int, default=2, help="Keep only the newest K training states.")
+    group.add_argument("--resume", action="store_true",
+                       help="Continue from the newest complete training state in --output_dir.")
+
+
+def add_eval_args(parser, *, eval_interval: int = 0, eval_iters: int = 100) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval_interval", type=int, default=eval_interval,
+                       help="Evaluate every N optimizer steps (0: only before training and after each epoch).")
+    group.add_argument("--eval_iters", type=int, default=eval_iters, help="At most this many eval batches.")
+
+
+def check_path_exists(flag: str, path: str | None, kind: str = "path") -> None:
+    if path is None:
+        return
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).parent.exists()
+    if looks_local and not Path(path).expanduser().exists():
+        raise UserError(f"{flag} {path}: {kind} does not exist; check the path")
+
+
+def check_positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} {value}: must be positive")
+
+
+def validate_common(args) -> None:
+    """Checks every training entry point shares; raises UserError naming the flag."""
+    check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size",
+                   "gradient_accumulation_steps", "max_seq_len")
+    if getattr(args, "num_train_epochs", 1) < 0:
+        raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
+    if getattr(args, "deepspeed_config", None):
+        raise UserError("--deepspeed_config: the DeepSpeed config is built from the flags here; drop "
+                        "--deepspeed_config and use --zero_stage/--dtype/--offload")
+    if getattr(args, "only_optimize_lora", False) and getattr(args, "lora_dim", 0) <= 0:
+        raise UserError("--only_optimize_lora needs --lora_dim > 0")
+    if getattr(args, "resume", False) and not getattr(args, "output_dir", None):
+        raise UserError("--resume needs --output_dir (the states live under OUTPUT_DIR/checkpoints)")
+    model_path = getattr(args, "model_name_or_path", None)
+    check_path_exists("--model_name_or_path", model_path, "model directory")

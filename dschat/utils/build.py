@@ -1,0 +1,81 @@
+"""Building blocks every entry point assembles: tokenizer, LoRA, optimizer + scheduler + engine."""
+
+from __future__ import annotations
+
+import torch
+
+from dschat.utils.dist import get_world_size
+from dschat.utils.ds_utils import get_train_ds_config, resolve_dtype, set_batch_sizes
+from dschat.utils.utils import create_optimizer, get_optimizer_grouped_parameters, load_hf_tokenizer
+
+
+def build_tokenizer(args, model_name_or_path: str | None = None):
+    path = model_name_or_path or args.model_name_or_path
+    extra = args.eot_token if getattr(args, "add_eot_token", False) else None
+    return load_hf_tokenizer(path, fast_tokenizer=True, add_special_tokens=extra)
+
+
+def end_of_text(args, tokenizer) -> str:
+    """One ending for every stage: the tokenizer's eos unless the user asked for another string."""
+    return args.end_of_conversation_token or tokenizer.eos_token
+
+
+def train_ds_config(args, *, zero_stage: int, micro_batch_size: int, gradient_accumulation_steps: int,
+                    tb_name: str, **extra) -> dict:
+    args.dtype = resolve_dtype(args.dtype)
+    config = get_train_ds_config(
+        offload=args.offload, dtype=args.dtype, stage=zero_stage,
+        enable_tensorboard=args.enable_tensorboard, tb_path=args.tensorboard_path, tb_name=tb_name, **extra,
+    )
+    return set_batch_sizes(config, micro_batch_size, gradient_accumulation_steps, get_world_size())
+
+
+def apply_lora(model: torch.nn.Module, lora_dim: int, module_name: str, only_optimize: bool,
+               force_optimize: list[str] | None = None) -> torch.nn.Module:
+    if lora_dim <= 0:
+        return model
+    from dschat.utils.module.lora import (
+        convert_linear_layer_to_lora,
+        make_model_gradient_checkpointing_compatible,
+        only_optimize_lora_parameters,
+    )
+
+    model = convert_linear_layer_to_lora(model, module_name, lora_dim)
+    if only_optimize:
+        model = only_optimize_lora_parameters(model, force_optimize_params=force_optimize or [])
+        model = make_model_gradient_checkpointing_compatible(model)
+    return model
+
+
+def fuse_lora(model: torch.nn.Module) -> None:
+    """Fold LoRA weights into their base Linear layers before saving (no-op without LoRA)."""
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        from dschat.utils.module.lora import convert_lora_to_linear_layer
+
+        convert_lora_to_linear_layer(model)
+
+
+def initialize_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate: float, weight_decay: float,
+                      lora_learning_rate: float, lr_scheduler_type: str, num_warmup_steps: int,
+                      num_training_steps: int, offload: bool, args=None):
+    """Optimizer groups (upstream's three), a transformers LR schedule, and the DeepSpeed engine."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    groups = get_optimizer_grouped_parameters(model, weight_decay, lora_learning_rate)
+    optimizer = create_optimizer(groups, lr=learning_rate, offload=offload)
+    scheduler = get_scheduler(lr_scheduler_type, optimizer=optimizer, num_warmup_steps=num_warmup_steps,
+                              num_training_steps=max(1, num_training_steps))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config, args=args, dist_init_required=True)
+    return engine
+
+
+def initialize_frozen_engine(model: torch.nn.Module, ds_config: dict):
+    """A forward-only DeepSpeed engine (reference, reward, EMA models)."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine

@@ -1,0 +1,942 @@
+"""One adapter per dataset name: where the data comes from and how a sample becomes prompt/answer text.
+
+Adapters only turn samples into strings (or None to skip a sample); splitting, tokenising and caching
+live in data_utils.py. Upstream DeepSpeed-Chat names and text formats are kept exactly (contract §3.1);
+on top of them we read Anthropic's raw HH-RLHF dialogues, the TL;DR comparison sets, and local files
+or directories given directly as `--data_path`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dschat.utils.errors import UserError
+
+Sample = Mapping[str, Any]
+Splits = Mapping[str, Any]
+
+ASSISTANT_MARKER = "\n\nAssistant:"
+TLDR_MARKER = "TL;DR:"
+LOCAL_DATA_EXTENSIONS = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv")
+EVAL_SPLIT_PREFIXES = ("test", "eval", "validation", "valid", "dev")
+LOCAL_JSONFILE_ENV = "DSCHAT_LOCAL_DATA_DIR"
+
+
+# --------------------------------------------------------------------------------------------- text helpers
+
+
+def human_prompt(text: str) -> str:
+    """Upstream's single-turn prompt for non-HH datasets."""
+    return f" Human: {text} Assistant:"
+
+
+def is_blank(text: Any) -> bool:
+    return not isinstance(text, str) or not text.strip()
+
+
+def join_prompt_response(prompt: str, response: str) -> str:
+    """Concatenate like the HH convention (responses start with a space); add one only if both sides lack it."""
+    if prompt and response and not prompt[-1].isspace() and not response[0].isspace():
+        return f"{prompt} {response}"
+    return prompt + response
+
+
+def split_hh_dialogue(text: Any) -> tuple[str, str] | None:
+    """Split an HH dialogue into (prompt up to and including the last "\\n\\nAssistant:", response)."""
+    if not isinstance(text, str):
+        return None
+    cut = text.rfind(ASSISTANT_MARKER)
+    if cut < 0:
+        return None
+    cut += len(ASSISTANT_MARKER)
+    return text[:cut], text[cut:]
+
+
+_CITATION = re.compile(r" ?[\(\[][^\(\)\[\]]*?[\)\]]")
+
+
+def strip_citations(text: str) -> str:
+    """WebGPT answers carry bracketed references like "[1]" or "(2)"; upstream removes them."""
+    return _CITATION.sub("", text)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def is_save_to_disk_dir(path: str | os.PathLike) -> bool:
+    """A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    p = Path(path)
+    return p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file())
+
+
+def _as_split_mapping(obj: Any) -> dict[str, Any]:
+    """DatasetDict -> {split: Dataset}; a bare Dataset is a train-only source."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    return {"train": obj}
+
+
+def load_named_source(name: str, hub_id: str | None = None, config: str | None = None,
+                      data_dir: str | None = None) -> dict[str, Any]:
+    """Open a named dataset: an existing path (save_to_disk dir, data file or hub-layout dir) or a hub id."""
+    if os.path.exists(name):
+        if is_save_to_disk_dir(name):
+            import datasets
+
+            return _as_split_mapping(datasets.load_from_disk(name))
+        if os.path.isfile(name):
+            return read_local_source(name)
+    target = hub_id or name
+    try:
+        import datasets
+
+        return _as_split_mapping(datasets.load_dataset(target, config, data_dir=data_dir))
+    except Exception as err:  # network, unknown repo, bad layout: all fixable by the user
+        where = f" (data_dir={data_dir})" if data_dir else ""
+        raise UserError(
+            f"--data_path {name}: could not load dataset {target!r}{where} with datasets.load_dataset: "
+            f"{type(err).__name__}: {err}; check the name and network access, or pass a local copy "
+            "(a save_to_disk directory or .json/.jsonl/.parquet files)"
+        ) from err
+
+
+def _read_json_records(path: Path, opener: Callable[[], io.TextIOBase]) -> list[dict]:
+    """A JSON array (or one object holding a list) or JSON lines; the two are told apart by parsing."""
+    with opener() as fh:
+        text = fh.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: invalid JSON ({err}); expected a JSON array or JSON lines") from err
+        return list(data)
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: invalid JSON line ({err}); expected JSON lines or a JSON array") from err
+    return records
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Read one local data file (.json/.jsonl[.gz]/.parquet/.csv) into a list of dict records."""
+    p = Path(path)
+    name = p.name.lower()
+    if not p.is_file():
+        raise UserError(f"{p}: no such data file")
+    if name.endswith(".gz"):
+        records = _read_json_records(p, lambda: gzip.open(p, "rt", encoding="utf-8"))
+    elif name.endswith((".json", ".jsonl")):
+        records = _read_json_records(p, lambda: open(p, encoding="utf-8"))
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(p).to_pylist()
+    elif name.endswith(".csv"):
+        with open(p, encoding="utf-8", newline="") as fh:
+            records = list(csv.DictReader(fh))
+    else:
+        raise UserError(f"{p}: unsupported data file type; use one of {', '.join(LOCAL_DATA_EXTENSIONS)}")
+    if any(not isinstance(r, Mapping) for r in records):
+        raise UserError(f"{p}: every record must be a JSON object with prompt/chosen/rejected keys")
+    return records
+
+
+def is_data_file(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(LOCAL_DATA_EXTENSIONS)
+
+
+def _stem(name: str) -> str:
+    lowered = name.lower()
+    for ext in LOCAL_DATA_EXTENSIONS:
+        if lowered.endswith(ext):
+            return lowered[: -len(ext)]
+    return lowered
+
+
+def classify_data_files(directory: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """Pick (train files, eval files) in a directory: train.* / train-0000x.*, and test.* / eval.* / validation.*.
+
+    A directory holding exactly one data file, whatever its name, is a train-only source.
+    """
+    d = Path(directory)
+    files = sorted(f for f in d.iterdir() if f.is_file() and is_data_file(f) and not f.name.startswith("."))
+    if not files and (d / "data").is_dir():  # hub layout: <repo>/data/train-*.parquet
+        return classify_data_files(d / "data")
+    train = [f for f in files if _stem(f.name).startswith("train")]
+    evals = [f for f in files if _stem(f.name).startswith(EVAL_SPLIT_PREFIXES)]
+    if not train and len(files) == 1:
+        return files, []
+    if not train:
+        found = ", ".join(f.name for f in files) or "no data files"
+        raise UserError(
+            f"--data_path {d}: cannot tell which file is the training set (found: {found}); name it "
+            f"train.<ext> (and test.<ext> or eval.<ext> for evaluation), ext one of {', '.join(LOCAL_DATA_EXTENSIONS)}"
+        )
+    # Prefer test.* over eval.*/validation.* when several are present, like the hub's split naming.
+    for prefix in EVAL_SPLIT_PREFIXES:
+        chosen = [f for f in evals if _stem(f.name).startswith(prefix)]
+        if chosen:
+            return train, chosen
+    return train, []
+
+
+def read_local_source(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a local file or directory into {"train": records[, "eval": records]}."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--data_path {p}: no such file or directory")
+    if is_save_to_disk_dir(p):
+        import datasets
+
+        splits = _as_split_mapping(datasets.load_from_disk(str(p)))
+        out = {"train": splits["train"]} if "train" in splits else {}
+        for name in ("eval", "test", "validation", "valid", "dev"):
+            if name in splits:
+                out["eval"] = splits[name]
+                break
+        if "train" not in out:
+            raise UserError(f"--data_path {p}: saved dataset has splits {sorted(splits)}; a 'train' split is required")
+        return out
+    if p.is_file():
+        return {"train": read_records(p)}
+    train_files, eval_files = classify_data_files(p)
+    out: dict[str, Any] = {"train": [r for f in train_files for r in read_records(f)]}
+    if eval_files:
+        out["eval"] = [r for f in eval_files for r in read_records(f)]
+    return out
+
+
+def split_names(splits: Splits) -> str:
+    return ", ".join(sorted(splits))
+
+
+# --------------------------------------------------------------------------------------------- base class
+
+
+class PromptRawDataset:
+    """Base adapter. `raw_datasets` may be given directly (tests, local files) to skip loading."""
+
+    dataset_name_clean_default: str = ""
+    hub_id: str | None = None  # load this id instead of the --data_path string (e.g. mkqa)
+    config_name: str | None = None
+    train_split: str = "train"
+    eval_splits: tuple[str, ...] = ("test",)  # () = train-only source: data_utils applies the 9:1 split
+    is_local_path: bool = False  # whole-set-to-current-phase when data_split is None
+
+    def __init__(self, output_path: str, seed: int, local_rank: int, dataset_name: str,
+                 raw_datasets: Splits | None = None) -> None:
+        self.output_path = output_path
+        self.seed = seed
+        self.local_rank = local_rank
+        self.dataset_name = dataset_name
+        self.dataset_name_clean = self.clean_name(dataset_name)
+        self.raw_datasets = self.load() if raw_datasets is None else raw_datasets
+
+    @classmethod
+    def for_samples(cls, dataset_name: str | None = None) -> PromptRawDataset:
+        """An adapter without data, for applying its text methods to hand-made samples."""
+        return cls("", 0, -1, dataset_name or cls.default_name(), raw_datasets={})
+
+    @classmethod
+    def default_name(cls) -> str:
+        for key, adapter in DATASET_ADAPTERS:
+            if adapter is cls:
+                return key
+        return cls.__name__
+
+    def clean_name(self, dataset_name: str) -> str:
+        return self.dataset_name_clean_default or re.sub(r"[^0-9A-Za-z]+", "_", dataset_name).strip("_")
+
+    def load(self) -> dict[str, Any]:
+        return load_named_source(self.dataset_name, hub_id=self.hub_id, config=self.config_name)
+
+    def get_train_data(self) -> Any:
+        if self.train_split not in self.raw_datasets:
+            raise UserError(
+                f"--data_path {self.dataset_name}: no '{self.train_split}' split "
+                f"(found: {split_names(self.raw_datasets) or 'none'})"
+            )
+        return self.raw_datasets[self.train_split]
+
+    def get_eval_data(self) -> Any | None:
+        """The eval split, or None when the source has none (the caller then splits train 9:1)."""
+        if not self.eval_splits:
+            return None
+        for name in (*self.eval_splits, "eval"):
+            if name in self.raw_datasets:
+                return self.raw_datasets[name]
+        return None
+
+    # Text methods: str, or None to skip the sample.
+    def get_prompt(self, sample: Sample) -> str | None:
+        raise NotImplementedError
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        raise NotImplementedError
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        return None
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        prompt, chosen = self.get_prompt(sample), self.get_chosen(sample)
+        return None if prompt is None or chosen is None else prompt + chosen
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        prompt, rejected = self.get_prompt(sample), self.get_rejected(sample)
+        return None if prompt is None or rejected is None else prompt + rejected
+
+
+class _HumanAssistantDataset(PromptRawDataset):
+    """Single-turn sets formatted as ` Human: q Assistant: a` (upstream); subclasses name the fields."""
+
+    def question(self, sample: Sample) -> str | None:
+        raise NotImplementedError
+
+    def answer(self, sample: Sample) -> str | None:
+        raise NotImplementedError
+
+    def bad_answer(self, sample: Sample) -> str | None:
+        return None
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        q = self.question(sample)
+        return None if q is None else human_prompt(q)
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        a = self.answer(sample)
+        return None if a is None else " " + a
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        a = self.bad_answer(sample)
+        return None if a is None else " " + a
+
+
+# --------------------------------------------------------------------------------------------- upstream adapters
+
+
+class _PromptChosenRejectedFields(PromptRawDataset):
+    """Sets whose `prompt` already holds the HH multi-turn text; answers are appended without separator."""
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        return sample.get("prompt")
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        return sample.get("chosen")
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        return sample.get("rejected")
+
+
+class DahoasRmstaticDataset(_PromptChosenRejectedFields):
+    dataset_name_clean_default = "Dahoas_rm_static"
+
+
+class DahoasFullhhrlhfDataset(_PromptChosenRejectedFields):
+    dataset_name_clean_default = "Dahoas_full_hh_rlhf"
+
+
+class DahoasSyntheticinstructgptjpairwiseDataset(_HumanAssistantDataset):
+    dataset_name_clean_default = "Dahoas_synthetic_instruct_gptj_pairwise"
+    eval_splits = ()
+
+    def question(self, sample: Sample) -> str | None:
+        return sample.get("prompt")
+
+    def answer(self, sample: Sample) -> str | None:
+        return sample.get("chosen")
+
+    def bad_answer(self, sample: Sample) -> str | None:
+        return sample.get("rejected")
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        q, a = self.question(sample), self.answer(sample)
+        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        q, a = self.question(sample), self.bad_answer(sample)
+        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+
+
+class YitingxieRlhfrewarddatasetsDataset(PromptRawDataset):
+    """`prompt` stops before the final "Assistant:"; `chosen`/`rejected` start with it."""
+
+    dataset_name_clean_default = "yitingxie_rlhf_reward_datasets"
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        p = sample.get("prompt")
+        return None if p is None else p + "Assistant:"
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        c = sample.get("chosen")
+        return None if c is None else c.split("Assistant:")[-1]
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        r = sample.get("rejected")
+        return None if r is None else r.split("Assistant:")[-1]
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        p, c = sample.get("prompt"), sample.get("chosen")
+        return None if p is None or c is None else p + c
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        p, r = sample.get("prompt"), sample.get("rejected")
+        return None if p is None or r is None else p + r
+
+
+class OpenaiWebgptcomparisonsDataset(_HumanAssistantDataset):
+    """The higher-scored answer is chosen (a tie keeps answer_0); citation brackets are removed."""
+
+    dataset_name_clean_default = "openai_webgpt_comparisons"
+    eval_splits = ()
+
+    def question(self, sample: Sample) -> str | None:
+        q = sample.get("question")
+        return q.get("full_text") if isinstance(q, Mapping) else q
+
+    def _ranked(self, sample: Sample) -> tuple[str, str]:
+        first_wins = float(sample.get("score_0", 0)) >= float(sample.get("score_1", 0))
+        a0, a1 = sample.get("answer_0", ""), sample.get("answer_1", "")
+        return (a0, a1) if first_wins else (a1, a0)
+
+    def answer(self, sample: Sample) -> str | None:
+        return strip_citations(self._ranked(sample)[0])
+
+    def bad_answer(self, sample: Sample) -> str | None:
+        return strip_citations(self._ranked(sample)[1])
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        q, a = self.question(sample), self.answer(sample)
+        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        q, a = self.question(sample), self.bad_answer(sample)
+        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+
+
+class StanfordnlpSHPDataset(_HumanAssistantDataset):
+    dataset_name_clean_default = "stanfordnlp_SHP"
+    eval_splits = ("validation",)
+
+    def question(self, sample: Sample) -> str | None:
+        return sample.get("history")
+
+    def _a_wins(self, sample: Sample) -> bool:
+        return int(sample.get("labels", 0)) == 1
+
+    def answer(self, sample: Sample) -> str | None:
+        return sample.get("human_ref_A") if self._a_wins(sample) else sample.get("human_ref_B")
+
+    def bad_answer(self, sample: Sample) -> str | None:
+        return sample.get("human_ref_B") if self._a_wins(sample) else sample.get("human_ref_A")
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        q, a = self.question(sample), self.answer(sample)
+        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        q, a = self.question(sample), self.bad_answer(sample)
+        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+
+
+class _SFTOnlyHumanAssistant(_HumanAssistantDataset):
+    """Chosen answer only (no pairs): meant for --sft_only_data_path; phase 3 still gets prompts."""
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        q, a = self.question(sample), self.answer(sample)
+        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        return None
+
+
+class PvduySharegptalpacaoavicunaformatDataset(PromptRawDataset):
+    dataset_name_clean_default = "pvduy_sharegpt_alpaca_oa_vicuna_format"
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        p = sample.get("prompt")
+        return None if p is None else p.replace("USER", "Human").replace("ASSISTANT", "Assistant")
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        label = sample.get("label")
+        return None if label is None else " " + label
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        p, c = self.get_prompt(sample), self.get_chosen(sample)
+        return None if p is None or c is None else p + c
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        return None
+
+
+class Wangrui6ZhihuKOLDataset(_SFTOnlyHumanAssistant):
+    dataset_name_clean_default = "wangrui6_Zhihu_KOL"
+    eval_splits = ()
+
+    def question(self, sample: Sample) -> str | None:
+        return sample.get("INSTRUCTION")
+
+    def answer(self, sample: Sample) -> str | None:
+        return sample.get("RESPONSE")
+
+
+class _MiraclQueries(_HumanAssistantDataset):
+    """Query -> first positive passage (chosen) / first negative passage (rejected, None if absent)."""
+
+    eval_splits = ("dev",)
+
+    def question(self, sample: Sample) -> str | None:
+        return sample.get("query")
+
+    @staticmethod
+    def _first_text(passages: Any) -> str | None:
+        return passages[0].get("text") if passages else None
+
+    def answer(self, sample: Sample) -> str | None:
+        return self._first_text(sample.get("positive_passages"))
+
+    def bad_answer(self, sample: Sample) -> str | None:
+        return self._first_text(sample.get("negative_passages"))
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        q, a = self.question(sample), self.answer(sample)
+        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        q, a = self.question(sample), self.bad_answer(sample)
+        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+
+
+class CohereMiracljaqueries2212Dataset(_MiraclQueries):
+    dataset_name_clean_default = "Cohere_miracl_ja_queries_22_12"
+
+
+class CohereMiraclzhqueries2212Dataset(_MiraclQueries):
+    dataset_name_clean_default = "Cohere_miracl_zh_queries_22_12"
+
+
+class HelloSimpleAIHC3ChineseDataset(_SFTOnlyHumanAssistant):
+    dataset_name_clean_default = "Hello_SimpleAI_HC3_Chinese"
+    config_name = "all"  # the hub repo has one config per domain; "all" is their union
+    eval_splits = ()
+
+    def question(self, sample: Sample) -> str | None:
+        return sample.get("question")
+
+    def answer(self, sample: Sample) -> str | None:
+        answers = sample.get("human_answers")
+        return answers[0] if answers else None
+
+
+class _Mkqa(_SFTOnlyHumanAssistant):
+    """Both language views load the HF `mkqa` set and share upstream's clean name `mkqa`."""
+
+    dataset_name_clean_default = "mkqa"
+    hub_id = "mkqa"
+    eval_splits = ()
+    language = ""
+
+    def load(self) -> dict[str, Any]:
+        if os.path.exists(self.dataset_name):
+            return load_named_source(self.dataset_name)
+        return load_named_source(self.dataset_name, hub_id=self.hub_id)
+
+    def question(self, sample: Sample) -> str | None:
+        queries = sample.get("queries") or {}
+        return queries.get(self.language)
+
+    def answer(self, sample: Sample) -> str | None:
+        answers = (sample.get("answers") or {}).get(self.language)
+        return answers[0].get("text") if answers else None
+
+
+class MkqaChineseDataset(_Mkqa):
+    language = "zh_cn"
+
+
+class MkqaJapaneseDataset(_Mkqa):
+    language = "ja"
+
+
+class LmqgQgjaquadDataset(_SFTOnlyHumanAssistant):
+    dataset_name_clean_default = "lmqg_qg_jaquad"
+    eval_splits = ("validation",)
+
+    def question(self, sample: Sample) -> str | None:
+        return sample.get("question")
+
+    def answer(self, sample: Sample) -> str | None:
+        return sample.get("sentence")
+
+
+class LmqgQagjaquadDataset(_SFTOnlyHumanAssistant):
+    dataset_name_clean_default = "lmqg_qag_jaquad"
+    eval_splits = ("validation",)
+
+    def question(self, sample: Sample) -> str | None:
+        questions = sample.get("questions")
+        return questions[0] if questions else None
+
+    def answer(self, sample: Sample) -> str | None:
+        return sample.get("paragraph")
+
+
+def repo_root() -> Path:
+    """The checkout root (three directories above this package's data module), as upstream assumes."""
+    return Path(__file__).resolve().parents[3]
+
+
+def local_jsonfile_candidates() -> list[Path]:
+    """Where `local/jsonfile` looks, in order: $DSCHAT_LOCAL_DATA_DIR, <repo root>/data, ./data."""
+    env = os.environ.get(LOCAL_JSONFILE_ENV)
+    if env:
+        return [Path(env)]
+    return [repo_root() / "data", Path.cwd() / "data"]
+
+
+def resolve_local_jsonfile_dir() -> Path:
+    candidates = local_jsonfile_candidates()
+    for directory in candidates:
+        if (directory / "train.json").is_file():
+            return directory
+    looked = ", ".join(str(d / "train.json") for d in candidates)
+    raise UserError(
+        f"--data_path local/jsonfile: no train.json found (looked at: {looked}); put train.json "
+        f"(and eval.json) there or set {LOCAL_JSONFILE_ENV} to their directory"
+    )
+
+
+def local_jsonfile_files() -> list[Path]:
+    directory = resolve_local_jsonfile_dir()
+    return [f for f in (directory / "train.json", directory / "eval.json") if f.is_file()]
+
+
+class LocalJsonFileDataset(PromptRawDataset):
+    """Upstream's `local/jsonfile`: data/train.json + data/eval.json with prompt/chosen/rejected keys."""
+
+    dataset_name_clean_default = "jsonfile"
+    eval_splits = ("eval",)
+
+    def load(self) -> dict[str, Any]:
+        directory = resolve_local_jsonfile_dir()
+        out: dict[str, Any] = {"train": read_records(directory / "train.json")}
+        if (directory / "eval.json").is_file():
+            out["eval"] = read_records(directory / "eval.json")
+        check_keys(out["train"], directory / "train.json", required=("prompt",))
+        return out
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        p = sample.get("prompt")
+        return None if p is None else " " + p
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        c = sample.get("chosen")
+        return None if c is None else " " + c
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        r = sample.get("rejected")
+        return None if r is None else " " + r
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        p, c = sample.get("prompt"), sample.get("chosen")
+        return None if p is None or c is None else f" {p} {c}"
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        p, r = sample.get("prompt"), sample.get("rejected")
+        return None if p is None or r is None else f" {p} {r}"
+
+
+# --------------------------------------------------------------------------------------------- our additions
+
+
+class HHDialogueDataset(PromptRawDataset):
+    """Raw HH-RLHF `{chosen, rejected}` dialogues: prompt = text up to the last "\\n\\nAssistant:".
+
+    A pair whose two dialogues do not share that prompt, or with an empty answer, yields None for
+    that side, so phase 2 drops it and phase 1 keeps whatever side is usable.
+    """
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        parts = split_hh_dialogue(sample.get("chosen")) or split_hh_dialogue(sample.get("rejected"))
+        return None if parts is None else parts[0]
+
+    def _response(self, sample: Sample, key: str) -> str | None:
+        parts = split_hh_dialogue(sample.get(key))
+        if parts is None or is_blank(parts[1]) or parts[0] != self.get_prompt(sample):
+            return None
+        return parts[1]
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        return self._response(sample, "chosen")
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        return self._response(sample, "rejected")
+
+
+class AnthropicHHRLHFDataset(HHDialogueDataset):
+    """`Anthropic/hh-rlhf[/<subset>]`; the subset is the hub repo's data_dir (e.g. harmless-base)."""
+
+    REPO = "Anthropic/hh-rlhf"
+
+    def _repo_and_subset(self) -> tuple[str, str | None]:
+        end = self.dataset_name.find(self.REPO) + len(self.REPO)
+        subset = self.dataset_name[end:].strip("/") or None
+        return self.dataset_name[:end], subset
+
+    def clean_name(self, dataset_name: str) -> str:
+        end = dataset_name.find(self.REPO) + len(self.REPO)
+        subset = dataset_name[end:].strip("/")
+        base = "Anthropic_hh_rlhf"
+        return f"{base}_{re.sub(r'[^0-9A-Za-z]+', '_', subset).strip('_')}" if subset else base
+
+    def load(self) -> dict[str, Any]:
+        if os.path.exists(self.dataset_name) and (
+            os.path.isfile(self.dataset_name) or is_save_to_disk_dir(self.dataset_name)
+        ):
+            return load_named_source(self.dataset_name)
+        repo, subset = self._repo_and_subset()
+        return load_named_source(self.dataset_name, hub_id=repo, data_dir=subset)
+
+
+class _TLDRPrompt:
+    @staticmethod
+    def tldr_prompt(text: str) -> str:
+        """Reddit post prompts end with "TL;DR:"; the summary follows after a space."""
+        text = text.rstrip()
+        return text if text.endswith(TLDR_MARKER) else f"{text}\n\n{TLDR_MARKER}"
+
+    @staticmethod
+    def summary(text: Any) -> str | None:
+        if is_blank(text):
+            return None
+        text = text.strip()
+        if text.startswith(TLDR_MARKER):
+            text = text[len(TLDR_MARKER):].strip()
+        return None if not text else " " + text
+
+
+class CarperAIOpenaiSummarizeComparisonsDataset(_TLDRPrompt, PromptRawDataset):
+    """TL;DR pairs with `prompt`, `chosen`, `rejected` (answers carry a "TL;DR:" prefix, dropped here)."""
+
+    dataset_name_clean_default = "CarperAI_openai_summarize_comparisons"
+    eval_splits = ("test", "valid1", "validation")
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        p = sample.get("prompt")
+        return None if is_blank(p) else self.tldr_prompt(p)
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        return self.summary(sample.get("chosen"))
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        return self.summary(sample.get("rejected"))
+
+
+class OpenaiSummarizeFromFeedbackDataset(_TLDRPrompt, PromptRawDataset):
+    """openai/summarize_from_feedback `comparisons`: info.post, summaries[i].text, choice = index of the winner."""
+
+    dataset_name_clean_default = "openai_summarize_from_feedback"
+    config_name = "comparisons"
+    eval_splits = ("validation", "test")
+
+    def load(self) -> dict[str, Any]:
+        if os.path.exists(self.dataset_name):
+            return load_named_source(self.dataset_name)
+        return load_named_source(self.dataset_name, hub_id="openai/summarize_from_feedback", config=self.config_name)
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        info = sample.get("info") or {}
+        body = info.get("post") or info.get("article")
+        if is_blank(body):
+            return None
+        head = []
+        if info.get("subreddit"):
+            head.append(f"SUBREDDIT: r/{info['subreddit']}")
+        if info.get("title"):
+            head.append(f"TITLE: {info['title']}")
+        head.append(f"POST: {body.strip()}")
+        return self.tldr_prompt("\n\n".join(head))
+
+    def _summary_at(self, sample: Sample, winner: bool) -> str | None:
+        summaries = sample.get("summaries") or []
+        choice = sample.get("choice")
+        if choice not in (0, 1) or len(summaries) < 2:
+            return None
+        return self.summary(summaries[choice if winner else 1 - choice].get("text"))
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        return self._summary_at(sample, True)
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        return self._summary_at(sample, False)
+
+
+# --------------------------------------------------------------------------------------------- local paths
+
+
+class LocalPromptPairDataset(PromptRawDataset):
+    """Local files with prompt[/chosen/rejected] keys; HH-style texts, joined without a separator."""
+
+    is_local_path = True
+    eval_splits = ("eval",)
+
+    def load(self) -> dict[str, Any]:
+        return read_local_source(self.dataset_name)
+
+    def clean_name(self, dataset_name: str) -> str:
+        return local_clean_name(dataset_name)
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        p = sample.get("prompt")
+        return None if is_blank(p) else p
+
+    def _answer(self, sample: Sample, key: str) -> str | None:
+        a = sample.get(key)
+        return None if is_blank(a) else a
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        return self._answer(sample, "chosen")
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        return self._answer(sample, "rejected")
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        p, c = self.get_prompt(sample), self.get_chosen(sample)
+        return None if p is None or c is None else join_prompt_response(p, c)
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        p, r = self.get_prompt(sample), self.get_rejected(sample)
+        return None if p is None or r is None else join_prompt_response(p, r)
+
+
+class LocalHHDialogueDataset(HHDialogueDataset):
+    is_local_path = True
+    eval_splits = ("eval",)
+
+    def load(self) -> dict[str, Any]:
+        return read_local_source(self.dataset_name)
+
+    def clean_name(self, dataset_name: str) -> str:
+        return local_clean_name(dataset_name)
+
+
+class LocalQueryPromptDataset(LocalPromptPairDataset):
+    """A CSV with a `query` column (e.g. TL;DR posts): prompts only; `reference_responses` is the SFT answer."""
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        q = sample.get("query")
+        return None if is_blank(q) else q
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        ref = sample.get("reference_responses")
+        if is_blank(ref):
+            return None
+        return ref if ref[0].isspace() else " " + ref
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        return None
+
+
+def local_clean_name(path: str) -> str:
+    """Index-file stem for a local path: readable basename plus a hash of the absolute path (no clashes)."""
+    absolute = os.path.abspath(path)
+    base = re.sub(r"[^0-9A-Za-z]+", "_", _stem(os.path.basename(absolute.rstrip(os.sep))) or "data").strip("_")
+    return f"local_{base}_{hashlib.sha1(absolute.encode()).hexdigest()[:8]}"
+
+
+def _first_keys(records: Any) -> list[str]:
+    if records is None or len(records) == 0:
+        return []
+    if hasattr(records, "column_names"):
+        return list(records.column_names)
+    return list(records[0].keys())
+
+
+def check_keys(records: Any, where: str | os.PathLike, required: Sequence[str]) -> None:
+    keys = _first_keys(records)
+    if not keys:
+        raise UserError(f"{where}: contains no records")
+    missing = [k for k in required if k not in keys]
+    if missing:
+        raise UserError(f"{where}: missing keys {missing}; found keys {keys}; expected {list(required)}")
+
+
+def detect_local_format(records: Any, where: str | os.PathLike) -> type[PromptRawDataset]:
+    """prompt[/chosen/rejected] -> pairs; chosen+rejected without prompt -> HH dialogues; query -> prompts."""
+    keys = _first_keys(records)
+    if not keys:
+        raise UserError(f"{where}: contains no records")
+    if "prompt" in keys:
+        return LocalPromptPairDataset
+    if "chosen" in keys and "rejected" in keys:
+        return LocalHHDialogueDataset
+    if "query" in keys:
+        return LocalQueryPromptDataset
+    raise UserError(
+        f"{where}: found keys {keys}; expected 'prompt' (optionally with 'chosen' and 'rejected'), "
+        "or HH dialogues with 'chosen' and 'rejected', or a CSV 'query' column"
+    )
+
+
+def open_local_dataset(path: str, output_path: str, seed: int, local_rank: int) -> PromptRawDataset:
+    """Read a local file/directory and wrap it with the adapter matching its keys."""
+    splits = read_local_source(path)
+    adapter = detect_local_format(splits["train"], path)
+    if "eval" in splits:
+        eval_adapter = detect_local_format(splits["eval"], f"{path} (eval split)")
+        if eval_adapter is not adapter:
+            raise UserError(
+                f"--data_path {path}: train and eval files have different layouts "
+                f"(train keys {_first_keys(splits['train'])}, eval keys {_first_keys(splits['eval'])})"
+            )
+    return adapter(output_path, seed, local_rank, path, raw_datasets=splits)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+# Substring keys checked in this order; the first key contained in --data_path wins (upstream order first).
+DATASET_ADAPTERS: list[tuple[str, type[PromptRawDataset]]] = [
+    ("Dahoas/rm-static", DahoasRmstaticDataset),
+    ("Dahoas/full-hh-rlhf", DahoasFullhhrlhfDataset),
+    ("Dahoas/synthetic-instruct-gptj-pairwise", DahoasSyntheticinstructgptjpairwiseDataset),
+    ("yitingxie/rlhf-reward-datasets", YitingxieRlhfrewarddatasetsDataset),
+    ("openai/webgpt_comparisons", OpenaiWebgptcomparisonsDataset),
+    ("stanfordnlp/SHP", StanfordnlpSHPDataset),
+    ("pvduy/sharegpt_alpaca_oa_vicuna_format", PvduySharegptalpacaoavicunaformatDataset),
+    ("wangrui6/Zhihu-KOL", Wangrui6ZhihuKOLDataset),
+    ("Cohere/miracl-zh-queries-22-12", CohereMiraclzhqueries2212Dataset),
+    ("Hello-SimpleAI/HC3-Chinese", HelloSimpleAIHC3ChineseDataset),
+    ("mkqa-Chinese", MkqaChineseDataset),
+    ("mkqa-Japanese", MkqaJapaneseDataset),
+    ("Cohere/miracl-ja-queries-22-12", CohereMiracljaqueries2212Dataset),
+    ("lmqg/qg_jaquad", LmqgQgjaquadDataset),
+    ("lmqg/qag_jaquad", LmqgQagjaquadDataset),
+    ("local/jsonfile", LocalJsonFileDataset),
+    ("Anthropic/hh-rlhf", AnthropicHHRLHFDataset),
+    ("CarperAI/openai_summarize_comparisons", CarperAIOpenaiSummarizeComparisonsDataset),
+    ("openai/summarize_from_feedback", OpenaiSummarizeFromFeedbackDataset),
+]
+
+
+def supported_dataset_names() -> list[str]:
+    return [key for key, _ in DATASET_ADAPTERS]
+
+
+def find_adapter(dataset_name: str) -> type[PromptRawDataset] | None:
+    for key, adapter in DATASET_ADAPTERS:
+        if key in dataset_name:
+            return adapter
+    return None

@@ -1,0 +1,23 @@
+"""User-facing errors: bad input becomes one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A problem with the user's input (flag, file, data), shown as one line naming what to fix."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run an entry point; turn UserError into `error: <message>` on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as err:
+        message = " ".join(str(err).split())
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)

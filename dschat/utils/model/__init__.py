@@ -1,0 +1,1 @@
+"""DeepSpeed-Chat-compatible core of dschat-mpo."""

@@ -1,0 +1,305 @@
+"""The one training-loop skeleton shared by SFT, reward-model and DPO training.
+
+A subclass supplies `compute_loss(batch) -> metrics dict with "loss"`, `evaluate() -> metrics` and
+`save_model()`; the base class owns epochs, gradient accumulation (through DeepSpeed), evaluation
+cadence, logging (tqdm, console, TensorBoard, metrics.jsonl), periodic full states, resume and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dschat.utils.checkpoint import find_latest_state, load_training_state, save_training_state
+from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0
+from dschat.utils.utils import print_rank_0, to_device
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded, epoch-aware sharding (DistributedSampler's arithmetic) that can skip consumed samples.
+
+    Upstream never called `set_epoch`, so every epoch replayed the same order; here the order changes per
+    epoch and a resumed run continues exactly where the saved state stopped.
+    """
+
+    def __init__(self, dataset_len: int, shuffle: bool, seed: int, rank: int | None = None,
+                 world_size: int | None = None):
+        self.dataset_len = dataset_len
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        self.num_samples = math.ceil(dataset_len / self.world_size)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_len, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.world_size
+        order += (order * math.ceil(total / max(1, len(order))))[: total - len(order)]
+        return order[self.rank: total: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order()[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def make_loader(dataset: Dataset, batch_size: int, collate_fn, shuffle: bool, seed: int) -> DataLoader:
+    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
+
+
+def count_updates(num_samples: int, per_device_batch_size: int, gradient_accumulation_steps: int,
+                  num_epochs: int, max_steps: int = 0, world_size: int | None = None) -> int:
+    """Optimizer steps a run will take (the LR schedule needs it before the engine exists)."""
+    world_size = get_world_size() if world_size is None else world_size
+    per_epoch = math.ceil(math.ceil(num_samples / world_size) / per_device_batch_size / gradient_accumulation_steps)
+    total = per_epoch * num_epochs
+    return min(total, max_steps) if max_steps else total
+
+
+# --------------------------------------------------------------------------------------------- logging
+
+
+class MetricLogger:
+    """Rank-0 sink for metrics: console line, `metrics.jsonl` and (optionally) TensorBoard scalars."""
+
+    def __init__(self, output_dir: str | None, tensorboard_dir: str | None, name: str):
+        self.rank0 = is_rank_0()
+        self.path = Path(output_dir) / "metrics.jsonl" if output_dir else None
+        self.writer = None
+        if self.rank0 and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(tensorboard_dir) / f"{name}_tensorboard_logs"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records logged after a resumed state, so the file reads like one uninterrupted run."""
+        if not (self.rank0 and self.path and self.path.exists()):
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, phase: str, metrics: dict[str, float], echo: bool = True) -> None:
+        if not self.rank0:
+            return
+        record = {"step": step, "phase": phase, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in metrics.items():
+                tag = key if "/" in key or phase == "train" else f"{phase}/{key}"
+                self.writer.add_scalar(tag, float(value), step)
+            self.writer.flush()
+        if echo:
+            body = " | ".join(f"{k}: {_fmt(v)}" for k, v in metrics.items())
+            print(f"[{phase}] step {step} | {body}", flush=True)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def _fmt(value: float) -> str:
+    value = float(value)
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Average accumulated metric sums over steps and ranks with a single collective."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    stacked = torch.stack([sums[k].detach().float().reshape(()) for k in keys]) / max(1, count)
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        torch.distributed.all_reduce(stacked)
+        stacked /= get_world_size()
+    return dict(zip(keys, stacked.tolist()))
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Base loop. `engine` is the trained DeepSpeed engine; batches are dicts of tensors."""
+
+    name = "train"
+
+    def __init__(self, args, engine, train_dataset: Dataset, eval_dataset: Dataset | None, collate_fn,
+                 tokenizer=None):
+        self.args = args
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.device = engine.device
+        self.train_loader = make_loader(train_dataset, args.per_device_train_batch_size, collate_fn,
+                                        shuffle=True, seed=args.seed or 0)
+        self.eval_loader = (make_loader(eval_dataset, args.per_device_eval_batch_size, collate_fn,
+                                        shuffle=False, seed=0) if eval_dataset is not None and len(eval_dataset) else None)
+        self.logger = MetricLogger(args.output_dir,
+                                   args.tensorboard_path if args.enable_tensorboard else None, self.name)
+        self.global_step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self._stop_requested = False
+
+    # ---- hooks for subclasses
+    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def save_model(self) -> None:
+        raise NotImplementedError
+
+    def engines(self) -> dict:
+        return {"model": self.engine}
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # ---- the loop
+    @property
+    def updates_per_epoch(self) -> int:
+        return count_updates(self.train_loader.sampler.dataset_len, self.args.per_device_train_batch_size,
+                             self.args.gradient_accumulation_steps, 1)
+
+    def total_updates(self) -> int:
+        return count_updates(self.train_loader.sampler.dataset_len, self.args.per_device_train_batch_size,
+                             self.args.gradient_accumulation_steps, self.args.num_train_epochs, self.args.max_steps)
+
+    def _maybe_resume(self) -> None:
+        if not self.args.resume:
+            return
+        state_dir = find_latest_state(self.args.output_dir)
+        if state_dir is None:
+            print_rank_0(f"--resume: no complete training state under {self.args.output_dir}/checkpoints; "
+                         "starting from scratch")
+            return
+        state, _ = load_training_state(state_dir, self.engines())
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.load_extra_state(state.get("extra", {}))
+        self.logger.truncate_after(self.global_step)
+        print_rank_0(f"Resumed from {state_dir} (epoch {self.epoch}, optimizer step {self.global_step})")
+
+    def save_state(self) -> None:
+        if not self.args.output_dir:
+            return
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state()}
+        path = save_training_state(self.args.output_dir, self.global_step, self.engines(), state,
+                                   save_total_limit=self.args.save_total_limit)
+        print_rank_0(f"Saved training state to {path}")
+
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal API
+        self._stop_requested = True
+
+    def _log_eval(self) -> None:
+        metrics = self.evaluate()
+        if metrics:
+            self.logger.log(self.global_step, "eval", metrics)
+
+    def train(self) -> None:
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._maybe_resume()
+        total = self.total_updates()
+        print_rank_0(f"***** Running training ({self.name}): {len(self.train_loader.sampler) * get_world_size()} "
+                     f"samples, {total} optimizer steps *****")
+        if self.global_step == 0 and self.step_in_epoch == 0:
+            self._log_eval()
+        try:
+            self._run_epochs(total)
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+        self.logger.close()
+
+    def _run_epochs(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        args = self.args
+        gas = args.gradient_accumulation_steps
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        micro_count, samples, tokens, window_start = 0, 0, torch.zeros((), device=self.device), time.time()
+        while self.epoch < args.num_train_epochs and self.global_step < total:
+            sampler = self.train_loader.sampler
+            sampler.set_epoch(self.epoch, start=self.step_in_epoch * args.per_device_train_batch_size)
+            bar = tqdm(total=self.updates_per_epoch, initial=self.step_in_epoch // gas, disable=not is_rank_0(),
+                       desc=f"{self.name} epoch {self.epoch + 1}/{args.num_train_epochs}", dynamic_ncols=True)
+            for batch in self.train_loader:
+                batch = to_device(batch, self.device)
+                self.engine.train()
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                metrics = self.compute_loss(batch)
+                self.engine.backward(metrics["loss"])
+                self.engine.step()
+                self.step_in_epoch += 1
+                for key, value in metrics.items():
+                    sums[key] += value.detach().float()
+                micro_count += 1
+                samples += int(batch["input_ids"].shape[0]) if "input_ids" in batch else 0
+                if "attention_mask" in batch:
+                    tokens += batch["attention_mask"].sum()
+                if getattr(args, "print_loss", False):
+                    print(f"Epoch: {self.epoch}, Step: {self.step_in_epoch}, Rank: {get_rank()}, "
+                          f"loss = {metrics['loss'].item()}", flush=True)
+                if not boundary:
+                    continue
+                self.global_step += 1
+                bar.update(1)
+                if self.global_step % args.log_interval == 0 or self.global_step == total:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    logged = reduce_mean_metrics(dict(sums), micro_count)
+                    logged["lr"] = self.engine.get_lr()[0]
+                    logged["samples_per_second"] = samples * get_world_size() / elapsed
+                    logged["tokens_per_second"] = float(tokens) * get_world_size() / elapsed
+                    logged["epoch"] = self.epoch + self.step_in_epoch / max(1, len(self.train_loader))
+                    self.logger.log(self.global_step, "train", logged, echo=False)
+                    bar.set_postfix(loss=f"{logged['loss']:.4f}")
+                    sums.clear()
+                    micro_count, samples, tokens, window_start = 0, 0, torch.zeros((), device=self.device), time.time()
+                eval_interval = getattr(args, "eval_interval", 0)
+                if eval_interval and self.global_step % eval_interval == 0:
+                    self._log_eval()
+                if args.save_steps and self.global_step % args.save_steps == 0:
+                    self.save_state()
+                if any_rank_true(self._stop_requested):
+                    print_rank_0("SIGTERM received: saving a training state before exiting")
+                    self.save_state()
+                    raise SystemExit(143)
+                if self.global_step >= total:
+                    break
+            bar.close()
+            if self.step_in_epoch >= len(self.train_loader):
+                self.epoch += 1
+                self.step_in_epoch = 0
+                print_rank_0(f"***** Evaluating, Epoch {self.epoch}/{args.num_train_epochs} *****")
+                self._log_eval()
+                if args.save_steps and self.epoch < args.num_train_epochs and self.global_step < total:
+                    self.save_state()
+        barrier()

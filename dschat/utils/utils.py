@@ -1,0 +1,376 @@
+"""Small shared helpers with DeepSpeed-Chat's names: printing, seeding, tokenizer loading, saving."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dschat.utils.dist import barrier, get_rank, is_rank_0
+from dschat.utils.errors import UserError
+
+# --------------------------------------------------------------------------------------------- printing
+
+
+def print_rank_0(msg: Any, rank: int | None = None) -> None:
+    """Print once per job (upstream signature: the optional rank is the caller's global rank)."""
+    if (rank if rank is not None else get_rank()) <= 0:
+        print(msg, flush=True)
+
+
+def to_device(batch: dict, device) -> dict:
+    """Move every tensor of a batch dict to `device` (non-tensors are passed through)."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------- seeding
+
+
+def set_random_seed(seed: int | None) -> None:
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().manual_seed_all(seed)
+
+
+def get_rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def get_all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all ranks (in place, like upstream); identity in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor = tensor / dist.get_world_size()
+    return tensor
+
+
+# --------------------------------------------------------------------------------------------- atomic I/O
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".tmp-{path.name}-{os.getpid()}")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see either the old or the complete new content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, keep_existing: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path` as a whole.
+
+    An existing output is never half-overwritten: it is swapped out only after the new one is complete.
+    With `keep_existing`, entries of the old directory that the new content does not replace (training
+    logs, metrics, resumable states) are carried over by rename, so saving a model into its run
+    directory keeps the run's history.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        if keep_existing:
+            for entry in path.iterdir():
+                if not (tmp / entry.name).exists():
+                    os.replace(entry, tmp / entry.name)
+        old = path.with_name(f".old-{path.name}-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_hf_tokenizer(model_name_or_path: str, fast_tokenizer: bool = True, add_special_tokens=None):
+    """Load the tokenizer saved beside a checkpoint, falling back to the model it came from.
+
+    Upstream ignored the checkpoint's own tokenizer files and followed `_name_or_path`, which fails
+    offline; here the checkpoint directory is tried first. Pad = eos when there is no pad token (never a
+    new untrained `[PAD]`), right padding for training.
+    """
+    from transformers import AutoTokenizer
+
+    candidates = [model_name_or_path]
+    config_file = Path(model_name_or_path) / "config.json"
+    if Path(model_name_or_path).is_dir() and config_file.exists():
+        origin = json.loads(config_file.read_text()).get("_name_or_path")
+        if origin and origin != model_name_or_path:
+            candidates.append(origin)
+    elif not Path(model_name_or_path).exists() and ("/" in model_name_or_path and model_name_or_path.startswith((".", "/"))):
+        raise UserError(f"model path {model_name_or_path} does not exist; pass an existing directory or a hub id")
+    tokenizer, last_error = None, None
+    for name in candidates:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, use_fast=fast_tokenizer)
+            break
+        except (OSError, ValueError) as err:
+            last_error = err
+    if tokenizer is None:
+        raise UserError(
+            f"cannot load a tokenizer from {model_name_or_path} (tried {', '.join(candidates)}): "
+            f"{str(last_error).splitlines()[0] if last_error else 'unknown error'}; save the tokenizer "
+            "in the model directory or make its hub id reachable"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if add_special_tokens:
+        extra = [add_special_tokens] if isinstance(add_special_tokens, str) else list(add_special_tokens)
+        tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+
+_NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight")
+
+
+def get_optimizer_grouped_parameters(
+    model: torch.nn.Module,
+    weight_decay: float,
+    lora_lr: float = 5e-4,
+    no_decay_name_list: Iterable[str] = _NO_DECAY,
+    lora_name_list: Iterable[str] = ("lora_right_weight", "lora_left_weight"),
+) -> list[dict]:
+    """Upstream's three parameter groups: decayed, LoRA (own LR), and no-decay; empty groups dropped."""
+    no_decay, lora = tuple(no_decay_name_list), tuple(lora_name_list)
+    decayed, lora_params, undecayed = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if any(n in name for n in no_decay):
+            undecayed.append(param)
+        elif any(n in name for n in lora):
+            lora_params.append(param)
+        else:
+            decayed.append(param)
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": lora_params, "weight_decay": weight_decay, "lr": lora_lr},
+        {"params": undecayed, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def create_optimizer(param_groups: list[dict], lr: float, offload: bool = False, betas=(0.9, 0.95)):
+    """FusedAdam on GPU, DeepSpeedCPUAdam with ZeRO offload, torch AdamW on the CPU accelerator."""
+    from dschat.utils.dist import on_cpu
+
+    if on_cpu():
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas)
+    from deepspeed.ops.adam import FusedAdam
+
+    return FusedAdam(param_groups, lr=lr, betas=betas)
+
+
+# --------------------------------------------------------------------------------------------- EMA
+
+
+def _is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def moving_average(model: torch.nn.Module, model_ema: torch.nn.Module, beta: float = 0.992, device=None,
+                   zero_stage: int = 0) -> None:
+    """ema <- beta * ema + (1 - beta) * model, also under ZeRO-3.
+
+    Upstream gathered ZeRO-3 parameters without a modifier rank, so the update was discarded and the
+    saved EMA equalled the starting weights. When both models are partitioned alike each rank updates
+    its own partition (no gathering at all); otherwise the actor's parameter is gathered first.
+    """
+    import deepspeed
+
+    with torch.no_grad():
+        for param, param_ema in zip(model.parameters(), model_ema.parameters()):
+            if _is_partitioned(param_ema):
+                if not _is_partitioned(param):
+                    raise RuntimeError("a ZeRO-3 EMA model needs a ZeRO-3 actor (same partitioning)")
+                src, dst = param.ds_tensor, param_ema.ds_tensor
+                dst.copy_(torch.lerp(src.to(device=dst.device, dtype=dst.dtype), dst, beta))
+                continue
+            ctx = deepspeed.zero.GatheredParameters([param]) if _is_partitioned(param) else contextlib.nullcontext()
+            with ctx:
+                dst = param_ema.data
+                dst.copy_(torch.lerp(param.data.to(device=dst.device, dtype=dst.dtype), dst, beta))
+
+
+class ExponentialMovingAverage:
+    """Scalar EMA used for logging a smoothed reward (upstream's helper, alpha = weight of the past)."""
+
+    def __init__(self, alpha: float = 0.9):
+        self.alpha = alpha
+        self.ema: float | None = None
+
+    def update(self, num: float) -> float:
+        self.ema = num if self.ema is None else self.alpha * self.ema + (1.0 - self.alpha) * num
+        return self.ema
+
+    def get(self) -> float:
+        return self.ema if self.ema is not None else 0.0
+
+
+class MovingAverage:
+    def __init__(self):
+        self.count, self.total, self.mean = 0, 0.0, 0.0
+
+    def update(self, num: float) -> float:
+        self.total += num
+        self.count += 1
+        self.mean = self.total / self.count
+        return self.mean
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU state dict on rank 0 ({} elsewhere); gathers ZeRO-3 partitions one parameter at a time.
+
+    Must be called on every rank when the model is ZeRO-3 partitioned (it is a collective then).
+    LoRA tensors are dropped: callers fuse LoRA first.
+    """
+    import deepspeed
+
+    model = getattr(model, "module", model)
+    keep = set(model.state_dict().keys())
+    rank0 = is_rank_0()
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if _is_partitioned(param):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if rank0:
+                    state[name] = param.data.detach().cpu().clone()
+        elif rank0:
+            state[name] = param.detach().cpu().clone()
+    if rank0:
+        for name, buf in model.named_buffers():
+            if name in keep:
+                state[name] = buf.detach().cpu().clone()
+    return {k: v for k, v in state.items() if "lora" not in k}
+
+
+def is_zero3(model: torch.nn.Module) -> bool:
+    model = getattr(model, "module", model)
+    return any(_is_partitioned(p) for p in model.parameters())
+
+
+def save_causal_lm(model: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None) -> None:
+    """Save a causal LM in Hugging Face layout (safetensors, config, generation config, full tokenizer).
+
+    Collective under ZeRO-3: call on every rank. Rank 0 writes into a temporary sibling directory that
+    then replaces `output_dir`.
+    """
+    module = getattr(model, "module", model)
+    state = gather_full_state_dict(module)
+    if is_rank_0():
+        with atomic_directory(output_dir) as tmp:
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            _save_tokenizer(tokenizer, tmp, module)
+            for name, content in (extra_files or {}).items():
+                atomic_write_text(tmp / name, content)
+    barrier()
+
+
+def save_reward_model(model: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None) -> None:
+    """Save a reward/critic model in upstream's layout: `pytorch_model.bin` with `rwtransformer.*` +
+    `v_head.weight`, plus the base config and the full tokenizer, so both projects load it."""
+    module = getattr(model, "module", model)
+    state = gather_full_state_dict(module)
+    if is_rank_0():
+        with atomic_directory(output_dir) as tmp:
+            torch.save(state, tmp / "pytorch_model.bin")
+            config = module.rwtransformer.config
+            config.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp, module.rwtransformer)
+            for name, content in (extra_files or {}).items():
+                atomic_write_text(tmp / name, content)
+    barrier()
+
+
+def _save_tokenizer(tokenizer, directory: Path, model: torch.nn.Module) -> None:
+    tokenizer.save_pretrained(directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and not (directory / "generation_config.json").exists():
+        generation_config.save_pretrained(directory)
+
+
+def save_hf_format(model: torch.nn.Module, tokenizer, args, sub_folder: str = "") -> None:
+    """Upstream name: save `model` under `args.output_dir/sub_folder` in Hugging Face layout.
+
+    Unlike upstream this writes the full tokenizer, a generation config and safetensors, and is ZeRO-3
+    aware (call it on every rank then).
+    """
+    output_dir = os.path.join(args.output_dir, sub_folder)
+    module = getattr(model, "module", model)
+    if hasattr(module, "rwtransformer"):
+        save_reward_model(module, tokenizer, output_dir)
+    else:
+        save_causal_lm(module, tokenizer, output_dir)
+
+
+def save_zero_three_model(model_ema, global_rank: int, save_dir: str, zero_stage: int = 0) -> None:
+    """Upstream name kept for user scripts; `save_hf_format` already gathers ZeRO-3 weights."""
+    module = getattr(model_ema, "module", model_ema)
+    state = gather_full_state_dict(module)
+    if global_rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        target = Path(save_dir) / "pytorch_model.bin"
+        tmp = _tmp_sibling(target)
+        torch.save(state, tmp)
+        os.replace(tmp, target)

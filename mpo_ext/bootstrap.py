@@ -1,0 +1,212 @@
+"""Tiny tokenizer + tiny randomly initialised Llama in Hugging Face layout, built offline.
+
+Why: the default pipeline must run with no hub access and no GPU. The synthetic task
+(`mpo_ext.synthetic`) has a closed vocabulary of a few hundred words, so a word-level tokenizer and a
+64-wide, 2-layer Llama trained from scratch are enough to learn it on CPU in minutes.
+
+Tokenizer: word-level. The pre-tokenizer isolates "\\n", each punctuation mark, whitespace runs, and
+words *with* their leading space (" apple"), and the decoder simply concatenates tokens, so
+decode(encode(text)) == text for every in-vocabulary text ("\\n\\nHuman:" included). Unknown words map
+to `<unk>` (dropped by skip_special_tokens). `<s>` is prepended by the post-processor, like Llama. No
+pad token is added: the loader sets pad = eos (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from mpo_ext import synthetic
+
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+# "\n" | optional space + word | one punctuation/symbol char | run of non-newline whitespace.
+PRETOKENIZE_PATTERN = r"\n| ?[A-Za-z0-9']+|[^\sA-Za-z0-9']|[^\S\n]+"
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "bootstrap.json")
+
+
+def _round_up(n: int, multiple: int = 8) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a completed temp dir onto `dest`; an existing `dest` is removed only after tmp is complete."""
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def build_tokenizer(texts: Iterable[str], model_max_length: int = 256):
+    """Word-level `PreTrainedTokenizerFast` whose vocabulary is every pre-token of `texts`.
+
+    Ids: special tokens first, then by descending frequency with ties broken by the token string, so the
+    vocabulary order is a pure function of the texts (the tokenizers trainer does not promise that).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(piece for piece, _ in pre.pre_tokenize_str(text))
+    specials = [UNK, BOS, EOS]
+    for s in specials:
+        counts.pop(s, None)
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for tok, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        vocab[tok] = len(vocab)
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+    )
+
+
+def build_tiny_model(
+    output_dir: str | os.PathLike,
+    texts: Iterable[str],
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    seed: int = 1234,
+) -> Path:
+    """Train a word-level tokenizer on `texts` and save it with a random `LlamaForCausalLM`.
+
+    The directory is built in a temporary sibling and renamed into place, so it is either complete or
+    absent. Same texts and seed give byte-identical files. `bootstrap.json` records the build settings.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    dest = Path(output_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tokenizer = build_tokenizer(texts, model_max_length=max_position_embeddings)
+        tokenizer.save_pretrained(str(tmp))
+        # Portable class name (transformers 4.x and 5.x both load it) + the classic special-tokens map.
+        cfg_path = tmp / "tokenizer_config.json"
+        tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        _write_json(cfg_path, tok_cfg)
+        _write_json(tmp / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
+
+        bos_id, eos_id = tokenizer.convert_tokens_to_ids([BOS, EOS])
+        config = LlamaConfig(
+            vocab_size=_round_up(len(tokenizer)),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size or 4 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_position_embeddings,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            # pad_token_id stays None on purpose: it would become the embedding's padding_idx, zeroing and
+            # freezing the eos embedding row. Padding is the loader's job (pad = eos).
+            pad_token_id=None,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+        model.save_pretrained(str(tmp))
+        _write_json(tmp / "bootstrap.json", {
+            "seed": seed,
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+            "intermediate_size": config.intermediate_size,
+            "max_position_embeddings": max_position_embeddings,
+            "vocab_size": config.vocab_size,
+            "tokenizer_size": len(tokenizer),
+        })
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def build_default_assets(
+    root: str | os.PathLike,
+    seed: int = 1234,
+    num_train: int = 2000,
+    num_test: int = 200,
+    *,
+    label_beta: float = 1.0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+) -> dict:
+    """Synthetic data under root/data and the tiny model under root/tiny-llama; idempotent.
+
+    Each part is skipped when it is complete and was built with the same settings (manifest.json /
+    bootstrap.json), and rebuilt otherwise. The tokenizer vocabulary depends only on the task
+    (`synthetic.corpus_texts`), not on the sampled data, so it covers every text the task can produce.
+    """
+    root = Path(root)
+    data_dir, model_dir = root / "data", root / "tiny-llama"
+
+    manifest = _read_json(data_dir / "manifest.json")
+    want_data = {"seed": seed, "num_train": num_train, "num_test": num_test, "label_beta": label_beta,
+                 "task": synthetic.SYNTHETIC_TASK_NAME}
+    data_ok = (
+        manifest is not None
+        and all(manifest.get(k) == v for k, v in want_data.items())
+        and (data_dir / "train.jsonl").is_file()
+        and (data_dir / "test.jsonl").is_file()
+    )
+    if not data_ok:
+        synthetic.make_synthetic_dataset(data_dir, num_train=num_train, num_test=num_test, seed=seed,
+                                         label_beta=label_beta)
+
+    meta = _read_json(model_dir / "bootstrap.json")
+    want_model = {"seed": seed, "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
+    model_ok = (
+        meta is not None
+        and all(meta.get(k) == v for k, v in want_model.items())
+        and all((model_dir / f).is_file() for f in MODEL_FILES)
+    )
+    if not model_ok:
+        build_tiny_model(model_dir, synthetic.corpus_texts(), hidden_size=hidden_size, num_layers=num_layers,
+                         num_heads=num_heads, seed=seed)
+    return {"data_dir": str(data_dir), "model_dir": str(model_dir)}

@@ -1,0 +1,36 @@
+"""Packaging for dschat-mpo: installs `dschat` and `mpo_ext` as real packages (no `-e` needed)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dschat-mpo",
+    version="0.1.0",
+    description=(
+        "DeepSpeed-Chat-compatible RLHF pipeline with two-stage Mixed Preference Optimization "
+        "(Gou & Nguyen 2024): reward-gap data selection, DPO on easy pairs, PPO on hard prompts."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dschat", "dschat.*", "mpo_ext", "mpo_ext.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.15",
+        "transformers>=4.45",
+        "datasets>=2.8",
+        "accelerate>=0.26",
+        "click>=8.0",
+        "tensorboard",
+        "matplotlib",
+        "tqdm",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "ruff"],
+        "bench": ["trl"],
+    },
+    entry_points={"console_scripts": ["mpo=mpo_ext.cli:main"]},
+)

@@ -1,0 +1,141 @@
+"""Unit tests of the shared layer: flags, DeepSpeed configs, sampler, atomic writes, state discovery."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dschat.steps import reward as reward_step
+from dschat.steps import sft as sft_step
+from dschat.utils.checkpoint import STATE_FILE, find_latest_state, list_complete_states
+from dschat.utils.ds_utils import get_eval_ds_config, get_train_ds_config, resolve_dtype, set_batch_sizes
+from dschat.utils.errors import UserError
+from dschat.utils.trainer import MetricLogger, ResumableSampler, count_updates
+from dschat.utils.utils import atomic_directory, atomic_write_json
+
+
+def test_step1_flag_defaults_match_upstream():
+    args = sft_step.parse_args(["--model_name_or_path", "facebook/opt-125m"])
+    assert args.data_path == ["Dahoas/rm-static"]
+    assert args.data_output_path == "/tmp/data_files/"
+    assert args.per_device_train_batch_size == 16 and args.per_device_eval_batch_size == 16
+    assert args.max_seq_len == 512 and args.learning_rate == 1e-3 and args.weight_decay == 0.0
+    assert args.num_train_epochs == 1 and args.gradient_accumulation_steps == 1
+    assert args.lr_scheduler_type == "cosine" and args.num_warmup_steps == 0 and args.seed == 1234
+    assert args.zero_stage == 0 and args.lora_dim == 0 and args.lora_module_name == "decoder.layers."
+    assert args.lora_learning_rate == 5e-4 and args.tensorboard_path == "step1_tensorboard"
+    assert args.sft_only_data_path == [] and args.eot_token == "<|endoftext|>"
+
+
+def test_step2_flag_defaults_match_upstream():
+    args = reward_step.parse_args(["--model_name_or_path", "facebook/opt-350m", "--deepspeed"])
+    assert args.learning_rate == 5e-5 and args.num_padding_at_beginning == 1
+    assert args.eval_interval == 0 and args.eval_iters == 100
+    assert args.tensorboard_path == "step2_tensorboard"
+
+
+def test_bad_flag_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        sft_step.parse_args(["--model_name_or_path", "x", "--zero_stage", "7"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--zero_stage" in err[0]
+
+
+def test_conflicting_and_missing_flags_raise_user_error(tmp_path):
+    with pytest.raises(UserError, match="--only_optimize_lora"):
+        sft_step.parse_args(["--model_name_or_path", "m", "--only_optimize_lora"])
+    with pytest.raises(UserError, match="--model_name_or_path"):
+        sft_step.parse_args(["--model_name_or_path", str(tmp_path / "missing")])
+    with pytest.raises(UserError, match="--resume needs --output_dir"):
+        sft_step.parse_args(["--model_name_or_path", "m", "--resume"])
+
+
+def test_dtype_resolution_on_cpu():
+    assert resolve_dtype(None) == "fp32"
+    assert resolve_dtype("bf16") == "bf16"
+    with pytest.raises(UserError, match="--dtype fp16"):
+        resolve_dtype("fp16")
+
+
+def test_ds_configs_precision_and_batches():
+    cfg = set_batch_sizes(get_train_ds_config(False, dtype="bf16", stage=3), 4, 2, world_size=3)
+    assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg
+    assert cfg["train_batch_size"] == 24 and cfg["zero_optimization"]["stage"] == 3
+    assert "fp16" not in get_train_ds_config(False, dtype="fp32") and "bf16" not in get_eval_ds_config(False, "fp32")
+    assert get_train_ds_config(False, dtype="fp16")["fp16"]["enabled"] is True
+
+
+def test_count_updates_rounds_up_per_rank():
+    # 10 samples on 3 ranks -> 4 per rank -> batches of 3 -> 2 micro-batches -> accumulation 2 -> 1 step
+    assert count_updates(10, 3, 2, num_epochs=1, world_size=3) == 1
+    assert count_updates(10, 3, 1, num_epochs=3, world_size=1) == 12
+    assert count_updates(10, 3, 1, num_epochs=3, max_steps=5, world_size=1) == 5
+
+
+def test_resumable_sampler_shards_and_skips():
+    a = ResumableSampler(10, shuffle=False, seed=0, rank=0, world_size=3)
+    b = ResumableSampler(10, shuffle=False, seed=0, rank=2, world_size=3)
+    assert list(a) == [0, 3, 6, 9] and list(b) == [2, 5, 8, 1]  # padded by wrapping round, like DistributedSampler
+    shuffled = ResumableSampler(10, shuffle=True, seed=7, rank=0, world_size=1)
+    first = list(shuffled)
+    shuffled.set_epoch(1)
+    second = list(shuffled)
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+    shuffled.set_epoch(1, start=4)
+    assert list(shuffled) == second[4:] and len(shuffled) == 6
+
+
+def test_atomic_directory_keeps_history_and_replaces_model(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "training.log").write_text("log")
+    (out / "model.safetensors").write_text("old")
+    with atomic_directory(out) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+        assert (out / "model.safetensors").read_text() == "old"  # untouched until complete
+    assert (out / "model.safetensors").read_text() == "new" and (out / "training.log").read_text() == "log"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_atomic_directory_failure_leaves_old_output(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            (tmp / "config.json").write_text("half")
+            raise RuntimeError("killed")
+    assert (out / "config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_only_complete_states_are_found(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((5, True), (10, True), (15, False)):
+        d = root / f"step-{step}"
+        d.mkdir(parents=True)
+        if complete:
+            atomic_write_json(d / STATE_FILE, {"global_step": step})
+    (root / ".tmp-step-20").mkdir()
+    assert [p.name for p in list_complete_states(tmp_path)] == ["step-5", "step-10"]
+    assert find_latest_state(tmp_path).name == "step-10"
+    assert find_latest_state(tmp_path / "nothing") is None
+
+
+def test_metric_logger_truncates_after_resume_point(tmp_path):
+    logger = MetricLogger(str(tmp_path), None, "t")
+    for step in (1, 2, 3, 4):
+        logger.log(step, "train", {"loss": 1.0 / step}, echo=False)
+    logger.truncate_after(2)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] == 0.5
+
+
+def test_repo_scripts_are_executable():
+    repo = Path(__file__).resolve().parents[1]
+    scripts = list((repo / "training").rglob("*.sh"))
+    assert scripts and all(os.access(s, os.X_OK) for s in scripts)
