@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -287,7 +286,7 @@ class JudgeClient:
                                     f"{detail}") from err
                 last, unreachable = f"HTTP {err.code} {err.reason}: {detail}", False
                 retry_after = _retry_after_seconds(err)
-            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as err:
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
                 reason = getattr(err, "reason", err)
                 last, unreachable = f"{type(err).__name__}: {reason}", True
             except (ValueError, KeyError, IndexError, TypeError) as err:

@@ -8,6 +8,7 @@ from dschat.utils import args as flags
 from dschat.utils.build import (
     apply_lora,
     build_tokenizer,
+    enable_gradient_checkpointing,
     end_of_text,
     fuse_lora,
     initialize_engine,
@@ -103,7 +104,7 @@ def build(args) -> RewardTrainer:
     model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora,
                        force_optimize=["v_head.weight"])
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
                                   padding=args.padding)
     steps = count_updates(len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,

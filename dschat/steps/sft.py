@@ -10,6 +10,7 @@ from dschat.utils import args as flags
 from dschat.utils.build import (
     apply_lora,
     build_tokenizer,
+    enable_gradient_checkpointing,
     end_of_text,
     fuse_lora,
     initialize_engine,
@@ -86,7 +87,7 @@ def build(args) -> SFTTrainer:
         causal_lm_model_to_fp32_loss(model)
     model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     collator = DataCollatorSFT(tokenizer.pad_token_id, args.max_seq_len, padding=args.padding)
     steps = count_updates(len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,
                           args.num_train_epochs, args.max_steps)

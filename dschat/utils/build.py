@@ -47,6 +47,12 @@ def apply_lora(model: torch.nn.Module, lora_dim: int, module_name: str, only_opt
     return model
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers 5 renamed gradient to activation checkpointing; accept either spelling."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def fuse_lora(model: torch.nn.Module) -> None:
     """Fold LoRA weights into their base Linear layers before saving (no-op without LoRA)."""
     if any("lora_" in name for name, _ in model.named_parameters()):

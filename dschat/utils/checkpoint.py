@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,17 @@ from dschat.utils.utils import atomic_write_json, get_rng_state, set_rng_state
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def maybe_inject_kill(point: str, step: int) -> None:
+    """Crash-test hook: SIGKILL this process at a chosen point (tests only; no effect unless set).
+
+    `DSCHAT_KILL_AT=after_step:N` dies right after optimizer step N; `DSCHAT_KILL_AT=during_save:N` dies
+    while the state for step N is half-written.
+    """
+    target = os.environ.get("DSCHAT_KILL_AT")
+    if target and target == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoints_root(output_dir: str | os.PathLike) -> Path:
@@ -68,6 +80,7 @@ def save_training_state(
         engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
     per_rank = {"rng": get_rng_state(), **(rank_state or {})}
     torch.save(per_rank, tmp / f"rank_state_{get_rank()}.pt")
+    maybe_inject_kill("during_save", global_step)
     barrier()
     if is_rank_0():
         atomic_write_json(tmp / STATE_FILE, {**trainer_state, "global_step": global_step,

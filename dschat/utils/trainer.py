@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dschat.utils.checkpoint import find_latest_state, load_training_state, save_training_state
+from dschat.utils.checkpoint import (
+    find_latest_state,
+    load_training_state,
+    maybe_inject_kill,
+    save_training_state,
+)
 from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.utils import print_rank_0, to_device
 
@@ -288,6 +293,7 @@ class Trainer:
                     self._log_eval()
                 if args.save_steps and self.global_step % args.save_steps == 0:
                     self.save_state()
+                maybe_inject_kill("after_step", self.global_step)
                 if any_rank_true(self._stop_requested):
                     print_rank_0("SIGTERM received: saving a training state before exiting")
                     self.save_state()

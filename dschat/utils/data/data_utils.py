@@ -42,6 +42,7 @@ CACHE_WAIT_TIMEOUT_ENV = "DSCHAT_DATA_CACHE_TIMEOUT"
 DEFAULT_CACHE_WAIT_S = 3600.0
 FULL_HASH_LIMIT = 64 << 20
 EDGE_HASH_BYTES = 1 << 20
+MARKER_SLACK_S = 120.0  # clock skew / start-up spread tolerated when judging a builder's error marker
 _FINGERPRINT_EXTENSIONS = (*raw_datasets.LOCAL_DATA_EXTENSIONS, ".arrow")
 _TOKENIZER_PROBE = "\n\nHuman: Hello, world! 0123 café naïve 日本\n\nAssistant: Sure thing."
 
@@ -159,10 +160,18 @@ def phase_only_split(train_phase: int) -> str:
     return ",".join("10" if i == train_phase - 1 else "0" for i in range(3))
 
 
+def is_local_source(raw: PromptRawDataset) -> bool:
+    """Local files/dirs, including a local copy whose path contains a known name; `local/jsonfile` is a name."""
+    if isinstance(raw, raw_datasets.LocalJsonFileDataset):
+        return False
+    return raw.is_local_path or os.path.exists(raw.dataset_name)
+
+
 def effective_data_split(data_split: str | None, raw: PromptRawDataset, train_phase: int) -> str:
+    """None: upstream's 2,4,4 for named datasets; the whole source to the current phase for local paths."""
     if data_split is not None:
         return data_split
-    return phase_only_split(train_phase) if raw.is_local_path else DEFAULT_DATA_SPLIT
+    return phase_only_split(train_phase) if is_local_source(raw) else DEFAULT_DATA_SPLIT
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -477,13 +486,26 @@ def cache_wait_timeout(wait_timeout_s: float | None = None) -> float:
     return float(os.environ.get(CACHE_WAIT_TIMEOUT_ENV, DEFAULT_CACHE_WAIT_S))
 
 
+def _marker_is_current(error_file: Path, seen_before: int | None, since_wall: float) -> bool:
+    """A builder's error marker counts if it appeared or changed while we waited, or is recent: an old
+    one (e.g. from a transient network failure last run) must not stop this run's ranks."""
+    try:
+        mtime_ns = error_file.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+    return mtime_ns != seen_before or mtime_ns / 1e9 >= since_wall - MARKER_SLACK_S
+
+
 def wait_for_files(files: Sequence[Path], error_file: Path, timeout_s: float) -> None:
     """Poll until the builder's files exist; stop early with the builder's UserError if it wrote one."""
+    since_wall = time.time()
+    seen_before = error_file.stat().st_mtime_ns if error_file.exists() else None
     deadline = time.monotonic() + timeout_s
     delay = 0.2
     while not all(f.exists() for f in files):
-        if error_file.exists():
-            raise UserError(error_file.read_text(encoding="utf-8").strip())
+        if _marker_is_current(error_file, seen_before, since_wall):
+            with contextlib.suppress(FileNotFoundError):
+                raise UserError(error_file.read_text(encoding="utf-8").strip())
         if time.monotonic() >= deadline:
             raise UserError(
                 f"--data_output_path: waited {timeout_s:.0f}s for {files[0]} to be built by local rank 0; "

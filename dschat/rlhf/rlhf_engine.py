@@ -1,0 +1,185 @@
+"""The five DeepSpeed engines of step 3: actor, reference, optional actor EMA, critic and reward.
+
+Creation order and ZeRO placement follow DeepSpeed-Chat: the reference (and EMA) model is ZeRO-3 when
+the actor is, the reward model when the critic is; otherwise they are full replicas. Differences, each
+for a reason:
+- the Hybrid Engine section of the actor's config is switched on only where DeepSpeed has inference
+  kernels for the model and a GPU is present (`generation.hybrid_engine_unavailable_reason`); elsewhere
+  one warning, and generation falls back to Hugging Face `generate`;
+- the EMA copy is kept in fp32 (a 0.8% update per step is below bf16/fp16 resolution) and partitioned
+  exactly like the actor, so `moving_average` updates each rank's partition in place under ZeRO-3;
+- the reference model may come from another checkpoint (`--reference_model_name_or_path`, e.g. the
+  DPO model in MPO) instead of always the actor's initial weights;
+- frozen engines get batch sizes consistent with the world size (upstream's fixed 32/4 pair fails on
+  world sizes that do not divide 8).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dschat.utils.build import (
+    apply_lora,
+    enable_gradient_checkpointing,
+    initialize_engine,
+    initialize_frozen_engine,
+    train_ds_config,
+)
+from dschat.utils.dist import get_world_size, on_cpu
+from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
+from dschat.utils.utils import print_rank_0
+
+
+def log_init(model_name: str, start_time: float | None = None) -> float:
+    """Upstream's `[start] Initializing X Model [start]` / `[end] ... (duration: Ns)` banners."""
+    if start_time is None:
+        print_rank_0(f"[start] Initializing {model_name} Model [start]")
+        return time.time()
+    duration = time.time() - start_time
+    print_rank_0(f"[end] Initialized {model_name} Model [end] (duration: {duration:.2f}s)")
+    return duration
+
+
+def frozen_ds_config(args, *, offload: bool, stage: int, dtype: str | None = None) -> dict:
+    config = get_eval_ds_config(offload=offload, dtype=dtype or args.dtype, stage=stage)
+    return set_batch_sizes(config, args.per_device_training_batch_size, 1, get_world_size())
+
+
+def actor_gradient_accumulation_steps(args) -> int:
+    """The actor steps twice per mini-batch with unsupervised mixing (PPO + pretraining loss)."""
+    return args.gradient_accumulation_steps * (2 if unsupervised_enabled(args) else 1)
+
+
+def unsupervised_enabled(args) -> bool:
+    return bool(getattr(args, "unsupervised_dataset_name", None)
+                and getattr(args, "unsupervised_dataset_config_name", None))
+
+
+class DeepSpeedRLHFEngine:
+    """Holds `actor`, `ref`, `actor_ema` (None unless --enable_ema), `critic`, `reward` engines."""
+
+    def __init__(self, actor_model_name_or_path: str, critic_model_name_or_path: str, tokenizer, args,
+                 num_total_iters: int):
+        self.args = args
+        self.num_total_iters = num_total_iters
+        self.tokenizer = tokenizer
+        self.hybrid_engine_active = False
+        self.hybrid_engine_reason: str | None = None
+        reference_path = getattr(args, "reference_model_name_or_path", None) or actor_model_name_or_path
+
+        self.actor = self._init_actor(actor_model_name_or_path)
+        self.ref = self._init_ref(reference_path)
+        self.actor_ema = self._init_ema(actor_model_name_or_path) if args.enable_ema else None
+        self.critic = self._init_critic(critic_model_name_or_path)
+        self.reward = self._init_reward(critic_model_name_or_path)
+        if args.critic_gradient_checkpointing:
+            enable_gradient_checkpointing(self.critic.module)
+
+    # ---- models
+    def _causal_lm(self, path: str, ds_config: dict, dropout: float | None):
+        from transformers import AutoModelForCausalLM
+
+        from dschat.utils.model.model_utils import create_hf_model
+
+        return create_hf_model(AutoModelForCausalLM, path, self.tokenizer, ds_config, dropout=dropout)
+
+    def _init_actor(self, path: str):
+        from dschat.rlhf.generation import hybrid_engine_unavailable_reason, warn_once
+        from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss
+
+        args = self.args
+        start = log_init("Actor")
+        ds_config = train_ds_config(
+            args, zero_stage=args.actor_zero_stage, micro_batch_size=args.per_device_training_batch_size,
+            gradient_accumulation_steps=actor_gradient_accumulation_steps(args), tb_name="step3_actor",
+            enable_hybrid_engine=False, inference_tp_size=args.inference_tp_size,
+            release_inference_cache=args.release_inference_cache,
+            pin_parameters=not args.unpin_actor_parameters,
+            tp_gather_partition_size=args.tp_gather_partition_size,
+            max_out_tokens=args.max_prompt_seq_len + args.max_answer_seq_len,
+            enable_mixed_precision_lora=args.enable_mixed_precision_lora,
+        )
+        if args.enable_mixed_precision_lora and not on_cpu():
+            ds_config["zero_optimization"]["zero_hpz_partition_size"] = torch.cuda.device_count()
+        model = self._causal_lm(path, ds_config, args.actor_dropout)
+        if args.compute_fp32_loss:
+            causal_lm_model_to_fp32_loss(model)
+        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora)
+        if args.enable_hybrid_engine:
+            reason = hybrid_engine_unavailable_reason(model)
+            if reason is None:
+                ds_config["hybrid_engine"]["enabled"] = True
+                self.hybrid_engine_active = True
+            else:
+                self.hybrid_engine_reason = reason
+                warn_once(f"--enable_hybrid_engine: {reason}; generating with Hugging Face generate "
+                          "(KV cache on) instead")
+        engine = initialize_engine(
+            model, ds_config, learning_rate=args.actor_learning_rate, weight_decay=args.actor_weight_decay,
+            lora_learning_rate=args.actor_lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
+            num_warmup_steps=args.num_warmup_steps, num_training_steps=self.num_total_iters, offload=args.offload,
+        )
+        log_init("Actor", start)
+        return engine
+
+    def _init_ref(self, path: str):
+        args = self.args
+        start = log_init("Ref")
+        stage = 3 if args.actor_zero_stage == 3 else 0
+        ds_config = frozen_ds_config(args, offload=args.offload_reference_model, stage=stage)
+        model = self._causal_lm(path, ds_config, None)
+        engine = initialize_frozen_engine(model, ds_config)
+        log_init("Ref", start)
+        return engine
+
+    def _init_ema(self, path: str):
+        """Same architecture (incl. LoRA layers) and partitioning as the actor, fp32 weights."""
+        args = self.args
+        start = log_init("EMA")
+        stage = 3 if args.actor_zero_stage == 3 else 0
+        ds_config = frozen_ds_config(args, offload=args.offload_reference_model, stage=stage, dtype="fp32")
+        model = self._causal_lm(path, ds_config, None)
+        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, False)
+        engine = initialize_frozen_engine(model, ds_config)
+        log_init("EMA", start)
+        return engine
+
+    def _reward_model(self, path: str, ds_config: dict, zero_stage: int):
+        from dschat.utils.model.model_utils import create_critic_model
+
+        args = self.args
+        return create_critic_model(path, self.tokenizer, ds_config, args.num_padding_at_beginning,
+                                   rlhf_training=True, dropout=args.critic_dropout, zero_stage=zero_stage,
+                                   compute_fp32_loss=args.compute_fp32_loss)
+
+    def _init_critic(self, path: str):
+        args = self.args
+        start = log_init("Critic")
+        ds_config = train_ds_config(
+            args, zero_stage=args.critic_zero_stage, micro_batch_size=args.per_device_training_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step3_critic",
+        )
+        model = self._reward_model(path, ds_config, args.critic_zero_stage)
+        # The value head always trains (upstream froze it with --only_optimize_lora, leaving a random
+        # projection of the LoRA features as the value estimate).
+        model = apply_lora(model, args.critic_lora_dim, args.critic_lora_module_name, args.only_optimize_lora,
+                           force_optimize=["v_head.weight"])
+        engine = initialize_engine(
+            model, ds_config, learning_rate=args.critic_learning_rate, weight_decay=args.critic_weight_decay,
+            lora_learning_rate=args.critic_lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
+            num_warmup_steps=args.num_warmup_steps, num_training_steps=self.num_total_iters, offload=args.offload,
+        )
+        log_init("Critic", start)
+        return engine
+
+    def _init_reward(self, path: str):
+        args = self.args
+        start = log_init("Reward")
+        stage = 3 if args.critic_zero_stage == 3 else 0
+        ds_config = frozen_ds_config(args, offload=args.offload_reward_model, stage=stage)
+        model = self._reward_model(path, ds_config, stage)
+        engine = initialize_frozen_engine(model, ds_config)
+        log_init("Reward", start)
+        return engine

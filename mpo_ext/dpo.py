@@ -1,0 +1,457 @@
+"""Step 3b of two-stage MPO (Gou & Nguyen 2024): DPO on the easy pairs, reference = the SFT model.
+
+Pure pieces (`response_mask`, `sequence_log_probs`, `dpo_loss`, `dpo_metrics`) are checked by hand in
+tests; `DPOTrainer` plugs them into the shared `dschat.utils.trainer.Trainer`, so epochs, accumulation,
+logging, periodic states, resume and SIGTERM behave exactly as in steps 1 and 2.
+
+Reference log-probs come either from a resident frozen engine (upstream's way: two models in memory
+for the whole run) or, with `--precompute_ref_log_probs`, from one pass over train+eval before
+training, after which the reference is freed. The table is stored in the output directory with a
+fingerprint of everything it depends on, so a resumed run reuses it instead of rebuilding it.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from dschat.utils import args as flags
+from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
+from dschat.utils.errors import UserError
+from dschat.utils.losses import gather_log_probs
+from dschat.utils.trainer import Trainer, reduce_mean_metrics
+from dschat.utils.utils import print_rank_0, to_device
+
+REFERENCE_FILE = "reference_logps.pt"
+METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected")
+
+# --------------------------------------------------------------------------------------------- pure maths
+
+
+def response_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """[N, L] mask of the answer tokens: attended positions at or after each row's prompt length.
+
+    DPO compares answers to the same prompt, so prompt tokens carry no preference signal; masking
+    them keeps their (identical) log-probs out of the sums. The final eos stays in, so the policy is
+    also rewarded for stopping where the chosen answer stops.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+    starts = prompt_lengths.to(attention_mask.device).long().reshape(-1, 1)
+    return (positions >= starts) & (attention_mask != 0)
+
+
+def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token_t | tokens_<t) over the positions t where `loss_mask` is set ([N, L] -> [N]).
+
+    `loss_mask` is aligned with `input_ids` (it marks tokens being predicted); position 0 has no
+    prediction and is ignored. Summed in fp32 whatever the logits' dtype.
+    """
+    token_logps = gather_log_probs(logits[:, :-1].float(), input_ids[:, 1:])
+    mask = loss_mask[:, 1:].to(token_logps.dtype)
+    return (token_logps * mask).sum(dim=-1)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair sigmoid DPO loss (conservative DPO when `label_smoothing` > 0) and implicit rewards.
+
+    With h = beta * ((pi_c - ref_c) - (pi_r - ref_r)), loss = -(1-eps) log s(h) - eps log s(-h): eps is
+    the assumed probability that a label is flipped. Returns (losses [B], chosen_rewards [B],
+    rejected_rewards [B]); the rewards beta * (pi - ref) are detached (they are reported, not trained).
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = beta * (chosen_ratio - rejected_ratio)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def dpo_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Batch means under TRL's metric names; `loss` keeps its graph, the rest are detached.
+
+    An accuracy counts a pair only when the chosen reward is strictly higher, so an untrained policy
+    (all rewards 0) scores 0, not 0.5.
+    """
+    return {
+        "loss": losses.mean(),
+        "rewards/chosen": chosen_rewards.float().mean(),
+        "rewards/rejected": rejected_rewards.float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).float().mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": policy_chosen_logps.detach().float().mean(),
+        "logps/rejected": policy_rejected_logps.detach().float().mean(),
+    }
+
+
+def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2B] rows of a DataCollatorReward batch -> (chosen [B], rejected [B])."""
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+# --------------------------------------------------------------------------------------------- data plumbing
+
+
+class IndexedDataset(Dataset):
+    """Yield (index, item) so a batch knows which pairs it holds (for the precomputed reference table)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class IndexedCollator:
+    """Wrap a pair collator: same batch plus `index` [2B] (chosen rows then rejected rows, like the ids)."""
+
+    def __init__(self, collate_fn):
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collate_fn([item for _, item in items])
+        index = torch.tensor([i for i, _ in items], dtype=torch.long)
+        batch["index"] = torch.cat([index, index])
+        return batch
+
+
+def policy_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed answer log-probs [2B] of every row of a pair batch, one forward for chosen and rejected."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    mask = response_mask(batch["attention_mask"], batch["prompt_lengths"])
+    return sequence_log_probs(logits, batch["input_ids"], mask)
+
+
+class ResidentReference:
+    """Reference log-probs computed on the fly by a frozen model kept in memory (upstream's way)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def log_probs(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:  # noqa: ARG002
+        return policy_log_probs(self.model, batch)
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up per pair index from tables computed before training ([N, 2])."""
+
+    def __init__(self, tables: dict[str, torch.Tensor]):
+        self.tables = tables
+
+    def log_probs(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        table = self.tables[split]
+        index = batch["index"].to(table.device)
+        half = index.shape[0] // 2
+        values = torch.cat([table[index[:half], 0], table[index[half:], 1]])
+        return values.to(batch["input_ids"].device)
+
+
+@torch.no_grad()
+def compute_reference_table(model, dataset: Dataset, collate_fn, batch_size: int, device=None,
+                            rank: int | None = None, world_size: int | None = None) -> torch.Tensor:
+    """[N, 2] (chosen, rejected) reference log-probs of every pair of `dataset`, on every rank.
+
+    Work is split r::world; every rank runs the same number of batches (short shards repeat their last
+    index), because under ZeRO-3 each forward is a collective. Results are all-gathered.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    device = device if device is not None else getattr(model, "device", torch.device("cpu"))
+    n = len(dataset)
+    per_rank = math.ceil(n / world_size) if n else 0
+    mine = list(range(rank, n, world_size))
+    mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
+    collate = IndexedCollator(collate_fn)
+    values = torch.zeros(per_rank, 2, dtype=torch.float32, device=device)
+    for start in range(0, per_rank, batch_size):
+        chunk = mine[start:start + batch_size]
+        batch = to_device(collate([(i, dataset[i]) for i in chunk]), device)
+        chosen, rejected = split_pairs(policy_log_probs(model, batch))
+        values[start:start + len(chunk)] = torch.stack([chosen, rejected], dim=1).float()
+    indices = torch.tensor(mine, dtype=torch.long, device=device)
+    if world_size > 1 and torch.distributed.is_initialized():
+        all_values = [torch.zeros_like(values) for _ in range(world_size)]
+        all_indices = [torch.zeros_like(indices) for _ in range(world_size)]
+        torch.distributed.all_gather(all_values, values)
+        torch.distributed.all_gather(all_indices, indices)
+        values, indices = torch.cat(all_values), torch.cat(all_indices)
+    table = torch.zeros(n, 2, dtype=torch.float32)
+    table[indices.cpu()] = values.cpu()
+    return table
+
+
+def dataset_fingerprint(dataset: Dataset | None) -> str:
+    """Hash of every token id of a pair dataset, so a stored reference table is never applied to other data."""
+    digest = hashlib.sha256()
+    if dataset is None:
+        return digest.hexdigest()
+    for i in range(len(dataset)):
+        item = dataset[i]
+        for part in item.values() if isinstance(item, dict) else item:
+            if torch.is_tensor(part):
+                digest.update(part.detach().cpu().to(torch.int64).numpy().tobytes())
+                digest.update(b"|")
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def model_signature(path: str) -> dict:
+    """Name, size and mtime of a local model's weight files (a retrained model at the same path differs)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return {"path": path}
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".json"))
+    return {"path": str(directory.resolve()),
+            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def load_reference_tables(path: Path, fingerprint: dict) -> dict[str, torch.Tensor] | None:
+    """The stored tables if `path` exists and was computed for exactly `fingerprint`, else None."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged file is simply recomputed
+        return None
+    if json.loads(stored.get("fingerprint", "null")) != fingerprint:
+        return None
+    return {k: v for k, v in stored.items() if k != "fingerprint"}
+
+
+def save_reference_tables(path: Path, fingerprint: dict, tables: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    torch.save({"fingerprint": json.dumps(fingerprint, sort_keys=True), **tables}, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+class DPOTrainer(Trainer):
+    """DPO on the shared loop: one forward for chosen+rejected, loss on answer tokens only."""
+
+    name = "step3b_dpo"
+
+    def __init__(self, args, engine, train_dataset: Dataset, eval_dataset: Dataset | None, collate_fn,
+                 tokenizer, reference):
+        super().__init__(args, engine, IndexedDataset(train_dataset),
+                         IndexedDataset(eval_dataset) if eval_dataset is not None else None,
+                         IndexedCollator(collate_fn), tokenizer)
+        self.reference = reference
+
+    def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+        policy = policy_log_probs(self.engine, batch)
+        ref = self.reference.log_probs(batch, split)
+        policy_chosen, policy_rejected = split_pairs(policy)
+        ref_chosen, ref_rejected = split_pairs(ref.to(policy.dtype))
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.args.beta, self.args.label_smoothing)
+        return dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+
+    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self._metrics(batch, "train")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean metrics over the held-out pairs (every batch up to --eval_iters), averaged over ranks."""
+        if self.eval_loader is None:
+            return {}
+        self.engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for i, batch in enumerate(self.eval_loader):
+            if self.args.eval_iters and i >= self.args.eval_iters:
+                break
+            metrics = self._metrics(to_device(batch, self.device), "eval")
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, torch.zeros((), device=self.device)) + value.detach().float()
+            count += 1
+        self.engine.train()
+        return reduce_mean_metrics(sums, count)
+
+    def save_model(self) -> None:
+        if not self.args.output_dir:
+            return
+        from dschat.utils.build import fuse_lora
+        from dschat.utils.utils import save_causal_lm
+
+        print_rank_0(f"saving the DPO model to {self.args.output_dir} ...")
+        fuse_lora(self.engine.module)
+        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir)
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = flags.new_parser(
+        "Step 3b of two-stage MPO: DPO on the easy pairs from step2.5_select (DeepSpeed-Chat DPO flags).")
+    flags.add_data_args(parser)
+    flags.add_model_args(parser)
+    group = parser.add_argument_group("dpo")
+    group.add_argument("--beta", type=float, default=0.1, help="DPO temperature (weight of the implicit KL).")
+    group.add_argument("--label_smoothing", type=float, default=0.0,
+                       help="Conservative DPO: assumed probability that a preference label is flipped.")
+    group.add_argument("--reference_model_name_or_path", type=str, default=None,
+                       help="Reference policy (default: --model_name_or_path, i.e. the SFT model).")
+    group.add_argument("--offload_reference_model", action="store_true",
+                       help="ZeRO-offload the reference model's parameters to CPU.")
+    group.add_argument("--precompute_ref_log_probs", action="store_true",
+                       help="Score train+eval pairs with the reference once before training, store the table in "
+                            "--output_dir and free the reference (no second model resident while training).")
+    flags.add_optim_args(parser, learning_rate=1e-3)
+    flags.add_deepspeed_args(parser)
+    flags.add_lora_args(parser)
+    flags.add_logging_args(parser, tensorboard_path="step2_tensorboard")
+    flags.add_eval_args(parser, eval_interval=0, eval_iters=100)
+    args = parser.parse_args(argv)
+    flags.validate_common(args)
+    if args.beta <= 0:
+        raise UserError(f"--beta {args.beta}: must be positive")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        raise UserError(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
+    flags.check_path_exists("--reference_model_name_or_path", args.reference_model_name_or_path, "model directory")
+    check_pair_files(args.data_path)
+    return args
+
+
+def check_pair_files(data_paths: list[str]) -> None:
+    """Fail early and clearly on an empty local pair file (e.g. a threshold that left no easy pairs)."""
+    for path in data_paths:
+        p = Path(path)
+        if p.is_file() and p.suffix in (".jsonl", ".json") and not p.read_text(encoding="utf-8").strip():
+            hint = ""
+            if (p.parent / "manifest.json").is_file():
+                hint = (f" (a step2.5_select output: see {p.parent / 'manifest.json'}; rerun the selection with a "
+                        "lower --threshold or with --easy_fraction)")
+            raise UserError(f"--data_path {path}: the file holds no preference pairs{hint}")
+
+
+def _build_frozen(args, path: str, tokenizer, ds_config: dict):
+    from transformers import AutoModelForCausalLM
+
+    from dschat.utils.build import initialize_frozen_engine
+    from dschat.utils.model.model_utils import create_hf_model
+
+    model = create_hf_model(AutoModelForCausalLM, path, tokenizer, ds_config)
+    return initialize_frozen_engine(model, ds_config)
+
+
+def _free(engine) -> None:
+    """Drop a frozen engine and give its memory back before the policy is built."""
+    destroy = getattr(engine, "destroy", None)
+    if callable(destroy):
+        destroy()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def reference_fingerprint(args, reference_path: str, train_data: Dataset, eval_data: Dataset | None) -> dict:
+    return {
+        "reference": model_signature(reference_path),
+        "dtype": args.dtype,
+        "max_seq_len": args.max_seq_len,
+        "train": [len(train_data), dataset_fingerprint(train_data)],
+        "eval": [len(eval_data) if eval_data is not None else 0, dataset_fingerprint(eval_data)],
+    }
+
+
+def precomputed_reference(args, reference_path: str, tokenizer, eval_config: dict, train_data, eval_data,
+                          collator) -> PrecomputedReference:
+    """Load the stored table when it matches this run, else compute it (then store it) and free the model."""
+    fingerprint = reference_fingerprint(args, reference_path, train_data, eval_data)
+    path = Path(args.output_dir) / REFERENCE_FILE if args.output_dir else None
+    tables = load_reference_tables(path, fingerprint) if path is not None else None
+    found = torch.tensor([1.0 if tables is not None else 0.0])
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)  # every rank must agree
+    if found.item() > 0:
+        print_rank_0(f"Loaded precomputed reference log-probs from {path}")
+        return PrecomputedReference(tables)
+    print_rank_0(f"Precomputing reference log-probs with {reference_path} "
+                 f"({len(train_data)} train + {len(eval_data) if eval_data is not None else 0} eval pairs) ...")
+    engine = _build_frozen(args, reference_path, tokenizer, eval_config)
+    batch_size = args.per_device_eval_batch_size
+    tables = {"train": compute_reference_table(engine, train_data, collator, batch_size, engine.device)}
+    tables["eval"] = (compute_reference_table(engine, eval_data, collator, batch_size, engine.device)
+                      if eval_data is not None and len(eval_data) else torch.zeros(0, 2))
+    _free(engine)
+    if path is not None and is_rank_0():
+        save_reference_tables(path, fingerprint, tables)
+    barrier()
+    return PrecomputedReference(tables)
+
+
+def build(args) -> DPOTrainer:
+    from transformers import AutoModelForCausalLM
+
+    from dschat.utils.build import (
+        apply_lora,
+        build_tokenizer,
+        end_of_text,
+        initialize_engine,
+        train_ds_config,
+    )
+    from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_dataset
+    from dschat.utils.dist import get_local_rank
+    from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
+    from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss, create_hf_model
+    from dschat.utils.trainer import count_updates
+    from dschat.utils.utils import set_random_seed
+
+    set_random_seed(args.seed)
+    tokenizer = build_tokenizer(args)
+    ds_config = train_ds_config(args, zero_stage=args.zero_stage, micro_batch_size=args.per_device_train_batch_size,
+                                gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step3b_dpo")
+    eval_config = get_eval_ds_config(offload=args.offload_reference_model, dtype=args.dtype,
+                                     stage=3 if args.zero_stage == 3 else 0)
+    eval_config = set_batch_sizes(eval_config, args.per_device_eval_batch_size, 1, get_world_size())
+    train_data, eval_data = create_prompt_dataset(
+        get_local_rank(), args.data_path, args.data_split, args.data_output_path, 2, args.seed, tokenizer,
+        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache,
+    )
+    collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
+                                  padding=args.padding)
+    reference_path = args.reference_model_name_or_path or args.model_name_or_path
+    if args.precompute_ref_log_probs:
+        reference = precomputed_reference(args, reference_path, tokenizer, eval_config, train_data, eval_data,
+                                          collator)
+    else:
+        reference = ResidentReference(_build_frozen(args, reference_path, tokenizer, eval_config))
+
+    model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout)
+    if args.compute_fp32_loss:
+        causal_lm_model_to_fp32_loss(model)
+    model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    steps = count_updates(len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                          args.num_train_epochs, args.max_steps)
+    engine = initialize_engine(model, ds_config, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                               lora_learning_rate=args.lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
+                               num_warmup_steps=args.num_warmup_steps, num_training_steps=steps,
+                               offload=args.offload, args=args)
+    return DPOTrainer(args, engine, train_data, eval_data, collator, tokenizer, reference)

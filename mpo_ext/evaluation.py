@@ -1,0 +1,559 @@
+"""Reward-model evaluation of trained policies (the paper's Table 3) and the statistics around it.
+
+Why: "mean reward-model score on held-out prompts" is the paper's headline metric. Every model is
+asked the same prompts with the same decoding settings and seed, each answer is scored by the trained
+reward model (and by the synthetic task's gold reward where the data defines one), and each mean gets
+a seeded bootstrap interval so small differences are not over-read.
+
+Reproducibility: prompts are cut into fixed global batches and batch k is generated with RNG seed
+f(seed, k) on rank k % world_size, so the numbers do not depend on how many ranks ran the job.
+The statistics are pure functions (unit-tested by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dschat.utils.dist import get_rank, get_world_size, is_rank_0
+from dschat.utils.errors import UserError
+
+GENERATIONS_DIR = "generations"
+TABLE_FILE = "table.json"
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+# --------------------------------------------------------------------------------------------- statistics
+
+
+def percentile_indices(num_resamples: int, confidence: float) -> tuple[int, int]:
+    """Indices into the sorted bootstrap means that bound the central `confidence` mass.
+
+    floor(alpha/2 * B) values lie strictly below the lower index and the same number strictly above
+    the upper one, so the interval is symmetric in rank by construction (B=1000, 95%: 25 and 974).
+    """
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    tail = (1.0 - confidence) / 2.0
+    low = int(math.floor(tail * num_resamples + 1e-9))
+    low = min(low, (num_resamples - 1) // 2)
+    return low, num_resamples - 1 - low
+
+
+def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, num_resamples: int = 1000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean; same inputs and seed give the same interval."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError("bootstrap_ci needs a non-empty 1-D sequence of numbers")
+    rng = np.random.default_rng(seed)
+    means = np.empty(num_resamples, dtype=np.float64)
+    chunk = max(1, 2_000_000 // x.size)  # bound the index matrix at ~16 MB
+    for start in range(0, num_resamples, chunk):
+        stop = min(num_resamples, start + chunk)
+        idx = rng.integers(0, x.size, size=(stop - start, x.size))
+        means[start:stop] = x[idx].mean(axis=1)
+    means.sort()
+    low, high = percentile_indices(num_resamples, confidence)
+    return float(means[low]), float(means[high])
+
+
+def mean_with_ci(values: Sequence[float], seed: int, num_resamples: int = 1000,
+                 confidence: float = 0.95) -> dict[str, float]:
+    """{"mean", "ci_low", "ci_high"} for a list of scores."""
+    low, high = bootstrap_ci(values, confidence, num_resamples, seed)
+    return {"mean": float(np.mean(np.asarray(values, dtype=np.float64))), "ci_low": low, "ci_high": high}
+
+
+def win_tie_lose(scores_a: Sequence[float], scores_b: Sequence[float], tie_margin: float = 0.0) -> dict[str, Any]:
+    """Paired outcome counts for a against b: win if a - b > margin, lose if a - b < -margin, else tie.
+
+    The margin is in reward units; a reward model is only trusted to order answers whose scores
+    differ clearly, so a small margin keeps coin-flip differences out of the win column.
+    """
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"need paired scores, got {len(scores_a)} and {len(scores_b)}")
+    if tie_margin < 0:
+        raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
+    win = tie = lose = 0
+    for a, b in zip(scores_a, scores_b):
+        diff = float(a) - float(b)
+        if diff > tie_margin:
+            win += 1
+        elif diff < -tie_margin:
+            lose += 1
+        else:
+            tie += 1
+    n = win + tie + lose
+    return {
+        "win": win, "tie": tie, "lose": lose, "n": n, "tie_margin": tie_margin,
+        "win_rate": win / n if n else None, "tie_rate": tie / n if n else None,
+        "lose_rate": lose / n if n else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------- sharding
+
+
+def global_batches(num_items: int, batch_size: int) -> list[list[int]]:
+    """Item indices cut into consecutive batches of `batch_size` (the last may be shorter)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [list(range(s, min(s + batch_size, num_items))) for s in range(0, num_items, batch_size)]
+
+
+def rank_batches(num_items: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, list[int]]]:
+    """(global batch number, indices) of the batches rank `rank` works on: batch k goes to k % world."""
+    return [(k, b) for k, b in enumerate(global_batches(num_items, batch_size)) if k % world_size == rank]
+
+
+def batch_seed(seed: int, batch_number: int) -> int:
+    """RNG seed for one global batch: independent of rank and world size."""
+    return (int(seed) * 1_000_003 + int(batch_number)) % (2 ** 63 - 1)
+
+
+def gather_records(records: list[dict]) -> list[dict]:
+    """All ranks' records on every rank (identity in a single process), ordered by "index"."""
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        parts: list[list[dict] | None] = [None] * get_world_size()
+        torch.distributed.all_gather_object(parts, records)
+        records = [r for part in parts for r in (part or [])]
+    return sorted(records, key=lambda r: r["index"])
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def parse_model_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """`NAME=PATH` strings -> [(name, path)]; a bare PATH is named after its directory."""
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name or "model", spec
+        name, path = name.strip(), path.strip()
+        if not name or not set(name) <= NAME_CHARS:
+            raise UserError(f"--model {spec}: the name must use letters, digits, '_', '-' or '.' (NAME=PATH)")
+        if not path:
+            raise UserError(f"--model {spec}: empty path; use NAME=PATH")
+        if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise UserError(f"--model {spec}: {path} does not exist")
+        out.append((name, path))
+    names = [n for n, _ in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"--model: duplicate model name(s) {', '.join(dupes)}; give each NAME=PATH a unique name")
+    return out
+
+
+def _open_raw_dataset(data_path: str, seed: int, data_output_path: str):
+    from dschat.utils.data.data_utils import get_raw_dataset
+
+    return get_raw_dataset(data_path, data_output_path, seed, -1)
+
+
+def load_eval_prompts(data_path: str, num_prompts: int | None = None, seed: int = 1234,
+                      data_output_path: str = "/tmp/data_files/") -> list[str]:
+    """Held-out prompts of a dataset: its eval/test split (a local file without one: all its prompts).
+
+    Duplicates are dropped (keeping first occurrence) so a prompt is not counted twice; with
+    `num_prompts` a seeded random subset is taken, kept in dataset order.
+    """
+    raw = _open_raw_dataset(data_path, seed, data_output_path)
+    data = raw.get_eval_data()
+    if data is None:
+        if not raw.is_local_path:
+            raise UserError(f"--data_path {data_path}: the dataset has no eval/test split; pass a local file "
+                            "of held-out prompts instead")
+        data = raw.get_train_data()
+    seen: set[str] = set()
+    prompts: list[str] = []
+    for sample in data:
+        prompt = raw.get_prompt(sample)
+        if prompt and prompt.strip() and prompt not in seen:
+            seen.add(prompt)
+            prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"--data_path {data_path}: no prompts found in its eval split")
+    if num_prompts is not None and 0 < num_prompts < len(prompts):
+        keep = sorted(random.Random(seed).sample(range(len(prompts)), num_prompts))
+        prompts = [prompts[i] for i in keep]
+    return prompts
+
+
+def find_gold_reward(data_path: str, mode: str = "auto") -> Callable[[str, str], float] | None:
+    """The gold reward function when the data is the embedded synthetic task, else None.
+
+    Detected from `manifest.json` (written by `mpo_ext.synthetic.make_synthetic_dataset`) in the data
+    directory or beside the data file, whose `task` names the synthetic task.
+    """
+    if mode == "none":
+        return None
+    from mpo_ext import synthetic
+
+    path = Path(data_path)
+    manifest = (path if path.is_dir() else path.parent) / "manifest.json"
+    task = None
+    if manifest.is_file():
+        try:
+            task = json.loads(manifest.read_text(encoding="utf-8")).get("task")
+        except (OSError, ValueError, AttributeError):
+            task = None
+    if task == synthetic.SYNTHETIC_TASK_NAME or mode == "synthetic":
+        return synthetic.gold_reward
+    return None
+
+
+def safe_gold(gold: Callable[[str, str], float], prompt: str, answer: str) -> float | None:
+    """Gold reward, or None for a prompt the task cannot parse (e.g. a foreign record in the file)."""
+    try:
+        return float(gold(prompt, answer))
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto`: this rank's accelerator when a process group runs, else cuda if present, else cpu."""
+    if device != "auto":
+        try:
+            return torch.device(device)
+        except RuntimeError as err:
+            raise UserError(f"--device {device}: {err}") from err
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU by default, bf16 on GPU (fp16 is refused on CPU, as everywhere in the project)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "fp16" and device.type == "cpu":
+        raise UserError("--dtype fp16 is not supported on CPU; use --dtype bf16 or fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def load_policy(path: str, device: torch.device, dtype: torch.dtype, add_special_tokens: str | None = None):
+    """(model, tokenizer) of a causal LM checkpoint, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from dschat.utils.model.model_utils import create_hf_model
+    from dschat.utils.utils import load_hf_tokenizer
+
+    tokenizer = load_hf_tokenizer(path, add_special_tokens=add_special_tokens)
+    model = create_hf_model(AutoModelForCausalLM, path, tokenizer)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def encode_prompt(tokenizer, prompt: str, max_len: int) -> list[int]:
+    """Token ids of a prompt, cut from the left to `max_len` (keeping a leading BOS) so the end of the
+    conversation, the part the answer follows, survives."""
+    ids = list(tokenizer(prompt)["input_ids"])
+    if len(ids) <= max_len:
+        return ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids and ids[0] == bos and max_len > 1:
+        return [bos] + ids[len(ids) - (max_len - 1):]
+    return ids[len(ids) - max_len:]
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask [B, max len]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Fixed decoding settings shared by every evaluated model."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 1234
+    batch_size: int = 16
+    max_prompt_seq_len: int = 256
+
+
+def make_generator(model, tokenizer, decoding: Decoding):
+    """The project's Generator (KV cache, eos handling) for a plain, replicated model."""
+    from dschat.rlhf.generation import Generator
+
+    return Generator(model, tokenizer, max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
+                     temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], decoding: Decoding, device: torch.device,
+                     rank: int = 0, world_size: int = 1) -> list[dict]:
+    """This rank's share of answers: [{"index", "answer", "length"}] (length in answer tokens)."""
+    from dschat.rlhf.generation import answer_lengths, decode_answers
+
+    generator = make_generator(model, tokenizer, decoding)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[dict] = []
+    for number, indices in rank_batches(len(prompts), decoding.batch_size, rank, world_size):
+        rows = [encode_prompt(tokenizer, prompts[i], decoding.max_prompt_seq_len) for i in indices]
+        ids, mask = pad_left(rows, pad)
+        torch.manual_seed(batch_seed(decoding.seed, number))
+        sequences = generator.generate(ids.to(device), mask.to(device)).cpu()
+        width = ids.shape[1]
+        texts = decode_answers(tokenizer, sequences, width)
+        lengths = answer_lengths(sequences, width, pad).tolist()
+        out.extend({"index": i, "answer": t, "length": int(n)} for i, t, n in zip(indices, texts, lengths))
+    return out
+
+
+class RewardScorer:
+    """Scores (prompt, answer) texts with a trained step-2 reward model, the way it was trained.
+
+    The text is `prompt + answer + eos` tokenised in one piece (as the step-2 data pipeline does), then
+    laid out like a PPO rollout (prompt left-padded to a common width, answer and eos right-padded) and
+    read with `forward_value(..., prompt_length=width)["chosen_end_scores"]`: the value at the last
+    answer token, the token just before the eos. Tokenising with the reward model's own tokenizer lets
+    policy and reward model use different vocabularies.
+    """
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                 num_padding_at_beginning: int = 0, max_seq_len: int = 512, batch_size: int = 16,
+                 add_special_tokens: str | None = None):
+        from dschat.utils.model.model_utils import create_critic_model
+        from dschat.utils.utils import load_hf_tokenizer
+
+        self.tokenizer = load_hf_tokenizer(path, add_special_tokens=add_special_tokens)
+        self.model = create_critic_model(path, self.tokenizer, None, num_padding_at_beginning,
+                                         rlhf_training=True)
+        self.model.to(device=device, dtype=dtype).eval()
+        self.device = device
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.pad_id = self.model.PAD_ID
+
+    def layout(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids ending in eos) of the jointly tokenised text, within max_seq_len."""
+        from dschat.utils.data.raw_datasets import join_prompt_response
+
+        tok = self.tokenizer
+        full = list(tok(join_prompt_response(prompt, answer) + (tok.eos_token or ""))["input_ids"])
+        if tok.eos_token_id is not None and (not full or full[-1] != tok.eos_token_id):
+            full.append(tok.eos_token_id)
+        prompt_ids = list(tok(prompt)["input_ids"])
+        cut = 0
+        for a, b in zip(prompt_ids, full):  # joint tokenisation may merge across the boundary
+            if a != b:
+                break
+            cut += 1
+        cut = min(cut, len(full) - 1)
+        head, tail = full[:cut], full[cut:]
+        room = self.max_seq_len - len(tail)
+        if room < 1:  # answer alone is too long: keep its start (the eos is lost, the score is read at the end)
+            tail = tail[: self.max_seq_len - 1]
+            room = 1
+        if len(head) > room:
+            head = head[len(head) - room:]
+        return head, tail
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            pairs = [self.layout(p, a) for p, a in zip(prompts[start:start + self.batch_size],
+                                                          answers[start:start + self.batch_size])]
+            width = max(len(h) for h, _ in pairs)
+            answer_width = max(len(t) for _, t in pairs)
+            ids = torch.full((len(pairs), width + answer_width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (head, tail) in enumerate(pairs):
+                ids[i, width - len(head):width] = torch.tensor(head, dtype=torch.long)
+                ids[i, width:width + len(tail)] = torch.tensor(tail, dtype=torch.long)
+                mask[i, width - len(head):width + len(tail)] = 1
+            out = self.model.forward_value(ids.to(self.device), mask.to(self.device), prompt_length=width)
+            scores.extend(float(s) for s in out["chosen_end_scores"].float().cpu())
+        return scores
+
+
+# --------------------------------------------------------------------------------------------- the evaluation
+
+
+def summarize_model(name: str, records: Sequence[dict], seed: int, num_resamples: int = 1000,
+                    confidence: float = 0.95) -> dict[str, Any]:
+    """One Table-3 row from a model's scored generations."""
+    rewards = [r["reward"] for r in records]
+    stats = mean_with_ci(rewards, seed, num_resamples, confidence)
+    row: dict[str, Any] = {
+        "name": name,
+        "mean_reward": stats["mean"],
+        "ci_low": stats["ci_low"],
+        "ci_high": stats["ci_high"],
+        "mean_length": float(np.mean([r["length"] for r in records])) if records else 0.0,
+        "n": len(records),
+    }
+    golds = [r["gold"] for r in records if r.get("gold") is not None]
+    if golds:
+        g = mean_with_ci(golds, seed, num_resamples, confidence)
+        row.update(gold_mean=g["mean"], gold_ci_low=g["ci_low"], gold_ci_high=g["ci_high"], gold_n=len(golds))
+    return row
+
+
+def format_table(rows: Sequence[dict], confidence: float = 0.95) -> str:
+    """Markdown table in the layout of the paper's Table 3 (plus interval, gold and length columns)."""
+    has_gold = any(r.get("gold_mean") is not None for r in rows)
+    pct = f"{confidence:.0%}"
+    header = ["model", f"RM reward [{pct} CI]"] + ([f"gold [{pct} CI]"] if has_gold else []) + ["mean length", "n"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        cells = [r["name"], f"{r['mean_reward']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"]
+        if has_gold:
+            cells.append(f"{r['gold_mean']:.3f} [{r['gold_ci_low']:.3f}, {r['gold_ci_high']:.3f}]"
+                         if r.get("gold_mean") is not None else "-")
+        cells += [f"{r['mean_length']:.1f}", str(r["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _log(message: str) -> None:
+    if is_rank_0():
+        print(f"[eval] {message}", flush=True)
+
+
+def generate_for_models(models: Sequence[tuple[str, str]], prompts: Sequence[str], decoding: Decoding,
+                        device: torch.device, dtype: torch.dtype) -> dict[str, list[dict]]:
+    """This rank's answers for every model; one model in memory at a time."""
+    rank, world = get_rank(), get_world_size()
+    answers: dict[str, list[dict]] = {}
+    for name, path in models:
+        start = time.time()
+        model, tokenizer = load_policy(path, device, dtype)
+        answers[name] = generate_answers(model, tokenizer, prompts, decoding, device, rank, world)
+        del model
+        n_tokens = sum(a["length"] for a in answers[name])
+        elapsed = time.time() - start
+        _log(f"{name}: generated {len(answers[name])} answers on rank {rank} in {elapsed:.1f}s "
+             f"({n_tokens / max(elapsed, 1e-9):.1f} tokens/s incl. loading)")
+    return answers
+
+
+def score_records(scorer: RewardScorer, prompts: Sequence[str], answers: Sequence[dict],
+                  gold: Callable[[str, str], float] | None) -> list[dict]:
+    """Generation records with reward (and gold) filled in."""
+    texts = [a["answer"] for a in answers]
+    rewards = scorer.score([prompts[a["index"]] for a in answers], texts) if answers else []
+    records = []
+    for a, reward in zip(answers, rewards):
+        prompt = prompts[a["index"]]
+        record = {"index": a["index"], "prompt": prompt, "answer": a["answer"], "reward": reward,
+                  "length": a["length"]}
+        if gold is not None:
+            record["gold"] = safe_gold(gold, prompt, a["answer"])
+        records.append(record)
+    return records
+
+
+def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: str, output_dir: str, *,
+             decoding: Decoding, num_prompts: int | None = None, num_padding_at_beginning: int = 0,
+             device: str = "auto", dtype: str = "auto", max_seq_len: int = 512, gold: str = "auto",
+             num_resamples: int = 1000, confidence: float = 0.95,
+             data_output_path: str = "/tmp/data_files/") -> list[dict]:
+    """Generate, score and summarise; rank 0 writes generations/NAME.jsonl and table.json.
+
+    Every rank returns the same rows. Files are written one by one atomically; table.json comes last
+    and is removed first, so its presence means the whole evaluation finished.
+    """
+    from dschat.utils.dist import barrier
+    from dschat.utils.utils import atomic_write_json, atomic_write_jsonl
+
+    if not models:
+        raise UserError("--model: give at least one NAME=PATH")
+    out = Path(output_dir)
+    if is_rank_0():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / TABLE_FILE).unlink(missing_ok=True)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path)
+    gold_fn = find_gold_reward(data_path, gold)
+    _log(f"{len(prompts)} held-out prompts from {data_path}; {len(models)} model(s); "
+         f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")
+
+    answers = generate_for_models(models, prompts, decoding, torch_device, torch_dtype)
+    scorer = RewardScorer(reward_model, torch_device, torch_dtype, num_padding_at_beginning, max_seq_len,
+                          decoding.batch_size)
+    rows = []
+    for name, _ in models:
+        records = gather_records(score_records(scorer, prompts, answers[name], gold_fn))
+        row = summarize_model(name, records, decoding.seed, num_resamples, confidence)
+        rows.append(row)
+        if is_rank_0():
+            atomic_write_jsonl(out / GENERATIONS_DIR / f"{name}.jsonl", records)
+    if is_rank_0():
+        settings = {"data_path": data_path, "reward_model": reward_model, "models": dict(models),
+                    "num_prompts": len(prompts), "decoding": asdict(decoding), "dtype": str(torch_dtype),
+                    "confidence": confidence, "num_resamples": num_resamples, "world_size": get_world_size()}
+        atomic_write_json(out / TABLE_FILE, {"rows": rows, "settings": settings})
+        print(format_table(rows, confidence), flush=True)
+        _log(f"wrote {out / TABLE_FILE} and {out / GENERATIONS_DIR}/")
+    barrier()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def read_generations(path: str | os.PathLike) -> list[dict]:
+    """Records of a generations file (JSON lines with at least prompt and answer)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such generations file; pass DIR/generations/NAME.jsonl from `mpo eval`")
+    records = []
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{p}:{lineno}: invalid JSON line ({err})") from err
+        if not isinstance(record, dict) or "prompt" not in record or "answer" not in record:
+            raise UserError(f"{p}:{lineno}: each record needs 'prompt' and 'answer' keys")
+        records.append(record)
+    if not records:
+        raise UserError(f"{p}: contains no records")
+    return records
+
+
+def pair_by_prompt(records_a: Sequence[dict], records_b: Sequence[dict]) -> list[tuple[dict, dict]]:
+    """Records of a and b answering the same prompt, in a's order (the k-th repeat of a prompt in a
+    pairs with the k-th repeat in b)."""
+    pool: dict[str, list[dict]] = {}
+    for record in records_b:
+        pool.setdefault(record["prompt"], []).append(record)
+    pairs = []
+    for record in records_a:
+        bucket = pool.get(record["prompt"])
+        if bucket:
+            pairs.append((record, bucket.pop(0)))
+    return pairs
