@@ -135,8 +135,8 @@ class PairVerdict:
 
 
 def fold_orders(ab: tuple[float, float] | None, ba: tuple[float, float] | None) -> tuple[float | None, float | None]:
-    """Average a's and b's scores over the orders that parsed; a position bias adds the same amount to
-    "reply 1" in both orders, so it cancels in the mean."""
+    """Average a's and b's scores over the orders that parsed. A bias towards the first (or second)
+    position lifts each answer once when both orders parsed, so it cancels in score_a - score_b."""
     scores_a = [s for s in (ab[0] if ab else None, ba[1] if ba else None) if s is not None]
     scores_b = [s for s in (ab[1] if ab else None, ba[0] if ba else None) if s is not None]
     if not scores_a:

@@ -81,3 +81,12 @@ def run_ds():
         return run_command(cmd, cwd=cwd, timeout=timeout, env=env)
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """The embedded default at a test size: synthetic preference data and a tiny Llama."""
+    from mpo_ext.bootstrap import build_default_assets
+
+    root = tmp_path_factory.mktemp("assets")
+    return build_default_assets(root, seed=1234, num_train=600, num_test=60)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dschat.rlhf.generation import answer_lengths, answer_mask, first_tokens_agreement, pad_after_eos
 from dschat.rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -21,7 +22,6 @@ from dschat.rlhf.ppo_math import (
     whiten,
     zero_after,
 )
-from dschat.rlhf.generation import answer_lengths, answer_mask, first_tokens_agreement, pad_after_eos
 
 T = torch.tensor
 

@@ -17,14 +17,6 @@ STEP1 = REPO_ROOT / "training/step1_supervised_finetuning/main.py"
 STEP2 = REPO_ROOT / "training/step2_reward_model_finetuning/main.py"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from mpo_ext.bootstrap import build_default_assets
-
-    root = tmp_path_factory.mktemp("assets")
-    return build_default_assets(root, seed=1234, num_train=600, num_test=60)
-
-
 def _train_losses(output_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["phase"] == "train"]

@@ -305,7 +305,8 @@ class Generator:
     # ---- public API
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         was_training = self.module.training
-        self.engine.eval()
+        if was_training:  # the caller may have switched to eval already (HE: kernels swapped in then)
+            self.engine.eval()
         start = time.time()
         try:
             if self._use_hybrid and not self._hybrid_probed:

@@ -1,0 +1,304 @@
+"""PPO experience collection and updates (DeepSpeed-Chat's `DeepSpeedPPOTrainer` interface).
+
+The math lives in `ppo_math` (pure, unit-tested); this module wires it to the engines. Differences from
+upstream, each deliberate:
+- rollouts go through `generation.Generator` (Hybrid Engine only where it works, ZeRO-3 parameters
+  gathered once per call, stop on eos), with upstream's greedy decoding unless --do_sample;
+- model forwards get position ids computed from the attention mask, so left-padded prompts are
+  positioned exactly as during generation (upstream relied on OPT doing this internally);
+- the KL coefficient can be adaptive, the reward can be normalised by running statistics and the
+  advantages whitened (all off by default), and every step reports TRL-style statistics.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from dschat.rlhf.generation import Generator, answer_lengths, decode_answers, decode_prompts
+from dschat.rlhf.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMeanStd,
+    actor_loss,
+    answer_end_slots,
+    compute_gae,
+    compute_kl_penalized_rewards,
+    critic_loss,
+    entropy_from_logits,
+    gather_log_probs,
+    whiten,
+    zero_after,
+)
+from dschat.utils.dist import get_world_size
+from dschat.utils.utils import print_rank_0
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting attended tokens only (the numbering HF `generate` gives left-padded rows)."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _accepts_position_ids(module: torch.nn.Module) -> bool:
+    params = inspect.signature(module.forward).parameters
+    return "position_ids" in params
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
+
+
+class DeepSpeedPPOTrainer:
+    """`generate_experience(prompts, mask, step)` -> experience dict; `train_rlhf(exp)` -> (actor, critic loss)."""
+
+    def __init__(self, rlhf_engine, args):
+        self.rlhf_engine = rlhf_engine
+        self.actor_model = rlhf_engine.actor
+        self.critic_model = rlhf_engine.critic
+        self.ref_model = rlhf_engine.ref
+        self.reward_model = rlhf_engine.reward
+        self.actor_ema = getattr(rlhf_engine, "actor_ema", None)
+        self.tokenizer = rlhf_engine.tokenizer
+        self.args = args
+        self.max_answer_seq_len = args.max_answer_seq_len
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.end_of_conversation_token_id = self.tokenizer.eos_token_id
+        self.z3_enabled = args.actor_zero_stage == 3
+        self.compute_fp32_loss = args.compute_fp32_loss
+
+        # PPO constants (upstream hard-coded them; flags here with the same defaults).
+        if getattr(args, "kl_target", None):
+            self.kl_controller = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
+        else:
+            self.kl_controller = FixedKLController(args.init_kl_coef)
+        self.clip_reward_value = args.clip_reward_value
+        self.cliprange = args.cliprange
+        self.cliprange_value = args.cliprange_value
+        self.gamma = args.gamma
+        self.lam = args.lam
+        self.reward_stats = RunningMeanStd() if getattr(args, "normalize_reward", False) else None
+        self.whiten_advantages = getattr(args, "whiten_advantages", False)
+
+        self.generator = Generator(
+            self.actor_model, self.tokenizer, max_new_tokens=args.max_answer_seq_len, do_sample=args.do_sample,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, zero_stage=args.actor_zero_stage,
+            enable_hybrid_engine=args.enable_hybrid_engine,
+            gather_params=False if args.unpin_actor_parameters else None,
+        )
+        self._actor_position_ids = _accepts_position_ids(self.actor_model.module)
+        self._ref_position_ids = _accepts_position_ids(self.ref_model.module)
+        self._last_kept: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_train_stats: dict[str, torch.Tensor] = {}
+
+    @property
+    def kl_ctl(self) -> float:
+        """Upstream attribute name: the current KL coefficient."""
+        return self.kl_controller.value
+
+    # ---- helpers
+    def _lm_logits(self, engine, seq: torch.Tensor, attention_mask: torch.Tensor, with_positions: bool):
+        kwargs = {"attention_mask": attention_mask, "use_cache": False}
+        if with_positions:
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        logits = engine(seq, **kwargs).logits
+        return logits.float() if self.compute_fp32_loss else logits
+
+    def _print_answers(self, prompts: torch.Tensor, seq: torch.Tensor, step: int) -> None:
+        args = self.args
+        if not args.print_answers or step % max(1, args.print_answers_interval) != 0:
+            return
+        width = prompts.shape[1]
+        for prompt, answer in zip(decode_prompts(self.tokenizer, prompts), decode_answers(self.tokenizer, seq, width)):
+            print_rank_0(f"--- prompt --> step={step}\n{prompt}\n--- answer --> step={step}\n{answer}")
+
+    def _generate_sequence(self, prompts: torch.Tensor, mask: torch.Tensor, step: int):
+        """Generate, then drop rows whose answer has <= 1 token (upstream); returns (prompts, seq)."""
+        seq = self.generator.generate(prompts, mask)
+        self._print_answers(prompts, seq, step)
+        keep = answer_lengths(seq, prompts.shape[1], self.pad_token_id) > 1
+        if not bool(keep.all()):
+            print_rank_0(f"Dropping {int((~keep).sum())} too short generated answer(s) (<= 1 token)")
+        if bool(keep.any()):
+            kept = (prompts[keep], seq[keep])
+            self._last_kept = kept
+            return kept
+        if self._last_kept is not None:
+            print_rank_0("every answer of this batch was too short; reusing the previous batch's rollouts")
+            return self._last_kept
+        print_rank_0("every answer of the first batch was too short; training on them anyway")
+        return prompts, seq
+
+    def _normalized_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.reward_stats is None:
+            return scores
+        s = scores.detach().float()
+        moments = _sum_over_ranks(torch.stack([s.sum(), (s * s).sum(), torch.tensor(float(s.numel()),
+                                                                                     device=s.device)]))
+        total, total_sq, count = moments.tolist()
+        mean = total / max(count, 1.0)
+        self.reward_stats.update_from_moments(mean, max(total_sq / max(count, 1.0) - mean * mean, 0.0), count)
+        return self.reward_stats.normalize(scores.float()).to(scores.dtype)
+
+    # ---- experience
+    @torch.no_grad()
+    def generate_experience(self, prompts: torch.Tensor, mask: torch.Tensor, step: int) -> dict:
+        self.eval()
+        prompts, seq = self._generate_sequence(prompts, mask, step)
+        stats = dict(self.generator.last_stats)
+        self.train()
+        attention_mask = (seq != self.pad_token_id).long()
+        width = prompts.shape[1]
+
+        logits = self._lm_logits(self.actor_model, seq, attention_mask, self._actor_position_ids)
+        ref_logits = self._lm_logits(self.ref_model, seq, attention_mask, self._ref_position_ids)
+        raw_scores = self.reward_model.forward_value(seq, attention_mask, prompt_length=width)["chosen_end_scores"]
+        values = self.critic_model.forward_value(seq, attention_mask, return_value_only=True)[:, :-1]
+
+        logprobs = gather_log_probs(logits[:, :-1, :], seq[:, 1:])
+        ref_logprobs = gather_log_probs(ref_logits[:, :-1, :], seq[:, 1:])
+        answer_slots = attention_mask[:, width:]  # slots width-1 .. T-2 predict the answer tokens
+        entropy = (entropy_from_logits(logits[:, width - 1:-1, :]) * answer_slots).sum(dim=1)
+        kl = ((logprobs[:, width - 1:].float() - ref_logprobs[:, width - 1:].float()) * answer_slots).sum(dim=1)
+        return {
+            "prompts": prompts,
+            "logprobs": logprobs,
+            "ref_logprobs": ref_logprobs,
+            "value": values,
+            "rewards": self._normalized_scores(raw_scores),
+            "input_ids": seq,
+            "attention_mask": attention_mask,
+            # statistics (per row), not used by the update
+            "raw_rewards": raw_scores.detach().float(),
+            "kl": kl,
+            "entropy": entropy,
+            "answer_length": answer_lengths(seq, width, self.pad_token_id).float(),
+            "generate_time": torch.tensor(float(stats.get("generate_time", 0.0))),
+            "generated_tokens": torch.tensor(float(stats.get("answer_tokens", 0))),
+        }
+
+    # ---- upstream-named building blocks
+    def compute_rewards(self, prompts, log_probs, ref_log_probs, reward_score, action_mask):
+        start = prompts.shape[1] - 1
+        return compute_kl_penalized_rewards(log_probs, ref_log_probs, reward_score, action_mask, start,
+                                            self.kl_ctl, self.clip_reward_value)
+
+    def get_advantages_and_returns(self, values, rewards, start):
+        return compute_gae(values, rewards, start, self.gamma, self.lam)
+
+    def actor_loss_fn(self, logprobs, old_logprobs, advantages, mask):
+        loss, _, _ = actor_loss(logprobs, old_logprobs, advantages, mask, self.cliprange)
+        return loss
+
+    def critic_loss_fn(self, values, old_values, returns, mask):
+        loss, _ = critic_loss(values, old_values, returns, mask, self.cliprange_value)
+        return loss
+
+    # ---- update
+    def train_rlhf(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = inputs["prompts"]
+        log_probs = inputs["logprobs"]
+        ref_log_probs = inputs["ref_logprobs"]
+        reward_score = inputs["rewards"]
+        values = inputs["value"]
+        attention_mask = inputs["attention_mask"]
+        seq = inputs["input_ids"]
+
+        start = prompts.shape[1] - 1
+        action_mask = attention_mask[:, 1:]
+        with torch.no_grad():
+            old_rewards = self.compute_rewards(prompts, log_probs, ref_log_probs, reward_score, action_mask)
+            old_values = zero_after(values, answer_end_slots(action_mask, start))
+            advantages, returns = self.get_advantages_and_returns(old_values, old_rewards, start)
+            if self.whiten_advantages:
+                advantages = whiten(advantages, action_mask[:, start:])
+
+        logits = self._lm_logits(self.actor_model, seq, attention_mask, self._actor_position_ids)
+        new_logprobs = gather_log_probs(logits[:, :-1, :], seq[:, 1:])
+        mask = action_mask[:, start:]
+        a_loss, clipfrac, approx_kl = actor_loss(new_logprobs[:, start:], log_probs[:, start:], advantages, mask,
+                                                 self.cliprange)
+        self.actor_model.backward(a_loss)
+        if not self.args.align_overflow:
+            self.actor_model.step()
+
+        new_values = self.critic_model.forward_value(seq, attention_mask, return_value_only=True, use_cache=False)[:, :-1]
+        if self.compute_fp32_loss:
+            new_values, old_values_c, returns_c = new_values.float(), old_values.float(), returns.float()
+        else:
+            old_values_c, returns_c = old_values, returns
+        c_loss, v_clipfrac = critic_loss(new_values[:, start:], old_values_c[:, start:], returns_c, mask,
+                                         self.cliprange_value)
+        self.critic_model.backward(c_loss)
+        if self.args.align_overflow:
+            self._align_overflow()
+            self.actor_model.step()
+        self.critic_model.step()
+
+        self.last_train_stats = {
+            "policy/clipfrac": clipfrac.detach().float(),
+            "policy/approxkl": approx_kl.detach().float(),
+            "val/clipfrac": v_clipfrac.detach().float(),
+            "val/mean": (old_values[:, start:] * mask).sum().float() / mask.sum().clamp(min=1),
+            "returns/mean": (returns * mask).sum().float() / mask.sum().clamp(min=1),
+            "advantages/mean": (advantages * mask).sum().float() / mask.sum().clamp(min=1),
+        }
+        return a_loss, c_loss
+
+    def _align_overflow(self) -> None:
+        """fp16: if exactly one of actor/critic overflowed, make the other skip its step as well."""
+        actor_opt, critic_opt = self.actor_model.optimizer, self.critic_model.optimizer
+        check_a = getattr(actor_opt, "check_overflow", None)
+        check_c = getattr(critic_opt, "check_overflow", None)
+        if check_a is None or check_c is None:
+            return
+        actor_overflow, critic_overflow = check_a(external=True), check_c(external=True)
+        if actor_overflow and not critic_overflow:
+            critic_opt.skip_step = True
+            print_rank_0("OVERFLOW: actor overflow, skipping both actor and critic steps")
+        elif critic_overflow and not actor_overflow:
+            actor_opt.skip_step = True
+            print_rank_0("OVERFLOW: critic overflow, skipping both actor and critic steps")
+        elif actor_overflow and critic_overflow:
+            print_rank_0("OVERFLOW: actor and critic overflow, skipping both actor and critic steps")
+
+    def overflowed(self) -> bool:
+        """Whether the last actor/critic step was skipped for fp16 overflow (always False otherwise)."""
+        return bool(getattr(self.actor_model.optimizer, "overflow", False)
+                    or getattr(self.critic_model.optimizer, "overflow", False))
+
+    # ---- modes
+    def train(self) -> None:
+        self.actor_model.train()
+        self.critic_model.train()
+
+    def eval(self) -> None:
+        self.actor_model.eval()
+        self.critic_model.eval()
+        self.reward_model.eval()
+        self.ref_model.eval()
+
+    def _validate_training_mode(self) -> None:
+        assert self.actor_model.module.training
+        assert self.critic_model.module.training
+
+    def _validate_evaluation_mode(self) -> None:
+        assert not self.actor_model.module.training
+        assert not self.critic_model.module.training
+        assert not self.ref_model.module.training
+        assert not self.reward_model.module.training
+
+
+class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):
+    """Adds the pretraining (language-modelling) loss on unsupervised data, InstructGPT's PPO-ptx."""
+
+    def train_unsupervised(self, inputs: dict, unsup_coef: float) -> torch.Tensor:
+        self._validate_training_mode()
+        outputs = self.actor_model(**inputs, use_cache=False)
+        loss = outputs.loss
+        self.actor_model.backward(unsup_coef * loss)
+        self.actor_model.step()
+        return loss
