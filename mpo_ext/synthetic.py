@@ -198,7 +198,8 @@ def sample_response(prompt: str, quality: float, rng: random.Random) -> str:
     Each behaviour of the writer depends smoothly on quality: how often the count is exact (else mostly
     one item too many), how often a wrong item or a repeat slips in, whether high- or low-weight items
     are preferred (below ~0.65 the writer prefers the *low*-weight ones), and whether the period is
-    written. Middling writers thus share a systematic bias that an SFT model will copy.
+    written. Middling writers thus share a systematic bias that an SFT model will copy. Correct items
+    come in alphabetical order; gold_reward ignores order.
     """
     spec = parse_prompt(prompt)
     q = min(max(float(quality), 0.0), 1.0)
@@ -211,26 +212,25 @@ def sample_response(prompt: str, quality: float, rng: random.Random) -> str:
     p_wrong = 0.4 * (1.0 - q) ** 1.5
     p_repeat = 0.3 * (1.0 - q) ** 2
     temperature = 15.0 * (q - 0.65)  # >0 prefers high-weight items, <0 low-weight ones
-    # Choose the distinct correct items first, then the slips; a writer lists correct items in
-    # alphabetical order (so a small model can learn "no repeats" as a local pattern), a repeat
-    # right after its original, and a wrong item at a random position.
+    # Choose the distinct correct items first, then the slips. A writer lists correct items in
+    # alphabetical order (so a small model learns "no repeats" as a local pattern), a repeat next to its
+    # original, and a wrong item at a random position.
     correct: list[str] = []
-    slips: list[tuple[str, int | str]] = []
+    repeats: list[str] = []
+    wrong: list[str] = []
     for _ in range(n):
         r = rng.random()
         unseen = [w for w in items if w not in correct]
         if r < p_wrong or not unseen:
-            slips.append(("wrong", rng.choice(_OTHER_ITEMS[spec.category])))
+            wrong.append(rng.choice(_OTHER_ITEMS[spec.category]))
         elif r < p_wrong + p_repeat and correct:
-            slips.append(("repeat", rng.randrange(len(correct))))
+            repeats.append(rng.choice(correct))
         else:
             scores = [math.exp(temperature * (_ITEM_WEIGHT[spec.category][w] - 0.8)) for w in unseen]
             correct.append(rng.choices(unseen, weights=scores, k=1)[0])
-    repeats = sorted(correct[i] for kind, i in slips if kind == "repeat")
     out = sorted(correct + repeats)
-    for kind, word in slips:
-        if kind == "wrong":
-            out.insert(rng.randrange(len(out) + 1), word)
+    for word in wrong:
+        out.insert(rng.randrange(len(out) + 1), word)
     end = "." if rng.random() < 0.35 + 0.65 * q else ""
     return " " + ", ".join(out) + end
 

@@ -218,7 +218,7 @@ def select_assets(tmp_path_factory, tinystories_dir):
 def _select_args(assets, tinystories_dir, out: Path, *extra: str) -> list[str]:
     return ["--data_path", str(assets["data"]), "--sft_model_name_or_path", str(tinystories_dir),
             "--reward_model_name_or_path", str(assets["rm"]), "--num_padding_at_beginning", "0",
-            "--max_prompt_seq_len", "48", "--max_answer_seq_len", "12", "--per_device_generation_batch_size", "4",
+            "--max_prompt_seq_len", "64", "--max_answer_seq_len", "12", "--per_device_generation_batch_size", "4",
             "--per_device_eval_batch_size", "8", "--shard_size", "8", "--threshold", "2.0",
             "--data_output_path", str(assets["root"] / "cache"), "--output_dir", str(out), *extra]
 
@@ -237,7 +237,8 @@ def test_two_ranks_equal_one_killed_and_resumed_rank(select_assets, tinystories_
     two = tmp_path / "two_ranks"
     _check(run_ds(SELECT, _select_args(select_assets, tinystories_dir, two), num_ranks=2, env=QUIET))
     manifest = json.loads((two / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["counts"]["prompts"] == 36  # 9:1 train part of 40
+    assert manifest["world_size"] == 2 and manifest["data"]["filtered"] == 0
+    assert manifest["counts"]["prompts"] == 36  # the 9:1 train part of 40 records
     assert manifest["shards"]["count"] == 5
     easy, hard = _read_jsonl(two / "easy.jsonl"), _read_jsonl(two / "hard.jsonl")
     assert len(easy) + len(hard) == 36 and easy and hard

@@ -140,6 +140,9 @@ class DeepSpeedRLHFEngine:
         start = log_init("EMA")
         stage = 3 if args.actor_zero_stage == 3 else 0
         ds_config = frozen_ds_config(args, offload=args.offload_reference_model, stage=stage, dtype="fp32")
+        # No persistent (always gathered) parameters: `moving_average` updates the partitions, which a
+        # persistent parameter's full copy would not see.
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         model = self._causal_lm(path, ds_config, None)
         model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, False)
         engine = initialize_frozen_engine(model, ds_config)

@@ -1,0 +1,370 @@
+"""`mpo eval` / `compare` / `plot-curves` and the upstream eval tools on tiny real models.
+
+Models are random tiny Llamas (mpo_ext.bootstrap) and a reward model saved with save_reward_model, on the
+synthetic task's data (which defines a gold reward). Statistics are checked against hand-computed cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dschat.utils.errors import UserError
+from mpo_ext.evaluation import (
+    RewardScorer,
+    batch_seed,
+    bootstrap_ci,
+    encode_prompt,
+    format_table,
+    global_batches,
+    load_eval_prompts,
+    pad_left,
+    pair_by_prompt,
+    parse_model_specs,
+    percentile_indices,
+    rank_batches,
+    summarize_model,
+    win_tie_lose,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("resamples, confidence, expected", [
+    (1000, 0.95, (25, 974)),  # 25 means below the lower index, 25 above the upper one
+    (100, 0.90, (5, 94)),
+    (40, 0.95, (1, 38)),  # 0.025 * 40 = 1
+    (10, 0.95, (0, 9)),  # 0.25 rounds down: the extremes
+    (1, 0.95, (0, 0)),
+])
+def test_percentile_indices_hand_computed(resamples, confidence, expected):
+    assert percentile_indices(resamples, confidence) == expected
+
+
+def test_percentile_indices_rejects_bad_input():
+    with pytest.raises(ValueError):
+        percentile_indices(0, 0.95)
+    with pytest.raises(ValueError):
+        percentile_indices(100, 1.0)
+
+
+def test_bootstrap_constant_data_has_zero_width():
+    assert bootstrap_ci([2.5] * 7, seed=3) == (2.5, 2.5)
+    assert bootstrap_ci([-1.0], num_resamples=50) == (-1.0, -1.0)
+
+
+def test_bootstrap_two_points_hand_computed():
+    # Resample means of [0, 1] are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: about 250 of 1000 sorted
+    # means are 0 and 250 are 1, so the 26th smallest (index 25) is 0 and index 974 is 1.
+    assert bootstrap_ci([0.0, 1.0], 0.95, 1000, seed=0) == (0.0, 1.0)
+    # At 40% confidence the bounds (indices 300 and 699) fall inside the ~500 middle values of 0.5.
+    assert bootstrap_ci([0.0, 1.0], 0.40, 1000, seed=0) == (0.5, 0.5)
+
+
+def test_bootstrap_is_seeded_and_sensible():
+    values = [0.1 * i for i in range(30)]
+    first = bootstrap_ci(values, seed=7)
+    assert first == bootstrap_ci(values, seed=7)
+    assert first != bootstrap_ci(values, seed=8)
+    mean = sum(values) / len(values)
+    low, high = first
+    assert low < mean < high
+    narrow = bootstrap_ci(values, confidence=0.5, seed=7)
+    assert low <= narrow[0] <= narrow[1] <= high
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_win_tie_lose_hand_computed():
+    a = [1.0, 0.5, 0.0, 2.0, -1.0]
+    b = [0.0, 0.45, 0.0, 3.0, -1.2]  # differences 1.0, 0.05, 0.0, -1.0, 0.2
+    counts = win_tie_lose(a, b, tie_margin=0.1)
+    assert (counts["win"], counts["tie"], counts["lose"], counts["n"]) == (2, 2, 1, 5)
+    assert counts["win_rate"] == pytest.approx(0.4)
+    strict = win_tie_lose(a, b)
+    assert (strict["win"], strict["tie"], strict["lose"]) == (3, 1, 1)
+    with pytest.raises(ValueError):
+        win_tie_lose([1.0], [1.0, 2.0])
+
+
+def test_summarize_model_and_table():
+    records = [{"reward": r, "length": n, "gold": g} for r, n, g in [(1.0, 4, 0.5), (3.0, 6, None), (2.0, 5, 1.5)]]
+    row = summarize_model("mpo", records, seed=1, num_resamples=200)
+    assert row["mean_reward"] == pytest.approx(2.0) and row["mean_length"] == pytest.approx(5.0)
+    assert row["n"] == 3 and row["gold_n"] == 2 and row["gold_mean"] == pytest.approx(1.0)
+    assert row["ci_low"] <= 2.0 <= row["ci_high"]
+    table = format_table([row])
+    assert table.splitlines()[0].startswith("| model") and "| mpo | 2.000 [" in table
+
+
+def test_batches_are_independent_of_world_size():
+    assert global_batches(5, 2) == [[0, 1], [2, 3], [4]]
+    for world in (1, 2, 3):
+        shards = [rank_batches(7, 2, r, world) for r in range(world)]
+        flat = sorted(k for shard in shards for k, _ in shard)
+        assert flat == [0, 1, 2, 3] and sorted(i for s in shards for _, b in s for i in b) == list(range(7))
+    assert batch_seed(1234, 3) == batch_seed(1234, 3) != batch_seed(1234, 4)
+
+
+def test_parse_model_specs():
+    assert parse_model_specs(["sft=/tmp", "x.y-1=/tmp"]) == [("sft", "/tmp"), ("x.y-1", "/tmp")]
+    with pytest.raises(UserError, match="duplicate"):
+        parse_model_specs(["a=/tmp", "a=/tmp"])
+    with pytest.raises(UserError, match="does not exist"):
+        parse_model_specs(["a=/no/such/dir"])
+    with pytest.raises(UserError, match="name"):
+        parse_model_specs(["a b=/tmp"])
+
+
+def test_pair_by_prompt_handles_order_and_repeats():
+    a = [{"prompt": "p1", "answer": "a1"}, {"prompt": "p2", "answer": "a2"}, {"prompt": "p1", "answer": "a3"}]
+    b = [{"prompt": "p2", "answer": "b2"}, {"prompt": "p1", "answer": "b1"}, {"prompt": "p3", "answer": "b3"}]
+    assert [(x["answer"], y["answer"]) for x, y in pair_by_prompt(a, b)] == [("a1", "b1"), ("a2", "b2")]
+
+
+def test_pad_left_and_encode_prompt(tiny_assets):
+    ids, mask = pad_left([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    from dschat.utils.utils import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(str(tiny_assets["policy_a"]))
+    full = tok("\n\nHuman: Name two fruits.\n\nAssistant:")["input_ids"]
+    cut = encode_prompt(tok, "\n\nHuman: Name two fruits.\n\nAssistant:", 4)
+    assert len(cut) == 4 and cut[0] == tok.bos_token_id and cut[1:] == full[-3:]
+
+
+# --------------------------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """Synthetic data + two random tiny Llamas + a reward model with a fixed (saved) value head."""
+    from dschat.utils.model.model_utils import create_critic_model
+    from dschat.utils.utils import load_hf_tokenizer, save_reward_model
+    from mpo_ext import bootstrap, synthetic
+
+    root = tmp_path_factory.mktemp("eval_assets")
+    synthetic.make_synthetic_dataset(root / "data", num_train=8, num_test=40, seed=5)
+    texts = list(synthetic.corpus_texts())
+    for name, seed in (("policy_a", 1), ("policy_b", 2)):
+        bootstrap.build_tiny_model(root / name, texts, hidden_size=32, num_layers=1, num_heads=2, seed=seed)
+    tok = load_hf_tokenizer(str(root / "policy_a"))
+    torch.manual_seed(11)
+    reward = create_critic_model(str(root / "policy_a"), tok, None)
+    with torch.no_grad():
+        reward.v_head.weight.normal_(0.0, 1.0)  # a clearly non-zero head, so scores differ between answers
+    save_reward_model(reward, tok, root / "rm")
+    return {"root": root, "data": root / "data", "policy_a": root / "policy_a", "policy_b": root / "policy_b",
+            "rm": root / "rm"}
+
+
+def test_load_eval_prompts_uses_test_split(tiny_assets):
+    from mpo_ext import synthetic
+
+    prompts = load_eval_prompts(str(tiny_assets["data"]))
+    test_prompts = set(synthetic.all_prompts("test"))
+    assert prompts and all(p in test_prompts for p in prompts)
+    assert len(prompts) == len(set(prompts))  # duplicates dropped
+    subset = load_eval_prompts(str(tiny_assets["data"]), num_prompts=5, seed=3)
+    assert subset == load_eval_prompts(str(tiny_assets["data"]), num_prompts=5, seed=3)
+    assert len(subset) == 5 and [p for p in prompts if p in subset] == subset  # dataset order kept
+
+
+def test_reward_scorer_matches_single_sequence_end_score(tiny_assets):
+    """Batched, left-padded scoring equals the reward model's own end score on each unpadded text."""
+    scorer = RewardScorer(str(tiny_assets["rm"]), torch.device("cpu"), batch_size=3)
+    prompts = ["\n\nHuman: Name two fruits.\n\nAssistant:", "\n\nHuman: Please help. List four colors.\n\nAssistant:",
+               "\n\nHuman: Name three tools.\n\nAssistant:"]
+    answers = [" apple, pear.", " red.", ""]
+    batched = scorer.score(prompts, answers)
+    tok = scorer.tokenizer
+    for prompt, answer, score in zip(prompts, answers, batched):
+        ids = torch.tensor([tok(prompt + answer + tok.eos_token)["input_ids"]])
+        assert ids[0, -1].item() == tok.eos_token_id
+        with torch.no_grad():
+            values = scorer.model.forward_value(ids, torch.ones_like(ids), return_value_only=True)
+        assert score == pytest.approx(float(values[0, -2]), abs=1e-5)  # the last answer token
+    assert len(set(batched)) == 3
+
+
+def _eval_args(assets, out: Path, *extra: str) -> list[str]:
+    return ["--model", f"sft={assets['policy_a']}", "--model", f"mpo={assets['policy_b']}",
+            "--reward_model", str(assets["rm"]), "--data_path", str(assets["data"]),
+            "--max_new_tokens", "8", "--do_sample", "--temperature", "1.0", "--batch_size", "8",
+            "--seed", "77", "--num_bootstrap", "200", "--output_dir", str(out), *extra]
+
+
+def test_eval_writes_table_and_generations_reproducibly(tiny_assets, tmp_path):
+    from mpo_ext.eval_cli import eval_command
+
+    runner = CliRunner()
+    first = runner.invoke(eval_command, _eval_args(tiny_assets, tmp_path / "run1", "--num_prompts", "20"))
+    assert first.exit_code == 0, first.output
+    assert "| model" in first.output and "| sft |" in first.output and "| mpo |" in first.output
+    table = json.loads((tmp_path / "run1" / "table.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    assert set(rows) == {"sft", "mpo"}
+    for name, row in rows.items():
+        records = [json.loads(x) for x in (tmp_path / "run1" / "generations" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(records) == row["n"] == 20
+        assert {"prompt", "answer", "reward", "gold", "length"} <= set(records[0])
+        assert row["mean_reward"] == pytest.approx(sum(r["reward"] for r in records) / 20)
+        assert row["gold_mean"] == pytest.approx(sum(r["gold"] for r in records) / 20)
+        assert row["ci_low"] <= row["mean_reward"] <= row["ci_high"]
+        assert 0 < row["mean_length"] <= 8
+    a = [json.loads(x)["prompt"] for x in (tmp_path / "run1/generations/sft.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["prompt"] for x in (tmp_path / "run1/generations/mpo.jsonl").read_text().splitlines()]
+    assert a == b  # same held-out prompts for every model
+
+    second = runner.invoke(eval_command, _eval_args(tiny_assets, tmp_path / "run2", "--num_prompts", "20"))
+    assert second.exit_code == 0, second.output
+    assert json.loads((tmp_path / "run2" / "table.json").read_text())["rows"] == table["rows"]
+    for name in rows:
+        assert (tmp_path / "run1/generations" / f"{name}.jsonl").read_text() == \
+            (tmp_path / "run2/generations" / f"{name}.jsonl").read_text()
+
+    # compare on the files just written: counts agree with the rewards in them
+    from mpo_ext.eval_cli import compare_command
+
+    result = runner.invoke(compare_command, [str(tmp_path / "run1/generations/mpo.jsonl"),
+                                             str(tmp_path / "run1/generations/sft.jsonl"),
+                                             "--tie_margin", "0.05", "--output_dir", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    mpo = [json.loads(x) for x in (tmp_path / "run1/generations/mpo.jsonl").read_text().splitlines()]
+    sft = [json.loads(x) for x in (tmp_path / "run1/generations/sft.jsonl").read_text().splitlines()]
+    expected = win_tie_lose([r["reward"] for r in mpo], [r["reward"] for r in sft], 0.05)
+    assert {k: summary["reward_model"][k] for k in ("win", "tie", "lose")} == \
+        {k: expected[k] for k in ("win", "tie", "lose")}
+
+
+def test_eval_bad_input_is_one_line_error(tiny_assets, tmp_path):
+    from mpo_ext.eval_cli import eval_command
+
+    result = CliRunner().invoke(eval_command, ["--model", f"a={tiny_assets['policy_a']}", "--reward_model",
+                                               str(tiny_assets["policy_a"]), "--data_path", str(tiny_assets["data"]),
+                                               "--num_prompts", "2", "--max_new_tokens", "2",
+                                               "--output_dir", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "v_head" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_eval_two_ranks_gives_the_single_rank_numbers(tiny_assets, tmp_path):
+    """Prompts sharded over 2 CPU ranks (gloo) and gathered: identical table and generations."""
+    from mpo_ext.eval_cli import eval_command
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(port), "-m", "mpo_ext.eval_cli",
+                           "eval", *_eval_args(tiny_assets, tmp_path / "two", "--num_prompts", "12",
+                                               "--batch_size", "4")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    single4 = CliRunner().invoke(eval_command, _eval_args(tiny_assets, tmp_path / "one4", "--num_prompts", "12",
+                                                          "--batch_size", "4"))
+    assert single4.exit_code == 0, single4.output
+    two = json.loads((tmp_path / "two" / "table.json").read_text())["rows"]
+    assert json.loads((tmp_path / "one4" / "table.json").read_text())["rows"] == two
+    for name in ("sft", "mpo"):
+        assert (tmp_path / "two/generations" / f"{name}.jsonl").read_text() == \
+            (tmp_path / "one4/generations" / f"{name}.jsonl").read_text()
+
+
+# --------------------------------------------------------------------------------------------- curves
+
+
+def test_plot_curves(tmp_path):
+    from mpo_ext.curves import find_metrics_files, metric_series, plot_training_curves
+    from mpo_ext.eval_cli import plot_curves_command
+
+    for stage, base in (("step3b_dpo", 0.7), ("step3_ppo", 1.2)):
+        (tmp_path / "run" / stage).mkdir(parents=True)
+        lines = [{"step": s, "phase": "train", "loss": base / (s + 1), "objective/kl": 0.01 * s,
+                  "rewards/margins": 0.1 * s} for s in range(1, 6)]
+        lines += [{"step": 5, "phase": "eval", "loss": base / 7}, {"step": 3, "phase": "train", "loss": 0.5}]
+        text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 6, "pha'  # torn last line
+        (tmp_path / "run" / stage / "metrics.jsonl").write_text(text)
+    files = find_metrics_files([str(tmp_path / "run")])
+    assert set(files) == {"step3b_dpo", "step3_ppo"}
+    series = metric_series(json.loads(x) for x in files["step3_ppo"].read_text().splitlines()[:-1])
+    steps, values = series[("loss", "train")]
+    assert steps == [1, 2, 3, 4, 5] and values[2] == 0.5  # a re-logged step keeps its last value
+    out = plot_training_curves(files, tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = CliRunner().invoke(plot_curves_command, [f"dpo={tmp_path / 'run' / 'step3b_dpo'}",
+                                                      str(tmp_path / "run" / "step3_ppo" / "metrics.jsonl"),
+                                                      "--output", str(tmp_path / "cli.png"), "--metric", "loss",
+                                                      "--metric", "eval/loss"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli.png").stat().st_size > 1000
+    bad = CliRunner().invoke(plot_curves_command, [str(tmp_path / "nothing")])
+    assert bad.exit_code == 2 and "no such run directory" in bad.output
+
+
+# --------------------------------------------------------------------------------------------- upstream tools
+
+
+def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, input=stdin, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_rw_eval_loads_the_trained_head_and_is_deterministic(tiny_assets, tmp_path):
+    script = "training/step2_reward_model_finetuning/rw_eval.py"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "\n\nHuman: Name two fruits.\n\nAssistant:", "chosen": " apple, banana.",
+                                 "rejected": " hammer."}) + "\n")
+    outputs = []
+    for i in range(2):
+        proc = _run([script, "--model_name_or_path", str(tiny_assets["rm"]), "--num_padding_at_beginning", "0",
+                     "--pairs_file", str(pairs), "--device", "cpu", "--output_json", str(tmp_path / f"s{i}.json")])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "chosen scored higher" in proc.stdout
+        outputs.append(json.loads((tmp_path / f"s{i}.json").read_text()))
+    assert outputs[0] == outputs[1]
+    scorer = RewardScorer(str(tiny_assets["rm"]), torch.device("cpu"))
+    expected = scorer.score([outputs[0][0]["prompt"]] * 2, [" apple, banana.", " hammer."])
+    assert [outputs[0][0]["chosen_reward"], outputs[0][0]["rejected_reward"]] == pytest.approx(expected, abs=1e-6)
+
+
+def test_prompt_eval_side_by_side(tiny_assets, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prompt_eval", REPO / "training/step1_supervised_finetuning/prompt_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name two fruits.\nList three colors.\n")
+    answers = module.main(["--model_name_or_path_baseline", str(tiny_assets["policy_a"]),
+                           "--model_name_or_path_finetune", str(tiny_assets["policy_b"]),
+                           "--prompts_file", str(prompts), "--max_new_tokens", "4", "--device", "cpu"])
+    assert len(answers["baseline"]) == len(answers["finetune"]) == 2
+    out = capsys.readouterr().out
+    assert "prompt 2/2" in out and "baseline" in out and "finetune" in out
+    with pytest.raises(UserError, match="num_beam_groups"):
+        module.parse_args(["--model_name_or_path_baseline", "a", "--model_name_or_path_finetune", "b",
+                           "--num_beam_groups", "2"])
+
+
+def test_chat_answers_one_piped_line_then_quits(tiny_assets):
+    proc = _run(["chat.py", "--path", str(tiny_assets["policy_a"]), "--max_new_tokens", "5", "--device", "cpu"],
+                stdin="Name two fruits.\nquit\nthis line is never read\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Assistant:") == 1 and "Human: Name two fruits." in proc.stdout
+    assert "this line is never read" not in proc.stdout

@@ -1,0 +1,25 @@
+"""DeepSpeed-Chat compatible entry point: `deepspeed main.py ...`, `torchrun main.py ...` or `python main.py ...`."""
+
+import sys
+from pathlib import Path
+
+try:
+    import dschat  # noqa: F401
+except ImportError:  # running from a source checkout without `pip install`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dschat.steps import ppo
+from dschat.utils.dist import init_distributed
+from dschat.utils.errors import run_main
+
+
+def main() -> None:
+    args = ppo.parse_args()
+    init_distributed(args.local_rank)
+    loop = ppo.build(args)
+    loop.train()
+    loop.save_model()
+
+
+if __name__ == "__main__":
+    run_main(main)
