@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from dschat.utils.errors import UserError
+from mpo_ext import eval_cli
 
 
 class _InputError(click.ClickException):
@@ -97,19 +98,8 @@ def pipeline_command(preset, output_dir, steps, num_ranks, deployment_type, host
         print_final_report(out)
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own modules (evaluation, judging, plots)."""
-    try:
-        from mpo_ext import eval_cli
-    except ImportError:
-        return
-    for name in ("eval_command", "compare_command", "plot_curves_command"):
-        command = getattr(eval_cli, name, None)
-        if command is not None:
-            main.add_command(command)
-
-
-_register_optional_commands()
+for _command in (eval_cli.eval_command, eval_cli.compare_command, eval_cli.plot_curves_command):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -414,6 +414,8 @@ class PairScorer:
     def encode(self, prompts: list[str], answers: list[str]) -> list[tuple[list[int], int]]:
         from dschat.utils.data.raw_datasets import join_prompt_response
 
+        if not prompts:
+            return []
         texts = [join_prompt_response(p, a) + self.end_of_text for p, a in zip(prompts, answers)]
         ids = self.tokenizer(texts)["input_ids"]
         plens = [len(x) for x in self.tokenizer(prompts)["input_ids"]]

@@ -194,7 +194,7 @@ def _check(proc) -> None:
 @pytest.mark.slow
 def test_two_rank_dpo_raises_reward_accuracy(easy_pairs, tinystories_dir, run_ds, tmp_path):
     out = tmp_path / "dpo"
-    proc = run_ds(DPO_MAIN, _dpo_args(easy_pairs, tinystories_dir, out, "--num_train_epochs", "3",
+    proc = run_ds(DPO_MAIN, _dpo_args(easy_pairs, tinystories_dir, out, "--num_train_epochs", "1",
                                       "--precompute_ref_log_probs"), num_ranks=2, env=QUIET)
     _check(proc)
     assert "Precomputing reference log-probs" in proc.stdout

@@ -1,0 +1,249 @@
+"""Step 3 (PPO) with real DeepSpeed engines on CPU: generation, full runs, resume, ZeRO-3, bad input.
+
+Models: the tinystories-260k Llama from ../shared as actor and reference, and a step-2 style critic built
+from it (RewardModel + random value head) saved with `save_reward_model`. Each launcher run checks
+several behaviours at once to keep the file within a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dschat.utils.errors import run_main
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = REPO / "training" / "step3_rlhf_finetuning" / "main.py"
+QUESTIONS = ["Where did the cat go?", "What is the sky like?", "Tell me about a dog.", "Who is Lily?",
+             "What did Tom eat?", "Why is the sun hot?", "Can you sing a song?", "How big is the tree?"]
+HE_WARNING = "--enable_hybrid_engine:"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tinystories_dir, tiny_tokenizer) -> dict[str, Path]:
+    """A step-2 style critic and a prompt file (local jsonl with prompt/chosen/rejected keys)."""
+    from transformers import AutoModel
+
+    from dschat.utils.model.reward_model import RewardModel
+    from dschat.utils.utils import save_reward_model
+
+    root = tmp_path_factory.mktemp("step3")
+    torch.manual_seed(0)
+    critic = RewardModel(AutoModel.from_pretrained(str(tinystories_dir)), tiny_tokenizer, 0)
+    torch.nn.init.normal_(critic.v_head.weight, std=0.5)
+    save_reward_model(critic, tiny_tokenizer, root / "critic")
+    prompts = root / "hard.jsonl"
+    with open(prompts, "w", encoding="utf-8") as fh:
+        for q in QUESTIONS:
+            fh.write(json.dumps({"prompt": f"\n\nHuman: {q}\n\nAssistant:", "chosen": " Yes.",
+                                 "rejected": " No.", "gap": 0.1}) + "\n")
+    return {"root": root, "critic": root / "critic", "prompts": prompts, "actor": tinystories_dir}
+
+
+def base_args(assets: dict[str, Path], output_dir: Path, **overrides) -> list[str]:
+    args = {
+        "actor_model_name_or_path": assets["actor"], "critic_model_name_or_path": assets["critic"],
+        "data_path": assets["prompts"], "data_output_path": assets["root"] / "data_cache",
+        "per_device_generation_batch_size": 2, "per_device_training_batch_size": 2,
+        "max_prompt_seq_len": 48, "max_answer_seq_len": 12, "num_padding_at_beginning": 0,
+        "actor_learning_rate": 1e-3, "critic_learning_rate": 1e-3, "num_warmup_steps": 0, "seed": 1,
+        "output_dir": output_dir,
+    }
+    args.update(overrides)
+    out = []
+    for key, value in args.items():
+        out.append(f"--{key}")
+        if value is not True:
+            out.append(str(value))
+    return out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum((a[k].float() - b[k].float()).norm() ** 2 for k in a) ** 0.5)
+
+
+def assert_ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+def test_generator_left_padding_eos_and_fallback(tinystories_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from dschat.rlhf.generation import Generator, answer_lengths, hybrid_engine_unavailable_reason
+
+    model = AutoModelForCausalLM.from_pretrained(str(tinystories_dir)).eval()
+    texts = ["Once upon a time there was a little girl", "The dog"]
+    rows = [tiny_tokenizer(t).input_ids for t in texts]
+    width = max(map(len, rows)) + 3
+    pad = tiny_tokenizer.pad_token_id
+    ids = torch.full((2, width), pad)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    gen = Generator(model, tiny_tokenizer, max_new_tokens=40, enable_hybrid_engine=True)
+    out = gen.generate(ids, mask)
+    assert gen.path == "hf_generate"
+    assert "CPU" in hybrid_engine_unavailable_reason(model)
+    assert gen.generation_config().use_cache
+    assert set(gen.last_stats) >= {"generate_time", "tokens_per_second", "path"}
+    lengths = answer_lengths(out, width, pad)
+    for i, row in enumerate(rows):
+        alone = model.generate(torch.tensor([row]), max_new_tokens=40, do_sample=False, pad_token_id=pad)
+        n = int(lengths[i])
+        # left padding does not change the greedy answer
+        assert out[i, width:width + n].tolist() == alone[0, len(row):len(row) + n].tolist()
+        # after the answer's end everything is pad (pad == eos here)
+        assert (out[i, width + n:] == pad).all()
+    assert gen.last_stats["answer_tokens"] == int(lengths.sum())
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def test_one_rank_zero0_ema_hybrid_fallback_and_exact_resume(assets, run_ds, tmp_path):
+    """python main.py, ZeRO 0: KL is 0 at step 1, HE falls back with one warning, outputs reload, EMA is a
+    real average, and a run resumed from the step-2 state reproduces step 3 exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from dschat.utils.model.model_utils import create_critic_model
+    from dschat.utils.utils import load_hf_tokenizer
+
+    out = tmp_path / "run"
+    argv = base_args(assets, out, enable_ema=True, ema_beta=0.5, enable_hybrid_engine=True, max_steps=3,
+                     save_steps=1, save_total_limit=3, print_answers=True, print_answers_interval=2,
+                     actor_lora_module_name="layers.")
+    proc = run_ds(MAIN, argv, num_ranks=0, timeout=600)
+    assert_ok(proc)
+    log = proc.stdout + proc.stderr
+    assert log.count(HE_WARNING) == 1, log[-3000:]
+    assert "--- answer --> step=0" in log and "Average reward score:" in log
+
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    required = {"reward/mean", "reward/std", "objective/kl", "objective/entropy", "loss/policy", "loss/value",
+                "policy/clipfrac", "val/clipfrac", "policy/approxkl", "answer_length", "time/generation",
+                "time/training", "tokens_per_second/generation"}
+    assert required <= set(metrics[0])
+    assert abs(metrics[0]["objective/kl"]) < 1e-6, "actor and reference start from the same weights"
+    assert metrics[-1]["objective/kl"] > 0
+    assert metrics[0]["tokens_per_second/generation"] > 0
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["complete"] and info["global_step"] == 3 and info["seed"] == 1
+    assert info["reference_model_name_or_path"] == info["actor_model_name_or_path"]
+    assert info["ppo"]["init_kl_coef"] == 0.1 and info["ppo"]["lam"] == 0.95
+    assert info["generation_path"] == "hf_generate"
+
+    tok = load_hf_tokenizer(str(out / "actor"))
+    AutoModelForCausalLM.from_pretrained(str(out / "actor"))
+    AutoModelForCausalLM.from_pretrained(str(out / "actor_ema"))
+    create_critic_model(str(out / "critic"), tok, None, 0, rlhf_training=True)
+
+    init, final, ema = (load_safetensors(assets["actor"]), load_safetensors(out / "actor"),
+                        load_safetensors(out / "actor_ema"))
+    assert distance(init, final) > 0
+    assert 0 < distance(ema, final) < distance(init, final)
+    assert distance(ema, init) > 0
+
+    # resume: drop the newest state and the outputs, continue from step 2
+    states = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert states == ["step-1", "step-2", "step-3"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    for sub in ("checkpoints/step-3", "actor", "actor_ema", "critic"):
+        shutil.rmtree(resumed / sub)
+    argv_resume = base_args(assets, resumed, enable_ema=True, ema_beta=0.5, max_steps=3, save_steps=1,
+                            resume=True, actor_lora_module_name="layers.")
+    proc = run_ds(MAIN, argv_resume, num_ranks=0, timeout=600)
+    assert_ok(proc)
+    assert "Resumed from" in proc.stdout
+    again = read_metrics(resumed / "metrics.jsonl")
+    assert [m["step"] for m in again] == [1, 2, 3]
+    for key in ("reward/mean", "objective/kl", "loss/policy", "loss/value", "answer_length"):
+        assert again[2][key] == pytest.approx(metrics[2][key], rel=1e-5, abs=1e-6), key
+    assert distance(load_safetensors(resumed / "actor"), final) < 1e-5
+    assert distance(load_safetensors(resumed / "actor_ema"), ema) < 1e-5
+
+
+def test_two_ranks_zero3_ema_sampling_and_deprecated_flags(assets, run_ds, tmp_path):
+    """deepspeed launcher, 2 ranks, actor and critic ZeRO-3, sampled rollouts, EMA with beta 0 (so it must
+    equal the final actor: upstream's ZeRO-3 EMA silently stayed at the initial weights)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "z3"
+    argv = base_args(assets, out, actor_zero_stage=3, critic_zero_stage=3, enable_ema=True, ema_beta=0.0,
+                     do_sample=True, top_k=20, max_steps=2, enable_hybrid_engine=True)
+    # old batch-flag names still work
+    argv += ["--per_device_mini_train_batch_size", "1", "--generation_batch_numbers", "1"]
+    proc = run_ds(MAIN, argv, num_ranks=2, timeout=900)
+    assert_ok(proc)
+    log = proc.stdout + proc.stderr
+    assert "--per_device_mini_train_batch_size is deprecated" in log
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert abs(metrics[0]["objective/kl"]) < 1e-6
+    init, final, ema = (load_safetensors(assets["actor"]), load_safetensors(out / "actor"),
+                        load_safetensors(out / "actor_ema"))
+    assert set(final) == set(init) == set(ema)
+    assert distance(init, final) > 0
+    assert distance(ema, final) < 1e-6
+    AutoModelForCausalLM.from_pretrained(str(out / "actor"))
+    assert (out / "critic" / "pytorch_model.bin").exists()
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def _run_in_process(argv: list[str]):
+    from dschat.steps import ppo
+
+    def main():
+        args = ppo.parse_args(argv)
+        ppo.prepare(args)
+
+    run_main(main)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"inference_tp_size": 2}, "--inference_tp_size 2: tensor-parallel generation needs --actor_zero_stage 3"),
+    ({"actor_zero_stage": 2, "critic_zero_stage": 2, "enable_hybrid_engine": True, "offload": True},
+     "without --actor_lora_dim is unsupported"),
+    ({"max_prompt_seq_len": 400, "max_answer_seq_len": 200}, "exceeds the actor's max_position_embeddings 512"),
+    ({"max_prompt_seq_len": 3}, "--max_prompt_seq_len"),
+])
+def test_bad_input_is_one_line_exit_2(assets, tmp_path, capsys, overrides, message):
+    argv = base_args(assets, tmp_path / "out", **overrides)
+    with pytest.raises(SystemExit) as exc:
+        _run_in_process(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    if overrides.get("max_prompt_seq_len") == 3:
+        assert str(assets["prompts"]) in err
+
+
+def test_critic_with_wrong_layout_exits_2(assets, run_ds, tmp_path):
+    """A causal LM directory is not a step-2 critic: the error names the missing value head."""
+    argv = base_args(assets, tmp_path / "out", critic_model_name_or_path=assets["actor"], max_steps=1)
+    proc = run_ds(MAIN, argv, num_ranks=0, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "v_head" in last, last
