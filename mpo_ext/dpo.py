@@ -252,6 +252,7 @@ class DPOTrainer(Trainer):
     """DPO on the shared loop: one forward for chosen+rejected, loss on answer tokens only."""
 
     name = "step3b_dpo"
+    rows_per_sample = 2
 
     def __init__(self, args, engine, train_dataset: Dataset, eval_dataset: Dataset | None, collate_fn,
                  tokenizer, reference):
@@ -340,12 +341,17 @@ def check_pair_files(data_paths: list[str]) -> None:
     """Fail early and clearly on an empty local pair file (e.g. a threshold that left no easy pairs)."""
     for path in data_paths:
         p = Path(path)
-        if p.is_file() and p.suffix in (".jsonl", ".json") and not p.read_text(encoding="utf-8").strip():
+        if p.is_file() and p.suffix in (".jsonl", ".json") and not _has_content(p):
             hint = ""
             if (p.parent / "manifest.json").is_file():
                 hint = (f" (a step2.5_select output: see {p.parent / 'manifest.json'}; rerun the selection with a "
                         "lower --threshold or with --easy_fraction)")
             raise UserError(f"--data_path {path}: the file holds no preference pairs{hint}")
+
+
+def _has_content(path: Path) -> bool:
+    with open(path, encoding="utf-8") as fh:
+        return any(line.strip() and line.strip() not in ("[]", "{}") for line in fh)
 
 
 def _build_frozen(args, path: str, tokenizer, ds_config: dict):
@@ -385,7 +391,9 @@ def precomputed_reference(args, reference_path: str, tokenizer, eval_config: dic
     fingerprint = reference_fingerprint(args, reference_path, train_data, eval_data)
     path = Path(args.output_dir) / REFERENCE_FILE if args.output_dir else None
     tables = load_reference_tables(path, fingerprint) if path is not None else None
-    found = torch.tensor([1.0 if tables is not None else 0.0])
+    from deepspeed.accelerator import get_accelerator
+
+    found = torch.tensor([1.0 if tables is not None else 0.0], device=get_accelerator().current_device_name())
     if torch.distributed.is_initialized() and get_world_size() > 1:
         torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)  # every rank must agree
     if found.item() > 0:

@@ -65,6 +65,7 @@ class Preset:
     eval: list[str]
     num_padding_at_beginning: int = 0
     build_assets: bool = False
+    num_train: int = 5000
 
 
 def tiny_preset(out: Path, ranks: int = 1, threshold: float = 1.0) -> Preset:
@@ -77,15 +78,17 @@ def tiny_preset(out: Path, ranks: int = 1, threshold: float = 1.0) -> Preset:
         sft_model=str(assets / "tiny-llama"),
         rm_base_model=str(out / "step1_sft"),
         data_path=[str(assets / "data")],
-        data_split="2,4,4",
+        # SFT needs the most examples for a model trained from scratch; RM and prompts share the rest.
+        data_split="4,3,3",
         threshold=threshold,
         build_assets=True,
-        sft=[*common, "--max_seq_len", "64", "--per_device_train_batch_size", "16",
-             "--per_device_eval_batch_size", "32", "--learning_rate", "3e-3", "--num_train_epochs", "4",
-             "--num_warmup_steps", "10", "--log_interval", "5"],
-        rm=[*common, "--max_seq_len", "64", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size",
-            "32", "--learning_rate", "1e-3", "--weight_decay", "0.1", "--num_train_epochs", "2",
-            "--num_warmup_steps", "10", "--log_interval", "5"],
+        num_train=6000,
+        sft=[*common, "--max_seq_len", "64", "--per_device_train_batch_size", "32",
+             "--per_device_eval_batch_size", "64", "--learning_rate", "3e-3", "--num_train_epochs", "12",
+             "--num_warmup_steps", "20", "--log_interval", "20"],
+        rm=[*common, "--max_seq_len", "64", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size",
+            "64", "--learning_rate", "1e-3", "--weight_decay", "0.1", "--num_train_epochs", "12",
+            "--num_warmup_steps", "20", "--log_interval", "20"],
         select=[*common, "--max_prompt_seq_len", "32", "--max_answer_seq_len", "32", "--temperature", "1.0",
                 "--per_device_generation_batch_size", "64"],
         dpo=[*common, "--max_seq_len", "64", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size",
@@ -154,7 +157,8 @@ def build_plan(preset: Preset, out: Path, *, reference: str = "dpo", order: str 
     data = ["--data_path", *preset.data_path, "--data_split", preset.data_split]
     plan: list[Stage] = []
     if preset.build_assets:
-        plan.append(Stage("assets", [*py, "-m", "mpo_ext.cli", "assets", "--root", str(out / "assets")],
+        plan.append(Stage("assets", [*py, "-m", "mpo_ext.cli", "assets", "--root", str(out / "assets"),
+                                     "--num_train", str(preset.num_train)],
                           out / "assets" / "tiny-llama" / "config.json", out / "assets"))
     plan.append(Stage("sft", [*launch, str(STEP1), *data, "--model_name_or_path", preset.sft_model,
                               *preset.sft, "--output_dir", str(sft_dir)], sft_dir / "config.json", sft_dir))
@@ -235,9 +239,10 @@ def run_plan(plan: list[Stage], out: Path, dry_run: bool = False, force: bool = 
 
 def _worth_echoing(line: str) -> bool:
     """Echo the lines a person wants to see live; everything else stays in the stage log."""
-    keys = ("error", "Error", "[eval]", "Saved", "saving", "split", "easy", "hard", "Resumed", "warning", "Warning",
-            "| model", "reward", "%|")
-    return any(k in line for k in keys) and "FutureWarning" not in line
+    if "%|" in line:  # progress bars stay in the stage log
+        return False
+    keys = ("error:", "Error", "[eval]", "saving", "split at", "Resumed", "Average reward", "| model")
+    return any(k in line for k in keys)
 
 
 def print_final_report(out: Path) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dschat.utils import args as flags
+from dschat.utils.checkpoint import maybe_inject_kill
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, print_rank_0
@@ -115,9 +116,11 @@ def accuracy_by_gap_bucket(gaps: Sequence[float] | np.ndarray, agrees: Sequence[
 def split_warnings(n_easy: int, n_hard: int, theta: float, suggested_theta: float) -> list[str]:
     """Warnings for an empty or tiny split (<5% or <8 pairs) naming the theta that would balance it."""
     total = n_easy + n_hard
+    if total == 0:
+        return ["no pairs at all (every pair was dropped or no prompt was usable); both splits are empty"]
     out = []
     for name, count, stage in (("easy", n_easy, "DPO (step3b)"), ("hard", n_hard, "PPO (step 3)")):
-        if total and (count < TINY_COUNT or count < TINY_FRACTION * total):
+        if count < TINY_COUNT or count < TINY_FRACTION * total:
             what = "is EMPTY" if count == 0 else f"has only {count} of {total} pairs ({count / total:.1%})"
             out.append(f"the {name} split {what} at theta={theta:.4g}; {stage} needs it. "
                        f"--threshold {suggested_theta:.4g} would give a balanced split (or use --easy_fraction)")
@@ -475,8 +478,12 @@ def build_actor(args, tokenizer, ds_config: dict):
                                      max_out_tokens=args.max_prompt_seq_len + args.max_answer_seq_len)
         config = set_batch_sizes(config, args.per_device_generation_batch_size, 1, get_world_size())
         model.requires_grad_(False)
-        engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine
+        try:
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+            return engine
+        except Exception as err:  # noqa: BLE001 - the flag is a request; never fail the stage on it
+            print_rank_0(f"warning: --enable_hybrid_engine: building the Hybrid Engine failed "
+                         f"({type(err).__name__}: {err}); generating with Hugging Face generate")
     return _frozen_engine(model, ds_config)
 
 
@@ -652,7 +659,6 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
     bar = tqdm(total=total_prompts, unit="prompt", disable=not is_rank_0(), dynamic_ncols=True,
                desc=f"select (rank 0 of {get_world_size()})")
     done, start = 0, time.time()
-    die_after = int(os.environ.get("MPO_SELECT_FAULT_AFTER_SHARDS", "0") or 0)  # tests: simulate a crash
     for count, shard_id in enumerate(mine, start=1):
         records: list[dict] = []
         for batch in worker.batches(shards[shard_id]):
@@ -663,8 +669,7 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
             bar.set_postfix(all_ranks=f"{rate * get_world_size():.1f} prompts/s")
         records.sort(key=lambda r: r["index"])
         atomic_write_jsonl(shard_path(output_dir, shard_id), records)
-        if die_after and count >= die_after:
-            os.kill(os.getpid(), 9)
+        maybe_inject_kill("after_shard", count)  # crash tests: DSCHAT_KILL_AT=after_shard:N
     if worker.lockstep:
         for _ in range(busiest - my_batches):
             worker.dummy_batch()
@@ -677,8 +682,8 @@ def read_shards(output_dir: Path, num_shards: int) -> list[dict]:
     for shard_id in range(num_shards):
         path = shard_path(output_dir, shard_id)
         if not path.is_file():
-            raise RuntimeError(f"{path}: missing after all ranks finished (is --output_dir on storage shared by "
-                               "all nodes?)")
+            raise UserError(f"{path}: missing after all ranks finished; --output_dir must be on storage shared by "
+                            "all nodes")
         records.extend(json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     return sorted(records, key=lambda r: r["index"])
 
@@ -781,7 +786,6 @@ def run(args) -> dict | None:
     done_before = len(shards) - len(pending)
     print_rank_0(f"{len(items)} prompts in {len(shards)} shards of {args.shard_size}; {done_before} already done, "
                  f"{len(pending)} to do on {world} rank(s)")
-    start = time.time()
     worker_stats: dict[str, Any] = {}
     if pending:
         stage = 3 if args.zero_stage == 3 else 0
@@ -801,6 +805,7 @@ def run(args) -> dict | None:
         worker = ShardWorker(args, items, sft_tokenizer or rm_tokenizer, scorer, generator,
                              lockstep=args.zero_stage == 3 and world > 1)
         assignments = [assign_shards(pending, r, world) for r in range(world)]
+        start = time.time()
         done = run_shards(args, worker, shards, assignments[rank], assignments, output_dir)
         elapsed = time.time() - start
         worker_stats = {"prompts_this_run": sum(len(shards[s]) for s in pending),
@@ -808,17 +813,28 @@ def run(args) -> dict | None:
                         "prompts_per_second": round(done * world / max(elapsed, 1e-9), 3),
                         "generation_path": generator.path if generator is not None else None}
     barrier()
-    manifest = None
+    manifest, error = None, None
     if is_rank_0():
-        raw_records = read_shards(output_dir, len(shards))
-        extra = {
-            "data": {"data_path": args.data_path, "data_split": args.data_split, "data_phase": args.data_phase,
-                     "max_prompts": args.max_prompts, "hash": digest, **load_stats},
-            "shards": {"size": args.shard_size, "count": len(shards), "done_before_this_run": done_before},
-            "world_size": world,
-            "dtype": args.dtype,
-            "run": worker_stats,
-        }
-        manifest = finalize(args, raw_records, output_dir, extra)
-    barrier()
+        try:
+            manifest = _finish(args, output_dir, shards, digest, load_stats, done_before, worker_stats)
+        except UserError as err:
+            error = str(err)
+    error = broadcast_object(error)  # the other ranks must not wait forever on a failed rank 0
+    if error:
+        raise UserError(error)
     return manifest
+
+
+def _finish(args, output_dir: Path, shards: list[range], digest: str, load_stats: dict, done_before: int,
+            worker_stats: dict) -> dict:
+    """Rank 0: merge the shards and write the outputs."""
+    raw_records = read_shards(output_dir, len(shards))
+    extra = {
+        "data": {"data_path": args.data_path, "data_split": args.data_split, "data_phase": args.data_phase,
+                 "max_prompts": args.max_prompts, "hash": digest, **load_stats},
+        "shards": {"size": args.shard_size, "count": len(shards), "done_before_this_run": done_before},
+        "world_size": get_world_size(),
+        "dtype": args.dtype,
+        "run": worker_stats,
+    }
+    return finalize(args, raw_records, output_dir, extra)

@@ -130,6 +130,18 @@ def test_threshold_and_easy_fraction_are_exclusive(capsys):
     assert selection.parse_args(base).threshold == 1.0
 
 
+def test_shards_of_a_different_run_are_refused_unless_rebuilt(tmp_path):
+    selection.prepare_shard_dir(tmp_path, {"seed": 1}, rebuild=False)
+    selection.shard_path(tmp_path, 0).write_text("{}\n")
+    selection.prepare_shard_dir(tmp_path, {"seed": 1}, rebuild=False)  # same settings: shards kept
+    assert selection.shard_path(tmp_path, 0).exists()
+    with pytest.raises(UserError, match="different settings \\(seed\\).*--rebuild_shards"):
+        selection.prepare_shard_dir(tmp_path, {"seed": 2}, rebuild=False)
+    selection.prepare_shard_dir(tmp_path, {"seed": 2}, rebuild=True)
+    assert not selection.shard_path(tmp_path, 0).exists()
+    assert json.loads((tmp_path / "shards" / "config.json").read_text()) == {"seed": 2}
+
+
 def _raw_records(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"index": i, "prompt": f"P{i}", "responses": [f"a{i}", f"b{i}"],
@@ -248,7 +260,7 @@ def test_two_ranks_equal_one_killed_and_resumed_rank(select_assets, tinystories_
 
     one = tmp_path / "one_rank"
     killed = run_ds(SELECT, _select_args(select_assets, tinystories_dir, one), num_ranks=0,
-                    env={**QUIET, "MPO_SELECT_FAULT_AFTER_SHARDS": "2"})
+                    env={**QUIET, "DSCHAT_KILL_AT": "after_shard:2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     before = _shard_stats(one)
     assert len(before) == 2 and not (one / "manifest.json").exists()

@@ -215,10 +215,16 @@ class Generator:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_token_id = tokenizer.eos_token_id
         self.last_stats: dict[str, float | str] = {}
+        self._is_he_engine = _is_hybrid_engine(engine_or_model)
+        # The HE replaces `module.generate` with its wrapper and keeps the original as `_generate`; the
+        # native path must call the original (the wrapper fuses LoRA into the weights, which the
+        # training-mode LoRA layers would then add a second time).
+        self._native_generate = (vars(engine_or_model).get("_generate") if self._is_he_engine else None) \
+            or self.module.generate
         self._use_hybrid = False
         self._hybrid_probed = False
         if enable_hybrid_engine:
-            if _is_hybrid_engine(engine_or_model):
+            if self._is_he_engine:
                 self._use_hybrid = True
             else:
                 reason = hybrid_engine_unavailable_reason(self.module) or \
@@ -250,6 +256,12 @@ class Generator:
         return GenerationConfig(**kwargs)
 
     # ---- backends
+    def _native_mode(self) -> None:
+        """HF forwards, dropout off. On an HE engine, train() is what swaps the HF layer forwards back."""
+        if self._is_he_engine:
+            self.engine.train()
+        self.module.eval()
+
     def _hf_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      do_sample: bool | None = None) -> torch.Tensor:
         gather = False
@@ -258,69 +270,66 @@ class Generator:
                 should_gather(self.module, prompt_ids.device)
         with torch.no_grad(), gathered_for_generation(self.module, enabled=gather), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
-            return self.module.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                        generation_config=self.generation_config(do_sample),
-                                        synced_gpus=self.synced_gpus)
+            return self._native_generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                         generation_config=self.generation_config(do_sample),
+                                         synced_gpus=self.synced_gpus)
 
     def _hybrid_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                          do_sample: bool | None = None) -> torch.Tensor:
-        # The HE replaced `module.generate` with its own wrapper; eval() swapped the kernels in.
+        # `module.generate` is the HE wrapper here; the engine's eval() has swapped the kernels in.
         with torch.no_grad():
             return self.module.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                         generation_config=self.generation_config(do_sample),
                                         synced_gpus=self.synced_gpus)
 
     def _probe_hybrid(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
-        """First call only: run the HE; on an exception (any rank) or output that disagrees with the
-        native path on the first answer tokens, fall back for good (upstream issues: crashes with newer
-        transformers, repeated-token garbage)."""
+        """First call only: run the HE greedily; on an exception (any rank) or output that disagrees with
+        the native path on the first answer tokens, fall back for good (upstream issues: crashes with
+        newer transformers, repeated-token garbage). Leaves the engine in HE inference mode if kept."""
         self._hybrid_probed = True
         reason = None
         try:
             he_out = self._hybrid_generate(prompt_ids, prompt_mask, do_sample=False)
         except Exception as err:  # noqa: BLE001 - any HE failure means "use the native path"
-            he_out, reason = None, f"the Hybrid Engine failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            first = (str(err).splitlines() or [""])[0][:200]
+            he_out, reason = None, f"the Hybrid Engine failed ({type(err).__name__}: {first})"
         if any_rank_true(reason is not None):
             self._disable_hybrid(reason or "the Hybrid Engine failed on another rank")
             return
         if not self.check_hybrid_parity:
             return
-        self.engine.train()  # back to the training forwards for the native reference
-        self.module.eval()
+        self._native_mode()
         native = self._hf_generate(prompt_ids, prompt_mask, do_sample=False)
-        self.engine.eval()
         agree = first_tokens_agreement(he_out, native, prompt_ids.shape[1], self.pad_token_id)
         if any_rank_true(agree < 0.5):
             self._disable_hybrid(f"Hybrid Engine greedy output disagrees with the native model "
                                  f"({agree:.0%} of rows agree on the first answer tokens)")
-        else:
-            print_rank_0(f"Hybrid Engine parity check passed ({agree:.0%} of rows agree)")
+            return
+        print_rank_0(f"Hybrid Engine parity check passed ({agree:.0%} of rows agree on the first tokens)")
+        self.engine.eval()
 
     def _disable_hybrid(self, reason: str) -> None:
         self._use_hybrid = False
         warn_once(f"--enable_hybrid_engine: {reason}; generating with Hugging Face generate from now on")
-        # Put the training forwards back; the HE kernels stay unused from here on.
-        self.engine.train()
 
     # ---- public API
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         was_training = self.module.training
-        if was_training:  # the caller may have switched to eval already (HE: kernels swapped in then)
-            self.engine.eval()
         start = time.time()
+        sequences = None
         try:
-            if self._use_hybrid and not self._hybrid_probed:
-                self._probe_hybrid(prompt_ids, prompt_mask)
-                if self._use_hybrid:
+            if self._use_hybrid:
+                if was_training:  # the caller may have switched to eval already (kernels swapped in then)
                     self.engine.eval()
+                if not self._hybrid_probed:
+                    self._probe_hybrid(prompt_ids, prompt_mask)
             if self._use_hybrid:
                 try:
                     sequences = self._hybrid_generate(prompt_ids, prompt_mask)
                 except Exception as err:  # noqa: BLE001 - never crash on the HE flag
                     self._disable_hybrid(f"the Hybrid Engine failed ({type(err).__name__}: {err})")
-                    self.module.eval()
-                    sequences = self._hf_generate(prompt_ids, prompt_mask)
-            else:
+            if sequences is None:
+                self._native_mode()
                 sequences = self._hf_generate(prompt_ids, prompt_mask)
         finally:
             if was_training:

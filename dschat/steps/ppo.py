@@ -195,7 +195,8 @@ def parse_args(argv: list[str] | None = None):
 
 def validate_args(args) -> None:
     """Checks that need no model or data; raise UserError naming the flag."""
-    flags.validate_common(args)
+    # validate_common knows only the single --lora_dim of steps 1-2; the actor/critic pair is checked below.
+    flags.validate_common(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "only_optimize_lora"}))
     flags.check_positive(args, "per_device_generation_batch_size", "per_device_training_batch_size",
                          "generation_batches", "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len",
                          "print_answers_interval", "inference_tp_size", "tp_gather_partition_size")
@@ -272,7 +273,11 @@ def prepare(args):
     if len(prompts) == 0:
         raise UserError(f"--data_path {' '.join(args.data_path)}: no prompts of at most --max_prompt_seq_len "
                         f"{args.max_prompt_seq_len} tokens")
-    unsup = get_unsupervised_data(args, tokenizer)["train"] if unsupervised_enabled(args) else None
+    unsup = None
+    if unsupervised_enabled(args):
+        unsup = get_unsupervised_data(args, tokenizer)
+        if hasattr(unsup, "keys") and "train" in unsup.keys():  # upstream returned the whole DatasetDict
+            unsup = unsup["train"]
     return tokenizer, prompts, unsup
 
 
@@ -285,6 +290,12 @@ def count_total_iters(args, num_prompt_batches: int, num_unsup_batches: int | No
     if args.max_steps:
         total = min(total, math.ceil(args.max_steps * args.generation_batches * per_batch))
     return max(1, total)
+
+
+def _private_generator(seed: int) -> torch.Generator:
+    """A DataLoader draws a seed from the global RNG each time an iterator starts; with its own generator
+    it leaves the global stream alone, so a resumed run samples the same rollouts as an uninterrupted one."""
+    return torch.Generator().manual_seed(seed)
 
 
 def build(args) -> PPOLoop:
@@ -300,6 +311,7 @@ def build(args) -> PPOLoop:
         sampler=ResumableSampler(len(prompts), shuffle=True, seed=seed),
         collate_fn=DataCollatorRLHF(args.max_prompt_seq_len, args.inference_tp_size, tokenizer.pad_token_id,
                                     padding=args.padding),
+        generator=_private_generator(seed),
     )
     unsup_loader = None
     if unsup is not None:
@@ -307,7 +319,7 @@ def build(args) -> PPOLoop:
 
         unsup_loader = DataLoader(unsup, batch_size=args.per_device_generation_batch_size,
                                   sampler=ResumableSampler(len(unsup), shuffle=True, seed=seed),
-                                  collate_fn=default_data_collator)
+                                  collate_fn=default_data_collator, generator=_private_generator(seed))
     num_total_iters = count_total_iters(args, len(prompt_loader), len(unsup_loader) if unsup_loader else None)
     engine = DeepSpeedRLHFEngine(args.actor_model_name_or_path, args.critic_model_name_or_path, tokenizer, args,
                                  num_total_iters)
@@ -317,6 +329,11 @@ def build(args) -> PPOLoop:
 
 
 # --------------------------------------------------------------------------------------------- loop
+
+
+def _resolved(path: str) -> str:
+    """Absolute path for local files/directories (provenance survives a `cd`); hub ids unchanged."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def _set_gradient_checkpointing(module: torch.nn.Module, enabled: bool) -> None:
@@ -643,11 +660,11 @@ class PPOLoop:
                     "ppo_epochs", "actor_learning_rate", "critic_learning_rate", "actor_zero_stage",
                     "critic_zero_stage", "dtype")
         info = {
-            "actor_model_name_or_path": args.actor_model_name_or_path,
-            "reference_model_name_or_path": args.reference_model_name_or_path or args.actor_model_name_or_path,
-            "critic_model_name_or_path": args.critic_model_name_or_path,
-            "reward_model_name_or_path": args.critic_model_name_or_path,
-            "data_path": list(args.data_path),
+            "actor_model_name_or_path": _resolved(args.actor_model_name_or_path),
+            "reference_model_name_or_path": _resolved(args.reference_model_name_or_path or args.actor_model_name_or_path),
+            "critic_model_name_or_path": _resolved(args.critic_model_name_or_path),
+            "reward_model_name_or_path": _resolved(args.critic_model_name_or_path),
+            "data_path": [_resolved(p) for p in args.data_path],
             "data_split": args.data_split,
             "unsupervised_dataset_name": args.unsupervised_dataset_name,
             "seed": args.seed,

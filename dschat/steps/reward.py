@@ -46,6 +46,7 @@ def _model_inputs(batch: dict) -> dict:
 
 class RewardTrainer(Trainer):
     name = "step2_model"
+    rows_per_sample = 2
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.engine(**_model_inputs(batch), use_cache=False)

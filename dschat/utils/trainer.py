@@ -115,7 +115,7 @@ class MetricLogger:
                 fh.write(json.dumps(record) + "\n")
         if self.writer:
             for key, value in metrics.items():
-                tag = key if "/" in key or phase == "train" else f"{phase}/{key}"
+                tag = key if phase == "train" else f"{phase}/{key}"
                 self.writer.add_scalar(tag, float(value), step)
             self.writer.flush()
         if echo:
@@ -151,6 +151,7 @@ class Trainer:
     """Base loop. `engine` is the trained DeepSpeed engine; batches are dicts of tensors."""
 
     name = "train"
+    rows_per_sample = 1  # pairwise trainers (RM, DPO) see chosen and rejected rows: 2
 
     def __init__(self, args, engine, train_dataset: Dataset, eval_dataset: Dataset | None, collate_fn,
                  tokenizer=None):
@@ -267,7 +268,7 @@ class Trainer:
                 for key, value in metrics.items():
                     sums[key] += value.detach().float()
                 micro_count += 1
-                samples += int(batch["input_ids"].shape[0]) if "input_ids" in batch else 0
+                samples += int(batch["input_ids"].shape[0]) // self.rows_per_sample if "input_ids" in batch else 0
                 if "attention_mask" in batch:
                     tokens += batch["attention_mask"].sum()
                 if getattr(args, "print_loss", False):

@@ -111,6 +111,9 @@ def atomic_directory(path: str | os.PathLike, keep_existing: bool = True) -> Ite
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model directory is as readable as any other
     try:
         yield tmp
     except BaseException:

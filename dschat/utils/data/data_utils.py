@@ -350,7 +350,9 @@ def create_dataset(local_rank: int, dataset_name: str, data_split: str | None, o
     split = effective_data_split(data_split, raw, train_phase)
     clean = raw.dataset_name_clean
     train_src, eval_src = raw.get_train_data(), raw.get_eval_data()
-    if eval_src is None:
+    if eval_src is None and train_phase == 3 and data_split is None and is_local_source(raw):
+        eval_src = []  # PPO prompts (e.g. select's hard.jsonl): every prompt trains; step 3 has no eval
+    elif eval_src is None:
         train_part, eval_part = split_parts(local_rank, output_path, clean, seed, "train_eval", TRAIN_EVAL_SPLIT,
                                             len(train_src))
         train_src, eval_src = _take(train_src, train_part), _take(train_src, eval_part)

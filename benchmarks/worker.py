@@ -1,0 +1,565 @@
+"""Run ONE benchmark configuration in this (fresh) process and write its measurements as JSON.
+
+`python benchmarks/worker.py '<config json>' OUT.json` (the deepspeed launcher may append
+`--local_rank=N`). A fresh process per configuration is what makes the peak-RSS figures per
+configuration: `ru_maxrss` is a process-lifetime high-water mark.
+
+Configurations (keys of the JSON):
+  kind=train: task sft|rm|dpo, impl ours|trl|bare, model tiny|rand, batch_size, padding longest|max_length,
+              ref resident|precomputed (dpo, ours), samples_per_window, windows, warmup_steps
+              (after `warmup_steps` optimizer steps, `windows` passes over the same samples are timed)
+  kind=gen:   impl ours|bare, model, batch_size, max_new_tokens, samples_per_window, windows, warmup_steps (whole passes here)
+              (zero_stage 3 + launched on 2 ranks: ours gathers once per call, bare re-gathers per token)
+  kind=ppo:   batch_size, max_new_tokens, windows, warmup_steps
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    MAX_PROMPT_LEN,
+    MAX_SEQ_LEN,
+    SEED,
+    load_tokens,
+    model_dir,
+    now,
+    our_data_args,
+    padded_width,
+    peak_rss_mb,
+    rss_mb,
+    split_windows,
+    write_json,
+)
+
+LEARNING_RATE = 1e-4
+BETA = 0.1
+ADAM_BETAS = (0.9, 0.95)  # ours (dschat.utils.utils.create_optimizer); TRL and bare are given the same
+GRAD_CLIP = 1.0  # our DeepSpeed config's gradient_clipping; TRL's max_grad_norm default; bare clips too
+
+
+# --------------------------------------------------------------------------------------------- window data
+
+
+def window_items(cfg: dict, tokens: dict) -> list:
+    """The samples of one window, in order (the same for every implementation)."""
+    n = cfg["samples_per_window"]
+    items = tokens["sft"] if cfg["task"] == "sft" else tokens["pairs"]
+    if len(items) < n:
+        raise SystemExit(f"only {len(items)} training items, need {n}; raise NUM_PAIRS in benchmarks/common.py")
+    return items[:n]
+
+
+def row_lengths(cfg: dict, items: list) -> list[list[int]]:
+    """Per batch, the lengths of the rows the model sees (pairs: chosen rows then rejected rows)."""
+    bs = cfg["batch_size"]
+    batches = [items[i:i + bs] for i in range(0, len(items), bs)]
+    if cfg["task"] == "sft":
+        return [[len(x) for x in batch] for batch in batches]
+    return [[len(c) for c, _, _ in batch] + [len(r) for _, r, _ in batch] for batch in batches]
+
+
+def token_counts(cfg: dict, items: list, padding: str, multiple: int | None) -> tuple[int, int]:
+    """(useful, padded) tokens of one window: non-pad tokens, and rows x batch width."""
+    useful = padded = 0
+    for lengths in row_lengths(cfg, items):
+        useful += sum(lengths)
+        padded += len(lengths) * padded_width(lengths, padding, MAX_SEQ_LEN, multiple)
+    return useful, padded
+
+
+def total_steps(cfg: dict) -> int:
+    return cfg["warmup_steps"] + cfg["windows"] * steps_per_window(cfg)
+
+
+def steps_per_window(cfg: dict) -> int:
+    return -(-cfg["samples_per_window"] // cfg["batch_size"])
+
+
+def finish_train(cfg: dict, items: list, ends: list[float], start: float, padding: str,
+                 multiple: int | None) -> dict:
+    useful, padded = token_counts(cfg, items, padding, multiple)
+    windows = split_windows(ends, start, steps_per_window(cfg), cfg["warmup_steps"], useful, padded,
+                            cfg["samples_per_window"])
+    if len(ends) != total_steps(cfg):
+        raise SystemExit(f"expected {total_steps(cfg)} optimizer steps, timed {len(ends)}")
+    return {"windows": windows, "steps": len(ends), "train_seconds": ends[-1] - start,
+            "step_seconds": [b - a for a, b in zip([start] + ends[:-1], ends)]}
+
+
+# --------------------------------------------------------------------------------------------- ours
+
+
+def _our_module(task: str):
+    if task == "sft":
+        from dschat.steps import sft as module
+    elif task == "rm":
+        from dschat.steps import reward as module
+    else:
+        from mpo_ext import dpo as module
+    return module
+
+
+def run_ours_train(cfg: dict, workdir: Path) -> dict:
+    """Our step module end to end: parse_args -> build (DeepSpeed engine) -> the shared Trainer.train()."""
+    import deepspeed  # noqa: F401 - counted in the baseline, not in the run
+    import torch
+    from torch.utils.data import DataLoader
+
+    from dschat.utils.dist import init_distributed
+    from dschat.utils.trainer import ResumableSampler
+
+    module = _our_module(cfg["task"])
+    tokens = load_tokens(workdir)
+    items = window_items(cfg, tokens)
+    baseline = rss_mb()
+    bs = cfg["batch_size"]
+    argv = our_data_args(workdir) + [
+        "--model_name_or_path", str(model_dir(workdir, cfg["model"])),
+        "--per_device_train_batch_size", str(bs), "--per_device_eval_batch_size", str(bs),
+        "--padding", cfg["padding"], "--num_train_epochs", str(-(-total_steps(cfg) // steps_per_window(cfg))),
+        "--max_steps", str(total_steps(cfg)),
+        "--learning_rate", str(LEARNING_RATE), "--lr_scheduler_type", "constant", "--zero_stage", "0",
+        "--dtype", "fp32",
+    ]
+    if cfg["task"] == "rm":
+        argv += ["--num_padding_at_beginning", "0"]
+    if cfg["task"] == "dpo":
+        argv += ["--beta", str(BETA)]
+        if cfg.get("ref") == "precomputed":
+            argv += ["--precompute_ref_log_probs"]
+    args = module.parse_args(argv)
+    init_distributed(args.local_rank)
+    t0 = now()
+    trainer = module.build(args)
+    build_seconds = now() - t0
+    rss_after_build = rss_mb()
+
+    # The same samples in the same order as the other implementations: the first N items of our train set.
+    loader = trainer.train_loader
+    n = cfg["samples_per_window"]
+    sampler = ResumableSampler(n, shuffle=False, seed=0, rank=0, world_size=1)
+    trainer.train_loader = DataLoader(loader.dataset, batch_size=bs, sampler=sampler, collate_fn=loader.collate_fn)
+    trainer.eval_loader = None
+    _check_same_items(cfg, loader.dataset, items)
+
+    ends: list[float] = []
+    engine_step = trainer.engine.step
+
+    def timed_step(*a, **k):
+        out = engine_step(*a, **k)
+        ends.append(now())
+        return out
+
+    trainer.engine.step = timed_step
+    first_loss: list[float] = []
+    compute_loss = trainer.compute_loss
+
+    def recorded_loss(batch):
+        metrics = compute_loss(batch)
+        if not first_loss:
+            first_loss.append(float(metrics["loss"].detach()))
+        return metrics
+
+    trainer.compute_loss = recorded_loss
+    start = now()
+    trainer.train()
+    result = finish_train(cfg, items, ends, start, cfg["padding"], 8)
+    alive = _count_live_causal_lms(torch)
+    result.update(baseline_rss_mb=baseline, rss_after_build_mb=rss_after_build, build_seconds=build_seconds,
+                  first_loss=first_loss[0] if first_loss else None, live_causal_lm_models=alive)
+    return result
+
+
+def _check_same_items(cfg: dict, dataset, items: list) -> None:
+    """Our loader must hand out exactly the token ids the TRL and bare runners read from tokens.pt."""
+    for i, expected in enumerate(items):
+        got = dataset[i]
+        if isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], int):  # DPO's IndexedDataset
+            got = got[1]
+        if cfg["task"] == "sft":
+            same = got["input_ids"].tolist() == expected
+        else:
+            same = got[0].tolist() == expected[0] and got[2].tolist() == expected[1]
+        if not same:
+            raise SystemExit(f"item {i}: our pipeline's token ids differ from tokens.pt; delete the work dir")
+
+
+def _count_live_causal_lms(torch) -> int:
+    """How many *ForCausalLM modules are still alive (a freed DPO reference must not be among them)."""
+    import gc
+
+    gc.collect()
+    return sum(1 for obj in gc.get_objects()
+               if isinstance(obj, torch.nn.Module) and type(obj).__name__.endswith("ForCausalLM"))
+
+
+# --------------------------------------------------------------------------------------------- TRL
+
+
+def run_trl_train(cfg: dict, workdir: Path) -> dict:
+    """TRL's SFTTrainer / RewardTrainer / DPOTrainer on the same token ids, fp32, no checkpointing."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+
+    tokens = load_tokens(workdir)
+    items = window_items(cfg, tokens)
+    baseline = rss_mb()
+    path = str(model_dir(workdir, cfg["model"]))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.eos_token
+    bs = cfg["batch_size"]
+    common = dict(
+        output_dir=str(workdir / f"trl_out_{os.getpid()}"), per_device_train_batch_size=bs, max_steps=total_steps(cfg),
+        learning_rate=LEARNING_RATE, lr_scheduler_type="constant", adam_beta1=ADAM_BETAS[0],
+        adam_beta2=ADAM_BETAS[1], weight_decay=0.0, max_grad_norm=GRAD_CLIP, optim="adamw_torch",
+        # fp32 and no activation checkpointing, like ours (TRL defaults to bf16 on CPU and to checkpointing)
+        bf16=False, fp16=False, gradient_checkpointing=False,
+        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, use_cpu=True,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, seed=SEED, max_length=MAX_SEQ_LEN,
+    )
+    ends: list[float] = []
+    first_loss: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002 - callback API
+            ends.append(now())
+
+    def record_first_loss(cls):
+        class Recorded(cls):
+            def _prepare_dataset(self, dataset, *a, **k):  # already tokenised, by our pipeline
+                return dataset if cls is trl.DPOTrainer else super()._prepare_dataset(dataset, *a, **k)
+
+            def compute_loss(self, model, inputs, *a, **k):
+                out = super().compute_loss(model, inputs, *a, **k)
+                if not first_loss:
+                    loss = out[0] if isinstance(out, tuple) else out
+                    first_loss.append(float(loss.detach()))
+                return out
+
+        return Recorded
+
+    if cfg["task"] == "sft":
+        data = Dataset.from_dict({"input_ids": items})
+        config = trl.SFTConfig(shuffle_dataset=False, packing=False, **common)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        trainer = record_first_loss(trl.SFTTrainer)(model=model, args=config, train_dataset=data,
+                                                      processing_class=tokenizer, callbacks=[Clock()])
+        multiple = None
+    elif cfg["task"] == "rm":
+        data = Dataset.from_dict({"chosen_ids": [c for c, _, _ in items], "rejected_ids": [r for _, r, _ in items]})
+        config = trl.RewardConfig(**common)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = record_first_loss(trl.RewardTrainer)(model=model, args=config, train_dataset=data,
+                                                         processing_class=tokenizer, callbacks=[Clock()])
+        multiple = None
+    else:
+        data = Dataset.from_dict({"prompt_ids": [c[:p] for c, _, p in items], "chosen_ids": [c[p:] for c, _, p in items],
+                                  "rejected_ids": [r[p:] for _, r, p in items]})
+        config = trl.DPOConfig(beta=BETA, precompute_ref_log_probs=cfg.get("ref") == "precomputed", **common)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        trainer = record_first_loss(trl.DPOTrainer)(model=model, args=config, train_dataset=data,
+                                                      processing_class=tokenizer, callbacks=[Clock()])
+        multiple = None
+    rss_after_build = rss_mb()
+    start = now()
+    trainer.train()
+    result = finish_train(cfg, items, ends, start, "longest", multiple)
+    result.update(baseline_rss_mb=baseline, rss_after_build_mb=rss_after_build,
+                  first_loss=first_loss[0] if first_loss else None)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- bare PyTorch
+
+
+def _pad(rows: list[list[int]], value: int, width: int):
+    import torch
+
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def run_bare_train(cfg: dict, workdir: Path) -> dict:
+    """The floor: the same maths in a plain loop (AdamW, clipping, longest-rounded-to-8 padding)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    tokens = load_tokens(workdir)
+    items = window_items(cfg, tokens)
+    baseline = rss_mb()
+    torch.manual_seed(SEED)
+    path = str(model_dir(workdir, cfg["model"]))
+    pad = tokens["pad_token_id"]
+    task = cfg["task"]
+    ref = None
+    if task == "rm":
+        base = AutoModel.from_pretrained(path, dtype=torch.float32)
+        head = torch.nn.Linear(base.config.hidden_size, 1, bias=False)
+        model = torch.nn.ModuleDict({"base": base, "head": head})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if task == "dpo":
+            ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=ADAM_BETAS, weight_decay=0.0)
+    bs = cfg["batch_size"]
+    batches = [items[b:b + bs] for b in range(0, len(items), bs)]
+
+    def answer_logps(lm, ids, mask, labels):
+        logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+        return -nll.view(labels.shape).sum(dim=1)
+
+    ends: list[float] = []
+    first_loss: list[float] = []
+    rss_after_build = rss_mb()
+    start = now()
+    for step in range(total_steps(cfg)):
+        batch = batches[step % len(batches)]
+        if task == "sft":
+            width = padded_width([len(x) for x in batch], "longest")
+            ids = _pad(batch, pad, width)
+            mask = _pad([[1] * len(x) for x in batch], 0, width)
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        else:
+            rows = [c for c, _, _ in batch] + [r for _, r, _ in batch]
+            width = padded_width([len(x) for x in rows], "longest")
+            ids = _pad(rows, pad, width)
+            mask = _pad([[1] * len(x) for x in rows], 0, width)
+            if task == "rm":
+                values = model["head"](model["base"](input_ids=ids, attention_mask=mask,
+                                                     use_cache=False).last_hidden_state).squeeze(-1)
+                # our convention: score the token before the final eos (== pad)
+                scores = values.gather(1, (mask.sum(dim=1, keepdim=True) - 2).clamp(min=0)).squeeze(1)
+                chosen, rejected = scores.chunk(2)
+                loss = F.softplus(rejected - chosen).mean()
+            else:
+                starts = torch.tensor([p for _, _, p in batch] * 2).unsqueeze(1)
+                positions = torch.arange(width).unsqueeze(0)
+                labels = ids.masked_fill((mask == 0) | (positions < starts), -100)[:, 1:]
+                policy = answer_logps(model, ids, mask, labels)
+                with torch.no_grad():
+                    reference = answer_logps(ref, ids, mask, labels)
+                pc, pr = policy.chunk(2)
+                rc, rr = reference.chunk(2)
+                loss = -F.logsigmoid(BETA * ((pc - rc) - (pr - rr))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not first_loss:
+            first_loss.append(float(loss.detach()))
+        ends.append(now())
+    result = finish_train(cfg, items, ends, start, "longest", 8)
+    result.update(baseline_rss_mb=baseline, rss_after_build_mb=rss_after_build, first_loss=first_loss[0])
+    return result
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+def _prompt_batches(cfg: dict, tokens: dict) -> list:
+    """Left-padded prompt batches through our RLHF collator (identical tensors for both paths)."""
+    from dschat.utils.data.data_utils import DataCollatorRLHF
+
+    n = cfg["samples_per_window"]
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    prompts = tokens["prompts"]
+    if len(prompts) < n * world:
+        raise SystemExit(f"only {len(prompts)} prompts of <= {MAX_PROMPT_LEN} tokens, need {n * world}")
+    mine = prompts[rank * n:(rank + 1) * n]
+    import torch
+
+    collate = DataCollatorRLHF(MAX_PROMPT_LEN, 1, tokens["pad_token_id"], padding="longest")
+    bs = cfg["batch_size"]
+    return [collate([(torch.tensor(p), torch.ones(len(p), dtype=torch.long), tokens["pad_token_id"])
+                     for p in mine[i:i + bs]]) for i in range(0, n, bs)]
+
+
+def run_gen(cfg: dict, workdir: Path) -> dict:
+    """Our Generator (on a DeepSpeed engine, as in PPO) against a bare HF `generate` loop; greedy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dschat.rlhf.generation import Generator, answer_lengths, pad_after_eos
+    from dschat.utils.build import initialize_frozen_engine
+    from dschat.utils.dist import init_distributed
+    from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
+    from dschat.utils.model.model_utils import create_hf_model
+    from dschat.utils.utils import load_hf_tokenizer
+
+    tokens = load_tokens(workdir)
+    path = str(model_dir(workdir, cfg["model"]))
+    zero_stage = cfg.get("zero_stage", 0)
+    if zero_stage:
+        torch.set_num_threads(1)  # two ranks share two cores
+    init_distributed()
+    world = torch.distributed.get_world_size()
+    baseline = rss_mb()
+    tokenizer = load_hf_tokenizer(path)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    batches = _prompt_batches(cfg, tokens)
+    new_tokens = cfg["max_new_tokens"]
+    if cfg["impl"] == "bare" and not zero_stage:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+        def generate(ids, mask):
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                      do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    else:
+        ds_config = set_batch_sizes(get_eval_ds_config(offload=False, dtype="fp32", stage=zero_stage),
+                                    cfg["batch_size"], 1, world)
+        engine = initialize_frozen_engine(create_hf_model(AutoModelForCausalLM, path, tokenizer, ds_config),
+                                          ds_config)
+        if cfg["impl"] == "ours":
+            generator = Generator(engine, tokenizer, max_new_tokens=new_tokens, zero_stage=zero_stage)
+
+            def generate(ids, mask):
+                return generator.generate(ids, mask)
+        else:  # ZeRO-3 without our gather: plain HF generate on the partitioned module, ranks in lockstep
+
+            def generate(ids, mask):
+                with torch.no_grad():
+                    return engine.module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                  do_sample=False, pad_token_id=pad, eos_token_id=eos,
+                                                  synced_gpus=world > 1)
+    ends: list[float] = []
+    answer_tokens: list[int] = []
+    rss_after_build = rss_mb()
+    start = now()
+    for _ in range(cfg["warmup_steps"] + cfg["windows"]):
+        count = 0
+        for batch in batches:
+            seq = generate(batch["prompt"], batch["prompt_att_mask"])
+            width = batch["prompt"].shape[1]
+            count += int(answer_lengths(pad_after_eos(seq, width, eos, pad), width, pad).sum())
+        ends.append(now())
+        answer_tokens.append(count)
+    counts = torch.tensor([float(answer_tokens[-1])])
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    windows = []
+    for w in range(cfg["warmup_steps"], len(ends)):
+        seconds = ends[w] - (ends[w - 1] if w else start)
+        if world > 1:  # the slowest rank sets the pace
+            t = torch.tensor([seconds])
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            seconds = float(t.item())
+        windows.append({"seconds": seconds, "useful_tokens": int(counts.item()), "padded_tokens": 0,
+                        "samples": cfg["samples_per_window"] * world})
+    return {"windows": windows, "baseline_rss_mb": baseline, "rss_after_build_mb": rss_after_build,
+            "answer_tokens_per_window": answer_tokens, "world_size": world}
+
+
+# --------------------------------------------------------------------------------------------- PPO
+
+
+def run_ppo(cfg: dict, workdir: Path) -> dict:
+    """Our step-3 loop (dschat.steps.ppo) with the phases of each PPO step timed separately."""
+    from dschat.steps import ppo
+    from dschat.utils.dist import init_distributed
+
+    baseline = rss_mb()
+    bs = cfg["batch_size"]
+    argv = [
+        "--actor_model_name_or_path", str(model_dir(workdir, "tiny")),
+        "--critic_model_name_or_path", str(workdir / "critic_tiny"),
+        "--data_path", str(workdir / "hh_pairs.jsonl"), "--data_output_path", str(workdir / "data_cache"),
+        "--per_device_generation_batch_size", str(bs), "--per_device_training_batch_size", str(bs),
+        "--max_prompt_seq_len", str(MAX_PROMPT_LEN), "--max_answer_seq_len", str(cfg["max_new_tokens"]),
+        "--num_padding_at_beginning", "0", "--actor_learning_rate", "1e-5", "--critic_learning_rate", "1e-5",
+        "--num_warmup_steps", "0", "--seed", str(SEED), "--dtype", "fp32",
+        "--max_steps", str(cfg["warmup_steps"] + cfg["windows"]),
+    ]
+    args = ppo.parse_args(argv)
+    init_distributed(args.local_rank)
+    t0 = now()
+    loop = ppo.build(args)
+    build_seconds = now() - t0
+    trainer = loop.trainer
+    phases: list[dict[str, float]] = []
+    generate_experience, train_rlhf = trainer.generate_experience, trainer.train_rlhf
+
+    def timed_experience(prompts, mask, step):
+        t = now()
+        exp = generate_experience(prompts, mask, step)
+        total = now() - t
+        gen = float(exp["generate_time"])
+        phases.append({"generation": gen, "experience": total - gen, "answer_tokens": float(exp["generated_tokens"]),
+                       "rows": int(exp["input_ids"].shape[0]), "width": int(exp["input_ids"].shape[1])})
+        return exp
+
+    def timed_train(exp):
+        t = now()
+        out = train_rlhf(exp)
+        phases[-1]["training"] = now() - t
+        return out
+
+    trainer.generate_experience, trainer.train_rlhf = timed_experience, timed_train
+    start = now()
+    loop.train()
+    wall = now() - start
+    measured = phases[cfg["warmup_steps"]:]
+    return {"phases": measured, "train_seconds": wall, "build_seconds": build_seconds, "baseline_rss_mb": baseline,
+            "windows": [{"seconds": p["generation"] + p["experience"] + p.get("training", 0.0),
+                         "useful_tokens": int(p["answer_tokens"]), "padded_tokens": 0, "samples": p["rows"]}
+                        for p in measured]}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str]) -> None:
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    cfg: dict[str, Any] = json.loads(argv[0])
+    out = Path(argv[1])
+    workdir = Path(cfg["workdir"])
+    wall_start = time.time()
+    load_start = os.getloadavg()[0]
+    if cfg["kind"] == "prepare":
+        from common import prepare_assets
+
+        write_json(out, prepare_assets(workdir))
+        return
+    if cfg["kind"] == "train":
+        runner = {"ours": run_ours_train, "trl": run_trl_train, "bare": run_bare_train}[cfg["impl"]]
+        result = runner(cfg, workdir)
+    elif cfg["kind"] == "gen":
+        result = run_gen(cfg, workdir)
+    elif cfg["kind"] == "ppo":
+        result = run_ppo(cfg, workdir)
+    else:
+        raise SystemExit(f"unknown kind {cfg['kind']!r}")
+    import torch
+
+    result.update(config=cfg, peak_rss_mb=peak_rss_mb(), process_seconds=time.time() - wall_start,
+                  torch_threads=torch.get_num_threads(), loadavg_1min=[load_start, os.getloadavg()[0]])
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(out, result)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

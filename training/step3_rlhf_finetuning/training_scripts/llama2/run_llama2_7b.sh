@@ -1,0 +1,43 @@
+#!/bin/bash
+# Step 3 (PPO) for Llama-2-7B on one 8-GPU node, rollouts with Hugging Face generate (ZeRO-3 parameters
+# gathered once per batch). Run from training/step3_rlhf_finetuning/.
+# Usage: bash run_llama2_7b.sh [ACTOR_MODEL_PATH] [CRITIC_MODEL_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT]
+# bf16 instead of upstream's fp16: Llama-2 rollouts in fp16 were a frequent source of empty answers.
+ACTOR_MODEL_PATH=${1:-../step1_supervised_finetuning/output_step1_llama2_7b}
+CRITIC_MODEL_PATH=${2:-../step2_reward_model_finetuning/output_step2_llama_7b_epoch1_lr9.65e-6}
+ACTOR_ZERO_STAGE=${3:-3}
+CRITIC_ZERO_STAGE=${4:-3}
+OUTPUT=${5:-./output_step3_llama}
+mkdir -p "$OUTPUT"
+
+deepspeed --master_port 12346 main.py \
+   --data_path Dahoas/rm-static \
+   --data_split 2,4,4 \
+   --actor_model_name_or_path "$ACTOR_MODEL_PATH" \
+   --critic_model_name_or_path "$CRITIC_MODEL_PATH" \
+   --num_padding_at_beginning 1 \
+   --per_device_generation_batch_size 1 \
+   --per_device_training_batch_size 1 \
+   --generation_batches 1 \
+   --ppo_epochs 1 \
+   --max_answer_seq_len 256 \
+   --max_prompt_seq_len 256 \
+   --actor_learning_rate 9.65e-6 \
+   --critic_learning_rate 5e-6 \
+   --actor_weight_decay 0.1 \
+   --critic_weight_decay 0.1 \
+   --num_train_epochs 1 \
+   --lr_scheduler_type cosine \
+   --gradient_accumulation_steps 1 \
+   --actor_gradient_checkpointing \
+   --critic_gradient_checkpointing \
+   --offload_reference_model \
+   --actor_dropout 0.0 \
+   --num_warmup_steps 100 \
+   --dtype bf16 \
+   --deepspeed --seed 1234 \
+   --actor_zero_stage $ACTOR_ZERO_STAGE \
+   --critic_zero_stage $CRITIC_ZERO_STAGE \
+   --save_steps 200 \
+   --output_dir "$OUTPUT" \
+   &> "$OUTPUT/training.log"
