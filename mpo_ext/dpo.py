@@ -419,6 +419,7 @@ def build(args) -> DPOTrainer:
     from dschat.utils.build import (
         apply_lora,
         build_tokenizer,
+        check_context_length,
         end_of_text,
         initialize_engine,
         train_ds_config,
@@ -431,6 +432,7 @@ def build(args) -> DPOTrainer:
     from dschat.utils.utils import set_random_seed
 
     set_random_seed(args.seed)
+    check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
     tokenizer = build_tokenizer(args)
     ds_config = train_ds_config(args, zero_stage=args.zero_stage, micro_batch_size=args.per_device_train_batch_size,
                                 gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step3b_dpo")

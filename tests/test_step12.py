@@ -172,7 +172,8 @@ def test_bad_input_is_one_clear_line(name, override, needle, assets, tmp_path, r
     for i in range(0, len(override), 2):
         base[override[i]] = [override[i + 1]]
     flags = [x for k, v in base.items() for x in (k, *v)]
-    proc = run_ds(STEP1, [*flags, "--output_dir", str(out), "--data_output_path", str(tmp_path / "cache")], num_ranks=0)
+    proc = run_ds(STEP1, [*flags, "--max_seq_len", "64", "--output_dir", str(out), "--data_output_path",
+                          str(tmp_path / "cache")], num_ranks=0)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
@@ -183,9 +184,10 @@ def test_bad_input_is_one_clear_line(name, override, needle, assets, tmp_path, r
 def test_wrong_keys_and_empty_split(tmp_path, assets, run_ds):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    proc = run_ds(STEP1, ["--data_path", str(bad), "--model_name_or_path", assets["model_dir"],
+    proc = run_ds(STEP1, ["--data_path", str(bad), "--model_name_or_path", assets["model_dir"], "--max_seq_len", "64",
                           "--data_output_path", str(tmp_path / "cache")], num_ranks=0)
     assert proc.returncode == 2 and "bad.jsonl" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_ds(STEP1, ["--data_path", assets["data_dir"], "--data_split", "0,0,10", "--model_name_or_path",
-                          assets["model_dir"], "--data_output_path", str(tmp_path / "cache")], num_ranks=0)
+                          assets["model_dir"], "--max_seq_len", "64", "--data_output_path", str(tmp_path / "cache")],
+                  num_ranks=0)
     assert proc.returncode == 2 and "no usable samples" in proc.stderr and "Traceback" not in proc.stderr

@@ -8,6 +8,7 @@ from dschat.utils import args as flags
 from dschat.utils.build import (
     apply_lora,
     build_tokenizer,
+    check_context_length,
     enable_gradient_checkpointing,
     end_of_text,
     fuse_lora,
@@ -92,6 +93,7 @@ def build(args) -> RewardTrainer:
     from dschat.utils.model.model_utils import create_critic_model
 
     set_random_seed(args.seed)
+    check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
     tokenizer = build_tokenizer(args)
     ds_config = train_ds_config(args, zero_stage=args.zero_stage, micro_batch_size=args.per_device_train_batch_size,
                                 gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step2_model")

@@ -15,6 +15,33 @@ def build_tokenizer(args, model_name_or_path: str | None = None):
     return load_hf_tokenizer(path, fast_tokenizer=True, add_special_tokens=extra)
 
 
+def model_context_length(model_name_or_path: str, flag: str) -> int | None:
+    """The model's position limit read from its config (None when it declares none)."""
+    from transformers import AutoConfig
+
+    from dschat.utils.errors import UserError
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag} {model_name_or_path}: cannot load its config ({' '.join(str(err).split())[:200]})") from err
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        limit = getattr(config, name, None)
+        if limit:
+            return int(limit)
+    return None
+
+
+def check_context_length(model_name_or_path: str, flag: str, length: int, length_flags: str) -> None:
+    """Refuse sequence lengths beyond the model's position table instead of crashing inside attention."""
+    from dschat.utils.errors import UserError
+
+    limit = model_context_length(model_name_or_path, flag)
+    if limit and length > limit:
+        raise UserError(f"{length_flags} = {length} exceeds the max_position_embeddings {limit} of "
+                        f"{model_name_or_path}; lower it")
+
+
 def end_of_text(args, tokenizer) -> str:
     """One ending for every stage: the tokenizer's eos unless the user asked for another string."""
     return args.end_of_conversation_token or tokenizer.eos_token

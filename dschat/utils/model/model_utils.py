@@ -71,6 +71,21 @@ def _param_shape(param: torch.Tensor) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)
 
 
+def check_tokenizer_matches(config: Any, tokenizer: Any, model_name_or_path: str) -> None:
+    """Refuse a tokenizer whose base vocabulary is larger than the model's embedding table.
+
+    Tokens the user adds on purpose (`--add_eot_token`) are added on top and handled by resizing; a larger
+    *base* vocabulary means the tokenizer belongs to another model and would train on garbage ids.
+    """
+    model_vocab = getattr(config, "vocab_size", None)
+    base_vocab = getattr(tokenizer, "vocab_size", None)
+    if model_vocab and base_vocab and base_vocab > model_vocab:
+        raise UserError(
+            f"{model_name_or_path}: the tokenizer has {base_vocab} tokens but the model's vocabulary has "
+            f"{model_vocab}; use the tokenizer saved with this model"
+        )
+
+
 def create_hf_model(
     model_class: Any,
     model_name_or_path: str,
@@ -90,6 +105,7 @@ def create_hf_model(
     except (OSError, ValueError) as err:
         raise UserError(f"{model_name_or_path}: cannot load a model config ({_one_line(err)})") from err
     configure_dropout(config, dropout)
+    check_tokenizer_matches(config, tokenizer, model_name_or_path)
     with hf_deepspeed_scope(ds_config):
         if rlhf_training:
             model = model_class.from_config(config, dtype=torch.float32)
@@ -100,8 +116,9 @@ def create_hf_model(
                 raise UserError(f"{model_name_or_path}: cannot load model weights ({_one_line(err)})") from err
         model.config.end_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
+        # Only grow: an upstream Llama checkpoint trained with an extra [PAD] row (32008) keeps its rows.
         target_rows = 8 * math.ceil(len(tokenizer) / 8)
-        if _param_shape(model.get_input_embeddings().weight)[0] != target_rows:
+        if _param_shape(model.get_input_embeddings().weight)[0] < target_rows:
             model.resize_token_embeddings(target_rows)
     return model
 
