@@ -49,8 +49,9 @@ def assets_command(root: Path, seed: int, num_train: int, num_test: int) -> None
 
 
 @main.command("pipeline")
-@click.option("--preset", type=click.Choice(["tiny", "llama2-7b"]), default="tiny", show_default=True,
-              help="tiny: the embedded CPU default; llama2-7b: the paper's settings on HH-RLHF, 8 GPUs.")
+@click.option("--preset", type=click.Choice(["tiny", "smoke", "llama2-7b"]), default="tiny", show_default=True,
+              help="tiny: the embedded CPU default; smoke: the tiny chain shrunk to a quick check; "
+                   "llama2-7b: the paper's settings on HH-RLHF, 8 GPUs.")
 @click.option("--output_dir", type=click.Path(path_type=Path), default=None,
               help="Run directory (default runs/mpo-tiny or ./output_mpo_llama2_7b).")
 @click.option("--steps", default=",".join(("assets", "sft", "rm", "select", "dpo", "ppo", "eval")), show_default=True,
@@ -59,7 +60,8 @@ def assets_command(root: Path, seed: int, num_train: int, num_test: int) -> None
 @click.option("--deployment_type", type=click.Choice(["single_gpu", "single_node", "multi_node"]), default=None,
               help="Shortcut for the launcher: single_gpu = 1 rank, single_node = all local GPUs, multi_node = hostfile.")
 @click.option("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs.")
-@click.option("--threshold", type=float, default=1.0, show_default=True, help="Reward-gap theta for the easy/hard split.")
+@click.option("--threshold", type=float, default=None,
+              help="Reward-gap theta for the easy/hard split (default: the preset's; 1.0 for llama2-7b as in the paper).")
 @click.option("--reference", type=click.Choice(["dpo", "sft"]), default="dpo", show_default=True,
               help="PPO's KL reference: dpo (MPO) or sft (the paper's sft-kl ablation).")
 @click.option("--order", type=click.Choice(["mpo", "reverse"]), default="mpo", show_default=True,
@@ -75,6 +77,7 @@ def pipeline_command(preset, output_dir, steps, num_ranks, deployment_type, host
         llama2_7b_preset,
         print_final_report,
         run_plan,
+        smoke_preset,
         tiny_preset,
     )
 
@@ -85,13 +88,15 @@ def pipeline_command(preset, output_dir, steps, num_ranks, deployment_type, host
         raise UserError(f"--steps {steps}: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGE_ORDER)}")
     if deployment_type == "single_gpu":
         num_ranks = 1
-    if preset == "tiny":
-        out = (output_dir or Path("runs/mpo-tiny")).resolve()
-        plan_preset = tiny_preset(out, ranks=num_ranks or 1, threshold=threshold)
+    theta = {} if threshold is None else {"threshold": threshold}
+    if preset in ("tiny", "smoke"):
+        out = (output_dir or Path(f"runs/mpo-{preset}")).resolve()
+        make = tiny_preset if preset == "tiny" else smoke_preset
+        plan_preset = make(out, ranks=num_ranks or 1, **theta)
     else:
         out = (output_dir or Path("output_mpo_llama2_7b")).resolve()
-        plan_preset = llama2_7b_preset(out, ranks=num_ranks or 8, threshold=threshold,
-                                       hostfile=hostfile if deployment_type == "multi_node" or hostfile else None)
+        plan_preset = llama2_7b_preset(out, ranks=num_ranks or 8, hostfile=hostfile if deployment_type == "multi_node"
+                                       or hostfile else None, **theta)
     plan = build_plan(plan_preset, out, reference=reference, order=order, stages=wanted)
     run_plan(plan, out, dry_run=dry_run, force=force)
     if not dry_run:

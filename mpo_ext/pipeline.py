@@ -102,6 +102,34 @@ def tiny_preset(out: Path, ranks: int = 1, threshold: float = 1.0) -> Preset:
     )
 
 
+def override_flags(flags: list[str], overrides: dict[str, str]) -> list[str]:
+    """Replace the values of `--flag value` pairs (appending flags that are absent)."""
+    out, seen, i = [], set(), 0
+    while i < len(flags):
+        flag = flags[i]
+        has_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+        if flag in overrides:
+            out += [flag, overrides[flag]]
+            seen.add(flag)
+        else:
+            out += flags[i:i + 2] if has_value else [flag]
+        i += 2 if has_value else 1
+    return out + [x for flag, value in overrides.items() if flag not in seen for x in (flag, value)]
+
+
+def smoke_preset(out: Path, ranks: int = 1, threshold: float | None = None) -> Preset:
+    """The tiny chain shrunk to a smoke test (CI): every stage runs, nothing is expected to learn much."""
+    preset = tiny_preset(out, ranks=ranks) if threshold is None else tiny_preset(out, ranks=ranks, threshold=threshold)
+    preset.name, preset.num_train = "smoke", 400
+    steps = {"--max_steps": "6"}
+    preset.sft = override_flags(preset.sft, {**steps, "--num_train_epochs": "1"})
+    preset.rm = override_flags(preset.rm, {**steps, "--num_train_epochs": "1"})
+    preset.dpo = override_flags(preset.dpo, {**steps, "--num_train_epochs": "1"})
+    preset.ppo = override_flags(preset.ppo, {"--max_steps": "3", "--num_train_epochs": "1"})
+    preset.eval = override_flags(preset.eval, {"--num_prompts": "16"})
+    return preset
+
+
 def llama2_7b_preset(out: Path, ranks: int = 8, threshold: float = 1.0, hostfile: str | None = None) -> Preset:
     """The paper's settings (Appendix A.1, Table 9) on HH-RLHF helpful-base + harmless-base, one 8-GPU node."""
     launcher = ["deepspeed"] + ([f"--hostfile={hostfile}"] if hostfile else ["--num_gpus", str(ranks)])

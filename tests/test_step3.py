@@ -224,6 +224,27 @@ def test_two_ranks_zero3_ema_sampling_resume_and_deprecated_flags(assets, run_ds
     assert distance(load_safetensors(resumed / "actor_ema"), ema) < 1e-5
 
 
+def test_reward_rises_on_a_fixed_reward_model(assets, run_ds, tmp_path):
+    """An easy task: maximise a fixed (random) reward model with sampled rollouts. A wrong sign anywhere
+    (advantages, ratio, reward placement) makes the mean reward fall or wander instead."""
+    prompts = tmp_path / "prompts16.jsonl"
+    extra = ["Where is the ball?", "What is in the box?", "Who likes cake?", "Why did Sam cry?",
+             "What did Mia find?", "Where do birds live?", "How does a fish swim?", "What color is the car?"]
+    prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: {q}\n\nAssistant:"}) + "\n"
+                               for q in QUESTIONS + extra))
+    out = tmp_path / "rise"
+    argv = base_args(assets, out, data_path=prompts, per_device_generation_batch_size=8,
+                     per_device_training_batch_size=8, max_answer_seq_len=8, do_sample=True, num_train_epochs=10,
+                     max_steps=12, init_kl_coef=0.01, actor_learning_rate=3e-4, critic_learning_rate=1e-3,
+                     lr_scheduler_type="constant", clip_reward_value=100, ppo_epochs=2)
+    proc = run_ds(MAIN, argv, num_ranks=0, timeout=600)
+    assert_ok(proc)
+    rewards = [m["reward/mean"] for m in read_metrics(out / "metrics.jsonl")]
+    assert len(rewards) == 12
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 1.0, rewards
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 
