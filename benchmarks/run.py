@@ -100,7 +100,9 @@ def run_config(cfg: dict, workdir: Path, timeout: int) -> dict:
                str(out)]
     else:
         cmd = [sys.executable, worker, payload, str(out)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+    threads = str(cfg.get("threads", 1))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads,
+               MKL_NUM_THREADS=threads,
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.time()
     with open(log, "w") as fh:
@@ -309,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Scratch: data subset, random model, token cache, logs.")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="Where the JSON and PNGs go.")
     parser.add_argument("--timeout", type=int, default=600, help="Seconds per configuration before giving up.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="Intra-op threads per process. 1 by default: on a shared, oversubscribed machine "
+                             "two spinning OpenMP threads made step times swing 20x, one thread stays steady.")
     args = parser.parse_args(argv)
 
     for path in (HH_TEST, TINYSTORIES):
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = plan(args.quick, with_trl=not args.no_trl and why_no_trl is None, with_zero3=not args.no_zero3)
     if args.only:
         configs = [c for c in configs if args.only in c["name"]]
+    for cfg in configs:
+        cfg.setdefault("threads", args.threads)
     runs = []
     total = len(configs) * args.reps
     for rep in range(args.reps):

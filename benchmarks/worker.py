@@ -413,8 +413,6 @@ def run_gen(cfg: dict, workdir: Path) -> dict:
     tokens = load_tokens(workdir)
     path = str(model_dir(workdir, cfg["model"]))
     zero_stage = cfg.get("zero_stage", 0)
-    if zero_stage:
-        torch.set_num_threads(1)  # two ranks share two cores
     init_distributed()
     world = torch.distributed.get_world_size()
     baseline = rss_mb()
@@ -537,6 +535,10 @@ def main(argv: list[str]) -> None:
     cfg: dict[str, Any] = json.loads(argv[0])
     out = Path(argv[1])
     workdir = Path(cfg["workdir"])
+    if "threads" in cfg:
+        import torch
+
+        torch.set_num_threads(int(cfg["threads"]))
     wall_start = time.time()
     load_start = os.getloadavg()[0]
     if cfg["kind"] == "prepare":

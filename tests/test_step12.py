@@ -191,3 +191,20 @@ def test_wrong_keys_and_empty_split(tmp_path, assets, run_ds):
                           assets["model_dir"], "--max_seq_len", "64", "--data_output_path", str(tmp_path / "cache")],
                   num_ranks=0)
     assert proc.returncode == 2 and "no usable samples" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lora_is_fused_into_the_saved_weights(assets, tmp_path, run_ds):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    proc = run_ds(STEP1, [
+        "--data_path", assets["data_dir"], "--model_name_or_path", assets["model_dir"], "--max_seq_len", "64",
+        "--per_device_train_batch_size", "8", "--lora_dim", "4", "--lora_module_name", "layers.",
+        "--only_optimize_lora", "--lora_learning_rate", "1e-2", "--max_steps", "4", "--data_output_path",
+        str(tmp_path / "cache"), "--output_dir", str(out),
+    ], num_ranks=0)
+    _assert_ok(proc)
+    tuned, base = load_file(out / "model.safetensors"), load_file(Path(assets["model_dir"]) / "model.safetensors")
+    assert not [k for k in tuned if "lora" in k]
+    changed = [k for k in base if k in tuned and tuned[k].shape == base[k].shape and not torch.equal(tuned[k], base[k])]
+    assert changed and all(".layers." in k and "proj" in k for k in changed), changed
