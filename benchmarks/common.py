@@ -30,6 +30,8 @@ SEED = 1234
 MAX_SEQ_LEN = 512
 # Enough HH pairs that the 9:1 train/eval split of our local-file loader leaves every window filled.
 NUM_PAIRS = 48
+# The DPO memory runs precompute reference log-probs for their whole data file: keep that file small.
+NUM_PAIRS_SMALL = 6
 MAX_PROMPT_LEN = 192  # generation / PPO: prompt + new tokens must fit tinystories' 512 positions
 
 # "rand": a few-million-parameter Llama with the tinystories tokenizer (random weights; speed only).
@@ -38,6 +40,12 @@ RAND_CONFIG = {
     "num_key_value_heads": 4, "max_position_embeddings": 512, "vocab_size": 512, "tie_word_embeddings": False,
     "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
 }
+# "wide": ~50M parameters, so that model states (not attention activations) dominate memory; used for the
+# precomputed-vs-resident reference memory comparison, where the reference's weights are what is saved.
+WIDE_CONFIG = {**RAND_CONFIG, "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
+               "num_key_value_heads": 8}
+MODEL_CONFIGS = {"rand": RAND_CONFIG, "wide": WIDE_CONFIG}
+DATA_FILES = {"main": ("hh_pairs.jsonl", NUM_PAIRS), "small": ("hh_pairs_small.jsonl", NUM_PAIRS_SMALL)}
 
 
 # --------------------------------------------------------------------------------------------- memory, time
@@ -97,29 +105,57 @@ def machine_info() -> dict[str, Any]:
 
 @dataclass
 class Window:
-    """One measured pass over the same samples: wall seconds, useful and padded tokens it processed."""
+    """One measured pass over the same samples: wall and CPU seconds, useful and padded tokens it processed."""
 
     seconds: float
+    cpu_seconds: float
     useful_tokens: int
     padded_tokens: int
     samples: int
 
 
-def split_windows(step_ends: list[float], start: float, steps_per_window: int, warmup_steps: int,
-                  useful_per_window: int, padded_per_window: int, samples_per_window: int) -> list[dict]:
-    """Turn optimizer-step end times into per-window records (warm-up steps dropped).
+class Clock:
+    """Wall (perf_counter) and process CPU (process_time) stamps at the end of every optimizer step.
 
-    After the warm-up steps, every run of `steps_per_window` consecutive steps covers each batch of the
-    window exactly once (a rotation of the fixed order), so all windows do the same work. A window's
-    time runs from the end of the step before it to the end of its own last step: data loading,
-    collation and loop bookkeeping between steps are all counted.
+    CPU time is kept because the machine is shared: other users' load stretches wall time by a factor
+    that changes from one process to the next, while the CPU seconds a 1-thread process spends on the
+    same work stay within a few percent.
     """
-    windows = []
-    times = [start] + list(step_ends)
-    for first in range(warmup_steps, len(step_ends) - steps_per_window + 1, steps_per_window):
-        seconds = times[first + steps_per_window] - times[first]
-        windows.append(Window(seconds, useful_per_window, padded_per_window, samples_per_window).__dict__)
-    return windows
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.start()
+
+    def start(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def tick(self) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def __len__(self) -> int:
+        return len(self.wall)
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip([self.wall0] + self.wall[:-1], self.wall)]
+
+    def windows(self, steps_per_window: int, warmup_steps: int, useful_per_window: int, padded_per_window: int,
+                samples_per_window: int) -> list[dict]:
+        """Per-window records after the warm-up steps.
+
+        After the warm-up, every run of `steps_per_window` consecutive steps covers each batch of the
+        window exactly once (a rotation of the fixed order), so all windows do the same work. A window
+        runs from the end of the step before it to the end of its own last step: data loading,
+        collation and loop bookkeeping between steps are all counted.
+        """
+        wall, cpu = [self.wall0] + self.wall, [self.cpu0] + self.cpu
+        out = []
+        for first in range(warmup_steps, len(self.wall) - steps_per_window + 1, steps_per_window):
+            last = first + steps_per_window
+            out.append(Window(wall[last] - wall[first], cpu[last] - cpu[first], useful_per_window,
+                              padded_per_window, samples_per_window).__dict__)
+        return out
 
 
 def round_up(n: int, multiple: int = 8) -> int:
@@ -153,9 +189,13 @@ def model_dir(workdir: Path, name: str) -> Path:
     return TINYSTORIES if name == "tiny" else workdir / f"model_{name}"
 
 
-def our_data_args(workdir: Path) -> list[str]:
+def data_file(workdir: Path, data: str = "main") -> Path:
+    return workdir / DATA_FILES[data][0]
+
+
+def our_data_args(workdir: Path, data: str = "main") -> list[str]:
     """Data flags shared by every run through our pipeline (same cache, same split, same order)."""
-    return ["--data_path", str(workdir / "hh_pairs.jsonl"), "--data_output_path", str(workdir / "data_cache"),
+    return ["--data_path", str(data_file(workdir, data)), "--data_output_path", str(workdir / "data_cache"),
             "--max_seq_len", str(MAX_SEQ_LEN), "--seed", str(SEED)]
 
 
@@ -169,17 +209,17 @@ def prepare_assets(workdir: Path) -> dict[str, Any]:
     from dschat.utils.utils import load_hf_tokenizer, save_reward_model
 
     workdir.mkdir(parents=True, exist_ok=True)
-    data_file = workdir / "hh_pairs.jsonl"
-    if not data_file.exists():
-        write_hh_subset(data_file)
+    for filename, count in DATA_FILES.values():
+        if not (workdir / filename).exists():
+            write_hh_subset(workdir / filename, count)
     tokenizer = load_hf_tokenizer(str(TINYSTORIES))
 
-    rand_dir = model_dir(workdir, "rand")
-    if not (rand_dir / "config.json").exists():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**RAND_CONFIG))
-        model.save_pretrained(rand_dir)
-        AutoTokenizer.from_pretrained(str(TINYSTORIES)).save_pretrained(rand_dir)
+    for name, config in MODEL_CONFIGS.items():
+        directory = model_dir(workdir, name)
+        if not (directory / "config.json").exists():
+            torch.manual_seed(0)
+            LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(directory)
+            AutoTokenizer.from_pretrained(str(TINYSTORIES)).save_pretrained(directory)
     critic_dir = workdir / "critic_tiny"
     if not (critic_dir / "config.json").exists():
         torch.manual_seed(0)
@@ -189,22 +229,27 @@ def prepare_assets(workdir: Path) -> dict[str, Any]:
 
     tokens_file = workdir / "tokens.pt"
     if not tokens_file.exists():
-        eos = tokenizer.eos_token
         common = dict(data_split=None, output_path=str(workdir / "data_cache"), seed=SEED, tokenizer=tokenizer,
-                      max_seq_len=MAX_SEQ_LEN, end_of_conversation_token=eos)
-        sft, _ = create_prompt_dataset(0, [str(data_file)], train_phase=1, **common)
-        pairs, _ = create_prompt_dataset(0, [str(data_file)], train_phase=2, **common)
-        common["max_seq_len"] = MAX_PROMPT_LEN
-        prompts, _ = create_prompt_dataset(0, [str(data_file)], train_phase=3, **common)
+                      max_seq_len=MAX_SEQ_LEN, end_of_conversation_token=tokenizer.eos_token)
+        main_file, small_file = str(data_file(workdir, "main")), str(data_file(workdir, "small"))
+        sft, _ = create_prompt_dataset(0, [main_file], train_phase=1, **common)
+        pairs, _ = create_prompt_dataset(0, [main_file], train_phase=2, **common)
+        small, _ = create_prompt_dataset(0, [small_file], train_phase=2, **common)
+        prompts, _ = create_prompt_dataset(0, [main_file], train_phase=3, **{**common, "max_seq_len": MAX_PROMPT_LEN})
+
+        def as_pairs(dataset) -> list:
+            return [(dataset[i][0].tolist(), dataset[i][2].tolist(), int(dataset[i][4])) for i in range(len(dataset))]
+
         tokens = {
             "sft": [sft[i]["input_ids"].tolist() for i in range(len(sft))],
-            "pairs": [(pairs[i][0].tolist(), pairs[i][2].tolist(), int(pairs[i][4])) for i in range(len(pairs))],
+            "pairs": as_pairs(pairs),
+            "pairs_small": as_pairs(small),
             "prompts": [prompts[i][0].tolist() for i in range(len(prompts))],
             "pad_token_id": tokenizer.pad_token_id,
         }
         torch.save(tokens, tokens_file)
     tokens = torch.load(tokens_file)
-    return {"sft": len(tokens["sft"]), "pairs": len(tokens["pairs"]), "prompts": len(tokens["prompts"])}
+    return {key: len(value) for key, value in tokens.items() if isinstance(value, list)}
 
 
 def load_tokens(workdir: Path) -> dict[str, Any]:

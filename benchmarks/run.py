@@ -39,18 +39,19 @@ TASKS = ("sft", "rm", "dpo")
 def plan(quick: bool, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
     """Configurations in run order; comparable ones are adjacent (same load conditions)."""
     if quick:
-        models = {"tiny": {"batch_sizes": [4], "samples": 8}}
-        windows, gen_tokens, gen_bs = 2, 32, 4
+        models = {"tiny": {"batch_sizes": [4], "samples": 8, "windows": 5}}
+        gen_tokens, gen_bs, gen_windows = 32, 4, 3
     else:
-        models = {"tiny": {"batch_sizes": [2, 8], "samples": 16}, "rand": {"batch_sizes": [2, 8], "samples": 8}}
-        windows, gen_tokens, gen_bs = 3, 64, 8
+        models = {"tiny": {"batch_sizes": [2, 8], "samples": 8, "windows": 6},
+                  "rand": {"batch_sizes": [2, 8], "samples": 8, "windows": 4}}
+        gen_tokens, gen_bs, gen_windows = 64, 8, 4
     configs: list[dict[str, Any]] = []
     for model, spec in models.items():
         for bs in spec["batch_sizes"]:
             for task in TASKS:
                 base = {"kind": "train", "task": task, "model": model, "batch_size": bs, "padding": "longest",
-                        "ref": "resident", "samples_per_window": spec["samples"], "windows": windows,
-                        "warmup_steps": 1}
+                        "ref": "resident", "samples_per_window": spec["samples"], "windows": spec["windows"],
+                        "warmup_steps": -(-spec["samples"] // bs)}  # one whole window of warm-up
                 variants = [("ours", {"impl": "ours"})]
                 if with_trl:
                     variants.append(("trl", {"impl": "trl"}))
@@ -59,17 +60,25 @@ def plan(quick: bool, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
                     variants.append(("ours-precomp", {"impl": "ours", "ref": "precomputed"}))
                 for label, extra in variants:
                     configs.append({**base, **extra, "name": f"{task}/{model}/bs{bs}/{label}", "label": label})
+    if not quick:  # memory: a ~50M model whose weights, not activations, dominate; small data file
+        base = {"kind": "train", "task": "dpo", "impl": "ours", "model": "wide", "batch_size": 1, "data": "small",
+                "padding": "longest", "samples_per_window": 2, "windows": 1, "warmup_steps": 1}
+        for label, extra in (("ours", {"ref": "resident"}), ("ours-precomp", {"ref": "precomputed"}),
+                             ("ours-lora", {"ref": "resident", "lora_dim": 8}),
+                             ("ours-lora-precomp", {"ref": "precomputed", "lora_dim": 8}),
+                             ("bare", {"impl": "bare"})):
+            configs.append({**base, **extra, "name": f"dpo-mem/wide/bs1/{label}", "label": label})
     for model in models:
         for impl in ("ours", "bare"):
             configs.append({"kind": "gen", "impl": impl, "model": model, "batch_size": gen_bs,
-                            "samples_per_window": gen_bs, "max_new_tokens": gen_tokens, "windows": windows,
+                            "samples_per_window": gen_bs, "max_new_tokens": gen_tokens, "windows": gen_windows,
                             "warmup_steps": 1, "name": f"gen/{model}/bs{gen_bs}/{impl}", "label": impl})
     if with_zero3 and not quick:
         for impl in ("ours", "bare"):
             configs.append({"kind": "gen", "impl": impl, "model": "tiny", "batch_size": 4, "samples_per_window": 4,
                             "max_new_tokens": 32, "windows": 2, "warmup_steps": 1, "zero_stage": 3, "ranks": 2,
                             "name": f"gen-zero3x2/tiny/bs4/{impl}", "label": impl})
-    configs.append({"kind": "ppo", "batch_size": 4, "max_new_tokens": gen_tokens, "windows": windows,
+    configs.append({"kind": "ppo", "batch_size": 4, "max_new_tokens": gen_tokens, "windows": gen_windows,
                     "warmup_steps": 1, "name": "ppo/tiny/bs4/ours", "label": "ours", "model": "tiny"})
     return configs
 
@@ -139,7 +148,9 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
             seconds = [w["seconds"] for w in windows]
             useful, samples = windows[0]["useful_tokens"], windows[0]["samples"]
             med = median(seconds)
+            cpu = median([w["cpu_seconds"] for w in windows])
             row.update(
+                median_window_cpu_seconds=cpu, cpu_tokens_per_second=useful / cpu if cpu else None,
                 windows=len(windows), window_seconds=seconds, median_window_seconds=med,
                 useful_tokens_per_window=useful, padded_tokens_per_window=windows[0]["padded_tokens"],
                 tokens_per_second=useful / med if med else None,
@@ -175,13 +186,15 @@ def compare(rows: dict[str, dict]) -> list[dict]:
         if cfg["kind"] == "train" and row["config"]["label"] == "ours":
             trl, bare = rows.get(f"{prefix}/trl", {}), rows.get(f"{prefix}/bare", {})
             maxlen, precomp = rows.get(f"{prefix}/ours-maxlen", {}), rows.get(f"{prefix}/ours-precomp", {})
-            mine = row.get("tokens_per_second")
-            out.append({"what": f"{prefix} ours/trl tok/s", "value": _ratio(mine, trl.get("tokens_per_second")),
-                        "target": TARGETS["vs_trl"], "cmp": ">="})
-            out.append({"what": f"{prefix} ours/bare tok/s", "value": _ratio(mine, bare.get("tokens_per_second")),
-                        "target": TARGETS["vs_bare"], "cmp": ">="})
-            out.append({"what": f"{prefix} longest/max_length tok/s",
-                        "value": _ratio(mine, maxlen.get("tokens_per_second")), "target": None, "cmp": ""})
+            for key, unit in (("cpu_tokens_per_second", "tok/cpu-s"), ("tokens_per_second", "tok/s wall")):
+                mine = row.get(key)
+                primary = key == "cpu_tokens_per_second"
+                out.append({"what": f"{prefix} ours/trl {unit}", "value": _ratio(mine, trl.get(key)),
+                            "target": TARGETS["vs_trl"] if primary else None, "cmp": ">="})
+                out.append({"what": f"{prefix} ours/bare {unit}", "value": _ratio(mine, bare.get(key)),
+                            "target": TARGETS["vs_bare"] if primary else None, "cmp": ">="})
+                out.append({"what": f"{prefix} longest/max_length {unit}", "value": _ratio(mine, maxlen.get(key)),
+                            "target": None, "cmp": ""})
             if precomp:
                 out.append({"what": f"{prefix} precomputed/resident peak RSS",
                             "value": _ratio(precomp.get("peak_rss_mb"), row.get("peak_rss_mb")),
@@ -189,11 +202,19 @@ def compare(rows: dict[str, dict]) -> list[dict]:
                 out.append({"what": f"{prefix} precomputed/resident peak above baseline",
                             "value": _ratio(precomp.get("peak_above_baseline_mb"), row.get("peak_above_baseline_mb")),
                             "target": None, "cmp": ""})
+        if name.startswith("dpo-mem/") and cfg["label"] in ("ours-precomp", "ours-lora-precomp"):
+            resident = rows.get(f"{prefix}/{cfg['label'].replace('-precomp', '')}", {})
+            out.append({"what": f"{name} / resident peak RSS",
+                        "value": _ratio(row.get("peak_rss_mb"), resident.get("peak_rss_mb")),
+                        "target": TARGETS["precomputed_memory"], "cmp": "<="})
+            out.append({"what": f"{name} / resident peak above baseline",
+                        "value": _ratio(row.get("peak_above_baseline_mb"), resident.get("peak_above_baseline_mb")),
+                        "target": None, "cmp": ""})
         if cfg["kind"] == "gen" and cfg["impl"] == "ours":
             bare = rows.get(f"{prefix}/bare", {})
-            out.append({"what": f"{prefix} ours/bare gen tok/s",
-                        "value": _ratio(row.get("tokens_per_second"), bare.get("tokens_per_second")),
-                        "target": TARGETS["generation"], "cmp": ">="})
+            for key, unit in (("cpu_tokens_per_second", "tok/cpu-s"), ("tokens_per_second", "tok/s wall")):
+                out.append({"what": f"{prefix} ours/bare gen {unit}", "value": _ratio(row.get(key), bare.get(key)),
+                            "target": TARGETS["generation"] if key.startswith("cpu") else None, "cmp": ">="})
     for rec in out:
         v, t = rec["value"], rec["target"]
         rec["met"] = None if v is None or t is None else (v >= t if rec["cmp"] == ">=" else v <= t)
@@ -208,7 +229,7 @@ def _f(value: Any, fmt: str = "{:.0f}") -> str:
 
 
 def print_tables(rows: dict[str, dict], comparisons: list[dict]) -> None:
-    header = (f"{'configuration':34} {'tok/s':>8} {'best':>8} {'samp/s':>7} {'win s':>6} {'pad%':>5} "
+    header = (f"{'configuration':34} {'tok/s':>8} {'tok/cpu':>8} {'samp/s':>7} {'win s':>6} {'pad%':>5} "
               f"{'peakMB':>7} {'+base':>6} {'wall s':>6} {'loss0':>7}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, row in rows.items():
@@ -218,7 +239,7 @@ def print_tables(rows: dict[str, dict], comparisons: list[dict]) -> None:
         pad = None
         if row.get("padded_tokens_per_window"):
             pad = 100 * (1 - row["useful_tokens_per_window"] / row["padded_tokens_per_window"])
-        print(f"{name:34} {_f(row['tokens_per_second']):>8} {_f(row['best_tokens_per_second']):>8} "
+        print(f"{name:34} {_f(row['tokens_per_second']):>8} {_f(row['cpu_tokens_per_second']):>8} "
               f"{_f(row['samples_per_second'], '{:.2f}'):>7} {_f(row['median_window_seconds'], '{:.2f}'):>6} "
               f"{_f(pad):>5} {_f(row['peak_rss_mb']):>7} {_f(row['peak_above_baseline_mb']):>6} "
               f"{_f(row['wall_seconds'], '{:.1f}'):>6} {_f(row['first_loss'], '{:.4f}'):>7}")

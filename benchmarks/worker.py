@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     MAX_PROMPT_LEN,
     MAX_SEQ_LEN,
     SEED,
+    Clock,
     load_tokens,
     model_dir,
     now,
@@ -36,7 +37,6 @@ from common import (  # noqa: E402
     padded_width,
     peak_rss_mb,
     rss_mb,
-    split_windows,
     write_json,
 )
 
@@ -52,7 +52,8 @@ GRAD_CLIP = 1.0  # our DeepSpeed config's gradient_clipping; TRL's max_grad_norm
 def window_items(cfg: dict, tokens: dict) -> list:
     """The samples of one window, in order (the same for every implementation)."""
     n = cfg["samples_per_window"]
-    items = tokens["sft"] if cfg["task"] == "sft" else tokens["pairs"]
+    items = tokens["sft"] if cfg["task"] == "sft" else tokens["pairs" if cfg.get("data", "main") == "main"
+                                                                     else "pairs_small"]
     if len(items) < n:
         raise SystemExit(f"only {len(items)} training items, need {n}; raise NUM_PAIRS in benchmarks/common.py")
     return items[:n]
@@ -84,15 +85,13 @@ def steps_per_window(cfg: dict) -> int:
     return -(-cfg["samples_per_window"] // cfg["batch_size"])
 
 
-def finish_train(cfg: dict, items: list, ends: list[float], start: float, padding: str,
-                 multiple: int | None) -> dict:
+def finish_train(cfg: dict, items: list, clock: Clock, padding: str, multiple: int | None) -> dict:
     useful, padded = token_counts(cfg, items, padding, multiple)
-    windows = split_windows(ends, start, steps_per_window(cfg), cfg["warmup_steps"], useful, padded,
-                            cfg["samples_per_window"])
-    if len(ends) != total_steps(cfg):
-        raise SystemExit(f"expected {total_steps(cfg)} optimizer steps, timed {len(ends)}")
-    return {"windows": windows, "steps": len(ends), "train_seconds": ends[-1] - start,
-            "step_seconds": [b - a for a, b in zip([start] + ends[:-1], ends)]}
+    windows = clock.windows(steps_per_window(cfg), cfg["warmup_steps"], useful, padded, cfg["samples_per_window"])
+    if len(clock) != total_steps(cfg):
+        raise SystemExit(f"expected {total_steps(cfg)} optimizer steps, timed {len(clock)}")
+    return {"windows": windows, "steps": len(clock), "train_seconds": clock.wall[-1] - clock.wall0,
+            "step_seconds": clock.step_seconds()}
 
 
 # --------------------------------------------------------------------------------------------- ours
@@ -122,7 +121,7 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     items = window_items(cfg, tokens)
     baseline = rss_mb()
     bs = cfg["batch_size"]
-    argv = our_data_args(workdir) + [
+    argv = our_data_args(workdir, cfg.get("data", "main")) + [
         "--model_name_or_path", str(model_dir(workdir, cfg["model"])),
         "--per_device_train_batch_size", str(bs), "--per_device_eval_batch_size", str(bs),
         "--padding", cfg["padding"], "--num_train_epochs", str(-(-total_steps(cfg) // steps_per_window(cfg))),
@@ -136,12 +135,19 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
         argv += ["--beta", str(BETA)]
         if cfg.get("ref") == "precomputed":
             argv += ["--precompute_ref_log_probs"]
+    if cfg.get("lora_dim"):
+        argv += ["--lora_dim", str(cfg["lora_dim"]), "--lora_module_name", "layers.", "--only_optimize_lora"]
     args = module.parse_args(argv)
     init_distributed(args.local_rank)
     t0 = now()
     trainer = module.build(args)
     build_seconds = now() - t0
     rss_after_build = rss_mb()
+    alive_after_build = _count_live_causal_lms(torch, collect=False)
+    if cfg.get("collect_after_build"):  # diagnostic: what a gc.collect() at the end of build() would save
+        import gc
+
+        gc.collect()
 
     # The same samples in the same order as the other implementations: the first N items of our train set.
     loader = trainer.train_loader
@@ -151,12 +157,12 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     trainer.eval_loader = None
     _check_same_items(cfg, loader.dataset, items)
 
-    ends: list[float] = []
+    clock = Clock()
     engine_step = trainer.engine.step
 
     def timed_step(*a, **k):
         out = engine_step(*a, **k)
-        ends.append(now())
+        clock.tick()
         return out
 
     trainer.engine.step = timed_step
@@ -170,12 +176,13 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
         return metrics
 
     trainer.compute_loss = recorded_loss
-    start = now()
+    clock.start()
     trainer.train()
-    result = finish_train(cfg, items, ends, start, cfg["padding"], 8)
+    result = finish_train(cfg, items, clock, cfg["padding"], 8)
     alive = _count_live_causal_lms(torch)
     result.update(baseline_rss_mb=baseline, rss_after_build_mb=rss_after_build, build_seconds=build_seconds,
-                  first_loss=first_loss[0] if first_loss else None, live_causal_lm_models=alive)
+                  first_loss=first_loss[0] if first_loss else None, live_causal_lm_models=alive,
+                  live_causal_lm_models_after_build=alive_after_build)
     return result
 
 
@@ -193,11 +200,16 @@ def _check_same_items(cfg: dict, dataset, items: list) -> None:
             raise SystemExit(f"item {i}: our pipeline's token ids differ from tokens.pt; delete the work dir")
 
 
-def _count_live_causal_lms(torch) -> int:
-    """How many *ForCausalLM modules are still alive (a freed DPO reference must not be among them)."""
+def _count_live_causal_lms(torch, collect: bool = True) -> int:
+    """How many *ForCausalLM modules exist (a freed DPO reference must not be among them).
+
+    `collect=False` also counts unreachable ones that only a later cyclic GC pass would free: memory
+    that is still held while training starts.
+    """
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     return sum(1 for obj in gc.get_objects()
                if isinstance(obj, torch.nn.Module) and type(obj).__name__.endswith("ForCausalLM"))
 
@@ -233,12 +245,12 @@ def run_trl_train(cfg: dict, workdir: Path) -> dict:
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, use_cpu=True,
         train_sampling_strategy="sequential", dataloader_num_workers=0, seed=SEED, max_length=MAX_SEQ_LEN,
     )
-    ends: list[float] = []
+    clock = Clock()
     first_loss: list[float] = []
 
-    class Clock(TrainerCallback):
+    class Ticker(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002 - callback API
-            ends.append(now())
+            clock.tick()
 
     def record_first_loss(cls):
         class Recorded(cls):
@@ -259,7 +271,7 @@ def run_trl_train(cfg: dict, workdir: Path) -> dict:
         config = trl.SFTConfig(shuffle_dataset=False, packing=False, **common)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         trainer = record_first_loss(trl.SFTTrainer)(model=model, args=config, train_dataset=data,
-                                                      processing_class=tokenizer, callbacks=[Clock()])
+                                                      processing_class=tokenizer, callbacks=[Ticker()])
         multiple = None
     elif cfg["task"] == "rm":
         data = Dataset.from_dict({"chosen_ids": [c for c, _, _ in items], "rejected_ids": [r for _, r, _ in items]})
@@ -267,7 +279,7 @@ def run_trl_train(cfg: dict, workdir: Path) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer = record_first_loss(trl.RewardTrainer)(model=model, args=config, train_dataset=data,
-                                                         processing_class=tokenizer, callbacks=[Clock()])
+                                                         processing_class=tokenizer, callbacks=[Ticker()])
         multiple = None
     else:
         data = Dataset.from_dict({"prompt_ids": [c[:p] for c, _, p in items], "chosen_ids": [c[p:] for c, _, p in items],
@@ -275,12 +287,12 @@ def run_trl_train(cfg: dict, workdir: Path) -> dict:
         config = trl.DPOConfig(beta=BETA, precompute_ref_log_probs=cfg.get("ref") == "precomputed", **common)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         trainer = record_first_loss(trl.DPOTrainer)(model=model, args=config, train_dataset=data,
-                                                      processing_class=tokenizer, callbacks=[Clock()])
+                                                      processing_class=tokenizer, callbacks=[Ticker()])
         multiple = None
     rss_after_build = rss_mb()
-    start = now()
+    clock.start()
     trainer.train()
-    result = finish_train(cfg, items, ends, start, "longest", multiple)
+    result = finish_train(cfg, items, clock, "longest", multiple)
     result.update(baseline_rss_mb=baseline, rss_after_build_mb=rss_after_build,
                   first_loss=first_loss[0] if first_loss else None)
     return result
@@ -331,10 +343,10 @@ def run_bare_train(cfg: dict, workdir: Path) -> dict:
         nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
         return -nll.view(labels.shape).sum(dim=1)
 
-    ends: list[float] = []
+    clock = Clock()
     first_loss: list[float] = []
     rss_after_build = rss_mb()
-    start = now()
+    clock.start()
     for step in range(total_steps(cfg)):
         batch = batches[step % len(batches)]
         if task == "sft":
@@ -371,8 +383,8 @@ def run_bare_train(cfg: dict, workdir: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if not first_loss:
             first_loss.append(float(loss.detach()))
-        ends.append(now())
-    result = finish_train(cfg, items, ends, start, "longest", 8)
+        clock.tick()
+    result = finish_train(cfg, items, clock, "longest", 8)
     result.update(baseline_rss_mb=baseline, rss_after_build_mb=rss_after_build, first_loss=first_loss[0])
     return result
 
@@ -444,30 +456,28 @@ def run_gen(cfg: dict, workdir: Path) -> dict:
                     return engine.module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                                   do_sample=False, pad_token_id=pad, eos_token_id=eos,
                                                   synced_gpus=world > 1)
-    ends: list[float] = []
+    clock = Clock()
     answer_tokens: list[int] = []
     rss_after_build = rss_mb()
-    start = now()
+    clock.start()
     for _ in range(cfg["warmup_steps"] + cfg["windows"]):
         count = 0
         for batch in batches:
             seq = generate(batch["prompt"], batch["prompt_att_mask"])
             width = batch["prompt"].shape[1]
             count += int(answer_lengths(pad_after_eos(seq, width, eos, pad), width, pad).sum())
-        ends.append(now())
+        clock.tick()
         answer_tokens.append(count)
     counts = torch.tensor([float(answer_tokens[-1])])
     if world > 1:
         torch.distributed.all_reduce(counts)
-    windows = []
-    for w in range(cfg["warmup_steps"], len(ends)):
-        seconds = ends[w] - (ends[w - 1] if w else start)
-        if world > 1:  # the slowest rank sets the pace
-            t = torch.tensor([seconds])
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            seconds = float(t.item())
-        windows.append({"seconds": seconds, "useful_tokens": int(counts.item()), "padded_tokens": 0,
-                        "samples": cfg["samples_per_window"] * world})
+    windows = clock.windows(1, cfg["warmup_steps"], int(counts.item()), 0, cfg["samples_per_window"] * world)
+    if world > 1:  # wall: the slowest rank sets the pace; CPU: the work of all ranks
+        for w in windows:
+            wall, cpu = torch.tensor([w["seconds"]]), torch.tensor([w["cpu_seconds"]])
+            torch.distributed.all_reduce(wall, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(cpu)
+            w["seconds"], w["cpu_seconds"] = float(wall.item()), float(cpu.item())
     return {"windows": windows, "baseline_rss_mb": baseline, "rss_after_build_mb": rss_after_build,
             "answer_tokens_per_window": answer_tokens, "world_size": world}
 
@@ -502,18 +512,20 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
     generate_experience, train_rlhf = trainer.generate_experience, trainer.train_rlhf
 
     def timed_experience(prompts, mask, step):
-        t = now()
+        t, c = now(), time.process_time()
         exp = generate_experience(prompts, mask, step)
         total = now() - t
         gen = float(exp["generate_time"])
         phases.append({"generation": gen, "experience": total - gen, "answer_tokens": float(exp["generated_tokens"]),
-                       "rows": int(exp["input_ids"].shape[0]), "width": int(exp["input_ids"].shape[1])})
+                       "rows": int(exp["input_ids"].shape[0]), "width": int(exp["input_ids"].shape[1]),
+                       "cpu_experience": time.process_time() - c})
         return exp
 
     def timed_train(exp):
-        t = now()
+        t, c = now(), time.process_time()
         out = train_rlhf(exp)
         phases[-1]["training"] = now() - t
+        phases[-1]["cpu_training"] = time.process_time() - c
         return out
 
     trainer.generate_experience, trainer.train_rlhf = timed_experience, timed_train
@@ -523,6 +535,7 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
     measured = phases[cfg["warmup_steps"]:]
     return {"phases": measured, "train_seconds": wall, "build_seconds": build_seconds, "baseline_rss_mb": baseline,
             "windows": [{"seconds": p["generation"] + p["experience"] + p.get("training", 0.0),
+                         "cpu_seconds": p["cpu_experience"] + p.get("cpu_training", 0.0),
                          "useful_tokens": int(p["answer_tokens"]), "padded_tokens": 0, "samples": p["rows"]}
                         for p in measured]}
 

@@ -225,24 +225,23 @@ def test_two_ranks_zero3_ema_sampling_resume_and_deprecated_flags(assets, run_ds
 
 
 def test_reward_rises_on_a_fixed_reward_model(assets, run_ds, tmp_path):
-    """An easy task: maximise a fixed (random) reward model with sampled rollouts. A wrong sign anywhere
-    (advantages, ratio, reward placement) makes the mean reward fall or wander instead."""
-    prompts = tmp_path / "prompts16.jsonl"
-    extra = ["Where is the ball?", "What is in the box?", "Who likes cake?", "Why did Sam cry?",
-             "What did Mia find?", "Where do birds live?", "How does a fish swim?", "What color is the car?"]
-    prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: {q}\n\nAssistant:"}) + "\n"
-                               for q in QUESTIONS + extra))
+    """An easy task: one prompt, 4-token sampled answers, maximise a fixed (random) reward model. A wrong
+    sign anywhere (advantages, ratio, reward placement) makes the mean reward fall or wander instead.
+    Seeds 1-3 all rise from about -8 to about +7 within 10 steps; the check asks for +3."""
+    prompts = tmp_path / "one_prompt.jsonl"
+    prompts.write_text(json.dumps({"prompt": "\n\nHuman: Tell me a story.\n\nAssistant:"}) + "\n")
+    prompts.write_text(prompts.read_text() * 32)
     out = tmp_path / "rise"
-    argv = base_args(assets, out, data_path=prompts, per_device_generation_batch_size=8,
-                     per_device_training_batch_size=8, max_answer_seq_len=8, do_sample=True, num_train_epochs=10,
-                     max_steps=12, init_kl_coef=0.01, actor_learning_rate=3e-4, critic_learning_rate=1e-3,
-                     lr_scheduler_type="constant", clip_reward_value=100, ppo_epochs=2)
+    argv = base_args(assets, out, data_path=prompts, per_device_generation_batch_size=16,
+                     per_device_training_batch_size=16, max_answer_seq_len=4, do_sample=True, num_train_epochs=10,
+                     max_steps=10, init_kl_coef=0.0, whiten_advantages=True, actor_learning_rate=1e-3,
+                     critic_learning_rate=1e-3, lr_scheduler_type="constant", clip_reward_value=100, ppo_epochs=4)
     proc = run_ds(MAIN, argv, num_ranks=0, timeout=600)
     assert_ok(proc)
     rewards = [m["reward/mean"] for m in read_metrics(out / "metrics.jsonl")]
-    assert len(rewards) == 12
-    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert last > first + 1.0, rewards
+    assert len(rewards) == 10
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 3.0, rewards
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -262,7 +261,7 @@ def _run_in_process(argv: list[str]):
     ({"inference_tp_size": 2}, "--inference_tp_size 2: tensor-parallel generation needs --actor_zero_stage 3"),
     ({"actor_zero_stage": 2, "critic_zero_stage": 2, "enable_hybrid_engine": True, "offload": True},
      "without --actor_lora_dim is unsupported"),
-    ({"max_prompt_seq_len": 400, "max_answer_seq_len": 200}, "exceeds the actor's max_position_embeddings 512"),
+    ({"max_prompt_seq_len": 400, "max_answer_seq_len": 200}, "exceeds the max_position_embeddings 512"),
     ({"max_prompt_seq_len": 3}, "--max_prompt_seq_len"),
 ])
 def test_bad_input_is_one_line_exit_2(assets, tmp_path, capsys, overrides, message):

@@ -42,23 +42,6 @@ def log_init(model_name: str, start_time: float | None = None) -> float:
     return duration
 
 
-def match_zero3_dtype(model: torch.nn.Module, ds_config: dict) -> torch.nn.Module:
-    """Cast parameters created outside `zero.Init` (e.g. a reward model's `v_head`) to the ZeRO-3 dtype.
-
-    `zero.Init` materialises the base model directly in bf16/fp16; a head added afterwards stays fp32,
-    and DeepSpeed's ZeRO-3 then fails on mixed dtypes in one partition buffer. No-op otherwise.
-    """
-    if (ds_config.get("zero_optimization") or {}).get("stage") != 3:
-        return model
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else \
-        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
-    with torch.no_grad():
-        for param in model.parameters():
-            if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-    return model
-
-
 def frozen_ds_config(args, *, offload: bool, stage: int, dtype: str | None = None) -> dict:
     config = get_eval_ds_config(offload=offload, dtype=dtype or args.dtype, stage=stage)
     return set_batch_sizes(config, args.per_device_training_batch_size, 1, get_world_size())
@@ -181,7 +164,7 @@ class DeepSpeedRLHFEngine:
             args, zero_stage=args.critic_zero_stage, micro_batch_size=args.per_device_training_batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step3_critic",
         )
-        model = match_zero3_dtype(self._reward_model(path, ds_config, args.critic_zero_stage), ds_config)
+        model = self._reward_model(path, ds_config, args.critic_zero_stage)
         # The value head always trains (upstream froze it with --only_optimize_lora, leaving a random
         # projection of the LoRA features as the value estimate).
         model = apply_lora(model, args.critic_lora_dim, args.critic_lora_module_name, args.only_optimize_lora,
@@ -199,7 +182,7 @@ class DeepSpeedRLHFEngine:
         start = log_init("Reward")
         stage = 3 if args.critic_zero_stage == 3 else 0
         ds_config = frozen_ds_config(args, offload=args.offload_reward_model, stage=stage)
-        model = match_zero3_dtype(self._reward_model(path, ds_config, stage), ds_config)
+        model = self._reward_model(path, ds_config, stage)
         engine = initialize_frozen_engine(model, ds_config)
         log_init("Reward", start)
         return engine

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dschat.utils import args as flags
+from dschat.utils.build import check_context_length
 from dschat.utils.errors import UserError
 from dschat.utils.utils import print_rank_0
 
@@ -195,8 +196,7 @@ def parse_args(argv: list[str] | None = None):
 
 def validate_args(args) -> None:
     """Checks that need no model or data; raise UserError naming the flag."""
-    # validate_common knows only the single --lora_dim of steps 1-2; the actor/critic pair is checked below.
-    flags.validate_common(argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "only_optimize_lora"}))
+    flags.validate_common(args)
     flags.check_positive(args, "per_device_generation_batch_size", "per_device_training_batch_size",
                          "generation_batches", "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len",
                          "print_answers_interval", "inference_tp_size", "tp_gather_partition_size")
@@ -212,8 +212,6 @@ def validate_args(args) -> None:
                         "or enable actor LoRA")
     if args.enable_mixed_precision_lora and (args.actor_lora_dim <= 0 or args.actor_zero_stage != 3):
         raise UserError("--enable_mixed_precision_lora needs --actor_lora_dim > 0 and --actor_zero_stage 3")
-    if args.only_optimize_lora and args.actor_lora_dim <= 0 and args.critic_lora_dim <= 0:
-        raise UserError("--only_optimize_lora needs --actor_lora_dim > 0 or --critic_lora_dim > 0")
     if args.kl_target is not None and (args.kl_target <= 0 or args.kl_horizon <= 0):
         raise UserError(f"--kl_target {args.kl_target} --kl_horizon {args.kl_horizon}: both must be positive")
     if args.do_sample and args.temperature <= 0:
@@ -229,23 +227,8 @@ def validate_args(args) -> None:
 
 def check_actor_positions(args) -> None:
     """prompt + answer must fit the actor's position table (else generation indexes past it)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(args.actor_model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--actor_model_name_or_path {args.actor_model_name_or_path}: cannot load its config "
-                        f"({' '.join(str(err).split())[:200]})") from err
-    limit = None
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        limit = getattr(config, name, None)
-        if limit:
-            break
-    total = args.max_prompt_seq_len + args.max_answer_seq_len
-    if limit and total > limit:
-        raise UserError(f"--max_prompt_seq_len {args.max_prompt_seq_len} + --max_answer_seq_len "
-                        f"{args.max_answer_seq_len} = {total} exceeds the actor's max_position_embeddings "
-                        f"{limit}; lower them")
+    check_context_length(args.actor_model_name_or_path, "--actor_model_name_or_path",
+                         args.max_prompt_seq_len + args.max_answer_seq_len, "--max_prompt_seq_len + --max_answer_seq_len")
 
 
 # --------------------------------------------------------------------------------------------- build

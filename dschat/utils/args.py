@@ -154,8 +154,9 @@ def validate_common(args) -> None:
     if getattr(args, "deepspeed_config", None):
         raise UserError("--deepspeed_config: the DeepSpeed config is built from the flags here; drop "
                         "--deepspeed_config and use --zero_stage/--dtype/--offload")
-    if getattr(args, "only_optimize_lora", False) and getattr(args, "lora_dim", 0) <= 0:
-        raise UserError("--only_optimize_lora needs --lora_dim > 0")
+    lora_dims = {name: value for name, value in vars(args).items() if name.endswith("lora_dim")}
+    if getattr(args, "only_optimize_lora", False) and not any(v > 0 for v in lora_dims.values()):
+        raise UserError(f"--only_optimize_lora needs {' or '.join('--' + n for n in sorted(lora_dims))} > 0")
     if getattr(args, "resume", False) and not getattr(args, "output_dir", None):
         raise UserError("--resume needs --output_dir (the states live under OUTPUT_DIR/checkpoints)")
     model_path = getattr(args, "model_name_or_path", None)

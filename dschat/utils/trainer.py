@@ -70,7 +70,10 @@ class ResumableSampler(Sampler[int]):
 
 def make_loader(dataset: Dataset, batch_size: int, collate_fn, shuffle: bool, seed: int) -> DataLoader:
     sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
+    # Its own generator: a DataLoader iterator otherwise draws from the global RNG, and a resumed run
+    # would then sample (dropout, generation) differently from an uninterrupted one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def count_updates(num_samples: int, per_device_batch_size: int, gradient_accumulation_steps: int,

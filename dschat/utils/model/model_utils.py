@@ -262,6 +262,23 @@ def load_state_dict_zero3_aware(model: nn.Module, state: dict[str, torch.Tensor]
                             param.data.copy_(state[dot + name])
 
 
+def match_zero3_dtype(model: torch.nn.Module, ds_config: dict) -> torch.nn.Module:
+    """Cast parameters created outside `zero.Init` (e.g. a reward model's `v_head`) to the ZeRO-3 dtype.
+
+    `zero.Init` materialises the base model directly in bf16/fp16; a head added afterwards stays fp32,
+    and DeepSpeed's ZeRO-3 then fails on mixed dtypes in one partition buffer. No-op otherwise.
+    """
+    if (ds_config.get("zero_optimization") or {}).get("stage") != 3:
+        return model
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else \
+        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
+    with torch.no_grad():
+        for param in model.parameters():
+            if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model
+
+
 def create_critic_model(
     model_name_or_path: str,
     tokenizer: Any,
@@ -282,7 +299,8 @@ def create_critic_model(
     del zero_stage
     if not rlhf_training:
         base = create_hf_model(AutoModel, model_name_or_path, tokenizer, ds_config, False, dropout)
-        return RewardModel(base, tokenizer, num_padding_at_beginning, compute_fp32_loss, loss_type)
+        model = RewardModel(base, tokenizer, num_padding_at_beginning, compute_fp32_loss, loss_type)
+        return match_zero3_dtype(model, ds_config or {})
     model_dir = resolve_model_dir(model_name_or_path)
     files = find_reward_weights(model_dir)
     state = load_weight_files(files)  # read and checked on every rank, so all ranks fail alike
@@ -291,7 +309,7 @@ def create_critic_model(
     source = files[0] if len(files) == 1 else os.path.join(model_dir, "<shards>")
     check_reward_state_dict(model, state, source)
     load_state_dict_zero3_aware(model, state)
-    return model
+    return match_zero3_dtype(model, ds_config or {})
 
 
 def reward_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
