@@ -280,7 +280,8 @@ def plot(rows: dict[str, dict], out_dir: Path, mode: str) -> list[str]:
         ax.set_xlabel("per-device batch size (pairs for RM/DPO)")
         ax.set_ylabel("non-pad tokens / s (median window)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if curves:
+            ax.legend(fontsize=7)
     fig.suptitle(f"dschat-mpo benchmark ({mode}); solid: tinystories-260k, dashed: random 3M Llama")
     fig.tight_layout()
     path = out_dir / f"{mode}_throughput_vs_batch.png"

@@ -22,9 +22,9 @@ import torch
 
 from dschat.utils.build import (
     apply_lora,
-    enable_gradient_checkpointing,
     initialize_engine,
     initialize_frozen_engine,
+    set_gradient_checkpointing,
     train_ds_config,
 )
 from dschat.utils.dist import get_world_size, on_cpu
@@ -75,7 +75,7 @@ class DeepSpeedRLHFEngine:
         self.critic = self._init_critic(critic_model_name_or_path)
         self.reward = self._init_reward(critic_model_name_or_path)
         if args.critic_gradient_checkpointing:
-            enable_gradient_checkpointing(self.critic.module)
+            set_gradient_checkpointing(self.critic.module)
 
     # ---- models
     def _causal_lm(self, path: str, ds_config: dict, dropout: float | None):

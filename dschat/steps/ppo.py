@@ -13,7 +13,6 @@ import argparse
 import math
 import os
 import random
-import signal
 import sys
 import time
 from collections import defaultdict
@@ -24,8 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from dschat.utils import args as flags
-from dschat.utils.build import check_context_length
+from dschat.utils.build import check_context_length, set_gradient_checkpointing
 from dschat.utils.errors import UserError
+from dschat.utils.trainer import ResumableRun
 from dschat.utils.utils import print_rank_0
 
 STEP3_DEFAULT_LORA_MODULE = "decoder.layers."
@@ -319,17 +319,7 @@ def _resolved(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
-def _set_gradient_checkpointing(module: torch.nn.Module, enabled: bool) -> None:
-    names = ("activation_checkpointing_enable", "gradient_checkpointing_enable") if enabled else \
-        ("activation_checkpointing_disable", "gradient_checkpointing_disable")
-    for name in names:
-        method = getattr(module, name, None)
-        if method is not None:
-            method()
-            return
-
-
-class PPOLoop:
+class PPOLoop(ResumableRun):
     """Epochs over the prompts; every `generation_batches` rollouts one PPO update ("step")."""
 
     name = "step3"
@@ -408,39 +398,6 @@ class PPOLoop:
         self.reward_ema.ema = state.get("reward_ema")
         self.non_overflow_steps = int(state.get("non_overflow_steps", self.global_step))
 
-    def save_state(self) -> None:
-        from dschat.utils.checkpoint import save_training_state
-
-        if not self.args.output_dir:
-            return
-        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state()}
-        path = save_training_state(self.args.output_dir, self.global_step, self.engines(), state,
-                                   save_total_limit=self.args.save_total_limit, rank_state=self.rank_state())
-        print_rank_0(f"Saved training state to {path}")
-
-    def _maybe_resume(self) -> None:
-        from dschat.utils.checkpoint import find_latest_state, load_training_state
-
-        if not self.args.resume:
-            return
-        state_dir = find_latest_state(self.args.output_dir)
-        if state_dir is None:
-            print_rank_0(f"--resume: no complete training state under {self.args.output_dir}/checkpoints; "
-                         "starting from scratch")
-            return
-        state, per_rank = load_training_state(state_dir, self.engines())
-        self.load_rank_state(per_rank)
-        self.global_step = state["global_step"]
-        self.epoch = state["epoch"]
-        self.step_in_epoch = state["step_in_epoch"]
-        self.load_extra_state(state.get("extra", {}))
-        self.logger.truncate_after(self.global_step)
-        print_rank_0(f"Resumed from {state_dir} (epoch {self.epoch}, PPO step {self.global_step}, "
-                     f"{self.step_in_epoch} prompt batches into the epoch)")
-
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal API
-        self._stop_requested = True
-
     # ---- loop
     def _done(self) -> bool:
         args = self.args
@@ -458,13 +415,12 @@ class PPOLoop:
         from dschat.utils.dist import barrier
 
         self._write_run_info(final=False)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            self._maybe_resume()
-            print_rank_0(f"***** Running training (total_iters={self.num_total_iters}) *****")
-            self._run_epochs()
+            with self.sigterm_saves_state():
+                self._maybe_resume()
+                print_rank_0(f"***** Running training (total_iters={self.num_total_iters}) *****")
+                self._run_epochs()
         finally:
-            signal.signal(signal.SIGTERM, previous)
             self.logger.close()
         barrier()
 
@@ -472,7 +428,7 @@ class PPOLoop:
         from tqdm.auto import tqdm
 
         from dschat.utils.data.data_utils import MiniDataset
-        from dschat.utils.dist import any_rank_true, is_rank_0
+        from dschat.utils.dist import is_rank_0
         from dschat.utils.utils import to_device
 
         args = self.args
@@ -509,12 +465,7 @@ class PPOLoop:
                     unsup_batches = [None] * len(exp_batches)
                 self._train_round(exp_batches, unsup_batches)
                 bar.update(1)
-                if args.save_steps and self.global_step % args.save_steps == 0:
-                    self.save_state()
-                if any_rank_true(self._stop_requested):
-                    print_rank_0("SIGTERM received: saving a training state before exiting")
-                    self.save_state()
-                    raise SystemExit(143)
+                self.after_step()
                 if self._done():
                     break
             bar.close()
@@ -549,7 +500,7 @@ class PPOLoop:
         engine = self.rlhf_engine
         start = time.time()
         if args.actor_gradient_checkpointing:
-            _set_gradient_checkpointing(engine.actor.module, True)
+            set_gradient_checkpointing(engine.actor.module, True)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         count = 0
         for _ in range(args.ppo_epochs):
@@ -568,7 +519,7 @@ class PPOLoop:
             random.shuffle(exp_batches)
             random.shuffle(unsup_batches)
         if args.actor_gradient_checkpointing:
-            _set_gradient_checkpointing(engine.actor.module, False)
+            set_gradient_checkpointing(engine.actor.module, False)
         train_time = time.time() - start
         self.global_step += 1
         if not self.trainer.overflowed():

@@ -11,10 +11,10 @@ from dschat.utils.build import (
     apply_lora,
     build_tokenizer,
     check_context_length,
-    enable_gradient_checkpointing,
     end_of_text,
     fuse_lora,
     initialize_engine,
+    set_gradient_checkpointing,
     train_ds_config,
 )
 from dschat.utils.data.data_utils import DataCollatorSFT, create_prompt_dataset
@@ -89,7 +89,7 @@ def build(args) -> SFTTrainer:
         causal_lm_model_to_fp32_loss(model)
     model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        set_gradient_checkpointing(model)
     collator = DataCollatorSFT(tokenizer.pad_token_id, args.max_seq_len, padding=args.padding)
     steps = count_updates(len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,
                           args.num_train_epochs, args.max_steps)

@@ -74,10 +74,10 @@ def apply_lora(model: torch.nn.Module, lora_dim: int, module_name: str, only_opt
     return model
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def set_gradient_checkpointing(model: torch.nn.Module, enabled: bool = True) -> None:
     """transformers 5 renamed gradient to activation checkpointing; accept either spelling."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    prefix = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    getattr(model, f"{prefix}_{'enable' if enabled else 'disable'}")()
 
 
 def fuse_lora(model: torch.nn.Module) -> None:

@@ -7,6 +7,7 @@ cadence, logging (tqdm, console, TensorBoard, metrics.jsonl), periodic full stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -150,7 +151,84 @@ def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
 # --------------------------------------------------------------------------------------------- trainer
 
 
-class Trainer:
+class ResumableRun:
+    """State bookkeeping every training loop shares: position counters, full-state save/resume, SIGTERM.
+
+    Subclasses set `args`, `logger` and the counters, and describe what goes into a state through
+    `engines()`, `extra_state()` / `load_extra_state()` (JSON) and `rank_state()` / `load_rank_state()`
+    (per-rank tensors).
+    """
+
+    global_step = 0     # optimizer (or PPO) steps done
+    epoch = 0
+    step_in_epoch = 0   # batches consumed in the current epoch
+    _stop_requested = False
+
+    def engines(self) -> dict:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def rank_state(self) -> dict:
+        return {}
+
+    def load_rank_state(self, state: dict) -> None:
+        pass
+
+    def _maybe_resume(self) -> None:
+        if not self.args.resume:
+            return
+        state_dir = find_latest_state(self.args.output_dir)
+        if state_dir is None:
+            print_rank_0(f"--resume: no complete training state under {self.args.output_dir}/checkpoints; "
+                         "starting from scratch")
+            return
+        state, per_rank = load_training_state(state_dir, self.engines())
+        self.load_rank_state(per_rank)
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.load_extra_state(state.get("extra", {}))
+        self.logger.truncate_after(self.global_step)
+        print_rank_0(f"Resumed from {state_dir} (epoch {self.epoch}, optimizer step {self.global_step}, "
+                     f"{self.step_in_epoch} batches into the epoch)")
+
+    def save_state(self) -> None:
+        if not self.args.output_dir:
+            return
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state()}
+        path = save_training_state(self.args.output_dir, self.global_step, self.engines(), state,
+                                   save_total_limit=self.args.save_total_limit, rank_state=self.rank_state())
+        print_rank_0(f"Saved training state to {path}")
+
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal API
+        self._stop_requested = True
+
+    @contextlib.contextmanager
+    def sigterm_saves_state(self):
+        """While training, SIGTERM only sets a flag; the loop saves a state at the next step and exits."""
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def after_step(self) -> None:
+        """Periodic state, crash-test hook, and a clean exit (code 143) after SIGTERM on any rank."""
+        if self.args.save_steps and self.global_step % self.args.save_steps == 0:
+            self.save_state()
+        maybe_inject_kill("after_step", self.global_step)
+        if any_rank_true(self._stop_requested):
+            print_rank_0("SIGTERM received: saving a training state before exiting")
+            self.save_state()
+            raise SystemExit(143)
+
+
+class Trainer(ResumableRun):
     """Base loop. `engine` is the trained DeepSpeed engine; batches are dicts of tensors."""
 
     name = "train"
@@ -186,12 +264,6 @@ class Trainer:
     def engines(self) -> dict:
         return {"model": self.engine}
 
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
     # ---- the loop
     @property
     def updates_per_epoch(self) -> int:
@@ -202,50 +274,20 @@ class Trainer:
         return count_updates(self.train_loader.sampler.dataset_len, self.args.per_device_train_batch_size,
                              self.args.gradient_accumulation_steps, self.args.num_train_epochs, self.args.max_steps)
 
-    def _maybe_resume(self) -> None:
-        if not self.args.resume:
-            return
-        state_dir = find_latest_state(self.args.output_dir)
-        if state_dir is None:
-            print_rank_0(f"--resume: no complete training state under {self.args.output_dir}/checkpoints; "
-                         "starting from scratch")
-            return
-        state, _ = load_training_state(state_dir, self.engines())
-        self.global_step = state["global_step"]
-        self.epoch = state["epoch"]
-        self.step_in_epoch = state["step_in_epoch"]
-        self.load_extra_state(state.get("extra", {}))
-        self.logger.truncate_after(self.global_step)
-        print_rank_0(f"Resumed from {state_dir} (epoch {self.epoch}, optimizer step {self.global_step})")
-
-    def save_state(self) -> None:
-        if not self.args.output_dir:
-            return
-        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state()}
-        path = save_training_state(self.args.output_dir, self.global_step, self.engines(), state,
-                                   save_total_limit=self.args.save_total_limit)
-        print_rank_0(f"Saved training state to {path}")
-
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal API
-        self._stop_requested = True
-
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
             self.logger.log(self.global_step, "eval", metrics)
 
     def train(self) -> None:
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._maybe_resume()
-        total = self.total_updates()
-        print_rank_0(f"***** Running training ({self.name}): {len(self.train_loader.sampler) * get_world_size()} "
-                     f"samples, {total} optimizer steps *****")
-        if self.global_step == 0 and self.step_in_epoch == 0:
-            self._log_eval()
-        try:
+        with self.sigterm_saves_state():
+            self._maybe_resume()
+            total = self.total_updates()
+            print_rank_0(f"***** Running training ({self.name}): {len(self.train_loader.sampler) * get_world_size()} "
+                         f"samples, {total} optimizer steps *****")
+            if self.global_step == 0 and self.step_in_epoch == 0:
+                self._log_eval()
             self._run_epochs(total)
-        finally:
-            signal.signal(signal.SIGTERM, previous_handler)
         self.logger.close()
 
     def _run_epochs(self, total: int) -> None:
@@ -295,13 +337,7 @@ class Trainer:
                 eval_interval = getattr(args, "eval_interval", 0)
                 if eval_interval and self.global_step % eval_interval == 0:
                     self._log_eval()
-                if args.save_steps and self.global_step % args.save_steps == 0:
-                    self.save_state()
-                maybe_inject_kill("after_step", self.global_step)
-                if any_rank_true(self._stop_requested):
-                    print_rank_0("SIGTERM received: saving a training state before exiting")
-                    self.save_state()
-                    raise SystemExit(143)
+                self.after_step()
                 if self.global_step >= total:
                     break
             bar.close()
