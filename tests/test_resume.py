@@ -1,6 +1,6 @@
-"""Resumable training states for step 1 (the shared loop): a run killed after a saved state and resumed
-ends with the same weights and the same logged losses as an uninterrupted run; a kill during a state
-write leaves the previous state usable."""
+"""Resumable training states for step 1 and step 3b (the shared loop; step 3 is covered in
+test_step3.py): a run killed after a saved state and resumed ends with the same weights and the same
+logged losses as an uninterrupted run; a kill during a state write leaves the previous state usable."""
 
 from __future__ import annotations
 
@@ -13,16 +13,25 @@ from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEP1 = REPO_ROOT / "training/step1_supervised_finetuning/main.py"
+DPO = REPO_ROOT / "step3b_dpo/main.py"
 
 
-def _flags(assets, out: Path, cache: Path, zero_stage: int) -> list[str]:
+def _flags(assets, out: Path, cache: Path, zero_stage: int, extra: list[str]) -> list[str]:
     return [
         "--data_path", assets["data_dir"], "--data_split", "2,4,4", "--model_name_or_path", assets["model_dir"],
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--max_seq_len", "64",
         "--learning_rate", "3e-3", "--num_train_epochs", "1", "--max_steps", "8", "--num_warmup_steps", "2",
         "--log_interval", "1", "--save_steps", "3", "--save_total_limit", "3", "--zero_stage", str(zero_stage),
-        "--data_output_path", str(cache), "--output_dir", str(out),
+        "--data_output_path", str(cache), "--output_dir", str(out), *extra,
     ]
+
+
+CASES = {
+    "sft-zero0": (STEP1, 0, []),
+    "sft-zero3": (STEP1, 3, []),
+    "dpo-zero0": (DPO, 0, ["--precompute_ref_log_probs", "--learning_rate", "1e-3"]),
+    "dpo-zero3": (DPO, 3, ["--learning_rate", "1e-3"]),  # resident ZeRO-3 reference model
+}
 
 
 def _train_losses(out: Path) -> list[tuple[int, float]]:
@@ -30,28 +39,29 @@ def _train_losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if r["phase"] == "train"]
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_killed_then_resumed_equals_uninterrupted(zero_stage, assets, tmp_path, run_ds):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_killed_then_resumed_equals_uninterrupted(case, assets, tmp_path, run_ds):
+    script, zero_stage, extra = CASES[case]
     cache = tmp_path / "cache"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    proc = run_ds(STEP1, _flags(assets, straight, cache, zero_stage), num_ranks=0)
+    proc = run_ds(script, _flags(assets, straight, cache, zero_stage, extra), num_ranks=0)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # Killed (SIGKILL) right after optimizer step 5: the newest complete state is step 3.
-    proc = run_ds(STEP1, _flags(assets, resumed, cache, zero_stage), num_ranks=0,
+    proc = run_ds(script, _flags(assets, resumed, cache, zero_stage, extra), num_ranks=0,
                   env={"DSCHAT_KILL_AT": "after_step:5"})
     assert proc.returncode != 0
     assert (resumed / "checkpoints/step-3/trainer_state.json").exists()
     assert not (resumed / "config.json").exists()
 
     # Killed while writing the step-6 state: step 3 must stay the newest usable state.
-    proc = run_ds(STEP1, _flags(assets, resumed, cache, zero_stage) + ["--resume"], num_ranks=0,
+    proc = run_ds(script, _flags(assets, resumed, cache, zero_stage, extra) + ["--resume"], num_ranks=0,
                   env={"DSCHAT_KILL_AT": "during_save:6"})
     assert proc.returncode != 0
     assert not (resumed / "checkpoints/step-6").exists()
     assert "Resumed from" in proc.stdout
 
-    proc = run_ds(STEP1, _flags(assets, resumed, cache, zero_stage) + ["--resume"], num_ranks=0)
+    proc = run_ds(script, _flags(assets, resumed, cache, zero_stage, extra) + ["--resume"], num_ranks=0)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step-3" in proc.stdout and "optimizer step 3" in proc.stdout
 
