@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from dschat.utils.utils import atomic_directory, atomic_write_text
 from mpo_ext import synthetic
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -33,19 +33,8 @@ def _round_up(n: int, multiple: int = 8) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a completed temp dir onto `dest`; an existing `dest` is removed only after tmp is complete."""
-    if dest.exists():
-        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def build_tokenizer(texts: Iterable[str], model_max_length: int = 256):
@@ -107,11 +96,7 @@ def build_tiny_model(
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
     dest = Path(output_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(dest, keep_existing=False) as tmp:
         tokenizer = build_tokenizer(texts, model_max_length=max_position_embeddings)
         tokenizer.save_pretrained(str(tmp))
         # Portable class name (transformers 4.x and 5.x both load it) + the classic special-tokens map.
@@ -152,10 +137,6 @@ def build_tiny_model(
             "vocab_size": config.vocab_size,
             "tokenizer_size": len(tokenizer),
         })
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

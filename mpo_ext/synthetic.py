@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dschat.utils.utils import atomic_write_text
+
 SYNTHETIC_TASK_NAME = "mpo-synthetic"
 
 # --- Task definition --------------------------------------------------------------------------------
@@ -280,15 +282,6 @@ def generate_records(num: int, split: str, seed: int, label_beta: float = 1.0) -
 
 
 # --- Files ------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _summary(records: list[dict]) -> dict:
     n = len(records)
     return {
@@ -322,7 +315,7 @@ def make_synthetic_dataset(
         "test": generate_records(num_test, "test", seed, label_beta),
     }
     for name, records in splits.items():
-        _atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     all_max = [max_gold(p) for p in all_prompts()]
     manifest = {
         "task": SYNTHETIC_TASK_NAME,
@@ -335,7 +328,7 @@ def make_synthetic_dataset(
         "train": _summary(splits["train"]),
         "test": _summary(splits["test"]),
     }
-    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
