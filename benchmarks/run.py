@@ -29,6 +29,8 @@ sys.path.insert(0, str(HERE))
 
 from common import HH_TEST, REPO, TINYSTORIES, machine_info, median, write_json  # noqa: E402
 
+# Prototyped inside the benchmark process only (see worker._apply_proposed_fixes); proposed for dschat/mpo_ext.
+FIXES = ("collect_after_build", "no_single_rank_allreduce", "drop_right_pad_mask")
 TARGETS = {"vs_trl": 1.3, "vs_bare": 0.85, "precomputed_memory": 0.7, "generation": 0.9}
 TASKS = ("sft", "rm", "dpo")
 
@@ -58,14 +60,23 @@ def plan(quick: bool, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
                 variants += [("bare", {"impl": "bare"}), ("ours-maxlen", {"impl": "ours", "padding": "max_length"})]
                 if task == "dpo":
                     variants.append(("ours-precomp", {"impl": "ours", "ref": "precomputed"}))
+                    if with_trl and bs == max(spec["batch_sizes"]) and not quick:
+                        variants.append(("trl-precomp", {"impl": "trl", "ref": "precomputed"}))
+                if bs == max(spec["batch_sizes"]) and not quick:  # prototypes of the fixes proposed in README
+                    variants.append(("ours+fix", {"impl": "ours", "fixes": list(FIXES)}))
+                    if task == "dpo":
+                        variants.append(("ours-precomp+fix", {"impl": "ours", "ref": "precomputed",
+                                                              "fixes": list(FIXES)}))
                 for label, extra in variants:
                     configs.append({**base, **extra, "name": f"{task}/{model}/bs{bs}/{label}", "label": label})
     if not quick:  # memory: a ~50M model whose weights, not activations, dominate; small data file
         base = {"kind": "train", "task": "dpo", "impl": "ours", "model": "wide", "batch_size": 1, "data": "small",
                 "padding": "longest", "samples_per_window": 2, "windows": 1, "warmup_steps": 1}
         for label, extra in (("ours", {"ref": "resident"}), ("ours-precomp", {"ref": "precomputed"}),
+                             ("ours+fix", {"ref": "resident", "fixes": list(FIXES)}),
+                             ("ours-precomp+fix", {"ref": "precomputed", "fixes": list(FIXES)}),
                              ("ours-lora", {"ref": "resident", "lora_dim": 8}),
-                             ("ours-lora-precomp", {"ref": "precomputed", "lora_dim": 8}),
+                             ("ours-lora-precomp+fix", {"ref": "precomputed", "lora_dim": 8, "fixes": list(FIXES)}),
                              ("bare", {"impl": "bare"})):
             configs.append({**base, **extra, "name": f"dpo-mem/wide/bs1/{label}", "label": label})
     for model in models:
@@ -177,44 +188,56 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+# (numerator label, denominator label, metric, target key or None, comparison, what it shows)
+RATIOS = (
+    ("ours", "trl", "cpu_tokens_per_second", "vs_trl", ">=", "ours/TRL useful tok per CPU-s"),
+    ("ours", "bare", "cpu_tokens_per_second", "vs_bare", ">=", "ours/bare useful tok per CPU-s"),
+    ("ours", "trl", "tokens_per_second", None, ">=", "ours/TRL useful tok/s (wall)"),
+    ("ours", "bare", "tokens_per_second", None, ">=", "ours/bare useful tok/s (wall)"),
+    ("ours", "ours-maxlen", "cpu_tokens_per_second", None, ">=", "padding longest/max_length tok per CPU-s"),
+    ("ours-precomp", "trl-precomp", "cpu_tokens_per_second", "vs_trl", ">=", "both precomputed: ours/TRL"),
+    ("ours-precomp", "trl", "cpu_tokens_per_second", None, ">=", "ours precomputed / TRL resident"),
+    ("ours+fix", "trl", "cpu_tokens_per_second", "vs_trl", ">=", "ours+fixes/TRL tok per CPU-s"),
+    ("ours+fix", "bare", "cpu_tokens_per_second", "vs_bare", ">=", "ours+fixes/bare tok per CPU-s"),
+    ("ours+fix", "ours", "cpu_tokens_per_second", None, ">=", "effect of the proposed fixes (speed)"),
+    ("ours+fix", "ours", "peak_rss_mb", None, "<=", "effect of the proposed fixes (peak RSS)"),
+    ("ours-precomp", "ours", "peak_rss_mb", "precomputed_memory", "<=", "precomputed/resident peak RSS"),
+    ("ours-precomp", "ours", "peak_above_baseline_mb", None, "<=", "precomputed/resident peak above imports"),
+    ("ours-precomp+fix", "ours", "peak_rss_mb", "precomputed_memory", "<=",
+     "precomputed+fixes / resident (today) peak RSS"),
+    ("ours-precomp+fix", "ours+fix", "peak_rss_mb", "precomputed_memory", "<=",
+     "precomputed+fixes / resident+fixes peak RSS"),
+    ("ours-precomp+fix", "ours+fix", "peak_above_baseline_mb", None, "<=",
+     "precomputed+fixes / resident+fixes peak above imports"),
+    ("ours-lora-precomp+fix", "ours-lora", "peak_rss_mb", "precomputed_memory", "<=",
+     "LoRA: precomputed+fixes / resident peak RSS"),
+    ("ours", "bare", "peak_rss_mb", None, "<=", "ours/bare peak RSS"),
+    ("ours", "trl", "peak_rss_mb", None, "<=", "ours/TRL peak RSS"),
+)
+
+
 def compare(rows: dict[str, dict]) -> list[dict]:
-    """Ratios the targets are about, one record per comparison."""
-    out = []
+    """The ratios the targets are about, for every group (task/model/batch) where both sides ran."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for name, row in rows.items():
-        cfg = row["config"]
-        prefix = name.rsplit("/", 1)[0]
-        if cfg["kind"] == "train" and row["config"]["label"] == "ours":
-            trl, bare = rows.get(f"{prefix}/trl", {}), rows.get(f"{prefix}/bare", {})
-            maxlen, precomp = rows.get(f"{prefix}/ours-maxlen", {}), rows.get(f"{prefix}/ours-precomp", {})
-            for key, unit in (("cpu_tokens_per_second", "tok/cpu-s"), ("tokens_per_second", "tok/s wall")):
-                mine = row.get(key)
-                primary = key == "cpu_tokens_per_second"
-                out.append({"what": f"{prefix} ours/trl {unit}", "value": _ratio(mine, trl.get(key)),
-                            "target": TARGETS["vs_trl"] if primary else None, "cmp": ">="})
-                out.append({"what": f"{prefix} ours/bare {unit}", "value": _ratio(mine, bare.get(key)),
-                            "target": TARGETS["vs_bare"] if primary else None, "cmp": ">="})
-                out.append({"what": f"{prefix} longest/max_length {unit}", "value": _ratio(mine, maxlen.get(key)),
-                            "target": None, "cmp": ""})
-            if precomp:
-                out.append({"what": f"{prefix} precomputed/resident peak RSS",
-                            "value": _ratio(precomp.get("peak_rss_mb"), row.get("peak_rss_mb")),
-                            "target": TARGETS["precomputed_memory"], "cmp": "<="})
-                out.append({"what": f"{prefix} precomputed/resident peak above baseline",
-                            "value": _ratio(precomp.get("peak_above_baseline_mb"), row.get("peak_above_baseline_mb")),
-                            "target": None, "cmp": ""})
-        if name.startswith("dpo-mem/") and cfg["label"] in ("ours-precomp", "ours-lora-precomp"):
-            resident = rows.get(f"{prefix}/{cfg['label'].replace('-precomp', '')}", {})
-            out.append({"what": f"{name} / resident peak RSS",
-                        "value": _ratio(row.get("peak_rss_mb"), resident.get("peak_rss_mb")),
-                        "target": TARGETS["precomputed_memory"], "cmp": "<="})
-            out.append({"what": f"{name} / resident peak above baseline",
-                        "value": _ratio(row.get("peak_above_baseline_mb"), resident.get("peak_above_baseline_mb")),
-                        "target": None, "cmp": ""})
-        if cfg["kind"] == "gen" and cfg["impl"] == "ours":
-            bare = rows.get(f"{prefix}/bare", {})
-            for key, unit in (("cpu_tokens_per_second", "tok/cpu-s"), ("tokens_per_second", "tok/s wall")):
-                out.append({"what": f"{prefix} ours/bare gen {unit}", "value": _ratio(row.get(key), bare.get(key)),
-                            "target": TARGETS["generation"] if key.startswith("cpu") else None, "cmp": ">="})
+        prefix, label = name.rsplit("/", 1)
+        groups[prefix][label] = row
+    out = []
+    for prefix, members in groups.items():
+        kind = next(iter(members.values()))["config"]["kind"]
+        if kind == "gen":
+            for key, unit, target in (("cpu_tokens_per_second", "per CPU-s", "generation"),
+                                      ("tokens_per_second", "wall", None)):
+                value = _ratio(members.get("ours", {}).get(key), members.get("bare", {}).get(key))
+                if value is not None:
+                    out.append({"what": f"{prefix}: ours/bare generated tok ({unit})", "value": value,
+                                "target": TARGETS.get(target) if target else None, "cmp": ">="})
+            continue
+        for num, den, key, target, cmp, what in RATIOS:
+            value = _ratio(members.get(num, {}).get(key), members.get(den, {}).get(key))
+            if value is not None:
+                out.append({"what": f"{prefix}: {what}", "value": value,
+                            "target": TARGETS[target] if target else None, "cmp": cmp})
     for rec in out:
         v, t = rec["value"], rec["target"]
         rec["met"] = None if v is None or t is None else (v >= t if rec["cmp"] == ">=" else v <= t)
@@ -229,30 +252,30 @@ def _f(value: Any, fmt: str = "{:.0f}") -> str:
 
 
 def print_tables(rows: dict[str, dict], comparisons: list[dict]) -> None:
-    header = (f"{'configuration':34} {'tok/s':>8} {'tok/cpu':>8} {'samp/s':>7} {'win s':>6} {'pad%':>5} "
+    header = (f"{'configuration':40} {'tok/s':>8} {'tok/cpu':>8} {'samp/s':>7} {'win s':>6} {'pad%':>5} "
               f"{'peakMB':>7} {'+base':>6} {'wall s':>6} {'loss0':>7}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, row in rows.items():
         if row.get("errors") and "tokens_per_second" not in row:
-            print(f"{name:34} ERROR {row['errors'][0]['error']} (log: {row['errors'][0]['log']})")
+            print(f"{name:40} ERROR {row['errors'][0]['error']} (log: {row['errors'][0]['log']})")
             continue
         pad = None
         if row.get("padded_tokens_per_window"):
             pad = 100 * (1 - row["useful_tokens_per_window"] / row["padded_tokens_per_window"])
-        print(f"{name:34} {_f(row['tokens_per_second']):>8} {_f(row['cpu_tokens_per_second']):>8} "
+        print(f"{name:40} {_f(row['tokens_per_second']):>8} {_f(row['cpu_tokens_per_second']):>8} "
               f"{_f(row['samples_per_second'], '{:.2f}'):>7} {_f(row['median_window_seconds'], '{:.2f}'):>6} "
               f"{_f(pad):>5} {_f(row['peak_rss_mb']):>7} {_f(row['peak_above_baseline_mb']):>6} "
               f"{_f(row['wall_seconds'], '{:.1f}'):>6} {_f(row['first_loss'], '{:.4f}'):>7}")
         if "phases" in row:
             ph = row["phases"]
             total = sum(ph.values())
-            print(f"{'':34} PPO step: generation {ph['generation']:.2f}s, experience {ph['experience']:.2f}s, "
+            print(f"{'':40} PPO step: generation {ph['generation']:.2f}s, experience {ph['experience']:.2f}s, "
                   f"training {ph['training']:.2f}s (total {total:.2f}s, {row['answer_tokens']:.0f} answer tokens)")
-    print("\ncomparison" + " " * 48 + "ratio   target  met")
+    print("\ncomparison" + " " * 64 + "ratio   target  met")
     for rec in comparisons:
         met = {True: "yes", False: "NO", None: ""}[rec["met"]]
         target = f"{rec['cmp']}{rec['target']}" if rec["target"] is not None else ""
-        print(f"{rec['what']:56} {_f(rec['value'], '{:.2f}'):>6} {target:>8}  {met}")
+        print(f"{rec['what']:72} {_f(rec['value'], '{:.2f}'):>6} {target:>8}  {met}")
 
 
 def plot(rows: dict[str, dict], out_dir: Path, mode: str) -> list[str]:

@@ -241,9 +241,9 @@ def run_plan(plan: list[Stage], out: Path, dry_run: bool = False, force: bool = 
         log_path = logs / f"{stage.name}.log"
         print(f"[pipeline] ---=== Running {stage.name} ===--- (log: {log_path})", flush=True)
         start = time.time()
-        env = {**os.environ, **stage.env, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {**_job_env(), **stage.env}
         with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.Popen(stage.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            proc = subprocess.Popen(_with_free_port(stage.command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env=env, cwd=REPO_ROOT, bufsize=1)
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -263,6 +263,28 @@ def run_plan(plan: list[Stage], out: Path, dry_run: bool = False, force: bool = 
     if not dry_run:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _with_free_port(command: list[str]) -> list[str]:
+    """A single-node launcher run gets a free rendezvous port, so two runs on one machine never collide."""
+    if command[:1] != ["deepspeed"] or any(c.startswith(("--master_port", "--hostfile")) for c in command):
+        return command
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [command[0], "--master_port", str(port), *command[1:]]
+
+
+def _job_env() -> dict[str, str]:
+    """Each stage is a job of its own: the repo importable, no rendezvous inherited from the caller."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return env
 
 
 def _worth_echoing(line: str) -> bool:

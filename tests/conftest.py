@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+            "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
 SHARED_ROOT = Path(os.environ.get("DSCHAT_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 
@@ -54,13 +56,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child job: the repo importable, no rendezvous inherited from this process."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra)
+    return env
+
+
 def run_command(cmd: list[str], cwd: Path | str | None = None, timeout: int = 900, env: dict | None = None):
     """Run a command, return the CompletedProcess; output is kept for assertion messages."""
-    full_env = dict(os.environ)
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
-    full_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-    if env:
-        full_env.update(env)
+    full_env = child_env(**(env or {}))
     return subprocess.run(
         cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )

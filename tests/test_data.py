@@ -262,8 +262,8 @@ def test_hh_file_autodetected_empty_answers_skipped(tmp_path, tiny_tokenizer, sh
 
 def test_prompt_only_file(tmp_path, tiny_tokenizer):
     f = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"\n\nHuman: q{i}\n\nAssistant:"} for i in range(10)])
-    train, _ = build(tiny_tokenizer, [str(f)], 3, tmp_path / "out")
-    assert len(train) == 9
+    train, evaluation = build(tiny_tokenizer, [str(f)], 3, tmp_path / "out")
+    assert len(train) == 10 and len(evaluation) == 0  # step 3 has no eval: every prompt trains
     with pytest.raises(UserError, match="no usable samples for phase 2"):
         build(tiny_tokenizer, [str(f)], 2, tmp_path / "out")
 

@@ -7,7 +7,6 @@ synthetic task's data (which defines a gold reward). Statistics are checked agai
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import child_env
 
 from dschat.utils.errors import UserError
 from mpo_ext.evaluation import (
@@ -265,7 +265,7 @@ def test_eval_two_ranks_gives_the_single_rank_numbers(tiny_assets, tmp_path):
     """Prompts sharded over 2 CPU ranks (gloo) and gathered: identical table and generations."""
     from mpo_ext.eval_cli import eval_command
 
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -320,7 +320,7 @@ def test_plot_curves(tmp_path):
 
 
 def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, input=stdin, capture_output=True, text=True,
                           timeout=300)
 
