@@ -16,6 +16,21 @@ DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MA
 SHARED_ROOT = Path(os.environ.get("DSCHAT_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 
+def pytest_sessionstart(session):
+    session.config._shm_before = _shm_segments()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Runs the suite SIGKILLs on purpose cannot unlink their DeepSpeed /dev/shm segments; do it here."""
+    for path in _shm_segments() - getattr(session.config, "_shm_before", set()):
+        path.unlink(missing_ok=True)
+
+
+def _shm_segments() -> set[Path]:
+    shm = Path("/dev/shm")
+    return set(shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")) if shm.is_dir() else set()
+
+
 def _missing(reason: str):
     # CI must not silently skip fixture-backed tests: a missing ../shared there is a failure.
     if os.environ.get("CI"):

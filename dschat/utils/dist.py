@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,23 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_segment_path(rank: int) -> Path:
+    """DeepSpeed's CPU shared-memory allreduce workspace of this job's `rank` (named by uid, address, port)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_segment(path: Path) -> None:
+    # Peers that still have it mapped keep their mapping; only the name goes away.
+    try:
+        path.unlink()
+    except (FileNotFoundError, PermissionError):
+        pass
 
 
 def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
@@ -37,6 +56,10 @@ def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
 
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+        if get_accelerator().device_name() == "cpu":
+            # DeepSpeed's CPU shm allreduce never unlinks its ~64 MB /dev/shm segment; /dev/shm is RAM, so
+            # every finished run would leak memory until the machine runs out.
+            atexit.register(_unlink_shm_segment, shm_segment_path(dist.get_rank()))
     return dist.get_rank()
 
 
