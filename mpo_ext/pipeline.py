@@ -20,12 +20,27 @@ from pathlib import Path
 from dschat.utils.errors import UserError
 from dschat.utils.utils import atomic_write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-STEP1 = REPO_ROOT / "training/step1_supervised_finetuning/main.py"
-STEP2 = REPO_ROOT / "training/step2_reward_model_finetuning/main.py"
-SELECT = REPO_ROOT / "step2.5_select/main.py"
-DPO = REPO_ROOT / "step3b_dpo/main.py"
-STEP3 = REPO_ROOT / "training/step3_rlhf_finetuning/main.py"
+ENTRY_POINTS = {
+    "sft": "training/step1_supervised_finetuning/main.py",
+    "rm": "training/step2_reward_model_finetuning/main.py",
+    "select": "step2.5_select/main.py",
+    "dpo": "step3b_dpo/main.py",
+    "ppo": "training/step3_rlhf_finetuning/main.py",
+}
+
+
+def find_repo_root() -> Path:
+    """The checkout holding the step entry points (`training/...`, `step2.5_select/`, `step3b_dpo/`).
+
+    A plain `pip install .` installs the packages but not the step folders, so look in order at
+    $DSCHAT_MPO_ROOT, the source tree this module came from, and the current directory.
+    """
+    candidates = [os.environ.get("DSCHAT_MPO_ROOT"), Path(__file__).resolve().parents[1], Path.cwd()]
+    for candidate in candidates:
+        if candidate and all((Path(candidate) / rel).is_file() for rel in ENTRY_POINTS.values()):
+            return Path(candidate).resolve()
+    raise UserError("the step entry points (training/step1_supervised_finetuning/main.py, ...) were not found; "
+                    "run from a dschat-mpo checkout or set DSCHAT_MPO_ROOT to one")
 
 STAGE_ORDER = ("assets", "sft", "rm", "select", "dpo", "ppo", "eval")
 
@@ -188,6 +203,8 @@ def build_plan(preset: Preset, out: Path, *, reference: str = "dpo", order: str 
         raise UserError(f"--order {order}: choose mpo or reverse")
     py = [sys.executable]
     launch = preset.launcher
+    root = find_repo_root()
+    step1, step2, select_main, dpo_main, step3 = (str(root / ENTRY_POINTS[k]) for k in ENTRY_POINTS)
     sft_dir, rm_dir, sel_dir = out / "step1_sft", out / "step2_rm", out / "step2.5_select"
     dpo_dir, ppo_dir, eval_dir = out / "step3b_dpo", out / "step3_ppo", out / "eval"
     npb = ["--num_padding_at_beginning", str(preset.num_padding_at_beginning)]
@@ -197,21 +214,21 @@ def build_plan(preset: Preset, out: Path, *, reference: str = "dpo", order: str 
         plan.append(Stage("assets", [*py, "-m", "mpo_ext.cli", "assets", "--root", str(out / "assets"),
                                      "--num_train", str(preset.num_train)],
                           out / "assets" / "tiny-llama" / "config.json", out / "assets"))
-    plan.append(Stage("sft", [*launch, str(STEP1), *data, "--model_name_or_path", preset.sft_model,
+    plan.append(Stage("sft", [*launch, step1, *data, "--model_name_or_path", preset.sft_model,
                               *preset.sft, "--output_dir", str(sft_dir)], sft_dir / "config.json", sft_dir))
-    plan.append(Stage("rm", [*launch, str(STEP2), *data, "--model_name_or_path", preset.rm_base_model, *npb,
+    plan.append(Stage("rm", [*launch, step2, *data, "--model_name_or_path", preset.rm_base_model, *npb,
                              *preset.rm, "--output_dir", str(rm_dir)], rm_dir / "pytorch_model.bin", rm_dir))
-    plan.append(Stage("select", [*launch, str(SELECT), *data, "--sft_model_name_or_path", str(sft_dir),
+    plan.append(Stage("select", [*launch, select_main, *data, "--sft_model_name_or_path", str(sft_dir),
                                  "--reward_model_name_or_path", str(rm_dir), *npb, "--threshold", str(preset.threshold),
                                  *preset.select, "--output_dir", str(sel_dir)], sel_dir / "manifest.json", sel_dir))
     easy, hard = str(sel_dir / "easy.jsonl"), str(sel_dir / "hard.jsonl")
 
     def dpo_stage(init: Path, dest: Path) -> Stage:
-        return Stage("dpo", [*launch, str(DPO), "--data_path", easy, "--model_name_or_path", str(init),
+        return Stage("dpo", [*launch, dpo_main, "--data_path", easy, "--model_name_or_path", str(init),
                              *preset.dpo, "--output_dir", str(dest)], dest / "config.json", dest)
 
     def ppo_stage(init: Path, ref: Path, dest: Path) -> Stage:
-        return Stage("ppo", [*launch, str(STEP3), "--data_path", hard, "--actor_model_name_or_path", str(init),
+        return Stage("ppo", [*launch, step3, "--data_path", hard, "--actor_model_name_or_path", str(init),
                              "--reference_model_name_or_path", str(ref), "--critic_model_name_or_path", str(rm_dir),
                              *npb, *preset.ppo, "--output_dir", str(dest)], dest / "run_info.json", dest)
 
@@ -236,6 +253,7 @@ def run_plan(plan: list[Stage], out: Path, dry_run: bool = False, force: bool = 
     """Run each incomplete stage in order (logs to OUT/logs/<stage>.log) and write OUT/summary.json."""
     summary = {"stages": []}
     logs = out / "logs"
+    root = find_repo_root()
     for stage in plan:
         entry = {"stage": stage.name, "output": str(stage.output), "command": stage.shell()}
         if dry_run:
@@ -250,10 +268,10 @@ def run_plan(plan: list[Stage], out: Path, dry_run: bool = False, force: bool = 
         log_path = logs / f"{stage.name}.log"
         print(f"[pipeline] ---=== Running {stage.name} ===--- (log: {log_path})", flush=True)
         start = time.time()
-        env = {**_job_env(), **stage.env}
+        env = {**_job_env(root), **stage.env}
         with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.Popen(_with_free_port(stage.command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=env, cwd=REPO_ROOT, bufsize=1)
+            proc = subprocess.Popen(_with_free_port(stage.command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=env, cwd=root, bufsize=1)
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
@@ -289,10 +307,10 @@ def _with_free_port(command: list[str]) -> list[str]:
     return [command[0], "--master_port", str(port), *command[1:]]
 
 
-def _job_env() -> dict[str, str]:
+def _job_env(root: Path) -> dict[str, str]:
     """Each stage is a job of its own: the repo importable, no rendezvous inherited from the caller."""
     env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
-    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     return env
 
 

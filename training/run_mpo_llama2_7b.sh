@@ -13,6 +13,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUTPUT=${1:-./output_mpo_llama2_7b}
 shift || true
+export DSCHAT_MPO_ROOT="$HERE/.."
 if command -v mpo >/dev/null 2>&1; then MPO=(mpo); else MPO=(python3 -m mpo_ext.cli); export PYTHONPATH="$HERE/..:${PYTHONPATH:-}"; fi
 EXTRA=()
 if [ -n "${HOSTFILE:-}" ]; then EXTRA=(--deployment_type multi_node --hostfile "$HOSTFILE"); fi

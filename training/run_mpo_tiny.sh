@@ -8,5 +8,6 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUTPUT=${1:-runs/mpo-tiny}
 shift || true
+export DSCHAT_MPO_ROOT="$HERE/.."
 if command -v mpo >/dev/null 2>&1; then MPO=(mpo); else MPO=(python3 -m mpo_ext.cli); export PYTHONPATH="$HERE/..:${PYTHONPATH:-}"; fi
 "${MPO[@]}" pipeline --preset tiny --output_dir "$OUTPUT" "$@"
