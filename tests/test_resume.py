@@ -75,3 +75,27 @@ def test_killed_then_resumed_equals_uninterrupted(case, assets, tmp_path, run_ds
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
     states = sorted(p.name for p in (resumed / "checkpoints").iterdir() if not p.name.startswith("."))
     assert states == ["step-3", "step-6"]
+
+
+def test_sigterm_saves_a_state_and_exits_143(assets, tmp_path, run_ds):
+    out = tmp_path / "run"
+    flags = _flags(assets, out, tmp_path / "cache", 0, ["--save_steps", "0"])
+    proc = run_ds(STEP1, flags, num_ranks=0, env={"DSCHAT_KILL_AT": "sigterm_after_step:2"})
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "SIGTERM received" in proc.stdout
+    assert (out / "checkpoints/step-2/trainer_state.json").exists()
+    proc = run_ds(STEP1, flags + ["--resume"], num_ranks=0)
+    assert proc.returncode == 0 and "optimizer step 2" in proc.stdout, proc.stderr[-3000:]
+    assert [s for s, _ in _train_losses(out)] == list(range(1, 9))
+
+
+def test_torchrun_launch(assets, tmp_path):
+    """`torchrun main.py ...` works too (upstream needed the deepspeed launcher's --local_rank)."""
+    from conftest import free_port, run_command
+
+    out = tmp_path / "run"
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(STEP1),
+           *_flags(assets, out, tmp_path / "cache", 0, ["--save_steps", "0", "--max_steps", "2"])]
+    proc = run_command(cmd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").exists()

@@ -31,11 +31,14 @@ def maybe_inject_kill(point: str, step: int) -> None:
     """Crash-test hook: SIGKILL this process at a chosen point (tests only; no effect unless set).
 
     `DSCHAT_KILL_AT=after_step:N` dies right after optimizer step N; `DSCHAT_KILL_AT=during_save:N` dies
-    while the state for step N is half-written.
+    while the state for step N is half-written; `DSCHAT_KILL_AT=sigterm_after_step:N` sends SIGTERM instead
+    (the run should then save a state and exit 143).
     """
     target = os.environ.get("DSCHAT_KILL_AT")
-    if target and target == f"{point}:{step}":
+    if target == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif target == f"sigterm_{point}:{step}":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def checkpoints_root(output_dir: str | os.PathLike) -> Path:

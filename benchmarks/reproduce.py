@@ -1,0 +1,482 @@
+"""Reproduce the MPO paper's comparison (Gou & Nguyen 2024, Table 3 and ablations) on the synthetic task.
+
+    python benchmarks/reproduce.py                    # 3 seeds, tiny-preset sizes (< 1 h on 2 cores)
+    python benchmarks/reproduce.py --quick --output_dir /tmp/rq   # 1 seed, small sizes: a smoke run (minutes)
+
+Why the synthetic task: its gold reward is known, so every method can be scored by the truth as well as by
+the learned reward model (RM) that it optimised. Per seed (the data draw and every training seed change
+together) one SFT model and one RM are trained and shared by all methods:
+
+    SFT          the step-1 model
+    DPO-base     DPO on the dataset's own human-labelled pairs (the RM's split; as many pairs as DPO gets)
+    DPO          DPO on two SFT samples per prompt, ordered by the RM, all pairs (theta = 0)
+    PPO          PPO on all prompts, initialised from and KL-anchored to SFT
+    MPO (theta)  DPO on the easy pairs (gap > theta), then PPO on the hard prompts, init = reference = DPO
+    MPO-sft-kl   as MPO (first theta) but the PPO reference is SFT
+    MPO-reverse  PPO on the hard prompts from SFT first, then DPO on the easy pairs from the PPO actor
+
+Everything runs through `mpo_ext.pipeline` (the same stage commands as `mpo pipeline --preset tiny`, with
+per-seed and --quick flag overrides); each method has its own run directory whose shared inputs (assets,
+SFT, RM, and for the ablations the MPO selection/DPO) are symlinks, so finished stages are skipped and an
+interrupted benchmark resumes where it stopped. Results: OUTPUT_DIR/seed*/eval/table.json per seed and
+`reproduce.{json,md,png}` (benchmarks/results/ by default; OUTPUT_DIR for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from dschat.utils.errors import UserError, run_main  # noqa: E402
+from dschat.utils.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from mpo_ext.pipeline import Preset, Stage, build_plan, override_flags, run_plan, tiny_preset  # noqa: E402
+
+SHARED = ("assets", "data_cache", "step1_sft", "step2_rm")
+ALL_HARD = 1e9  # a theta above every gap: every prompt goes to PPO
+# Quick mode: the tiny preset shrunk so that every method still runs end to end in a few minutes.
+QUICK = {
+    "num_train": 6000,
+    "sft": {"--num_train_epochs": "10"},
+    "rm": {"--num_train_epochs": "1"},
+    "select": {"--max_prompts": "300"},
+    "dpo": {"--num_train_epochs": "2"},
+    "ppo": {"--num_train_epochs": "1"},
+    "eval": {"--num_prompts": "32"},
+}
+# The paper's Table 3 (HH-RLHF, Llama-2-7B, mean RM score) for the report.
+PAPER_HH = {"sft": 0.938, "dpo_base": 1.499, "dpo": 1.859, "ppo": 2.513, "mpo_theta2": 2.22, "mpo_theta1": 2.801}
+
+
+def method_labels(thetas: tuple[str, str]) -> dict[str, str]:
+    """Row keys (also eval model names and run directories) -> printed labels, in table order."""
+    a, b = thetas
+    return {
+        "sft": "SFT",
+        "dpo_base": "DPO-base",
+        "dpo": "DPO",
+        "ppo": "PPO",
+        "mpo_a": f"MPO (θ={a})",
+        "mpo_b": f"MPO (θ={b})",
+        "mpo_sft_kl": f"MPO-sft-kl (θ={a})",
+        "mpo_reverse": f"MPO-reverse (θ={a})",
+        "mpo_a_stage1": f"  MPO stage 1 only (DPO on easy, θ={a})",
+    }
+
+
+# Paper claims, checked per seed on the gold reward (first theta = the paper's best MPO).
+CLAIMS = (
+    ("MPO > PPO", "mpo_a", "ppo"),
+    ("PPO > DPO", "ppo", "dpo"),
+    ("DPO > DPO-base", "dpo", "dpo_base"),
+    ("DPO-base > SFT", "dpo_base", "sft"),
+    ("MPO > MPO-sft-kl", "mpo_a", "mpo_sft_kl"),
+    ("MPO > MPO-reverse", "mpo_a", "mpo_reverse"),
+    ("MPO (first θ) > MPO (second θ)", "mpo_a", "mpo_b"),
+    ("MPO stage 2 (PPO on hard) adds to stage 1", "mpo_a", "mpo_a_stage1"),
+)
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+
+def make_preset(run_dir: Path, seed: int, threshold: float, quick: bool, launcher: str) -> Preset:
+    """The tiny preset for one run directory, with this seed everywhere (and the --quick sizes)."""
+    preset = tiny_preset(run_dir, threshold=threshold)
+    for name in ("sft", "rm", "select", "dpo", "ppo", "eval"):
+        overrides = {"--seed": str(seed), **(QUICK[name] if quick and name in QUICK else {})}
+        setattr(preset, name, override_flags(getattr(preset, name), overrides))
+    if quick:
+        preset.num_train = QUICK["num_train"]
+    if launcher == "python":
+        # One rank needs no launcher (dist.py gives a plain process a private rendezvous); it saves the
+        # launcher's own interpreter start, ~4 s on each of the ~18 stages of a seed.
+        preset.launcher = [sys.executable]
+    return preset
+
+
+def fingerprint(quick: bool, thetas: tuple[str, str]) -> dict[str, Any]:
+    """What decides the results of a run directory (not seeds, threads or launcher)."""
+    preset = make_preset(Path("RUN"), 0, 0.0, quick, "deepspeed")
+    flags = {name: getattr(preset, name) for name in ("sft", "rm", "select", "dpo", "ppo", "eval")}
+    return {"quick": quick, "thetas": list(thetas), "num_train": preset.num_train,
+            "data_split": preset.data_split, "flags": flags}
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+class SeedRun:
+    """All methods of one seed under OUTPUT_DIR/seed<N>; each method is a run dir of the pipeline."""
+
+    def __init__(self, root: Path, seed: int, quick: bool, launcher: str, thetas: tuple[str, str]):
+        self.root, self.seed, self.quick, self.launcher, self.theta_specs = root, seed, quick, launcher, thetas
+        self.base = root / "base"
+        self.thetas: dict[str, float] = {}
+
+    def preset(self, run_dir: Path, threshold: float) -> Preset:
+        return make_preset(run_dir, self.seed, threshold, self.quick, self.launcher)
+
+    def _link(self, run_dir: Path, names: tuple[str, ...], source: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            link = run_dir / name
+            if not link.is_symlink() and not link.exists():
+                link.symlink_to(os.path.relpath(source / name, run_dir))
+
+    def _run(self, name: str, threshold: float, stages: tuple[str, ...], *, reference: str = "dpo",
+             order: str = "mpo", select_flags: dict[str, str] | None = None,
+             borrow: tuple[tuple[str, ...], Path] | None = None, shards_from: Path | None = None) -> Path:
+        run_dir = self.root / name
+        self._link(run_dir, SHARED, self.base)
+        if borrow:
+            self._link(run_dir, *borrow)
+        preset = self.preset(run_dir, threshold)
+        if select_flags:
+            preset.select = override_flags(preset.select, select_flags)
+        plan = build_plan(preset, run_dir, reference=reference, order=order, stages=stages)
+        for stage in plan:
+            if stage.name == "ppo":
+                # run_info.json is written when PPO starts; the saved actor marks a finished run.
+                stage.done_marker = stage.output / "actor" / "config.json"
+        if shards_from is not None:
+            reuse_shards(shards_from, run_dir / "step2.5_select")
+        print(f"[reproduce] seed {self.seed}: {name}", flush=True)
+        run_plan(plan, run_dir)
+        return run_dir
+
+    def run(self) -> dict[str, Any]:
+        """Train every method of this seed, evaluate them together, return the seed's figures."""
+        start = time.time()
+        base = self.preset(self.base, 1.0)
+        plan = build_plan(base, self.base, stages=("assets", "sft", "rm"))
+        for stage in plan:
+            if stage.name == "assets":
+                stage.command += ["--seed", str(self.seed)]  # a fresh data draw per seed
+        print(f"[reproduce] seed {self.seed}: base (assets, SFT, RM)", flush=True)
+        run_plan(plan, self.base)
+
+        dpo = self._run("dpo", 0.0, ("select", "dpo"))  # theta 0: every pair with a reward gap is "easy"
+        all_pairs = dpo / "step2.5_select"
+        self.thetas = {spec: resolve_theta(spec, all_pairs / "manifest.json") for spec in self.theta_specs}
+        theta_a, theta_b = (self.thetas[s] for s in self.theta_specs)
+        mpo_a = self._run("mpo_a", theta_a, ("select", "dpo", "ppo"), shards_from=all_pairs)
+        self._run("mpo_b", theta_b, ("select", "dpo", "ppo"), shards_from=all_pairs)
+        self._run("ppo", ALL_HARD, ("select", "ppo"), order="reverse", shards_from=all_pairs)
+        self._run("mpo_sft_kl", theta_a, ("ppo",), reference="sft",
+                  borrow=(("step2.5_select", "step3b_dpo"), mpo_a))
+        self._run("mpo_reverse", theta_a, ("ppo", "dpo"), order="reverse", borrow=(("step2.5_select",), mpo_a))
+        num_pairs = read_json(all_pairs / "manifest.json")["counts"]["pairs"]
+        self._run("dpo_base", 0.0, ("select", "dpo"), select_flags={
+            "--pair_source": "dataset", "--label_policy": "human", "--data_phase": "2", "--max_prompts": str(num_pairs)})
+
+        eval_dir = self.root / "eval"
+        models = {
+            "sft": self.base / "step1_sft",
+            "dpo_base": self.root / "dpo_base/step3b_dpo",
+            "dpo": dpo / "step3b_dpo",
+            "ppo": self.root / "ppo/step3_ppo/actor",
+            "mpo_a": mpo_a / "step3_ppo/actor",
+            "mpo_b": self.root / "mpo_b/step3_ppo/actor",
+            "mpo_sft_kl": self.root / "mpo_sft_kl/step3_ppo/actor",
+            "mpo_reverse": self.root / "mpo_reverse/step3b_dpo",
+            "mpo_a_stage1": mpo_a / "step3b_dpo",
+        }
+        model_flags = [flag for name, path in models.items() for flag in ("--model", f"{name}={path}")]
+        stage = Stage("eval", [sys.executable, "-m", "mpo_ext.cli", "eval", *model_flags,
+                               "--reward_model", str(self.base / "step2_rm"), "--data_path", *base.data_path[:1],
+                               "--num_padding_at_beginning", str(base.num_padding_at_beginning), *base.eval,
+                               "--data_output_path", str(self.base / "data_cache"), "--output_dir", str(eval_dir)],
+                      eval_dir / "table.json", eval_dir)
+        print(f"[reproduce] seed {self.seed}: eval", flush=True)
+        run_plan([stage], eval_dir)
+        return self.summary(time.time() - start)
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        rows = {r["name"]: r for r in read_json(self.root / "eval/table.json")["rows"]}
+        selects = {name: read_json(self.root / name / "step2.5_select/manifest.json")
+                   for name in ("mpo_a", "mpo_b", "dpo_base")}
+        return {
+            "seed": self.seed,
+            "thetas": {spec: self.thetas[spec] for spec in self.theta_specs},
+            "easy_fraction": {spec: selects[key]["fractions"]["easy"]
+                              for spec, key in zip(self.theta_specs, ("mpo_a", "mpo_b"))},
+            "gold": {k: r.get("gold_mean") for k, r in rows.items()},
+            "reward": {k: r["mean_reward"] for k, r in rows.items()},
+            "length": {k: r["mean_length"] for k, r in rows.items()},
+            "num_eval_prompts": next(iter(rows.values()))["n"],
+            "rm_vs_gold": rm_gold_agreement(self.root),
+            "rm_vs_human_dataset_pairs": selects["dpo_base"].get("rm_accuracy_vs_human"),
+            "max_gold": read_json(self.base / "assets/data/manifest.json")["test"]["mean_max_gold"],
+            "stage_seconds": stage_seconds(self.root),
+            "wall_seconds": round(seconds, 1),
+        }
+
+
+def reuse_shards(source: Path, dest: Path) -> None:
+    """Give a selection run the scored pairs of another over the same SFT/RM/prompts: the selection
+    stage then only re-splits them at its own theta (shards do not depend on theta)."""
+    if (dest / "manifest.json").exists() or (dest / "shards").exists() or not (source / "shards").is_dir():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / f".tmp-shards-{os.getpid()}"
+    shutil.copytree(source / "shards", tmp)
+    os.replace(tmp, dest / "shards")
+
+
+def resolve_theta(spec: str, manifest: Path) -> float:
+    """A number, or `pNN`: that percentile of the reward gaps of all SFT sample pairs (p10..p90)."""
+    if spec.startswith("p"):
+        gaps = read_json(manifest)["gap"]
+        if spec not in gaps:
+            raise UserError(f"--thetas {spec}: percentile not recorded; use one of p10, p25, p50, p75, p90")
+        return round(float(gaps[spec]), 4)
+    return float(spec)
+
+
+def rm_gold_agreement(seed_dir: Path) -> dict[str, float | None]:
+    """How often the RM's ordering of two SFT samples agrees with the gold reward, over all pairs and
+    over the easy / hard split of the first theta (pairs with equal gold are left out): the premise of MPO."""
+    from mpo_ext.synthetic import gold_reward
+
+    def accuracy(files: list[Path]) -> float | None:
+        agree = total = 0
+        for path in files:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                gc, gr = gold_reward(rec["prompt"], rec["chosen"]), gold_reward(rec["prompt"], rec["rejected"])
+                if gc != gr:
+                    total += 1
+                    agree += gc > gr
+        return round(agree / total, 4) if total else None
+
+    sel = seed_dir / "mpo_a/step2.5_select"
+    return {"all": accuracy([sel / "easy.jsonl", sel / "hard.jsonl"]), "easy": accuracy([sel / "easy.jsonl"]),
+            "hard": accuracy([sel / "hard.jsonl"])}
+
+
+def stage_seconds(seed_dir: Path) -> dict[str, float]:
+    """Seconds per stage that ran in this invocation (skipped stages have none)."""
+    out: dict[str, float] = {}
+    for summary in sorted(seed_dir.glob("*/summary.json")):
+        for entry in read_json(summary)["stages"]:
+            if "seconds" in entry:
+                out[f"{summary.parent.name}/{entry['stage']}"] = entry["seconds"]
+    return out
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(seeds: list[dict], labels: dict[str, str]) -> dict[str, Any]:
+    """Mean and std over seeds per method, and the paper's claims checked pairwise per seed."""
+    rows = []
+    for key, label in labels.items():
+        gold = [s["gold"][key] for s in seeds]
+        reward = [s["reward"][key] for s in seeds]
+        length = [s["length"][key] for s in seeds]
+        (g, gs), (r, rs) = mean_std(gold), mean_std(reward)
+        rows.append({"key": key, "label": label.strip(), "gold_mean": g, "gold_std": gs, "reward_mean": r,
+                     "reward_std": rs, "length_mean": statistics.fmean(length), "gold_per_seed": gold,
+                     "reward_per_seed": reward})
+    claims = []
+    for text, a, b in CLAIMS:
+        diffs = [s["gold"][a] - s["gold"][b] for s in seeds]
+        m, sd = mean_std(diffs)
+        wins = sum(d > 0 for d in diffs)
+        verdict = "holds" if m > 0 and wins == len(diffs) else "mostly" if m > 0 and wins * 2 > len(diffs) else "fails"
+        claims.append({"claim": text, "gold_diff_mean": m, "gold_diff_std": sd, "seeds_holding": wins,
+                       "seeds": len(diffs), "verdict": verdict})
+    return {"rows": rows, "claims": claims}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    agg, seeds = report["aggregate"], report["seeds"]
+    n = len(seeds)
+    lines = [
+        "# MPO reproduction on the synthetic task",
+        "",
+        f"`{report['command']}` — {n} seed(s) {report['seeds_list']}, {report['mode']} sizes, "
+        f"{seeds[0]['num_eval_prompts']} held-out prompts per seed, greedy decoding. Gold: the task's true reward "
+        f"(best possible ≈ {statistics.fmean(s['max_gold'] for s in seeds):.2f}); RM: the learned reward model "
+        "every method optimised. Mean ± std over seeds.",
+        "",
+        "| method | gold | RM score | answer tokens | gold per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for row in agg["rows"]:
+        per_seed = ", ".join(f"{g:.2f}" for g in row["gold_per_seed"])
+        label = row["label"] if row["key"] != "mpo_a_stage1" else f"*{row['label']}*"
+        lines.append(f"| {label} | {row['gold_mean']:.3f} ± {row['gold_std']:.3f} | {row['reward_mean']:.3f} ± "
+                     f"{row['reward_std']:.3f} | {row['length_mean']:.1f} | {per_seed} |")
+    lines += ["", "Paper claims, checked on gold, paired per seed:", "",
+              "| claim | gold difference | seeds | verdict |", "|---|---|---|---|"]
+    for c in agg["claims"]:
+        lines.append(f"| {c['claim']} | {c['gold_diff_mean']:+.3f} ± {c['gold_diff_std']:.3f} | "
+                     f"{c['seeds_holding']}/{c['seeds']} | {c['verdict']} |")
+    thetas = "; ".join(
+        ", ".join(f"θ={spec}: {s['thetas'][spec]:.3g} (easy {100 * s['easy_fraction'][spec]:.0f}%)" for spec in s["thetas"])
+        for s in seeds)
+    agree = [s["rm_vs_gold"] for s in seeds]
+    fmt = lambda key: f"{100 * statistics.fmean(a[key] for a in agree if a[key] is not None):.1f}%"  # noqa: E731
+    lines += [
+        "",
+        f"Splits per seed: {thetas}.",
+        f"RM ordering of two SFT samples agrees with gold: {fmt('all')} of all pairs, {fmt('easy')} of easy, "
+        f"{fmt('hard')} of hard pairs (first θ).",
+        f"Wall time: {report['wall_seconds'] / 60:.1f} min in this invocation (machine: {report['machine']}).",
+        "",
+        "Paper (HH-RLHF, Llama-2-7B, mean RM score): SFT 0.938, DPO-base 1.499, DPO 1.859, PPO 2.513, "
+        "MPO (θ=2) 2.22, MPO (θ=1) 2.801; the sft-kl and reversed-order ablations both score below MPO.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Gold and RM score per method: bars = mean over seeds, error bars = std, dots = single seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = report["aggregate"]["rows"]
+    labels = [r["label"].replace(" (", "\n(") for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    for ax, key, title in ((axes[0], "gold", "gold reward (truth)"), (axes[1], "reward", "reward-model score")):
+        means = [r[f"{key}_mean"] for r in rows]
+        stds = [r[f"{key}_std"] for r in rows]
+        colors = ["#8C8C8C" if r["key"] == "mpo_a_stage1" else "#4C72B0" if r["key"].startswith("mpo")
+                  else "#55A868" for r in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3, alpha=0.85)
+        for i, r in enumerate(rows):
+            ax.scatter([i] * len(r[f"{key}_per_seed"]), r[f"{key}_per_seed"], color="black", s=9, zorder=3)
+        if key == "gold":
+            best = statistics.fmean(s["max_gold"] for s in report["seeds"])
+            ax.axhline(best, color="#C44E52", linestyle="--", linewidth=1, label=f"best possible ({best:.2f})")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"{title}, mean ± std over {len(report['seeds'])} seed(s)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()} cores, {cpu}, load {load:.1f} at the end"
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=None,
+                        help="Run directories (default runs/reproduce, runs/reproduce-quick with --quick).")
+    parser.add_argument("--results_dir", type=Path, default=None,
+                        help="Where reproduce.{json,md,png} go (default benchmarks/results; OUTPUT_DIR with --quick).")
+    parser.add_argument("--quick", action="store_true", help="One seed, small data and few steps: a smoke run.")
+    parser.add_argument("--seeds", default=None, help="Comma list of seeds (default 1,2,3; 1 with --quick).")
+    parser.add_argument("--thetas", default=None,
+                        help="Two reward-gap thresholds for MPO, numbers or gap percentiles like p50 (default 1,2 "
+                             "as in the paper; p50,p75 with --quick, whose barely trained RM has a smaller scale).")
+    parser.add_argument("--launcher", choices=("python", "deepspeed"), default="python",
+                        help="How single-rank stages start: plain python (faster) or the deepspeed launcher.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS for every stage (unless already set): the tiny model gains nothing "
+                             "from more, and two threads on a busy 2-core machine run several times slower.")
+    args = parser.parse_args(argv)
+    args.seeds = [int(s) for s in (args.seeds or ("1" if args.quick else "1,2,3")).split(",") if s.strip()]
+    thetas = tuple(t.strip() for t in (args.thetas or ("p50,p75" if args.quick else "1,2")).split(","))
+    if len(thetas) != 2 or not args.seeds:
+        raise UserError("--thetas needs exactly two values and --seeds at least one seed")
+    for spec in thetas:
+        if not spec.startswith("p"):
+            try:
+                float(spec)
+            except ValueError:
+                raise UserError(f"--thetas {spec}: give a number or a gap percentile such as p50") from None
+    args.thetas = thetas
+    mode = "quick" if args.quick else "full"
+    args.output_dir = (args.output_dir or REPO / ("runs/reproduce-quick" if args.quick else "runs/reproduce")).resolve()
+    args.results_dir = (args.results_dir or (args.output_dir if args.quick else REPO / "benchmarks/results")).resolve()
+    args.stem = "reproduce" if mode == "full" else "reproduce_quick"
+    return args
+
+
+def check_settings(output_dir: Path, quick: bool, thetas: tuple[str, str]) -> None:
+    """Refuse to mix runs of different settings in one directory (finished stages would be reused)."""
+    path = output_dir / "reproduce_settings.json"
+    current = json.loads(json.dumps(fingerprint(quick, thetas)))
+    if path.exists():
+        if read_json(path) != current:
+            raise UserError(f"--output_dir {output_dir}: holds a benchmark run with other settings "
+                            f"(see {path}); use another --output_dir")
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, current)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_settings(args.output_dir, args.quick, args.thetas)
+    start = time.time()
+    seeds = [SeedRun(args.output_dir / f"seed{s}", s, args.quick, args.launcher, args.thetas).run() for s in args.seeds]
+    labels = method_labels(args.thetas)
+    report = {
+        "command": " ".join(["python benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
+        "mode": "quick" if args.quick else "full",
+        "seeds_list": args.seeds,
+        "thetas": list(args.thetas),
+        "labels": labels,
+        "aggregate": aggregate(seeds, labels),
+        "seeds": seeds,
+        "paper_hh_rm_score": PAPER_HH,
+        "settings": fingerprint(args.quick, args.thetas),
+        "wall_seconds": round(time.time() - start, 1),
+        "machine": machine(),
+        "output_dir": str(args.output_dir),
+    }
+    text = markdown(report)
+    atomic_write_json(args.results_dir / f"{args.stem}.json", report)
+    atomic_write_text(args.results_dir / f"{args.stem}.md", text)
+    plot(report, args.results_dir / f"{args.stem}.png")
+    print("\n" + text)
+    print(f"[reproduce] wrote {args.results_dir / args.stem}.{{json,md,png}}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
