@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "ruff"],
-        "bench": ["trl"],
+        "bench": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": ["mpo=mpo_ext.cli:main"]},
 )

@@ -1,6 +1,6 @@
 """Reproduce the MPO paper's comparison (Gou & Nguyen 2024, Table 3 and ablations) on the synthetic task.
 
-    python benchmarks/reproduce.py                    # 3 seeds, tiny-preset sizes (< 1 h on 2 cores)
+    python benchmarks/reproduce.py                    # 5 seeds, tiny-preset sizes (~30 min on 2 cores)
     python benchmarks/reproduce.py --quick --output_dir /tmp/rq   # 1 seed, small sizes: a smoke run (minutes)
 
 Why the synthetic task: its gold reward is known, so every method can be scored by the truth as well as by
@@ -152,8 +152,18 @@ class SeedRun:
         if shards_from is not None:
             reuse_shards(shards_from, run_dir / "step2.5_select")
         print(f"[reproduce] seed {self.seed}: {name}", flush=True)
-        run_plan(plan, run_dir)
+        self._run_plan(plan, run_dir)
         return run_dir
+
+    def _run_plan(self, plan: list[Stage], run_dir: Path) -> None:
+        """run_plan, then keep the seconds of the stages that ran (summary.json only holds the last call)."""
+        run_plan(plan, run_dir)
+        path = self.root / "stage_seconds.json"
+        seconds = read_json(path) if path.exists() else {}
+        for entry in read_json(run_dir / "summary.json")["stages"]:
+            if "seconds" in entry:
+                seconds[f"{run_dir.name}/{entry['stage']}"] = entry["seconds"]
+        atomic_write_json(path, seconds)
 
     def run(self) -> dict[str, Any]:
         """Train every method of this seed, evaluate them together, return the seed's figures."""
@@ -164,7 +174,7 @@ class SeedRun:
             if stage.name == "assets":
                 stage.command += ["--seed", str(self.seed)]  # a fresh data draw per seed
         print(f"[reproduce] seed {self.seed}: base (assets, SFT, RM)", flush=True)
-        run_plan(plan, self.base)
+        self._run_plan(plan, self.base)
 
         dpo = self._run("dpo", 0.0, ("select", "dpo"))  # theta 0: every pair with a reward gap is "easy"
         all_pairs = dpo / "step2.5_select"
@@ -193,17 +203,21 @@ class SeedRun:
             "mpo_a_stage1": mpo_a / "step3b_dpo",
         }
         model_flags = [flag for name, path in models.items() for flag in ("--model", f"{name}={path}")]
-        stage = Stage("eval", [sys.executable, "-m", "mpo_ext.cli", "eval", *model_flags,
-                               "--reward_model", str(self.base / "step2_rm"), "--data_path", *base.data_path[:1],
-                               "--num_padding_at_beginning", str(base.num_padding_at_beginning), *base.eval,
-                               "--data_output_path", str(self.base / "data_cache"), "--output_dir", str(eval_dir)],
-                      eval_dir / "table.json", eval_dir)
-        print(f"[reproduce] seed {self.seed}: eval", flush=True)
-        run_plan([stage], eval_dir)
+        # Greedy answers (as `mpo eval` and the paper's table) and samples at T=1 (the policy RLHF optimises).
+        for eval_name, decoding in (("eval", []), ("eval_sampled", ["--do_sample", "--temperature", "1.0"])):
+            eval_dir = self.root / eval_name
+            stage = Stage("eval", [sys.executable, "-m", "mpo_ext.cli", "eval", *model_flags,
+                                   "--reward_model", str(self.base / "step2_rm"), "--data_path", *base.data_path[:1],
+                                   "--num_padding_at_beginning", str(base.num_padding_at_beginning), *base.eval,
+                                   *decoding, "--data_output_path", str(self.base / "data_cache"),
+                                   "--output_dir", str(eval_dir)], eval_dir / "table.json", eval_dir)
+            print(f"[reproduce] seed {self.seed}: {eval_name}", flush=True)
+            self._run_plan([stage], eval_dir)
         return self.summary(time.time() - start)
 
     def summary(self, seconds: float) -> dict[str, Any]:
         rows = {r["name"]: r for r in read_json(self.root / "eval/table.json")["rows"]}
+        sampled = {r["name"]: r for r in read_json(self.root / "eval_sampled/table.json")["rows"]}
         selects = {name: read_json(self.root / name / "step2.5_select/manifest.json")
                    for name in ("mpo_a", "mpo_b", "dpo_base")}
         return {
@@ -214,11 +228,14 @@ class SeedRun:
             "gold": {k: r.get("gold_mean") for k, r in rows.items()},
             "reward": {k: r["mean_reward"] for k, r in rows.items()},
             "length": {k: r["mean_length"] for k, r in rows.items()},
+            "gold_sampled": {k: r.get("gold_mean") for k, r in sampled.items()},
+            "reward_sampled": {k: r["mean_reward"] for k, r in sampled.items()},
             "num_eval_prompts": next(iter(rows.values()))["n"],
             "rm_vs_gold": rm_gold_agreement(self.root),
             "rm_vs_human_dataset_pairs": selects["dpo_base"].get("rm_accuracy_vs_human"),
             "max_gold": read_json(self.base / "assets/data/manifest.json")["test"]["mean_max_gold"],
             "stage_seconds": stage_seconds(self.root),
+            "stage_seconds_total": round(sum(stage_seconds(self.root).values()), 1),
             "wall_seconds": round(seconds, 1),
         }
 
@@ -266,13 +283,9 @@ def rm_gold_agreement(seed_dir: Path) -> dict[str, float | None]:
 
 
 def stage_seconds(seed_dir: Path) -> dict[str, float]:
-    """Seconds per stage that ran in this invocation (skipped stages have none)."""
-    out: dict[str, float] = {}
-    for summary in sorted(seed_dir.glob("*/summary.json")):
-        for entry in read_json(summary)["stages"]:
-            if "seconds" in entry:
-                out[f"{summary.parent.name}/{entry['stage']}"] = entry["seconds"]
-    return out
+    """Seconds per stage of this seed, as last run (kept across resumed invocations)."""
+    path = seed_dir / "stage_seconds.json"
+    return read_json(path) if path.exists() else {}
 
 
 def read_json(path: Path) -> Any:
@@ -282,29 +295,37 @@ def read_json(path: Path) -> Any:
 # --------------------------------------------------------------------------------------------- report
 
 
+METRICS = ("gold", "reward", "gold_sampled", "reward_sampled")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def aggregate(seeds: list[dict], labels: dict[str, str]) -> dict[str, Any]:
-    """Mean and std over seeds per method, and the paper's claims checked pairwise per seed."""
+    """Mean and std over seeds per method, and the paper's claims checked pairwise per seed (the verdict
+    is on greedy gold: "holds" = better on average and in every seed, "mostly" = in most seeds)."""
     rows = []
     for key, label in labels.items():
-        gold = [s["gold"][key] for s in seeds]
-        reward = [s["reward"][key] for s in seeds]
-        length = [s["length"][key] for s in seeds]
-        (g, gs), (r, rs) = mean_std(gold), mean_std(reward)
-        rows.append({"key": key, "label": label.strip(), "gold_mean": g, "gold_std": gs, "reward_mean": r,
-                     "reward_std": rs, "length_mean": statistics.fmean(length), "gold_per_seed": gold,
-                     "reward_per_seed": reward})
+        row: dict[str, Any] = {"key": key, "label": label.strip(),
+                               "length_mean": statistics.fmean(s["length"][key] for s in seeds)}
+        for metric in METRICS:
+            values = [s[metric][key] for s in seeds]
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
+            row[f"{metric}_per_seed"] = values
+        rows.append(row)
     claims = []
     for text, a, b in CLAIMS:
-        diffs = [s["gold"][a] - s["gold"][b] for s in seeds]
-        m, sd = mean_std(diffs)
-        wins = sum(d > 0 for d in diffs)
-        verdict = "holds" if m > 0 and wins == len(diffs) else "mostly" if m > 0 and wins * 2 > len(diffs) else "fails"
-        claims.append({"claim": text, "gold_diff_mean": m, "gold_diff_std": sd, "seeds_holding": wins,
-                       "seeds": len(diffs), "verdict": verdict})
+        claim: dict[str, Any] = {"claim": text, "seeds": len(seeds)}
+        for metric in ("gold", "gold_sampled"):
+            diffs = [s[metric][a] - s[metric][b] for s in seeds]
+            m, sd = mean_std(diffs)
+            wins = sum(d > 0 for d in diffs)
+            claim[metric] = {"diff_mean": m, "diff_std": sd, "seeds_holding": wins}
+        g = claim["gold"]
+        claim["verdict"] = ("holds" if g["diff_mean"] > 0 and g["seeds_holding"] == len(seeds) else
+                            "mostly" if g["diff_mean"] > 0 and 2 * g["seeds_holding"] > len(seeds) else "fails")
+        claims.append(claim)
     return {"rows": rows, "claims": claims}
 
 
@@ -315,23 +336,25 @@ def markdown(report: dict[str, Any]) -> str:
         "# MPO reproduction on the synthetic task",
         "",
         f"`{report['command']}` — {n} seed(s) {report['seeds_list']}, {report['mode']} sizes, "
-        f"{seeds[0]['num_eval_prompts']} held-out prompts per seed, greedy decoding. Gold: the task's true reward "
+        f"{seeds[0]['num_eval_prompts']} held-out prompts per seed. Gold: the task's true reward "
         f"(best possible ≈ {statistics.fmean(s['max_gold'] for s in seeds):.2f}); RM: the learned reward model "
         "every method optimised. Mean ± std over seeds.",
         "",
-        "| method | gold | RM score | answer tokens | gold per seed |",
-        "|---|---|---|---|---|",
+        "| method | gold (greedy) | RM (greedy) | gold (T=1 samples) | RM (T=1 samples) | answer tokens | "
+        "greedy gold per seed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in agg["rows"]:
         per_seed = ", ".join(f"{g:.2f}" for g in row["gold_per_seed"])
         label = row["label"] if row["key"] != "mpo_a_stage1" else f"*{row['label']}*"
-        lines.append(f"| {label} | {row['gold_mean']:.3f} ± {row['gold_std']:.3f} | {row['reward_mean']:.3f} ± "
-                     f"{row['reward_std']:.3f} | {row['length_mean']:.1f} | {per_seed} |")
-    lines += ["", "Paper claims, checked on gold, paired per seed:", "",
-              "| claim | gold difference | seeds | verdict |", "|---|---|---|---|"]
+        cells = " | ".join(f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in METRICS)
+        lines.append(f"| {label} | {cells} | {row['length_mean']:.1f} | {per_seed} |")
+    lines += ["", "Paper claims, checked on gold, paired per seed (difference mean ± std; seeds where it holds):", "",
+              "| claim | greedy gold | seeds | sampled gold | seeds | verdict (greedy) |", "|---|---|---|---|---|---|"]
     for c in agg["claims"]:
-        lines.append(f"| {c['claim']} | {c['gold_diff_mean']:+.3f} ± {c['gold_diff_std']:.3f} | "
-                     f"{c['seeds_holding']}/{c['seeds']} | {c['verdict']} |")
+        g, t = c["gold"], c["gold_sampled"]
+        lines.append(f"| {c['claim']} | {g['diff_mean']:+.3f} ± {g['diff_std']:.3f} | {g['seeds_holding']}/{c['seeds']} | "
+                     f"{t['diff_mean']:+.3f} ± {t['diff_std']:.3f} | {t['seeds_holding']}/{c['seeds']} | {c['verdict']} |")
     thetas = "; ".join(
         ", ".join(f"θ={spec}: {s['thetas'][spec]:.3g} (easy {100 * s['easy_fraction'][spec]:.0f}%)" for spec in s["thetas"])
         for s in seeds)
@@ -342,7 +365,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Splits per seed: {thetas}.",
         f"RM ordering of two SFT samples agrees with gold: {fmt('all')} of all pairs, {fmt('easy')} of easy, "
         f"{fmt('hard')} of hard pairs (first θ).",
-        f"Wall time: {report['wall_seconds'] / 60:.1f} min in this invocation (machine: {report['machine']}).",
+        f"Time: {sum(s['stage_seconds_total'] for s in seeds) / 60:.1f} min of stage runs over all seeds "
+        f"({report['wall_seconds'] / 60:.1f} min wall in the last invocation; machine: {report['machine']}).",
         "",
         "Paper (HH-RLHF, Llama-2-7B, mean RM score): SFT 0.938, DPO-base 1.499, DPO 1.859, PPO 2.513, "
         "MPO (θ=2) 2.22, MPO (θ=1) 2.801; the sft-kl and reversed-order ablations both score below MPO.",
@@ -351,7 +375,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Gold and RM score per method: bars = mean over seeds, error bars = std, dots = single seeds."""
+    """Gold and RM score per method: big marker = mean over seeds with std bars, small dots = single seeds."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -359,22 +383,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     rows = report["aggregate"]["rows"]
     labels = [r["label"].replace(" (", "\n(") for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    for ax, key, title in ((axes[0], "gold", "gold reward (truth)"), (axes[1], "reward", "reward-model score")):
-        means = [r[f"{key}_mean"] for r in rows]
-        stds = [r[f"{key}_std"] for r in rows]
-        colors = ["#8C8C8C" if r["key"] == "mpo_a_stage1" else "#4C72B0" if r["key"].startswith("mpo")
-                  else "#55A868" for r in rows]
-        ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3, alpha=0.85)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    panels = (("gold", "gold reward, greedy"), ("gold_sampled", "gold reward, T=1 samples"),
+              ("reward", "reward-model score, greedy"))
+    for ax, (key, title) in zip(axes, panels):
         for i, r in enumerate(rows):
-            ax.scatter([i] * len(r[f"{key}_per_seed"]), r[f"{key}_per_seed"], color="black", s=9, zorder=3)
-        if key == "gold":
+            color = "#8C8C8C" if r["key"] == "mpo_a_stage1" else "#4C72B0" if r["key"].startswith("mpo") else "#55A868"
+            ax.errorbar([i], [r[f"{key}_mean"]], yerr=[r[f"{key}_std"]], fmt="o", color=color, markersize=8, capsize=4)
+            ax.scatter([i] * len(r[f"{key}_per_seed"]), r[f"{key}_per_seed"], color="black", s=8, zorder=3)
+        if key.startswith("gold"):
             best = statistics.fmean(s["max_gold"] for s in report["seeds"])
             ax.axhline(best, color="#C44E52", linestyle="--", linewidth=1, label=f"best possible ({best:.2f})")
-            ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="best", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{title}, mean ± std over {len(report['seeds'])} seed(s)")
+        ax.set_title(f"{title}\nmean ± std over {len(report['seeds'])} seed(s), dots = seeds", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
@@ -407,7 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results_dir", type=Path, default=None,
                         help="Where reproduce.{json,md,png} go (default benchmarks/results; OUTPUT_DIR with --quick).")
     parser.add_argument("--quick", action="store_true", help="One seed, small data and few steps: a smoke run.")
-    parser.add_argument("--seeds", default=None, help="Comma list of seeds (default 1,2,3; 1 with --quick).")
+    parser.add_argument("--seeds", default=None, help="Comma list of seeds (default 1,2,3,4,5; 1 with --quick).")
     parser.add_argument("--thetas", default=None,
                         help="Two reward-gap thresholds for MPO, numbers or gap percentiles like p50 (default 1,2 "
                              "as in the paper; p50,p75 with --quick, whose barely trained RM has a smaller scale).")
@@ -417,7 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="OMP_NUM_THREADS for every stage (unless already set): the tiny model gains nothing "
                              "from more, and two threads on a busy 2-core machine run several times slower.")
     args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in (args.seeds or ("1" if args.quick else "1,2,3")).split(",") if s.strip()]
+    args.seeds = [int(s) for s in (args.seeds or ("1" if args.quick else "1,2,3,4,5")).split(",") if s.strip()]
     thetas = tuple(t.strip() for t in (args.thetas or ("p50,p75" if args.quick else "1,2")).split(","))
     if len(thetas) != 2 or not args.seeds:
         raise UserError("--thetas needs exactly two values and --seeds at least one seed")

@@ -1,14 +1,16 @@
 """Benchmark our training/generation paths against TRL and a bare PyTorch loop, on one machine, in one run.
 
-    python benchmarks/run.py            # fuller run (<= ~15 min on 2 cores)
-    python benchmarks/run.py --quick    # ~2-3 min smoke: tiny model, one batch size
+    python benchmarks/run.py            # default run (~13 min on 2 cores)
+    python benchmarks/run.py --quick    # ~3 min smoke: tiny model, one batch size
+    python benchmarks/run.py --all      # every variant at every size (~25-30 min)
 
 Each configuration runs in a fresh subprocess (`benchmarks/worker.py`) so its peak RSS is its own.
-Inside a process, after one warm-up optimizer step, several windows (passes over the same fixed
+Inside a process, after a warm-up (one window, at most 2 steps), several windows (passes over the same fixed
 samples) are timed; figures are medians over windows (and over `--reps` repetitions of the whole
 matrix). Configurations that are compared with each other run back to back, so they see similar
-machine load. Results: a printed table, `benchmarks/results/<mode>.json`, `<mode>_throughput_vs_batch.png`
-and `<mode>_summary.png`. See benchmarks/README.md for what is measured and the latest figures.
+machine load. Results: a printed table, `benchmarks/results/<mode>.json`, `<mode>.md`,
+`<mode>_throughput_vs_batch.png` and `<mode>_summary.png`. See benchmarks/README.md for what is measured
+and the latest figures.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,31 +41,43 @@ TASKS = ("sft", "rm", "dpo")
 # --------------------------------------------------------------------------------------------- the matrix
 
 
-def plan(quick: bool, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
-    """Configurations in run order; comparable ones are adjacent (same load conditions)."""
+def plan(level: str, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
+    """Configurations in run order (`level`: quick | full | all); comparable ones run back to back, so
+    they see similar machine load.
+
+    quick: tiny model, one batch size; full: both models at batch sizes 2 and 8, the variants that show
+    each effect once; all: every variant at every size (about twice as long as full).
+    """
+    quick, every = level == "quick", level == "all"
     if quick:
         models = {"tiny": {"batch_sizes": [4], "samples": 8, "windows": 5}}
         gen_tokens, gen_bs, gen_windows = 32, 4, 3
     else:
-        models = {"tiny": {"batch_sizes": [2, 8], "samples": 8, "windows": 6},
-                  "rand": {"batch_sizes": [2, 8], "samples": 8, "windows": 4}}
-        gen_tokens, gen_bs, gen_windows = 64, 8, 4
+        models = {"tiny": {"batch_sizes": [2, 4, 8] if every else [2, 8], "samples": 8, "windows": 4},
+                  "rand": {"batch_sizes": [2, 8], "samples": 8, "windows": 3}}
+        gen_tokens, gen_bs, gen_windows = 64, 8, 3
     configs: list[dict[str, Any]] = []
     for model, spec in models.items():
+        largest, smallest = max(spec["batch_sizes"]), min(spec["batch_sizes"])
         for bs in spec["batch_sizes"]:
             for task in TASKS:
+                steps = -(-spec["samples"] // bs)
                 base = {"kind": "train", "task": task, "model": model, "batch_size": bs, "padding": "longest",
                         "ref": "resident", "samples_per_window": spec["samples"], "windows": spec["windows"],
-                        "warmup_steps": -(-spec["samples"] // bs)}  # one whole window of warm-up
-                variants = [("ours", {"impl": "ours"})]
+                        "warmup_steps": min(steps, 2)}
+                variants: list[tuple[str, dict]] = [("ours", {"impl": "ours"})]
                 if with_trl:
                     variants.append(("trl", {"impl": "trl"}))
-                variants += [("bare", {"impl": "bare"}), ("ours-maxlen", {"impl": "ours", "padding": "max_length"})]
-                if task == "dpo":
+                variants.append(("bare", {"impl": "bare"}))
+                # padding="max_length" matters most at small batches (at 8 most batches hold a 512-token row)
+                if quick or every or bs == smallest:
+                    variants.append(("ours-maxlen", {"impl": "ours", "padding": "max_length"}))
+                focus = bs == largest and (every or model == "rand")
+                if task == "dpo" and (quick or every or focus):
                     variants.append(("ours-precomp", {"impl": "ours", "ref": "precomputed"}))
-                    if with_trl and bs == max(spec["batch_sizes"]) and not quick:
-                        variants.append(("trl-precomp", {"impl": "trl", "ref": "precomputed"}))
-                if bs == max(spec["batch_sizes"]) and not quick:  # prototypes of the fixes proposed in README
+                if task == "dpo" and with_trl and focus:
+                    variants.append(("trl-precomp", {"impl": "trl", "ref": "precomputed"}))
+                if focus:  # prototypes of the fixes proposed in benchmarks/README.md
                     variants.append(("ours+fix", {"impl": "ours", "fixes": list(FIXES)}))
                     if task == "dpo":
                         variants.append(("ours-precomp+fix", {"impl": "ours", "ref": "precomputed",
@@ -72,12 +87,14 @@ def plan(quick: bool, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
     if not quick:  # memory: a ~50M model whose weights, not activations, dominate; small data file
         base = {"kind": "train", "task": "dpo", "impl": "ours", "model": "wide", "batch_size": 1, "data": "small",
                 "padding": "longest", "samples_per_window": 2, "windows": 1, "warmup_steps": 1}
-        for label, extra in (("ours", {"ref": "resident"}), ("ours-precomp", {"ref": "precomputed"}),
-                             ("ours+fix", {"ref": "resident", "fixes": list(FIXES)}),
-                             ("ours-precomp+fix", {"ref": "precomputed", "fixes": list(FIXES)}),
-                             ("ours-lora", {"ref": "resident", "lora_dim": 8}),
-                             ("ours-lora-precomp+fix", {"ref": "precomputed", "lora_dim": 8, "fixes": list(FIXES)}),
-                             ("bare", {"impl": "bare"})):
+        variants = [("ours", {"ref": "resident"}), ("ours-precomp", {"ref": "precomputed"}),
+                    ("ours+fix", {"ref": "resident", "fixes": list(FIXES)}),
+                    ("ours-precomp+fix", {"ref": "precomputed", "fixes": list(FIXES)})]
+        if every:
+            variants += [("ours-lora", {"ref": "resident", "lora_dim": 8}),
+                         ("ours-lora-precomp+fix", {"ref": "precomputed", "lora_dim": 8, "fixes": list(FIXES)}),
+                         ("bare", {"impl": "bare"})]
+        for label, extra in variants:
             configs.append({**base, **extra, "name": f"dpo-mem/wide/bs1/{label}", "label": label})
     for model in models:
         for impl in ("ours", "bare"):
@@ -105,6 +122,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _sweep_shm(port: int, ranks: int) -> None:
+    """Unlink DeepSpeed's CPU allreduce segments of OUR run (named by uid, address, port, rank): a killed run
+    cannot do it at exit, and each one holds ~64 MB of /dev/shm (RAM)."""
+    for rank in range(ranks):
+        path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}"
+        try:
+            path.unlink()
+        except (FileNotFoundError, PermissionError):
+            pass
+
+
 def run_config(cfg: dict, workdir: Path, timeout: int) -> dict:
     """One configuration in a fresh process; returns its JSON, or an `error` record (the run goes on)."""
     safe = cfg["name"].replace("/", "_")
@@ -115,23 +143,28 @@ def run_config(cfg: dict, workdir: Path, timeout: int) -> dict:
     out.unlink(missing_ok=True)
     payload = json.dumps({**cfg, "workdir": str(workdir)})
     worker = str(HERE / "worker.py")
-    if cfg.get("ranks", 1) > 1:
-        cmd = ["deepspeed", "--num_gpus", str(cfg["ranks"]), "--master_port", str(free_port()), worker, payload,
-               str(out)]
+    ranks = cfg.get("ranks", 1)
+    port = free_port()  # known port -> known name of DeepSpeed's /dev/shm segment, swept afterwards
+    if ranks > 1:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), worker, payload, str(out)]
     else:
         cmd = [sys.executable, worker, payload, str(out)]
     threads = str(cfg.get("threads", 1))
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads,
-               MKL_NUM_THREADS=threads,
+               MKL_NUM_THREADS=threads, MASTER_PORT=str(port),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.time()
     with open(log, "w") as fh:
+        # own session: a timed-out launcher run is killed with all its ranks
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), timeout=timeout,
-                                  check=False)
-            code = proc.returncode
+            code: int | str = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             code = "timeout"
+    _sweep_shm(port, ranks)
     wall = time.time() - start
     if code == 0 and out.exists():
         result = json.loads(out.read_text())
@@ -179,6 +212,8 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
                 phases = [p for r in ok for p in r["phases"]]
                 row["phases"] = {k: median([p.get(k, 0.0) for p in phases])
                                  for k in ("generation", "experience", "training")}
+                row["cpu_phases"] = {k: median([p.get(f"cpu_{k}", 0.0) for p in phases])
+                                     for k in ("generation", "experience", "training")}
                 row["answer_tokens"] = median([p["answer_tokens"] for p in phases])
         rows[name] = row
     return rows
@@ -267,10 +302,11 @@ def print_tables(rows: dict[str, dict], comparisons: list[dict]) -> None:
               f"{_f(pad):>5} {_f(row['peak_rss_mb']):>7} {_f(row['peak_above_baseline_mb']):>6} "
               f"{_f(row['wall_seconds'], '{:.1f}'):>6} {_f(row['first_loss'], '{:.4f}'):>7}")
         if "phases" in row:
-            ph = row["phases"]
-            total = sum(ph.values())
-            print(f"{'':40} PPO step: generation {ph['generation']:.2f}s, experience {ph['experience']:.2f}s, "
-                  f"training {ph['training']:.2f}s (total {total:.2f}s, {row['answer_tokens']:.0f} answer tokens)")
+            for kind, ph in (("wall", row["phases"]), ("CPU", row["cpu_phases"])):
+                total = sum(ph.values())
+                print(f"{'':40} PPO step ({kind}): generation {ph['generation']:.2f}s, experience "
+                      f"{ph['experience']:.2f}s, training {ph['training']:.2f}s (total {total:.2f}s, "
+                      f"{row['answer_tokens']:.0f} answer tokens)")
     print("\ncomparison" + " " * 64 + "ratio   target  met")
     for rec in comparisons:
         met = {True: "yes", False: "NO", None: ""}[rec["met"]]
@@ -278,64 +314,130 @@ def print_tables(rows: dict[str, dict], comparisons: list[dict]) -> None:
         print(f"{rec['what']:72} {_f(rec['value'], '{:.2f}'):>6} {target:>8}  {met}")
 
 
-def plot(rows: dict[str, dict], out_dir: Path, mode: str) -> list[str]:
-    """Throughput-vs-batch-size curves per task, and a summary of ratios, memory and generation."""
+def markdown(rows: dict[str, dict], comparisons: list[dict], info: dict, mode: str) -> str:
+    """The same tables as the console, in Markdown (pasted into benchmarks/README.md)."""
+    lines = [f"Mode `{mode}`; {info['nproc']} cores ({info['cpu']}), {info['ram_gb']} GiB RAM; load average at start "
+             f"{', '.join(f'{x:.1f}' for x in info['loadavg_start'])}; 1 intra-op thread per process.", "",
+             "| configuration | tok/s wall | tok/CPU-s | samples/s | window s | pad % | peak RSS MiB | above imports "
+             "MiB | process wall s | step-1 loss |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        if "tokens_per_second" not in row:
+            lines.append(f"| {name} | error: {row['errors'][0]['error']} | | | | | | | | |")
+            continue
+        pad = None
+        if row.get("padded_tokens_per_window"):
+            pad = 100 * (1 - row["useful_tokens_per_window"] / row["padded_tokens_per_window"])
+        lines.append(f"| {name} | {_f(row['tokens_per_second'])} | {_f(row['cpu_tokens_per_second'])} | "
+                     f"{_f(row['samples_per_second'], '{:.2f}')} | {_f(row['median_window_seconds'], '{:.2f}')} | "
+                     f"{_f(pad)} | {_f(row['peak_rss_mb'])} | {_f(row['peak_above_baseline_mb'])} | "
+                     f"{_f(row['wall_seconds'], '{:.1f}')} | {_f(row['first_loss'], '{:.4f}')} |")
+        for kind, key in (("wall", "phases"), ("CPU", "cpu_phases")):
+            if key in row:
+                ph = row[key]
+                lines.append(f"| ↳ PPO step ({kind} s) | generation {ph['generation']:.2f} | experience "
+                             f"{ph['experience']:.2f} | training {ph['training']:.2f} | | | | | | |")
+    lines += ["", "| comparison | ratio | target | met |", "|---|---:|---:|---|"]
+    for rec in comparisons:
+        target = f"{rec['cmp']} {rec['target']}" if rec["target"] is not None else ""
+        met = {True: "yes", False: "**no**", None: ""}[rec["met"]]
+        lines.append(f"| {rec['what']} | {_f(rec['value'], '{:.2f}')} | {target} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+CURVE_LABELS = ("ours", "trl", "bare", "ours-maxlen", "ours-precomp", "trl-precomp", "ours+fix")
+STYLES = {"ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
+          "ours+fix": "C6", "ours-precomp+fix": "C7", "ours-lora": "C8", "ours-lora-precomp+fix": "C9"}
+
+
+def plot(rows: dict[str, dict], comparisons: list[dict], out_dir: Path, mode: str) -> list[str]:
+    """Throughput-vs-batch-size curves per task (CPU-time and wall), and a summary figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    styles = {"ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4"}
-    for ax, task in zip(axes, TASKS):
-        curves: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
-        for row in rows.values():
-            cfg = row["config"]
-            if cfg["kind"] == "train" and cfg["task"] == task and row.get("tokens_per_second"):
-                curves[(cfg["label"], cfg["model"])].append((cfg["batch_size"], row["tokens_per_second"]))
-        for (label, model), points in sorted(curves.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=styles.get(label, "k"),
-                    linestyle="-" if model == "tiny" else "--", label=f"{label} ({model})")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{task.upper()}: useful tokens/s vs batch size")
-        ax.set_xlabel("per-device batch size (pairs for RM/DPO)")
-        ax.set_ylabel("non-pad tokens / s (median window)")
-        ax.grid(alpha=0.3)
-        if curves:
-            ax.legend(fontsize=7)
-    fig.suptitle(f"dschat-mpo benchmark ({mode}); solid: tinystories-260k, dashed: random 3M Llama")
-    fig.tight_layout()
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), squeeze=False)
+    handles: dict[str, Any] = {}
+    for row_i, (key, what) in enumerate((("cpu_tokens_per_second", "non-pad tokens per CPU-second"),
+                                         ("tokens_per_second", "non-pad tokens per wall second"))):
+        for ax, task in zip(axes[row_i], TASKS):
+            curves: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+            for row in rows.values():
+                cfg = row["config"]
+                if (cfg["kind"] == "train" and cfg["task"] == task and row.get(key) and cfg["model"] != "wide"
+                        and cfg["label"] in CURVE_LABELS):
+                    curves[(cfg["label"], cfg["model"])].append((cfg["batch_size"], row[key]))
+            for (label, model), points in sorted(curves.items()):
+                points.sort()
+                (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                                  color=STYLES.get(label, "k"), linestyle="-" if model == "tiny" else "--")
+                handles.setdefault(label, line)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{task.upper()}: {what}", fontsize=9)
+            ax.set_xlabel("per-device batch size (pairs for RM/DPO)")
+            ax.grid(alpha=0.3)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, title="solid: tiny\ndashed: rand")
+    fig.suptitle(f"dschat-mpo benchmark ({mode}): useful-token throughput vs batch size, median window, "
+                 "1 thread per process")
+    fig.tight_layout(rect=(0, 0, 0.88, 0.96))
     path = out_dir / f"{mode}_throughput_vs_batch.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     files.append(str(path))
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-    names = [n for n, r in rows.items() if r["config"]["kind"] == "train" and r.get("peak_rss_mb")]
-    axes[0].barh(range(len(names)), [rows[n]["peak_rss_mb"] for n in names],
-                 color=[styles.get(rows[n]["config"]["label"], "k") for n in names])
-    axes[0].barh(range(len(names)), [rows[n]["baseline_rss_mb"] for n in names], color="lightgrey",
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    ratios = [c for c in comparisons if c["target"] is not None and "tok" in c["what"]]
+    axes[0].barh(range(len(ratios)), [c["value"] for c in ratios],
+                 color=["C2" if c["met"] else "C3" for c in ratios])
+    for i, c in enumerate(ratios):
+        axes[0].plot([c["target"]] * 2, [i - 0.4, i + 0.4], color="k", linewidth=1)
+    axes[0].set_yticks(range(len(ratios)), [c["what"] for c in ratios], fontsize=6)
+    axes[0].axvline(1.0, color="grey", linewidth=0.5)
+    axes[0].set_title("throughput ratios vs target (black tick); green: met", fontsize=9)
+    mem = [n for n, r in rows.items() if r.get("peak_rss_mb") and r["config"]["kind"] == "train"
+           and r["config"]["task"] == "dpo" and (n.startswith("dpo-mem/") or "/bs8/" in n)]
+    axes[1].barh(range(len(mem)), [rows[n]["peak_rss_mb"] for n in mem],
+                 color=[STYLES.get(rows[n]["config"]["label"], "k") for n in mem])
+    axes[1].barh(range(len(mem)), [rows[n]["baseline_rss_mb"] for n in mem], color="lightgrey",
                  label="RSS after imports")
-    axes[0].set_yticks(range(len(names)), names, fontsize=6)
-    axes[0].set_xlabel("peak RSS (MiB), fresh process per configuration")
-    axes[0].legend(fontsize=7)
-    gen = [n for n, r in rows.items() if r["config"]["kind"] == "gen" and r.get("tokens_per_second")]
-    axes[1].bar(range(len(gen)), [rows[n]["tokens_per_second"] for n in gen],
-                color=[styles.get(rows[n]["config"]["label"], "k") for n in gen])
-    axes[1].set_xticks(range(len(gen)), gen, rotation=30, ha="right", fontsize=7)
-    axes[1].set_ylabel("generated tokens / s (greedy)")
-    axes[1].set_title("generation: our Generator vs bare HF generate")
+    axes[1].set_yticks(range(len(mem)), mem, fontsize=6)
+    axes[1].set_xlabel("peak RSS (MiB), one fresh process per configuration")
+    axes[1].set_title("DPO peak memory: resident vs precomputed reference", fontsize=9)
+    axes[1].legend(fontsize=7)
+    gen = [n for n, r in rows.items() if r["config"]["kind"] == "gen" and r.get("cpu_tokens_per_second")]
+    axes[2].bar(range(len(gen)), [rows[n]["cpu_tokens_per_second"] for n in gen],
+                color=[STYLES.get(rows[n]["config"]["label"], "k") for n in gen])
+    axes[2].set_xticks(range(len(gen)), gen, rotation=30, ha="right", fontsize=7)
+    axes[2].set_ylabel("generated tokens per CPU-second (greedy)")
+    ppo = [r for r in rows.values() if "phases" in r]
+    title = "generation: our Generator vs bare HF generate"
+    if ppo:
+        ph = ppo[0]["cpu_phases"]
+        title += "\nPPO step (tiny, 4 prompts), CPU s: " + "\n".join(f"{k} {v:.2f}s" for k, v in ph.items())
+    axes[2].set_title(title, fontsize=9)
     fig.tight_layout()
     path = out_dir / f"{mode}_summary.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     files.append(str(path))
     return files
 
 
 # --------------------------------------------------------------------------------------------- main
+
+
+def rerender(path: Path) -> int:
+    """Tables, Markdown and plots again from a stored results JSON (no benchmark is run)."""
+    report = json.loads(path.read_text())
+    rows = summarise(report["runs"])
+    comparisons = compare(rows)
+    print_tables(rows, comparisons)
+    mode = report["mode"]
+    pngs = plot(rows, comparisons, path.parent, mode)
+    (path.parent / f"{mode}.md").write_text(markdown(rows, comparisons, report["machine"], mode))
+    print(f"\nwrote {path.parent / f'{mode}.md'} and {', '.join(pngs)}")
+    return 0
 
 
 def trl_usable() -> str | None:
@@ -348,6 +450,7 @@ def trl_usable() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~2-3 minute smoke (tiny model, one batch size).")
+    parser.add_argument("--all", action="store_true", help="Every variant at every size (about twice --full).")
     parser.add_argument("--reps", type=int, default=1, help="Repeat the whole matrix (more windows per median).")
     parser.add_argument("--only", type=str, default=None, help="Run configurations whose name contains this.")
     parser.add_argument("--no-trl", action="store_true", help="Leave out the TRL comparison.")
@@ -359,13 +462,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="Intra-op threads per process. 1 by default: on a shared, oversubscribed machine "
                              "two spinning OpenMP threads made step times swing 20x, one thread stays steady.")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="Only re-render tables, Markdown and plots from an existing results JSON.")
     args = parser.parse_args(argv)
+    if args.report:
+        return rerender(args.report)
 
     for path in (HH_TEST, TINYSTORIES):
         if not path.exists():
             print(f"error: fixture {path} is missing; the benchmark needs ../shared (see docs)", file=sys.stderr)
             return 2
-    mode = "quick" if args.quick else "full"
+    mode = "quick" if args.quick else "all" if args.all else "full"
     started = time.time()
     why_no_trl = None if args.no_trl else trl_usable()
     if why_no_trl:
@@ -376,11 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     if "error" in prep:
         print(f"error: preparing assets failed ({prep['error']}); see {prep['log']}", file=sys.stderr)
         return 1
-    configs = plan(args.quick, with_trl=not args.no_trl and why_no_trl is None, with_zero3=not args.no_zero3)
+    configs = plan(mode, with_trl=not args.no_trl and why_no_trl is None, with_zero3=not args.no_zero3)
     if args.only:
         configs = [c for c in configs if args.only in c["name"]]
     for cfg in configs:
         cfg.setdefault("threads", args.threads)
+        cfg.setdefault("hang_dump_s", max(30, args.timeout - 30))
     runs = []
     total = len(configs) * args.reps
     for rep in range(args.reps):
@@ -393,13 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     comparisons = compare(rows)
     print_tables(rows, comparisons)
     args.out.mkdir(parents=True, exist_ok=True)
-    pngs = plot(rows, args.out, mode)
+    pngs = plot(rows, comparisons, args.out, mode)
     info["loadavg_end"] = os.getloadavg()
     report = {"mode": mode, "machine": info, "total_seconds": time.time() - started, "reps": args.reps,
               "trl": None if why_no_trl else info["versions"].get("trl"), "rows": rows, "comparisons": comparisons,
               "targets": TARGETS, "plots": pngs, "runs": runs}
     write_json(args.out / f"{mode}.json", report)
-    print(f"\nwrote {args.out / f'{mode}.json'} and {', '.join(pngs)} in {report['total_seconds']:.0f}s")
+    (args.out / f"{mode}.md").write_text(markdown(rows, comparisons, info, mode))
+    print(f"\nwrote {args.out / f'{mode}.json'}, {mode}.md and {', '.join(pngs)} in {report['total_seconds']:.0f}s")
     return 0 if all("error" not in r for r in runs) else 1
 
 

@@ -5,12 +5,17 @@
 configuration: `ru_maxrss` is a process-lifetime high-water mark.
 
 Configurations (keys of the JSON):
-  kind=train: task sft|rm|dpo, impl ours|trl|bare, model tiny|rand, batch_size, padding longest|max_length,
-              ref resident|precomputed (dpo, ours), samples_per_window, windows, warmup_steps
+  kind=train: task sft|rm|dpo, impl ours|trl|bare, model tiny|rand|wide, batch_size, padding longest|max_length,
+              ref resident|precomputed (dpo), data main|small, lora_dim (ours), fixes (ours: prototypes of
+              proposed changes, see _apply_proposed_fixes), samples_per_window, windows, warmup_steps
               (after `warmup_steps` optimizer steps, `windows` passes over the same samples are timed)
-  kind=gen:   impl ours|bare, model, batch_size, max_new_tokens, samples_per_window, windows, warmup_steps (whole passes here)
-              (zero_stage 3 + launched on 2 ranks: ours gathers once per call, bare re-gathers per token)
+  kind=gen:   impl ours|bare, model, batch_size, max_new_tokens, samples_per_window, windows, warmup_steps
+              (whole passes here); zero_stage 3 + launched on 2 ranks: ours gathers once per call, bare
+              re-gathers per token
   kind=ppo:   batch_size, max_new_tokens, windows, warmup_steps
+  kind=prepare: build the work directory (data subset, random models, critic, token ids)
+  any kind:   workdir, threads, hang_dump_s (faulthandler stacks before a timeout), profile (ours: PATH for a
+              torch.profiler table and a cProfile dump)
 """
 
 from __future__ import annotations
@@ -578,15 +583,23 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
     trainer = loop.trainer
     phases: list[dict[str, float]] = []
     generate_experience, train_rlhf = trainer.generate_experience, trainer.train_rlhf
+    generate = trainer.generator.generate
+    gen_clock: dict[str, float] = {}
+
+    def timed_generate(prompts, mask):
+        t, c = now(), time.process_time()
+        out = generate(prompts, mask)
+        gen_clock.update(wall=now() - t, cpu=time.process_time() - c)
+        return out
 
     def timed_experience(prompts, mask, step):
         t, c = now(), time.process_time()
         exp = generate_experience(prompts, mask, step)
-        total = now() - t
-        gen = float(exp["generate_time"])
-        phases.append({"generation": gen, "experience": total - gen, "answer_tokens": float(exp["generated_tokens"]),
-                       "rows": int(exp["input_ids"].shape[0]), "width": int(exp["input_ids"].shape[1]),
-                       "cpu_experience": time.process_time() - c})
+        wall, cpu = now() - t, time.process_time() - c
+        phases.append({"generation": gen_clock["wall"], "experience": wall - gen_clock["wall"],
+                       "cpu_generation": gen_clock["cpu"], "cpu_experience": cpu - gen_clock["cpu"],
+                       "answer_tokens": float(exp["generated_tokens"]), "rows": int(exp["input_ids"].shape[0]),
+                       "width": int(exp["input_ids"].shape[1])})
         return exp
 
     def timed_train(exp):
@@ -596,6 +609,7 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
         phases[-1]["cpu_training"] = time.process_time() - c
         return out
 
+    trainer.generator.generate = timed_generate
     trainer.generate_experience, trainer.train_rlhf = timed_experience, timed_train
     start = now()
     loop.train()
@@ -603,7 +617,7 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
     measured = phases[cfg["warmup_steps"]:]
     return {"phases": measured, "train_seconds": wall, "build_seconds": build_seconds, "baseline_rss_mb": baseline,
             "windows": [{"seconds": p["generation"] + p["experience"] + p.get("training", 0.0),
-                         "cpu_seconds": p["cpu_experience"] + p.get("cpu_training", 0.0),
+                         "cpu_seconds": p["cpu_generation"] + p["cpu_experience"] + p.get("cpu_training", 0.0),
                          "useful_tokens": int(p["answer_tokens"]), "padded_tokens": 0, "samples": p["rows"]}
                         for p in measured]}
 
@@ -616,6 +630,10 @@ def main(argv: list[str]) -> None:
     cfg: dict[str, Any] = json.loads(argv[0])
     out = Path(argv[1])
     workdir = Path(cfg["workdir"])
+    if cfg.get("hang_dump_s"):  # a stuck run leaves Python stacks in its log before it is killed
+        import faulthandler
+
+        faulthandler.dump_traceback_later(cfg["hang_dump_s"], exit=False)
     if "threads" in cfg:
         import torch
 

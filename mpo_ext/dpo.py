@@ -364,12 +364,16 @@ def _build_frozen(args, path: str, tokenizer, ds_config: dict):
     return initialize_frozen_engine(model, ds_config)
 
 
-def _free(engine) -> None:
-    """Drop a frozen engine and give its memory back before the policy is built."""
+def _release(engine) -> None:
+    """Tear a frozen engine down; the caller then drops its last reference and collects (an engine sits in
+    reference cycles, so a `gc.collect()` while the caller still holds it frees nothing)."""
     destroy = getattr(engine, "destroy", None)
     if callable(destroy):
         destroy()
-    del engine
+    engine.module = None
+
+
+def _collect() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -406,7 +410,9 @@ def precomputed_reference(args, reference_path: str, tokenizer, eval_config: dic
     tables = {"train": compute_reference_table(engine, train_data, collator, batch_size, engine.device)}
     tables["eval"] = (compute_reference_table(engine, eval_data, collator, batch_size, engine.device)
                       if eval_data is not None and len(eval_data) else torch.zeros(0, 2))
-    _free(engine)
+    _release(engine)
+    del engine
+    _collect()
     if path is not None and is_rank_0():
         save_reference_tables(path, fingerprint, tables)
     barrier()

@@ -101,6 +101,9 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate:
                               num_training_steps=max(1, num_training_steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config, args=args, dist_init_required=True)
+    if get_world_size() == 1 and ds_config["zero_optimization"]["stage"] == 0:
+        # One rank: DeepSpeed would still flatten every gradient, all-reduce it over itself and copy it back.
+        engine.enable_backward_allreduce = False
     return engine
 
 
