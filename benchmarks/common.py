@@ -29,7 +29,7 @@ TINYSTORIES = SHARED / "models" / "tinystories-260k"
 SEED = 1234
 MAX_SEQ_LEN = 512
 # Enough HH pairs that the 9:1 train/eval split of our local-file loader leaves every window filled.
-NUM_PAIRS = 48
+NUM_PAIRS = 80
 # The DPO memory runs precompute reference log-probs for their whole data file: keep that file small.
 NUM_PAIRS_SMALL = 6
 MAX_PROMPT_LEN = 192  # generation / PPO: prompt + new tokens must fit tinystories' 512 positions
@@ -44,7 +44,11 @@ RAND_CONFIG = {
 # precomputed-vs-resident reference memory comparison, where the reference's weights are what is saved.
 WIDE_CONFIG = {**RAND_CONFIG, "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
                "num_key_value_heads": 8}
-MODEL_CONFIGS = {"rand": RAND_CONFIG, "wide": WIDE_CONFIG}
+# "xl": ~190M parameters (760 MiB in fp32), for the same comparison on short rows, closer to the regime of a
+# 7B model, where a reference copy is gigabytes and the process's fixed ~400 MiB runtime is negligible.
+XL_CONFIG = {**RAND_CONFIG, "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16,
+             "num_key_value_heads": 8}
+MODEL_CONFIGS = {"rand": RAND_CONFIG, "wide": WIDE_CONFIG, "xl": XL_CONFIG}
 DATA_FILES = {"main": ("hh_pairs.jsonl", NUM_PAIRS), "small": ("hh_pairs_small.jsonl", NUM_PAIRS_SMALL)}
 
 
@@ -141,20 +145,25 @@ class Clock:
         return [b - a for a, b in zip([self.wall0] + self.wall[:-1], self.wall)]
 
     def windows(self, steps_per_window: int, warmup_steps: int, useful_per_window: int, padded_per_window: int,
-                samples_per_window: int) -> list[dict]:
+                samples_per_window: int, per_step: list[tuple[int, int]] | None = None) -> list[dict]:
         """Per-window records after the warm-up steps.
 
         After the warm-up, every run of `steps_per_window` consecutive steps covers each batch of the
         window exactly once (a rotation of the fixed order), so all windows do the same work. A window
         runs from the end of the step before it to the end of its own last step: data loading,
-        collation and loop bookkeeping between steps are all counted.
+        collation and loop bookkeeping between steps are all counted. `per_step` ((useful, padded)
+        tokens of every step) replaces the per-window counts where batches are regrouped every epoch.
         """
         wall, cpu = [self.wall0] + self.wall, [self.cpu0] + self.cpu
         out = []
         for first in range(warmup_steps, len(self.wall) - steps_per_window + 1, steps_per_window):
             last = first + steps_per_window
-            out.append(Window(wall[last] - wall[first], cpu[last] - cpu[first], useful_per_window,
-                              padded_per_window, samples_per_window).__dict__)
+            useful, padded = useful_per_window, padded_per_window
+            if per_step is not None:
+                useful = sum(u for u, _ in per_step[first:last])
+                padded = sum(p for _, p in per_step[first:last])
+            out.append(Window(wall[last] - wall[first], cpu[last] - cpu[first], useful, padded,
+                              samples_per_window).__dict__)
         return out
 
 

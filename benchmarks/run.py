@@ -32,8 +32,12 @@ sys.path.insert(0, str(HERE))
 
 from common import HH_TEST, REPO, TINYSTORIES, machine_info, median, write_json  # noqa: E402
 
-# Prototyped inside the benchmark process only (see worker._apply_proposed_fixes); proposed for dschat/mpo_ext.
-FIXES = ("collect_after_build", "no_single_rank_allreduce", "drop_right_pad_mask")
+# Each optimisation switched off on its own (relative to `ours-nogroup`, which sees TRL's and bare's batches).
+ABLATIONS = {
+    "ours-nogroup": ["--no_group_by_length"],
+    "ours-nogroup-mask": ["--no_group_by_length", "--pad_mask", "always"],
+    "ours-maxlen": ["--no_group_by_length", "--padding", "max_length"],
+}
 TARGETS = {"vs_trl": 1.3, "vs_bare": 0.85, "precomputed_memory": 0.7, "generation": 0.9}
 TASKS = ("sft", "rm", "dpo")
 
@@ -45,16 +49,18 @@ def plan(level: str, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
     """Configurations in run order (`level`: quick | full | all); comparable ones run back to back, so
     they see similar machine load.
 
-    quick: tiny model, one batch size; full: both models at batch sizes 2 and 8, the variants that show
-    each effect once; all: every variant at every size (about twice as long as full).
+    quick: tiny model, one batch size; full: both models at batch sizes 2 and 8, each optimisation's
+    ablation once per model; all: every variant at every size (about twice as long as full).
+    A window is a pass over the same samples: enough of them (64, 32) that length grouping has batches
+    to form, as it has over any real dataset.
     """
     quick, every = level == "quick", level == "all"
     if quick:
-        models = {"tiny": {"batch_sizes": [4], "samples": 8, "windows": 5}}
+        models = {"tiny": {"batch_sizes": [4], "samples": 32, "windows": 2}}
         gen_tokens, gen_bs, gen_windows = 32, 4, 3
     else:
-        models = {"tiny": {"batch_sizes": [2, 4, 8] if every else [2, 8], "samples": 8, "windows": 4},
-                  "rand": {"batch_sizes": [2, 8], "samples": 8, "windows": 3}}
+        models = {"tiny": {"batch_sizes": [2, 4, 8] if every else [2, 8], "samples": 64, "windows": 2},
+                  "rand": {"batch_sizes": [2, 8], "samples": 32, "windows": 2}}
         gen_tokens, gen_bs, gen_windows = 64, 8, 3
     configs: list[dict[str, Any]] = []
     for model, spec in models.items():
@@ -69,33 +75,30 @@ def plan(level: str, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
                 if with_trl:
                     variants.append(("trl", {"impl": "trl"}))
                 variants.append(("bare", {"impl": "bare"}))
-                # padding="max_length" matters most at small batches (at 8 most batches hold a 512-token row)
+                variants.append(("ours-nogroup", {"impl": "ours", "flags": ABLATIONS["ours-nogroup"]}))
                 if quick or every or bs == smallest:
-                    variants.append(("ours-maxlen", {"impl": "ours", "padding": "max_length"}))
+                    for label in ("ours-nogroup-mask", "ours-maxlen"):
+                        variants.append((label, {"impl": "ours", "flags": ABLATIONS[label]}))
                 focus = bs == largest and (every or model == "rand")
                 if task == "dpo" and (quick or every or focus):
                     variants.append(("ours-precomp", {"impl": "ours", "ref": "precomputed"}))
                 if task == "dpo" and with_trl and focus:
                     variants.append(("trl-precomp", {"impl": "trl", "ref": "precomputed"}))
-                if focus:  # prototypes of the fixes proposed in benchmarks/README.md
-                    variants.append(("ours+fix", {"impl": "ours", "fixes": list(FIXES)}))
-                    if task == "dpo":
-                        variants.append(("ours-precomp+fix", {"impl": "ours", "ref": "precomputed",
-                                                              "fixes": list(FIXES)}))
                 for label, extra in variants:
                     configs.append({**base, **extra, "name": f"{task}/{model}/bs{bs}/{label}", "label": label})
-    if not quick:  # memory: a ~50M model whose weights, not activations, dominate; small data file
-        base = {"kind": "train", "task": "dpo", "impl": "ours", "model": "wide", "batch_size": 1, "data": "small",
-                "padding": "longest", "samples_per_window": 2, "windows": 1, "warmup_steps": 1}
-        variants = [("ours", {"ref": "resident"}), ("ours-precomp", {"ref": "precomputed"}),
-                    ("ours+fix", {"ref": "resident", "fixes": list(FIXES)}),
-                    ("ours-precomp+fix", {"ref": "precomputed", "fixes": list(FIXES)})]
-        if every:
-            variants += [("ours-lora", {"ref": "resident", "lora_dim": 8}),
-                         ("ours-lora-precomp+fix", {"ref": "precomputed", "lora_dim": 8, "fixes": list(FIXES)}),
-                         ("bare", {"impl": "bare"})]
-        for label, extra in variants:
-            configs.append({**base, **extra, "name": f"dpo-mem/wide/bs1/{label}", "label": label})
+    if not quick:  # memory, full fine-tuning and LoRA, small data file: a ~50M model on rows of up to 512
+        # tokens, and a ~190M model on rows of up to 128 (weights, not activations, dominate)
+        for model, group, max_len in (("wide", "wide", None), ("xl", "xl-s128", 128)):
+            base = {"kind": "train", "task": "dpo", "impl": "ours", "model": model, "batch_size": 1,
+                    "data": "small", "padding": "longest", "samples_per_window": 2, "windows": 1, "warmup_steps": 1,
+                    **({"max_seq_len": max_len} if max_len else {})}
+            variants = [("ours", {"ref": "resident"}), ("ours-precomp", {"ref": "precomputed"}),
+                        ("ours-lora", {"ref": "resident", "lora_dim": 8}),
+                        ("ours-lora-precomp", {"ref": "precomputed", "lora_dim": 8})]
+            if every and not max_len:
+                variants.append(("bare", {"impl": "bare"}))
+            for label, extra in variants:
+                configs.append({**base, **extra, "name": f"dpo-mem/{group}/bs1/{label}", "label": label})
     for model in models:
         for impl in ("ours", "bare"):
             configs.append({"kind": "gen", "impl": impl, "model": model, "batch_size": gen_bs,
@@ -226,26 +229,24 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 # (numerator label, denominator label, metric, target key or None, comparison, what it shows)
 RATIOS = (
     ("ours", "trl", "cpu_tokens_per_second", "vs_trl", ">=", "ours/TRL useful tok per CPU-s"),
-    ("ours", "bare", "cpu_tokens_per_second", "vs_bare", ">=", "ours/bare useful tok per CPU-s"),
     ("ours", "trl", "tokens_per_second", None, ">=", "ours/TRL useful tok/s (wall)"),
-    ("ours", "bare", "tokens_per_second", None, ">=", "ours/bare useful tok/s (wall)"),
-    ("ours", "ours-maxlen", "cpu_tokens_per_second", None, ">=", "padding longest/max_length tok per CPU-s"),
+    ("ours-nogroup", "bare", "cpu_tokens_per_second", "vs_bare", ">=",
+     "same batches: ours/bare useful tok per CPU-s"),
+    ("ours-nogroup", "trl", "cpu_tokens_per_second", None, ">=", "same batches: ours/TRL useful tok per CPU-s"),
+    ("ours", "bare", "cpu_tokens_per_second", None, ">=", "ours/bare useful tok per CPU-s"),
+    ("ours", "ours-nogroup", "cpu_tokens_per_second", None, ">=", "effect of length grouping"),
+    ("ours-nogroup", "ours-nogroup-mask", "cpu_tokens_per_second", None, ">=",
+     "effect of no pad mask on right-padded rows"),
+    ("ours-nogroup", "ours-maxlen", "cpu_tokens_per_second", None, ">=", "effect of padding longest vs max_length"),
     ("ours-precomp", "trl-precomp", "cpu_tokens_per_second", "vs_trl", ">=", "both precomputed: ours/TRL"),
     ("ours-precomp", "trl", "cpu_tokens_per_second", None, ">=", "ours precomputed / TRL resident"),
-    ("ours+fix", "trl", "cpu_tokens_per_second", "vs_trl", ">=", "ours+fixes/TRL tok per CPU-s"),
-    ("ours+fix", "bare", "cpu_tokens_per_second", "vs_bare", ">=", "ours+fixes/bare tok per CPU-s"),
-    ("ours+fix", "ours", "cpu_tokens_per_second", None, ">=", "effect of the proposed fixes (speed)"),
-    ("ours+fix", "ours", "peak_rss_mb", None, "<=", "effect of the proposed fixes (peak RSS)"),
+    ("ours-precomp", "ours", "cpu_tokens_per_second", None, ">=", "precomputed/resident speed"),
     ("ours-precomp", "ours", "peak_rss_mb", "precomputed_memory", "<=", "precomputed/resident peak RSS"),
     ("ours-precomp", "ours", "peak_above_baseline_mb", None, "<=", "precomputed/resident peak above imports"),
-    ("ours-precomp+fix", "ours", "peak_rss_mb", "precomputed_memory", "<=",
-     "precomputed+fixes / resident (today) peak RSS"),
-    ("ours-precomp+fix", "ours+fix", "peak_rss_mb", "precomputed_memory", "<=",
-     "precomputed+fixes / resident+fixes peak RSS"),
-    ("ours-precomp+fix", "ours+fix", "peak_above_baseline_mb", None, "<=",
-     "precomputed+fixes / resident+fixes peak above imports"),
-    ("ours-lora-precomp+fix", "ours-lora", "peak_rss_mb", "precomputed_memory", "<=",
-     "LoRA: precomputed+fixes / resident peak RSS"),
+    ("ours-lora-precomp", "ours-lora", "peak_rss_mb", "precomputed_memory", "<=",
+     "LoRA: precomputed/resident peak RSS"),
+    ("ours-lora-precomp", "ours-lora", "peak_above_baseline_mb", None, "<=",
+     "LoRA: precomputed/resident peak above imports"),
     ("ours", "bare", "peak_rss_mb", None, "<=", "ours/bare peak RSS"),
     ("ours", "trl", "peak_rss_mb", None, "<=", "ours/TRL peak RSS"),
 )
@@ -344,9 +345,9 @@ def markdown(rows: dict[str, dict], comparisons: list[dict], info: dict, mode: s
     return "\n".join(lines) + "\n"
 
 
-CURVE_LABELS = ("ours", "trl", "bare", "ours-maxlen", "ours-precomp", "trl-precomp", "ours+fix")
+CURVE_LABELS = ("ours", "trl", "bare", "ours-nogroup", "ours-maxlen", "ours-precomp", "trl-precomp")
 STYLES = {"ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
-          "ours+fix": "C6", "ours-precomp+fix": "C7", "ours-lora": "C8", "ours-lora-precomp+fix": "C9"}
+          "ours-nogroup": "C6", "ours-nogroup-mask": "C7", "ours-lora": "C8", "ours-lora-precomp": "C9"}
 
 
 def plot(rows: dict[str, dict], comparisons: list[dict], out_dir: Path, mode: str) -> list[str]:

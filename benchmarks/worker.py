@@ -6,8 +6,9 @@ configuration: `ru_maxrss` is a process-lifetime high-water mark.
 
 Configurations (keys of the JSON):
   kind=train: task sft|rm|dpo, impl ours|trl|bare, model tiny|rand|wide, batch_size, padding longest|max_length,
-              ref resident|precomputed (dpo), data main|small, lora_dim (ours), fixes (ours: prototypes of
-              proposed changes, see _apply_proposed_fixes), samples_per_window, windows, warmup_steps
+              ref resident|precomputed (dpo), data main|small, lora_dim (ours), flags (ours: extra step
+              flags, e.g. --no_group_by_length), max_seq_len (ours, default 512), samples_per_window,
+              windows, warmup_steps
               (after `warmup_steps` optimizer steps, `windows` passes over the same samples are timed)
   kind=gen:   impl ours|bare, model, batch_size, max_new_tokens, samples_per_window, windows, warmup_steps
               (whole passes here); zero_stage 3 + launched on 2 ranks: ours gathers once per call, bare
@@ -90,9 +91,11 @@ def steps_per_window(cfg: dict) -> int:
     return -(-cfg["samples_per_window"] // cfg["batch_size"])
 
 
-def finish_train(cfg: dict, items: list, clock: Clock, padding: str, multiple: int | None) -> dict:
+def finish_train(cfg: dict, items: list, clock: Clock, padding: str, multiple: int | None,
+                 per_step: list[tuple[int, int]] | None = None) -> dict:
     useful, padded = token_counts(cfg, items, padding, multiple)
-    windows = clock.windows(steps_per_window(cfg), cfg["warmup_steps"], useful, padded, cfg["samples_per_window"])
+    windows = clock.windows(steps_per_window(cfg), cfg["warmup_steps"], useful, padded, cfg["samples_per_window"],
+                            per_step)
     if len(clock) != total_steps(cfg):
         raise SystemExit(f"expected {total_steps(cfg)} optimizer steps, timed {len(clock)}")
     return {"windows": windows, "steps": len(clock), "train_seconds": clock.wall[-1] - clock.wall0,
@@ -119,7 +122,7 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from dschat.utils.dist import init_distributed
-    from dschat.utils.trainer import ResumableSampler
+    from dschat.utils.trainer import ResumableSampler, groups_by_length, sample_lengths
 
     module = _our_module(cfg["task"])
     tokens = load_tokens(workdir)
@@ -142,22 +145,27 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
             argv += ["--precompute_ref_log_probs"]
     if cfg.get("lora_dim"):
         argv += ["--lora_dim", str(cfg["lora_dim"]), "--lora_module_name", "layers.", "--only_optimize_lora"]
-    args = module.parse_args(argv)
+    if cfg.get("max_seq_len"):  # shorter rows: the memory runs where weights, not activations, dominate
+        argv += ["--max_seq_len", str(cfg["max_seq_len"])]
+    args = module.parse_args(argv + list(cfg.get("flags", ())))
     init_distributed(args.local_rank)
     t0 = now()
     trainer = module.build(args)
     build_seconds = now() - t0
     rss_after_build = rss_mb()
     alive_after_build = _count_live_causal_lms(torch, collect=False)
-    _apply_proposed_fixes(cfg, trainer)
 
-    # The same samples in the same order as the other implementations: the first N items of our train set.
+    # The samples the other implementations see: the first N items of our train set. With our default
+    # length grouping they are regrouped every pass (an epoch of N samples); otherwise in the same order.
     loader = trainer.train_loader
     n = cfg["samples_per_window"]
-    sampler = ResumableSampler(n, shuffle=False, seed=0, rank=0, world_size=1)
+    lengths = sample_lengths(loader.dataset)[:n] if groups_by_length(args) else None
+    sampler = ResumableSampler(n, shuffle=lengths is not None, seed=0, rank=0, world_size=1, lengths=lengths,
+                               batch_size=bs)
     trainer.train_loader = DataLoader(loader.dataset, batch_size=bs, sampler=sampler, collate_fn=loader.collate_fn)
     trainer.eval_loader = None
-    _check_same_items(cfg, loader.dataset, items)
+    if not cfg.get("max_seq_len"):
+        _check_same_items(cfg, loader.dataset, items)
 
     clock = Clock()
     engine_step = trainer.engine.step
@@ -171,65 +179,26 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     first_loss: list[float] = []
     compute_loss = trainer.compute_loss
 
+    per_step: list[tuple[int, int]] = []  # gradient_accumulation_steps is 1: a micro-batch is a step
+
     def recorded_loss(batch):
         metrics = compute_loss(batch)
         if not first_loss:
             first_loss.append(float(metrics["loss"].detach()))
+        mask = batch["attention_mask"]
+        per_step.append((int(mask.sum()), mask.numel()))
         return metrics
 
     trainer.compute_loss = recorded_loss
     clock.start()
     with _maybe_profile(cfg):
         trainer.train()
-    result = finish_train(cfg, items, clock, cfg["padding"], 8)
+    result = finish_train(cfg, items, clock, cfg["padding"], 8, per_step)
     alive = _count_live_causal_lms(torch)
     result.update(baseline_rss_mb=baseline, rss_after_build_mb=rss_after_build, build_seconds=build_seconds,
                   first_loss=first_loss[0] if first_loss else None, live_causal_lm_models=alive,
                   live_causal_lm_models_after_build=alive_after_build)
     return result
-
-
-PROPOSED_FIXES = ("collect_after_build", "no_single_rank_allreduce", "drop_right_pad_mask")
-
-
-def _apply_proposed_fixes(cfg: dict, trainer) -> None:
-    """Prototypes, inside this benchmark process only, of changes proposed for files the benchmark does not
-    own, so their effect is measured through the real path before anyone edits those files:
-
-    - collect_after_build: gc.collect() once build() has returned. The DPO reference engine freed after
-      precomputing sits in reference cycles, so without a cyclic GC pass it stays resident while training.
-    - no_single_rank_allreduce: `engine.enable_backward_allreduce = False` on one rank with ZeRO 0. DeepSpeed
-      otherwise flattens every gradient into one new buffer and all-reduces it over a 1-process group.
-    - drop_right_pad_mask: call the model with attention_mask=None when every row is right-padded. Under a
-      causal mask real tokens never see the pads after them, so their outputs are unchanged, and SDPA can take
-      its causal kernel instead of a dense [B, 1, L, L] mask.
-    """
-    fixes = set(cfg.get("fixes", ()))
-    if "collect_after_build" in fixes:
-        import gc
-
-        gc.collect()
-    if "no_single_rank_allreduce" in fixes and cfg.get("zero_stage", 0) == 0:
-        trainer.engine.enable_backward_allreduce = False
-    if "drop_right_pad_mask" in fixes:
-        engines = [trainer.engine]
-        reference = getattr(getattr(trainer, "reference", None), "model", None)
-        if reference is not None:
-            engines.append(reference)
-        for engine in engines:
-            _drop_right_pad_mask(getattr(engine, "module", engine))
-
-
-def _drop_right_pad_mask(module) -> None:
-    forward = module.forward
-
-    def forward_without_pad_mask(*args, **kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            kwargs["attention_mask"] = None
-        return forward(*args, **kwargs)
-
-    module.forward = forward_without_pad_mask
 
 
 def _maybe_profile(cfg: dict):

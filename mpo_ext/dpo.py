@@ -28,7 +28,8 @@ from dschat.utils import args as flags
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.losses import gather_log_probs
-from dschat.utils.trainer import Trainer, reduce_mean_metrics
+from dschat.utils.model.masks import training_attention_mask
+from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
 from dschat.utils.utils import print_rank_0, to_device
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -118,6 +119,9 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, Any]:
         return index, self.dataset[index]
 
+    def lengths(self) -> list[int] | None:
+        return sample_lengths(self.dataset)
+
 
 class IndexedCollator:
     """Wrap a pair collator: same batch plus `index` [2B] (chosen rows then rejected rows, like the ids)."""
@@ -132,9 +136,10 @@ class IndexedCollator:
         return batch
 
 
-def policy_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def policy_log_probs(model, batch: dict[str, torch.Tensor], pad_mask: str = "always") -> torch.Tensor:
     """Summed answer log-probs [2B] of every row of a pair batch, one forward for chosen and rejected."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = model(input_ids=batch["input_ids"], attention_mask=training_attention_mask(batch["attention_mask"], pad_mask),
+                use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
     mask = response_mask(batch["attention_mask"], batch["prompt_lengths"])
     return sequence_log_probs(logits, batch["input_ids"], mask)
@@ -143,12 +148,13 @@ def policy_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class ResidentReference:
     """Reference log-probs computed on the fly by a frozen model kept in memory (upstream's way)."""
 
-    def __init__(self, model):
+    def __init__(self, model, pad_mask: str = "always"):
         self.model = model
+        self.pad_mask = pad_mask
 
     @torch.no_grad()
     def log_probs(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:  # noqa: ARG002
-        return policy_log_probs(self.model, batch)
+        return policy_log_probs(self.model, batch, self.pad_mask)
 
 
 class PrecomputedReference:
@@ -167,7 +173,8 @@ class PrecomputedReference:
 
 @torch.no_grad()
 def compute_reference_table(model, dataset: Dataset, collate_fn, batch_size: int, device=None,
-                            rank: int | None = None, world_size: int | None = None) -> torch.Tensor:
+                            rank: int | None = None, world_size: int | None = None,
+                            pad_mask: str = "always") -> torch.Tensor:
     """[N, 2] (chosen, rejected) reference log-probs of every pair of `dataset`, on every rank.
 
     Work is split r::world; every rank runs the same number of batches (short shards repeat their last
@@ -185,7 +192,7 @@ def compute_reference_table(model, dataset: Dataset, collate_fn, batch_size: int
     for start in range(0, per_rank, batch_size):
         chunk = mine[start:start + batch_size]
         batch = to_device(collate([(i, dataset[i]) for i in chunk]), device)
-        chosen, rejected = split_pairs(policy_log_probs(model, batch))
+        chosen, rejected = split_pairs(policy_log_probs(model, batch, pad_mask))
         values[start:start + len(chunk)] = torch.stack([chosen, rejected], dim=1).float()
     indices = torch.tensor(mine, dtype=torch.long, device=device)
     if world_size > 1 and torch.distributed.is_initialized():
@@ -262,7 +269,7 @@ class DPOTrainer(Trainer):
         self.reference = reference
 
     def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
-        policy = policy_log_probs(self.engine, batch)
+        policy = policy_log_probs(self.engine, batch, self.args.pad_mask)
         ref = self.reference.log_probs(batch, split)
         policy_chosen, policy_rejected = split_pairs(policy)
         ref_chosen, ref_rejected = split_pairs(ref.to(policy.dtype))
@@ -407,8 +414,10 @@ def precomputed_reference(args, reference_path: str, tokenizer, eval_config: dic
                  f"({len(train_data)} train + {len(eval_data) if eval_data is not None else 0} eval pairs) ...")
     engine = _build_frozen(args, reference_path, tokenizer, eval_config)
     batch_size = args.per_device_eval_batch_size
-    tables = {"train": compute_reference_table(engine, train_data, collator, batch_size, engine.device)}
-    tables["eval"] = (compute_reference_table(engine, eval_data, collator, batch_size, engine.device)
+    tables = {"train": compute_reference_table(engine, train_data, collator, batch_size, engine.device,
+                                               pad_mask=args.pad_mask)}
+    tables["eval"] = (compute_reference_table(engine, eval_data, collator, batch_size, engine.device,
+                                              pad_mask=args.pad_mask)
                       if eval_data is not None and len(eval_data) else torch.zeros(0, 2))
     _release(engine)
     del engine
@@ -456,7 +465,7 @@ def build(args) -> DPOTrainer:
         reference = precomputed_reference(args, reference_path, tokenizer, eval_config, train_data, eval_data,
                                           collator)
     else:
-        reference = ResidentReference(_build_frozen(args, reference_path, tokenizer, eval_config))
+        reference = ResidentReference(_build_frozen(args, reference_path, tokenizer, eval_config), args.pad_mask)
 
     model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout)
     if args.compute_fp32_loss:

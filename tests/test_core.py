@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from dschat.steps import sft as sft_step
 from dschat.utils.checkpoint import STATE_FILE, find_latest_state, list_complete_states
 from dschat.utils.ds_utils import get_eval_ds_config, get_train_ds_config, resolve_dtype, set_batch_sizes
 from dschat.utils.errors import UserError
-from dschat.utils.trainer import MetricLogger, ResumableSampler, count_updates
+from dschat.utils.trainer import MetricLogger, ResumableSampler, count_updates, groups_by_length
 from dschat.utils.utils import atomic_directory, atomic_write_json
 
 
@@ -87,6 +88,51 @@ def test_resumable_sampler_shards_and_skips():
     assert sorted(first) == sorted(second) == list(range(10)) and first != second
     shuffled.set_epoch(1, start=4)
     assert list(shuffled) == second[4:] and len(shuffled) == 6
+
+
+def _batch_padding(order: list[int], lengths: list[int], batch_size: int) -> int:
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouping_covers_every_sample_with_little_padding():
+    lengths = [(i * 37) % 50 + 1 for i in range(103)]
+    for world_size in (1, 2):
+        shards = [list(ResumableSampler(103, shuffle=True, seed=1, rank=r, world_size=world_size,
+                                        lengths=lengths, batch_size=4)) for r in range(world_size)]
+        assert sorted({i for shard in shards for i in shard}) == list(range(103))
+        assert all(len(shard) == math.ceil(103 / world_size) for shard in shards)
+        assert max(lengths[i] for i in shards[0][:4]) == 50  # the longest batch comes first
+        plain = list(ResumableSampler(103, shuffle=True, seed=1, rank=0, world_size=world_size, batch_size=4))
+        assert _batch_padding(shards[0], lengths, 4) * 5 < _batch_padding(plain, lengths, 4)
+        if world_size == 2:  # both ranks' step-k batches come from one sorted global batch: similar widths
+            widths = [[max(lengths[i] for i in shard[k:k + 4]) for k in range(0, 48, 4)] for shard in shards]
+            assert all(abs(a - b) <= 2 for a, b in zip(*widths))
+
+
+def test_length_grouping_is_seeded_per_epoch_and_resumable():
+    lengths = [i % 13 for i in range(60)]
+    sampler = ResumableSampler(60, shuffle=True, seed=3, rank=0, world_size=1, lengths=lengths, batch_size=4)
+    first = list(sampler)
+    again = list(ResumableSampler(60, shuffle=True, seed=3, rank=0, world_size=1, lengths=lengths, batch_size=4))
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert first == again and first != second and sorted(second) == list(range(60))
+    sampler.set_epoch(1, start=8)
+    assert list(sampler) == second[8:]
+    unshuffled = ResumableSampler(60, shuffle=False, seed=3, rank=0, world_size=1, lengths=lengths, batch_size=4)
+    assert list(unshuffled) == list(range(60))  # evaluation order is never regrouped
+    with pytest.raises(ValueError, match="lengths"):
+        ResumableSampler(60, shuffle=True, seed=3, lengths=lengths[:-1])
+
+
+def test_group_by_length_and_pad_mask_flags():
+    args = sft_step.parse_args(["--model_name_or_path", "m"])
+    assert args.group_by_length and args.pad_mask == "auto" and groups_by_length(args)
+    args = sft_step.parse_args(["--model_name_or_path", "m", "--no_group_by_length", "--pad_mask", "always"])
+    assert not args.group_by_length and args.pad_mask == "always" and not groups_by_length(args)
+    args = sft_step.parse_args(["--model_name_or_path", "m", "--padding", "max_length"])
+    assert not groups_by_length(args)  # every batch is max_seq_len wide anyway
 
 
 def test_atomic_directory_keeps_history_and_replaces_model(tmp_path):

@@ -164,3 +164,41 @@ def test_concatenated_forward_equals_separate_forwards(model, pairs, tiny_tokeni
         torch.testing.assert_close(part[:, :width], alone[:, :width], **TOL)
         assert part[:, width:].abs().sum() == 0 and alone[:, width:].abs().sum() == 0  # only padding beyond
         torch.testing.assert_close(part.sum(dim=1), alone.sum(dim=1), **TOL)
+
+
+@torch.no_grad()
+def test_dropping_the_right_pad_mask_changes_no_loss(model, tinystories_dir, pairs, tiny_tokenizer):
+    """`--pad_mask auto` (no mask for right-padded batches) against upstream's masked forward."""
+    from transformers import AutoModel
+
+    from dschat.utils.model.masks import is_right_padded, training_attention_mask
+    from dschat.utils.model.reward_model import RewardModel
+    from mpo_ext.dpo import policy_log_probs
+
+    pad = tiny_tokenizer.pad_token_id
+    sft_batch = DataCollatorSFT(pad, MAX_LEN, padding="longest")(_sft_items(pairs))
+    pair_batch = DataCollatorReward(pad, MAX_LEN, padding="longest")(pairs)
+    for batch in (sft_batch, pair_batch):
+        assert is_right_padded(batch["attention_mask"]) and not bool(batch["attention_mask"].all())
+    assert training_attention_mask(sft_batch["attention_mask"], "auto") is None
+
+    def sft_loss(pad_mask: str) -> torch.Tensor:
+        mask = training_attention_mask(sft_batch["attention_mask"], pad_mask)
+        return model(input_ids=sft_batch["input_ids"], attention_mask=mask, labels=sft_batch["labels"]).loss
+
+    torch.testing.assert_close(sft_loss("auto"), sft_loss("always"), **TOL)
+
+    torch.manual_seed(0)
+    rm = RewardModel(AutoModel.from_pretrained(str(tinystories_dir), dtype=torch.float32), tiny_tokenizer, 0).eval()
+    torch.nn.init.normal_(rm.v_head.weight, std=0.5)
+    outs = [rm(pair_batch["input_ids"], training_attention_mask(pair_batch["attention_mask"], p))
+            for p in ("auto", "always")]
+    for key in ("loss", "chosen_mean_scores", "rejected_mean_scores"):
+        torch.testing.assert_close(outs[0][key], outs[1][key], **TOL)
+
+    torch.testing.assert_close(policy_log_probs(model, pair_batch, "auto"),
+                               policy_log_probs(model, pair_batch, "always"), **TOL)
+    # the test can fail: pads really are attended to when rows are LEFT-padded and the mask is dropped
+    left = torch.flip(pair_batch["input_ids"], dims=[1])
+    masked = model(input_ids=left, attention_mask=torch.flip(pair_batch["attention_mask"], dims=[1])).logits
+    assert not torch.allclose(model(input_ids=left).logits[:, -1], masked[:, -1], **TOL)

@@ -32,12 +32,8 @@ from dschat.rlhf.ppo_math import (
     zero_after,
 )
 from dschat.utils.dist import get_world_size
+from dschat.utils.model.masks import position_ids_from_mask
 from dschat.utils.utils import print_rank_0
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting attended tokens only (the numbering HF `generate` gives left-padded rows)."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 def _accepts_position_ids(module: torch.nn.Module) -> bool:

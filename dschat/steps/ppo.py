@@ -285,13 +285,14 @@ def build(args) -> PPOLoop:
     from dschat.rlhf.ppo_trainer import DeepSpeedPPOTrainer, DeepSpeedPPOTrainerUnsupervised
     from dschat.rlhf.rlhf_engine import DeepSpeedRLHFEngine, unsupervised_enabled
     from dschat.utils.data.data_utils import DataCollatorRLHF
-    from dschat.utils.trainer import ResumableSampler
+    from dschat.utils.trainer import ResumableSampler, groups_by_length, sample_lengths
 
     tokenizer, prompts, unsup = prepare(args)
     seed = args.seed or 0
     prompt_loader = DataLoader(
         prompts, batch_size=args.per_device_generation_batch_size,
-        sampler=ResumableSampler(len(prompts), shuffle=True, seed=seed),
+        sampler=ResumableSampler(len(prompts), shuffle=True, seed=seed, batch_size=args.per_device_generation_batch_size,
+                                 lengths=sample_lengths(prompts) if groups_by_length(args) else None),
         collate_fn=DataCollatorRLHF(args.max_prompt_seq_len, args.inference_tp_size, tokenizer.pad_token_id,
                                     padding=args.padding),
         generator=_private_generator(seed),

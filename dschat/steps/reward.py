@@ -41,16 +41,13 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-def _model_inputs(batch: dict) -> dict:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
 class RewardTrainer(Trainer):
     name = "step2_model"
     rows_per_sample = 2
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.engine(**_model_inputs(batch), use_cache=False)
+        out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
+                          use_cache=False)
         chosen, rejected = out["chosen_mean_scores"].detach(), out["rejected_mean_scores"].detach()
         return {
             "loss": out["loss"],
@@ -70,7 +67,9 @@ class RewardTrainer(Trainer):
         for i, batch in enumerate(self.eval_loader):
             if self.args.eval_iters and i >= self.args.eval_iters:
                 break
-            out = self.engine(**_model_inputs({k: v.to(self.device) for k, v in batch.items()}), use_cache=False)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
+                              use_cache=False)
             chosen, rejected = out["chosen_mean_scores"].float(), out["rejected_mean_scores"].float()
             sums += torch.stack([out["loss"].float(), pairwise_accuracy(chosen, rejected), chosen.mean(),
                                  rejected.mean()])

@@ -41,7 +41,7 @@ class SFTTrainer(Trainer):
     name = "step1_model"
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
                           labels=batch["labels"], use_cache=False)
         return {"loss": out.loss}
 
@@ -55,7 +55,8 @@ class SFTTrainer(Trainer):
             if self.args.eval_iters and i >= self.args.eval_iters:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            out = self.engine(**batch, use_cache=False)
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
+                              labels=batch["labels"], use_cache=False)
             total += out.loss.float()
             count += 1
         loss = get_all_reduce_mean(total / max(1, count)).item()

@@ -13,7 +13,7 @@ import math
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from dschat.utils.checkpoint import (
     save_training_state,
 )
 from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0
+from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.utils import print_rank_0, to_device
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -35,16 +36,21 @@ class ResumableSampler(Sampler[int]):
     """Seeded, epoch-aware sharding (DistributedSampler's arithmetic) that can skip consumed samples.
 
     Upstream never called `set_epoch`, so every epoch replayed the same order; here the order changes per
-    epoch and a resumed run continues exactly where the saved state stopped.
+    epoch and a resumed run continues exactly where the saved state stopped. Given `lengths`, shuffled
+    samples are grouped by length (see `group_by_length`) so that per-batch padding stays small.
     """
 
     def __init__(self, dataset_len: int, shuffle: bool, seed: int, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, lengths: Sequence[int] | None = None, batch_size: int = 1):
+        if lengths is not None and len(lengths) != dataset_len:
+            raise ValueError(f"{len(lengths)} lengths for {dataset_len} samples")
         self.dataset_len = dataset_len
         self.shuffle = shuffle
         self.seed = seed
         self.rank = get_rank() if rank is None else rank
         self.world_size = get_world_size() if world_size is None else world_size
+        self.lengths = list(lengths) if lengths is not None else None
+        self.batch_size = batch_size
         self.num_samples = math.ceil(dataset_len / self.world_size)
         self.epoch = 0
         self.start = 0
@@ -53,13 +59,15 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def _order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.dataset_len, generator=generator).tolist()
         else:
             order = list(range(self.dataset_len))
         total = self.num_samples * self.world_size
         order += (order * math.ceil(total / max(1, len(order))))[: total - len(order)]
+        if self.shuffle and self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.batch_size * self.world_size, generator)
         return order[self.rank: total: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
@@ -69,12 +77,49 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples - self.start
 
 
-def make_loader(dataset: Dataset, batch_size: int, collate_fn, shuffle: bool, seed: int) -> DataLoader:
-    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed)
+def group_by_length(order: list[int], lengths: Sequence[int], global_batch: int, generator: torch.Generator,
+                    megabatch_batches: int = 50) -> list[int]:
+    """Reorder a shuffled `order` into global batches of similar lengths.
+
+    Each run of `megabatch_batches` global batches is sorted by length (longest first) and cut into
+    batches, so a batch's rows are near one length while which samples meet stays random. The batches
+    are then shuffled, except that the longest comes first (a too-large batch fails at step 1, not hours
+    in) and a short remainder stays last (so striding by rank keeps every rank on the same batch).
+    """
+    mega = global_batch * megabatch_batches
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[j:j + global_batch] for j in range(0, len(chunk), global_batch)]
+    tail = [batches.pop()] if batches and len(batches[-1]) < global_batch else []
+    if not batches:
+        return [i for batch in tail for i in batch]
+    longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+    rest = batches[:longest] + batches[longest + 1:]
+    shuffled = [rest[k] for k in torch.randperm(len(rest), generator=generator).tolist()]
+    return [i for batch in [batches[longest], *shuffled, *tail] for i in batch]
+
+
+def sample_lengths(dataset: Dataset) -> list[int] | None:
+    """Per-sample padded row lengths, where the dataset can tell them cheaply (`dataset.lengths()`)."""
+    lengths = getattr(dataset, "lengths", None)
+    values = lengths() if callable(lengths) else None
+    return list(values) if values is not None else None
+
+
+def make_loader(dataset: Dataset, batch_size: int, collate_fn, shuffle: bool, seed: int,
+                group_lengths: bool = False) -> DataLoader:
+    lengths = sample_lengths(dataset) if group_lengths and shuffle else None
+    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, lengths=lengths, batch_size=batch_size)
     # Its own generator: a DataLoader iterator otherwise draws from the global RNG, and a resumed run
     # would then sample (dropout, generation) differently from an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def groups_by_length(args) -> bool:
+    """Length grouping only pays off when batches are padded to their longest row."""
+    return getattr(args, "group_by_length", False) and getattr(args, "padding", "longest") == "longest"
 
 
 def count_updates(num_samples: int, per_device_batch_size: int, gradient_accumulation_steps: int,
@@ -241,7 +286,7 @@ class Trainer(ResumableRun):
         self.tokenizer = tokenizer
         self.device = engine.device
         self.train_loader = make_loader(train_dataset, args.per_device_train_batch_size, collate_fn,
-                                        shuffle=True, seed=args.seed or 0)
+                                        shuffle=True, seed=args.seed or 0, group_lengths=groups_by_length(args))
         self.eval_loader = (make_loader(eval_dataset, args.per_device_eval_batch_size, collate_fn,
                                         shuffle=False, seed=0) if eval_dataset is not None and len(eval_dataset) else None)
         self.logger = MetricLogger(args.output_dir,
@@ -250,6 +295,10 @@ class Trainer(ResumableRun):
         self.epoch = 0
         self.step_in_epoch = 0
         self._stop_requested = False
+
+    def model_attention_mask(self, batch: dict) -> torch.Tensor | None:
+        """The attention mask to pass with a (right-padded) training batch; see `training_attention_mask`."""
+        return training_attention_mask(batch["attention_mask"], getattr(self.args, "pad_mask", "always"))
 
     # ---- hooks for subclasses
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -225,6 +225,14 @@ class PromptDataset(Dataset):
         prompt = self.prompt_dataset[idx]
         return prompt, torch.ones_like(prompt), self.pad_token_id
 
+    def lengths(self) -> list[int]:
+        """Row length per item as a collator pads it (a pair: its longer side), for length grouping."""
+        if self.train_phase == 1:
+            return [len(ids) for ids in self.chosen_dataset]
+        if self.train_phase == 2:
+            return [max(len(c), len(r)) for c, r in zip(self.chosen_dataset, self.reject_dataset)]
+        return [len(ids) for ids in self.prompt_dataset]
+
     def _columns(self) -> dict[str, list]:
         return {"prompt": self.prompt_dataset, "chosen": self.chosen_dataset, "rejected": self.reject_dataset,
                 "prompt_lengths": self.prompt_lengths}

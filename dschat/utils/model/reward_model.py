@@ -23,24 +23,11 @@ from dschat.utils.losses import (
     pairwise_reward_loss,
     sequence_end_index,
 )
+from dschat.utils.model.masks import has_left_padding, position_ids_from_mask
+
+__all__ = ["LOSS_TYPES", "RewardModel", "has_left_padding", "position_ids_from_mask"]
 
 LOSS_TYPES = ("end", "divergence")
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only attended tokens (cumsum - 1, clamped at 0).
-
-    Needed for left-padded rows on models such as Llama that otherwise number positions 0..L-1
-    regardless of padding, which would shift every rotary position by the pad count.
-    """
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def has_left_padding(attention_mask: torch.Tensor | None) -> bool:
-    """True when some row starts with a masked position but attends to something later."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return False
-    return bool(((attention_mask[:, 0] == 0) & (attention_mask.sum(dim=1) > 0)).any())
 
 
 class RewardModel(nn.Module):
