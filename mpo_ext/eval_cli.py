@@ -216,7 +216,8 @@ def _judge_settings(url: str | None, model: str | None, key_env: str, rate: floa
 
 
 def _rescore(paths: list[Path], records: list[list[dict]], opts: dict) -> None:
-    from mpo_ext.evaluation import RewardScorer, resolve_device, resolve_dtype
+    from dschat.utils.inference import RewardScorer, resolve_device
+    from dschat.utils.inference import resolve_torch_dtype as resolve_dtype
 
     device = resolve_device(opts["device"])
     scorer = RewardScorer(opts["reward_model"], device, resolve_dtype(opts["dtype"], device),

@@ -119,7 +119,7 @@ def generate(model, tokenizer, prompt: str, args, device) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
     args = parse_args(argv)
-    from mpo_ext.evaluation import load_policy, resolve_device
+    from dschat.utils.inference import load_policy, resolve_device
 
     device = resolve_device(args.device)
     prompts = load_prompts(args.prompts_file, args.language)

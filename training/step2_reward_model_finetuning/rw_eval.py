@@ -77,7 +77,7 @@ def load_pairs(path: str | None) -> list[tuple[str, str, str]]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    from mpo_ext.evaluation import RewardScorer, resolve_device
+    from dschat.utils.inference import RewardScorer, resolve_device
 
     device = resolve_device(args.device)
     scorer = RewardScorer(args.model_name_or_path, device, num_padding_at_beginning=args.num_padding_at_beginning,

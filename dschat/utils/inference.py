@@ -1,0 +1,113 @@
+"""Eval-time model loading and reward scoring, shared by the upstream helpers (rw_eval.py, prompt_eval.py)
+and the MPO evaluation (mpo_ext.evaluation): plain modules on one device, no DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from dschat.utils.errors import UserError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto`: this rank's accelerator when a process group runs, else cuda if present, else cpu."""
+    if device != "auto":
+        try:
+            return torch.device(device)
+        except RuntimeError as err:
+            raise UserError(f"--device {device}: {err}") from err
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU by default, bf16 on GPU (fp16 is refused on CPU, as everywhere in the project)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "fp16" and device.type == "cpu":
+        raise UserError("--dtype fp16 is not supported on CPU; use --dtype bf16 or fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def load_policy(path: str, device: torch.device, dtype: torch.dtype, add_special_tokens: str | None = None):
+    """(model, tokenizer) of a causal LM checkpoint, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from dschat.utils.model.model_utils import create_hf_model
+    from dschat.utils.utils import load_hf_tokenizer
+
+    tokenizer = load_hf_tokenizer(path, add_special_tokens=add_special_tokens)
+    model = create_hf_model(AutoModelForCausalLM, path, tokenizer)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+class RewardScorer:
+    """Scores (prompt, answer) texts with a trained step-2 reward model, the way it was trained.
+
+    The text is `prompt + answer + eos` tokenised in one piece (as the step-2 data pipeline does), then
+    laid out like a PPO rollout (prompt left-padded to a common width, answer and eos right-padded) and
+    read with `forward_value(..., prompt_length=width)["chosen_end_scores"]`: the value at the last
+    answer token, the token just before the eos. Tokenising with the reward model's own tokenizer lets
+    policy and reward model use different vocabularies.
+    """
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                 num_padding_at_beginning: int = 0, max_seq_len: int = 512, batch_size: int = 16,
+                 add_special_tokens: str | None = None):
+        from dschat.utils.model.model_utils import create_critic_model
+        from dschat.utils.utils import load_hf_tokenizer
+
+        self.tokenizer = load_hf_tokenizer(path, add_special_tokens=add_special_tokens)
+        self.model = create_critic_model(path, self.tokenizer, None, num_padding_at_beginning,
+                                         rlhf_training=True)
+        self.model.to(device=device, dtype=dtype).eval()
+        self.device = device
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.pad_id = self.model.PAD_ID
+
+    def layout(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids ending in eos) of the jointly tokenised text, within max_seq_len."""
+        from dschat.utils.data.raw_datasets import join_prompt_response
+
+        tok = self.tokenizer
+        full = list(tok(join_prompt_response(prompt, answer) + (tok.eos_token or ""))["input_ids"])
+        if tok.eos_token_id is not None and (not full or full[-1] != tok.eos_token_id):
+            full.append(tok.eos_token_id)
+        prompt_ids = list(tok(prompt)["input_ids"])
+        cut = 0
+        for a, b in zip(prompt_ids, full):  # joint tokenisation may merge across the boundary
+            if a != b:
+                break
+            cut += 1
+        cut = min(cut, len(full) - 1)
+        head, tail = full[:cut], full[cut:]
+        room = self.max_seq_len - len(tail)
+        if room < 1:  # answer alone is too long: keep its start (the eos is lost, the score is read at the end)
+            tail = tail[: self.max_seq_len - 1]
+            room = 1
+        if len(head) > room:
+            head = head[len(head) - room:]
+        return head, tail
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            pairs = [self.layout(p, a) for p, a in zip(prompts[start:start + self.batch_size],
+                                                          answers[start:start + self.batch_size])]
+            width = max(len(h) for h, _ in pairs)
+            answer_width = max(len(t) for _, t in pairs)
+            ids = torch.full((len(pairs), width + answer_width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (head, tail) in enumerate(pairs):
+                ids[i, width - len(head):width] = torch.tensor(head, dtype=torch.long)
+                ids[i, width:width + len(tail)] = torch.tensor(tail, dtype=torch.long)
+                mask[i, width - len(head):width + len(tail)] = 1
+            out = self.model.forward_value(ids.to(self.device), mask.to(self.device), prompt_length=width)
+            scores.extend(float(s) for s in out["chosen_end_scores"].float().cpu())
+        return scores
