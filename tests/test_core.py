@@ -14,7 +14,13 @@ from dschat.steps import sft as sft_step
 from dschat.utils.checkpoint import STATE_FILE, find_latest_state, list_complete_states
 from dschat.utils.ds_utils import get_eval_ds_config, get_train_ds_config, resolve_dtype, set_batch_sizes
 from dschat.utils.errors import UserError
-from dschat.utils.trainer import MetricLogger, ResumableSampler, count_updates, groups_by_length
+from dschat.utils.trainer import (
+    MetricLogger,
+    ResumableSampler,
+    check_data_order,
+    count_updates,
+    groups_by_length,
+)
 from dschat.utils.utils import atomic_directory, atomic_write_json
 
 
@@ -133,6 +139,18 @@ def test_group_by_length_and_pad_mask_flags():
     assert not args.group_by_length and args.pad_mask == "always" and not groups_by_length(args)
     args = sft_step.parse_args(["--model_name_or_path", "m", "--padding", "max_length"])
     assert not groups_by_length(args)  # every batch is max_seq_len wide anyway
+
+
+def test_resume_refuses_another_data_order():
+    saved = {"seed": 1, "per_device_train_batch_size": 8, "group_by_length": True, "world_size": 2}
+    check_data_order(saved, dict(saved), "ckpt")  # same settings
+    check_data_order(None, saved, "ckpt")  # a state from before the order was recorded
+    with pytest.raises(UserError, match=r"--per_device_train_batch_size 8 \(now --per_device_train_batch_size 4\)"):
+        check_data_order(saved, {**saved, "per_device_train_batch_size": 4}, "ckpt")
+    with pytest.raises(UserError, match=r"2 rank\(s\) \(now 1 rank\(s\)\).*new --output_dir"):
+        check_data_order(saved, {**saved, "world_size": 1}, "ckpt")
+    with pytest.raises(UserError, match="--group_by_length"):
+        check_data_order(saved, {**saved, "group_by_length": False}, "ckpt")
 
 
 def test_atomic_directory_keeps_history_and_replaces_model(tmp_path):

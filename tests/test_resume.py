@@ -84,6 +84,10 @@ def test_sigterm_saves_a_state_and_exits_143(assets, tmp_path, run_ds):
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "SIGTERM received" in proc.stdout
     assert (out / "checkpoints/step-2/trainer_state.json").exists()
+    # another batch size would replay or skip samples: refused with one line, the state left as it was
+    proc = run_ds(STEP1, flags + ["--resume", "--per_device_train_batch_size", "4"], num_ranks=0)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: --resume:" in proc.stderr and "--per_device_train_batch_size 8 (now" in proc.stderr
     proc = run_ds(STEP1, flags + ["--resume"], num_ranks=0)
     assert proc.returncode == 0 and "optimizer step 2" in proc.stdout, proc.stderr[-3000:]
     assert [s for s, _ in _train_losses(out)] == list(range(1, 9))

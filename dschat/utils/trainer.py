@@ -26,6 +26,7 @@ from dschat.utils.checkpoint import (
     save_training_state,
 )
 from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0
+from dschat.utils.errors import UserError
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.utils import print_rank_0, to_device
 
@@ -196,6 +197,30 @@ def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
 # --------------------------------------------------------------------------------------------- trainer
 
 
+DATA_ORDER_FLAGS = ("seed", "per_device_train_batch_size", "per_device_generation_batch_size",
+                    "gradient_accumulation_steps")
+
+
+def check_data_order(saved: dict | None, current: dict, state_dir) -> None:
+    """One clear error when a state is resumed under settings that change the sample order."""
+    if not saved:  # states written before the order was recorded
+        return
+    changed = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if not changed:
+        return
+
+    def describe(key: str, value) -> str:
+        if key == "world_size":
+            return f"{value} rank(s)"
+        if key == "group_by_length":
+            return "--group_by_length" if value else "--no_group_by_length (or --padding max_length)"
+        return f"--{key} {value}"
+
+    diffs = "; ".join(f"{describe(k, saved.get(k))} (now {describe(k, current.get(k))})" for k in changed)
+    raise UserError(f"--resume: {state_dir} was saved with {diffs}; resume with the same settings, or start "
+                    "a new --output_dir")
+
+
 class ResumableRun:
     """State bookkeeping every training loop shares: position counters, full-state save/resume, SIGTERM.
 
@@ -224,6 +249,14 @@ class ResumableRun:
     def load_rank_state(self, state: dict) -> None:
         pass
 
+    def data_order(self) -> dict:
+        """What decides which samples each step sees: resuming under other values would silently replay
+        or skip data, so a state records them and `--resume` refuses a mismatch."""
+        order = {name: getattr(self.args, name) for name in DATA_ORDER_FLAGS if hasattr(self.args, name)}
+        order["group_by_length"] = groups_by_length(self.args)
+        order["world_size"] = get_world_size()
+        return order
+
     def _maybe_resume(self) -> None:
         if not self.args.resume:
             return
@@ -233,6 +266,7 @@ class ResumableRun:
                          "starting from scratch")
             return
         state, per_rank = load_training_state(state_dir, self.engines())
+        check_data_order(state.get("data_order"), self.data_order(), state_dir)
         self.load_rank_state(per_rank)
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
@@ -245,7 +279,8 @@ class ResumableRun:
     def save_state(self) -> None:
         if not self.args.output_dir:
             return
-        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state()}
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state(),
+                 "data_order": self.data_order()}
         path = save_training_state(self.args.output_dir, self.global_step, self.engines(), state,
                                    save_total_limit=self.args.save_total_limit, rank_state=self.rank_state())
         print_rank_0(f"Saved training state to {path}")
