@@ -93,6 +93,7 @@ def plan(level: str, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
                     "data": "small", "padding": "longest", "samples_per_window": 2, "windows": 1, "warmup_steps": 1,
                     **({"max_seq_len": max_len} if max_len else {})}
             variants = [("ours", {"ref": "resident"}), ("ours-precomp", {"ref": "precomputed"}),
+                        ("ours-lora-copy", {"ref": "copy", "lora_dim": 8}),
                         ("ours-lora", {"ref": "resident", "lora_dim": 8}),
                         ("ours-lora-precomp", {"ref": "precomputed", "lora_dim": 8})]
             if every and not max_len:
@@ -243,10 +244,12 @@ RATIOS = (
     ("ours-precomp", "ours", "cpu_tokens_per_second", None, ">=", "precomputed/resident speed"),
     ("ours-precomp", "ours", "peak_rss_mb", "precomputed_memory", "<=", "precomputed/resident peak RSS"),
     ("ours-precomp", "ours", "peak_above_baseline_mb", None, "<=", "precomputed/resident peak above imports"),
-    ("ours-lora-precomp", "ours-lora", "peak_rss_mb", "precomputed_memory", "<=",
-     "LoRA: precomputed/resident peak RSS"),
-    ("ours-lora-precomp", "ours-lora", "peak_above_baseline_mb", None, "<=",
-     "LoRA: precomputed/resident peak above imports"),
+    ("ours-lora-precomp", "ours-lora-copy", "peak_rss_mb", "precomputed_memory", "<=",
+     "LoRA: precomputed / resident copy peak RSS"),
+    ("ours-lora", "ours-lora-copy", "peak_rss_mb", "precomputed_memory", "<=",
+     "LoRA: base-weights reference (default) / resident copy peak RSS"),
+    ("ours-lora", "ours-lora-copy", "peak_above_baseline_mb", None, "<=",
+     "LoRA: base-weights reference / resident copy peak above imports"),
     ("ours", "bare", "peak_rss_mb", None, "<=", "ours/bare peak RSS"),
     ("ours", "trl", "peak_rss_mb", None, "<=", "ours/TRL peak RSS"),
 )
@@ -347,7 +350,8 @@ def markdown(rows: dict[str, dict], comparisons: list[dict], info: dict, mode: s
 
 CURVE_LABELS = ("ours", "trl", "bare", "ours-nogroup", "ours-maxlen", "ours-precomp", "trl-precomp")
 STYLES = {"ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
-          "ours-nogroup": "C6", "ours-nogroup-mask": "C7", "ours-lora": "C8", "ours-lora-precomp": "C9"}
+          "ours-nogroup": "C6", "ours-nogroup-mask": "C7", "ours-lora": "C8", "ours-lora-precomp": "C9",
+          "ours-lora-copy": "C3"}
 
 
 def plot(rows: dict[str, dict], comparisons: list[dict], out_dir: Path, mode: str) -> list[str]:

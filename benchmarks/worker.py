@@ -6,7 +6,7 @@ configuration: `ru_maxrss` is a process-lifetime high-water mark.
 
 Configurations (keys of the JSON):
   kind=train: task sft|rm|dpo, impl ours|trl|bare, model tiny|rand|wide, batch_size, padding longest|max_length,
-              ref resident|precomputed (dpo), data main|small, lora_dim (ours), flags (ours: extra step
+              ref resident|precomputed|copy (dpo; copy: a second model even for LoRA), data main|small, lora_dim (ours), flags (ours: extra step
               flags, e.g. --no_group_by_length), max_seq_len (ours, default 512), samples_per_window,
               windows, warmup_steps
               (after `warmup_steps` optimizer steps, `windows` passes over the same samples are timed)
@@ -143,6 +143,8 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
         argv += ["--beta", str(BETA)]
         if cfg.get("ref") == "precomputed":
             argv += ["--precompute_ref_log_probs"]
+    if cfg.get("ref") == "copy":  # a second model for the reference even where the base weights would do
+        argv += ["--reference_model_name_or_path", str(_reference_copy(workdir, cfg["model"]))]
     if cfg.get("lora_dim"):
         argv += ["--lora_dim", str(cfg["lora_dim"]), "--lora_module_name", "layers.", "--only_optimize_lora"]
     if cfg.get("max_seq_len"):  # shorter rows: the memory runs where weights, not activations, dominate
@@ -199,6 +201,19 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
                   first_loss=first_loss[0] if first_loss else None, live_causal_lm_models=alive,
                   live_causal_lm_models_after_build=alive_after_build)
     return result
+
+
+def _reference_copy(workdir: Path, model: str) -> Path:
+    """Another directory (file symlinks) holding the policy's checkpoint: a distinct reference path."""
+    source = model_dir(workdir, model)
+    target = workdir / f"model_{model}_reference"
+    if not target.is_dir():
+        tmp = workdir / f".model_{model}_reference.{os.getpid()}"
+        tmp.mkdir(parents=True)
+        for item in source.iterdir():
+            (tmp / item.name).symlink_to(item.resolve())
+        tmp.rename(target)
+    return target
 
 
 def _maybe_profile(cfg: dict):

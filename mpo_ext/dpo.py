@@ -157,6 +157,31 @@ class ResidentReference:
         return policy_log_probs(self.model, batch, self.pad_mask)
 
 
+class BaseWeightsReference:
+    """Reference log-probs from the policy itself with its LoRA updates switched off.
+
+    With only the LoRA parameters trained (`--only_optimize_lora`) and the reference being the policy's
+    own starting checkpoint, the frozen base weights are the reference model, so no second copy is kept
+    (what TRL does for PEFT models): the memory of a precomputed reference without the precompute pass.
+    """
+
+    def __init__(self, engine, pad_mask: str = "always"):
+        self.module = getattr(engine, "module", engine)
+        self.pad_mask = pad_mask
+
+    @torch.no_grad()
+    def log_probs(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:  # noqa: ARG002
+        from dschat.utils.module.lora import lora_disabled
+
+        was_training = self.module.training
+        self.module.eval()  # the reference never sees dropout
+        try:
+            with lora_disabled(self.module):
+                return policy_log_probs(self.module, batch, self.pad_mask)
+        finally:
+            self.module.train(was_training)
+
+
 class PrecomputedReference:
     """Reference log-probs looked up per pair index from tables computed before training ([N, 2])."""
 
@@ -461,10 +486,13 @@ def build(args) -> DPOTrainer:
     collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
                                   padding=args.padding)
     reference_path = args.reference_model_name_or_path or args.model_name_or_path
+    base_is_reference = (args.lora_dim > 0 and args.only_optimize_lora
+                         and os.path.realpath(reference_path) == os.path.realpath(args.model_name_or_path))
+    reference = None
     if args.precompute_ref_log_probs:
         reference = precomputed_reference(args, reference_path, tokenizer, eval_config, train_data, eval_data,
                                           collator)
-    else:
+    elif not base_is_reference:
         reference = ResidentReference(_build_frozen(args, reference_path, tokenizer, eval_config), args.pad_mask)
 
     model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout)
@@ -479,4 +507,7 @@ def build(args) -> DPOTrainer:
                                lora_learning_rate=args.lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
                                num_warmup_steps=args.num_warmup_steps, num_training_steps=steps,
                                offload=args.offload, args=args)
+    if reference is None:
+        print_rank_0("Reference log-probs: the policy's own base weights with LoRA switched off (no second model)")
+        reference = BaseWeightsReference(engine, args.pad_mask)
     return DPOTrainer(args, engine, train_data, eval_data, collator, tokenizer, reference)

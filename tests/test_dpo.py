@@ -243,3 +243,20 @@ def test_resume_reuses_the_stored_reference_table(easy_pairs, tinystories_dir, r
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["phase"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_lora_dpo_uses_its_base_weights_as_reference(easy_pairs, tinystories_dir, run_ds, tmp_path):
+    """LoRA-only DPO (ZeRO-3, one rank) keeps no second model: its reference is the adapter-free policy."""
+    out = tmp_path / "dpo-lora"
+    proc = run_ds(DPO_MAIN, _dpo_args(easy_pairs, tinystories_dir, out, "--max_steps", "6", "--zero_stage", "3",
+                                      "--lora_dim", "4", "--lora_module_name", "layers.", "--only_optimize_lora",
+                                      "--lora_learning_rate", "2e-2", "--eval_interval", "6"),
+                  num_ranks=0, env=QUIET)
+    _check(proc)
+    assert "no second model" in proc.stdout and "Precomputing" not in proc.stdout
+    evals = _eval_lines(proc.stdout)
+    assert abs(evals[0]["loss"] - math.log(2)) < 1e-4 and evals[0]["rewards/margins"] == 0.0  # policy == ref
+    assert evals[-1]["rewards/margins"] > 0 and evals[-1]["loss"] < evals[0]["loss"]
+    from safetensors.torch import load_file
+
+    assert not [key for key in load_file(out / "model.safetensors") if "lora" in key]

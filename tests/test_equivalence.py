@@ -202,3 +202,32 @@ def test_dropping_the_right_pad_mask_changes_no_loss(model, tinystories_dir, pai
     left = torch.flip(pair_batch["input_ids"], dims=[1])
     masked = model(input_ids=left, attention_mask=torch.flip(pair_batch["attention_mask"], dims=[1])).logits
     assert not torch.allclose(model(input_ids=left).logits[:, -1], masked[:, -1], **TOL)
+
+
+@torch.no_grad()
+def test_lora_base_weights_reference_equals_a_separate_reference(model, pairs, tiny_tokenizer):
+    """A LoRA policy with its updates switched off is its own reference: same log-probs as a second copy."""
+    import copy
+
+    from dschat.utils.module.lora import convert_linear_layer_to_lora, lora_disabled
+    from mpo_ext.dpo import BaseWeightsReference, ResidentReference, policy_log_probs
+
+    policy = convert_linear_layer_to_lora(copy.deepcopy(model), "layers.", lora_dim=4)
+    torch.manual_seed(2)
+    for name, param in policy.named_parameters():
+        if "lora_left_weight" in name:
+            param.normal_(std=0.5)  # a trained-looking adapter, so policy and reference really differ
+    policy.train()
+    batch = DataCollatorReward(tiny_tokenizer.pad_token_id, MAX_LEN, padding="longest")(pairs)
+    base = BaseWeightsReference(policy, "auto").log_probs(batch, "train")
+    separate = ResidentReference(model, "auto").log_probs(batch, "train")
+    torch.testing.assert_close(base, separate, **TOL)
+    assert policy.training  # the policy's own mode is restored
+    policy.eval()
+    adapted = policy_log_probs(policy, batch, "auto")
+    assert not torch.allclose(adapted, base, **TOL)  # the adapters are active again afterwards
+    for layer in policy.modules():
+        if hasattr(layer, "fuse_lora_weight"):
+            layer.fuse_lora_weight()
+    with pytest.raises(RuntimeError, match="fused"), lora_disabled(policy):
+        pass

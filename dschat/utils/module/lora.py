@@ -71,6 +71,7 @@ class LinearLayer_LoRA(nn.Module):  # noqa: N801  (upstream class name, kept for
         # kept so upstream's --lora_learning_rate defaults behave the same. The up-projection is zero.
         nn.init.kaiming_uniform_(self.lora_right_weight, a=math.sqrt(5))
         self.fused = False
+        self.disabled = False  # `lora_disabled`: the base weights alone, for a LoRA policy's reference
 
     def extra_repr(self) -> str:
         return (
@@ -100,10 +101,25 @@ class LinearLayer_LoRA(nn.Module):  # noqa: N801  (upstream class name, kept for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.fused:
+        if self.fused or self.disabled:
             return out
         update = (self.lora_dropout(x) @ self.lora_right_weight) @ self.lora_left_weight
         return out + update * self.lora_scaling
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` on its base weights alone (LoRA updates skipped), e.g. as its own DPO reference."""
+    layers = [m for m in model.modules() if isinstance(m, LinearLayer_LoRA)]
+    if any(layer.fused for layer in layers):
+        raise RuntimeError("lora_disabled: the LoRA update is fused into the weights; unfuse it first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def convert_linear_layer_to_lora(
