@@ -75,16 +75,20 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def machine_info() -> dict[str, Any]:
-    """What a reader needs to judge the figures: cores, CPU, RAM, library versions, load."""
-    cpu = platform.processor() or "unknown"
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo reports it (platform's guess elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to judge the figures: cores, CPU, RAM, library versions, load."""
+    cpu = cpu_model()
     ram_gb = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -35,8 +35,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from common import cpu_model  # noqa: E402
 
 from dschat.utils.errors import UserError, run_main  # noqa: E402
 from dschat.utils.utils import atomic_write_json, atomic_write_text  # noqa: E402
@@ -408,14 +411,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{os.cpu_count()} cores, {cpu}, load {load:.1f} at the end"
 

@@ -5,10 +5,10 @@
 configuration: `ru_maxrss` is a process-lifetime high-water mark.
 
 Configurations (keys of the JSON):
-  kind=train: task sft|rm|dpo, impl ours|trl|bare, model tiny|rand|wide, batch_size, padding longest|max_length,
-              ref resident|precomputed|copy (dpo; copy: a second model even for LoRA), data main|small, lora_dim (ours), flags (ours: extra step
-              flags, e.g. --no_group_by_length), max_seq_len (ours, default 512), samples_per_window,
-              windows, warmup_steps
+  kind=train: task sft|rm|dpo, impl ours|trl|bare, model tiny|rand|wide|xl, batch_size, padding
+              longest|max_length, ref resident|precomputed|copy (dpo; copy: a second model even for LoRA),
+              data main|small, lora_dim (ours), flags (ours: extra step flags, e.g. --no_group_by_length),
+              max_seq_len (ours, default 512), samples_per_window, windows, warmup_steps
               (after `warmup_steps` optimizer steps, `windows` passes over the same samples are timed)
   kind=gen:   impl ours|bare, model, batch_size, max_new_tokens, samples_per_window, windows, warmup_steps
               (whole passes here); zero_stage 3 + launched on 2 ranks: ours gathers once per call, bare

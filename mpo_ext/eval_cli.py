@@ -216,11 +216,10 @@ def _judge_settings(url: str | None, model: str | None, key_env: str, rate: floa
 
 
 def _rescore(paths: list[Path], records: list[list[dict]], opts: dict) -> None:
-    from dschat.utils.inference import RewardScorer, resolve_device
-    from dschat.utils.inference import resolve_torch_dtype as resolve_dtype
+    from dschat.utils.inference import RewardScorer, resolve_device, resolve_torch_dtype
 
     device = resolve_device(opts["device"])
-    scorer = RewardScorer(opts["reward_model"], device, resolve_dtype(opts["dtype"], device),
+    scorer = RewardScorer(opts["reward_model"], device, resolve_torch_dtype(opts["dtype"], device),
                           opts["num_padding_at_beginning"], opts["max_seq_len"], opts["batch_size"])
     for path, recs in zip(paths, records):
         scores = scorer.score([r["prompt"] for r in recs], [r["answer"] for r in recs])

@@ -27,8 +27,7 @@ import torch
 
 from dschat.utils.dist import get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
-from dschat.utils.inference import RewardScorer, load_policy, resolve_device
-from dschat.utils.inference import resolve_torch_dtype as resolve_dtype
+from dschat.utils.inference import RewardScorer, load_policy, resolve_device, resolve_torch_dtype
 
 GENERATIONS_DIR = "generations"
 TABLE_FILE = "table.json"
@@ -392,7 +391,7 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
         out.mkdir(parents=True, exist_ok=True)
         (out / TABLE_FILE).unlink(missing_ok=True)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_torch_dtype(dtype, torch_device)
     prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path)
     gold_fn = find_gold_reward(data_path, gold)
     _log(f"{len(prompts)} held-out prompts from {data_path}; {len(models)} model(s); "

@@ -25,8 +25,6 @@ from dschat.utils.losses import (
 )
 from dschat.utils.model.masks import has_left_padding, position_ids_from_mask
 
-__all__ = ["LOSS_TYPES", "RewardModel", "has_left_padding", "position_ids_from_mask"]
-
 LOSS_TYPES = ("end", "divergence")
 
 
