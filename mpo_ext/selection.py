@@ -237,7 +237,7 @@ def parse_args(argv: list[str] | None = None):
     parser = flags.new_parser(
         "Step 2.5 of two-stage MPO (Gou & Nguyen 2024): score answer pairs with the reward model and split "
         "them by reward gap into easy (-> DPO, step3b) and hard (-> PPO, step 3).")
-    flags.add_data_args(parser, max_seq_len=None)
+    flags.add_data_args(parser, max_seq_len=None, padding=False, pad_mask=False)  # generation pads itself
     group = parser.add_argument_group("models")
     group.add_argument("--sft_model_name_or_path", type=str, default=None,
                        help="The SFT (step 1) model that samples the answers (not needed with --pair_source dataset).")

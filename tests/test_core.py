@@ -139,6 +139,13 @@ def test_group_by_length_and_pad_mask_flags():
     assert not args.group_by_length and args.pad_mask == "always" and not groups_by_length(args)
     args = sft_step.parse_args(["--model_name_or_path", "m", "--padding", "max_length"])
     assert not groups_by_length(args)  # every batch is max_seq_len wide anyway
+    # PPO rollouts are left-padded and always keep their mask: the flag is not offered rather than ignored
+    from dschat.steps import ppo as ppo_step
+
+    ppo_flags = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
+    assert ppo_step.parse_args(ppo_flags).group_by_length
+    with pytest.raises(SystemExit):
+        ppo_step.parse_args(ppo_flags + ["--pad_mask", "always"])
 
 
 def test_resume_refuses_another_data_order():

@@ -48,7 +48,8 @@ class _DeprecatedAlias(argparse.Action):
 
 
 def _add_step3_data_args(parser) -> None:
-    flags.add_data_args(parser, data_output_path="/tmp/data_files", max_seq_len=None)
+    # rollouts are left-padded, so they always keep their attention mask: no --pad_mask here
+    flags.add_data_args(parser, data_output_path="/tmp/data_files", max_seq_len=None, pad_mask=False)
     group = parser.add_argument_group("unsupervised (pretraining) mix")
     group.add_argument("--unsupervised_dataset_name", type=str, default=None,
                        help="Hugging Face dataset (or save_to_disk dir) for the pretraining loss (PPO-ptx).")

@@ -31,7 +31,8 @@ def new_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/tmp/data_files/",
-                  max_seq_len: int | None = 512) -> None:
+                  max_seq_len: int | None = 512, padding: bool = True, pad_mask: bool = True) -> None:
+    """Data flags; `padding` (with length grouping) and `pad_mask` only where the entry point uses them."""
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", nargs="*", default=["Dahoas/rm-static"],
                        help="Dataset names (DeepSpeed-Chat's), `local/jsonfile`, or local files/directories "
@@ -47,18 +48,21 @@ def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/t
                        help="Where split indices and tokenised caches go (node-local or shared storage).")
     group.add_argument("--rebuild_data_cache", action="store_true",
                        help="Rebuild the tokenised cache even if a matching one exists.")
-    group.add_argument("--padding", choices=("longest", "max_length"), default="longest",
-                       help="Pad each batch to its longest row (multiple of 8) or, as upstream, to the max length.")
-    group.add_argument("--group_by_length", dest="group_by_length", action="store_true", default=True,
-                       help="Batch training samples of similar length together (shuffled megabatches sorted by "
-                            "length), so that little of each padded batch is padding; on by default with "
-                            "--padding longest.")
-    group.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
-                       help="Plain shuffled batches, as upstream.")
-    group.add_argument("--pad_mask", choices=("auto", "always"), default="auto",
-                       help="auto: right-padded training batches run without an attention mask (the causal mask "
-                            "already hides trailing pads from real tokens, and attention takes its causal fast "
-                            "path); always: pass the padding mask as upstream.")
+    if padding:
+        group.add_argument("--padding", choices=("longest", "max_length"), default="longest",
+                           help="Pad each batch to its longest row (multiple of 8) or, as upstream, to the max "
+                                "length.")
+        group.add_argument("--group_by_length", dest="group_by_length", action="store_true", default=True,
+                           help="Batch training samples of similar length together (shuffled megabatches sorted "
+                                "by length), so that little of each padded batch is padding; on by default with "
+                                "--padding longest.")
+        group.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
+                           default=argparse.SUPPRESS, help="Plain shuffled batches, as upstream.")
+    if pad_mask:
+        group.add_argument("--pad_mask", choices=("auto", "always"), default="auto",
+                           help="auto: right-padded training batches run without an attention mask (the causal "
+                                "mask already hides trailing pads from real tokens, and attention takes its causal "
+                                "fast path); always: pass the padding mask as upstream.")
     if max_seq_len is not None:
         group.add_argument("--max_seq_len", type=int, default=max_seq_len,
                            help="Truncate sequences to this many tokens.")
