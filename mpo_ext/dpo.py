@@ -481,7 +481,7 @@ def build(args) -> DPOTrainer:
     eval_config = set_batch_sizes(eval_config, args.per_device_eval_batch_size, 1, get_world_size())
     train_data, eval_data = create_prompt_dataset(
         get_local_rank(), args.data_path, args.data_split, args.data_output_path, 2, args.seed, tokenizer,
-        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache,
+        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
     )
     collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
                                   padding=args.padding)

@@ -158,20 +158,22 @@ def parse_model_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _open_raw_dataset(data_path: str, seed: int, data_output_path: str):
+def _open_raw_dataset(data_path: str, seed: int, data_output_path: str, tokenizer=None):
     from dschat.utils.data.data_utils import get_raw_dataset
 
-    return get_raw_dataset(data_path, data_output_path, seed, -1)
+    return get_raw_dataset(data_path, data_output_path, seed, -1, tokenizer=tokenizer)
 
 
 def load_eval_prompts(data_path: str, num_prompts: int | None = None, seed: int = 1234,
-                      data_output_path: str = "/tmp/data_files/") -> list[str]:
+                      data_output_path: str = "/tmp/data_files/", tokenizer=None) -> list[str]:
     """Held-out prompts of a dataset: its eval/test split (a local file without one: all its prompts).
+
+    Conversational data is rendered with `tokenizer`'s chat template, as the training stages saw it.
 
     Duplicates are dropped (keeping first occurrence) so a prompt is not counted twice; with
     `num_prompts` a seeded random subset is taken, kept in dataset order.
     """
-    raw = _open_raw_dataset(data_path, seed, data_output_path)
+    raw = _open_raw_dataset(data_path, seed, data_output_path, tokenizer)
     data = raw.get_eval_data()
     if data is None:
         if not raw.is_local_path:
@@ -392,7 +394,11 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
         (out / TABLE_FILE).unlink(missing_ok=True)
     torch_device = resolve_device(device)
     torch_dtype = resolve_torch_dtype(dtype, torch_device)
-    prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path)
+    from dschat.utils.utils import load_hf_tokenizer
+
+    # The chain's models share the SFT tokenizer; the first one renders conversational prompts.
+    prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path,
+                                tokenizer=load_hf_tokenizer(models[0][1]))
     gold_fn = find_gold_reward(data_path, gold)
     _log(f"{len(prompts)} held-out prompts from {data_path}; {len(models)} model(s); "
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")

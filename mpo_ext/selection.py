@@ -345,7 +345,8 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
     stats = {"skipped": 0, "filtered": 0}
     for name in args.data_path:
         data_utils.check_data_path(name)
-        raw = data_utils.get_raw_dataset(name, args.data_output_path, args.seed, local_rank)
+        raw = data_utils.get_raw_dataset(name, args.data_output_path, args.seed, local_rank, tokenizer=tokenizer,
+                                         column_map=flags.column_map(args))
         split = data_utils.effective_data_split(args.data_split, raw, args.data_phase)
         source = raw.get_train_data()
         if raw.get_eval_data() is None:  # train-only sources: the 9:1 train part, as the data module does

@@ -98,7 +98,7 @@ def build(args) -> RewardTrainer:
                                 gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step2_model")
     train_data, eval_data = create_prompt_dataset(
         get_local_rank(), args.data_path, args.data_split, args.data_output_path, 2, args.seed, tokenizer,
-        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache,
+        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
     )
     model = create_critic_model(args.model_name_or_path, tokenizer, ds_config, args.num_padding_at_beginning,
                                 dropout=args.dropout, zero_stage=args.zero_stage,

@@ -83,7 +83,7 @@ def build(args) -> SFTTrainer:
     train_data, eval_data = create_prompt_dataset(
         get_local_rank(), args.data_path, args.data_split, args.data_output_path, 1, args.seed, tokenizer,
         args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer),
-        sft_only_data_path=args.sft_only_data_path, rebuild=args.rebuild_data_cache,
+        sft_only_data_path=args.sft_only_data_path, rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
     )
     model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout)
     if args.compute_fp32_loss:

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from dschat.utils.data.raw_datasets import parse_column_map
 from dschat.utils.errors import UserError
 
 SCHEDULER_CHOICES = (
@@ -35,9 +36,18 @@ def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/t
     """Data flags; `padding` (with length grouping) and `pad_mask` only where the entry point uses them."""
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", nargs="*", default=["Dahoas/rm-static"],
-                       help="Dataset names (DeepSpeed-Chat's), `local/jsonfile`, or local files/directories "
-                            "(.json/.jsonl/.jsonl.gz/.parquet with prompt/chosen/rejected keys or HH dialogues). "
+                       help="Dataset names (DeepSpeed-Chat's), `local/jsonfile`, local files/directories "
+                            "(.json/.jsonl/.jsonl.gz/.parquet/.csv or a save_to_disk folder) or other hub ids "
+                            "(datasets.load_dataset), in DeepSpeed-Chat's or TRL's standard layouts (plain or "
+                            "conversational prompt/chosen/rejected, prompt/completion, messages) or HH dialogues. "
                             "Several are blended.")
+    group.add_argument("--data_keys", type=str, default=None,
+                       help="Column mapping for local files and hub datasets: comma-separated NAME=COLUMN, NAME "
+                            "one of prompt, chosen, rejected, completion, messages (e.g. "
+                            "prompt=question,chosen=good,rejected=bad).")
+    for name in ("prompt", "chosen", "rejected"):
+        group.add_argument(f"--{name}_key", type=str, default=None,
+                           help=f"The data's column holding the {name} (same as --data_keys {name}=COLUMN).")
     group.add_argument("--data_split", type=str, default=None,
                        help="Comma proportions for phases 1,2,3 (default 2,4,4 for named datasets; a local "
                             "file or directory goes wholly to the running phase unless this is given).")
@@ -144,6 +154,12 @@ def add_eval_args(parser, *, eval_interval: int = 0, eval_iters: int = 100) -> N
     group.add_argument("--eval_iters", type=int, default=eval_iters, help="At most this many eval batches.")
 
 
+def column_map(args) -> dict[str, str]:
+    """{standard column: the data's column} from --data_keys and --prompt_key/--chosen_key/--rejected_key."""
+    return parse_column_map(getattr(args, "data_keys", None), prompt=getattr(args, "prompt_key", None),
+                            chosen=getattr(args, "chosen_key", None), rejected=getattr(args, "rejected_key", None))
+
+
 def check_path_exists(flag: str, path: str | None, kind: str = "path") -> None:
     if path is None:
         return
@@ -163,6 +179,7 @@ def validate_common(args) -> None:
     """Checks every training entry point shares; raises UserError naming the flag."""
     check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size",
                    "gradient_accumulation_steps", "max_seq_len")
+    column_map(args)  # a malformed --data_keys fails here, before any model is loaded
     if getattr(args, "num_train_epochs", 1) < 0:
         raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
     if getattr(args, "deepspeed_config", None):
