@@ -29,7 +29,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff"],
+        "test": ["pytest>=7", "ruff", "wandb"],
+        "wandb": ["wandb"],
         "bench": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": ["mpo=mpo_ext.cli:main"]},

@@ -29,6 +29,7 @@ from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
+from dschat.utils.model_card import card_files, push_to_hub
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
 from dschat.utils.utils import print_rank_0, to_device
 
@@ -331,7 +332,9 @@ class DPOTrainer(Trainer):
 
         print_rank_0(f"saving the DPO model to {self.args.output_dir} ...")
         fuse_lora(self.engine.module)
-        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir)
+        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir,
+                       extra_files=card_files(self.args, "step3b DPO", self.args.model_name_or_path))
+        push_to_hub(self.args, self.args.output_dir)
 
 
 # --------------------------------------------------------------------------------------------- entry point

@@ -339,8 +339,7 @@ class PPOLoop(ResumableRun):
         self.tokenizer = tokenizer
         self.num_total_iters = num_total_iters
         self.device = rlhf_engine.actor.device
-        self.logger = MetricLogger(args.output_dir, args.tensorboard_path if args.enable_tensorboard else None,
-                                   "step3")
+        self.logger = MetricLogger.from_args(args, "step3")
         self.reward_ema = ExponentialMovingAverage(0.9)
         self.global_step = 0          # PPO updates done
         self.epoch = 0
@@ -617,6 +616,7 @@ class PPOLoop(ResumableRun):
     def save_model(self) -> None:
         """`actor/` and `actor_ema/` in Hugging Face layout, `critic/` in the reward-model layout."""
         from dschat.utils.build import fuse_lora
+        from dschat.utils.model_card import card_files, push_to_hub
         from dschat.utils.utils import save_causal_lm, save_reward_model
 
         args = self.args
@@ -626,10 +626,14 @@ class PPOLoop(ResumableRun):
         out = Path(args.output_dir)
         print_rank_0(f"saving the final models to {out} ...")
         fuse_lora(engine.actor.module)
-        save_causal_lm(engine.actor.module, self.tokenizer, out / "actor")
+        save_causal_lm(engine.actor.module, self.tokenizer, out / "actor",
+                       extra_files=card_files(args, "step3 PPO actor", args.actor_model_name_or_path))
         fuse_lora(engine.critic.module)
-        save_reward_model(engine.critic.module, self.tokenizer, out / "critic")
+        save_reward_model(engine.critic.module, self.tokenizer, out / "critic",
+                          extra_files=card_files(args, "step3 PPO critic", args.critic_model_name_or_path))
         if engine.actor_ema is not None:
             fuse_lora(engine.actor_ema.module)
-            save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema")
+            save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema",
+                           extra_files=card_files(args, "step3 PPO actor (EMA)", args.actor_model_name_or_path))
         self._write_run_info(final=True)
+        push_to_hub(args, out / "actor")

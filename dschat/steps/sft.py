@@ -19,6 +19,7 @@ from dschat.utils.build import (
 )
 from dschat.utils.data.data_utils import DataCollatorSFT, create_prompt_dataset
 from dschat.utils.dist import get_local_rank
+from dschat.utils.model_card import card_files, push_to_hub
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_causal_lm, set_random_seed
 
@@ -67,7 +68,9 @@ class SFTTrainer(Trainer):
             return
         print_rank_0(f"saving the final model to {self.args.output_dir} ...")
         fuse_lora(self.engine.module)
-        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir)
+        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir,
+                       extra_files=card_files(self.args, "step1 SFT", self.args.model_name_or_path))
+        push_to_hub(self.args, self.args.output_dir)
 
 
 def build(args) -> SFTTrainer:

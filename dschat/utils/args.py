@@ -7,6 +7,7 @@ scripts run unchanged; the additions are documented in each flag's help.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from dschat.utils.data.raw_datasets import parse_column_map
 from dschat.utils.errors import UserError
 
+REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
 SCHEDULER_CHOICES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
@@ -135,13 +137,26 @@ def add_logging_args(parser, *, tensorboard_path: str, print_loss: bool = True) 
     group = parser.add_argument_group("logging and checkpoints")
     group.add_argument("--output_dir", type=str, default=None, help="Where to save; nothing is saved if omitted.")
     group.add_argument("--seed", type=int, default=1234)
-    group.add_argument("--enable_tensorboard", action="store_true")
-    group.add_argument("--tensorboard_path", type=str, default=tensorboard_path)
+    group.add_argument("--enable_tensorboard", action="store_true",
+                       help="TensorBoard scalars (upstream's flag: --report_to tensorboard plus DeepSpeed's own "
+                            "monitor).")
+    group.add_argument("--tensorboard_path", type=str, default=tensorboard_path,
+                       help="Directory for TensorBoard logs.")
+    group.add_argument("--report_to", nargs="+", choices=REPORT_TO_CHOICES, default=["none"],
+                       help="Experiment trackers for the metrics (metrics.jsonl is always written): tensorboard "
+                            "(under --tensorboard_path), wandb (pip install 'dschat-mpo[wandb]'; WANDB_PROJECT, "
+                            "WANDB_MODE=offline etc. as wandb reads them), or none.")
     if print_loss:
         group.add_argument("--print_loss", action="store_true", help="Every rank prints its loss each step.")
     group.add_argument("--log_interval", type=int, default=10, help="Optimizer steps between log lines.")
     group.add_argument("--save_steps", type=int, default=0,
                        help="Write a full resumable training state every N optimizer steps (and each epoch end).")
+    group.add_argument("--push_to_hub", action="store_true",
+                       help="Upload the final model (with its README.md model card) to the Hugging Face hub "
+                            "(token from HF_TOKEN or huggingface-cli login).")
+    group.add_argument("--hub_model_id", type=str, default=None,
+                       help="Hub repository for --push_to_hub (default: the --output_dir folder name).")
+    group.add_argument("--hub_private_repo", action="store_true", help="Create the hub repository as private.")
     group.add_argument("--save_total_limit", type=int, default=2, help="Keep only the newest K training states.")
     group.add_argument("--resume", action="store_true",
                        help="Continue from the newest complete training state in --output_dir.")
@@ -152,6 +167,23 @@ def add_eval_args(parser, *, eval_interval: int = 0, eval_iters: int = 100) -> N
     group.add_argument("--eval_interval", type=int, default=eval_interval,
                        help="Evaluate every N optimizer steps (0: only before training and after each epoch).")
     group.add_argument("--eval_iters", type=int, default=eval_iters, help="At most this many eval batches.")
+
+
+def trackers(args) -> list[str]:
+    """The trackers a run reports to: --report_to, plus tensorboard with upstream's --enable_tensorboard."""
+    chosen = [t for t in getattr(args, "report_to", None) or [] if t != "none"]
+    if getattr(args, "enable_tensorboard", False) and "tensorboard" not in chosen:
+        chosen.append("tensorboard")
+    return chosen
+
+
+def check_trackers(args) -> None:
+    report_to = getattr(args, "report_to", None) or []
+    if "none" in report_to and len(report_to) > 1:
+        raise UserError(f"--report_to {' '.join(report_to)}: 'none' excludes the others; give one or the other")
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+        raise UserError("--report_to wandb: the wandb package is not installed; pip install 'dschat-mpo[wandb]' "
+                        "(or wandb), or drop wandb from --report_to")
 
 
 def column_map(args) -> dict[str, str]:
@@ -180,6 +212,7 @@ def validate_common(args) -> None:
     check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size",
                    "gradient_accumulation_steps", "max_seq_len")
     column_map(args)  # a malformed --data_keys fails here, before any model is loaded
+    check_trackers(args)
     if getattr(args, "num_train_epochs", 1) < 0:
         raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
     if getattr(args, "deepspeed_config", None):
@@ -188,6 +221,8 @@ def validate_common(args) -> None:
     lora_dims = {name: value for name, value in vars(args).items() if name.endswith("lora_dim")}
     if getattr(args, "only_optimize_lora", False) and not any(v > 0 for v in lora_dims.values()):
         raise UserError(f"--only_optimize_lora needs {' or '.join('--' + n for n in sorted(lora_dims))} > 0")
+    if getattr(args, "push_to_hub", False) and not getattr(args, "output_dir", None):
+        raise UserError("--push_to_hub needs --output_dir (the model is saved there first, then uploaded)")
     if getattr(args, "resume", False) and not getattr(args, "output_dir", None):
         raise UserError("--resume needs --output_dir (the states live under OUTPUT_DIR/checkpoints)")
     model_path = getattr(args, "model_name_or_path", None)
