@@ -333,7 +333,7 @@ class DPOTrainer(Trainer):
         print_rank_0(f"saving the DPO model to {self.args.output_dir} ...")
         fuse_lora(self.engine.module)
         save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir,
-                       extra_files=card_files(self.args, "step3b DPO", self.args.model_name_or_path))
+                       extra_files=card_files(self.args, "step3b DPO", self.args.model_name_or_path, self.engine))
         push_to_hub(self.args, self.args.output_dir)
 
 

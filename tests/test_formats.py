@@ -174,3 +174,55 @@ def test_select_and_dpo_build_the_same_texts(tmp_path, chat_tok):
                                             "rejected": item["rejected"]}])
     pairs, _ = du.create_prompt_dataset(-1, easy, "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 64)
     assert tuple(pairs.chosen_dataset[0].tolist()) == tuple(row)
+
+
+# --------------------------------------------------------------------------------------------- one real run
+
+STEP1 = Path(__file__).resolve().parents[1] / "training/step1_supervised_finetuning/main.py"
+
+
+def test_sft_run_on_conversational_data_with_trackers_card_and_ds_config(tmp_path, tinystories_dir, run_ds):
+    """One real step-1 run: TRL conversational pairs (mapped prompt column) on a model with a chat template,
+    reporting to TensorBoard and wandb (offline), with a --deepspeed_config merged into the engine's config;
+    the saved model carries a card with the run's numbers."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(tinystories_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = CHATML
+    tok.save_pretrained(model)
+    records = [{"question": [user(f"what is {i} plus one")], "chosen": [bot(f"it is {i + 1}")],
+                "rejected": [bot("no idea")]} for i in range(40)]
+    data = write(tmp_path / "conv.jsonl", records)
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"gradient_clipping": 0.25, "train_micro_batch_size_per_gpu": "auto",
+                                   "zero_optimization": {"reduce_bucket_size": 12345}}))
+    out = tmp_path / "out"
+    args = ["--data_path", data, "--prompt_key", "question", "--model_name_or_path", str(model),
+            "--per_device_train_batch_size", "8", "--max_seq_len", "64", "--learning_rate", "3e-3",
+            "--log_interval", "1", "--report_to", "tensorboard", "wandb", "--tensorboard_path", str(tmp_path / "tb"),
+            "--deepspeed_config", str(ds_file), "--data_output_path", str(tmp_path / "cache"),
+            "--output_dir", str(out)]
+    proc = run_ds(STEP1, args, num_ranks=0, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    assert "for train_phase=1 size=36" in log and "skipped" not in log
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last_train = [r for r in rows if r["phase"] == "train"][-1]
+    card = (out / "README.md").read_text()
+    assert "step1 SFT" in card and str(model) in card and data in card
+    assert f"| loss | {last_train['loss']} |" in card and "| learning_rate | 0.003 |" in card
+    engine_config = json.loads(card.split("```json")[1].split("```")[0])  # written from the engine's config
+    assert engine_config["gradient_clipping"] == 0.25 and engine_config["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert engine_config["train_micro_batch_size_per_gpu"] == 8  # "auto" took the flag's value
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHATML  # later stages render the same way
+    # a conflicting key is one line before any model is loaded
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    proc = run_ds(STEP1, args, num_ranks=0)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "zero_optimization.stage" in errors[0], proc.stderr[-2000:]

@@ -627,13 +627,15 @@ class PPOLoop(ResumableRun):
         print_rank_0(f"saving the final models to {out} ...")
         fuse_lora(engine.actor.module)
         save_causal_lm(engine.actor.module, self.tokenizer, out / "actor",
-                       extra_files=card_files(args, "step3 PPO actor", args.actor_model_name_or_path))
+                       extra_files=card_files(args, "step3 PPO actor", args.actor_model_name_or_path, engine.actor))
         fuse_lora(engine.critic.module)
         save_reward_model(engine.critic.module, self.tokenizer, out / "critic",
-                          extra_files=card_files(args, "step3 PPO critic", args.critic_model_name_or_path))
+                          extra_files=card_files(args, "step3 PPO critic", args.critic_model_name_or_path,
+                                                       engine.critic))
         if engine.actor_ema is not None:
             fuse_lora(engine.actor_ema.module)
             save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema",
-                           extra_files=card_files(args, "step3 PPO actor (EMA)", args.actor_model_name_or_path))
+                           extra_files=card_files(args, "step3 PPO actor (EMA)", args.actor_model_name_or_path,
+                                                      engine.actor_ema))
         self._write_run_info(final=True)
         push_to_hub(args, out / "actor")

@@ -87,7 +87,8 @@ class RewardTrainer(Trainer):
         print_rank_0(f"saving the reward model to {self.args.output_dir} ...")
         fuse_lora(self.engine.module)
         save_reward_model(self.engine.module, self.tokenizer, self.args.output_dir,
-                          extra_files=card_files(self.args, "step2 reward model", self.args.model_name_or_path))
+                          extra_files=card_files(self.args, "step2 reward model", self.args.model_name_or_path,
+                                                       self.engine))
         push_to_hub(self.args, self.args.output_dir)
 
 

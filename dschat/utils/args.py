@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from dschat.utils.data.raw_datasets import parse_column_map
+from dschat.utils.ds_utils import load_user_ds_config
 from dschat.utils.errors import UserError
 
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
@@ -122,6 +123,11 @@ def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
     import deepspeed
 
     deepspeed.add_config_arguments(parser)
+    for action in parser._actions:
+        if "--deepspeed_config" in action.option_strings:
+            action.help = ("A DeepSpeed JSON config merged over the one built from the flags: its keys replace the "
+                           "built-in defaults and add sections; keys the flags set (batch sizes, ZeRO stage, "
+                           "offload, precision) must agree with them or be \"auto\".")
 
 
 def add_lora_args(parser) -> None:
@@ -216,8 +222,7 @@ def validate_common(args) -> None:
     if getattr(args, "num_train_epochs", 1) < 0:
         raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
     if getattr(args, "deepspeed_config", None):
-        raise UserError("--deepspeed_config: the DeepSpeed config is built from the flags here; drop "
-                        "--deepspeed_config and use --zero_stage/--dtype/--offload")
+        load_user_ds_config(args.deepspeed_config)  # unreadable or not JSON: one line now, not after loading
     lora_dims = {name: value for name, value in vars(args).items() if name.endswith("lora_dim")}
     if getattr(args, "only_optimize_lora", False) and not any(v > 0 for v in lora_dims.values()):
         raise UserError(f"--only_optimize_lora needs {' or '.join('--' + n for n in sorted(lora_dims))} > 0")

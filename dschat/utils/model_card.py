@@ -80,7 +80,7 @@ def _manifest_rows(manifest: Mapping[str, Any]) -> list[tuple[str, Any]]:
 
 
 def render_card(stage: str, settings: Mapping[str, Any], metrics_dir: str | os.PathLike, base_model: str | None,
-                data_paths: Sequence[str]) -> str:
+                data_paths: Sequence[str], ds_config: Mapping[str, Any] | None = None) -> str:
     """The card's markdown for a finished run whose metrics.jsonl is in `metrics_dir`."""
     metrics = last_metrics(metrics_dir)
     parts = [
@@ -99,13 +99,18 @@ def render_card(stage: str, settings: Mapping[str, Any], metrics_dir: str | os.P
     rows = [(k, v) for k, v in sorted(settings.items())
             if k not in _RUNTIME_SETTINGS and v is not None and not callable(v)]
     parts += ["## Settings", "", table(rows, ("setting", "value")), ""]
+    if ds_config:
+        parts += ["## DeepSpeed config (as the engine ran it)", "", "```json",
+                  json.dumps(ds_config, indent=2, sort_keys=True, default=str), "```", ""]
     return "\n".join(parts)
 
 
-def card_files(args, stage: str, base_model: str | None) -> dict[str, str]:
-    """`extra_files` for the save helpers: {"README.md": card} from the run's flags and its --output_dir."""
+def card_files(args, stage: str, base_model: str | None, engine: Any = None) -> dict[str, str]:
+    """`extra_files` for the save helpers: {"README.md": card} from the run's flags, its --output_dir and the
+    DeepSpeed engine's own config."""
     paths = list(getattr(args, "data_path", None) or [])
-    return {CARD_FILE: render_card(stage, vars(args), args.output_dir, base_model, paths)}
+    ds_config = getattr(getattr(engine, "_config", None), "_param_dict", None)
+    return {CARD_FILE: render_card(stage, vars(args), args.output_dir, base_model, paths, ds_config)}
 
 
 def set_card_section(model_dir: str | os.PathLike, title: str, body: str) -> None:
