@@ -1,10 +1,15 @@
 """Packaging for dschat-mpo: installs `dschat` and `mpo_ext` as real packages (no `-e` needed)."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("mpo_ext/__init__.py").read_text(encoding="utf-8")).group(1)
 
 setup(
     name="dschat-mpo",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "DeepSpeed-Chat-compatible RLHF pipeline with two-stage Mixed Preference Optimization "
         "(Gou & Nguyen 2024): reward-gap data selection, DPO on easy pairs, PPO on hard prompts."

@@ -43,11 +43,14 @@ def _generation_options(func: Callable) -> Callable:
                           "(a local file without one: all its prompts)."),
         click.option("--num_prompts", type=click.IntRange(min=1), default=None,
                      help="Evaluate a seeded random subset of this many prompts (default: all)."),
-        click.option("--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Maximum new tokens per answer."),
         click.option("--do_sample/--greedy", default=False, show_default=True,
                      help="Sample (with --temperature/--top_p/--top_k) or decode greedily."),
-        click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True),
-        click.option("--top_p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+                     help="Sampling temperature (with --do_sample)."),
+        click.option("--top_p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+                     help="Nucleus sampling mass (with --do_sample)."),
         click.option("--top_k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off."),
         click.option("--seed", type=int, default=1234, show_default=True,
                      help="Fixes the prompt subset, the sampling and the bootstrap."),
@@ -69,7 +72,7 @@ def _generation_options(func: Callable) -> Callable:
         click.option("--num_bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Bootstrap resamples for the confidence intervals."),
         click.option("--confidence", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-                     default=0.95, show_default=True),
+                     default=0.95, show_default=True, help="Level of the bootstrap intervals."),
         click.option("--data_output_path", type=str, default="/tmp/data_files/", show_default=True,
                      help="Scratch directory of the data loaders."),
         click.option("--local_rank", type=int, default=-1, hidden=True, help="Set by the deepspeed launcher."),
@@ -152,11 +155,14 @@ def _display_names(paths: list[Path]) -> list[str]:
               help="Environment variable holding the judge API key (unset: no Authorization header).")
 @click.option("--judge_rate_limit", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="Requests per second (0: unlimited).")
-@click.option("--judge_max_retries", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--judge_max_retries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Retries per judge request (rate limits, server errors).")
 @click.option("--judge_backoff", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="First retry delay in seconds; doubles on each retry.")
-@click.option("--judge_timeout", type=click.FloatRange(min=0.0, min_open=True), default=60.0, show_default=True)
-@click.option("--judge_max_tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--judge_timeout", type=click.FloatRange(min=0.0, min_open=True), default=60.0, show_default=True,
+              help="Seconds per judge request.")
+@click.option("--judge_max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Maximum tokens of a judge's verdict.")
 @click.option("--judge_tie_margin", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Judge score differences (0-10 scale) within +-this are ties.")
 @click.option("--judge_limit", type=click.IntRange(min=1), default=None,

@@ -28,6 +28,8 @@ import torch
 from dschat.utils.dist import get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.inference import RewardScorer, load_policy, resolve_device, resolve_torch_dtype
+from dschat.utils.model_card import set_card_section
+from dschat.utils.utils import load_hf_tokenizer
 
 GENERATIONS_DIR = "generations"
 TABLE_FILE = "table.json"
@@ -394,8 +396,6 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
         (out / TABLE_FILE).unlink(missing_ok=True)
     torch_device = resolve_device(device)
     torch_dtype = resolve_torch_dtype(dtype, torch_device)
-    from dschat.utils.utils import load_hf_tokenizer
-
     # The chain's models share the SFT tokenizer; the first one renders conversational prompts.
     prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path,
                                 tokenizer=load_hf_tokenizer(models[0][1]))
@@ -418,7 +418,11 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
                     "num_prompts": len(prompts), "decoding": asdict(decoding), "dtype": str(torch_dtype),
                     "confidence": confidence, "num_resamples": num_resamples, "world_size": get_world_size()}
         atomic_write_json(out / TABLE_FILE, {"rows": rows, "settings": settings})
-        print(format_table(rows, confidence), flush=True)
+        table_text = format_table(rows, confidence)
+        print(table_text, flush=True)
+        for _, path in models:  # each evaluated model's card gets the table it is part of
+            set_card_section(path, "Evaluation (mpo eval)", f"Data: `{data_path}`, reward model: "
+                             f"`{reward_model}`, {len(prompts)} prompts.\n\n```\n{table_text}\n```")
         _log(f"wrote {out / TABLE_FILE} and {out / GENERATIONS_DIR}/")
     barrier()
     return rows

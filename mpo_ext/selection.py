@@ -247,7 +247,7 @@ def parse_args(argv: list[str] | None = None):
                        help="Passed to the reward model (OPT: 1, Llama: 0); scoring reads the last answer token.")
     group = parser.add_argument_group("selection")
     group.add_argument("--threshold", type=float, default=None,
-                       help=f"theta: pairs with |r(a) - r(b)| > theta are easy (default {DEFAULT_THRESHOLD}; the "
+                       help=f"theta: pairs with |r(a) - r(b)| > theta are easy (default: {DEFAULT_THRESHOLD}, the "
                             "paper's best). Exclusive with --easy_fraction.")
     group.add_argument("--easy_fraction", type=float, default=None,
                        help="Instead of a fixed theta, put this fraction of pairs (the largest gaps) in easy.")
@@ -265,8 +265,8 @@ def parse_args(argv: list[str] | None = None):
     group = parser.add_argument_group("sampling and throughput")
     group.add_argument("--max_prompt_seq_len", type=int, default=256, help="Prompts longer than this are dropped.")
     group.add_argument("--max_answer_seq_len", type=int, default=256, help="Maximum new tokens per answer.")
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--top_p", type=float, default=1.0)
+    group.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of the two answers.")
+    group.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass of the two answers.")
     group.add_argument("--top_k", type=int, default=0, help="0 disables top-k filtering.")
     group.add_argument("--per_device_generation_batch_size", type=int, default=16,
                        help="Prompts per generate call (each yields two answers).")
@@ -277,8 +277,9 @@ def parse_args(argv: list[str] | None = None):
                        help="Discard shards of an earlier run with different settings instead of refusing.")
     group.add_argument("--enable_hybrid_engine", action="store_true",
                        help="Generate with the DeepSpeed Hybrid Engine where it works (GPU, supported model).")
-    group.add_argument("--output_dir", type=str, required=True)
-    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--output_dir", type=str, required=True,
+                       help="Where easy.jsonl, hard.jsonl, manifest.json, the plots and shards/ go (required).")
+    group.add_argument("--seed", type=int, default=1234, help="Seed of the data split and of the sampling.")
     flags.add_deepspeed_args(parser)
     args = parser.parse_args(argv)
     validate_args(args)

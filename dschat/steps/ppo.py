@@ -70,14 +70,19 @@ def _add_step3_model_args(parser) -> None:
                             "MPO uses the DPO model).")
     group.add_argument("--num_padding_at_beginning", type=int, default=1,
                        help="Passed to the critic/reward constructors (OPT: 1; unused by PPO scoring).")
-    group.add_argument("--actor_dropout", type=float, default=None)
-    group.add_argument("--critic_dropout", type=float, default=None)
-    group.add_argument("--actor_gradient_checkpointing", action="store_true")
-    group.add_argument("--critic_gradient_checkpointing", action="store_true")
+    group.add_argument("--actor_dropout", type=float, default=None,
+                       help="Override dropout in the actor config (default: keep the model's).")
+    group.add_argument("--critic_dropout", type=float, default=None,
+                       help="Override dropout in the critic config (default: keep the model's).")
+    group.add_argument("--actor_gradient_checkpointing", action="store_true",
+                       help="Enable HF gradient checkpointing in the actor.")
+    group.add_argument("--critic_gradient_checkpointing", action="store_true",
+                       help="Enable HF gradient checkpointing in the critic.")
     group.add_argument("--compute_fp32_loss", action="store_true",
                        help="fp32 logits for log-probs and an fp32 critic loss.")
     group.add_argument("--add_eot_token", action="store_true", help="Add --eot_token to the tokenizer.")
-    group.add_argument("--eot_token", type=str, default="<|endoftext|>")
+    group.add_argument("--eot_token", type=str, default="<|endoftext|>",
+                       help="The special token --add_eot_token adds.")
 
 
 def _add_step3_batch_args(parser) -> None:
@@ -101,10 +106,10 @@ def _add_step3_batch_args(parser) -> None:
 
 def _add_step3_optim_args(parser) -> None:
     group = parser.add_argument_group("actor / critic optimisation")
-    group.add_argument("--actor_learning_rate", type=float, default=9.65e-6)
-    group.add_argument("--critic_learning_rate", type=float, default=5e-6)
-    group.add_argument("--actor_weight_decay", type=float, default=0.0)
-    group.add_argument("--critic_weight_decay", type=float, default=0.0)
+    group.add_argument("--actor_learning_rate", type=float, default=9.65e-6, help="Actor peak learning rate.")
+    group.add_argument("--critic_learning_rate", type=float, default=5e-6, help="Critic peak learning rate.")
+    group.add_argument("--actor_weight_decay", type=float, default=0.0, help="Actor AdamW weight decay.")
+    group.add_argument("--critic_weight_decay", type=float, default=0.0, help="Critic AdamW weight decay.")
     flags.add_optim_args(parser, learning_rate=0.0, num_warmup_steps=100, batch_flags=False)
     parser._option_string_actions["--max_steps"].help = "Stop after this many PPO steps (0: run all epochs)."
 
@@ -112,8 +117,10 @@ def _add_step3_optim_args(parser) -> None:
 def _add_step3_deepspeed_args(parser) -> None:
     flags.add_deepspeed_args(parser, zero_flags=False)
     group = parser.add_argument_group("step-3 ZeRO, offload and Hybrid Engine")
-    group.add_argument("--actor_zero_stage", type=int, default=0, choices=(0, 1, 2, 3))
-    group.add_argument("--critic_zero_stage", type=int, default=0, choices=(0, 1, 2, 3))
+    group.add_argument("--actor_zero_stage", type=int, default=0, choices=(0, 1, 2, 3),
+                       help="ZeRO stage of the actor (and reference) engines.")
+    group.add_argument("--critic_zero_stage", type=int, default=0, choices=(0, 1, 2, 3),
+                       help="ZeRO stage of the critic (and reward) engines.")
     group.add_argument("--offload_reference_model", action="store_true",
                        help="ZeRO-3 parameter offload for the reference (and EMA) model.")
     group.add_argument("--offload_reward_model", action="store_true",
@@ -141,7 +148,8 @@ def _add_step3_lora_args(parser) -> None:
         group.add_argument(f"--{who}_lora_dim", type=int, default=0, help=f"LoRA rank of the {who}; > 0 enables it.")
         group.add_argument(f"--{who}_lora_module_name", type=str, default=STEP3_DEFAULT_LORA_MODULE,
                            help="Substring selecting the Linear layers to wrap (`layers.` for Llama).")
-        group.add_argument(f"--{who}_lora_learning_rate", type=float, default=5e-4)
+        group.add_argument(f"--{who}_lora_learning_rate", type=float, default=5e-4,
+                           help=f"Learning rate of the {who}'s LoRA parameters.")
     group.add_argument("--only_optimize_lora", action="store_true",
                        help="Train only LoRA parameters (actor and critic; the value head always trains).")
 
@@ -164,8 +172,8 @@ def _add_ppo_args(parser) -> None:
     group.add_argument("--ema_beta", type=float, default=0.992, help="EMA decay (weight of the past).")
     sampling = parser.add_argument_group("rollout sampling (default: greedy, as upstream)")
     sampling.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
-    sampling.add_argument("--temperature", type=float, default=1.0)
-    sampling.add_argument("--top_p", type=float, default=1.0)
+    sampling.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (with --do_sample).")
+    sampling.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass (with --do_sample).")
     sampling.add_argument("--top_k", type=int, default=0, help="0 disables top-k filtering.")
 
 
@@ -177,7 +185,8 @@ def _add_step3_logging_args(parser) -> None:
     group.add_argument("--print_answers_interval", type=int, default=1, help="Every N generation steps.")
     group.add_argument("--enable_test_mode", action="store_true",
                        help="Stop after --test_stop_step PPO steps without fp16 overflow (CI).")
-    group.add_argument("--test_stop_step", type=int, default=0)
+    group.add_argument("--test_stop_step", type=int, default=0,
+                       help="PPO steps before --enable_test_mode stops (0: no limit).")
 
 
 def parse_args(argv: list[str] | None = None):

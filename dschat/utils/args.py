@@ -30,8 +30,18 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help, once: a help text that already states its default keeps its own."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def new_parser(description: str) -> argparse.ArgumentParser:
-    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return _Parser(description=description, formatter_class=_DefaultsFormatter)
 
 
 def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/tmp/data_files/",
@@ -93,21 +103,24 @@ def add_model_args(parser, *, required: bool = True) -> None:
     group.add_argument("--compute_fp32_loss", action="store_true", help="Compute the loss on fp32 logits.")
     group.add_argument("--add_eot_token", action="store_true",
                        help="Add --eot_token to the tokenizer as a special token.")
-    group.add_argument("--eot_token", type=str, default="<|endoftext|>")
+    group.add_argument("--eot_token", type=str, default="<|endoftext|>", help="The special token --add_eot_token adds.")
 
 
 def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, weight_decay: float = 0.0,
                    batch_flags: bool = True) -> None:
     group = parser.add_argument_group("optimisation")
     if batch_flags:
-        group.add_argument("--per_device_train_batch_size", type=int, default=16)
-        group.add_argument("--per_device_eval_batch_size", type=int, default=16)
-        group.add_argument("--learning_rate", type=float, default=learning_rate)
-        group.add_argument("--weight_decay", type=float, default=weight_decay)
-    group.add_argument("--num_train_epochs", type=int, default=1)
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULER_CHOICES)
-    group.add_argument("--num_warmup_steps", type=int, default=num_warmup_steps)
+        group.add_argument("--per_device_train_batch_size", type=int, default=16,
+                           help="Training samples per rank and micro-step.")
+        group.add_argument("--per_device_eval_batch_size", type=int, default=16, help="Evaluation samples per rank.")
+        group.add_argument("--learning_rate", type=float, default=learning_rate, help="Peak learning rate.")
+        group.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW weight decay.")
+    group.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the training data.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-steps per optimizer step.")
+    group.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULER_CHOICES,
+                       help="Learning-rate schedule (transformers' get_scheduler).")
+    group.add_argument("--num_warmup_steps", type=int, default=num_warmup_steps, help="Warm-up optimizer steps.")
     group.add_argument("--max_steps", type=int, default=0,
                        help="Stop after this many optimizer steps (0: run all epochs).")
 
@@ -119,7 +132,8 @@ def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
     group.add_argument("--dtype", type=str, default=None, choices=("fp16", "bf16", "fp32"),
                        help="Training precision (default: fp16 on GPU as upstream, fp32 on CPU).")
     if zero_flags:
-        group.add_argument("--zero_stage", type=int, default=0, choices=(0, 1, 2, 3))
+        group.add_argument("--zero_stage", type=int, default=0, choices=(0, 1, 2, 3),
+                           help="ZeRO stage (0: plain data parallel; 3: parameters partitioned).")
     import deepspeed
 
     deepspeed.add_config_arguments(parser)
@@ -136,13 +150,13 @@ def add_lora_args(parser) -> None:
     group.add_argument("--lora_module_name", type=str, default="decoder.layers.",
                        help="Substring selecting the Linear layers to wrap (`layers.` for Llama).")
     group.add_argument("--only_optimize_lora", action="store_true", help="Train only the LoRA parameters.")
-    group.add_argument("--lora_learning_rate", type=float, default=5e-4)
+    group.add_argument("--lora_learning_rate", type=float, default=5e-4, help="Learning rate of the LoRA parameters.")
 
 
 def add_logging_args(parser, *, tensorboard_path: str, print_loss: bool = True) -> None:
     group = parser.add_argument_group("logging and checkpoints")
     group.add_argument("--output_dir", type=str, default=None, help="Where to save; nothing is saved if omitted.")
-    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--seed", type=int, default=1234, help="Seed of the data split, shuffling and initialisation.")
     group.add_argument("--enable_tensorboard", action="store_true",
                        help="TensorBoard scalars (upstream's flag: --report_to tensorboard plus DeepSpeed's own "
                             "monitor).")

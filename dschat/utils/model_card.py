@@ -114,7 +114,7 @@ def card_files(args, stage: str, base_model: str | None, engine: Any = None) -> 
 
 
 def set_card_section(model_dir: str | os.PathLike, title: str, body: str) -> None:
-    """Add or replace the `## title` section of a model card (no card: nothing to do)."""
+    """Add or replace the `## title` section of a model card (no card, or a read-only one: a warning)."""
     path = Path(model_dir) / CARD_FILE
     if not path.is_file():
         return
@@ -122,7 +122,10 @@ def set_card_section(model_dir: str | os.PathLike, title: str, body: str) -> Non
     section = f"## {title}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    atomic_write_text(path, text)
+    try:
+        atomic_write_text(path, text)
+    except OSError as err:
+        print(f"warning: could not update the model card {path} ({err.strerror or err})", flush=True)
 
 
 def hub_repo_id(args, output_dir: str | os.PathLike) -> str:
