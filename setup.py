@@ -21,7 +21,8 @@ setup(
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.15",
-        "transformers>=4.45",
+        "transformers>=4.56",  # from_pretrained(dtype=...) arrived in 4.56
+        "huggingface_hub",
         "datasets>=2.8",
         "accelerate>=0.26",
         "click>=8.0",
