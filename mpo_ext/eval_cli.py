@@ -334,8 +334,12 @@ def plot_curves_command(run_dirs: tuple[str, ...], output: str, metrics: tuple[s
     from mpo_ext.curves import find_metrics_files, plot_training_curves
 
     files = find_metrics_files(run_dirs)
-    path = plot_training_curves(files, output, metrics or None)
-    click.echo(f"[plot-curves] {len(files)} run(s): {', '.join(files)} -> {path}")
+    plot = plot_training_curves(files, output, metrics or None)
+    click.echo(f"[plot-curves] {len(files)} run(s): {', '.join(files)}; {len(plot.panels)} panels (one per metric "
+               f"and run) -> {plot.path}")
+    if plot.left_out:
+        click.echo(f"[plot-curves] left out {len(plot.left_out)} panels beyond {len(plot.panels)} (choose with "
+                   f"--metric or plot fewer runs): {', '.join(plot.left_out)}")
 
 
 @click.group("mpo-eval")
