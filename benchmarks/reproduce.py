@@ -377,31 +377,58 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_differences(report: dict[str, Any], metric: str) -> list[tuple[str, list[float]]]:
+    """(claim, per-seed difference A - B) for each paper claim: what the README's verdicts rest on."""
+    return [(text, [s[metric][a] - s[metric][b] for s in report["seeds"]]) for text, a, b in CLAIMS]
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Gold and RM score per method: big marker = mean over seeds with std bars, small dots = single seeds."""
+    """Left: gold reward per method (mean ± std over seeds, dots = seeds). Right: each paper claim as the
+    paired per-seed difference A - B (dots = seeds, bar = mean ± std): a claim holds where the dots sit
+    right of zero, whatever the seed-to-seed spread of the methods themselves."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     rows = report["aggregate"]["rows"]
-    labels = [r["label"].replace(" (", "\n(") for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    panels = (("gold", "gold reward, greedy"), ("gold_sampled", "gold reward, T=1 samples"),
-              ("reward", "reward-model score, greedy"))
-    for ax, (key, title) in zip(axes, panels):
-        for i, r in enumerate(rows):
-            color = "#8C8C8C" if r["key"] == "mpo_a_stage1" else "#4C72B0" if r["key"].startswith("mpo") else "#55A868"
-            ax.errorbar([i], [r[f"{key}_mean"]], yerr=[r[f"{key}_std"]], fmt="o", color=color, markersize=8, capsize=4)
-            ax.scatter([i] * len(r[f"{key}_per_seed"]), r[f"{key}_per_seed"], color="black", s=8, zorder=3)
-        if key.startswith("gold"):
-            best = statistics.fmean(s["max_gold"] for s in report["seeds"])
-            ax.axhline(best, color="#C44E52", linestyle="--", linewidth=1, label=f"best possible ({best:.2f})")
-            ax.legend(loc="best", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{title}\nmean ± std over {len(report['seeds'])} seed(s), dots = seeds", fontsize=10)
+    n_seeds = len(report["seeds"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, 6.5), gridspec_kw={"width_ratios": [1, 1.15]})
+    for i, r in enumerate(rows):
+        color = "#8C8C8C" if r["key"] == "mpo_a_stage1" else "#4C72B0" if r["key"].startswith("mpo") else "#55A868"
+        left.errorbar([r["gold_mean"]], [i], xerr=[r["gold_std"]], fmt="o", color=color, markersize=8, capsize=4)
+        left.scatter(r["gold_per_seed"], [i] * len(r["gold_per_seed"]), color="black", s=10, zorder=3)
+    best = statistics.fmean(s["max_gold"] for s in report["seeds"])
+    left.axvline(best, color="#C44E52", linestyle="--", linewidth=1, label=f"best possible ({best:.2f})")
+    left.set_yticks(range(len(rows)))
+    left.set_yticklabels([r["label"] for r in rows], fontsize=9)
+    left.invert_yaxis()
+    left.legend(loc="lower left", fontsize=8)
+    left.grid(axis="x", alpha=0.3)
+    left.set_xlabel("gold reward of greedy answers")
+    left.set_title(f"Gold reward per method\nmean ± std over {n_seeds} seed(s), dots = seeds", fontsize=10)
+    claims = paired_differences(report, "gold")
+    sampled = dict(paired_differences(report, "gold_sampled"))
+    for i, (text, diffs) in enumerate(claims):
+        mean, std = mean_std(diffs)
+        held = sum(d > 0 for d in diffs)
+        color = "#55A868" if mean > 0 and 2 * held > len(diffs) else "#C44E52"
+        right.errorbar([mean], [i - 0.12], xerr=[std], fmt="o", color=color, markersize=8, capsize=4,
+                       label="greedy: mean ± std" if i == 0 else None)
+        right.scatter(diffs, [i - 0.12] * len(diffs), color="black", s=10, zorder=3,
+                      label="greedy: one seed" if i == 0 else None)
+        right.scatter(sampled[text], [i + 0.18] * len(diffs), color="#8172B2", s=10, marker="x", zorder=3,
+                      label="T=1 samples: one seed" if i == 0 else None)
+        right.annotate(f"{held}/{len(diffs)}", (1.0, i), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                       textcoords="offset points", va="center", fontsize=8)
+    right.axvline(0.0, color="black", linewidth=1)
+    right.set_yticks(range(len(claims)))
+    right.set_yticklabels([text for text, _ in claims], fontsize=9)
+    right.invert_yaxis()
+    right.grid(axis="x", alpha=0.3)
+    right.legend(loc="lower left", fontsize=8)
+    right.set_xlabel("paired difference A − B in gold reward, per seed (> 0: the claim holds in that seed)")
+    right.set_title("Paper claims \"A > B\", paired per seed (right margin: seeds holding, greedy)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
@@ -433,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "as in the paper; p50,p75 with --quick, whose barely trained RM has a smaller scale).")
     parser.add_argument("--launcher", choices=("python", "deepspeed"), default="python",
                         help="How single-rank stages start: plain python (faster) or the deepspeed launcher.")
+    parser.add_argument("--replot", type=Path, default=None,
+                        help="Only redraw the PNG (beside it) from an existing reproduce JSON; nothing is run.")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS for every stage (unless already set): the tiny model gains nothing "
                              "from more, and two threads on a busy 2-core machine run several times slower.")
@@ -470,6 +499,11 @@ def check_settings(output_dir: Path, quick: bool, thetas: tuple[str, str]) -> No
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        target = args.replot.with_suffix(".png")
+        plot(read_json(args.replot), target)
+        print(f"[reproduce] redrew {target} from {args.replot}", flush=True)
+        return
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_settings(args.output_dir, args.quick, args.thetas)
