@@ -893,16 +893,7 @@ def detect_local_format(records: Any, where: str | os.PathLike) -> type[PromptRa
 
 def open_local_dataset(path: str, output_path: str, seed: int, local_rank: int) -> PromptRawDataset:
     """Read a local file/directory and wrap it with the adapter matching its keys."""
-    splits = read_local_source(path)
-    adapter = detect_local_format(splits["train"], path)
-    if "eval" in splits:
-        eval_adapter = detect_local_format(splits["eval"], f"{path} (eval split)")
-        if eval_adapter is not adapter:
-            raise UserError(
-                f"--data_path {path}: train and eval files have different layouts "
-                f"(train keys {_first_keys(splits['train'])}, eval keys {_first_keys(splits['eval'])})"
-            )
-    return adapter(output_path, seed, local_rank, path, raw_datasets=splits)
+    return open_standard_source(path, output_path, seed, local_rank, local=True)
 
 
 # --------------------------------------------------------------------------------------------- registry
