@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from dschat.utils.data.raw_datasets import parse_column_map
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
 
 
@@ -41,6 +42,9 @@ def _generation_options(func: Callable) -> Callable:
         click.option("--data_path", type=str, default=None,
                      help="Dataset name or local file/directory; its eval/test split gives the prompts "
                           "(a local file without one: all its prompts)."),
+        click.option("--data_keys", type=str, default=None,
+                     help="Column mapping for local files and hub datasets, NAME=COLUMN comma-separated "
+                          "(e.g. prompt=question), as in the training stages."),
         click.option("--num_prompts", type=click.IntRange(min=1), default=None,
                      help="Evaluate a seeded random subset of this many prompts (default: all)."),
         click.option("--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True,
@@ -108,7 +112,7 @@ def _run_evaluation(models: list[tuple[str, str]], output_dir: str, opts: dict) 
                     num_prompts=opts["num_prompts"], num_padding_at_beginning=opts["num_padding_at_beginning"],
                     device=opts["device"], dtype=opts["dtype"], max_seq_len=opts["max_seq_len"], gold=opts["gold"],
                     num_resamples=opts["num_bootstrap"], confidence=opts["confidence"],
-                    data_output_path=opts["data_output_path"])
+                    data_output_path=opts["data_output_path"], column_map=parse_column_map(opts["data_keys"]))
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -160,14 +160,15 @@ def parse_model_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _open_raw_dataset(data_path: str, seed: int, data_output_path: str, tokenizer=None):
+def _open_raw_dataset(data_path: str, seed: int, data_output_path: str, tokenizer=None, column_map=None):
     from dschat.utils.data.data_utils import get_raw_dataset
 
-    return get_raw_dataset(data_path, data_output_path, seed, -1, tokenizer=tokenizer)
+    return get_raw_dataset(data_path, data_output_path, seed, -1, tokenizer=tokenizer, column_map=column_map)
 
 
 def load_eval_prompts(data_path: str, num_prompts: int | None = None, seed: int = 1234,
-                      data_output_path: str = "/tmp/data_files/", tokenizer=None) -> list[str]:
+                      data_output_path: str = "/tmp/data_files/", tokenizer=None,
+                      column_map: dict[str, str] | None = None) -> list[str]:
     """Held-out prompts of a dataset: its eval/test split (a local file without one: all its prompts).
 
     Conversational data is rendered with `tokenizer`'s chat template, as the training stages saw it.
@@ -175,7 +176,7 @@ def load_eval_prompts(data_path: str, num_prompts: int | None = None, seed: int 
     Duplicates are dropped (keeping first occurrence) so a prompt is not counted twice; with
     `num_prompts` a seeded random subset is taken, kept in dataset order.
     """
-    raw = _open_raw_dataset(data_path, seed, data_output_path, tokenizer)
+    raw = _open_raw_dataset(data_path, seed, data_output_path, tokenizer, column_map)
     data = raw.get_eval_data()
     if data is None:
         if not raw.is_local_path:
@@ -379,7 +380,7 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
              decoding: Decoding, num_prompts: int | None = None, num_padding_at_beginning: int = 0,
              device: str = "auto", dtype: str = "auto", max_seq_len: int = 512, gold: str = "auto",
              num_resamples: int = 1000, confidence: float = 0.95,
-             data_output_path: str = "/tmp/data_files/") -> list[dict]:
+             data_output_path: str = "/tmp/data_files/", column_map: dict[str, str] | None = None) -> list[dict]:
     """Generate, score and summarise; rank 0 writes generations/NAME.jsonl and table.json.
 
     Every rank returns the same rows. Files are written one by one atomically; table.json comes last
@@ -398,7 +399,7 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
     torch_dtype = resolve_torch_dtype(dtype, torch_device)
     # The chain's models share the SFT tokenizer; the first one renders conversational prompts.
     prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path,
-                                tokenizer=load_hf_tokenizer(models[0][1]))
+                                tokenizer=load_hf_tokenizer(models[0][1]), column_map=column_map)
     gold_fn = find_gold_reward(data_path, gold)
     _log(f"{len(prompts)} held-out prompts from {data_path}; {len(models)} model(s); "
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")

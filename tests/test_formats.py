@@ -226,3 +226,13 @@ def test_sft_run_on_conversational_data_with_trackers_card_and_ds_config(tmp_pat
     proc = run_ds(STEP1, args, num_ranks=0)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "zero_optimization.stage" in errors[0], proc.stderr[-2000:]
+
+
+def test_eval_prompts_are_rendered_like_training(tmp_path, chat_tok):
+    from mpo_ext.evaluation import load_eval_prompts
+
+    f = write(tmp_path / "held_out.jsonl", [{"question": [user(f"q{i}")], "chosen": [bot("a")], "rejected": [bot("b")]}
+                                            for i in range(4)])
+    prompts = load_eval_prompts(f, data_output_path=str(tmp_path / "c"), tokenizer=chat_tok,
+                                column_map={"prompt": "question"})
+    assert prompts == [rendered_prompt(f"q{i}") for i in range(4)]
