@@ -106,7 +106,8 @@ class DeepSpeedRLHFEngine:
         model = self._causal_lm(path, ds_config, args.actor_dropout)
         if args.compute_fp32_loss:
             causal_lm_model_to_fp32_loss(model)
-        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora)
+        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora,
+                           flag="--actor_lora_module_name")
         if args.enable_hybrid_engine:
             reason = hybrid_engine_unavailable_reason(model)
             if reason is None:
@@ -144,7 +145,8 @@ class DeepSpeedRLHFEngine:
         # persistent parameter's full copy would not see.
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         model = self._causal_lm(path, ds_config, None)
-        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, False)
+        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, False,
+                           flag="--actor_lora_module_name")
         engine = initialize_frozen_engine(model, ds_config)
         log_init("EMA", start)
         return engine
@@ -168,7 +170,7 @@ class DeepSpeedRLHFEngine:
         # The value head always trains (upstream froze it with --only_optimize_lora, leaving a random
         # projection of the LoRA features as the value estimate).
         model = apply_lora(model, args.critic_lora_dim, args.critic_lora_module_name, args.only_optimize_lora,
-                           force_optimize=["v_head.weight"])
+                           force_optimize=["v_head.weight"], flag="--critic_lora_module_name")
         engine = initialize_engine(
             model, ds_config, learning_rate=args.critic_learning_rate, weight_decay=args.critic_weight_decay,
             lora_learning_rate=args.critic_lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,

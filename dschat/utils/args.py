@@ -112,11 +112,15 @@ def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
     deepspeed.add_config_arguments(parser)
 
 
+LORA_MODULE_HELP = ("Substring selecting the Linear layers to wrap (default: the decoder blocks of the "
+                    "architecture: `decoder.layers.` for OPT as upstream, `layers.` for Llama/Mistral/Qwen, "
+                    "`h.` for GPT-2); a name matching no layer is an error.")
+
+
 def add_lora_args(parser) -> None:
     group = parser.add_argument_group("lora")
     group.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; > 0 enables LoRA.")
-    group.add_argument("--lora_module_name", type=str, default="decoder.layers.",
-                       help="Substring selecting the Linear layers to wrap (`layers.` for Llama).")
+    group.add_argument("--lora_module_name", type=str, default=None, help=LORA_MODULE_HELP)
     group.add_argument("--only_optimize_lora", action="store_true", help="Train only the LoRA parameters.")
     group.add_argument("--lora_learning_rate", type=float, default=5e-4)
 

@@ -4,9 +4,9 @@ Submodule names `rwtransformer` and `v_head` are the checkpoint contract (upstre
 step-2 output and we load theirs), so they must not change.
 
 End convention (one for SFT, RM and PPO): a sequence is scored at the token just before its end
-marker, the first pad at or after the prompt (or the `num_padding_at_beginning`-th pad when no prompt
-width is known). Every training text ends with eos == pad, so that is the last answer token, the same
-token at which the actor stops.
+marker, the first pad at or after the prompt and the first `num_padding_at_beginning` positions
+(`dschat.utils.losses.sequence_end_index`). Every training text ends with eos; with pad == eos that is
+the last answer token, the same token at which the actor stops.
 """
 
 from __future__ import annotations
@@ -112,15 +112,11 @@ class RewardModel(nn.Module):
         return self.v_head(hidden).squeeze(-1)
 
     def end_index(self, input_ids: torch.Tensor, prompt_length: int | None = None) -> torch.Tensor:
-        """Index of the scored token per row [N].
-
-        `prompt_length=None`: the token before the `num_padding_at_beginning`-th pad (training pairs,
-        right-padded). Otherwise: the token before the first pad at or after `prompt_length`, which
-        skips a left-padded prompt (PPO rollouts).
+        """Index of the scored token per row [N]: the token before the first pad at or after
+        `max(prompt_length, num_padding_at_beginning)` (`sequence_end_index`, the one rule shared by
+        training, PPO, selection and evaluation). `prompt_length` skips a left-padded prompt.
         """
-        if prompt_length is None:
-            return sequence_end_index(input_ids, self.PAD_ID, self.num_padding_at_beginning)
-        return sequence_end_index(input_ids, self.PAD_ID, 0, start=prompt_length)
+        return sequence_end_index(input_ids, self.PAD_ID, self.num_padding_at_beginning, start=prompt_length or 0)
 
     def end_scores(
         self,

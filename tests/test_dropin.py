@@ -1,0 +1,178 @@
+"""Drop-in fidelity with DeepSpeed-Chat checkpoints and conventions (issue 13): the reward index on OPT's
+real token layout, PPO's fp32 log-probs, LoRA defaults per architecture, `local/jsonfile` from a step
+folder under a non-editable install, upstream Llama tokenizers, and the recorded reward-model ending."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTModel, PreTrainedTokenizerFast
+
+from dschat.rlhf.ppo_math import sequence_log_probs
+from dschat.utils.build import apply_lora
+from dschat.utils.errors import UserError
+from dschat.utils.losses import sequence_end_index
+from dschat.utils.model.reward_model import RewardModel
+from dschat.utils.module.lora import LinearLayer_LoRA
+from mpo_ext.selection import PairScorer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# OPT's real special tokens: bos == eos == 2, pad == 1 (not bos == pad, as older tests assumed).
+OPT_PAD, OPT_EOS = 1, 2
+
+
+def opt_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<s>": 0, "<pad>": OPT_PAD, "</s>": OPT_EOS, "<unk>": 3, **{f"w{i}": i for i in range(4, 32)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   bos_token="</s>", unk_token="<unk>")
+
+
+def tiny_opt_reward_model(num_padding_at_beginning: int = 1) -> RewardModel:
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=32, hidden_size=16, word_embed_proj_dim=16, ffn_dim=32, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=64, pad_token_id=OPT_PAD,
+                       bos_token_id=OPT_EOS, eos_token_id=OPT_EOS)
+    return RewardModel(OPTModel(config), opt_tokenizer(), num_padding_at_beginning).eval()
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+# --------------------------------------------------------------------------------------------- OPT reward index
+
+
+def test_reward_index_rule_on_opt_layout():
+    opt = torch.tensor([[2, 10, 11, 12, 13, 2, 1, 1, 1]])
+    # training pairs (no prompt width) and PPO / selection (prompt width 3) read the same token: the eos
+    assert sequence_end_index(opt, OPT_PAD, num_padding_at_beginning=1).tolist() == [5]
+    assert sequence_end_index(opt, OPT_PAD, num_padding_at_beginning=1, start=3).tolist() == [5]
+    assert sequence_end_index(opt, OPT_PAD, num_padding_at_beginning=0).tolist() == [5]
+    # a layout whose beginning token IS the pad: that pad is skipped, the end is still after the text
+    bos_is_pad = torch.tensor([[1, 10, 11, 12, 13, 1, 1, 1, 1]])
+    assert sequence_end_index(bos_is_pad, 1, num_padding_at_beginning=1).tolist() == [4]
+    # no pad at all: the last token
+    assert sequence_end_index(torch.tensor([[2, 10, 11]]), OPT_PAD, 1).tolist() == [2]
+
+
+@torch.no_grad()
+def test_opt_reward_training_ppo_and_selection_read_the_same_token():
+    model = tiny_opt_reward_model(num_padding_at_beginning=1)
+    chosen = [2, 10, 11, 12, 13, 2, 1, 1, 1]
+    rejected = [2, 10, 11, 14, 2, 1, 1, 1, 1]
+    ids = torch.tensor([chosen, rejected])
+    mask = (ids != OPT_PAD).long()
+    values = model.token_values(ids, mask)
+    training = model(ids, mask)
+    torch.testing.assert_close(training["chosen_mean_scores"], values[:1, 5])
+    torch.testing.assert_close(training["rejected_mean_scores"], values[1:, 4])
+    ppo = model.forward_value(ids, mask, prompt_length=3)["chosen_end_scores"]
+    torch.testing.assert_close(ppo, torch.stack([values[0, 5], values[1, 4]]))
+    scorer = PairScorer(model, opt_tokenizer(), "</s>", max_len=16, batch_size=2)
+    selected = scorer.score_rows([(chosen[:6], 3), (rejected[:5], 3)])
+    assert selected == pytest.approx([values[0, 5].item(), values[1, 4].item()], abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- PPO precision
+
+
+def test_sequence_log_probs_fp32_on_bf16_logits():
+    torch.manual_seed(0)
+    vocab = 32000
+    logits32 = torch.randn(2, 6, vocab) * 4
+    logits16 = logits32.to(torch.bfloat16)
+    seq = torch.randint(0, vocab, (2, 6))
+    # reference: fp32 log-softmax of the very same (bf16-rounded) logits
+    reference = torch.log_softmax(logits16.float()[:, :-1], -1).gather(-1, seq[:, 1:, None]).squeeze(-1)
+    upcast = sequence_log_probs(logits16, seq, fp32=True)
+    assert upcast.dtype == torch.float32
+    torch.testing.assert_close(upcast, reference, atol=1e-5, rtol=0)
+    plain = sequence_log_probs(logits16, seq, fp32=False)
+    assert plain.dtype == torch.bfloat16
+    assert (plain.float() - reference).abs().max() > 1e-2  # what the upcast saves on a 32K vocabulary
+    # per-token KL between two bf16 policies, fp32 vs a direct fp32 computation
+    other16 = (logits32 + 0.1 * torch.randn_like(logits32)).to(torch.bfloat16)
+    kl = upcast - sequence_log_probs(other16, seq, fp32=True)
+    ref_kl = reference - torch.log_softmax(other16.float()[:, :-1], -1).gather(-1, seq[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(kl, ref_kl, atol=1e-5, rtol=0)
+
+
+def test_ppo_compute_fp32_loss_defaults_on_for_half_precision(tmp_path):
+    from dschat.steps.ppo import parse_args
+
+    base = ["--actor_model_name_or_path", str(tmp_path), "--critic_model_name_or_path", str(tmp_path)]
+    assert parse_args(base + ["--dtype", "bf16"]).compute_fp32_loss is True
+    assert parse_args(base + ["--dtype", "fp32"]).compute_fp32_loss is False
+    assert parse_args(base + ["--dtype", "bf16", "--no_compute_fp32_loss"]).compute_fp32_loss is False
+    assert parse_args(base + ["--dtype", "fp32", "--compute_fp32_loss"]).compute_fp32_loss is True
+
+
+# --------------------------------------------------------------------------------------------- LoRA defaults
+
+
+def test_lora_default_wraps_llama_decoder_layers():
+    model = apply_lora(tiny_llama(), 2, None, only_optimize=True)
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, LinearLayer_LoRA)]
+    assert wrapped and all(name.startswith("model.layers.") for name in wrapped)
+    assert len(wrapped) == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head untouched
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_lora_default_keeps_upstream_opt_modules():
+    model = apply_lora(tiny_opt_reward_model(), 2, None, only_optimize=False)
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, LinearLayer_LoRA)]
+    assert wrapped and all(".decoder.layers." in name for name in wrapped)
+
+
+def test_lora_module_name_matching_nothing_is_refused():
+    with pytest.raises(UserError, match=r"--actor_lora_module_name 'decoder.layers.' matches no Linear layer"):
+        apply_lora(tiny_llama(), 2, "decoder.layers.", only_optimize=True, flag="--actor_lora_module_name")
+
+
+# --------------------------------------------------------------------------------------------- local/jsonfile
+
+
+def test_local_jsonfile_from_step_folder_under_non_editable_install(tmp_path):
+    """dschat copied into a site-packages-like folder; the data sit in the checkout's data/ as upstream."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(REPO_ROOT / "dschat", site / "dschat", ignore=shutil.ignore_patterns("__pycache__"))
+    checkout = tmp_path / "checkout"
+    step = checkout / "training" / "step3_rlhf_finetuning"
+    step.mkdir(parents=True)
+    (checkout / "data").mkdir()
+    (checkout / "data" / "train.json").write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "b"}]))
+    code = ("from dschat.utils.data.raw_datasets import local_jsonfile_files; "
+            "print([str(p) for p in local_jsonfile_files()])")
+    env = {k: v for k, v in os.environ.items() if k != "DSCHAT_LOCAL_DATA_DIR"}
+    env["PYTHONPATH"] = str(site)
+    out = subprocess.run([sys.executable, "-c", code], cwd=step, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"')) == [
+        str((checkout / "data" / "train.json").resolve())]
+    # the override still wins
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "train.json").write_text("[]")
+    env["DSCHAT_LOCAL_DATA_DIR"] = str(other)
+    out = subprocess.run([sys.executable, "-c", code], cwd=step, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert str(other / "train.json") in out.stdout
