@@ -176,3 +176,53 @@ def test_local_jsonfile_from_step_folder_under_non_editable_install(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert str(other / "train.json") in out.stdout
+
+
+# --------------------------------------------------------------------------------------------- upstream tokenizers
+
+UPSTREAM_PROMPTS = [" Human: hi Assistant:", " Human: What is a dog? Assistant: A pet.",
+                    "\n\nHuman: hello\n\nAssistant: hi there<|endoftext|>"]
+
+
+def upstream_llama_dir(tinystories_dir: Path, target: Path) -> Path:
+    """A Llama checkpoint in DeepSpeed-Chat's saved layout: config, weights and `tokenizer.model` only."""
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        shutil.copyfile(tinystories_dir / name, target / name)
+    return target
+
+
+def test_upstream_llama_tokenizer_ids_match_llama_tokenizer(tinystories_dir, tmp_path):
+    from transformers import LlamaTokenizer
+
+    from dschat.utils.utils import load_hf_tokenizer
+
+    upstream = upstream_llama_dir(tinystories_dir, tmp_path / "sft")
+    ours = load_hf_tokenizer(str(upstream))
+    reference = LlamaTokenizer.from_pretrained(str(upstream))  # what upstream's loader calls
+    for text in UPSTREAM_PROMPTS:
+        assert ours(text)["input_ids"] == reference(text)["input_ids"], text
+    assert ours(" Human: hi")["input_ids"][0] == reference.convert_tokens_to_ids("▁H")  # no extra "▁"
+
+
+def test_saved_tokenizer_keeps_ids_and_slow_files(tinystories_dir, tmp_path):
+    from transformers import LlamaTokenizer
+
+    from dschat.utils.utils import load_hf_tokenizer, save_causal_lm
+
+    upstream = upstream_llama_dir(tinystories_dir, tmp_path / "sft")
+    tokenizer = load_hf_tokenizer(str(upstream))
+    model = LlamaForCausalLM.from_pretrained(str(upstream))
+    out = tmp_path / "actor"
+    save_causal_lm(model, tokenizer, out)
+    assert (out / "tokenizer.model").read_bytes() == (upstream / "tokenizer.model").read_bytes()
+    reloaded = load_hf_tokenizer(str(out))
+    for text in UPSTREAM_PROMPTS:
+        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    # upstream's savers call save_vocabulary on a LlamaTokenizer loaded from our output
+    written = LlamaTokenizer.from_pretrained(str(out)).save_vocabulary(str(tmp_path))
+    assert any(Path(p).name == "tokenizer.model" for p in written)
+    # and a tokenizer loaded from our own full files keeps its sentencepiece file too
+    again = tmp_path / "again"
+    save_causal_lm(model, reloaded, again)
+    assert (again / "tokenizer.model").is_file()
