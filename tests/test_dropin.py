@@ -69,6 +69,11 @@ def test_reward_index_rule_on_opt_layout():
     assert sequence_end_index(bos_is_pad, 1, num_padding_at_beginning=1).tolist() == [4]
     # no pad at all: the last token
     assert sequence_end_index(torch.tensor([[2, 10, 11]]), OPT_PAD, 1).tolist() == [2]
+    # Llama-like rows (pad == eos == 2), prompt width 2: eos appended, a literal ending, a pad inside the
+    # prompt, an empty answer
+    rows = torch.tensor([[1, 5, 6, 7, 2, 2], [1, 5, 6, 7, 9, 9], [1, 2, 6, 2, 2, 2], [1, 5, 2, 2, 2, 2]])
+    assert sequence_end_index(rows, 2, 0, start=2).tolist() == [3, 5, 2, 1]
+    assert sequence_end_index(rows[2:3], 2, 0, start=4).tolist() == [3]
 
 
 @torch.no_grad()
@@ -226,3 +231,105 @@ def test_saved_tokenizer_keeps_ids_and_slow_files(tinystories_dir, tmp_path):
     again = tmp_path / "again"
     save_causal_lm(model, reloaded, again)
     assert (again / "tokenizer.model").is_file()
+
+
+# --------------------------------------------------------------------------------------------- reward ending
+
+PAIRS = [(" Human: Tell me a story. Assistant:", " Once upon a time there was a cat."),
+         ("\n\nHuman: Who is Lily?\n\nAssistant:", " Lily is a little girl who likes to play."),
+         (" Human: hi Assistant:", " hello.")]
+
+
+def reward_model_dirs(tinystories_dir: Path, tmp_path: Path):
+    """The same reward weights in upstream's layout (bin + config + tokenizer.model, no record: trained with
+    `<|endoftext|>`) and in ours (full tokenizer + the eos record step 2 writes)."""
+    from dschat.utils.model.model_utils import create_critic_model, reward_model_state_dict
+    from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
+    from dschat.utils.utils import load_hf_tokenizer, save_reward_model
+
+    tokenizer = load_hf_tokenizer(str(tinystories_dir))
+    torch.manual_seed(1)
+    model = create_critic_model(str(tinystories_dir), tokenizer, None)
+    torch.nn.init.normal_(model.v_head.weight, std=1.0)
+    upstream = tmp_path / "rm_upstream"
+    upstream.mkdir()
+    torch.save(reward_model_state_dict(model), upstream / "pytorch_model.bin")
+    model.rwtransformer.config.save_pretrained(upstream)
+    shutil.copyfile(tinystories_dir / "tokenizer.model", upstream / "tokenizer.model")
+    ours = tmp_path / "rm_ours"
+    save_reward_model(model, tokenizer, ours,
+                      extra_files={REWARD_ENDING_FILE: reward_ending_record(tokenizer.eos_token, tokenizer)})
+    return model.eval(), upstream, ours
+
+
+@torch.no_grad()
+def direct_scores(model, tokenizer, end_text: str, read_before_last: bool) -> list[float]:
+    """Each pair tokenised in one piece with `end_text`, unpadded, read at the last token (upstream's ending)
+    or the one before it (the eos ending: the last answer token)."""
+    from dschat.utils.data.raw_datasets import join_prompt_response
+
+    scores = []
+    for prompt, answer in PAIRS:
+        ids = torch.tensor([tokenizer(join_prompt_response(prompt, answer) + end_text)["input_ids"]])
+        values = model.token_values(ids, torch.ones_like(ids))
+        scores.append(values[0, -2 if read_before_last else -1].item())
+    return scores
+
+
+def test_reward_ending_is_honoured_by_select_ppo_eval_and_rw_eval(tinystories_dir, tmp_path):
+    from transformers import LlamaTokenizer
+
+    from dschat.utils.inference import RewardScorer, reward_layout
+    from dschat.utils.model.reward_model import EOS_ENDING, ending_token_ids, resolve_reward_ending
+    from training.step2_reward_model_finetuning import rw_eval
+
+    model, upstream, ours = reward_model_dirs(tinystories_dir, tmp_path)
+    assert resolve_reward_ending(str(upstream)) == "<|endoftext|>"
+    assert resolve_reward_ending(str(ours)) == EOS_ENDING
+    assert resolve_reward_ending(str(upstream), "eos") == EOS_ENDING  # the flag overrides
+    slow = LlamaTokenizer.from_pretrained(str(upstream))
+    expected_upstream = direct_scores(model, slow, "<|endoftext|>", read_before_last=False)
+    prompts, answers = [p for p, _ in PAIRS], [a for _, a in PAIRS]
+
+    # eval (mpo eval and mpo compare score through RewardScorer)
+    scorer = RewardScorer(str(upstream), torch.device("cpu"))
+    assert scorer.ending == "<|endoftext|>"
+    assert scorer.score(prompts, answers) == pytest.approx(expected_upstream, abs=1e-4)
+    ours_scorer = RewardScorer(str(ours), torch.device("cpu"))
+    expected_ours = direct_scores(model, ours_scorer.tokenizer, ours_scorer.tokenizer.eos_token, read_before_last=True)
+    assert ours_scorer.score(prompts, answers) == pytest.approx(expected_ours, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(expected_upstream, expected_ours)) > 1e-3  # the conventions differ
+
+    # select
+    select = PairScorer(scorer.model, scorer.tokenizer, scorer.end_text, max_len=512, batch_size=2)
+    assert select.score(prompts, answers) == pytest.approx(expected_upstream, abs=1e-4)
+
+    # PPO: rollouts (left-padded prompt, answer, eos, pads) get the ending in place of their eos
+    tok = scorer.tokenizer
+    ending = ending_token_ids(tok, scorer.ending)
+    layouts = [reward_layout(tok, p, a, scorer.end_text, 512) for p, a in PAIRS]
+    width = max(len(h) for h, _ in layouts)
+    rows = []
+    for head, tail in layouts:
+        assert tail[-len(ending):] == ending
+        answer = tail[:-len(ending)]
+        rows.append([tok.pad_token_id] * (width - len(head)) + head + answer + [tok.eos_token_id])
+    length = max(map(len, rows)) + 2
+    seq = torch.tensor([r + [tok.pad_token_id] * (length - len(r)) for r in rows])
+    mask = (seq != tok.pad_token_id).long()
+    ppo = model.rollout_scores(seq, mask, width, ending, tok.eos_token_id)
+    assert ppo.tolist() == pytest.approx(expected_upstream, abs=1e-4)
+    with torch.no_grad():  # without an ending to splice in, the rollout is read at its last answer token
+        unspliced = [model.token_values(torch.tensor([head + tail[:-len(ending)]]))[0, -1].item()
+                     for head, tail in layouts]
+    assert model.rollout_scores(seq, mask, width).tolist() == pytest.approx(unspliced, abs=1e-4)
+
+    # rw_eval: the recorded/detected ending by default, --eot_token overrides
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps({"prompt": p, "chosen": a, "rejected": a}) + "\n" for p, a in PAIRS))
+    results = rw_eval.main(["--model_name_or_path", str(upstream), "--pairs_file", str(pairs_file), "--device", "cpu"])
+    assert [r["chosen_reward"] for r in results] == pytest.approx(expected_upstream, abs=1e-4)
+    results = rw_eval.main(["--model_name_or_path", str(ours), "--pairs_file", str(pairs_file), "--device", "cpu",
+                            "--eot_token", "<|endoftext|>"])
+    expected_forced = direct_scores(model, ours_scorer.tokenizer, "<|endoftext|>", read_before_last=False)
+    assert [r["chosen_reward"] for r in results] == pytest.approx(expected_forced, abs=1e-4)

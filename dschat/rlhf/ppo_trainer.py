@@ -57,6 +57,7 @@ class DeepSpeedPPOTrainer:
         self.critic_model = rlhf_engine.critic
         self.ref_model = rlhf_engine.ref
         self.reward_model = rlhf_engine.reward
+        self.reward_ending_ids = getattr(rlhf_engine, "reward_ending_ids", None)
         self.actor_ema = getattr(rlhf_engine, "actor_ema", None)
         self.tokenizer = rlhf_engine.tokenizer
         self.args = args
@@ -150,7 +151,8 @@ class DeepSpeedPPOTrainer:
 
         logits = self._lm_logits(self.actor_model, seq, attention_mask, self._actor_position_ids)
         ref_logits = self._lm_logits(self.ref_model, seq, attention_mask, self._ref_position_ids)
-        raw_scores = self.reward_model.forward_value(seq, attention_mask, prompt_length=width)["chosen_end_scores"]
+        raw_scores = self.reward_model.rollout_scores(seq, attention_mask, width, self.reward_ending_ids,
+                                                      self.end_of_conversation_token_id)
         values = self.critic_model.forward_value(seq, attention_mask, return_value_only=True)[:, :-1]
 
         logprobs = sequence_log_probs(logits, seq, self.compute_fp32_loss)

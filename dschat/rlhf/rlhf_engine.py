@@ -29,6 +29,7 @@ from dschat.utils.build import (
 )
 from dschat.utils.dist import get_world_size, on_cpu
 from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
+from dschat.utils.model.reward_model import ending_token_ids, resolve_reward_ending
 from dschat.utils.utils import print_rank_0
 
 
@@ -74,6 +75,11 @@ class DeepSpeedRLHFEngine:
         self.actor_ema = self._init_ema(actor_model_name_or_path) if args.enable_ema else None
         self.critic = self._init_critic(critic_model_name_or_path)
         self.reward = self._init_reward(critic_model_name_or_path)
+        # the ending the reward model was trained with; rollouts get it in place of their eos when it differs
+        self.reward_ending = resolve_reward_ending(critic_model_name_or_path, getattr(args, "reward_end_text", None))
+        self.reward_ending_ids = ending_token_ids(tokenizer, self.reward_ending)
+        print_rank_0(f"reward model ending: {self.reward_ending!r}"
+                     + (f" (appended to each answer as ids {self.reward_ending_ids})" if self.reward_ending_ids else ""))
         if args.critic_gradient_checkpointing:
             set_gradient_checkpointing(self.critic.module)
 

@@ -67,7 +67,9 @@ def _add_step3_model_args(parser) -> None:
                        help="Model the KL penalty is measured against (default: the actor's initial weights; "
                             "MPO uses the DPO model).")
     group.add_argument("--num_padding_at_beginning", type=int, default=1,
-                       help="Passed to the critic/reward constructors (OPT: 1; unused by PPO scoring).")
+                       help="Passed to the critic/reward constructors (OPT: 1): the first N positions are never "
+                            "taken for the end of a sequence.")
+    flags.add_reward_ending_arg(group)
     group.add_argument("--actor_dropout", type=float, default=None)
     group.add_argument("--critic_dropout", type=float, default=None)
     group.add_argument("--actor_gradient_checkpointing", action="store_true")

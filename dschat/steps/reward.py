@@ -18,6 +18,7 @@ from dschat.utils.build import (
 from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_dataset
 from dschat.utils.dist import get_local_rank
 from dschat.utils.losses import pairwise_accuracy
+from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model, set_random_seed
 
@@ -85,7 +86,9 @@ class RewardTrainer(Trainer):
             return
         print_rank_0(f"saving the reward model to {self.args.output_dir} ...")
         fuse_lora(self.engine.module)
-        save_reward_model(self.engine.module, self.tokenizer, self.args.output_dir)
+        record = reward_ending_record(end_of_text(self.args, self.tokenizer), self.tokenizer)
+        save_reward_model(self.engine.module, self.tokenizer, self.args.output_dir,
+                          extra_files={REWARD_ENDING_FILE: record})
 
 
 def build(args) -> RewardTrainer:

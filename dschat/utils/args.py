@@ -83,6 +83,14 @@ def add_model_args(parser, *, required: bool = True) -> None:
     group.add_argument("--eot_token", type=str, default="<|endoftext|>")
 
 
+def add_reward_ending_arg(group) -> None:
+    """`--reward_end_text`: the ending a reward model scores answers with (one definition for select and PPO)."""
+    group.add_argument("--reward_end_text", type=str, default=None,
+                       help="Text appended to an answer before the reward model reads it: `eos` (the eos token) "
+                            "or a literal such as `<|endoftext|>` (default: the ending recorded with the reward "
+                            "model by step 2; `<|endoftext|>` for a DeepSpeed-Chat step-2 output without a record).")
+
+
 def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, weight_decay: float = 0.0,
                    batch_flags: bool = True) -> None:
     group = parser.add_argument_group("optimisation")
