@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None = None):
     flags.add_data_args(parser)
     flags.add_model_args(parser)
     parser.add_argument("--num_padding_at_beginning", type=int, default=1,
-                        help="Pad tokens at the start of every sequence (OPT: 1, Llama and our tiny model: 0).")
+                        help="Positions at the start of every sequence never taken for its end (OPT: 1, Llama "
+                             "and our tiny model: 0); the score is read at the token before the first pad after "
+                             "them, as in PPO and selection.")
     parser.add_argument("--reward_loss", choices=("end", "divergence"), default="end",
                         help="'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token loss "
                              "over the differing suffix.")
