@@ -77,7 +77,7 @@ def _add_step3_model_args(parser) -> None:
     group.add_argument("--compute_fp32_loss", action="store_true", default=None,
                        help="Upcast the logits to fp32 for the log-probs, ratios and per-token KL, and compute the "
                             "critic loss in fp32 (default: on for --dtype bf16/fp16; --no_compute_fp32_loss turns "
-                            "it off).")
+                            "it off)." + flags.OWN_DEFAULT)
     group.add_argument("--no_compute_fp32_loss", dest="compute_fp32_loss", action="store_false",
                        help=argparse.SUPPRESS)
     group.add_argument("--add_eot_token", action="store_true", help="Add --eot_token to the tokenizer.")
@@ -156,7 +156,7 @@ def _add_ppo_args(parser) -> None:
                             "(then it is the adaptive controller's start value).")
     group.add_argument("--kl_target", type=float, default=None,
                        help="Enable the adaptive KL controller with this target KL per sequence (default: off, "
-                            "the coefficient stays --init_kl_coef).")
+                            "the coefficient stays --init_kl_coef)." + flags.OWN_DEFAULT)
     group.add_argument("--kl_horizon", type=float, default=10000, help="Adaptive KL controller horizon (samples).")
     group.add_argument("--clip_reward_value", type=float, default=5.0, help="Reward-model scores are clipped to +-this.")
     group.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip.")

@@ -26,6 +26,11 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+# Ends a help text that states its own default: ArgumentDefaultsHelpFormatter then appends no
+# "(default: None)" (it skips helps that mention %(default); this one renders as nothing).
+OWN_DEFAULT = "%(default).0s"
+
+
 def new_parser(description: str) -> argparse.ArgumentParser:
     return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
@@ -88,7 +93,7 @@ def add_reward_ending_arg(group) -> None:
     group.add_argument("--reward_end_text", type=str, default=None,
                        help="Text appended to an answer before the reward model reads it: `eos` (the eos token) "
                             "or a literal such as `<|endoftext|>` (default: the ending recorded with the reward "
-                            "model by step 2; `<|endoftext|>` for a DeepSpeed-Chat step-2 output without a record).")
+                            "model by step 2; `<|endoftext|>` for a DeepSpeed-Chat step-2 output without a record)." + OWN_DEFAULT)
 
 
 def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, weight_decay: float = 0.0,
@@ -122,7 +127,7 @@ def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
 
 LORA_MODULE_HELP = ("Substring selecting the Linear layers to wrap (default: the decoder blocks of the "
                     "architecture: `decoder.layers.` for OPT as upstream, `layers.` for Llama/Mistral/Qwen, "
-                    "`h.` for GPT-2); a name matching no layer is an error.")
+                    "`h.` for GPT-2); a name matching no layer is an error." + OWN_DEFAULT)
 
 
 def add_lora_args(parser) -> None:

@@ -17,7 +17,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.utils.args import new_parser
+from dschat.utils.args import OWN_DEFAULT, new_parser
 from dschat.utils.errors import UserError, run_main
 from dschat.utils.utils import atomic_write_json
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--eot_token", type=str, default=None,
                         help="Text appended to every answer before scoring (`eos`: the eos token). Default: the "
                              "ending recorded with the reward model by step 2, or <|endoftext|> for a DeepSpeed-Chat "
-                             "step-2 output, so each checkpoint is read the way it was trained.")
+                             "step-2 output, so each checkpoint is read the way it was trained." + OWN_DEFAULT)
     parser.add_argument("--pairs_file", type=str, default=None,
                         help="JSON lines with prompt/chosen/rejected to score instead of the built-in examples.")
     parser.add_argument("--max_seq_len", type=int, default=512, help="Longest prompt+answer read by the model.")
