@@ -333,3 +333,28 @@ def test_reward_ending_is_honoured_by_select_ppo_eval_and_rw_eval(tinystories_di
                             "--eot_token", "<|endoftext|>"])
     expected_forced = direct_scores(model, ours_scorer.tokenizer, "<|endoftext|>", read_before_last=False)
     assert [r["chosen_reward"] for r in results] == pytest.approx(expected_forced, abs=1e-4)
+
+
+def test_reward_ending_record_and_layout_detection(tmp_path, tiny_tokenizer):
+    from dschat.utils.model.reward_model import (
+        EOS_ENDING,
+        REWARD_ENDING_FILE,
+        UPSTREAM_REWARD_ENDING,
+        ending_text,
+        resolve_reward_ending,
+        reward_ending_record,
+    )
+
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    assert resolve_reward_ending(str(folder)) == UPSTREAM_REWARD_ENDING  # no record, no full tokenizer
+    (folder / "tokenizer_config.json").write_text("{}")
+    assert resolve_reward_ending(str(folder)) == EOS_ENDING  # our older outputs: eos
+    (folder / REWARD_ENDING_FILE).write_text(reward_ending_record("<|endoftext|>", tiny_tokenizer))
+    assert resolve_reward_ending(str(folder)) == "<|endoftext|>"
+    assert resolve_reward_ending(str(folder), "eos") == EOS_ENDING
+    assert ending_text(EOS_ENDING, tiny_tokenizer) == tiny_tokenizer.eos_token
+    (folder / REWARD_ENDING_FILE).write_text('{"end_text": ')  # torn
+    with pytest.raises(UserError, match=f"{REWARD_ENDING_FILE}: not a reward-ending record"):
+        resolve_reward_ending(str(folder))
+    assert resolve_reward_ending(str(folder), "<|endoftext|>") == "<|endoftext|>"  # an override needs no record

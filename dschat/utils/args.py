@@ -127,7 +127,7 @@ def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
 
 LORA_MODULE_HELP = ("Substring selecting the Linear layers to wrap (default: the decoder blocks of the "
                     "architecture: `decoder.layers.` for OPT as upstream, `layers.` for Llama/Mistral/Qwen, "
-                    "`h.` for GPT-2); a name matching no layer is an error." + OWN_DEFAULT)
+                    "`.h.` for Falcon/BLOOM); a name matching no layer is an error." + OWN_DEFAULT)
 
 
 def add_lora_args(parser) -> None:

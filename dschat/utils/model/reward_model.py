@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dschat.utils.errors import UserError
 from dschat.utils.losses import (
     divergence_reward_loss,
     gather_at,
@@ -61,9 +62,13 @@ def resolve_reward_ending(model_dir: str, override: str | None = None) -> str:
     record = folder / REWARD_ENDING_FILE
     if record.is_file():
         try:
-            return str(json.loads(record.read_text(encoding="utf-8"))["end_text"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a torn record: fall through to what the folder's layout says
+            end_text = json.loads(record.read_text(encoding="utf-8"))["end_text"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            end_text = err
+        if not isinstance(end_text, str) or not end_text:
+            raise UserError(f"{record}: not a reward-ending record ({end_text!r}); expected JSON with a non-empty "
+                            f"\"end_text\" (`eos` or the literal); fix or delete it, or pass --reward_end_text")
+        return end_text
     if folder.is_dir() and not any((folder / name).exists() for name in FULL_TOKENIZER_FILES):
         return UPSTREAM_REWARD_ENDING
     return EOS_ENDING

@@ -24,8 +24,8 @@ from dschat.utils.errors import UserError
 
 LORA_PARAM_MARKERS = ("lora_right_weight", "lora_left_weight")
 # Where the decoder blocks live, per architecture family, tried in order: OPT (upstream's default), then
-# Llama / Mistral / Qwen / Gemma (`model.layers.N`), GPT-2 / Falcon (`h.N`), GPT-NeoX / BLOOM-like names.
-DECODER_BLOCK_NAMES = ("decoder.layers.", "layers.", "h.", "blocks.")
+# Llama / Mistral / Qwen / Gemma / GPT-NeoX (`layers.N`), Falcon / BLOOM (`transformer.h.N`), `blocks.N`.
+DECODER_BLOCK_NAMES = ("decoder.layers.", "layers.", ".h.", "blocks.")
 
 
 def _shape(param: torch.Tensor) -> torch.Size:
