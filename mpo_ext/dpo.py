@@ -350,7 +350,7 @@ def parse_args(argv: list[str] | None = None):
     group.add_argument("--label_smoothing", type=float, default=0.0,
                        help="Conservative DPO: assumed probability that a preference label is flipped.")
     group.add_argument("--reference_model_name_or_path", type=str, default=None,
-                       help="Reference policy (default: --model_name_or_path, i.e. the SFT model).")
+                       help="Reference policy (default: --model_name_or_path, i.e. the SFT model)." + flags.OWN_DEFAULT)
     group.add_argument("--offload_reference_model", action="store_true",
                        help="ZeRO-offload the reference model's parameters to CPU.")
     group.add_argument("--precompute_ref_log_probs", action="store_true",

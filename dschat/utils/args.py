@@ -30,18 +30,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default in --help, once: a help text that already states its default keeps its own."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
+# Ends a help text that states its own default: ArgumentDefaultsHelpFormatter then appends no
+# "(default: None)" (it skips helps that mention %(default); this one renders as nothing).
+OWN_DEFAULT = "%(default).0s"
 
 
 def new_parser(description: str) -> argparse.ArgumentParser:
-    return _Parser(description=description, formatter_class=_DefaultsFormatter)
+    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/tmp/data_files/",
@@ -91,7 +86,7 @@ def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/t
                            help="Truncate sequences to this many tokens.")
     group.add_argument("--end_of_conversation_token", type=str, default=None,
                        help="Text appended to every training sample (default: the tokenizer's eos token, "
-                            "the same ending for SFT, RM and PPO).")
+                            "the same ending for SFT, RM and PPO)." + OWN_DEFAULT)
 
 
 def add_model_args(parser, *, required: bool = True) -> None:
@@ -104,6 +99,14 @@ def add_model_args(parser, *, required: bool = True) -> None:
     group.add_argument("--add_eot_token", action="store_true",
                        help="Add --eot_token to the tokenizer as a special token.")
     group.add_argument("--eot_token", type=str, default="<|endoftext|>", help="The special token --add_eot_token adds.")
+
+
+def add_reward_ending_arg(group) -> None:
+    """`--reward_end_text`: the ending a reward model scores answers with (one definition for select and PPO)."""
+    group.add_argument("--reward_end_text", type=str, default=None,
+                       help="Text appended to an answer before the reward model reads it: `eos` (the eos token) "
+                            "or a literal such as `<|endoftext|>` (default: the ending recorded with the reward "
+                            "model by step 2; `<|endoftext|>` for a DeepSpeed-Chat step-2 output without a record)." + OWN_DEFAULT)
 
 
 def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, weight_decay: float = 0.0,
@@ -130,7 +133,7 @@ def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
     group.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
     group.add_argument("--offload", action="store_true", help="ZeRO offload of parameters and optimizer to CPU.")
     group.add_argument("--dtype", type=str, default=None, choices=("fp16", "bf16", "fp32"),
-                       help="Training precision (default: fp16 on GPU as upstream, fp32 on CPU).")
+                       help="Training precision (default: fp16 on GPU as upstream, fp32 on CPU)." + OWN_DEFAULT)
     if zero_flags:
         group.add_argument("--zero_stage", type=int, default=0, choices=(0, 1, 2, 3),
                            help="ZeRO stage (0: plain data parallel; 3: parameters partitioned).")
@@ -144,11 +147,15 @@ def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
                            "offload, precision) must agree with them or be \"auto\".")
 
 
+LORA_MODULE_HELP = ("Substring selecting the Linear layers to wrap (default: the decoder blocks of the "
+                    "architecture: `decoder.layers.` for OPT as upstream, `layers.` for Llama/Mistral/Qwen, "
+                    "`.h.` for Falcon/BLOOM); a name matching no layer is an error." + OWN_DEFAULT)
+
+
 def add_lora_args(parser) -> None:
     group = parser.add_argument_group("lora")
     group.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; > 0 enables LoRA.")
-    group.add_argument("--lora_module_name", type=str, default="decoder.layers.",
-                       help="Substring selecting the Linear layers to wrap (`layers.` for Llama).")
+    group.add_argument("--lora_module_name", type=str, default=None, help=LORA_MODULE_HELP)
     group.add_argument("--only_optimize_lora", action="store_true", help="Train only the LoRA parameters.")
     group.add_argument("--lora_learning_rate", type=float, default=5e-4, help="Learning rate of the LoRA parameters.")
 
@@ -175,7 +182,7 @@ def add_logging_args(parser, *, tensorboard_path: str, print_loss: bool = True) 
                        help="Upload the final model (with its README.md model card) to the Hugging Face hub "
                             "(token from HF_TOKEN or huggingface-cli login).")
     group.add_argument("--hub_model_id", type=str, default=None,
-                       help="Hub repository for --push_to_hub (default: the --output_dir folder name).")
+                       help="Hub repository for --push_to_hub (default: the --output_dir folder name)." + OWN_DEFAULT)
     group.add_argument("--hub_private_repo", action="store_true", help="Create the hub repository as private.")
     group.add_argument("--save_total_limit", type=int, default=2, help="Keep only the newest K training states.")
     group.add_argument("--resume", action="store_true",
