@@ -289,10 +289,10 @@ def validate_args(args) -> None:
     if args.threshold is not None and args.easy_fraction is not None:
         raise UserError("--threshold and --easy_fraction are exclusive: give one (a fixed theta or a target "
                         "easy share)")
-    if args.easy_fraction is not None and not 0.0 < args.easy_fraction < 1.0:
+    if args.easy_fraction is not None and not 0.0 < args.easy_fraction < 1.0:  # also refuses nan
         raise UserError(f"--easy_fraction {args.easy_fraction}: must be between 0 and 1 (exclusive)")
-    if args.threshold is not None and args.threshold < 0:
-        raise UserError(f"--threshold {args.threshold}: gaps are absolute, so theta must be >= 0")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold >= 0):
+        raise UserError(f"--threshold {args.threshold}: gaps are absolute, so theta must be a finite number >= 0")
     if args.threshold is None and args.easy_fraction is None:
         args.threshold = DEFAULT_THRESHOLD
     if args.pair_source == "samples":

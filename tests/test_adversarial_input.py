@@ -5,8 +5,6 @@ output written or damaged."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from conftest import REPO_ROOT, run_command
 
 

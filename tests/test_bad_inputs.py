@@ -87,6 +87,11 @@ def _cases(f: dict) -> list[tuple[str, str, list[str], str]]:
         ("select-threshold-and-fraction", "select", ["--data_path", d, "--sft_model_name_or_path", m,
                                                      "--reward_model_name_or_path", m, "--threshold", "1",
                                                      "--easy_fraction", "0.5", *c, *out], "--easy_fraction"),
+        *[(f"select-{flag[2:]}-{value}", "select", ["--data_path", d, "--sft_model_name_or_path", m,
+                                                    "--reward_model_name_or_path", m, flag, value, *c, *out], flag)
+          for flag, value in (("--threshold", "nan"), ("--threshold", "inf"), ("--threshold", "-3"),
+                              ("--easy_fraction", "nan"), ("--easy_fraction", "1.5"))],
+        ("dpo-beta-nan", "dpo", ["--data_path", d, "--beta", "nan", *base1], "--beta"),
         ("dpo-empty-easy-split", "dpo", ["--data_path", f["empty"], *base1], "easy.jsonl"),
         ("step3-critic-without-value-head", "step3", ["--data_path", d, "--actor_model_name_or_path", m,
                                                       "--critic_model_name_or_path", m, *lens, *c, *out], "v_head"),
@@ -104,7 +109,8 @@ CASE_IDS = [
     "step1-missing-data", "step1-wrong-keys", "step1-unreadable-json", "step1-empty-split", "step1-unknown-dataset",
     "step1-missing-model", "step1-tokenizer-mismatch", "step1-too-long", "step1-conflicting-lora",
     "step1-deepspeed-config", "step2-fp16-cpu", "step2-empty-pairs", "select-no-value-head",
-    "select-threshold-and-fraction", "dpo-empty-easy-split", "step3-critic-without-value-head", "step3-too-long",
+    "select-threshold-and-fraction", "select-threshold-nan", "select-threshold-inf", "select-threshold--3",
+    "select-easy_fraction-nan", "select-easy_fraction-1.5", "dpo-beta-nan", "dpo-empty-easy-split", "step3-critic-without-value-head", "step3-too-long",
     "step3-tp-without-zero3",
 ]
 
@@ -136,6 +142,12 @@ def test_mpo_cli_bad_inputs(fixtures, tmp_path):
     result = runner.invoke(main, ["eval", "--model", "sft=/nonexistent/model", "--reward_model", fixtures["model"],
                                   "--data_path", fixtures["data"], "--output_dir", str(tmp_path / "e")])
     assert result.exit_code == 2 and "/nonexistent/model" in result.output, result.output
+    for theta in ("nan", "inf", "-3"):
+        result = runner.invoke(main, ["pipeline", "--threshold", theta, "--output_dir", str(tmp_path / "p"), "--dry_run"])
+        assert result.exit_code == 2 and "--threshold" in result.output, result.output
+        assert not (tmp_path / "p").exists()
+    result = runner.invoke(main, ["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--tie_margin", "nan"])
+    assert result.exit_code == 2 and "--tie_margin" in result.output, result.output
     result = runner.invoke(main, ["pipeline", "--steps", "sft,nonsense", "--dry_run"])
     assert result.exit_code == 2 and "nonsense" in result.output, result.output
     result = runner.invoke(main, ["compare", str(tmp_path / "missing_a.jsonl"), str(tmp_path / "missing_b.jsonl")])

@@ -7,6 +7,7 @@ scripts run unchanged; the additions are documented in each flag's help.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,8 +19,22 @@ SCHEDULER_CHOICES = (
 )
 
 
+def finite_float(text: str) -> float:
+    """A float flag's value; nan and inf are refused (a nan threshold or learning rate would run
+    and silently produce garbage)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line and exit code 2 (argparse's own code)."""
+    """argparse that reports a bad flag as one line and exit code 2 (argparse's own code), and reads
+    every `type=float` flag as a finite float."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
