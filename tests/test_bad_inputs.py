@@ -4,6 +4,7 @@ matrix fast; each case fails before any training starts."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import runpy
 import shutil
@@ -32,6 +33,13 @@ def fixtures(assets, tmp_path_factory, tinystories_dir):
     empty.write_text("")
     unreadable = root / "unreadable.jsonl"
     unreadable.write_text("{not json\n")
+    pair = {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " go away"}
+    latin1 = root / "latin1.jsonl"  # valid JSON lines, but the third holds a Latin-1 byte
+    latin1.write_bytes(((json.dumps(pair) + "\n") * 2 + json.dumps(pair, ensure_ascii=False).replace("hello", "caf\u00e9")
+                        + "\n").encode("latin-1"))
+    torn_gz = root / "torn.jsonl.gz"  # a download cut short
+    whole = gzip.compress(((json.dumps(pair) + "\n") * 200).encode())
+    torn_gz.write_bytes(whole[: len(whole) // 2])
     # A model directory whose tokenizer belongs to another model (bigger vocabulary than the embedding).
     mismatched = root / "mismatched-model"
     shutil.copytree(assets["model_dir"], mismatched)
@@ -43,6 +51,7 @@ def fixtures(assets, tmp_path_factory, tinystories_dir):
     return {
         "data": assets["data_dir"], "model": assets["model_dir"], "wrong_keys": str(wrong_keys),
         "empty": str(empty), "unreadable": str(unreadable), "mismatched": str(mismatched),
+        "latin1": str(latin1), "torn_gz": str(torn_gz),
         "cache": str(root / "cache"), "out": root / "out",
     }
 
@@ -68,6 +77,12 @@ def _cases(f: dict) -> list[tuple[str, str, list[str], str]]:
         ("step1-missing-data", "step1", ["--data_path", "/nonexistent/train.jsonl", *base1], "/nonexistent/train.jsonl"),
         ("step1-wrong-keys", "step1", ["--data_path", f["wrong_keys"], *base1], "wrong_keys.jsonl"),
         ("step1-unreadable-json", "step1", ["--data_path", f["unreadable"], *base1], "unreadable.jsonl"),
+        ("step1-not-utf8", "step1", ["--data_path", f["latin1"], *base1], "latin1.jsonl:3: not UTF-8"),
+        ("step1-truncated-gz", "step1", ["--data_path", f["torn_gz"], *base1], "torn.jsonl.gz: damaged"),
+        ("step2-not-utf8", "step2", ["--data_path", f["latin1"], *base1], "latin1.jsonl:3: not UTF-8"),
+        ("dpo-not-utf8", "dpo", ["--data_path", f["latin1"], *base1], "latin1.jsonl:3: not UTF-8"),
+        ("select-not-utf8", "select", ["--data_path", f["latin1"], "--sft_model_name_or_path", m,
+                                       "--reward_model_name_or_path", m, *lens, *c, *out], "latin1.jsonl:3: not UTF-8"),
         ("step1-empty-split", "step1", ["--data_path", d, "--data_split", "0,0,10", *base1], "no usable samples"),
         ("step1-unknown-dataset", "step1", ["--data_path", "nobody/unknown-set", *base1], "--data_path"),
         ("step1-missing-model", "step1", ["--data_path", d, "--model_name_or_path", "/nonexistent/m", *c, *out],
@@ -106,7 +121,8 @@ def _cases(f: dict) -> list[tuple[str, str, list[str], str]]:
 
 
 CASE_IDS = [
-    "step1-missing-data", "step1-wrong-keys", "step1-unreadable-json", "step1-empty-split", "step1-unknown-dataset",
+    "step1-missing-data", "step1-wrong-keys", "step1-unreadable-json", "step1-not-utf8", "step1-truncated-gz",
+    "step2-not-utf8", "dpo-not-utf8", "select-not-utf8", "step1-empty-split", "step1-unknown-dataset",
     "step1-missing-model", "step1-tokenizer-mismatch", "step1-too-long", "step1-conflicting-lora",
     "step1-deepspeed-config", "step2-fp16-cpu", "step2-empty-pairs", "select-no-value-head",
     "select-threshold-and-fraction", "select-threshold-nan", "select-threshold-inf", "select-threshold--3",
@@ -148,6 +164,8 @@ def test_mpo_cli_bad_inputs(fixtures, tmp_path):
         assert not (tmp_path / "p").exists()
     result = runner.invoke(main, ["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--tie_margin", "nan"])
     assert result.exit_code == 2 and "--tie_margin" in result.output, result.output
+    result = runner.invoke(main, ["compare", fixtures["latin1"], fixtures["latin1"]])
+    assert result.exit_code == 2 and "latin1.jsonl:3: not UTF-8" in result.output, result.output
     result = runner.invoke(main, ["pipeline", "--steps", "sft,nonsense", "--dry_run"])
     assert result.exit_code == 2 and "nonsense" in result.output, result.output
     result = runner.invoke(main, ["compare", str(tmp_path / "missing_a.jsonl"), str(tmp_path / "missing_b.jsonl")])
