@@ -32,6 +32,7 @@ from dschat.utils import args as flags
 from dschat.utils.checkpoint import maybe_inject_kill
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
+from dschat.utils.inference import require_finite_scores
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, print_rank_0
 
 PAIR_SOURCES = ("samples", "dataset")
@@ -438,6 +439,7 @@ class PairScorer:
         values = self.model.forward_value(ids.to(self.device), mask.to(self.device), return_value_only=True)
         index = torch.tensor([score_index(r, p, self.pad) for r, p in rows], device=values.device)
         scores = values.float().gather(1, index.unsqueeze(1)).squeeze(1).cpu().tolist()
+        require_finite_scores(scores[:real], getattr(self.model.config, "_name_or_path", "") or "(step 2)")
         return scores[:real]
 
     def score(self, prompts: list[str], answers: list[str], calls: int | None = None) -> list[float]:
@@ -659,21 +661,21 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
     bar = tqdm(total=total_prompts, unit="prompt", disable=not is_rank_0(), dynamic_ncols=True,
                desc=f"select (rank 0 of {get_world_size()})")
     done, start = 0, time.time()
-    for count, shard_id in enumerate(mine, start=1):
-        records: list[dict] = []
-        for batch in worker.batches(shards[shard_id]):
-            records.extend(worker.run_batch(batch))
-            bar.update(len(batch))
-            done += len(batch)
-            rate = done / max(time.time() - start, 1e-9)
-            bar.set_postfix(all_ranks=f"{rate * get_world_size():.1f} prompts/s")
-        records.sort(key=lambda r: r["index"])
-        atomic_write_jsonl(shard_path(output_dir, shard_id), records)
-        maybe_inject_kill("after_shard", count)  # crash tests: DSCHAT_KILL_AT=after_shard:N
-    if worker.lockstep:
-        for _ in range(busiest - my_batches):
-            worker.dummy_batch()
-    bar.close()
+    with bar:  # closed (its line ended) also when a batch fails, so an error starts on a line of its own
+        for count, shard_id in enumerate(mine, start=1):
+            records: list[dict] = []
+            for batch in worker.batches(shards[shard_id]):
+                records.extend(worker.run_batch(batch))
+                bar.update(len(batch))
+                done += len(batch)
+                rate = done / max(time.time() - start, 1e-9)
+                bar.set_postfix(all_ranks=f"{rate * get_world_size():.1f} prompts/s")
+            records.sort(key=lambda r: r["index"])
+            atomic_write_jsonl(shard_path(output_dir, shard_id), records)
+            maybe_inject_kill("after_shard", count)  # crash tests: DSCHAT_KILL_AT=after_shard:N
+        if worker.lockstep:
+            for _ in range(busiest - my_batches):
+                worker.dummy_batch()
     return done
 
 

@@ -12,6 +12,17 @@ import torch
 from dschat.utils.errors import UserError
 
 
+def require_finite_scores(scores: torch.Tensor | Sequence[float], reward_model: str) -> None:
+    """Refuse a reward model whose scores hold NaN or inf (a damaged v_head, or an overflow in the
+    scoring dtype): every decision taken from such scores is garbage, so stop at the first batch."""
+    values = torch.as_tensor(scores, dtype=torch.float32)
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise UserError(f"reward model {reward_model}: {bad} of {values.numel()} scores in a batch are NaN or "
+                        "infinite (damaged weights, e.g. its v_head, or an overflow in this dtype); retrain or "
+                        "re-export the step-2 model, or score in fp32")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """`auto`: this rank's accelerator when a process group runs, else cuda if present, else cpu."""
     if device != "auto":
@@ -65,6 +76,7 @@ class RewardScorer:
         self.model = create_critic_model(path, self.tokenizer, None, num_padding_at_beginning,
                                          rlhf_training=True)
         self.model.to(device=device, dtype=dtype).eval()
+        self.path = path
         self.device = device
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
@@ -109,5 +121,6 @@ class RewardScorer:
                 ids[i, width:width + len(tail)] = torch.tensor(tail, dtype=torch.long)
                 mask[i, width - len(head):width + len(tail)] = 1
             out = self.model.forward_value(ids.to(self.device), mask.to(self.device), prompt_length=width)
+            require_finite_scores(out["chosen_end_scores"], self.path)
             scores.extend(float(s) for s in out["chosen_end_scores"].float().cpu())
         return scores
