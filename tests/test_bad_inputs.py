@@ -83,6 +83,8 @@ def _cases(f: dict) -> list[tuple[str, str, list[str], str]]:
         ("dpo-not-utf8", "dpo", ["--data_path", f["latin1"], *base1], "latin1.jsonl:3: not UTF-8"),
         ("select-not-utf8", "select", ["--data_path", f["latin1"], "--sft_model_name_or_path", m,
                                        "--reward_model_name_or_path", m, *lens, *c, *out], "latin1.jsonl:3: not UTF-8"),
+        *[(f"{step}-max-seq-len-1", step, ["--data_path", d, *base1, "--max_seq_len", "1"], "--max_seq_len 1")
+          for step in ("step1", "step2", "dpo")],
         ("step1-empty-split", "step1", ["--data_path", d, "--data_split", "0,0,10", *base1], "no usable samples"),
         ("step1-unknown-dataset", "step1", ["--data_path", "nobody/unknown-set", *base1], "--data_path"),
         ("step1-missing-model", "step1", ["--data_path", d, "--model_name_or_path", "/nonexistent/m", *c, *out],
@@ -122,7 +124,8 @@ def _cases(f: dict) -> list[tuple[str, str, list[str], str]]:
 
 CASE_IDS = [
     "step1-missing-data", "step1-wrong-keys", "step1-unreadable-json", "step1-not-utf8", "step1-truncated-gz",
-    "step2-not-utf8", "dpo-not-utf8", "select-not-utf8", "step1-empty-split", "step1-unknown-dataset",
+    "step2-not-utf8", "dpo-not-utf8", "select-not-utf8", "step1-max-seq-len-1", "step2-max-seq-len-1",
+    "dpo-max-seq-len-1", "step1-empty-split", "step1-unknown-dataset",
     "step1-missing-model", "step1-tokenizer-mismatch", "step1-too-long", "step1-conflicting-lora",
     "step1-deepspeed-config", "step2-fp16-cpu", "step2-empty-pairs", "select-no-value-head",
     "select-threshold-and-fraction", "select-threshold-nan", "select-threshold-inf", "select-threshold--3",

@@ -177,7 +177,10 @@ def check_positive(args, *names: str) -> None:
 def validate_common(args) -> None:
     """Checks every training entry point shares; raises UserError naming the flag."""
     check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size",
-                   "gradient_accumulation_steps", "max_seq_len")
+                   "gradient_accumulation_steps")
+    if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 2:
+        raise UserError(f"--max_seq_len {args.max_seq_len}: too short to hold one prompt token and one answer "
+                        "token (nothing to learn from); use at least 2, typically 512")
     if getattr(args, "num_train_epochs", 1) < 0:
         raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
     if getattr(args, "deepspeed_config", None):
