@@ -343,7 +343,7 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
     local_rank = data_utils.resolve_local_rank(args.local_rank)
     need_pairs = args.pair_source == "dataset"
     parts: list[list[dict]] = []
-    stats = {"skipped": 0, "filtered": 0}
+    stats = {"skipped": 0, "filtered": 0, "answers_truncated": 0}
     for name in args.data_path:
         data_utils.check_data_path(name)
         raw = data_utils.get_raw_dataset(name, args.data_output_path, args.seed, local_rank)
@@ -365,9 +365,14 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
                 continue
             items.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         lengths = prompt_lengths(tokenizer, [it["prompt"] for it in items])
-        kept = [it for it, n in zip(items, lengths) if 0 < n <= args.max_prompt_seq_len]
+        kept = [(it, n) for it, n in zip(items, lengths) if 0 < n <= args.max_prompt_seq_len]
         stats["filtered"] += len(items) - len(kept)
-        parts.append(kept)
+        if need_pairs:  # dataset answers longer than the room left after the prompt are cut when scored
+            answer_lengths = prompt_lengths(tokenizer, [it[k] for it, _ in kept for k in ("chosen", "rejected")])
+            room = args.max_prompt_seq_len + args.max_answer_seq_len
+            stats["answers_truncated"] += sum(n + max(answer_lengths[2 * i:2 * i + 2]) > room
+                                              for i, (_, n) in enumerate(kept))
+        parts.append([it for it, _ in kept])
     merged = [it for part in parts for it in part]
     if len(parts) > 1:
         merged = [merged[i] for i in data_utils.get_shuffle_idx(args.seed, len(merged)).tolist()]
@@ -379,6 +384,11 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
                         f"{stats['filtered']}); check --data_split/--data_phase and the prompt length limit")
     for i, item in enumerate(merged):
         item["index"] = i
+    if stats["answers_truncated"]:
+        print_rank_0(f"warning: {stats['answers_truncated']} pair(s) have an answer longer than "
+                     f"--max_prompt_seq_len + --max_answer_seq_len ({args.max_prompt_seq_len} + "
+                     f"{args.max_answer_seq_len}) tokens with their prompt; it is cut when scored (raise "
+                     "--max_answer_seq_len to score it whole)")
     return merged, stats
 
 
@@ -711,6 +721,10 @@ def finalize(args, raw_records: list[dict], output_dir: Path, extra_manifest: di
     atomic_write_jsonl(output_dir / "hard.jsonl", hard)
     suggested = balanced_threshold(gaps)
     warnings = split_warnings(len(easy), len(hard), theta, suggested)
+    identical = sum(1 for r in raw_records if len(set(r["responses"])) == 1)
+    if identical:
+        warnings.append(f"{identical} of {len(raw_records)} prompts have two identical answers (reward gap 0: "
+                        "they go to the hard split and give DPO no signal)")
     for message in warnings:
         print_rank_0(f"warning: {message}")
     plots.plot_reward_gap_histogram(gaps, theta, output_dir / "reward_gap_hist.png",
@@ -735,7 +749,7 @@ def finalize(args, raw_records: list[dict], output_dir: Path, extra_manifest: di
         "easy_fraction_requested": args.easy_fraction,
         "balanced_threshold": suggested,
         "counts": {"prompts": len(raw_records), "pairs": total, "dropped": len(records) - total,
-                   "easy": len(easy), "hard": len(hard)},
+                   "easy": len(easy), "hard": len(hard), "identical_answers": identical},
         "fractions": {"easy": len(easy) / total if total else 0.0, "hard": len(hard) / total if total else 0.0},
         "gap": gap_summary(gaps),
         "rm_accuracy_vs_human": accuracy["overall_accuracy"] if accuracy else None,

@@ -5,6 +5,7 @@ output written or damaged."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,20 +22,24 @@ def test_run_select_script_fails_when_the_run_fails(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def nan_reward_model(assets, tmp_path_factory):
-    """A step-2 reward model whose value head is NaN: every score it gives is NaN."""
+def reward_models(assets, tmp_path_factory) -> dict[str, Path]:
+    """Two step-2 reward models on the tiny Llama: `ok` (a random value head) and `nan` (a NaN value
+    head: every score it gives is NaN)."""
     import torch
 
     from dschat.utils.model.model_utils import create_critic_model
     from dschat.utils.utils import load_hf_tokenizer, save_reward_model
 
-    root = tmp_path_factory.mktemp("nan_rm")
+    root = tmp_path_factory.mktemp("reward_models")
     tokenizer = load_hf_tokenizer(str(assets["model_dir"]))
+    torch.manual_seed(3)
     reward = create_critic_model(str(assets["model_dir"]), tokenizer, None)
     with torch.no_grad():
+        reward.v_head.weight.normal_(0.0, 1.0)
+        save_reward_model(reward, tokenizer, root / "ok")
         reward.v_head.weight.fill_(float("nan"))
-    save_reward_model(reward, tokenizer, root / "rm")
-    return root / "rm"
+        save_reward_model(reward, tokenizer, root / "nan")
+    return {"ok": root / "ok", "nan": root / "nan"}
 
 
 def _previous_outputs(out: Path, names: tuple[str, ...]) -> dict[str, str]:
@@ -44,7 +49,8 @@ def _previous_outputs(out: Path, names: tuple[str, ...]) -> dict[str, str]:
     return {name: (out / name).read_text() for name in names}
 
 
-def test_select_refuses_a_nan_reward_model_before_writing(assets, nan_reward_model, run_ds, tmp_path):
+def test_select_refuses_a_nan_reward_model_before_writing(assets, reward_models, run_ds, tmp_path):
+    nan_reward_model = reward_models["nan"]
     out = tmp_path / "select"
     before = _previous_outputs(out, ("easy.jsonl", "hard.jsonl", "manifest.json"))
     proc = run_ds(REPO_ROOT / "step2.5_select/main.py", [
@@ -60,7 +66,8 @@ def test_select_refuses_a_nan_reward_model_before_writing(assets, nan_reward_mod
     assert not list((out / "shards").glob("shard-*.jsonl"))  # no shard of NaN scores to resume from
 
 
-def test_eval_refuses_a_nan_reward_model(assets, nan_reward_model, tmp_path):
+def test_eval_refuses_a_nan_reward_model(assets, reward_models, tmp_path):
+    nan_reward_model = reward_models["nan"]
     from mpo_ext.eval_cli import eval_command
 
     out = tmp_path / "eval"
@@ -71,3 +78,29 @@ def test_eval_refuses_a_nan_reward_model(assets, nan_reward_model, tmp_path):
     assert result.exit_code == 2, result.output
     assert str(nan_reward_model) in result.output and "NaN" in result.output and "Traceback" not in result.output
     assert not (out / "table.json").exists() and not (out / "generations").exists()
+
+
+def test_select_counts_identical_and_cut_answers(assets, reward_models, run_ds, tmp_path):
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = [{"prompt": f"\n\nHuman: name color {i}\n\nAssistant:", "chosen": f" red {i}", "rejected": f" blue {i}"}
+            for i in range(8)]
+    rows[1]["rejected"] = rows[1]["chosen"]  # identical answers
+    rows[4]["rejected"] = rows[4]["chosen"]
+    rows[2]["chosen"] = " green" * 200  # far longer than 32 + 64 tokens
+    rows[6]["rejected"] = " blue" * 200
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "test.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    out = tmp_path / "select"
+    proc = run_ds(REPO_ROOT / "step2.5_select/main.py", [
+        "--data_path", str(data), "--pair_source", "dataset", "--sft_model_name_or_path", str(assets["model_dir"]),
+        "--reward_model_name_or_path", str(reward_models["ok"]), "--max_prompt_seq_len", "64",
+        "--max_answer_seq_len", "32", "--per_device_eval_batch_size", "4", "--data_split", "10,0,0",
+        "--data_phase", "1", "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(out)],
+        num_ranks=0, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["prompts"] == 8
+    assert manifest["counts"]["identical_answers"] == 2 and manifest["data"]["answers_truncated"] == 2
+    console = proc.stdout + proc.stderr
+    assert "2 of 8 prompts have two identical answers" in console and "2 pair(s) have an answer longer" in console
