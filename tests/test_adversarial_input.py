@@ -104,3 +104,22 @@ def test_select_counts_identical_and_cut_answers(assets, reward_models, run_ds, 
     assert manifest["counts"]["identical_answers"] == 2 and manifest["data"]["answers_truncated"] == 2
     console = proc.stdout + proc.stderr
     assert "2 of 8 prompts have two identical answers" in console and "2 pair(s) have an answer longer" in console
+
+
+def test_ppo_refuses_a_nan_reward_model_at_its_first_batch(assets, reward_models, run_ds, tmp_path):
+    prompts = tmp_path / "hard.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: say {w}\n\nAssistant:"}) + "\n"
+                               for w in ("yes", "no", "hi", "bye")))
+    out = tmp_path / "ppo"
+    proc = run_ds(REPO_ROOT / "training/step3_rlhf_finetuning/main.py", [
+        "--actor_model_name_or_path", str(assets["model_dir"]), "--critic_model_name_or_path", str(reward_models["nan"]),
+        "--data_path", str(prompts), "--data_output_path", str(tmp_path / "cache"),
+        "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2",
+        "--max_prompt_seq_len", "32", "--max_answer_seq_len", "4", "--num_padding_at_beginning", "0",
+        "--max_steps", "1", "--output_dir", str(out)], num_ranks=0, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # (the trainer's progress bar does not end its line before the error: match the line's tail)
+    errors = [line[line.index("error:"):] for line in proc.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and str(reward_models["nan"]) in errors[0] and "NaN" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "actor").exists()
