@@ -37,7 +37,7 @@ def _user_errors(func: Callable) -> Callable:
 class FiniteFloatRange(click.FloatRange):
     """click.FloatRange that also refuses nan (which passes any range check) and inf."""
 
-    name = "finite float range"
+    name = "float range"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         number = super().convert(value, param, ctx)
@@ -168,7 +168,8 @@ def _display_names(paths: list[Path]) -> list[str]:
 @click.option("--judge_max_retries", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--judge_backoff", type=FiniteFloatRange(min=0.0), default=1.0, show_default=True,
               help="First retry delay in seconds; doubles on each retry.")
-@click.option("--judge_timeout", type=FiniteFloatRange(min=0.0, min_open=True), default=60.0, show_default=True)
+@click.option("--judge_timeout", type=FiniteFloatRange(min=0.0, min_open=True), default=60.0, show_default=True,
+              help="Seconds one request may take in total (connect, send and the whole reply); then it is retried.")
 @click.option("--judge_max_tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--judge_tie_margin", type=FiniteFloatRange(min=0.0), default=0.0, show_default=True,
               help="Judge score differences (0-10 scale) within +-this are ties.")
