@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from conftest import REPO_ROOT, run_command
 
 
+@pytest.mark.slow
 def test_run_select_script_fails_when_the_run_fails(tmp_path):
     out = tmp_path / "select"
     result = run_command(["bash", "run_select.sh", str(tmp_path / "no-sft"), str(tmp_path / "no-rm"), str(out)],
@@ -49,6 +50,7 @@ def _previous_outputs(out: Path, names: tuple[str, ...]) -> dict[str, str]:
     return {name: (out / name).read_text() for name in names}
 
 
+@pytest.mark.slow
 def test_select_refuses_a_nan_reward_model_before_writing(assets, reward_models, run_ds, tmp_path):
     nan_reward_model = reward_models["nan"]
     out = tmp_path / "select"
@@ -80,6 +82,7 @@ def test_eval_refuses_a_nan_reward_model(assets, reward_models, tmp_path):
     assert not (out / "table.json").exists() and not (out / "generations").exists()
 
 
+@pytest.mark.slow
 def test_select_counts_identical_and_cut_answers(assets, reward_models, run_ds, tmp_path):
     data = tmp_path / "pairs"
     data.mkdir()
@@ -106,6 +109,7 @@ def test_select_counts_identical_and_cut_answers(assets, reward_models, run_ds, 
     assert "2 of 8 prompts have two identical answers" in console and "2 pair(s) have an answer longer" in console
 
 
+@pytest.mark.slow
 def test_ppo_refuses_a_nan_reward_model_at_its_first_batch(assets, reward_models, run_ds, tmp_path):
     prompts = tmp_path / "hard.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"\n\nHuman: say {w}\n\nAssistant:"}) + "\n"
