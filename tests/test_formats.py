@@ -159,7 +159,8 @@ def test_select_and_dpo_build_the_same_texts(tmp_path, chat_tok):
     """select scores (prompt, answer) exactly as the RM trained on them; its easy.jsonl feeds DPO unchanged."""
     f = write(tmp_path / "conv.jsonl", [explicit(i) for i in range(6)])
     args = Namespace(data_path=[f], data_output_path=str(tmp_path / "c"), seed=1, data_split=None, data_phase=3,
-                     pair_source="dataset", max_prompt_seq_len=64, max_prompts=0, local_rank=-1, data_keys=None,
+                     pair_source="dataset", max_prompt_seq_len=64, max_answer_seq_len=64, max_prompts=0, local_rank=-1,
+                     data_keys=None,
                      prompt_key=None, chosen_key=None, rejected_key=None)
     items, _ = selection.load_items(args, chat_tok)
     item = next(it for it in items if it["prompt"] == rendered_prompt("q2"))
