@@ -468,9 +468,11 @@ def build(args) -> DPOTrainer:
     from dschat.utils.dist import get_local_rank
     from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
     from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss, create_hf_model
+    from dschat.utils.output_dir import prepare_output_dir
     from dschat.utils.trainer import count_updates
     from dschat.utils.utils import set_random_seed
 
+    prepare_output_dir(args.output_dir)
     set_random_seed(args.seed)
     check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
     tokenizer = build_tokenizer(args)
