@@ -30,7 +30,7 @@ from dschat.utils.errors import UserError
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
-from dschat.utils.utils import print_rank_0, to_device
+from dschat.utils.utils import atomic_write, print_rank_0, to_device
 
 REFERENCE_FILE = "reference_logps.pt"
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -271,10 +271,8 @@ def load_reference_tables(path: Path, fingerprint: dict) -> dict[str, torch.Tens
 
 
 def save_reference_tables(path: Path, fingerprint: dict, tables: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    torch.save({"fingerprint": json.dumps(fingerprint, sort_keys=True), **tables}, tmp)
-    os.replace(tmp, path)
+    content = {"fingerprint": json.dumps(fingerprint, sort_keys=True), **tables}
+    atomic_write(path, lambda fh: torch.save(content, fh))
 
 
 # --------------------------------------------------------------------------------------------- trainer
