@@ -184,9 +184,10 @@ def test_second_run_into_a_busy_dir_refuses_and_a_killed_runs_lock_is_taken_over
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+    # One rank maps no shm segment on every DeepSpeed version; where it did, the next run must remove it
+    # (the orphan clean-up itself is checked with a planted segment below).
     orphans = {p for p in _shm_segments() if f"_127.0.0.1_{port}_" in p.name}
-    assert orphans, "the killed run left no DeepSpeed segment to clean up"
-    # The killed run left its lock file and its /dev/shm segment; the next run takes over and cleans up.
+    # The killed run left its lock file; the next run takes it over.
     assert json.loads((out / ".dschat-run.lock").read_text())["pid"] == first.pid
     proc = run_ds(STEP1, _sft_flags(assets, out, cache, steps=2), num_ranks=0)
     assert proc.returncode == 0, proc.stderr[-3000:]
