@@ -511,3 +511,20 @@ def build(args) -> DPOTrainer:
         print_rank_0("Reference log-probs: the policy's own base weights with LoRA switched off (no second model)")
         reference = BaseWeightsReference(engine, args.pad_mask)
     return DPOTrainer(args, engine, train_data, eval_data, collator, tokenizer, reference)
+
+
+def main() -> None:
+    """Step 3b entry point: `deepspeed --module mpo_ext.dpo ...` (step3b_dpo/main.py calls it)."""
+    from dschat.utils.dist import init_distributed
+
+    args = parse_args()
+    init_distributed(args.local_rank)
+    trainer = build(args)
+    trainer.train()
+    trainer.save_model()
+
+
+if __name__ == "__main__":
+    from dschat.utils.errors import run_main
+
+    run_main(main)

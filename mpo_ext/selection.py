@@ -838,3 +838,18 @@ def _finish(args, output_dir: Path, shards: list[range], digest: str, load_stats
         "run": worker_stats,
     }
     return finalize(args, raw_records, output_dir, extra)
+
+
+def main() -> None:
+    """Step 2.5 entry point: `deepspeed --module mpo_ext.selection ...` (step2.5_select/main.py calls it)."""
+    from dschat.utils.dist import init_distributed
+
+    args = parse_args()
+    init_distributed(args.local_rank)
+    run(args)
+
+
+if __name__ == "__main__":
+    from dschat.utils.errors import run_main
+
+    run_main(main)

@@ -633,3 +633,20 @@ class PPOLoop(ResumableRun):
             fuse_lora(engine.actor_ema.module)
             save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema")
         self._write_run_info(final=True)
+
+
+def main() -> None:
+    """Step 3 entry point: `deepspeed --module dschat.steps.ppo ...` (the step folder's main.py calls it)."""
+    from dschat.utils.dist import init_distributed
+
+    args = parse_args()
+    init_distributed(args.local_rank)
+    loop = build(args)
+    loop.train()
+    loop.save_model()
+
+
+if __name__ == "__main__":
+    from dschat.utils.errors import run_main
+
+    run_main(main)

@@ -116,3 +116,20 @@ def build(args) -> RewardTrainer:
                                num_warmup_steps=args.num_warmup_steps, num_training_steps=steps,
                                offload=args.offload, args=args)
     return RewardTrainer(args, engine, train_data, eval_data, collator, tokenizer)
+
+
+def main() -> None:
+    """Step 2 entry point: `deepspeed --module dschat.steps.reward ...` (the step folder's main.py calls it)."""
+    from dschat.utils.dist import init_distributed
+
+    args = parse_args()
+    init_distributed(args.local_rank)
+    trainer = build(args)
+    trainer.train()
+    trainer.save_model()
+
+
+if __name__ == "__main__":
+    from dschat.utils.errors import run_main
+
+    run_main(main)

@@ -100,3 +100,19 @@ def build(args) -> SFTTrainer:
                                offload=args.offload, args=args)
     return SFTTrainer(args, engine, train_data, eval_data, collator, tokenizer)
 
+
+def main() -> None:
+    """Step 1 entry point: `deepspeed --module dschat.steps.sft ...` (the step folder's main.py calls it)."""
+    from dschat.utils.dist import init_distributed
+
+    args = parse_args()
+    init_distributed(args.local_rank)
+    trainer = build(args)
+    trainer.train()
+    trainer.save_model()
+
+
+if __name__ == "__main__":
+    from dschat.utils.errors import run_main
+
+    run_main(main)
