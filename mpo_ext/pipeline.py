@@ -138,9 +138,23 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml12_floats(value):
+    """YAML 1.1 (PyYAML) reads `5e-5` as a string; YAML 1.2 and every reader of a config mean a number."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _yaml12_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml12_floats(v) for v in value]
+    return value
+
+
 def _read_yaml(text: str, where: str) -> dict:
     try:
-        data = yaml.safe_load(text)
+        data = _yaml12_floats(yaml.safe_load(text))
     except yaml.YAMLError as err:
         raise UserError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
     if data is None:
@@ -194,7 +208,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if not sep or not key.strip():
         raise UserError(f"--set {text}: write KEY=VALUE, e.g. --set dpo.learning_rate=5e-5")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _yaml12_floats(yaml.safe_load(value)) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
     return key.strip().split("."), parsed
