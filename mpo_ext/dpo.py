@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.errors import UserError
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
@@ -514,17 +515,9 @@ def build(args) -> DPOTrainer:
 
 
 def main() -> None:
-    """Step 3b entry point: `deepspeed --module mpo_ext.dpo ...` (step3b_dpo/main.py calls it)."""
-    from dschat.utils.dist import init_distributed
-
-    args = parse_args()
-    init_distributed(args.local_rank)
-    trainer = build(args)
-    trainer.train()
-    trainer.save_model()
+    """Step 3b entry point: `deepspeed --module mpo_ext.dpo ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
 
 
 if __name__ == "__main__":
-    from dschat.utils.errors import run_main
-
     run_main(main)

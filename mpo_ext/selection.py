@@ -30,8 +30,8 @@ import torch
 
 from dschat.utils import args as flags
 from dschat.utils.checkpoint import maybe_inject_kill
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.errors import UserError
+from dschat.utils.dist import barrier, get_rank, get_world_size, init_distributed, is_rank_0
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, print_rank_0
 
 PAIR_SOURCES = ("samples", "dataset")
@@ -841,15 +841,11 @@ def _finish(args, output_dir: Path, shards: list[range], digest: str, load_stats
 
 
 def main() -> None:
-    """Step 2.5 entry point: `deepspeed --module mpo_ext.selection ...` (step2.5_select/main.py calls it)."""
-    from dschat.utils.dist import init_distributed
-
+    """Step 2.5 entry point: `deepspeed --module mpo_ext.selection ...` (step2.5_select/main.py calls it too)."""
     args = parse_args()
     init_distributed(args.local_rank)
     run(args)
 
 
 if __name__ == "__main__":
-    from dschat.utils.errors import run_main
-
     run_main(main)

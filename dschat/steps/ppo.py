@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import check_context_length, set_gradient_checkpointing
-from dschat.utils.errors import UserError
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.trainer import ResumableRun
 from dschat.utils.utils import print_rank_0
 
@@ -636,17 +637,9 @@ class PPOLoop(ResumableRun):
 
 
 def main() -> None:
-    """Step 3 entry point: `deepspeed --module dschat.steps.ppo ...` (the step folder's main.py calls it)."""
-    from dschat.utils.dist import init_distributed
-
-    args = parse_args()
-    init_distributed(args.local_rank)
-    loop = build(args)
-    loop.train()
-    loop.save_model()
+    """Step 3 entry point: `deepspeed --module dschat.steps.ppo ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
 
 
 if __name__ == "__main__":
-    from dschat.utils.errors import run_main
-
     run_main(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
     apply_lora,
@@ -17,6 +18,7 @@ from dschat.utils.build import (
 )
 from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_dataset
 from dschat.utils.dist import get_local_rank
+from dschat.utils.errors import run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model, set_random_seed
@@ -119,17 +121,9 @@ def build(args) -> RewardTrainer:
 
 
 def main() -> None:
-    """Step 2 entry point: `deepspeed --module dschat.steps.reward ...` (the step folder's main.py calls it)."""
-    from dschat.utils.dist import init_distributed
-
-    args = parse_args()
-    init_distributed(args.local_rank)
-    trainer = build(args)
-    trainer.train()
-    trainer.save_model()
+    """Step 2 entry point: `deepspeed --module dschat.steps.reward ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
 
 
 if __name__ == "__main__":
-    from dschat.utils.errors import run_main
-
     run_main(main)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
     apply_lora,
@@ -19,6 +20,7 @@ from dschat.utils.build import (
 )
 from dschat.utils.data.data_utils import DataCollatorSFT, create_prompt_dataset
 from dschat.utils.dist import get_local_rank
+from dschat.utils.errors import run_main
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_causal_lm, set_random_seed
 
@@ -102,17 +104,9 @@ def build(args) -> SFTTrainer:
 
 
 def main() -> None:
-    """Step 1 entry point: `deepspeed --module dschat.steps.sft ...` (the step folder's main.py calls it)."""
-    from dschat.utils.dist import init_distributed
-
-    args = parse_args()
-    init_distributed(args.local_rank)
-    trainer = build(args)
-    trainer.train()
-    trainer.save_model()
+    """Step 1 entry point: `deepspeed --module dschat.steps.sft ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
 
 
 if __name__ == "__main__":
-    from dschat.utils.errors import run_main
-
     run_main(main)
