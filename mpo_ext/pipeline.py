@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
+import click
 import yaml
 
 import mpo_ext
@@ -528,8 +529,8 @@ def check_plan(plan: list[Stage]) -> None:
             raise UserError(f"config section {stage.name}: {message}") from None
         except UserError as e:
             raise UserError(f"config section {stage.name}: {e}") from None
-        except Exception as e:  # click's usage errors
-            raise UserError(f"config section {stage.name}: {' '.join(str(e).split())}") from None
+        except click.ClickException as e:  # eval's usage errors
+            raise UserError(f"config section {stage.name}: {e.format_message()}") from None
 
 
 def _placeholder(arg: str, stage: Stage) -> str:
