@@ -85,6 +85,8 @@ def pipeline_command(config_source, preset, overrides, output_dir, steps, thresh
     shortcuts = {"mpo.threshold": threshold, "mpo.reference": reference, "mpo.order": order,
                  "launcher.num_gpus": num_gpus, "launcher.hostfile": hostfile}
     sets = [*overrides, *(f"{k}={v}" for k, v in shortcuts.items() if v is not None)]
+    if threshold is not None:
+        sets.append("mpo.easy_fraction=null")  # theta replaces a configured easy fraction
     if output_dir is not None:
         sets.append(f"output_dir={output_dir}")
     config = pipeline.load_config(config_source or preset or "tiny", sets)

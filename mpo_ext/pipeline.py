@@ -671,6 +671,8 @@ class Progress:
 
     def feed(self, line: str) -> str | None:
         """Remember progress; return the line if a person should see it now (warnings once each)."""
+        if line.startswith("*****"):  # a new training or evaluation phase: its bar starts afresh
+            self.bar = None
         bar = _BAR.search(line)
         if bar and "%|" in line:
             self.bar = bar.groups()
