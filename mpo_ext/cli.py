@@ -59,7 +59,8 @@ def assets_command(root: Path, seed: int, num_train: int, num_test: int) -> None
               help="Run directory (default: the config's output_dir, else runs/mpo-<name>).")
 @click.option("--steps", default=",".join(("assets", "sft", "rm", "select", "dpo", "ppo", "eval")), show_default=True,
               help="Comma list of stages to run (the others must be complete already).")
-@click.option("--threshold", type=float, default=None, help="Shortcut for --set mpo.threshold=THETA.")
+@click.option("--threshold", type=eval_cli.FiniteFloatRange(min=0.0), default=None,
+              help="Shortcut for --set mpo.threshold=THETA.")
 @click.option("--reference", type=click.Choice(["dpo", "sft"]), default=None,
               help="Shortcut for --set mpo.reference=...: dpo (KL to the previous stage's model, MPO) or sft.")
 @click.option("--order", type=click.Choice(["mpo", "reverse"]), default=None,
