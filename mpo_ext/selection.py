@@ -30,8 +30,8 @@ import torch
 
 from dschat.utils import args as flags
 from dschat.utils.checkpoint import maybe_inject_kill
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.errors import UserError
+from dschat.utils.dist import barrier, get_rank, get_world_size, init_distributed, is_rank_0
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, print_rank_0
 
@@ -839,3 +839,14 @@ def _finish(args, output_dir: Path, shards: list[range], digest: str, load_stats
         "run": worker_stats,
     }
     return finalize(args, raw_records, output_dir, extra)
+
+
+def main() -> None:
+    """Step 2.5 entry point: `deepspeed --module mpo_ext.selection ...` (step2.5_select/main.py calls it too)."""
+    args = parse_args()
+    init_distributed(args.local_rank)
+    run(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import check_context_length, set_gradient_checkpointing
 from dschat.utils.ds_utils import resolve_dtype
-from dschat.utils.errors import UserError
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.trainer import ResumableRun
 from dschat.utils.utils import print_rank_0
 
@@ -658,3 +659,12 @@ class PPOLoop(ResumableRun):
                                                       engine.actor_ema))
         self._write_run_info(final=True)
         push_to_hub(args, out / "actor")
+
+
+def main() -> None:
+    """Step 3 entry point: `deepspeed --module dschat.steps.ppo ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
+
+
+if __name__ == "__main__":
+    run_main(main)
