@@ -61,7 +61,8 @@ WIRED_FLAGS = frozenset({
     "reward_model", "local_rank"})
 #: Flags that change logs or checkpoint cadence, never results: left out of a stage's identity.
 NO_RESULT_FLAGS = frozenset({
-    "log_interval", "save_steps", "save_total_limit", "enable_tensorboard", "tensorboard_path", "print_answers",
+    "log_interval", "save_steps", "save_total_limit", "enable_tensorboard", "tensorboard_path", "report_to",
+    "push_to_hub", "hub_model_id", "hub_private_repo", "print_answers",
     "print_answers_interval", "rebuild_data_cache", "rebuild_shards", "shard_size"})
 COMPLETION_RECORD = "stage.json"
 
