@@ -19,6 +19,10 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from dschat.utils.utils import atomic_directory, atomic_write_text
 from mpo_ext import synthetic
 
@@ -43,9 +47,6 @@ def build_tokenizer(texts: Iterable[str], model_max_length: int = 256):
     Ids: special tokens first, then by descending frequency with ties broken by the token string, so the
     vocabulary order is a pure function of the texts (the tokenizers trainer does not promise that).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     pre = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
     counts: Counter[str] = Counter()
     for text in texts:
@@ -90,9 +91,6 @@ def build_tiny_model(
     The directory is built in a temporary sibling and renamed into place, so it is either complete or
     absent. Same texts and seed give byte-identical files. `bootstrap.json` records the build settings.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
     dest = Path(output_dir)
@@ -106,27 +104,9 @@ def build_tiny_model(
         _write_json(cfg_path, tok_cfg)
         _write_json(tmp / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
 
-        bos_id, eos_id = tokenizer.convert_tokens_to_ids([BOS, EOS])
-        config = LlamaConfig(
-            vocab_size=_round_up(len(tokenizer)),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size or 4 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_heads,
-            max_position_embeddings=max_position_embeddings,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=True,
-            bos_token_id=bos_id,
-            eos_token_id=eos_id,
-            # pad_token_id stays None on purpose: it would become the embedding's padding_idx, zeroing and
-            # freezing the eos embedding row. Padding is the loader's job (pad = eos).
-            pad_token_id=None,
-        )
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-        model.save_pretrained(str(tmp))
+        config = save_random_llama(tmp, tokenizer, hidden_size=hidden_size, num_layers=num_layers,
+                                   num_heads=num_heads, intermediate_size=intermediate_size,
+                                   max_position_embeddings=max_position_embeddings, seed=seed)
         _write_json(tmp / "bootstrap.json", {
             "seed": seed,
             "hidden_size": hidden_size,
@@ -138,6 +118,50 @@ def build_tiny_model(
             "tokenizer_size": len(tokenizer),
         })
     return dest
+
+
+def save_random_llama(
+    directory: str | os.PathLike,
+    tokenizer,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    seed: int = 1234,
+):
+    """Save a randomly initialised `LlamaForCausalLM` sized for `tokenizer` into `directory`; return its config.
+
+    The vocabulary is rounded up to a multiple of 8 and the embeddings are tied, like the small Llamas this
+    project is tested on. `num_kv_heads` below `num_heads` gives grouped-query attention. Same tokenizer,
+    sizes and seed give byte-identical weights.
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=_round_up(len(tokenizer)),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        # pad_token_id stays None on purpose: it would become the embedding's padding_idx, zeroing and
+        # freezing the eos embedding row. Padding is the loader's job (pad = eos).
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    model.save_pretrained(str(directory))
+    return config
 
 
 def _read_json(path: Path) -> dict | None:
