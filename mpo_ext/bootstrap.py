@@ -130,13 +130,14 @@ def save_random_llama(
     num_kv_heads: int | None = None,
     intermediate_size: int | None = None,
     max_position_embeddings: int = 256,
+    initializer_range: float = 0.02,
     seed: int = 1234,
 ):
     """Save a randomly initialised `LlamaForCausalLM` sized for `tokenizer` into `directory`; return its config.
 
     The vocabulary is rounded up to a multiple of 8 and the embeddings are tied, like the small Llamas this
-    project is tested on. `num_kv_heads` below `num_heads` gives grouped-query attention. Same tokenizer,
-    sizes and seed give byte-identical weights.
+    project is tested on. `num_kv_heads` below `num_heads` gives grouped-query attention; weights are drawn
+    with standard deviation `initializer_range`. Same tokenizer, sizes and seed give byte-identical weights.
     """
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
@@ -149,6 +150,7 @@ def save_random_llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads or num_heads,
         max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         bos_token_id=bos_id,

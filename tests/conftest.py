@@ -33,8 +33,11 @@ SHARED_ROOT = Path(os.environ.get("DSCHAT_SHARED_DIR", REPO_ROOT.parent / "share
 
 # The shape of the small public Llama that DeepSpeed-Chat users test with (stories260K): 512 sentencepiece
 # tokens, width 64, 5 layers, grouped-query attention (8 query / 4 key-value heads), tied embeddings.
+# Random weights of standard deviation 0.2 rather than 0.02: at 0.02 the model's predictions are nearly
+# uniform and greedy decoding repeats one token whatever the prompt; at 0.2 continuations depend on the
+# context, as a trained model's do, so generation tests compare real token sequences.
 TINY_LLAMA = {"hidden_size": 64, "num_layers": 5, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 172,
-              "max_position_embeddings": 512}
+              "max_position_embeddings": 512, "initializer_range": 0.2}
 TINY_VOCAB = 512
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 HH_EMPTY_CHOSEN = (7, 19, 31, 43)  # records whose final chosen answer is empty, as in the real release

@@ -130,7 +130,7 @@ def test_divergence_loss_by_hand():
 
 
 # --------------------------------------------------------------------------------------------
-# RewardModel on the real tinystories model
+# RewardModel on the tiny test Llama
 
 
 @pytest.fixture(scope="module")

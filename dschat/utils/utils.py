@@ -268,17 +268,6 @@ class ExponentialMovingAverage:
         return self.ema if self.ema is not None else 0.0
 
 
-class MovingAverage:
-    def __init__(self):
-        self.count, self.total, self.mean = 0, 0.0, 0.0
-
-    def update(self, num: float) -> float:
-        self.total += num
-        self.count += 1
-        self.mean = self.total / self.count
-        return self.mean
-
-
 # --------------------------------------------------------------------------------------------- saving
 
 
@@ -353,27 +342,10 @@ def _save_tokenizer(tokenizer, directory: Path, model: torch.nn.Module) -> None:
         generation_config.save_pretrained(directory)
 
 
-def save_hf_format(model: torch.nn.Module, tokenizer, args, sub_folder: str = "") -> None:
-    """Upstream name: save `model` under `args.output_dir/sub_folder` in Hugging Face layout.
+def __getattr__(name: str):
+    """Upstream-only names (`save_hf_format`, `save_zero_three_model`) live in `dschat.utils.compat`."""
+    from dschat.utils import compat  # the upstream-compatibility module imports this one
 
-    Unlike upstream this writes the full tokenizer, a generation config and safetensors, and is ZeRO-3
-    aware (call it on every rank then).
-    """
-    output_dir = os.path.join(args.output_dir, sub_folder)
-    module = getattr(model, "module", model)
-    if hasattr(module, "rwtransformer"):
-        save_reward_model(module, tokenizer, output_dir)
-    else:
-        save_causal_lm(module, tokenizer, output_dir)
-
-
-def save_zero_three_model(model_ema, global_rank: int, save_dir: str, zero_stage: int = 0) -> None:
-    """Upstream name kept for user scripts; `save_hf_format` already gathers ZeRO-3 weights."""
-    module = getattr(model_ema, "module", model_ema)
-    state = gather_full_state_dict(module)
-    if global_rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        target = Path(save_dir) / "pytorch_model.bin"
-        tmp = _tmp_sibling(target)
-        torch.save(state, tmp)
-        os.replace(tmp, target)
+    if name in compat.UPSTREAM_UTILS_NAMES:
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,15 +25,7 @@ from torch.utils.data import Dataset
 from dschat.utils.data import raw_datasets
 from dschat.utils.data.raw_datasets import PromptRawDataset
 from dschat.utils.errors import UserError
-
-try:
-    from dschat.utils.utils import print_rank_0
-except ImportError:  # utils.py not importable (e.g. partial checkout): same semantics, locally
-
-    def print_rank_0(msg: Any, rank: int | None = None) -> None:
-        if (rank if rank is not None else int(os.environ.get("RANK", "0"))) <= 0:
-            print(msg, flush=True)
-
+from dschat.utils.utils import print_rank_0
 
 DATA_CACHE_VERSION = 1  # bump when the cached layout or the way texts are built changes
 DEFAULT_DATA_SPLIT = "2,4,4"
@@ -770,8 +762,6 @@ class MiniDataset:
                     small.append(large[start:start + step])
         self.free()
         return small
-
-    seperate = separate  # upstream's spelling
 
     def add(self, data: Any) -> list[Any] | None:
         if len(self.dataset) >= self.max_size:
