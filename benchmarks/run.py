@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for path in (HH_TEST, TINYSTORIES):
         if not path.exists():
-            print(f"error: fixture {path} is missing; the benchmark needs ../shared (see docs)", file=sys.stderr)
+            print(f"error: fixture {path} is missing; set DSCHAT_SHARED_DIR to the folder holding it "
+                  "(benchmarks/README.md says where to get it)", file=sys.stderr)
             return 2
     mode = "quick" if args.quick else "all" if args.all else "full"
     started = time.time()

@@ -84,19 +84,18 @@ class Preset:
 
 
 def tiny_preset(out: Path, ranks: int = 1, threshold: float = 1.0) -> Preset:
-    """CPU-sized chain on the embedded synthetic task: a few minutes on two cores.
+    """The embedded default (`bash training/run_mpo_tiny.sh`, `mpo pipeline --preset tiny`): the whole chain
+    on CPU with the synthetic task, a few minutes on two cores, no GPU and no hub access.
 
-    Why these numbers (measured on the synthetic task's gold reward, see benchmarks/reproduce.py):
-    - data: 40k records split 1,8,1. SFT saturates on 4k demonstrations (500 steps), while the RM is
-      data-bound (label noise ~22%): one pass over 32k pairs beats many epochs over a few thousand, which
-      overfit within ~3 epochs. 4k phase-3 prompts give ~1.5k easy pairs for DPO and ~2.5k hard prompts.
-    - theta 1.0 (the paper's): this RM's scores have sd ~1, so 35-40% of the SFT sample pairs are easy,
-      and their RM labels agree with gold ~88% of the time against ~67% for the hard ones.
-    - DPO: lr 1e-4, ~3 epochs, beta 0.3. At beta 0.1 DPO on the easy pairs over-fits the RM's liking for
-      short answers (in easy pairs the chosen answer is the shorter one 47% of the time, the longer one
-      18%): over 5 seeds it lists too few items, gold 3.09 +- 0.30 (one seed at SFT level); beta 0.3 gave
-      3.27-3.38 on the two worst seeds. lr 2e-4 or more epochs over-fit as well.
-    - PPO: one pass over the hard prompts; actor lr 3e-4 (5e-5 barely moves the policy in ~80 steps).
+    Builds `out/assets` (40k synthetic records, split 1,8,1 over SFT / reward model / selection+PPO, and a
+    tiny random Llama; `mpo_ext.bootstrap`), then runs SFT -> RM -> select (theta `threshold`) -> DPO on the
+    easy pairs -> PPO on the hard prompts -> evaluation, each stage's flags below. To try other values,
+    run a stage's own main with changed flags, or pass `--threshold` to `mpo pipeline`.
+
+    The values were chosen against the task's gold reward (`benchmarks/reproduce.py` measures them):
+    the RM gets most of the data (its labels are noisy, so one pass over many pairs beats epochs over
+    few); theta 1.0 (the paper's) puts about 40% of sampled pairs on the easy side; DPO uses beta 0.3,
+    because at 0.1 it learns the RM's liking for short answers; PPO makes one pass over the hard prompts.
     """
     assets = out / "assets"
     common = ["--dtype", "fp32", "--seed", "1234", "--data_output_path", str(out / "data_cache")]
