@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dschat.utils.dist import barrier, get_rank, is_rank_0
+from dschat.utils.dist import barrier, get_rank, is_rank_0, on_cpu
 from dschat.utils.errors import UserError
 
 # --------------------------------------------------------------------------------------------- printing
@@ -209,8 +209,6 @@ def get_optimizer_grouped_parameters(
 
 def create_optimizer(param_groups: list[dict], lr: float, offload: bool = False, betas=(0.9, 0.95)):
     """FusedAdam on GPU, DeepSpeedCPUAdam with ZeRO offload, torch AdamW on the CPU accelerator."""
-    from dschat.utils.dist import on_cpu
-
     if on_cpu():
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
     if offload:
