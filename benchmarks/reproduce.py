@@ -44,6 +44,7 @@ from common import cpu_model  # noqa: E402
 from dschat.utils.errors import UserError, run_main  # noqa: E402
 from dschat.utils.utils import atomic_write_json, atomic_write_text  # noqa: E402
 from mpo_ext.pipeline import Preset, Stage, build_plan, override_flags, run_plan, tiny_preset  # noqa: E402
+from mpo_ext.synthetic import gold_reward  # noqa: E402
 
 SHARED = ("assets", "data_cache", "step1_sft", "step2_rm")
 ALL_HARD = 1e9  # a theta above every gap: every prompt goes to PPO
@@ -267,7 +268,6 @@ def resolve_theta(spec: str, manifest: Path) -> float:
 def rm_gold_agreement(seed_dir: Path) -> dict[str, float | None]:
     """How often the RM's ordering of two SFT samples agrees with the gold reward, over all pairs and
     over the easy / hard split of the first theta (pairs with equal gold are left out): the premise of MPO."""
-    from mpo_ext.synthetic import gold_reward
 
     def accuracy(files: list[Path]) -> float | None:
         agree = total = 0
