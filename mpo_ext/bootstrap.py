@@ -1,5 +1,9 @@
 """Tiny tokenizer + tiny randomly initialised Llama in Hugging Face layout, built offline.
 
+Owns the embedded default's model assets (`build_default_assets`) and the random-Llama writer
+(`save_random_llama`, also used by the tests' fixtures). Imports `mpo_ext.synthetic` and dschat's atomic
+writers only: no training code.
+
 Why: the default pipeline must run with no hub access and no GPU. The synthetic task
 (`mpo_ext.synthetic`) has a closed vocabulary of a few hundred words, so a word-level tokenizer and a
 64-wide, 2-layer Llama trained from scratch are enough to learn it on CPU in minutes.

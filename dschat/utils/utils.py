@@ -1,4 +1,11 @@
-"""Small shared helpers with DeepSpeed-Chat's names: printing, seeding, tokenizer loading, saving."""
+"""Small shared helpers with DeepSpeed-Chat's names: printing, seeding, atomic file writes, tokenizer loading,
+optimizer groups, EMA, and saving models in Hugging Face layout (ZeRO-3 aware).
+
+Owns the one atomic writer and the one model saver every stage uses. Imports only torch, numpy,
+DeepSpeed/transformers (lazily, where used) and `dschat.utils.dist` / `errors`: never a step, a trainer,
+the data pipeline or `mpo_ext`, so any module can import it. Upstream-only names no project code calls
+(`save_hf_format`, `save_zero_three_model`) live in `dschat.utils.compat` and are still importable here.
+"""
 
 from __future__ import annotations
 
