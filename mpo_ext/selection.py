@@ -32,6 +32,7 @@ from dschat.utils import args as flags
 from dschat.utils.checkpoint import maybe_inject_kill
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
+from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, print_rank_0
 
 PAIR_SOURCES = ("samples", "dataset")
@@ -142,20 +143,6 @@ def length_sorted_batches(indices: Sequence[int], lengths: Sequence[int], batch_
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def score_index(token_ids: Sequence[int], prompt_length: int, pad_token_id: int | None) -> int:
-    """The token a sequence is scored at: the one before the first pad at or after the prompt, else the
-    last token. With eos == pad this is the last answer token (the step-2 end convention); with an eot
-    string that is not the pad token it is the last eot token, as upstream's reward model was trained."""
-    n = len(token_ids)
-    if n == 0:
-        return 0
-    if pad_token_id is not None:
-        for j in range(max(prompt_length, 1), n):
-            if token_ids[j] == pad_token_id:
-                return j - 1
-    return n - 1
-
-
 def orient_record(raw: dict[str, Any], policy: str) -> dict[str, Any] | None:
     """Output record (prompt, chosen, rejected, rewards, gap, human_label) from a scored shard record.
 
@@ -234,6 +221,7 @@ def parse_args(argv: list[str] | None = None):
                        help="A step-2 reward model output (ours or upstream DeepSpeed-Chat's).")
     group.add_argument("--num_padding_at_beginning", type=int, default=1,
                        help="Passed to the reward model (OPT: 1, Llama: 0); scoring reads the last answer token.")
+    flags.add_reward_ending_arg(group)
     group = parser.add_argument_group("selection")
     group.add_argument("--threshold", type=float, default=None,
                        help=f"theta: pairs with |r(a) - r(b)| > theta are easy (default {DEFAULT_THRESHOLD}; the "
@@ -278,10 +266,10 @@ def validate_args(args) -> None:
     if args.threshold is not None and args.easy_fraction is not None:
         raise UserError("--threshold and --easy_fraction are exclusive: give one (a fixed theta or a target "
                         "easy share)")
-    if args.easy_fraction is not None and not 0.0 < args.easy_fraction < 1.0:
+    if args.easy_fraction is not None and not 0.0 < args.easy_fraction < 1.0:  # also refuses nan
         raise UserError(f"--easy_fraction {args.easy_fraction}: must be between 0 and 1 (exclusive)")
-    if args.threshold is not None and args.threshold < 0:
-        raise UserError(f"--threshold {args.threshold}: gaps are absolute, so theta must be >= 0")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold >= 0):
+        raise UserError(f"--threshold {args.threshold}: gaps are absolute, so theta must be a finite number >= 0")
     if args.threshold is None and args.easy_fraction is None:
         args.threshold = DEFAULT_THRESHOLD
     if args.pair_source == "samples":
@@ -331,7 +319,7 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
     local_rank = data_utils.resolve_local_rank(args.local_rank)
     need_pairs = args.pair_source == "dataset"
     parts: list[list[dict]] = []
-    stats = {"skipped": 0, "filtered": 0}
+    stats = {"skipped": 0, "filtered": 0, "answers_truncated": 0}
     for name in args.data_path:
         data_utils.check_data_path(name)
         raw = data_utils.get_raw_dataset(name, args.data_output_path, args.seed, local_rank)
@@ -353,9 +341,14 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
                 continue
             items.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         lengths = prompt_lengths(tokenizer, [it["prompt"] for it in items])
-        kept = [it for it, n in zip(items, lengths) if 0 < n <= args.max_prompt_seq_len]
+        kept = [(it, n) for it, n in zip(items, lengths) if 0 < n <= args.max_prompt_seq_len]
         stats["filtered"] += len(items) - len(kept)
-        parts.append(kept)
+        if need_pairs:  # dataset answers longer than the room left after the prompt are cut when scored
+            answer_lengths = prompt_lengths(tokenizer, [it[k] for it, _ in kept for k in ("chosen", "rejected")])
+            room = args.max_prompt_seq_len + args.max_answer_seq_len
+            stats["answers_truncated"] += sum(n + max(answer_lengths[2 * i:2 * i + 2]) > room
+                                              for i, (_, n) in enumerate(kept))
+        parts.append([it for it, _ in kept])
     merged = [it for part in parts for it in part]
     if len(parts) > 1:
         merged = [merged[i] for i in data_utils.get_shuffle_idx(args.seed, len(merged)).tolist()]
@@ -367,6 +360,11 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
                         f"{stats['filtered']}); check --data_split/--data_phase and the prompt length limit")
     for i, item in enumerate(merged):
         item["index"] = i
+    if stats["answers_truncated"]:
+        print_rank_0(f"warning: {stats['answers_truncated']} pair(s) have an answer longer than "
+                     f"--max_prompt_seq_len + --max_answer_seq_len ({args.max_prompt_seq_len} + "
+                     f"{args.max_answer_seq_len}) tokens with their prompt; it is cut when scored (raise "
+                     "--max_answer_seq_len to score it whole)")
     return merged, stats
 
 
@@ -404,30 +402,24 @@ class PairScorer:
         self.device = getattr(engine, "device", torch.device("cpu"))
 
     def encode(self, prompts: list[str], answers: list[str]) -> list[tuple[list[int], int]]:
-        from dschat.utils.data.raw_datasets import join_prompt_response
+        """(prompt + answer + ending ids, prompt length) per pair, laid out by dschat's `reward_layout`."""
+        from dschat.utils.inference import reward_layout
 
-        if not prompts:
-            return []
-        texts = [join_prompt_response(p, a) + self.end_of_text for p, a in zip(prompts, answers)]
-        ids = self.tokenizer(texts)["input_ids"]
-        plens = [len(x) for x in self.tokenizer(prompts)["input_ids"]]
-        return [(row[:self.max_len], min(n, self.max_len)) for row, n in zip(ids, plens)]
+        rows = []
+        for prompt, answer in zip(prompts, answers):
+            head, tail = reward_layout(self.tokenizer, prompt, answer, self.end_of_text, self.max_len)
+            rows.append((head + tail, len(head)))
+        return rows
 
     @torch.no_grad()
     def score_rows(self, rows: list[tuple[list[int], int]]) -> list[float]:
-        """One reward per row, one forward call. An empty list still runs a dummy forward (ZeRO-3 lockstep)."""
+        """One reward per row, one forward call (dschat's `score_layouts`, the rule PPO reads by). An empty
+        list still runs a dummy forward (ZeRO-3 lockstep)."""
+        from dschat.utils.inference import score_layouts
+
         real = len(rows)
-        rows = rows or [([self.pad], 1)]
-        width = max(len(r) for r, _ in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, _) in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
-        values = self.model.forward_value(ids.to(self.device), mask.to(self.device), return_value_only=True)
-        index = torch.tensor([score_index(r, p, self.pad) for r, p in rows], device=values.device)
-        scores = values.float().gather(1, index.unsqueeze(1)).squeeze(1).cpu().tolist()
-        return scores[:real]
+        layouts = [(row[:n], row[n:]) for row, n in rows] or [([self.pad], [self.pad])]
+        return score_layouts(self.model, layouts, self.pad, self.device)[:real]
 
     def score(self, prompts: list[str], answers: list[str], calls: int | None = None) -> list[float]:
         """Rewards in input order; rows are length-sorted into batches. `calls` pads the number of forward
@@ -591,6 +583,7 @@ def shard_fingerprint(args, items_digest: str, num_items: int) -> dict:
         "sft_model": model_signature(args.sft_model_name_or_path) if args.pair_source == "samples" else None,
         "reward_model": model_signature(args.reward_model_name_or_path),
         "end_of_conversation_token": args.end_of_conversation_token,
+        "reward_end_text": args.reward_end_text,
         "seed": args.seed,
         "items": [num_items, items_digest],
         "sampling": sampling_settings(args),
@@ -648,21 +641,21 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
     bar = tqdm(total=total_prompts, unit="prompt", disable=not is_rank_0(), dynamic_ncols=True,
                desc=f"select (rank 0 of {get_world_size()})")
     done, start = 0, time.time()
-    for count, shard_id in enumerate(mine, start=1):
-        records: list[dict] = []
-        for batch in worker.batches(shards[shard_id]):
-            records.extend(worker.run_batch(batch))
-            bar.update(len(batch))
-            done += len(batch)
-            rate = done / max(time.time() - start, 1e-9)
-            bar.set_postfix(all_ranks=f"{rate * get_world_size():.1f} prompts/s")
-        records.sort(key=lambda r: r["index"])
-        atomic_write_jsonl(shard_path(output_dir, shard_id), records)
-        maybe_inject_kill("after_shard", count)  # crash tests: DSCHAT_KILL_AT=after_shard:N
-    if worker.lockstep:
-        for _ in range(busiest - my_batches):
-            worker.dummy_batch()
-    bar.close()
+    with bar:  # closed (its line ended) also when a batch fails, so an error starts on a line of its own
+        for count, shard_id in enumerate(mine, start=1):
+            records: list[dict] = []
+            for batch in worker.batches(shards[shard_id]):
+                records.extend(worker.run_batch(batch))
+                bar.update(len(batch))
+                done += len(batch)
+                rate = done / max(time.time() - start, 1e-9)
+                bar.set_postfix(all_ranks=f"{rate * get_world_size():.1f} prompts/s")
+            records.sort(key=lambda r: r["index"])
+            atomic_write_jsonl(shard_path(output_dir, shard_id), records)
+            maybe_inject_kill("after_shard", count)  # crash tests: DSCHAT_KILL_AT=after_shard:N
+        if worker.lockstep:
+            for _ in range(busiest - my_batches):
+                worker.dummy_batch()
     return done
 
 
@@ -698,6 +691,10 @@ def finalize(args, raw_records: list[dict], output_dir: Path, extra_manifest: di
     atomic_write_jsonl(output_dir / "hard.jsonl", hard)
     suggested = balanced_threshold(gaps)
     warnings = split_warnings(len(easy), len(hard), theta, suggested)
+    identical = sum(1 for r in raw_records if len(set(r["responses"])) == 1)
+    if identical:
+        warnings.append(f"{identical} of {len(raw_records)} prompts have two identical answers (reward gap 0: "
+                        "they go to the hard split and give DPO no signal)")
     for message in warnings:
         print_rank_0(f"warning: {message}")
     plots.plot_reward_gap_histogram(gaps, theta, output_dir / "reward_gap_hist.png",
@@ -722,7 +719,7 @@ def finalize(args, raw_records: list[dict], output_dir: Path, extra_manifest: di
         "easy_fraction_requested": args.easy_fraction,
         "balanced_threshold": suggested,
         "counts": {"prompts": len(raw_records), "pairs": total, "dropped": len(records) - total,
-                   "easy": len(easy), "hard": len(hard)},
+                   "easy": len(easy), "hard": len(hard), "identical_answers": identical},
         "fractions": {"easy": len(easy) / total if total else 0.0, "hard": len(hard) / total if total else 0.0},
         "gap": gap_summary(gaps),
         "rm_accuracy_vs_human": accuracy["overall_accuracy"] if accuracy else None,
@@ -748,13 +745,13 @@ def finalize(args, raw_records: list[dict], output_dir: Path, extra_manifest: di
 
 def run(args) -> dict | None:
     """The whole stage (call on every rank after init_distributed); returns the manifest on rank 0."""
-    from dschat.utils.build import end_of_text
     from dschat.utils.ds_utils import get_eval_ds_config, resolve_dtype, set_batch_sizes
+    from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
     from dschat.utils.utils import load_hf_tokenizer
 
     args.dtype = resolve_dtype(args.dtype)
     rank, world = get_rank(), get_world_size()
-    output_dir = Path(args.output_dir)
+    output_dir = prepare_output_dir(args.output_dir)
     sft_tokenizer = load_hf_tokenizer(args.sft_model_name_or_path) if args.pair_source == "samples" else None
     rm_tokenizer = reward_tokenizer(args, sft_tokenizer)
     items, load_stats = load_items(args, sft_tokenizer or rm_tokenizer)
@@ -789,7 +786,9 @@ def run(args) -> dict | None:
                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   zero_stage=args.zero_stage, enable_hybrid_engine=args.enable_hybrid_engine)
         reward = build_reward(args, rm_tokenizer, ds_config)
-        scorer = PairScorer(reward, rm_tokenizer, end_of_text(args, rm_tokenizer),
+        ending = resolve_reward_ending(args.reward_model_name_or_path,
+                                       args.reward_end_text or args.end_of_conversation_token)
+        scorer = PairScorer(reward, rm_tokenizer, ending_text(ending, rm_tokenizer),
                             args.max_prompt_seq_len + args.max_answer_seq_len, args.per_device_eval_batch_size)
         worker = ShardWorker(args, items, sft_tokenizer or rm_tokenizer, scorer, generator,
                              lockstep=args.zero_stage == 3 and world > 1)

@@ -12,12 +12,11 @@ Owns: upstream-only names. Imports `dschat.utils.utils`; nothing in `dschat/` or
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from dschat.utils.utils import gather_full_state_dict, save_causal_lm, save_reward_model
+from dschat.utils.utils import atomic_write, gather_full_state_dict, save_causal_lm, save_reward_model
 
 UPSTREAM_UTILS_NAMES = ("save_hf_format", "save_zero_three_model")
 
@@ -45,7 +44,4 @@ def save_zero_three_model(model_ema, global_rank: int, save_dir: str, zero_stage
     state = gather_full_state_dict(module)
     if global_rank == 0:
         os.makedirs(save_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-pytorch_model.bin-", dir=save_dir)
-        os.close(fd)
-        torch.save(state, tmp)
-        os.replace(tmp, Path(save_dir) / "pytorch_model.bin")
+        atomic_write(Path(save_dir) / "pytorch_model.bin", lambda fh: torch.save(state, fh))
