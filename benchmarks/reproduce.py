@@ -45,6 +45,7 @@ from common import cpu_model  # noqa: E402
 from dschat.utils.errors import UserError, run_main  # noqa: E402
 from dschat.utils.utils import atomic_write_json, atomic_write_text  # noqa: E402
 from mpo_ext.pipeline import PipelineConfig, Stage, build_plan, dump_config, load_config, run_plan  # noqa: E402
+from mpo_ext.synthetic import gold_reward  # noqa: E402
 
 ALL_HARD = 1e9  # a theta above every gap: every prompt goes to PPO
 # Quick mode: the tiny preset shrunk so that every method still runs end to end in a few minutes.
@@ -222,7 +223,6 @@ def resolve_theta(spec: str, manifest: Path) -> float:
 def rm_gold_agreement(sel: Path) -> dict[str, float | None]:
     """How often the RM's ordering of two SFT samples agrees with the gold reward, over all pairs and
     over the easy / hard split of the first theta (pairs with equal gold are left out): the premise of MPO."""
-    from mpo_ext.synthetic import gold_reward
 
     def accuracy(files: list[Path]) -> float | None:
         agree = total = 0

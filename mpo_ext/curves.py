@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dschat.utils.errors import UserError
+from dschat.utils.utils import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 NON_METRIC_KEYS = frozenset({"step", "phase", "epoch", "time", "timestamp"})
@@ -107,8 +108,6 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dschat.utils.utils import atomic_write
 
     if not metrics_files:
         raise UserError("no metrics files to plot")

@@ -47,17 +47,6 @@ SHARD_CONFIG = "config.json"
 # --------------------------------------------------------------------------------------------- pure functions
 
 
-def order_pair_by_reward(first: str, second: str, first_reward: float,
-                         second_reward: float) -> tuple[str, str, float, float]:
-    """(chosen, rejected, chosen_reward, rejected_reward): the higher-scored answer is chosen.
-
-    Ties keep the given order, so the result is deterministic.
-    """
-    if second_reward > first_reward:
-        return second, first, float(second_reward), float(first_reward)
-    return first, second, float(first_reward), float(second_reward)
-
-
 def split_by_gap(gaps: Sequence[float] | np.ndarray, theta: float) -> np.ndarray:
     """Boolean easy mask: gap > theta is easy, gap <= theta is hard (a gap equal to theta is hard)."""
     return np.asarray(gaps, dtype=float) > theta
@@ -157,7 +146,7 @@ def length_sorted_batches(indices: Sequence[int], lengths: Sequence[int], batch_
 def orient_record(raw: dict[str, Any], policy: str) -> dict[str, Any] | None:
     """Output record (prompt, chosen, rejected, rewards, gap, human_label) from a scored shard record.
 
-    `reward_model`: the higher-scored answer is chosen (the paper). `human`: keep the dataset's label.
+    `reward_model`: the higher-scored answer is chosen (the paper; a tie keeps the sampled order). `human`: keep the dataset's label.
     `drop_disagreements`: keep the dataset's label, but drop the pair (None) when the RM strictly
     prefers the other answer. `human_label` (where known) is 1 when humans preferred `chosen`.
     """
