@@ -399,7 +399,8 @@ class DPOTrainer(Trainer):
                          f"(exit status {health.COLLAPSE_EXIT_CODE})")
             raise SystemExit(health.COLLAPSE_EXIT_CODE)
         scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-        if self.best.consider(self.global_step, scores) and self.args.keep_best and self.args.output_dir:
+        improved = self.best.consider(self.global_step, scores, healthy=not self.monitor.active)
+        if improved and self.args.keep_best and self.args.output_dir:
             from dschat.utils.module.lora import lora_fused
             from dschat.utils.utils import save_causal_lm
 

@@ -26,6 +26,7 @@ from dschat.rlhf.health import (
     repeated_ngrams,
     truncated_share,
 )
+from dschat.utils.checkpoint import find_latest_state
 from dschat.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,3 +139,206 @@ def test_gold_reward_is_loaded_by_name():
     for bad in ("mpo_ext.synthetic", "no_such_module_xyz:f", "mpo_ext.synthetic:nope", "mpo_ext.synthetic:CATEGORIES"):
         with pytest.raises(UserError, match="--gold_reward"):
             load_gold_reward(bad)
+
+
+# --------------------------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(tmp_path_factory, tinystories_dir, tiny_tokenizer) -> dict[str, Path]:
+    """A step-2 style critic/reward model (random value head) and 32 prompts, as in tests/test_step3.py."""
+    from transformers import AutoModel
+
+    from dschat.utils.model.reward_model import RewardModel
+    from dschat.utils.utils import save_reward_model
+
+    root = tmp_path_factory.mktemp("guards_ppo")
+    torch.manual_seed(0)
+    critic = RewardModel(AutoModel.from_pretrained(str(tinystories_dir)), tiny_tokenizer, 0)
+    torch.nn.init.normal_(critic.v_head.weight, std=0.5)
+    save_reward_model(critic, tiny_tokenizer, root / "critic")
+    questions = ["Where did the cat go?", "What is the sky like?", "Tell me about a dog.", "Who is Lily?",
+                 "What did Tom eat?", "Why is the sun hot?", "Can you sing a song?", "How big is the tree?"]
+    with open(root / "prompts.jsonl", "w", encoding="utf-8") as fh:
+        for q in questions * 4:
+            fh.write(json.dumps({"prompt": f"\n\nHuman: {q}\n\nAssistant:"}) + "\n")
+    return {"root": root, "critic": root / "critic", "prompts": root / "prompts.jsonl", "actor": tinystories_dir}
+
+
+def _ppo_argv(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["--actor_model_name_or_path", str(setup["actor"]), "--critic_model_name_or_path", str(setup["critic"]),
+            "--data_path", str(setup["prompts"]), "--data_output_path", str(setup["root"] / "cache"),
+            "--per_device_generation_batch_size", "8", "--per_device_training_batch_size", "8",
+            "--max_prompt_seq_len", "48", "--max_answer_seq_len", "12", "--num_padding_at_beginning", "0",
+            "--critic_learning_rate", "1e-3", "--num_warmup_steps", "0", "--seed", "1", "--do_sample",
+            "--output_dir", str(out), *extra]
+
+
+def _records(out: Path, phase: str) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["phase"] == phase]
+
+
+def _best_healthy(evals: list[dict], metric: str, health: dict) -> int:
+    """The step keep-best must keep: highest `metric`, earliest on ties, skipping flagged steps."""
+    flagged = {w["step"] for w in health["warnings"]}
+    candidates = [e for e in evals if e["step"] not in flagged]
+    top = max(e[metric] for e in candidates)
+    return min(e["step"] for e in candidates if e[metric] == top)
+
+
+def _assert_stopped(proc, out: Path, stage: str) -> dict:
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == COLLAPSE_EXIT_CODE, f"exit {proc.returncode}\n{log[-5000:]}"
+    warnings = [line for line in log.splitlines() if line.startswith(f"{WARNING} [{stage}] step ")]
+    assert warnings, log[-4000:]
+    health = json.loads((out / "health.json").read_text())
+    assert health["status"] == "stopped" and health["active"]
+    step = health["last_step"]
+    assert all(f"step {step}:" in line for line in warnings), warnings
+    assert f"--stop_on_collapse: stopping at step {step}" in log
+    assert find_latest_state(out) == out / "checkpoints" / f"step-{step}"  # complete and resumable
+    return health
+
+
+def test_overoptimised_ppo_warns_and_stops_with_a_saved_state(ppo_setup, run_ds, tmp_path):
+    """Actor lr 3e-2, no KL penalty, 4 PPO epochs per batch: within a few steps the answers collapse; the run
+    names the signals and the step, saves a state and exits with COLLAPSE_EXIT_CODE, writing no model."""
+    out = tmp_path / "ppo_collapse"
+    argv = _ppo_argv(ppo_setup, out, "--actor_learning_rate", "3e-2", "--init_kl_coef", "0", "--ppo_epochs", "4",
+                     "--lr_scheduler_type", "constant", "--max_steps", "5", "--stop_on_collapse")
+    proc = run_ds(PPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
+    health = _assert_stopped(proc, out, "step3")
+    step = health["last_step"]
+    assert step < 5 and not (out / "actor").exists()
+    train = {r["step"]: r for r in _records(out, "train")}
+    # the warning matches the logged metrics of that step
+    for signal in health["active"]:
+        logged = train[step][signal]
+        limit = next(w["threshold"] for w in health["warnings"] if w["signal"] == signal)
+        assert logged < limit if signal == "health/entropy" else logged > limit, (signal, logged, limit)
+    assert {"health/entropy", "health/distinct_1", "health/distinct_2", "health/repeat_share",
+            "health/degenerate_share", "health/truncated_share"} <= set(train[1])
+
+
+def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup, run_ds, tmp_path):
+    """A gentle run warns about nothing; with --keep_best, actor/ is the step whose held-out reward was the
+    highest in the logged evaluations, and re-scoring the saved actor reproduces that score."""
+    from transformers import AutoModelForCausalLM
+
+    from dschat.rlhf.generation import Generator
+    from dschat.rlhf.health import evaluate_held_out
+    from dschat.steps import ppo
+    from dschat.utils.model.model_utils import create_critic_model
+    from dschat.utils.utils import load_hf_tokenizer
+
+    out = tmp_path / "ppo_best"
+    argv = _ppo_argv(ppo_setup, out, "--actor_learning_rate", "1e-3", "--max_steps", "3", "--eval_steps", "1",
+                     "--eval_prompts", "4", "--keep_best")
+    proc = run_ds(PPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert WARNING not in log
+    health = json.loads((out / "health.json").read_text())
+    assert health["status"] == "ok" and health["warnings"] == [] and health["checks"] == 3
+    evals = _records(out, "eval")
+    assert [e["step"] for e in evals] == [0, 1, 2, 3]
+    best = json.loads((out / "best.json").read_text())
+    assert best["best_step"] == _best_healthy(evals, "eval/reward", health)
+    assert best["best_score"] == pytest.approx(max(e["eval/reward"] for e in evals), abs=1e-5)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["kept_step"] == best["best_step"] and info["health"] == "ok"
+    assert not (out / "best_actor").exists()
+
+    # re-score the kept actor on the same held-out prompts, outside the training engines
+    args = ppo.parse_args(argv)
+    _, prompts, _, held_out = ppo.prepare(args)
+    batch = ppo.held_out_prompt_batch(args, held_out, prompts, load_hf_tokenizer(str(out / "actor")))
+    tok = load_hf_tokenizer(str(out / "actor"))
+    actor = AutoModelForCausalLM.from_pretrained(str(out / "actor")).eval()
+    critic = create_critic_model(str(ppo_setup["critic"]), tok, None, 0, rlhf_training=True).eval()
+
+    def reward(seq, width, prompts, answers):  # noqa: ARG001
+        return critic.forward_value(seq, (seq != tok.pad_token_id).long(), prompt_length=width)["chosen_end_scores"]
+
+    again = evaluate_held_out(actor, Generator(actor, tok, max_new_tokens=12), batch["prompt"],
+                              batch["prompt_att_mask"], tok, reward, None)
+    assert again["eval/reward"] == pytest.approx(best["best_score"], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def dpo_pairs(tmp_path_factory) -> Path:
+    """Synthetic-task pairs: best answers against sloppy ones (as tests/test_dpo.py builds them)."""
+    import random
+
+    from mpo_ext import synthetic
+
+    root = tmp_path_factory.mktemp("guards_dpo")
+    rng = random.Random(3)
+    prompts = synthetic.all_prompts("train")
+    with open(root / "easy.jsonl", "w", encoding="utf-8") as fh:
+        for _ in range(80):
+            prompt = rng.choice(prompts)
+            fh.write(json.dumps({"prompt": prompt, "chosen": synthetic.best_response(prompt),
+                                 "rejected": synthetic.sample_response(prompt, 0.0, rng)}) + "\n")
+    return root
+
+
+def _dpo_argv(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data_path", str(data / "easy.jsonl"), "--model_name_or_path", str(model), "--max_seq_len", "64",
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--beta", "0.1",
+            "--num_warmup_steps", "0", "--lr_scheduler_type", "constant", "--log_interval", "1",
+            "--eval_prompts", "4", "--gold_reward", "mpo_ext.synthetic:gold_reward",
+            "--data_output_path", str(data / "cache"), "--output_dir", str(out), *extra]
+
+
+def test_high_lr_dpo_warns_and_stops_with_a_saved_state(dpo_pairs, tinystories_dir, run_ds, tmp_path):
+    """DPO at lr 5e-2: by the first periodic eval the held-out answers repeat themselves and both log-probs
+    have collapsed (likelihood displacement); --stop_on_collapse saves a state and exits."""
+    out = tmp_path / "dpo_collapse"
+    argv = _dpo_argv(dpo_pairs, tinystories_dir, out, "--learning_rate", "5e-2", "--eval_steps", "3",
+                     "--num_train_epochs", "1", "--stop_on_collapse")
+    proc = run_ds(DPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
+    health = _assert_stopped(proc, out, "step3b_dpo")
+    assert health["last_step"] == 3 and not (out / "model.safetensors").exists()
+    assert "health/degenerate_share" in health["active"] or "health/logps_chosen_per_token" in health["active"]
+    first = _records(out, "eval")[0]
+    assert first["step"] == 0 and {"health/logps_chosen_per_token", "eval/gold", "health/entropy"} <= set(first)
+
+
+def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(dpo_pairs, tinystories_dir, run_ds, tmp_path):
+    """--keep_best --best_metric gold: the output directory's model is the evaluated step with the highest
+    held-out gold reward (checked against the logged evals and by re-generating with the saved model)."""
+    from transformers import AutoModelForCausalLM
+
+    from dschat.rlhf.generation import Generator
+    from dschat.rlhf.health import evaluate_held_out
+    from dschat.utils.build import end_of_text
+    from dschat.utils.data.data_utils import create_prompt_dataset
+    from dschat.utils.utils import load_hf_tokenizer
+    from mpo_ext import synthetic
+    from mpo_ext.dpo import held_out_prompts, parse_args
+
+    out = tmp_path / "dpo_best"
+    argv = _dpo_argv(dpo_pairs, tinystories_dir, out, "--learning_rate", "2e-3", "--eval_steps", "2",
+                     "--max_steps", "6", "--keep_best", "--best_metric", "gold")
+    proc = run_ds(DPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    health = json.loads((out / "health.json").read_text())
+    evals = _records(out, "eval")
+    assert [e["step"] for e in evals][:4] == [0, 2, 4, 6]
+    best = json.loads((out / "best.json").read_text())
+    assert best["best_step"] == _best_healthy(evals, "eval/gold", health)
+    assert (out / "model.safetensors").is_file() and not (out / "best_model").exists()
+
+    args = parse_args(argv)
+    tok = load_hf_tokenizer(str(out))
+    train_data, eval_data = create_prompt_dataset(0, args.data_path, args.data_split, args.data_output_path, 2,
+                                                  args.seed, tok, args.max_seq_len,
+                                                  end_of_conversation_token=end_of_text(args, tok))
+    ids, mask = held_out_prompts(eval_data if len(eval_data) else train_data, 4, tok.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    again = evaluate_held_out(model, Generator(model, tok, max_new_tokens=min(64, 64 - ids.shape[1])), ids, mask,
+                              tok, None, synthetic.gold_reward)
+    assert again["eval/gold"] == pytest.approx(best["best_score"], abs=1e-6)

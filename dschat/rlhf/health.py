@@ -371,11 +371,12 @@ class KeepBest:
     best_step: int | None = None
     best_score: float = -math.inf
 
-    def consider(self, step: int, scores: dict[str, float]) -> bool:
-        """Record an evaluation; True when it is a new best (the caller then saves its weights)."""
-        self.evals.append({"step": step, **scores})
+    def consider(self, step: int, scores: dict[str, float], healthy: bool = True) -> bool:
+        """Record an evaluation; True when it is a new best (the caller then saves its weights). A step the
+        health checks flag is never kept: a collapsed policy can score well on a reward model it exploits."""
+        self.evals.append({"step": step, **scores, "healthy": healthy})
         score = scores.get(self.metric)
-        if score is None or not math.isfinite(score) or score <= self.best_score:
+        if not healthy or score is None or not math.isfinite(score) or score <= self.best_score:
             return False
         self.best_step, self.best_score = step, float(score)
         return True
@@ -388,8 +389,9 @@ class KeepBest:
             "last_step": last_step,
             "kept": kept,
             "reason": (f"step {self.best_step} had the highest held-out {self.metric} "
-                       f"({self.best_score:.4f}) of {len(self.evals)} evaluations"
-                       if self.best_step is not None else "no evaluation produced a finite score"),
+                       f"({self.best_score:.4f}) of the {sum(e['healthy'] for e in self.evals)} healthy ones among "
+                       f"{len(self.evals)} evaluations"
+                       if self.best_step is not None else "no healthy evaluation produced a finite score"),
             "evals": self.evals,
         }
 

@@ -674,8 +674,8 @@ class PPOLoop(ResumableRun):
                                            self.tokenizer, reward, gold, args.per_device_generation_batch_size)
         trainer.train()
         self.logger.log(self.global_step, "eval", metrics)
-        if self.best.consider(self.global_step, {k: v for k, v in metrics.items() if k.startswith("eval/")}) \
-                and args.keep_best:
+        scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        if self.best.consider(self.global_step, scores, healthy=not self.monitor.active) and args.keep_best:
             self._save_best_actor()
 
     def _best_dir(self) -> Path:
