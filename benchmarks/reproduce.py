@@ -46,6 +46,8 @@ from dschat.utils.utils import atomic_write_json, atomic_write_text  # noqa: E40
 from mpo_ext.pipeline import Preset, Stage, build_plan, override_flags, run_plan, tiny_preset  # noqa: E402
 
 SHARED = ("assets", "data_cache", "step1_sft", "step2_rm")
+DEFAULT_TASK = "mpo-synthetic"
+TASK_SUFFIX = {"mpo-synthetic": "", "mpo-sort": "_sort"}  # result-file and run-directory suffix per task
 ALL_HARD = 1e9  # a theta above every gap: every prompt goes to PPO
 # Quick mode: the tiny preset shrunk so that every method still runs end to end in a few minutes.
 QUICK = {
@@ -108,12 +110,13 @@ def make_preset(run_dir: Path, seed: int, threshold: float, quick: bool, launche
     return preset
 
 
-def fingerprint(quick: bool, thetas: tuple[str, str]) -> dict[str, Any]:
+def fingerprint(quick: bool, thetas: tuple[str, str], task: str = DEFAULT_TASK) -> dict[str, Any]:
     """What decides the results of a run directory (not seeds, threads or launcher)."""
     preset = make_preset(Path("RUN"), 0, 0.0, quick, "deepspeed")
     flags = {name: getattr(preset, name) for name in ("sft", "rm", "select", "dpo", "ppo", "eval")}
-    return {"quick": quick, "thetas": list(thetas), "num_train": preset.num_train,
-            "data_split": preset.data_split, "flags": flags}
+    found = {"quick": quick, "thetas": list(thetas), "num_train": preset.num_train,
+             "data_split": preset.data_split, "flags": flags}
+    return found if task == DEFAULT_TASK else {**found, "task": task}  # older run directories stay valid
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -122,8 +125,10 @@ def fingerprint(quick: bool, thetas: tuple[str, str]) -> dict[str, Any]:
 class SeedRun:
     """All methods of one seed under OUTPUT_DIR/seed<N>; each method is a run dir of the pipeline."""
 
-    def __init__(self, root: Path, seed: int, quick: bool, launcher: str, thetas: tuple[str, str]):
+    def __init__(self, root: Path, seed: int, quick: bool, launcher: str, thetas: tuple[str, str],
+                 task: str = DEFAULT_TASK):
         self.root, self.seed, self.quick, self.launcher, self.theta_specs = root, seed, quick, launcher, thetas
+        self.task = task
         self.base = root / "base"
         self.thetas: dict[str, float] = {}
 
@@ -175,7 +180,7 @@ class SeedRun:
         plan = build_plan(base, self.base, stages=("assets", "sft", "rm"))
         for stage in plan:
             if stage.name == "assets":
-                stage.command += ["--seed", str(self.seed)]  # a fresh data draw per seed
+                stage.command += ["--seed", str(self.seed), "--task", self.task]  # a fresh data draw per seed
         print(f"[reproduce] seed {self.seed}: base (assets, SFT, RM)", flush=True)
         self._run_plan(plan, self.base)
 
@@ -238,6 +243,7 @@ class SeedRun:
             "rm_vs_human_dataset_pairs": selects["dpo_base"].get("rm_accuracy_vs_human"),
             "max_gold": read_json(self.base / "assets/data/manifest.json")["test"]["mean_max_gold"],
             "stage_seconds": stage_seconds(self.root),
+            "health": stage_health(self.root),
             "stage_seconds_total": round(sum(stage_seconds(self.root).values()), 1),
             "wall_seconds": round(seconds, 1),
         }
@@ -267,7 +273,7 @@ def resolve_theta(spec: str, manifest: Path) -> float:
 def rm_gold_agreement(seed_dir: Path) -> dict[str, float | None]:
     """How often the RM's ordering of two SFT samples agrees with the gold reward, over all pairs and
     over the easy / hard split of the first theta (pairs with equal gold are left out): the premise of MPO."""
-    from mpo_ext.synthetic import gold_reward
+    from mpo_ext.synthetic import any_gold_reward as gold_reward
 
     def accuracy(files: list[Path]) -> float | None:
         agree = total = 0
@@ -283,6 +289,18 @@ def rm_gold_agreement(seed_dir: Path) -> dict[str, float | None]:
     sel = seed_dir / "mpo_a/step2.5_select"
     return {"all": accuracy([sel / "easy.jsonl", sel / "hard.jsonl"]), "easy": accuracy([sel / "easy.jsonl"]),
             "hard": accuracy([sel / "hard.jsonl"])}
+
+
+def stage_health(seed_dir: Path) -> dict[str, dict]:
+    """health.json of every DPO and PPO stage of this seed: status and the signals that warned."""
+    found = {}
+    for path in sorted(seed_dir.glob("*/step3*/health.json")):
+        if path.parent.parent.is_symlink() or path.parent.is_symlink():
+            continue  # a borrowed stage is reported under its own run
+        record = read_json(path)
+        found[f"{path.parent.parent.name}/{path.parent.name}"] = {
+            "status": record["status"], "signals": sorted({w["signal"] for w in record["warnings"]})}
+    return found
 
 
 def stage_seconds(seed_dir: Path) -> dict[str, float]:
@@ -332,11 +350,19 @@ def aggregate(seeds: list[dict], labels: dict[str, str]) -> dict[str, Any]:
     return {"rows": rows, "claims": claims}
 
 
+def health_line(seeds: list[dict]) -> str:
+    """How many DPO/PPO stages ran and which warned, over all seeds (from each stage's health.json)."""
+    stages = [(s["seed"], name, h) for s in seeds for name, h in s.get("health", {}).items()]
+    warned = [f"seed {seed} {name} ({', '.join(h['signals'])})" for seed, name, h in stages if h["signals"]]
+    return f"{len(stages)} DPO/PPO stages checked, " + (f"{len(warned)} warned: " + "; ".join(warned) if warned
+                                                          else "none warned")
+
+
 def markdown(report: dict[str, Any]) -> str:
     agg, seeds = report["aggregate"], report["seeds"]
     n = len(seeds)
     lines = [
-        "# MPO reproduction on the synthetic task",
+        f"# MPO reproduction on the synthetic task `{report.get('task', DEFAULT_TASK)}`",
         "",
         f"`{report['command']}` — {n} seed(s) {report['seeds_list']}, {report['mode']} sizes, "
         f"{seeds[0]['num_eval_prompts']} held-out prompts per seed. Gold: the task's true reward "
@@ -368,6 +394,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Splits per seed: {thetas}.",
         f"RM ordering of two SFT samples agrees with gold: {fmt('all')} of all pairs, {fmt('easy')} of easy, "
         f"{fmt('hard')} of hard pairs (first θ).",
+        f"Health guards (default thresholds): {health_line(seeds)}.",
         f"Time: {sum(s['stage_seconds_total'] for s in seeds) / 60:.1f} min of stage runs over all seeds "
         f"({report['wall_seconds'] / 60:.1f} min wall in the last invocation; machine: {report['machine']}).",
         "",
@@ -431,6 +458,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--thetas", default=None,
                         help="Two reward-gap thresholds for MPO, numbers or gap percentiles like p50 (default 1,2 "
                              "as in the paper; p50,p75 with --quick, whose barely trained RM has a smaller scale).")
+    parser.add_argument("--task", choices=tuple(TASK_SUFFIX), default=DEFAULT_TASK,
+                        help="Embedded task: mpo-synthetic (list items of a category) or mpo-sort (sort the "
+                             "prompt's numbers); results of mpo-sort get a _sort suffix.")
     parser.add_argument("--launcher", choices=("python", "deepspeed"), default="python",
                         help="How single-rank stages start: plain python (faster) or the deepspeed launcher.")
     parser.add_argument("--threads", type=int, default=1,
@@ -449,16 +479,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise UserError(f"--thetas {spec}: give a number or a gap percentile such as p50") from None
     args.thetas = thetas
     mode = "quick" if args.quick else "full"
-    args.output_dir = (args.output_dir or REPO / ("runs/reproduce-quick" if args.quick else "runs/reproduce")).resolve()
+    suffix = TASK_SUFFIX[args.task]
+    default_dir = ("runs/reproduce-quick" if args.quick else "runs/reproduce") + suffix.replace("_", "-")
+    args.output_dir = (args.output_dir or REPO / default_dir).resolve()
     args.results_dir = (args.results_dir or (args.output_dir if args.quick else REPO / "benchmarks/results")).resolve()
-    args.stem = "reproduce" if mode == "full" else "reproduce_quick"
+    args.stem = ("reproduce" if mode == "full" else "reproduce_quick") + suffix
     return args
 
 
-def check_settings(output_dir: Path, quick: bool, thetas: tuple[str, str]) -> None:
+def check_settings(output_dir: Path, quick: bool, thetas: tuple[str, str], task: str = DEFAULT_TASK) -> None:
     """Refuse to mix runs of different settings in one directory (finished stages would be reused)."""
     path = output_dir / "reproduce_settings.json"
-    current = json.loads(json.dumps(fingerprint(quick, thetas)))
+    current = json.loads(json.dumps(fingerprint(quick, thetas, task)))
     if path.exists():
         if read_json(path) != current:
             raise UserError(f"--output_dir {output_dir}: holds a benchmark run with other settings "
@@ -472,20 +504,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    check_settings(args.output_dir, args.quick, args.thetas)
+    check_settings(args.output_dir, args.quick, args.thetas, args.task)
     start = time.time()
-    seeds = [SeedRun(args.output_dir / f"seed{s}", s, args.quick, args.launcher, args.thetas).run() for s in args.seeds]
+    seeds = [SeedRun(args.output_dir / f"seed{s}", s, args.quick, args.launcher, args.thetas, args.task).run()
+             for s in args.seeds]
     labels = method_labels(args.thetas)
     report = {
         "command": " ".join(["python benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
         "mode": "quick" if args.quick else "full",
+        "task": args.task,
         "seeds_list": args.seeds,
         "thetas": list(args.thetas),
         "labels": labels,
         "aggregate": aggregate(seeds, labels),
         "seeds": seeds,
         "paper_hh_rm_score": PAPER_HH,
-        "settings": fingerprint(args.quick, args.thetas),
+        "settings": fingerprint(args.quick, args.thetas, args.task),
         "wall_seconds": round(time.time() - start, 1),
         "machine": machine(),
         "output_dir": str(args.output_dir),
