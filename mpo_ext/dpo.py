@@ -385,19 +385,8 @@ class DPOTrainer(Trainer):
 
     def after_eval(self, metrics: dict[str, float]) -> None:
         """Health warnings (and --stop_on_collapse), then keep-best bookkeeping."""
-        new = self.monitor.observe(self.global_step, metrics)
-        for warning in new:
-            print_rank_0(self.monitor.format(warning))
-        stop = bool(new) and self.args.stop_on_collapse
-        self._write_health(stopped=stop)
-        if stop:
-            self.save_state()
-            print_rank_0(f"--stop_on_collapse: stopping at step {self.global_step} "
-                         f"({', '.join(sorted(self.monitor.active))}); training state saved under "
-                         f"{self.args.output_dir}/checkpoints; no final model was written; see "
-                         f"{Path(self.args.output_dir or '.') / health.HEALTH_FILE} "
-                         f"(exit status {health.COLLAPSE_EXIT_CODE})")
-            raise SystemExit(health.COLLAPSE_EXIT_CODE)
+        health.check_health(self.monitor, self.global_step, metrics, self.args.output_dir, self.args.stop_on_collapse,
+                            self.save_state)
         scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         improved = self.best.consider(self.global_step, scores, healthy=not self.monitor.active)
         if improved and self.args.keep_best and self.args.output_dir:
@@ -412,11 +401,6 @@ class DPOTrainer(Trainer):
     def _best_dir(self) -> Path:
         return Path(self.args.output_dir) / "best_model"
 
-    def _write_health(self, stopped: bool = False) -> None:
-        if self.args.output_dir and is_rank_0():
-            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(self.args.output_dir) / health.HEALTH_FILE, self.monitor.summary(stopped))
-
     def extra_state(self) -> dict:
         return {"health_baseline": self.monitor.baseline, "keep_best": self.best.state_dict()}
 
@@ -430,7 +414,7 @@ class DPOTrainer(Trainer):
         from dschat.utils.build import fuse_lora
         from dschat.utils.utils import save_causal_lm
 
-        self._write_health()
+        health.write_health(self.args.output_dir, self.monitor)
         if self.args.keep_best and self.best.best_step is not None and self._best_dir().is_dir():
             self._keep_best_model()
             return

@@ -28,6 +28,7 @@ import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -211,6 +212,37 @@ class HealthMonitor:
         }
 
 
+def write_health(output_dir: str | None, monitor: HealthMonitor, stopped: bool = False) -> None:
+    """OUTPUT/health.json (rank 0): what the pipeline and a reader check after a stage."""
+    from dschat.utils.dist import is_rank_0
+    from dschat.utils.utils import atomic_write_json
+
+    if output_dir and is_rank_0():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(output_dir) / HEALTH_FILE, monitor.summary(stopped))
+
+
+def check_health(monitor: HealthMonitor, step: int, metrics: dict[str, float], output_dir: str | None,
+                 stop_on_collapse: bool, save_state: Callable[[], None]) -> None:
+    """Print a warning line per newly crossed threshold and record health.json; with `stop_on_collapse`,
+    save a training state and exit with COLLAPSE_EXIT_CODE. Every rank calls it with the same (reduced)
+    metrics, so every rank decides alike and the state save stays collective."""
+    from dschat.utils.utils import print_rank_0
+
+    new = monitor.observe(step, metrics)
+    for warning in new:
+        print_rank_0(monitor.format(warning))
+    stop = bool(new) and stop_on_collapse
+    write_health(output_dir, monitor, stopped=stop)
+    if not stop:
+        return
+    save_state()
+    print_rank_0(f"--stop_on_collapse: stopping at step {step} ({', '.join(sorted(monitor.active))}); a training "
+                 f"state was saved under {Path(output_dir or '.') / 'checkpoints'} and no final model was written; "
+                 f"see {Path(output_dir or '.') / HEALTH_FILE} (exit status {COLLAPSE_EXIT_CODE})")
+    raise SystemExit(COLLAPSE_EXIT_CODE)
+
+
 def add_health_args(parser) -> None:
     """One flag group for every stage that trains a policy (PPO, DPO)."""
     d = HealthThresholds()
@@ -271,17 +303,18 @@ def evaluate_held_out(model, generator, prompt_ids: torch.Tensor, prompt_mask: t
     from dschat.rlhf.ppo_math import entropy_from_logits
     from dschat.utils.model.masks import position_ids_from_mask
 
-    with_positions = "position_ids" in inspect.signature(getattr(model, "module", model).forward).parameters
+    module = getattr(model, "module", model)  # modes on the module: an HE engine's eval() would swap kernels in
+    with_positions = "position_ids" in inspect.signature(module.forward).parameters
     pad = generator.pad_token_id
     answers_ids: list[list[int]] = []
     rewards: list[float] = []
     texts: tuple[list[str], list[str]] = ([], [])
     entropy_sum, token_count = 0.0, 0.0
-    was_training = getattr(model, "training", False)
+    was_training = module.training
     for start in range(0, prompt_ids.shape[0], batch_size):
         ids, mask = prompt_ids[start:start + batch_size], prompt_mask[start:start + batch_size]
         seq = generator.generate(ids, mask)
-        model.eval()
+        module.eval()
         width = ids.shape[1]
         attention = torch.cat([mask, (seq[:, width:] != pad).long()], dim=1)
         kwargs = {"position_ids": position_ids_from_mask(attention)} if with_positions else {}
@@ -296,8 +329,7 @@ def evaluate_held_out(model, generator, prompt_ids: torch.Tensor, prompt_mask: t
         texts[1].extend(answers)
         if reward_fn is not None:
             rewards += [float(r) for r in reward_fn(seq, width, prompts, answers).float().cpu()]
-    if was_training:
-        model.train()
+    module.train(was_training)
     metrics = generation_health(answers_ids, generator.max_new_tokens)
     metrics["health/entropy"] = entropy_sum / max(token_count, 1.0)
     metrics["eval/answer_length"] = sum(len(a) for a in answers_ids) / max(1, len(answers_ids))

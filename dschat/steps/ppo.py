@@ -629,27 +629,8 @@ class PPOLoop(ResumableRun):
     # ---- health and held-out evaluation
     def _check_health(self, metrics: dict[str, float]) -> None:
         """Warn on unhealthy signals; with --stop_on_collapse save a state and exit (COLLAPSE_EXIT_CODE)."""
-        new = self.monitor.observe(self.global_step, metrics)
-        for warning in new:
-            print_rank_0(self.monitor.format(warning))
-        stop = bool(new) and self.args.stop_on_collapse
-        self._write_health(stopped=stop)
-        if stop:
-            self.save_state()
-            state = Path(self.args.output_dir) / "checkpoints" / f"step-{self.global_step}" if self.args.output_dir \
-                else None
-            print_rank_0(f"--stop_on_collapse: stopping at step {self.global_step} ({', '.join(sorted(self.monitor.active))}); "
-                         f"training state saved to {state}; no final model was written; see "
-                         f"{Path(self.args.output_dir or '.') / health.HEALTH_FILE} (exit status {health.COLLAPSE_EXIT_CODE})")
-            raise SystemExit(health.COLLAPSE_EXIT_CODE)
-
-    def _write_health(self, stopped: bool = False) -> None:
-        from dschat.utils.dist import is_rank_0
-        from dschat.utils.utils import atomic_write_json
-
-        if self.args.output_dir and is_rank_0():
-            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(self.args.output_dir) / health.HEALTH_FILE, self.monitor.summary(stopped))
+        health.check_health(self.monitor, self.global_step, metrics, self.args.output_dir, self.args.stop_on_collapse,
+                            self.save_state)
 
     def _maybe_evaluate(self) -> None:
         """Every --eval_steps steps (and before the first): greedy answers to the held-out prompts, scored."""
@@ -748,7 +729,7 @@ class PPOLoop(ResumableRun):
         if engine.actor_ema is not None:
             fuse_lora(engine.actor_ema.module)
             save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema")
-        self._write_health()
+        health.write_health(args.output_dir, self.monitor)
         self._write_run_info(final=True)
 
     def _keep_best_actor(self, dest: Path) -> None:
