@@ -244,6 +244,9 @@ def test_sort_task_prompts_parse_split_and_label(tmp_path):
     assert high > low + 1.0
     manifest = S.make_synthetic_dataset(tmp_path, num_train=300, num_test=30, seed=1, task=S.SORT_TASK_NAME)
     assert manifest["task"] == S.SORT_TASK_NAME and 0.05 < manifest["train"]["label_noise_rate"] < 0.35
+    from mpo_ext.evaluation import find_gold_reward
+
+    assert find_gold_reward(str(tmp_path)) is S.sort_gold_reward  # `mpo eval` scores this task by its own gold
     first = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
     assert S.sort_gold_reward(first["prompt"], first["chosen"]) == first["chosen_gold"]
     # the default task's data does not change with the registry
