@@ -342,3 +342,25 @@ def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(dpo_pairs, tinystorie
     again = evaluate_held_out(model, Generator(model, tok, max_new_tokens=min(64, 64 - ids.shape[1])), ids, mask,
                               tok, None, synthetic.gold_reward)
     assert again["eval/gold"] == pytest.approx(best["best_score"], abs=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--health_max_kl", "-1"], "--health_max_kl"),
+    (["--health_min_entropy_ratio", "nan"], "--health_min_entropy_ratio"),
+    (["--keep_best"], "--keep_best needs periodic evaluations"),
+    (["--eval_steps", "2", "--keep_best", "--eval_prompts", "0"], "--keep_best needs held-out evaluations"),
+    (["--eval_steps", "2", "--keep_best", "--best_metric", "gold"], "--best_metric gold needs --gold_reward"),
+    (["--gold_reward", "mpo_ext.synthetic"], "--gold_reward mpo_ext.synthetic: expected MODULE:FUNCTION"),
+])
+def test_guard_flags_bad_input_names_the_flag(tinystories_dir, tmp_path, extra, message):
+    from dschat.steps import ppo
+    from mpo_ext.dpo import parse_args as dpo_parse_args
+
+    base = ["--actor_model_name_or_path", str(tinystories_dir), "--critic_model_name_or_path", str(tinystories_dir)]
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        ppo.parse_args(base + extra)
+    if "--eval_steps" not in extra and extra != ["--keep_best"]:
+        with pytest.raises(UserError, match=message):
+            dpo_parse_args(["--model_name_or_path", str(tinystories_dir), *extra])
+    with pytest.raises(UserError, match="--keep_best --best_metric reward needs --reward_model_name_or_path"):
+        dpo_parse_args(["--model_name_or_path", str(tinystories_dir), "--keep_best"])
