@@ -59,6 +59,10 @@ def _generation_options(func: Callable) -> Callable:
                      help="Longest prompt+answer the reward model reads."),
         click.option("--num_padding_at_beginning", type=click.IntRange(min=0), default=0, show_default=True,
                      help="As in step 2 (OPT: 1, Llama: 0)."),
+        click.option("--reward_end_text", type=str, default=None,
+                     help="Text appended to an answer before the reward model reads it: `eos` or a literal "
+                          "such as `<|endoftext|>` (default: the ending recorded with the reward model; "
+                          "`<|endoftext|>` for a DeepSpeed-Chat step-2 output)."),
         click.option("--device", type=str, default="auto", show_default=True,
                      help="auto (this rank's GPU, else cpu), cpu, cuda, cuda:1, ..."),
         click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
@@ -105,7 +109,7 @@ def _run_evaluation(models: list[tuple[str, str]], output_dir: str, opts: dict) 
                     num_prompts=opts["num_prompts"], num_padding_at_beginning=opts["num_padding_at_beginning"],
                     device=opts["device"], dtype=opts["dtype"], max_seq_len=opts["max_seq_len"], gold=opts["gold"],
                     num_resamples=opts["num_bootstrap"], confidence=opts["confidence"],
-                    data_output_path=opts["data_output_path"])
+                    data_output_path=opts["data_output_path"], reward_end_text=opts["reward_end_text"])
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -220,7 +224,8 @@ def _rescore(paths: list[Path], records: list[list[dict]], opts: dict) -> None:
 
     device = resolve_device(opts["device"])
     scorer = RewardScorer(opts["reward_model"], device, resolve_torch_dtype(opts["dtype"], device),
-                          opts["num_padding_at_beginning"], opts["max_seq_len"], opts["batch_size"])
+                          opts["num_padding_at_beginning"], opts["max_seq_len"], opts["batch_size"],
+                          end_text=opts.get("reward_end_text"))
     for path, recs in zip(paths, records):
         scores = scorer.score([r["prompt"] for r in recs], [r["answer"] for r in recs])
         for r, s in zip(recs, scores):

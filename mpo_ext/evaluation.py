@@ -377,7 +377,7 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
              decoding: Decoding, num_prompts: int | None = None, num_padding_at_beginning: int = 0,
              device: str = "auto", dtype: str = "auto", max_seq_len: int = 512, gold: str = "auto",
              num_resamples: int = 1000, confidence: float = 0.95,
-             data_output_path: str = "/tmp/data_files/") -> list[dict]:
+             data_output_path: str = "/tmp/data_files/", reward_end_text: str | None = None) -> list[dict]:
     """Generate, score and summarise; rank 0 writes generations/NAME.jsonl and table.json.
 
     Every rank returns the same rows. Files are written one by one atomically; table.json comes last
@@ -401,7 +401,7 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
 
     answers = generate_for_models(models, prompts, decoding, torch_device, torch_dtype)
     scorer = RewardScorer(reward_model, torch_device, torch_dtype, num_padding_at_beginning, max_seq_len,
-                          decoding.batch_size)
+                          decoding.batch_size, end_text=reward_end_text)
     rows = []
     for name, _ in models:
         records = gather_records(score_records(scorer, prompts, answers[name], gold_fn))
@@ -412,7 +412,8 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
     if is_rank_0():
         settings = {"data_path": data_path, "reward_model": reward_model, "models": dict(models),
                     "num_prompts": len(prompts), "decoding": asdict(decoding), "dtype": str(torch_dtype),
-                    "confidence": confidence, "num_resamples": num_resamples, "world_size": get_world_size()}
+                    "confidence": confidence, "num_resamples": num_resamples, "world_size": get_world_size(),
+                    "reward_ending": scorer.ending}
         atomic_write_json(out / TABLE_FILE, {"rows": rows, "settings": settings})
         print(format_table(rows, confidence), flush=True)
         _log(f"wrote {out / TABLE_FILE} and {out / GENERATIONS_DIR}/")

@@ -153,20 +153,6 @@ def length_sorted_batches(indices: Sequence[int], lengths: Sequence[int], batch_
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def score_index(token_ids: Sequence[int], prompt_length: int, pad_token_id: int | None) -> int:
-    """The token a sequence is scored at: the one before the first pad at or after the prompt, else the
-    last token. With eos == pad this is the last answer token (the step-2 end convention); with an eot
-    string that is not the pad token it is the last eot token, as upstream's reward model was trained."""
-    n = len(token_ids)
-    if n == 0:
-        return 0
-    if pad_token_id is not None:
-        for j in range(max(prompt_length, 1), n):
-            if token_ids[j] == pad_token_id:
-                return j - 1
-    return n - 1
-
-
 def orient_record(raw: dict[str, Any], policy: str) -> dict[str, Any] | None:
     """Output record (prompt, chosen, rejected, rewards, gap, human_label) from a scored shard record.
 
@@ -245,6 +231,7 @@ def parse_args(argv: list[str] | None = None):
                        help="A step-2 reward model output (ours or upstream DeepSpeed-Chat's).")
     group.add_argument("--num_padding_at_beginning", type=int, default=1,
                        help="Passed to the reward model (OPT: 1, Llama: 0); scoring reads the last answer token.")
+    flags.add_reward_ending_arg(group)
     group = parser.add_argument_group("selection")
     group.add_argument("--threshold", type=float, default=None,
                        help=f"theta: pairs with |r(a) - r(b)| > theta are easy (default {DEFAULT_THRESHOLD}; the "
@@ -415,30 +402,24 @@ class PairScorer:
         self.device = getattr(engine, "device", torch.device("cpu"))
 
     def encode(self, prompts: list[str], answers: list[str]) -> list[tuple[list[int], int]]:
-        from dschat.utils.data.raw_datasets import join_prompt_response
+        """(prompt + answer + ending ids, prompt length) per pair, laid out by dschat's `reward_layout`."""
+        from dschat.utils.inference import reward_layout
 
-        if not prompts:
-            return []
-        texts = [join_prompt_response(p, a) + self.end_of_text for p, a in zip(prompts, answers)]
-        ids = self.tokenizer(texts)["input_ids"]
-        plens = [len(x) for x in self.tokenizer(prompts)["input_ids"]]
-        return [(row[:self.max_len], min(n, self.max_len)) for row, n in zip(ids, plens)]
+        rows = []
+        for prompt, answer in zip(prompts, answers):
+            head, tail = reward_layout(self.tokenizer, prompt, answer, self.end_of_text, self.max_len)
+            rows.append((head + tail, len(head)))
+        return rows
 
     @torch.no_grad()
     def score_rows(self, rows: list[tuple[list[int], int]]) -> list[float]:
-        """One reward per row, one forward call. An empty list still runs a dummy forward (ZeRO-3 lockstep)."""
+        """One reward per row, one forward call (dschat's `score_layouts`, the rule PPO reads by). An empty
+        list still runs a dummy forward (ZeRO-3 lockstep)."""
+        from dschat.utils.inference import score_layouts
+
         real = len(rows)
-        rows = rows or [([self.pad], 1)]
-        width = max(len(r) for r, _ in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, _) in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
-        values = self.model.forward_value(ids.to(self.device), mask.to(self.device), return_value_only=True)
-        index = torch.tensor([score_index(r, p, self.pad) for r, p in rows], device=values.device)
-        scores = values.float().gather(1, index.unsqueeze(1)).squeeze(1).cpu().tolist()
-        return scores[:real]
+        layouts = [(row[:n], row[n:]) for row, n in rows] or [([self.pad], [self.pad])]
+        return score_layouts(self.model, layouts, self.pad, self.device)[:real]
 
     def score(self, prompts: list[str], answers: list[str], calls: int | None = None) -> list[float]:
         """Rewards in input order; rows are length-sorted into batches. `calls` pads the number of forward
@@ -602,6 +583,7 @@ def shard_fingerprint(args, items_digest: str, num_items: int) -> dict:
         "sft_model": model_signature(args.sft_model_name_or_path) if args.pair_source == "samples" else None,
         "reward_model": model_signature(args.reward_model_name_or_path),
         "end_of_conversation_token": args.end_of_conversation_token,
+        "reward_end_text": args.reward_end_text,
         "seed": args.seed,
         "items": [num_items, items_digest],
         "sampling": sampling_settings(args),
@@ -759,8 +741,8 @@ def finalize(args, raw_records: list[dict], output_dir: Path, extra_manifest: di
 
 def run(args) -> dict | None:
     """The whole stage (call on every rank after init_distributed); returns the manifest on rank 0."""
-    from dschat.utils.build import end_of_text
     from dschat.utils.ds_utils import get_eval_ds_config, resolve_dtype, set_batch_sizes
+    from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
     from dschat.utils.utils import load_hf_tokenizer
 
     args.dtype = resolve_dtype(args.dtype)
@@ -800,7 +782,9 @@ def run(args) -> dict | None:
                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   zero_stage=args.zero_stage, enable_hybrid_engine=args.enable_hybrid_engine)
         reward = build_reward(args, rm_tokenizer, ds_config)
-        scorer = PairScorer(reward, rm_tokenizer, end_of_text(args, rm_tokenizer),
+        ending = resolve_reward_ending(args.reward_model_name_or_path,
+                                       args.reward_end_text or args.end_of_conversation_token)
+        scorer = PairScorer(reward, rm_tokenizer, ending_text(ending, rm_tokenizer),
                             args.max_prompt_seq_len + args.max_answer_seq_len, args.per_device_eval_batch_size)
         worker = ShardWorker(args, items, sft_tokenizer or rm_tokenizer, scorer, generator,
                              lockstep=args.zero_stage == 3 and world > 1)

@@ -32,7 +32,8 @@ def test_step1_flag_defaults_match_upstream():
     assert args.max_seq_len == 512 and args.learning_rate == 1e-3 and args.weight_decay == 0.0
     assert args.num_train_epochs == 1 and args.gradient_accumulation_steps == 1
     assert args.lr_scheduler_type == "cosine" and args.num_warmup_steps == 0 and args.seed == 1234
-    assert args.zero_stage == 0 and args.lora_dim == 0 and args.lora_module_name == "decoder.layers."
+    # lora_module_name None: the architecture's decoder blocks, i.e. upstream's "decoder.layers." on OPT
+    assert args.zero_stage == 0 and args.lora_dim == 0 and args.lora_module_name is None
     assert args.lora_learning_rate == 5e-4 and args.tensorboard_path == "step1_tensorboard"
     assert args.sft_only_data_path == [] and args.eot_token == "<|endoftext|>"
 

@@ -22,7 +22,6 @@ from mpo_ext.selection import (
     length_sorted_batches,
     order_pair_by_reward,
     orient_record,
-    score_index,
     shard_ranges,
     split_by_gap,
     split_warnings,
@@ -93,14 +92,6 @@ def test_orient_record_label_policies():
     assert "human_label" not in orient_record(sampled, "reward_model")
     with pytest.raises(UserError, match="human labels"):
         orient_record(sampled, "human")
-
-
-def test_score_index_reads_the_token_before_the_end_marker():
-    pad = 2
-    assert score_index([1, 5, 6, 7, 2], prompt_length=2, pad_token_id=pad) == 3  # eos == pad appended
-    assert score_index([1, 5, 6, 7, 9, 9], prompt_length=2, pad_token_id=pad) == 5  # eot text, no pad
-    assert score_index([1, 5, 2], prompt_length=3, pad_token_id=pad) == 2  # a pad inside the prompt is skipped
-    assert score_index([1, 5, 2], prompt_length=2, pad_token_id=pad) == 1  # empty answer: last prompt token
 
 
 def test_shards_batches_and_seeds_are_rank_independent():

@@ -97,6 +97,11 @@ def test_reward_model_beats_chance_and_keeps_upstream_layout(rm_one_rank, tiny_r
     assert "v_head.bias" not in state
     model = tiny_rm_loader(rm_dir)
     assert torch.equal(model.v_head.weight.detach(), state["v_head.weight"].to(model.v_head.weight.dtype))
+    # the ending it was trained with is recorded beside the weights (read by select, PPO, eval, rw_eval)
+    from dschat.utils.model.reward_model import REWARD_ENDING_FILE, resolve_reward_ending
+
+    assert json.loads((rm_dir / REWARD_ENDING_FILE).read_text())["end_text"] == "eos"
+    assert resolve_reward_ending(str(rm_dir)) == "eos"
 
 
 @pytest.fixture(scope="module")

@@ -244,6 +244,59 @@ def test_reward_rises_on_a_fixed_reward_model(assets, run_ds, tmp_path):
     assert last > first + 3.0, rewards
 
 
+def test_kl_and_reward_against_a_different_reference_match_a_direct_computation(assets, run_ds, tmp_path):
+    """A reference that differs from the actor: step 1's KL (sum over answer tokens of log p_actor - log
+    p_ref, before any update) and reward equal the same quantities computed directly on the greedy answer.
+    One prompt repeated, greedy rollouts, so every rollout of the step is the same sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from dschat.utils.model.model_utils import create_critic_model
+    from dschat.utils.utils import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(str(assets["actor"]))
+    actor = AutoModelForCausalLM.from_pretrained(str(assets["actor"]), dtype=torch.float32).eval()
+    reference_dir = tmp_path / "reference"
+    reference = AutoModelForCausalLM.from_pretrained(str(assets["actor"]), dtype=torch.float32).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    reference.save_pretrained(str(reference_dir))
+    tok.save_pretrained(str(reference_dir))
+
+    prompt = "\n\nHuman: Tell me a story.\n\nAssistant:"
+    prompts = tmp_path / "one_prompt.jsonl"
+    prompts.write_text((json.dumps({"prompt": prompt}) + "\n") * 4)
+    out = tmp_path / "kl"
+    argv = base_args(assets, out, data_path=prompts, reference_model_name_or_path=reference_dir, max_steps=1,
+                     max_answer_seq_len=8)
+    assert_ok(run_ds(MAIN, argv, num_ranks=0, timeout=600))
+    metrics = read_metrics(out / "metrics.jsonl")[0]
+
+    prompt_ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        seq = actor.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=8,
+                             do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        answer = seq[0, prompt_ids.shape[1]:].tolist()
+        if tok.eos_token_id in answer:
+            answer = answer[:answer.index(tok.eos_token_id)]
+        ids = torch.tensor([prompt_ids[0].tolist() + answer])
+        targets = ids[0, prompt_ids.shape[1]:]
+
+        def answer_log_probs(model):
+            logits = model(ids).logits[0, prompt_ids.shape[1] - 1:-1].float()
+            return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+        kl = float((answer_log_probs(actor) - answer_log_probs(reference)).sum())
+        reward_model = create_critic_model(str(assets["critic"]), tok, None, 0, rlhf_training=True).eval()
+        reward = float(reward_model.token_values(ids, torch.ones_like(ids))[0, -1])
+    assert len(answer) > 1
+    assert abs(kl) > 1e-2  # the reference really differs
+    assert metrics["objective/kl"] == pytest.approx(kl, abs=1e-3, rel=1e-3)
+    assert metrics["reward/mean"] == pytest.approx(reward, abs=1e-3, rel=1e-3)
+    assert metrics["answer_length"] == len(answer)
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 

@@ -28,7 +28,7 @@ from dschat.rlhf.ppo_math import (
     compute_kl_penalized_rewards,
     critic_loss,
     entropy_from_logits,
-    gather_log_probs,
+    sequence_log_probs,
     whiten,
     zero_after,
 )
@@ -58,6 +58,7 @@ class DeepSpeedPPOTrainer:
         self.critic_model = rlhf_engine.critic
         self.ref_model = rlhf_engine.ref
         self.reward_model = rlhf_engine.reward
+        self.reward_ending_ids = getattr(rlhf_engine, "reward_ending_ids", None)
         self.actor_ema = getattr(rlhf_engine, "actor_ema", None)
         self.tokenizer = rlhf_engine.tokenizer
         self.args = args
@@ -102,8 +103,7 @@ class DeepSpeedPPOTrainer:
         kwargs = {"attention_mask": attention_mask, "use_cache": False}
         if with_positions:
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-        logits = engine(seq, **kwargs).logits
-        return logits.float() if self.compute_fp32_loss else logits
+        return engine(seq, **kwargs).logits
 
     def _print_answers(self, prompts: torch.Tensor, seq: torch.Tensor, step: int) -> None:
         args = self.args
@@ -155,11 +155,12 @@ class DeepSpeedPPOTrainer:
 
         logits = self._lm_logits(self.actor_model, seq, attention_mask, self._actor_position_ids)
         ref_logits = self._lm_logits(self.ref_model, seq, attention_mask, self._ref_position_ids)
-        raw_scores = self.reward_model.forward_value(seq, attention_mask, prompt_length=width)["chosen_end_scores"]
+        raw_scores = self.reward_model.rollout_scores(seq, attention_mask, width, self.reward_ending_ids,
+                                                      self.end_of_conversation_token_id)
         values = self.critic_model.forward_value(seq, attention_mask, return_value_only=True)[:, :-1]
 
-        logprobs = gather_log_probs(logits[:, :-1, :], seq[:, 1:])
-        ref_logprobs = gather_log_probs(ref_logits[:, :-1, :], seq[:, 1:])
+        logprobs = sequence_log_probs(logits, seq, self.compute_fp32_loss)
+        ref_logprobs = sequence_log_probs(ref_logits, seq, self.compute_fp32_loss)
         answer_slots = attention_mask[:, width:]  # slots width-1 .. T-2 predict the answer tokens
         entropy = (entropy_from_logits(logits[:, width - 1:-1, :]) * answer_slots).sum(dim=1)
         kl = ((logprobs[:, width - 1:].float() - ref_logprobs[:, width - 1:].float()) * answer_slots).sum(dim=1)
@@ -217,7 +218,7 @@ class DeepSpeedPPOTrainer:
                 advantages = whiten(advantages, action_mask[:, start:])
 
         logits = self._lm_logits(self.actor_model, seq, attention_mask, self._actor_position_ids)
-        new_logprobs = gather_log_probs(logits[:, :-1, :], seq[:, 1:])
+        new_logprobs = sequence_log_probs(logits, seq, self.compute_fp32_loss)
         mask = action_mask[:, start:]
         a_loss, clipfrac, approx_kl = actor_loss(new_logprobs[:, start:], log_probs[:, start:], advantages, mask,
                                                  self.cliprange)

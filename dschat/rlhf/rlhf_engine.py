@@ -29,6 +29,7 @@ from dschat.utils.build import (
 )
 from dschat.utils.dist import get_world_size, on_cpu
 from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
+from dschat.utils.model.reward_model import ending_token_ids, resolve_reward_ending
 from dschat.utils.utils import print_rank_0
 
 
@@ -74,6 +75,11 @@ class DeepSpeedRLHFEngine:
         self.actor_ema = self._init_ema(actor_model_name_or_path) if args.enable_ema else None
         self.critic = self._init_critic(critic_model_name_or_path)
         self.reward = self._init_reward(critic_model_name_or_path)
+        # the ending the reward model was trained with; rollouts get it in place of their eos when it differs
+        self.reward_ending = resolve_reward_ending(critic_model_name_or_path, getattr(args, "reward_end_text", None))
+        self.reward_ending_ids = ending_token_ids(tokenizer, self.reward_ending)
+        print_rank_0(f"reward model ending: {self.reward_ending!r}"
+                     + (f" (appended to each answer as ids {self.reward_ending_ids})" if self.reward_ending_ids else ""))
         if args.critic_gradient_checkpointing:
             set_gradient_checkpointing(self.critic.module)
 
@@ -106,7 +112,8 @@ class DeepSpeedRLHFEngine:
         model = self._causal_lm(path, ds_config, args.actor_dropout)
         if args.compute_fp32_loss:
             causal_lm_model_to_fp32_loss(model)
-        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora)
+        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora,
+                           flag="--actor_lora_module_name")
         if args.enable_hybrid_engine:
             reason = hybrid_engine_unavailable_reason(model)
             if reason is None:
@@ -144,7 +151,8 @@ class DeepSpeedRLHFEngine:
         # persistent parameter's full copy would not see.
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         model = self._causal_lm(path, ds_config, None)
-        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, False)
+        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, False,
+                           flag="--actor_lora_module_name")
         engine = initialize_frozen_engine(model, ds_config)
         log_init("EMA", start)
         return engine
@@ -168,7 +176,7 @@ class DeepSpeedRLHFEngine:
         # The value head always trains (upstream froze it with --only_optimize_lora, leaving a random
         # projection of the LoRA features as the value estimate).
         model = apply_lora(model, args.critic_lora_dim, args.critic_lora_module_name, args.only_optimize_lora,
-                           force_optimize=["v_head.weight"])
+                           force_optimize=["v_head.weight"], flag="--critic_lora_module_name")
         engine = initialize_engine(
             model, ds_config, learning_rate=args.critic_learning_rate, weight_decay=args.critic_weight_decay,
             lora_learning_rate=args.critic_lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,

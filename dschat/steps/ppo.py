@@ -25,12 +25,10 @@ from torch.utils.data import DataLoader
 from dschat.rlhf import health
 from dschat.utils import args as flags
 from dschat.utils.build import check_context_length, set_gradient_checkpointing
+from dschat.utils.ds_utils import resolve_dtype
 from dschat.utils.errors import UserError
 from dschat.utils.trainer import ResumableRun
 from dschat.utils.utils import print_rank_0
-
-STEP3_DEFAULT_LORA_MODULE = "decoder.layers."
-
 
 # --------------------------------------------------------------------------------------------- flags
 
@@ -70,13 +68,19 @@ def _add_step3_model_args(parser) -> None:
                        help="Model the KL penalty is measured against (default: the actor's initial weights; "
                             "MPO uses the DPO model).")
     group.add_argument("--num_padding_at_beginning", type=int, default=1,
-                       help="Passed to the critic/reward constructors (OPT: 1; unused by PPO scoring).")
+                       help="Passed to the critic/reward constructors (OPT: 1): the first N positions are never "
+                            "taken for the end of a sequence.")
+    flags.add_reward_ending_arg(group)
     group.add_argument("--actor_dropout", type=float, default=None)
     group.add_argument("--critic_dropout", type=float, default=None)
     group.add_argument("--actor_gradient_checkpointing", action="store_true")
     group.add_argument("--critic_gradient_checkpointing", action="store_true")
-    group.add_argument("--compute_fp32_loss", action="store_true",
-                       help="fp32 logits for log-probs and an fp32 critic loss.")
+    group.add_argument("--compute_fp32_loss", action="store_true", default=None,
+                       help="Upcast the logits to fp32 for the log-probs, ratios and per-token KL, and compute the "
+                            "critic loss in fp32 (default: on for --dtype bf16/fp16; --no_compute_fp32_loss turns "
+                            "it off)." + flags.OWN_DEFAULT)
+    group.add_argument("--no_compute_fp32_loss", dest="compute_fp32_loss", action="store_false",
+                       help=argparse.SUPPRESS)
     group.add_argument("--add_eot_token", action="store_true", help="Add --eot_token to the tokenizer.")
     group.add_argument("--eot_token", type=str, default="<|endoftext|>")
 
@@ -140,8 +144,7 @@ def _add_step3_lora_args(parser) -> None:
     group = parser.add_argument_group("lora")
     for who in ("actor", "critic"):
         group.add_argument(f"--{who}_lora_dim", type=int, default=0, help=f"LoRA rank of the {who}; > 0 enables it.")
-        group.add_argument(f"--{who}_lora_module_name", type=str, default=STEP3_DEFAULT_LORA_MODULE,
-                           help="Substring selecting the Linear layers to wrap (`layers.` for Llama).")
+        group.add_argument(f"--{who}_lora_module_name", type=str, default=None, help=flags.LORA_MODULE_HELP)
         group.add_argument(f"--{who}_lora_learning_rate", type=float, default=5e-4)
     group.add_argument("--only_optimize_lora", action="store_true",
                        help="Train only LoRA parameters (actor and critic; the value head always trains).")
@@ -149,9 +152,12 @@ def _add_step3_lora_args(parser) -> None:
 
 def _add_ppo_args(parser) -> None:
     group = parser.add_argument_group("PPO (upstream's hard-coded constants as defaults)")
-    group.add_argument("--init_kl_coef", type=float, default=0.1, help="KL penalty coefficient (start value).")
+    group.add_argument("--init_kl_coef", type=float, default=0.1,
+                       help="KL penalty coefficient per token. Fixed for the whole run unless --kl_target is given "
+                            "(then it is the adaptive controller's start value).")
     group.add_argument("--kl_target", type=float, default=None,
-                       help="Enable the adaptive KL controller with this target KL per sequence.")
+                       help="Enable the adaptive KL controller with this target KL per sequence (default: off, "
+                            "the coefficient stays --init_kl_coef)." + flags.OWN_DEFAULT)
     group.add_argument("--kl_horizon", type=float, default=10000, help="Adaptive KL controller horizon (samples).")
     group.add_argument("--clip_reward_value", type=float, default=5.0, help="Reward-model scores are clipped to +-this.")
     group.add_argument("--cliprange", type=float, default=0.2, help="PPO ratio clip.")
@@ -220,6 +226,8 @@ def validate_args(args) -> None:
                         "or enable actor LoRA")
     if args.enable_mixed_precision_lora and (args.actor_lora_dim <= 0 or args.actor_zero_stage != 3):
         raise UserError("--enable_mixed_precision_lora needs --actor_lora_dim > 0 and --actor_zero_stage 3")
+    if args.compute_fp32_loss is None:  # upstream's flag, on by default where the logits are half precision
+        args.compute_fp32_loss = resolve_dtype(args.dtype) != "fp32"
     if args.kl_target is not None and (args.kl_target <= 0 or args.kl_horizon <= 0):
         raise UserError(f"--kl_target {args.kl_target} --kl_horizon {args.kl_horizon}: both must be positive")
     if args.do_sample and args.temperature <= 0:

@@ -18,6 +18,7 @@ from dschat.utils.build import (
 from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_dataset
 from dschat.utils.dist import get_local_rank
 from dschat.utils.losses import pairwise_accuracy
+from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model, set_random_seed
 
@@ -27,7 +28,9 @@ def parse_args(argv: list[str] | None = None):
     flags.add_data_args(parser)
     flags.add_model_args(parser)
     parser.add_argument("--num_padding_at_beginning", type=int, default=1,
-                        help="Pad tokens at the start of every sequence (OPT: 1, Llama and our tiny model: 0).")
+                        help="Positions at the start of every sequence never taken for its end (OPT: 1, Llama "
+                             "and our tiny model: 0); the score is read at the token before the first pad after "
+                             "them, as in PPO and selection.")
     parser.add_argument("--reward_loss", choices=("end", "divergence"), default="end",
                         help="'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token loss "
                              "over the differing suffix.")
@@ -85,7 +88,9 @@ class RewardTrainer(Trainer):
             return
         print_rank_0(f"saving the reward model to {self.args.output_dir} ...")
         fuse_lora(self.engine.module)
-        save_reward_model(self.engine.module, self.tokenizer, self.args.output_dir)
+        record = reward_ending_record(end_of_text(self.args, self.tokenizer), self.tokenizer)
+        save_reward_model(self.engine.module, self.tokenizer, self.args.output_dir,
+                          extra_files={REWARD_ENDING_FILE: record})
 
 
 def build(args) -> RewardTrainer:

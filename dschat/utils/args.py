@@ -26,6 +26,11 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+# Ends a help text that states its own default: ArgumentDefaultsHelpFormatter then appends no
+# "(default: None)" (it skips helps that mention %(default); this one renders as nothing).
+OWN_DEFAULT = "%(default).0s"
+
+
 def new_parser(description: str) -> argparse.ArgumentParser:
     return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
@@ -83,6 +88,14 @@ def add_model_args(parser, *, required: bool = True) -> None:
     group.add_argument("--eot_token", type=str, default="<|endoftext|>")
 
 
+def add_reward_ending_arg(group) -> None:
+    """`--reward_end_text`: the ending a reward model scores answers with (one definition for select and PPO)."""
+    group.add_argument("--reward_end_text", type=str, default=None,
+                       help="Text appended to an answer before the reward model reads it: `eos` (the eos token) "
+                            "or a literal such as `<|endoftext|>` (default: the ending recorded with the reward "
+                            "model by step 2; `<|endoftext|>` for a DeepSpeed-Chat step-2 output without a record)." + OWN_DEFAULT)
+
+
 def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, weight_decay: float = 0.0,
                    batch_flags: bool = True) -> None:
     group = parser.add_argument_group("optimisation")
@@ -112,11 +125,15 @@ def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
     deepspeed.add_config_arguments(parser)
 
 
+LORA_MODULE_HELP = ("Substring selecting the Linear layers to wrap (default: the decoder blocks of the "
+                    "architecture: `decoder.layers.` for OPT as upstream, `layers.` for Llama/Mistral/Qwen, "
+                    "`.h.` for Falcon/BLOOM); a name matching no layer is an error." + OWN_DEFAULT)
+
+
 def add_lora_args(parser) -> None:
     group = parser.add_argument_group("lora")
     group.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; > 0 enables LoRA.")
-    group.add_argument("--lora_module_name", type=str, default="decoder.layers.",
-                       help="Substring selecting the Linear layers to wrap (`layers.` for Llama).")
+    group.add_argument("--lora_module_name", type=str, default=None, help=LORA_MODULE_HELP)
     group.add_argument("--only_optimize_lora", action="store_true", help="Train only the LoRA parameters.")
     group.add_argument("--lora_learning_rate", type=float, default=5e-4)
 

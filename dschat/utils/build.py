@@ -57,17 +57,20 @@ def train_ds_config(args, *, zero_stage: int, micro_batch_size: int, gradient_ac
     return set_batch_sizes(config, micro_batch_size, gradient_accumulation_steps, get_world_size())
 
 
-def apply_lora(model: torch.nn.Module, lora_dim: int, module_name: str, only_optimize: bool,
-               force_optimize: list[str] | None = None) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora_dim: int, module_name: str | None, only_optimize: bool,
+               force_optimize: list[str] | None = None, flag: str = "--lora_module_name") -> torch.nn.Module:
+    """LoRA on the Linear layers named by `module_name` (None: this architecture's decoder blocks);
+    a name matching nothing is a UserError naming `flag`."""
     if lora_dim <= 0:
         return model
     from dschat.utils.module.lora import (
         convert_linear_layer_to_lora,
         make_model_gradient_checkpointing_compatible,
         only_optimize_lora_parameters,
+        resolve_lora_module_name,
     )
 
-    model = convert_linear_layer_to_lora(model, module_name, lora_dim)
+    model = convert_linear_layer_to_lora(model, resolve_lora_module_name(model, module_name, flag), lora_dim)
     if only_optimize:
         model = only_optimize_lora_parameters(model, force_optimize_params=force_optimize or [])
         model = make_model_gradient_checkpointing_compatible(model)

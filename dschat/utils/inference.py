@@ -45,20 +45,66 @@ def load_policy(path: str, device: torch.device, dtype: torch.dtype, add_special
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
+def reward_layout(tokenizer, prompt: str, answer: str, end_text: str, max_seq_len: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids + ending ids) of `prompt + answer + end_text` tokenised in one piece, as the
+    step-2 data pipeline does, within `max_seq_len` (the prompt loses its start first). An eos ending
+    (`end_text` == the eos token) is guaranteed to end the answer; another ending is appended as text.
+    """
+    from dschat.utils.data.raw_datasets import join_prompt_response
+
+    full = list(tokenizer(join_prompt_response(prompt, answer) + end_text)["input_ids"])
+    eos_ending = end_text == (tokenizer.eos_token or "")
+    if eos_ending and tokenizer.eos_token_id is not None and (not full or full[-1] != tokenizer.eos_token_id):
+        full.append(tokenizer.eos_token_id)
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    cut = 0
+    for a, b in zip(prompt_ids, full):  # joint tokenisation may merge across the boundary
+        if a != b:
+            break
+        cut += 1
+    cut = min(cut, len(full) - 1)
+    head, tail = full[:cut], full[cut:]
+    room = max_seq_len - len(tail)
+    if room < 1:  # answer alone is too long: keep its start (the ending is lost, the score is read at the end)
+        tail = tail[: max_seq_len - 1]
+        room = 1
+    if len(head) > room:
+        head = head[len(head) - room:]
+    return head, tail
+
+
+@torch.no_grad()
+def score_layouts(model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
+                  device: torch.device) -> list[float]:
+    """One reward per (prompt ids, answer ids) in one forward: prompts left-padded to a common width, answers
+    right-padded, read by `forward_value(..., prompt_length=width)` (the reward index rule of step 2 and PPO).
+    `model` is a RewardModel or an engine around one."""
+    width = max(len(h) for h, _ in layouts)
+    answer_width = max(max(len(t) for _, t in layouts), 1)
+    ids = torch.full((len(layouts), width + answer_width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (head, tail) in enumerate(layouts):
+        ids[i, width - len(head):width] = torch.tensor(head, dtype=torch.long)
+        ids[i, width:width + len(tail)] = torch.tensor(tail, dtype=torch.long)
+        mask[i, width - len(head):width + len(tail)] = 1
+    out = model.forward_value(ids.to(device), mask.to(device), prompt_length=width)
+    return [float(s) for s in out["chosen_end_scores"].float().cpu()]
+
+
 class RewardScorer:
     """Scores (prompt, answer) texts with a trained step-2 reward model, the way it was trained.
 
-    The text is `prompt + answer + eos` tokenised in one piece (as the step-2 data pipeline does), then
-    laid out like a PPO rollout (prompt left-padded to a common width, answer and eos right-padded) and
-    read with `forward_value(..., prompt_length=width)["chosen_end_scores"]`: the value at the last
-    answer token, the token just before the eos. Tokenising with the reward model's own tokenizer lets
-    policy and reward model use different vocabularies.
+    The text is `prompt + answer + ending` (`reward_layout`), where the ending is the one the reward model
+    was trained with (`resolve_reward_ending`: recorded by our step 2, `<|endoftext|>` for an upstream
+    checkpoint, or `end_text` when given), laid out like a PPO rollout (`score_layouts`). Tokenising with
+    the reward model's own tokenizer lets policy and reward model use different vocabularies.
     """
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype = torch.float32,
                  num_padding_at_beginning: int = 0, max_seq_len: int = 512, batch_size: int = 16,
-                 add_special_tokens: str | None = None):
+                 add_special_tokens: str | None = None, end_text: str | None = None):
         from dschat.utils.model.model_utils import create_critic_model
+        from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
         from dschat.utils.utils import load_hf_tokenizer
 
         self.tokenizer = load_hf_tokenizer(path, add_special_tokens=add_special_tokens)
@@ -69,45 +115,18 @@ class RewardScorer:
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
         self.pad_id = self.model.PAD_ID
+        self.ending = resolve_reward_ending(path, end_text)
+        self.end_text = ending_text(self.ending, self.tokenizer)
 
     def layout(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-        """(prompt ids, answer ids ending in eos) of the jointly tokenised text, within max_seq_len."""
-        from dschat.utils.data.raw_datasets import join_prompt_response
-
-        tok = self.tokenizer
-        full = list(tok(join_prompt_response(prompt, answer) + (tok.eos_token or ""))["input_ids"])
-        if tok.eos_token_id is not None and (not full or full[-1] != tok.eos_token_id):
-            full.append(tok.eos_token_id)
-        prompt_ids = list(tok(prompt)["input_ids"])
-        cut = 0
-        for a, b in zip(prompt_ids, full):  # joint tokenisation may merge across the boundary
-            if a != b:
-                break
-            cut += 1
-        cut = min(cut, len(full) - 1)
-        head, tail = full[:cut], full[cut:]
-        room = self.max_seq_len - len(tail)
-        if room < 1:  # answer alone is too long: keep its start (the eos is lost, the score is read at the end)
-            tail = tail[: self.max_seq_len - 1]
-            room = 1
-        if len(head) > room:
-            head = head[len(head) - room:]
-        return head, tail
+        """(prompt ids, answer ids ending in the reward model's ending) within max_seq_len."""
+        return reward_layout(self.tokenizer, prompt, answer, self.end_text, self.max_seq_len)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
-            pairs = [self.layout(p, a) for p, a in zip(prompts[start:start + self.batch_size],
-                                                          answers[start:start + self.batch_size])]
-            width = max(len(h) for h, _ in pairs)
-            answer_width = max(len(t) for _, t in pairs)
-            ids = torch.full((len(pairs), width + answer_width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (head, tail) in enumerate(pairs):
-                ids[i, width - len(head):width] = torch.tensor(head, dtype=torch.long)
-                ids[i, width:width + len(tail)] = torch.tensor(tail, dtype=torch.long)
-                mask[i, width - len(head):width + len(tail)] = 1
-            out = self.model.forward_value(ids.to(self.device), mask.to(self.device), prompt_length=width)
-            scores.extend(float(s) for s in out["chosen_end_scores"].float().cpu())
+            layouts = [self.layout(p, a) for p, a in zip(prompts[start:start + self.batch_size],
+                                                            answers[start:start + self.batch_size])]
+            scores.extend(score_layouts(self.model, layouts, self.pad_id, self.device))
         return scores

@@ -71,13 +71,20 @@ def first_pad_index(
 def sequence_end_index(
     input_ids: torch.Tensor, pad_token_id: int, num_padding_at_beginning: int = 0, start: int = 0
 ) -> torch.Tensor:
-    """Index of the token a sequence is scored at: the one just before its end marker (see
-    `first_pad_index`), or the last position when there is no marker. [N, L] -> [N] long.
+    """Index of the token a sequence is scored at: the one just before its end marker, or the last
+    position when there is no marker. [N, L] -> [N] long.
+
+    ONE rule for reward training, PPO and selection: the end marker is the first pad at or after
+    `max(start, num_padding_at_beginning)`. The first `num_padding_at_beginning` positions are skipped
+    whatever they hold, so a beginning token that is a pad (bos == pad) is not taken for the end, and one
+    that is not (OPT: bos 2, pad 1) does not push the marker one pad further. OPT's
+    `[2, 10, 11, 12, 13, 2, 1, 1, 1]` is read at 5 (its eos), the index upstream's step 3 reads; upstream's
+    step-2 training, which counted pads, read at 6 (the first pad) with this layout.
 
     Clamped to `max(start - 1, 0)` from below so a row that is a pad right from the start (or an empty
     answer) still yields a valid index instead of wrapping round to -1.
     """
-    marker = first_pad_index(input_ids, pad_token_id, occurrence=num_padding_at_beginning, start=start)
+    marker = first_pad_index(input_ids, pad_token_id, start=max(start, num_padding_at_beginning))
     return (marker - 1).clamp(min=max(start - 1, 0))
 
 
@@ -104,8 +111,8 @@ def divergence_reward_loss(
     divergence is pushed apart, not only the final one the reward is read from.
     """
     _, length = chosen_ids.shape
-    c_ind = first_pad_index(chosen_ids, pad_token_id, occurrence=num_padding_at_beginning)
-    r_ind = first_pad_index(rejected_ids, pad_token_id, occurrence=num_padding_at_beginning)
+    c_ind = first_pad_index(chosen_ids, pad_token_id, start=num_padding_at_beginning)
+    r_ind = first_pad_index(rejected_ids, pad_token_id, start=num_padding_at_beginning)
     differs = chosen_ids != rejected_ids
     identical = ~differs.any(dim=1)
     full = torch.full_like(c_ind, length)

@@ -135,6 +135,28 @@ def atomic_directory(path: str | os.PathLike, keep_existing: bool = True) -> Ite
 # --------------------------------------------------------------------------------------------- tokenizer
 
 
+SLOW_TOKENIZER_FILES = ("tokenizer.model",)  # sentencepiece model: what upstream saves for Llama
+FULL_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def is_upstream_llama_tokenizer_dir(path: str | os.PathLike) -> bool:
+    """A Llama checkpoint saved the way DeepSpeed-Chat saves it: `tokenizer.model` and no full tokenizer.
+
+    Upstream reads it with `LlamaTokenizer`, which does not add an extra `▁` before a leading space
+    (`' Human: hi'`); a generic tokenizer built from the same file does, and shifts every upstream prompt.
+    """
+    folder = Path(path)
+    if not folder.is_dir() or not all((folder / f).is_file() for f in SLOW_TOKENIZER_FILES + ("config.json",)):
+        return False
+    if any((folder / f).exists() for f in FULL_TOKENIZER_FILES):
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") == "llama" or "llama" in str(config.get("_name_or_path", "")).lower()
+
+
 def load_hf_tokenizer(model_name_or_path: str, fast_tokenizer: bool = True, add_special_tokens=None):
     """Load the tokenizer saved beside a checkpoint, falling back to the model it came from.
 
@@ -155,7 +177,12 @@ def load_hf_tokenizer(model_name_or_path: str, fast_tokenizer: bool = True, add_
     tokenizer, last_error = None, None
     for name in candidates:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, use_fast=fast_tokenizer)
+            if is_upstream_llama_tokenizer_dir(name):
+                from transformers import LlamaTokenizer
+
+                tokenizer = LlamaTokenizer.from_pretrained(name)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(name, use_fast=fast_tokenizer)
             break
         except (OSError, ValueError) as err:
             last_error = err
@@ -347,7 +374,13 @@ def save_reward_model(model: torch.nn.Module, tokenizer, output_dir: str | os.Pa
 
 
 def _save_tokenizer(tokenizer, directory: Path, model: torch.nn.Module) -> None:
+    """The full tokenizer, plus the slow tokenizer's files (`tokenizer.model`, `vocab.json`/`merges.txt`)
+    when it was loaded from them: upstream's savers call `save_vocabulary`, which needs them."""
     tokenizer.save_pretrained(directory)
+    for attribute in ("vocab_file", "merges_file"):
+        source = getattr(tokenizer, attribute, None) or tokenizer.init_kwargs.get(attribute)
+        if isinstance(source, str) and os.path.isfile(source) and not (directory / Path(source).name).exists():
+            shutil.copyfile(source, directory / Path(source).name)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and not (directory / "generation_config.json").exists():
         generation_config.save_pretrained(directory)

@@ -17,7 +17,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.utils.args import new_parser
+from dschat.utils.args import OWN_DEFAULT, new_parser
 from dschat.utils.errors import UserError, run_main
 from dschat.utils.utils import atomic_write_json
 
@@ -42,10 +42,14 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--model_name_or_path", type=str, required=True,
                         help="Step-2 output directory (pytorch_model.bin with rwtransformer.* and v_head.weight).")
     parser.add_argument("--num_padding_at_beginning", type=int, default=1,
-                        help="As in step 2. Scores are read at the last answer token (just before the eos that "
-                             "follows the prompt), so this does not change them; kept for script compatibility.")
-    parser.add_argument("--add_eot_token", action="store_true", help="Add --eot_token as a special token.")
-    parser.add_argument("--eot_token", type=str, default="<|endoftext|>")
+                        help="As in step 2 (OPT: 1): the first N positions are never taken for the end of a "
+                             "sequence. Scores are read at the token before the first pad after the prompt.")
+    parser.add_argument("--add_eot_token", action="store_true",
+                        help="Add --eot_token (default <|endoftext|>) to the tokenizer as a special token.")
+    parser.add_argument("--eot_token", type=str, default=None,
+                        help="Text appended to every answer before scoring (`eos`: the eos token). Default: the "
+                             "ending recorded with the reward model by step 2, or <|endoftext|> for a DeepSpeed-Chat "
+                             "step-2 output, so each checkpoint is read the way it was trained." + OWN_DEFAULT)
     parser.add_argument("--pairs_file", type=str, default=None,
                         help="JSON lines with prompt/chosen/rejected to score instead of the built-in examples.")
     parser.add_argument("--max_seq_len", type=int, default=512, help="Longest prompt+answer read by the model.")
@@ -82,7 +86,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = resolve_device(args.device)
     scorer = RewardScorer(args.model_name_or_path, device, num_padding_at_beginning=args.num_padding_at_beginning,
                           max_seq_len=args.max_seq_len,
-                          add_special_tokens=args.eot_token if args.add_eot_token else None)
+                          add_special_tokens=(args.eot_token or "<|endoftext|>") if args.add_eot_token else None,
+                          end_text=args.eot_token)
+    print(f"reward model ending: {scorer.ending!r}")
     pairs = load_pairs(args.pairs_file)
     prompts = [p for p, _, _ in pairs]
     chosen = scorer.score(prompts, [c for _, c, _ in pairs])

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -600,11 +601,21 @@ def repo_root() -> Path:
 
 
 def local_jsonfile_candidates() -> list[Path]:
-    """Where `local/jsonfile` looks, in order: $DSCHAT_LOCAL_DATA_DIR, <repo root>/data, ./data."""
+    """Where `local/jsonfile` looks, in order: $DSCHAT_LOCAL_DATA_DIR alone when set; else the checkout
+    root's data/ (an editable install), then data/ in the running script's folder, the current folder,
+    and up to two folders above each. Upstream reads `<DeepSpeed-Chat root>/data`, which is two above a
+    step folder (`training/step3_rlhf_finetuning/../../data`): that is found from a step folder or its
+    `main.py` also when the package is installed into site-packages."""
     env = os.environ.get(LOCAL_JSONFILE_ENV)
     if env:
         return [Path(env)]
-    return [repo_root() / "data", Path.cwd() / "data"]
+    candidates = [repo_root() / "data"]
+    script = Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] else None
+    for base in ([script] if script else []) + [Path.cwd().resolve()]:
+        for folder in (base, *list(base.parents)[:2]):
+            if folder / "data" not in candidates:
+                candidates.append(folder / "data")
+    return candidates
 
 
 def resolve_local_jsonfile_dir() -> Path:

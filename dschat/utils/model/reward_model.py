@@ -4,19 +4,22 @@ Submodule names `rwtransformer` and `v_head` are the checkpoint contract (upstre
 step-2 output and we load theirs), so they must not change.
 
 End convention (one for SFT, RM and PPO): a sequence is scored at the token just before its end
-marker, the first pad at or after the prompt (or the `num_padding_at_beginning`-th pad when no prompt
-width is known). Every training text ends with eos == pad, so that is the last answer token, the same
-token at which the actor stops.
+marker, the first pad at or after the prompt and the first `num_padding_at_beginning` positions
+(`dschat.utils.losses.sequence_end_index`). Every training text ends with eos; with pad == eos that is
+the last answer token, the same token at which the actor stops.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dschat.utils.errors import UserError
 from dschat.utils.losses import (
     divergence_reward_loss,
     gather_at,
@@ -26,6 +29,95 @@ from dschat.utils.losses import (
 from dschat.utils.model.masks import has_left_padding, position_ids_from_mask
 
 LOSS_TYPES = ("end", "divergence")
+
+# ---------------------------------------------------------------------------------------------
+# The ending a reward model was trained with: the one home of this convention.
+#
+# Our step 2 appends the eos token to every answer (the ending the actor produces) and writes
+# REWARD_ENDING_FILE beside the weights. DeepSpeed-Chat's step 2 appended the literal `<|endoftext|>`
+# and wrote no record (and no full tokenizer: only its vocabulary files), so a step-2 folder with
+# neither the record nor `tokenizer_config.json`/`tokenizer.json` is taken as upstream's. Selection, PPO,
+# evaluation and rw_eval score `prompt + answer + ending` and read the token before the first pad after
+# the prompt (`sequence_end_index`): the last answer token for an eos ending (pad == eos), the last
+# token of the literal otherwise. A flag (`--reward_end_text`, rw_eval's `--eot_token`) overrides.
+
+REWARD_ENDING_FILE = "reward_ending.json"
+EOS_ENDING = "eos"  # the tokenizer's eos token, whatever its text
+UPSTREAM_REWARD_ENDING = "<|endoftext|>"
+FULL_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def reward_ending_record(end_text: str, tokenizer: Any) -> str:
+    """The JSON our step 2 writes beside the weights (REWARD_ENDING_FILE)."""
+    is_eos = end_text == tokenizer.eos_token
+    return json.dumps({"end_text": EOS_ENDING if is_eos else end_text, "eos_token": tokenizer.eos_token,
+                       "read_at": "last answer token" if is_eos else "last token of end_text"}, indent=1)
+
+
+def resolve_reward_ending(model_dir: str, override: str | None = None) -> str:
+    """`EOS_ENDING` or the literal text a reward model was trained with (see above); `override` wins."""
+    if override:
+        return override
+    folder = Path(model_dir)
+    record = folder / REWARD_ENDING_FILE
+    if record.is_file():
+        try:
+            end_text = json.loads(record.read_text(encoding="utf-8"))["end_text"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            end_text = err
+        if not isinstance(end_text, str) or not end_text:
+            raise UserError(f"{record}: not a reward-ending record ({end_text!r}); expected JSON with a non-empty "
+                            f"\"end_text\" (`eos` or the literal); fix or delete it, or pass --reward_end_text")
+        return end_text
+    if folder.is_dir() and not any((folder / name).exists() for name in FULL_TOKENIZER_FILES):
+        return UPSTREAM_REWARD_ENDING
+    return EOS_ENDING
+
+
+def ending_text(ending: str, tokenizer: Any) -> str:
+    """The text appended after an answer for `ending` (the eos token's text for `EOS_ENDING`)."""
+    return (tokenizer.eos_token or "") if ending == EOS_ENDING else ending
+
+
+def ending_token_ids(tokenizer: Any, ending: str) -> list[int] | None:
+    """Token ids `ending` adds after an answer (None for the eos ending, which rollouts already end with).
+
+    Taken as the difference between tokenising `"a" + text` and `"a"`, so a tokenizer that marks word
+    starts (sentencepiece's `▁`) gives the ids that follow a word, as in the jointly tokenised training text.
+    """
+    if ending == EOS_ENDING or ending == tokenizer.eos_token:
+        return None
+    base = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a" + ending, add_special_tokens=False)["input_ids"]
+    if full[:len(base)] == base and len(full) > len(base):
+        return list(full[len(base):])
+    return list(tokenizer(ending, add_special_tokens=False)["input_ids"])
+
+
+def append_ending(seq: torch.Tensor, prompt_width: int, pad_token_id: int, eos_token_id: int | None,
+                  ending_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollouts [B, T] (left-padded prompt of width P, answer, then eos/pads) with each answer's eos and
+    what follows replaced by `ending_ids` -> (ids [B, T + E], attention mask). The answer ends at its
+    first pad or eos; positions after the ending are pads, so the end index falls on its last token."""
+    rows, length = seq.shape
+    extra = len(ending_ids)
+    out = torch.full((rows, length + extra), pad_token_id, dtype=seq.dtype, device=seq.device)
+    mask = torch.zeros_like(out)
+    ending = torch.tensor(ending_ids, dtype=seq.dtype, device=seq.device)
+    answer = seq[:, prompt_width:]
+    stop = answer == pad_token_id
+    if eos_token_id is not None:
+        stop |= answer == eos_token_id
+    has_stop = stop.any(dim=1)
+    first = torch.where(has_stop, stop.long().argmax(dim=1), torch.full_like(has_stop, answer.shape[1], dtype=torch.long))
+    out[:, :prompt_width] = seq[:, :prompt_width]
+    mask[:, :prompt_width] = (seq[:, :prompt_width] != pad_token_id).long()
+    for i in range(rows):
+        n = int(first[i])
+        out[i, prompt_width:prompt_width + n] = answer[i, :n]
+        out[i, prompt_width + n:prompt_width + n + extra] = ending
+        mask[i, prompt_width:prompt_width + n + extra] = 1
+    return out, mask
 
 
 class RewardModel(nn.Module):
@@ -112,15 +204,11 @@ class RewardModel(nn.Module):
         return self.v_head(hidden).squeeze(-1)
 
     def end_index(self, input_ids: torch.Tensor, prompt_length: int | None = None) -> torch.Tensor:
-        """Index of the scored token per row [N].
-
-        `prompt_length=None`: the token before the `num_padding_at_beginning`-th pad (training pairs,
-        right-padded). Otherwise: the token before the first pad at or after `prompt_length`, which
-        skips a left-padded prompt (PPO rollouts).
+        """Index of the scored token per row [N]: the token before the first pad at or after
+        `max(prompt_length, num_padding_at_beginning)` (`sequence_end_index`, the one rule shared by
+        training, PPO, selection and evaluation). `prompt_length` skips a left-padded prompt.
         """
-        if prompt_length is None:
-            return sequence_end_index(input_ids, self.PAD_ID, self.num_padding_at_beginning)
-        return sequence_end_index(input_ids, self.PAD_ID, 0, start=prompt_length)
+        return sequence_end_index(input_ids, self.PAD_ID, self.num_padding_at_beginning, start=prompt_length or 0)
 
     def end_scores(
         self,
@@ -197,3 +285,11 @@ class RewardModel(nn.Module):
             raise ValueError(f"prompt_length must be >= 0, got {prompt_length}")
         end_scores = gather_at(values, self.end_index(input_ids, prompt_length))
         return {"values": values, "chosen_end_scores": end_scores}
+
+    def rollout_scores(self, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                       ending_ids: list[int] | None = None, eos_token_id: int | None = None) -> torch.Tensor:
+        """Reward of PPO rollouts [B]: as they are for the eos ending (`ending_ids=None`), else with each
+        answer's eos replaced by the trained ending (`append_ending`), read at its last token."""
+        if ending_ids:
+            seq, attention_mask = append_ending(seq, prompt_width, self.PAD_ID, eos_token_id, ending_ids)
+        return self.forward_value(seq, attention_mask, prompt_length=prompt_width)["chosen_end_scores"]

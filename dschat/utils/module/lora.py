@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dschat.utils.errors import UserError
+
 LORA_PARAM_MARKERS = ("lora_right_weight", "lora_left_weight")
+# Where the decoder blocks live, per architecture family, tried in order: OPT (upstream's default), then
+# Llama / Mistral / Qwen / Gemma / GPT-NeoX (`layers.N`), Falcon / BLOOM (`transformer.h.N`), `blocks.N`.
+DECODER_BLOCK_NAMES = ("decoder.layers.", "layers.", ".h.", "blocks.")
 
 
 def _shape(param: torch.Tensor) -> torch.Size:
@@ -136,18 +141,39 @@ def convert_linear_layer_to_lora(
     is accepted too and wins. Returns `model` (changed in place)."""
     if lora_dropout is not None:
         lora_droppout = lora_dropout
-    parts = [part_module_name] if isinstance(part_module_name, str) else list(part_module_name)
-    targets = [
-        name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(part in name for part in parts)
-    ]
-    for name in targets:
+    for name in linear_layer_names(model, part_module_name):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         new = LinearLayer_LoRA(old.weight, lora_dim, lora_scaling, lora_droppout, old.bias)
         setattr(parent, child, new)
     return model
+
+
+def linear_layer_names(model: nn.Module, part_module_name: str | Iterable[str]) -> list[str]:
+    """Qualified names of the `nn.Linear` layers whose name contains `part_module_name` (or one of them)."""
+    parts = [part_module_name] if isinstance(part_module_name, str) else list(part_module_name)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and any(part in name for part in parts)]
+
+
+def resolve_lora_module_name(model: nn.Module, part_module_name: str | None,
+                             flag: str = "--lora_module_name") -> str:
+    """The `--lora_module_name` to use: the given one, or (None) the decoder blocks of this architecture
+    (`DECODER_BLOCK_NAMES`: OPT keeps upstream's `decoder.layers.`, Llama gets `layers.`).
+
+    A name that matches no Linear layer is a UserError: LoRA would otherwise wrap nothing and the run
+    would silently fine-tune every weight (or, with --only_optimize_lora, have nothing to train).
+    """
+    candidates = DECODER_BLOCK_NAMES if part_module_name is None else (part_module_name,)
+    for name in candidates:
+        if linear_layer_names(model, name):
+            return name
+    sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:3]
+    shown = ", ".join(sample) if sample else "none"
+    given = f"{flag} {part_module_name!r}" if part_module_name is not None else f"{flag} (default)"
+    raise UserError(f"{given} matches no Linear layer of the model (its Linear layers look like: {shown}); "
+                    f"pass a substring of those names, e.g. {flag} layers.")
 
 
 def lora_layers(model: nn.Module) -> list[LinearLayer_LoRA]:
