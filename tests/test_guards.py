@@ -230,6 +230,7 @@ def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup,
     from dschat.rlhf.health import evaluate_held_out
     from dschat.steps import ppo
     from dschat.utils.model.model_utils import create_critic_model
+    from dschat.utils.model.reward_model import ending_token_ids, resolve_reward_ending
     from dschat.utils.utils import load_hf_tokenizer
 
     out = tmp_path / "ppo_best"
@@ -257,9 +258,10 @@ def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup,
     tok = load_hf_tokenizer(str(out / "actor"))
     actor = AutoModelForCausalLM.from_pretrained(str(out / "actor")).eval()
     critic = create_critic_model(str(ppo_setup["critic"]), tok, None, 0, rlhf_training=True).eval()
+    ending = ending_token_ids(tok, resolve_reward_ending(str(ppo_setup["critic"])))
 
     def reward(seq, width, prompts, answers):  # noqa: ARG001
-        return critic.forward_value(seq, (seq != tok.pad_token_id).long(), prompt_length=width)["chosen_end_scores"]
+        return critic.rollout_scores(seq, (seq != tok.pad_token_id).long(), width, ending, tok.eos_token_id)
 
     again = evaluate_held_out(actor, Generator(actor, tok, max_new_tokens=12), batch["prompt"],
                               batch["prompt_att_mask"], tok, reward, None)

@@ -654,9 +654,10 @@ class PPOLoop(ResumableRun):
         batch = to_device(self.held_out, self.device)
         gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
 
-        def reward(seq, width, prompts, answers):  # noqa: ARG001 - the engine scores token ids
+        def reward(seq, width, prompts, answers):  # noqa: ARG001 - scored as the rollouts are
             mask = (seq != self.tokenizer.pad_token_id).long()
-            return trainer.reward_model.forward_value(seq, mask, prompt_length=width)["chosen_end_scores"]
+            return trainer.reward_model.rollout_scores(seq, mask, width, trainer.reward_ending_ids,
+                                                       trainer.end_of_conversation_token_id)
 
         trainer.eval()
         metrics = health.evaluate_held_out(trainer.actor_model, generator, batch["prompt"], batch["prompt_att_mask"],
