@@ -21,7 +21,6 @@ from dschat.rlhf.health import (
     is_degenerate,
     load_gold_reward,
     mean_gold,
-    mean_token_entropy,
     repeat_share,
     repeated_ngrams,
     truncated_share,
@@ -65,12 +64,9 @@ def test_repeat_share_and_degenerate_by_hand():
     assert not is_degenerate([1, 2, 3, 4]) and not is_degenerate([1])
 
 
-def test_truncated_share_entropy_and_batch_summary_by_hand():
+def test_truncated_share_and_batch_summary_by_hand():
     assert truncated_share(torch.tensor([12, 3, 12, 5]), 12) == 0.5
     assert truncated_share(torch.tensor([], dtype=torch.long), 12) == 0.0
-    entropy = torch.tensor([[1.0, 3.0, 100.0], [2.0, 100.0, 100.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert mean_token_entropy(entropy, mask) == pytest.approx(2.0)  # (1 + 3 + 2) / 3
     summary = generation_health([[1, 2, 3], [7, 7, 7, 7], []], max_new_tokens=4)
     assert summary["health/degenerate_share"] == pytest.approx(2 / 3)
     assert summary["health/truncated_share"] == pytest.approx(1 / 3)

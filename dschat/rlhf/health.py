@@ -92,12 +92,6 @@ def truncated_share(lengths: torch.Tensor, max_new_tokens: int) -> float:
     return float((lengths >= max_new_tokens).float().mean())
 
 
-def mean_token_entropy(token_entropy: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of per-position entropies [B, T] over the positions where `mask` is set."""
-    mask = mask.float()
-    return float((token_entropy.float() * mask).sum() / mask.sum().clamp(min=1.0))
-
-
 def generation_health(answers: Sequence[Sequence[int]], max_new_tokens: int) -> dict[str, float]:
     """The answer-text signals of one batch of answers (token ids), under their logged names."""
     lengths = torch.tensor([len(a) for a in answers], dtype=torch.long)
