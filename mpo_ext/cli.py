@@ -62,7 +62,7 @@ def assets_command(root: Path, seed: int, num_train: int, num_test: int, task: s
 @click.option("--deployment_type", type=click.Choice(["single_gpu", "single_node", "multi_node"]), default=None,
               help="Shortcut for the launcher: single_gpu = 1 rank, single_node = all local GPUs, multi_node = hostfile.")
 @click.option("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs.")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=eval_cli.FiniteFloatRange(min=0.0), default=None,
               help="Reward-gap theta for the easy/hard split (default: the preset's; 1.0 for llama2-7b as in the paper).")
 @click.option("--reference", type=click.Choice(["dpo", "sft"]), default="dpo", show_default=True,
               help="PPO's KL reference: dpo (MPO) or sft (the paper's sft-kl ablation).")

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from dschat.rlhf import health
 from dschat.utils import args as flags
+from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.losses import gather_log_probs
@@ -493,8 +494,7 @@ def check_pair_files(data_paths: list[str]) -> None:
 
 
 def _has_content(path: Path) -> bool:
-    with open(path, encoding="utf-8") as fh:
-        return any(line.strip() and line.strip() not in ("[]", "{}") for line in fh)
+    return any(line.strip() and line.strip() not in ("[]", "{}") for line in read_data_text(path).splitlines())
 
 
 def _build_frozen(args, path: str, tokenizer, ds_config: dict):

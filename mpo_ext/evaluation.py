@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.inference import RewardScorer, load_policy, resolve_device, resolve_torch_dtype
@@ -430,7 +431,7 @@ def read_generations(path: str | os.PathLike) -> list[dict]:
     if not p.is_file():
         raise UserError(f"{p}: no such generations file; pass DIR/generations/NAME.jsonl from `mpo eval`")
     records = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_data_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -4,6 +4,7 @@
 # Usage: bash run_select.sh [SFT_MODEL] [REWARD_MODEL] [OUTPUT_DIR] [THETA] [ZERO_STAGE]
 # Run from step2.5_select/. Re-running resumes: finished shards under $OUTPUT/shards are not redone, and a
 # new THETA only re-splits the stored scores. NUM_RANKS=N for N processes (GPUs, or CPU ranks).
+set -o pipefail  # the exit status is the run's, not tee's
 SFT_MODEL=${1:-../training/step1_supervised_finetuning/output}
 REWARD_MODEL=${2:-../training/step2_reward_model_finetuning/output}
 OUTPUT=${3:-./output_select}

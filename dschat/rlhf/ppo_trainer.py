@@ -33,6 +33,7 @@ from dschat.rlhf.ppo_math import (
     zero_after,
 )
 from dschat.utils.dist import get_world_size
+from dschat.utils.inference import require_finite_scores
 from dschat.utils.model.masks import position_ids_from_mask
 from dschat.utils.utils import print_rank_0
 
@@ -157,6 +158,8 @@ class DeepSpeedPPOTrainer:
         ref_logits = self._lm_logits(self.ref_model, seq, attention_mask, self._ref_position_ids)
         raw_scores = self.reward_model.rollout_scores(seq, attention_mask, width, self.reward_ending_ids,
                                                       self.end_of_conversation_token_id)
+        rm_config = getattr(self.reward_model, "module", self.reward_model).config
+        require_finite_scores(raw_scores, getattr(rm_config, "_name_or_path", "") or "(--critic_model_name_or_path)")
         values = self.critic_model.forward_value(seq, attention_mask, return_value_only=True)[:, :-1]
 
         logprobs = sequence_log_probs(logits, seq, self.compute_fp32_loss)

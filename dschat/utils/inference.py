@@ -12,6 +12,17 @@ import torch
 from dschat.utils.errors import UserError
 
 
+def require_finite_scores(scores: torch.Tensor | Sequence[float], reward_model: str) -> None:
+    """Refuse a reward model whose scores hold NaN or inf (a damaged v_head, or an overflow in the
+    scoring dtype): every decision taken from such scores is garbage, so stop at the first batch."""
+    values = torch.as_tensor(scores, dtype=torch.float32)
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise UserError(f"reward model {reward_model}: {bad} of {values.numel()} scores in a batch are NaN or "
+                        "infinite (damaged weights, e.g. its v_head, or an overflow in this dtype); retrain or "
+                        "re-export the step-2 model, or score in fp32")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """`auto`: this rank's accelerator when a process group runs, else cuda if present, else cpu."""
     if device != "auto":
@@ -88,6 +99,8 @@ def score_layouts(model, layouts: Sequence[tuple[list[int], list[int]]], pad_tok
         ids[i, width:width + len(tail)] = torch.tensor(tail, dtype=torch.long)
         mask[i, width - len(head):width + len(tail)] = 1
     out = model.forward_value(ids.to(device), mask.to(device), prompt_length=width)
+    config = getattr(getattr(model, "module", model), "config", None)
+    require_finite_scores(out["chosen_end_scores"], getattr(config, "_name_or_path", "") or "(step 2)")
     return [float(s) for s in out["chosen_end_scores"].float().cpu()]
 
 

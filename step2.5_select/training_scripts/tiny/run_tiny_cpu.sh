@@ -2,6 +2,7 @@
 # Step 2.5 (reward-gap split) on CPU with the embedded synthetic task, the tiny SFT model and the tiny reward
 # model. Usage: bash run_tiny_cpu.sh [SFT_MODEL] [REWARD_MODEL] [OUTPUT_DIR] [THETA] [ASSETS_DIR]
 # Run from step2.5_select/; NUM_RANKS=2 for two CPU ranks. Logs go to $OUTPUT/select.log.
+set -o pipefail  # the exit status is the run's, not tee's
 SFT_MODEL=${1:-../training/step1_supervised_finetuning/output_step1_tiny}
 REWARD_MODEL=${2:-../training/step2_reward_model_finetuning/output_step2_tiny}
 OUTPUT=${3:-./output_select_tiny}

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Step 2 (reward model) on CPU with the embedded synthetic task and tiny model (build them with `mpo assets`).
 # Usage: bash run_tiny_cpu.sh [OUTPUT_DIR] [ZERO_STAGE] [ASSETS_DIR]; NUM_RANKS=2 for two CPU ranks.
+set -o pipefail  # the exit status is the run's, not tee's
 OUTPUT=${1:-./output_step2_tiny}
 ZERO_STAGE=${2:-0}
 ASSETS=${3:-../../runs/assets}

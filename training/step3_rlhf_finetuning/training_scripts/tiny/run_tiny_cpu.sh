@@ -4,6 +4,7 @@
 # (the Hybrid Engine needs a GPU). Run from training/step3_rlhf_finetuning/.
 # Usage: bash run_tiny_cpu.sh [ACTOR_MODEL_PATH] [CRITIC_MODEL_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT] [ASSETS_DIR]
 # NUM_RANKS=2 for two CPU ranks.
+set -o pipefail  # the exit status is the run's, not tee's
 ACTOR_MODEL_PATH=${1:-../step1_supervised_finetuning/output_step1_tiny}
 CRITIC_MODEL_PATH=${2:-../step2_reward_model_finetuning/output_step2_tiny}
 ACTOR_ZERO_STAGE=${3:-0}
