@@ -344,7 +344,7 @@ def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(dpo_pairs, tinystorie
 
 @pytest.mark.parametrize("extra, message", [
     (["--health_max_kl", "-1"], "--health_max_kl"),
-    (["--health_min_entropy_ratio", "nan"], "--health_min_entropy_ratio"),
+    (["--health_min_entropy_ratio", "-0.5"], "--health_min_entropy_ratio"),
     (["--keep_best"], "--keep_best needs periodic evaluations"),
     (["--eval_steps", "2", "--keep_best", "--eval_prompts", "0"], "--keep_best needs held-out evaluations"),
     (["--eval_steps", "2", "--keep_best", "--best_metric", "gold"], "--best_metric gold needs --gold_reward"),
