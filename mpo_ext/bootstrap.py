@@ -19,7 +19,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from dschat.utils.utils import atomic_directory, atomic_write_text
+from dschat.utils.output_dir import staged_output
+from dschat.utils.utils import atomic_write_text
 from mpo_ext import synthetic
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -88,8 +89,9 @@ def build_tiny_model(
 ) -> Path:
     """Train a word-level tokenizer on `texts` and save it with a random `LlamaForCausalLM`.
 
-    The directory is built in a temporary sibling and renamed into place, so it is either complete or
-    absent. Same texts and seed give byte-identical files. `bootstrap.json` records the build settings.
+    The directory is staged inside itself and published with config.json last, so it holds a complete
+    model or no config.json. Same texts and seed give byte-identical files. `bootstrap.json` records the
+    build settings.
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -97,7 +99,7 @@ def build_tiny_model(
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
     dest = Path(output_dir)
-    with atomic_directory(dest, keep_existing=False) as tmp:
+    with staged_output(dest, markers=("config.json",), keep_existing=False) as tmp:
         tokenizer = build_tokenizer(texts, model_max_length=max_position_embeddings)
         tokenizer.save_pretrained(str(tmp))
         # Portable class name (transformers 4.x and 5.x both load it) + the classic special-tokens map.

@@ -97,7 +97,7 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dschat.utils.utils import _tmp_sibling
+    from dschat.utils.utils import atomic_write
 
     if not metrics_files:
         raise UserError("no metrics files to plot")
@@ -133,11 +133,8 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
         ax.axis("off")
     fig.tight_layout()
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(out)
-    fig.savefig(tmp, dpi=110, format="png")
+    atomic_write(out, lambda fh: fig.savefig(fh, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

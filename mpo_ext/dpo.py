@@ -32,7 +32,7 @@ from dschat.utils.errors import UserError
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
-from dschat.utils.utils import atomic_directory, atomic_write_json, print_rank_0, to_device
+from dschat.utils.utils import atomic_directory, atomic_write, atomic_write_json, print_rank_0, to_device
 
 REFERENCE_FILE = "reference_logps.pt"
 EVAL_MAX_NEW_TOKENS = 64  # answer budget of the held-out generation checks
@@ -293,10 +293,8 @@ def load_reference_tables(path: Path, fingerprint: dict) -> dict[str, torch.Tens
 
 
 def save_reference_tables(path: Path, fingerprint: dict, tables: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    torch.save({"fingerprint": json.dumps(fingerprint, sort_keys=True), **tables}, tmp)
-    os.replace(tmp, path)
+    content = {"fingerprint": json.dumps(fingerprint, sort_keys=True), **tables}
+    atomic_write(path, lambda fh: torch.save(content, fh))
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -579,9 +577,11 @@ def build(args) -> DPOTrainer:
     from dschat.utils.dist import get_local_rank
     from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
     from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss, create_hf_model
+    from dschat.utils.output_dir import prepare_output_dir
     from dschat.utils.trainer import count_updates
     from dschat.utils.utils import set_random_seed
 
+    prepare_output_dir(args.output_dir)
     set_random_seed(args.seed)
     check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
     tokenizer = build_tokenizer(args)

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
+from dschat.utils.output_dir import prepare_output_dir
 
 
 def _user_errors(func: Callable) -> Callable:
@@ -87,8 +88,8 @@ def _generation_options(func: Callable) -> Callable:
                      help="Bootstrap resamples for the confidence intervals."),
         click.option("--confidence", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True),
                      default=0.95, show_default=True),
-        click.option("--data_output_path", type=str, default="/tmp/data_files/", show_default=True,
-                     help="Scratch directory of the data loaders."),
+        click.option("--data_output_path", type=str, default=None,
+                     help="Scratch directory of the data loaders (default: ~/.cache/dschat/data_files)."),
         click.option("--local_rank", type=int, default=-1, hidden=True, help="Set by the deepspeed launcher."),
     ]
     for option in reversed(options):
@@ -272,7 +273,7 @@ def compare_files(paths: list[Path], names: list[str], *, tie_margin: float, rew
     if judge:
         summary["judge"] = run_judge(pairs, details, judge, a, b)
     if output_dir:
-        out = Path(output_dir)
+        out = prepare_output_dir(output_dir)
         atomic_write_jsonl(out / "compare_details.jsonl", details)
         atomic_write_json(out / "compare.json", summary)
         click.echo(f"[compare] wrote {out / 'compare.json'}")

@@ -32,6 +32,7 @@ from dschat.utils import args as flags
 from dschat.utils.checkpoint import maybe_inject_kill
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
+from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, print_rank_0
 
 PAIR_SOURCES = ("samples", "dataset")
@@ -761,7 +762,7 @@ def run(args) -> dict | None:
 
     args.dtype = resolve_dtype(args.dtype)
     rank, world = get_rank(), get_world_size()
-    output_dir = Path(args.output_dir)
+    output_dir = prepare_output_dir(args.output_dir)
     sft_tokenizer = load_hf_tokenizer(args.sft_model_name_or_path) if args.pair_source == "samples" else None
     rm_tokenizer = reward_tokenizer(args, sft_tokenizer)
     items, load_stats = load_items(args, sft_tokenizer or rm_tokenizer)

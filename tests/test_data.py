@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dschat.utils.data import data_utils as du
 from dschat.utils.data import raw_datasets as rd
@@ -396,20 +397,20 @@ def test_cache_reused_and_invalidated_on_edit(tmp_path, tiny_tokenizer, capsys):
     out = tmp_path / "out"
     train, _ = build(tiny_tokenizer, [str(f)], 1, out)
     assert "Creating dataset" in capsys.readouterr().out
-    assert len(list(out.glob("traindata_*.pt"))) == 1
+    assert len(list(out.glob("traindata_*.safetensors"))) == 1
     again, _ = build(tiny_tokenizer, [str(f)], 1, out)
     assert "Creating dataset" not in capsys.readouterr().out  # served from the cache
     assert torch.equal(again[0]["input_ids"], train[0]["input_ids"])
     write_jsonl(f, [pcr(i) for i in range(20)])  # edit the data file in place
     edited, _ = build(tiny_tokenizer, [str(f)], 1, out)
     assert "Creating dataset" in capsys.readouterr().out and len(edited) == 18
-    assert len(list(out.glob("traindata_*.pt"))) == 2
+    assert len(list(out.glob("traindata_*.safetensors"))) == 2
     build(tiny_tokenizer, [str(f)], 1, out, rebuild=True)
     assert "Creating dataset" in capsys.readouterr().out
     build(tiny_tokenizer, [str(f)], 1, out, end_of_conversation_token="<|endoftext|>")
     assert "Creating dataset" in capsys.readouterr().out  # eot string is part of the key
-    state = torch.load(next(out.glob("traindata_*.pt")), weights_only=False)
-    assert isinstance(state, dict) and isinstance(state["chosen"], list)  # plain content, no custom class
+    cached = load_file(next(out.glob("traindata_*.safetensors")))  # tensors only: nothing to unpickle
+    assert {"chosen.ids", "chosen.offsets"} <= set(cached) and all(torch.is_tensor(v) for v in cached.values())
 
 
 def test_cache_key_covers_tokenizer(tiny_tokenizer):

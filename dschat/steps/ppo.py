@@ -48,7 +48,7 @@ class _DeprecatedAlias(argparse.Action):
 
 def _add_step3_data_args(parser) -> None:
     # rollouts are left-padded, so they always keep their attention mask: no --pad_mask here
-    flags.add_data_args(parser, data_output_path="/tmp/data_files", max_seq_len=None, pad_mask=False)
+    flags.add_data_args(parser, max_seq_len=None, pad_mask=False)
     group = parser.add_argument_group("unsupervised (pretraining) mix")
     group.add_argument("--unsupervised_dataset_name", type=str, default=None,
                        help="Hugging Face dataset (or save_to_disk dir) for the pretraining loss (PPO-ptx).")
@@ -304,8 +304,10 @@ def build(args) -> PPOLoop:
     from dschat.rlhf.ppo_trainer import DeepSpeedPPOTrainer, DeepSpeedPPOTrainerUnsupervised
     from dschat.rlhf.rlhf_engine import DeepSpeedRLHFEngine, unsupervised_enabled
     from dschat.utils.data.data_utils import DataCollatorRLHF
+    from dschat.utils.output_dir import prepare_output_dir
     from dschat.utils.trainer import ResumableSampler, groups_by_length, sample_lengths
 
+    prepare_output_dir(args.output_dir)
     tokenizer, prompts, unsup, held_out = prepare(args)
     seed = args.seed or 0
     prompt_loader = DataLoader(

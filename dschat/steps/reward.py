@@ -19,6 +19,7 @@ from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_datas
 from dschat.utils.dist import get_local_rank
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
+from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model, set_random_seed
 
@@ -96,6 +97,7 @@ class RewardTrainer(Trainer):
 def build(args) -> RewardTrainer:
     from dschat.utils.model.model_utils import create_critic_model
 
+    prepare_output_dir(args.output_dir)
     set_random_seed(args.seed)
     check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
     tokenizer = build_tokenizer(args)

@@ -50,7 +50,7 @@ def new_parser(description: str) -> argparse.ArgumentParser:
     return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
-def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/tmp/data_files/",
+def add_data_args(parser, *, sft_only: bool = False,
                   max_seq_len: int | None = 512, padding: bool = True, pad_mask: bool = True) -> None:
     """Data flags; `padding` (with length grouping) and `pad_mask` only where the entry point uses them."""
     group = parser.add_argument_group("data")
@@ -64,8 +64,11 @@ def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/t
     if sft_only:
         group.add_argument("--sft_only_data_path", nargs="*", default=[],
                            help="Datasets used only in SFT (split 10,0,0).")
-    group.add_argument("--data_output_path", type=str, default=data_output_path,
-                       help="Where split indices and tokenised caches go (node-local or shared storage).")
+    group.add_argument("--data_output_path", type=str, default=None,
+                       help="Where split indices and tokenised caches go (node-local or shared storage); a "
+                            "directory of your own, created 0700 (default: $XDG_CACHE_HOME/dschat/data_files, "
+                            "i.e. ~/.cache/dschat/data_files). One that another user owns or others can write "
+                            "is refused." + OWN_DEFAULT)
     group.add_argument("--rebuild_data_cache", action="store_true",
                        help="Rebuild the tokenised cache even if a matching one exists.")
     if padding:
