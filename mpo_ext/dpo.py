@@ -31,8 +31,9 @@ from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
+from dschat.utils.output_dir import staged_output
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
-from dschat.utils.utils import atomic_directory, atomic_write, atomic_write_json, print_rank_0, to_device
+from dschat.utils.utils import atomic_write, atomic_write_json, print_rank_0, to_device
 
 REFERENCE_FILE = "reference_logps.pt"
 EVAL_MAX_NEW_TOKENS = 64  # answer budget of the held-out generation checks
@@ -426,10 +427,10 @@ class DPOTrainer(Trainer):
         out, best = Path(self.args.output_dir), self._best_dir()
         record = self.best.record(self.global_step, "best")
         if is_rank_0():
-            with atomic_directory(out) as tmp:  # keeps the run's logs, metrics and states
+            with staged_output(out) as staging:  # keeps the run's logs, metrics and states
                 for item in best.iterdir():
-                    os.replace(item, tmp / item.name)
-            best.rmdir()  # emptied above, then carried over by atomic_directory
+                    os.replace(item, staging / item.name)
+            best.rmdir()  # emptied above
             atomic_write_json(out / health.BEST_FILE, record)
         barrier()
         print_rank_0(f"--keep_best: {out} holds step {self.best.best_step}: {record['reason']}")
