@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from dschat.utils.errors import UserError
+from dschat.utils.utils import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 NON_METRIC_KEYS = frozenset({"step", "phase", "epoch", "time", "timestamp"})
@@ -96,8 +97,6 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dschat.utils.utils import atomic_write
 
     if not metrics_files:
         raise UserError("no metrics files to plot")

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dschat.rlhf import health
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.errors import UserError
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.output_dir import staged_output
@@ -623,3 +624,12 @@ def build(args) -> DPOTrainer:
         print_rank_0("Reference log-probs: the policy's own base weights with LoRA switched off (no second model)")
         reference = BaseWeightsReference(engine, args.pad_mask)
     return DPOTrainer(args, engine, train_data, eval_data, collator, tokenizer, reference)
+
+
+def main() -> None:
+    """Step 3b entry point: `deepspeed --module mpo_ext.dpo ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -30,8 +30,8 @@ import torch
 
 from dschat.utils import args as flags
 from dschat.utils.checkpoint import maybe_inject_kill
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.errors import UserError
+from dschat.utils.dist import barrier, get_rank, get_world_size, init_distributed, is_rank_0
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, print_rank_0
 
@@ -45,17 +45,6 @@ SHARD_DIR = "shards"
 SHARD_CONFIG = "config.json"
 
 # --------------------------------------------------------------------------------------------- pure functions
-
-
-def order_pair_by_reward(first: str, second: str, first_reward: float,
-                         second_reward: float) -> tuple[str, str, float, float]:
-    """(chosen, rejected, chosen_reward, rejected_reward): the higher-scored answer is chosen.
-
-    Ties keep the given order, so the result is deterministic.
-    """
-    if second_reward > first_reward:
-        return second, first, float(second_reward), float(first_reward)
-    return first, second, float(first_reward), float(second_reward)
 
 
 def split_by_gap(gaps: Sequence[float] | np.ndarray, theta: float) -> np.ndarray:
@@ -157,7 +146,7 @@ def length_sorted_batches(indices: Sequence[int], lengths: Sequence[int], batch_
 def orient_record(raw: dict[str, Any], policy: str) -> dict[str, Any] | None:
     """Output record (prompt, chosen, rejected, rewards, gap, human_label) from a scored shard record.
 
-    `reward_model`: the higher-scored answer is chosen (the paper). `human`: keep the dataset's label.
+    `reward_model`: the higher-scored answer is chosen (the paper; a tie keeps the sampled order). `human`: keep the dataset's label.
     `drop_disagreements`: keep the dataset's label, but drop the pair (None) when the RM strictly
     prefers the other answer. `human_label` (where known) is 1 when humans preferred `chosen`.
     """
@@ -837,3 +826,14 @@ def _finish(args, output_dir: Path, shards: list[range], digest: str, load_stats
         "run": worker_stats,
     }
     return finalize(args, raw_records, output_dir, extra)
+
+
+def main() -> None:
+    """Step 2.5 entry point: `deepspeed --module mpo_ext.selection ...` (step2.5_select/main.py calls it too)."""
+    args = parse_args()
+    init_distributed(args.local_rank)
+    run(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -12,6 +12,8 @@ THETA=${4:-1.0}
 ZERO_STAGE=${5:-0}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 5 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 5 ? $# : 5 ))
 deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --data_path Dahoas/rm-static \
    --data_split 2,4,4 \
@@ -30,4 +32,5 @@ deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --zero_stage $ZERO_STAGE \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    2>&1 | tee "$OUTPUT/select.log"

@@ -193,14 +193,6 @@ class DeepSpeedPPOTrainer:
     def get_advantages_and_returns(self, values, rewards, start):
         return compute_gae(values, rewards, start, self.gamma, self.lam)
 
-    def actor_loss_fn(self, logprobs, old_logprobs, advantages, mask):
-        loss, _, _ = actor_loss(logprobs, old_logprobs, advantages, mask, self.cliprange)
-        return loss
-
-    def critic_loss_fn(self, values, old_values, returns, mask):
-        loss, _ = critic_loss(values, old_values, returns, mask, self.cliprange_value)
-        return loss
-
     # ---- update
     def train_rlhf(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = inputs["prompts"]
@@ -288,12 +280,6 @@ class DeepSpeedPPOTrainer:
     def _validate_training_mode(self) -> None:
         assert self.actor_model.module.training
         assert self.critic_model.module.training
-
-    def _validate_evaluation_mode(self) -> None:
-        assert not self.actor_model.module.training
-        assert not self.critic_model.module.training
-        assert not self.ref_model.module.training
-        assert not self.reward_model.module.training
 
 
 class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):

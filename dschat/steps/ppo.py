@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from dschat.rlhf import health
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import check_context_length, set_gradient_checkpointing
 from dschat.utils.ds_utils import resolve_dtype
-from dschat.utils.errors import UserError
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.trainer import ResumableRun
 from dschat.utils.utils import print_rank_0
 
@@ -758,3 +759,12 @@ class PPOLoop(ResumableRun):
             atomic_write_json(dest.parent / health.BEST_FILE, record)
         barrier()
         print_rank_0(f"--keep_best: {dest} is step {self.best.best_step}: {record['reason']}")
+
+
+def main() -> None:
+    """Step 3 entry point: `deepspeed --module dschat.steps.ppo ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
     apply_lora,
@@ -17,6 +18,7 @@ from dschat.utils.build import (
 )
 from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_dataset
 from dschat.utils.dist import get_local_rank
+from dschat.utils.errors import run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
 from dschat.utils.output_dir import prepare_output_dir
@@ -123,3 +125,12 @@ def build(args) -> RewardTrainer:
                                num_warmup_steps=args.num_warmup_steps, num_training_steps=steps,
                                offload=args.offload, args=args)
     return RewardTrainer(args, engine, train_data, eval_data, collator, tokenizer)
+
+
+def main() -> None:
+    """Step 2 entry point: `deepspeed --module dschat.steps.reward ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,4 +1,11 @@
-"""Small shared helpers with DeepSpeed-Chat's names: printing, seeding, tokenizer loading, saving."""
+"""Small shared helpers with DeepSpeed-Chat's names: printing, seeding, atomic file writes, tokenizer loading,
+optimizer groups, EMA, and saving models in Hugging Face layout (ZeRO-3 aware).
+
+Owns the one atomic writer and the one model saver every stage uses. Imports only torch, numpy,
+DeepSpeed/transformers (lazily, where used) and `dschat.utils.dist` / `errors`: never a step, a trainer,
+the data pipeline or `mpo_ext`, so any module can import it. Upstream-only names no project code calls
+(`save_hf_format`, `save_zero_three_model`) live in `dschat.utils.compat` and are still importable here.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dschat.utils.dist import barrier, get_rank, is_rank_0
+from dschat.utils.dist import barrier, get_rank, is_rank_0, on_cpu
 from dschat.utils.errors import UserError
 from dschat.utils.output_dir import default_file_mode, staged_output
 
@@ -223,8 +230,6 @@ def get_optimizer_grouped_parameters(
 
 def create_optimizer(param_groups: list[dict], lr: float, offload: bool = False, betas=(0.9, 0.95)):
     """FusedAdam on GPU, DeepSpeedCPUAdam with ZeRO offload, torch AdamW on the CPU accelerator."""
-    from dschat.utils.dist import on_cpu
-
     if on_cpu():
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
     if offload:
@@ -280,17 +285,6 @@ class ExponentialMovingAverage:
 
     def get(self) -> float:
         return self.ema if self.ema is not None else 0.0
-
-
-class MovingAverage:
-    def __init__(self):
-        self.count, self.total, self.mean = 0, 0.0, 0.0
-
-    def update(self, num: float) -> float:
-        self.total += num
-        self.count += 1
-        self.mean = self.total / self.count
-        return self.mean
 
 
 # --------------------------------------------------------------------------------------------- saving
@@ -373,24 +367,10 @@ def _save_tokenizer(tokenizer, directory: Path, model: torch.nn.Module) -> None:
         generation_config.save_pretrained(directory)
 
 
-def save_hf_format(model: torch.nn.Module, tokenizer, args, sub_folder: str = "") -> None:
-    """Upstream name: save `model` under `args.output_dir/sub_folder` in Hugging Face layout.
+def __getattr__(name: str):
+    """Upstream-only names (`save_hf_format`, `save_zero_three_model`) live in `dschat.utils.compat`."""
+    from dschat.utils import compat  # the upstream-compatibility module imports this one
 
-    Unlike upstream this writes the full tokenizer, a generation config and safetensors, and is ZeRO-3
-    aware (call it on every rank then).
-    """
-    output_dir = os.path.join(args.output_dir, sub_folder)
-    module = getattr(model, "module", model)
-    if hasattr(module, "rwtransformer"):
-        save_reward_model(module, tokenizer, output_dir)
-    else:
-        save_causal_lm(module, tokenizer, output_dir)
-
-
-def save_zero_three_model(model_ema, global_rank: int, save_dir: str, zero_stage: int = 0) -> None:
-    """Upstream name kept for user scripts; `save_hf_format` already gathers ZeRO-3 weights."""
-    module = getattr(model_ema, "module", model_ema)
-    state = gather_full_state_dict(module)
-    if global_rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        atomic_write(Path(save_dir) / "pytorch_model.bin", lambda fh: torch.save(state, fh))
+    if name in compat.UPSTREAM_UTILS_NAMES:
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """Splits, per-phase tokenised datasets, the node-safe cache, collators and MiniDataset.
 
-Upstream names and split arithmetic are kept (contract §3); what differs on purpose:
+Upstream's function names and split arithmetic (`--data_split` weights over phases 1/2/3, the same
+seeded shuffle and rounding) are kept; what differs on purpose:
 items are stored unpadded and padded per batch by the collators; one end-of-text convention
 (the tokenizer's eos) for every phase; the cache key covers file contents and the tokenizer; the cache
 is built by local rank 0 under a file lock while other ranks poll for the files instead of sitting in
@@ -792,8 +793,6 @@ class MiniDataset:
                     small.append(large[start:start + step])
         self.free()
         return small
-
-    seperate = separate  # upstream's spelling
 
     def add(self, data: Any) -> list[Any] | None:
         if len(self.dataset) >= self.max_size:

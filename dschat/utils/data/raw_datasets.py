@@ -1,8 +1,8 @@
 """One adapter per dataset name: where the data comes from and how a sample becomes prompt/answer text.
 
 Adapters only turn samples into strings (or None to skip a sample); splitting, tokenising and caching
-live in data_utils.py. Upstream DeepSpeed-Chat names and text formats are kept exactly (contract §3.1);
-on top of them we read Anthropic's raw HH-RLHF dialogues, the TL;DR comparison sets, and local files
+live in data_utils.py. Upstream DeepSpeed-Chat's dataset names and the texts it builds from each are kept
+exactly (`DATASET_ADAPTERS` lists them); on top of them we read Anthropic's raw HH-RLHF dialogues, the TL;DR comparison sets, and local files
 or directories given directly as `--data_path`.
 """
 

@@ -10,6 +10,8 @@ THETA=${4:-1.0}
 ASSETS=${5:-../runs/assets}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 5 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 5 ? $# : 5 ))
 deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --data_path "$ASSETS/data" \
    --data_split 2,4,4 \
@@ -26,4 +28,5 @@ deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --dtype fp32 \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    2>&1 | tee "$OUTPUT/select.log"

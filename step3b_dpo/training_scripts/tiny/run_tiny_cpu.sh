@@ -9,6 +9,8 @@ OUTPUT=${3:-./output_step3b_dpo_tiny}
 ZERO_STAGE=${4:-0}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 4 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 4 ? $# : 4 ))
 deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --data_path "$EASY" \
    --model_name_or_path "$SFT_MODEL" \
@@ -27,4 +29,5 @@ deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --zero_stage $ZERO_STAGE \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    2>&1 | tee "$OUTPUT/training.log"

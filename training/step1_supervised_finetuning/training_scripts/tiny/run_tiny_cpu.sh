@@ -7,6 +7,8 @@ ZERO_STAGE=${2:-0}
 ASSETS=${3:-../../runs/assets}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 3 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 3 ? $# : 3 ))
 deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --data_path "$ASSETS/data" \
    --data_split 2,4,4 \
@@ -23,4 +25,5 @@ deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --zero_stage $ZERO_STAGE \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    2>&1 | tee "$OUTPUT/training.log"

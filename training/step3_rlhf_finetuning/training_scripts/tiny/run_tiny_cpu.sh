@@ -13,6 +13,8 @@ OUTPUT=${5:-./output_step3_tiny}
 ASSETS=${6:-../../runs/assets}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 6 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 6 ? $# : 6 ))
 deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --data_path "$ASSETS/data" \
    --data_split 2,4,4 \
@@ -36,4 +38,5 @@ deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --critic_zero_stage $CRITIC_ZERO_STAGE \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    2>&1 | tee "$OUTPUT/training.log"
