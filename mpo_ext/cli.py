@@ -60,11 +60,13 @@ def main() -> None:
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the synthetic task and the model.")
 @click.option("--num_train", type=int, default=2000, show_default=True, help="Training prompts of the synthetic task.")
 @click.option("--num_test", type=int, default=200, show_default=True, help="Held-out prompts of the synthetic task.")
-def assets_command(root: Path, seed: int, num_train: int, num_test: int) -> None:
-    """Build the embedded default: the synthetic preference task and a tiny Llama (idempotent)."""
+@click.option("--task", type=click.Choice(["mpo-synthetic", "mpo-sort"]), default="mpo-synthetic", show_default=True,
+              help="mpo-synthetic: list items of a category; mpo-sort: sort the numbers of the prompt.")
+def assets_command(root: Path, seed: int, num_train: int, num_test: int, task: str) -> None:
+    """Build the embedded default: a synthetic preference task and a tiny Llama (idempotent)."""
     from mpo_ext.bootstrap import build_default_assets
 
-    paths = build_default_assets(root, seed=seed, num_train=num_train, num_test=num_test)
+    paths = build_default_assets(root, seed=seed, num_train=num_train, num_test=num_test, task=task)
     for key, value in paths.items():
         click.echo(f"{key}: {value}")
 

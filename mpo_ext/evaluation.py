@@ -218,8 +218,10 @@ def find_gold_reward(data_path: str, mode: str = "auto") -> Callable[[str, str],
             task = json.loads(manifest.read_text(encoding="utf-8")).get("task")
         except (OSError, ValueError, AttributeError):
             task = None
-    if task == synthetic.SYNTHETIC_TASK_NAME or mode == "synthetic":
-        return synthetic.gold_reward
+    if task in synthetic.TASKS:
+        return synthetic.TASKS[task].gold_reward
+    if mode == "synthetic":
+        return synthetic.any_gold_reward
     return None
 
 

@@ -406,10 +406,14 @@ class Trainer(ResumableRun):
         return count_updates(self.train_loader.sampler.dataset_len, self.args.per_device_train_batch_size,
                              self.args.gradient_accumulation_steps, self.args.num_train_epochs, self.args.max_steps)
 
+    def after_eval(self, metrics: dict[str, float]) -> None:
+        """Hook after each logged evaluation (health checks, keeping the best model)."""
+
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
             self.logger.log(self.global_step, "eval", metrics)
+            self.after_eval(metrics)
 
     def train(self) -> None:
         with self.sigterm_saves_state():
