@@ -45,7 +45,7 @@ from common import cpu_model  # noqa: E402
 from dschat.utils.errors import UserError, run_main  # noqa: E402
 from dschat.utils.utils import atomic_write_json, atomic_write_text  # noqa: E402
 from mpo_ext.pipeline import PipelineConfig, Stage, build_plan, dump_config, load_config, run_plan  # noqa: E402
-from mpo_ext.synthetic import gold_reward  # noqa: E402
+from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS, any_gold_reward  # noqa: E402
 
 ALL_HARD = 1e9  # a theta above every gap: every prompt goes to PPO
 # Quick mode: the tiny preset shrunk so that every method still runs end to end in a few minutes.
@@ -87,15 +87,17 @@ CLAIMS = (
 # --------------------------------------------------------------------------------------------- presets
 
 
-def make_config(run_dir: Path, seed: int, quick: bool, *sets: str) -> PipelineConfig:
-    """The tiny preset for one seed (data draw and every training seed), with the --quick sizes."""
-    seeds = (f"assets.seed={seed}", f"common.seed={seed}", f"eval.seed={seed}")
+def make_config(run_dir: Path, seed: int, quick: bool, *sets: str, task: str = SYNTHETIC_TASK_NAME) -> PipelineConfig:
+    """The tiny preset for one seed (data draw and every training seed) on one embedded task, with the --quick
+    sizes."""
+    seeds = (f"assets.seed={seed}", f"common.seed={seed}", f"eval.seed={seed}", f"assets.task={task}")
     return load_config("tiny", [*seeds, *(QUICK if quick else ()), f"output_dir={run_dir}", *sets])
 
 
-def fingerprint(quick: bool, thetas: tuple[str, str]) -> dict[str, Any]:
+def fingerprint(quick: bool, thetas: tuple[str, str], task: str) -> dict[str, Any]:
     """What decides the results of a run directory (not seeds or threads)."""
-    return {"quick": quick, "thetas": list(thetas), "config": dump_config(make_config(Path("RUN"), 0, quick))}
+    return {"quick": quick, "thetas": list(thetas), "task": task,
+            "config": dump_config(make_config(Path("RUN"), 0, quick, task=task))}
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -104,13 +106,13 @@ def fingerprint(quick: bool, thetas: tuple[str, str]) -> dict[str, Any]:
 class SeedRun:
     """All methods of one seed in the run directory OUTPUT_DIR/seed<N>; each method is a config variant."""
 
-    def __init__(self, root: Path, seed: int, quick: bool, thetas: tuple[str, str]):
-        self.root, self.seed, self.quick, self.theta_specs = root, seed, quick, thetas
+    def __init__(self, root: Path, seed: int, quick: bool, thetas: tuple[str, str], task: str):
+        self.root, self.seed, self.quick, self.theta_specs, self.task = root, seed, quick, thetas, task
         self.thetas: dict[str, float] = {}
 
     def _run(self, name: str, steps: tuple[str, ...], *sets: str, shards_from: Path | None = None) -> dict[str, Path]:
         """Run one method's stages (the others are reused); {stage: output directory}."""
-        config = make_config(self.root, self.seed, self.quick, *sets)
+        config = make_config(self.root, self.seed, self.quick, *sets, task=self.task)
         plan = build_plan(config, self.root)
         outputs = {stage.name: stage.output for stage in plan}
         if shards_from is not None:
@@ -160,7 +162,7 @@ class SeedRun:
             "mpo_reverse": reverse["dpo"],
             "mpo_a_stage1": mpo_a["dpo"],
         }
-        config = make_config(self.root, self.seed, self.quick)
+        config = make_config(self.root, self.seed, self.quick, task=self.task)
         model_flags = [flag for name, path in models.items() for flag in ("--model", f"{name}={path}")]
         eval_flags = [f"--{k}={v}" for k, v in config.eval.items()]
         # Greedy answers (as `mpo eval` and the paper's table) and samples at T=1 (the policy RLHF optimises).
@@ -229,7 +231,7 @@ def rm_gold_agreement(sel: Path) -> dict[str, float | None]:
         for path in files:
             for line in path.read_text(encoding="utf-8").splitlines():
                 rec = json.loads(line)
-                gc, gr = gold_reward(rec["prompt"], rec["chosen"]), gold_reward(rec["prompt"], rec["rejected"])
+                gc, gr = any_gold_reward(rec["prompt"], rec["chosen"]), any_gold_reward(rec["prompt"], rec["rejected"])
                 if gc != gr:
                     total += 1
                     agree += gc > gr
@@ -408,6 +410,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results_dir", type=Path, default=None,
                         help="Where reproduce.{json,md,png} go (default benchmarks/results; OUTPUT_DIR with --quick).")
     parser.add_argument("--quick", action="store_true", help="One seed, small data and few steps: a smoke run.")
+    parser.add_argument("--task", choices=sorted(TASKS), default=SYNTHETIC_TASK_NAME,
+                        help="The embedded synthetic task (its own gold reward); results go to reproduce_<task> "
+                             "files for tasks other than the default.")
     parser.add_argument("--seeds", default=None, help="Comma list of seeds (default 1,2,3,4,5; 1 with --quick).")
     parser.add_argument("--thetas", default=None,
                         help="Two reward-gap thresholds for MPO, numbers or gap percentiles like p50 (default 1,2 "
@@ -432,14 +437,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = "quick" if args.quick else "full"
     args.output_dir = (args.output_dir or REPO / ("runs/reproduce-quick" if args.quick else "runs/reproduce")).resolve()
     args.results_dir = (args.results_dir or (args.output_dir if args.quick else REPO / "benchmarks/results")).resolve()
-    args.stem = "reproduce" if mode == "full" else "reproduce_quick"
+    args.stem = ("reproduce" if mode == "full" else "reproduce_quick") + (
+        "" if args.task == SYNTHETIC_TASK_NAME else "_" + args.task.removeprefix("mpo-"))
     return args
 
 
-def check_settings(output_dir: Path, quick: bool, thetas: tuple[str, str]) -> None:
+def check_settings(output_dir: Path, quick: bool, thetas: tuple[str, str], task: str) -> None:
     """Refuse to mix runs of different settings in one directory (finished stages would be reused)."""
     path = output_dir / "reproduce_settings.json"
-    current = json.loads(json.dumps(fingerprint(quick, thetas)))
+    current = json.loads(json.dumps(fingerprint(quick, thetas, task)))
     if path.exists():
         if read_json(path) != current:
             raise UserError(f"--output_dir {output_dir}: holds a benchmark run with other settings "
@@ -458,9 +464,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    check_settings(args.output_dir, args.quick, args.thetas)
+    check_settings(args.output_dir, args.quick, args.thetas, args.task)
     start = time.time()
-    seeds = [SeedRun(args.output_dir / f"seed{s}", s, args.quick, args.thetas).run() for s in args.seeds]
+    seeds = [SeedRun(args.output_dir / f"seed{s}", s, args.quick, args.thetas, args.task).run() for s in args.seeds]
     labels = method_labels(args.thetas)
     report = {
         "command": " ".join(["python benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -471,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
         "aggregate": aggregate(seeds, labels),
         "seeds": seeds,
         "paper_hh_rm_score": PAPER_HH,
-        "settings": fingerprint(args.quick, args.thetas),
+        "settings": fingerprint(args.quick, args.thetas, args.task),
         "wall_seconds": round(time.time() - start, 1),
         "machine": machine(),
         "output_dir": str(args.output_dir),
