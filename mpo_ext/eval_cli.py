@@ -53,9 +53,10 @@ def _generation_options(func: Callable) -> Callable:
     options = [
         click.option("--reward_model", type=str, default=None,
                      help="Step-2 reward model output directory (scores every answer)."),
-        click.option("--data_path", type=str, default=None,
+        click.option("--data_path", type=str, multiple=True,
                      help="Dataset name or local file/directory; its eval/test split gives the prompts "
-                          "(a local file without one: all its prompts)."),
+                          "(a local file without one: all its prompts). Repeat it to evaluate on several "
+                          "datasets together."),
         click.option("--data_keys", type=str, default=None,
                      help="Column mapping for local files and hub datasets, NAME=COLUMN comma-separated "
                           "(e.g. prompt=question), as in the training stages."),

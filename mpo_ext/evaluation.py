@@ -168,40 +168,48 @@ def _open_raw_dataset(data_path: str, seed: int, data_output_path: str, tokenize
     return get_raw_dataset(data_path, data_output_path, seed, -1, tokenizer=tokenizer, column_map=column_map)
 
 
-def load_eval_prompts(data_path: str, num_prompts: int | None = None, seed: int = 1234,
+def load_eval_prompts(data_path: str | Sequence[str], num_prompts: int | None = None, seed: int = 1234,
                       data_output_path: str | None = None, tokenizer=None,
                       column_map: dict[str, str] | None = None) -> list[str]:
-    """Held-out prompts of a dataset: its eval/test split (a local file without one: all its prompts).
+    """Held-out prompts of one or more datasets: each one's eval/test split (a local file without one: all
+    its prompts), in the order given (e.g. HH's helpful-base and harmless-base test sets together).
 
     Conversational data is rendered with `tokenizer`'s chat template, as the training stages saw it.
 
     Duplicates are dropped (keeping first occurrence) so a prompt is not counted twice; with
     `num_prompts` a seeded random subset is taken, kept in dataset order.
     """
-    raw = _open_raw_dataset(data_path, seed, data_output_path, tokenizer, column_map)
-    data = raw.get_eval_data()
-    if data is None:
-        if not raw.is_local_path:
-            raise UserError(f"--data_path {data_path}: the dataset has no eval/test split; pass a local file "
-                            "of held-out prompts instead")
-        data = raw.get_train_data()
     seen: set[str] = set()
     prompts: list[str] = []
-    for sample in data:
-        prompt = raw.get_prompt(sample)
-        if prompt and prompt.strip() and prompt not in seen:
-            seen.add(prompt)
-            prompts.append(prompt)
-    if not prompts:
-        raise UserError(f"--data_path {data_path}: no prompts found in its eval split")
+    for path in as_path_list(data_path):
+        raw = _open_raw_dataset(path, seed, data_output_path, tokenizer, column_map)
+        data = raw.get_eval_data()
+        if data is None:
+            if not raw.is_local_path:
+                raise UserError(f"--data_path {path}: the dataset has no eval/test split; pass a local file "
+                                "of held-out prompts instead")
+            data = raw.get_train_data()
+        found = len(prompts)
+        for sample in data:
+            prompt = raw.get_prompt(sample)
+            if prompt and prompt.strip() and prompt not in seen:
+                seen.add(prompt)
+                prompts.append(prompt)
+        if len(prompts) == found:
+            raise UserError(f"--data_path {path}: no prompts found in its eval split")
     if num_prompts is not None and 0 < num_prompts < len(prompts):
         keep = sorted(random.Random(seed).sample(range(len(prompts)), num_prompts))
         prompts = [prompts[i] for i in keep]
     return prompts
 
 
-def find_gold_reward(data_path: str, mode: str = "auto") -> Callable[[str, str], float] | None:
-    """The gold reward function when the data is the embedded synthetic task, else None.
+def as_path_list(data_path: str | Sequence[str]) -> list[str]:
+    """One dataset or several, as a list (`mpo eval --data_path A --data_path B`)."""
+    return [data_path] if isinstance(data_path, str) else list(data_path)
+
+
+def find_gold_reward(data_path: str | Sequence[str], mode: str = "auto") -> Callable[[str, str], float] | None:
+    """The gold reward function when the (first) data is the embedded synthetic task, else None.
 
     Detected from `manifest.json` (written by `mpo_ext.synthetic.make_synthetic_dataset`) in the data
     directory or beside the data file, whose `task` names the synthetic task.
@@ -210,7 +218,7 @@ def find_gold_reward(data_path: str, mode: str = "auto") -> Callable[[str, str],
         return None
     from mpo_ext import synthetic
 
-    path = Path(data_path)
+    path = Path(as_path_list(data_path)[0])
     manifest = (path if path.is_dir() else path.parent) / "manifest.json"
     task = None
     if manifest.is_file():
@@ -380,7 +388,7 @@ def score_records(scorer: RewardScorer, prompts: Sequence[str], answers: Sequenc
     return records
 
 
-def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: str, output_dir: str, *,
+def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: str | Sequence[str], output_dir: str, *,
              decoding: Decoding, num_prompts: int | None = None, num_padding_at_beginning: int = 0,
              device: str = "auto", dtype: str = "auto", max_seq_len: int = 512, gold: str = "auto",
              num_resamples: int = 1000, confidence: float = 0.95,
@@ -405,7 +413,8 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
     prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path,
                                 tokenizer=load_hf_tokenizer(models[0][1]), column_map=column_map)
     gold_fn = find_gold_reward(data_path, gold)
-    _log(f"{len(prompts)} held-out prompts from {data_path}; {len(models)} model(s); "
+    data_paths = as_path_list(data_path)
+    _log(f"{len(prompts)} held-out prompts from {', '.join(data_paths)}; {len(models)} model(s); "
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")
 
     answers = generate_for_models(models, prompts, decoding, torch_device, torch_dtype)
@@ -419,7 +428,7 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
         if is_rank_0():
             atomic_write_jsonl(out / GENERATIONS_DIR / f"{name}.jsonl", records)
     if is_rank_0():
-        settings = {"data_path": data_path, "reward_model": reward_model, "models": dict(models),
+        settings = {"data_path": data_paths[0] if len(data_paths) == 1 else data_paths, "reward_model": reward_model, "models": dict(models),
                     "num_prompts": len(prompts), "decoding": asdict(decoding), "dtype": str(torch_dtype),
                     "confidence": confidence, "num_resamples": num_resamples, "world_size": get_world_size(),
                     "reward_ending": scorer.ending}
@@ -427,7 +436,7 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
         table_text = format_table(rows, confidence)
         print(table_text, flush=True)
         for _, path in models:  # each evaluated model's card gets the table it is part of
-            set_card_section(path, "Evaluation (mpo eval)", f"Data: `{data_path}`, reward model: "
+            set_card_section(path, "Evaluation (mpo eval)", f"Data: `{', '.join(data_paths)}`, reward model: "
                              f"`{reward_model}`, {len(prompts)} prompts.\n\n```\n{table_text}\n```")
         _log(f"wrote {out / TABLE_FILE} and {out / GENERATIONS_DIR}/")
     barrier()

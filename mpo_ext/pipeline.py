@@ -93,7 +93,7 @@ class ModelsConfig:
 class DataConfig:
     path: list[str] = field(default_factory=lambda: ["@assets/data"])
     split: str | None = "2,4,4"
-    eval_path: str | None = None  #: evaluation prompts (default: the first of `path`)
+    eval_path: list[str] | None = None  #: evaluation prompt sets, together (default: the first of `path`)
     num_padding_at_beginning: int = 0
 
 
@@ -324,7 +324,7 @@ def validate(config: PipelineConfig) -> None:
                 raise UserError(f"config key {key}: set by the pipeline (use models.*, data.*, mpo.* or output_dir)")
             if isinstance(value, dict):
                 raise UserError(f"config key {key}: expected a value or a list, got a mapping")
-    for ref in (config.models.sft, config.models.reward, *config.data.path, config.data.eval_path):
+    for ref in (config.models.sft, config.models.reward, *config.data.path, *(config.data.eval_path or [])):
         if ref and ref.startswith("@") and _ref_stage(ref) not in STAGE_ORDER:
             raise UserError(f"config value {ref}: @ names a stage output; stages: {', '.join(STAGE_ORDER)}")
         if ref and ref.startswith("@assets") and config.assets is None:
@@ -444,8 +444,8 @@ def build_plan(config: PipelineConfig, out: Path) -> list[Stage]:
                                   "--reference_model_name_or_path", sft_reference or Ref("ppo", "actor")]))
         models = [("sft", Ref("sft")), ("ppo_hard", Ref("ppo", "actor")), ("mpo_reverse", Ref("dpo"))]
     model_args = [x for pair in models for x in ("--model", pair)]
-    eval_data = _as_input(data.eval_path or data.path[0])
-    plan.append(Stage("eval", [*model_args, "--reward_model", Ref("rm"), "--data_path", eval_data, *npb],
+    eval_data = [arg for path in (data.eval_path or data.path[:1]) for arg in ("--data_path", _as_input(path))]
+    plan.append(Stage("eval", [*model_args, "--reward_model", Ref("rm"), *eval_data, *npb],
                       dict(config.eval)))
     _assign_identities(plan, config, out)
     return plan

@@ -181,6 +181,23 @@ def test_load_eval_prompts_uses_test_split(tiny_assets):
     assert len(subset) == 5 and [p for p in prompts if p in subset] == subset  # dataset order kept
 
 
+def test_load_eval_prompts_joins_several_datasets_in_order(tmp_path):
+    """`mpo eval --data_path A --data_path B` (the HH preset's helpful + harmless test sets): A's prompts, then
+    B's new ones; a prompt in both counts once; a set with no prompts is named."""
+    first, second, empty = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "empty.jsonl"
+    rows = lambda qs: "".join(json.dumps({"prompt": f"\n\nHuman: {q}\n\nAssistant:", "chosen": " y",  # noqa: E731
+                                          "rejected": " n"}) + "\n" for q in qs)
+    first.write_text(rows(["one", "two"]))
+    second.write_text(rows(["two", "three"]))
+    empty.write_text(json.dumps({"prompt": " ", "chosen": " y", "rejected": " n"}) + "\n")
+    cache = str(tmp_path / "cache")
+    prompts = load_eval_prompts([str(first), str(second)], data_output_path=cache)
+    assert [p.split("Human: ")[1].split("\n")[0] for p in prompts] == ["one", "two", "three"]
+    assert load_eval_prompts(str(first), data_output_path=cache) == prompts[:2]
+    with pytest.raises(UserError, match="empty.jsonl"):
+        load_eval_prompts([str(first), str(empty)], data_output_path=cache)
+
+
 def test_reward_scorer_matches_single_sequence_end_score(tiny_assets):
     """Batched, left-padded scoring equals the reward model's own end score on each unpadded text."""
     scorer = RewardScorer(str(tiny_assets["rm"]), torch.device("cpu"), batch_size=3)
