@@ -50,13 +50,30 @@ def reward_layout(tokenizer, prompt: str, answer: str, end_text: str, max_seq_le
     step-2 data pipeline does, within `max_seq_len` (the prompt loses its start first). An eos ending
     (`end_text` == the eos token) is guaranteed to end the answer; another ending is appended as text.
     """
+    return reward_layouts(tokenizer, [prompt], [answer], end_text, max_seq_len)[0]
+
+
+def reward_layouts(tokenizer, prompts: Sequence[str], answers: Sequence[str], end_text: str,
+                   max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """`reward_layout` of many pairs with one tokenizer call for the texts and one for the distinct
+    prompts (a prompt with several answers is tokenised once)."""
     from dschat.utils.data.raw_datasets import join_prompt_response
 
-    full = list(tokenizer(join_prompt_response(prompt, answer) + end_text)["input_ids"])
-    eos_ending = end_text == (tokenizer.eos_token or "")
-    if eos_ending and tokenizer.eos_token_id is not None and (not full or full[-1] != tokenizer.eos_token_id):
-        full.append(tokenizer.eos_token_id)
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    if not prompts:
+        return []
+    fulls = tokenizer([join_prompt_response(p, a) + end_text for p, a in zip(prompts, answers)])["input_ids"]
+    distinct = list(dict.fromkeys(prompts))
+    prompt_ids = dict(zip(distinct, tokenizer(distinct)["input_ids"]))
+    eos_id = tokenizer.eos_token_id if end_text == (tokenizer.eos_token or "") else None
+    return [_cut_layout(list(full), prompt_ids[p], eos_id, max_seq_len) for full, p in zip(fulls, prompts)]
+
+
+def _cut_layout(full: list[int], prompt_ids: Sequence[int], eos_id: int | None,
+                max_seq_len: int) -> tuple[list[int], list[int]]:
+    """Split the jointly tokenised text where it stops matching the prompt alone, make an eos ending
+    (`eos_id` given) end it, and fit it into `max_seq_len` (the prompt loses its start first)."""
+    if eos_id is not None and (not full or full[-1] != eos_id):
+        full.append(eos_id)
     cut = 0
     for a, b in zip(prompt_ids, full):  # joint tokenisation may merge across the boundary
         if a != b:
@@ -81,12 +98,11 @@ def score_layouts(model, layouts: Sequence[tuple[list[int], list[int]]], pad_tok
     `model` is a RewardModel or an engine around one."""
     width = max(len(h) for h, _ in layouts)
     answer_width = max(max(len(t) for _, t in layouts), 1)
-    ids = torch.full((len(layouts), width + answer_width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (head, tail) in enumerate(layouts):
-        ids[i, width - len(head):width] = torch.tensor(head, dtype=torch.long)
-        ids[i, width:width + len(tail)] = torch.tensor(tail, dtype=torch.long)
-        mask[i, width - len(head):width + len(tail)] = 1
+    rows = [[pad_token_id] * (width - len(h)) + list(h) + list(t) + [pad_token_id] * (answer_width - len(t))
+            for h, t in layouts]
+    real = [[0] * (width - len(h)) + [1] * (len(h) + len(t)) + [0] * (answer_width - len(t)) for h, t in layouts]
+    ids = torch.tensor(rows, dtype=torch.long)
+    mask = torch.tensor(real, dtype=torch.long)
     out = model.forward_value(ids.to(device), mask.to(device), prompt_length=width)
     return [float(s) for s in out["chosen_end_scores"].float().cpu()]
 
@@ -126,7 +142,7 @@ class RewardScorer:
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
-            layouts = [self.layout(p, a) for p, a in zip(prompts[start:start + self.batch_size],
-                                                            answers[start:start + self.batch_size])]
+            layouts = reward_layouts(self.tokenizer, prompts[start:start + self.batch_size],
+                                     answers[start:start + self.batch_size], self.end_text, self.max_seq_len)
             scores.extend(score_layouts(self.model, layouts, self.pad_id, self.device))
         return scores
