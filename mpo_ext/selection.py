@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dschat.utils import args as flags
+from dschat.utils import startup
 from dschat.utils.checkpoint import maybe_inject_kill
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
@@ -547,8 +548,13 @@ class ShardWorker:
             rewards = self.scorer.score(prompts, answers, calls)
             return [self._record(i, answers[2 * j:2 * j + 2], rewards[2 * j:2 * j + 2], human_preferred=0)
                     for j, i in enumerate(batch)]
-        n = self.num_samples
         answers, meta = self._sample(batch)
+        return self.score_samples(batch, answers, meta, calls)
+
+    def score_samples(self, batch: list[int], answers: list[str], meta: list[dict],
+                      calls: int | None = None) -> list[dict]:
+        """Score the N answers of each prompt (one batched pass) and keep its best/worst pair."""
+        n = self.num_samples
         prompts = [self.items[i]["prompt"] for i in batch for _ in range(n)]
         rewards = self.scorer.score(prompts, answers, calls)
         records = []
@@ -683,6 +689,7 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
         records: list[dict] = []
         for batch in worker.batches(shards[shard_id]):
             records.extend(worker.run_batch(batch))
+            startup.report(until="first_batch")  # no optimizer here: the first scored batch (once)
             bar.update(len(batch))
             done += len(batch)
             rate = done / max(time.time() - start, 1e-9)

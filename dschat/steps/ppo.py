@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dschat.utils import args as flags
+from dschat.utils import startup
 from dschat.utils.build import check_context_length, set_gradient_checkpointing
 from dschat.utils.ds_utils import resolve_dtype
 from dschat.utils.errors import UserError
@@ -516,6 +517,7 @@ class PPOLoop(ResumableRun):
         for _ in range(args.ppo_epochs):
             for exp, unsup in zip(exp_batches, unsup_batches):
                 actor_loss, critic_loss = self.trainer.train_rlhf(exp)
+                startup.report()  # first optimizer step (once)
                 sums["loss/policy"] += actor_loss.detach().float()
                 sums["loss/value"] += critic_loss.detach().float()
                 for key, value in self.trainer.last_train_stats.items():

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dschat.utils import startup
 from dschat.utils.checkpoint import (
     find_latest_state,
     load_training_state,
@@ -406,6 +407,7 @@ class Trainer(ResumableRun):
                 if not boundary:
                     continue
                 self.global_step += 1
+                startup.report()  # first optimizer step: print where start-up time went (once)
                 bar.update(1)
                 if self.global_step % args.log_interval == 0 or self.global_step == total:
                     elapsed = max(time.time() - window_start, 1e-9)
