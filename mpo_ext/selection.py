@@ -443,13 +443,14 @@ class PairScorer:
 
         real = len(rows)
         layouts = [(row[:n], row[n:]) for row, n in rows] or [([self.pad], [self.pad])]
-        return score_layouts(self.model, layouts, self.pad, self.device)[:real]
+        return score_layouts(self.model, layouts, self.pad, self.device, share_prompts=True)[:real]
 
     def score(self, prompts: list[str], answers: list[str], calls: int | None = None) -> list[float]:
         """Rewards in input order; rows are length-sorted into batches. `calls` pads the number of forward
         calls (ranks must issue the same number under ZeRO-3)."""
         rows = self.encode(prompts, answers)
-        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), i))
+        # longest first, the answers of one prompt side by side (a batch reads each prompt once)
+        order = sorted(range(len(rows)), key=lambda i: (-rows[i][1], rows[i][0][:rows[i][1]], -len(rows[i][0]), i))
         scores = [0.0] * len(rows)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for _ in range(max(0, (calls or 0) - len(batches))):

@@ -117,3 +117,25 @@ def test_four_samples_pair_best_with_worst(tinystories_dir, tmp_path):
         again = scorer.score([record["prompt"]] * 2, record["responses"])
         assert again == pytest.approx(record["rewards"], abs=1e-4)
     assert len({s for r in records for s in r["sample_rewards"]}) > len(records) * 2  # samples differ
+
+
+def test_shared_prompt_scoring_equals_one_pass(tinystories_dir, tiny_tokenizer):
+    """Reading each prompt once (KV cache selected per answer) gives the scores of the plain padded pass,
+    eos endings (pad == eos, read before it) and empty-ish answers included."""
+    from transformers import AutoModel
+
+    from dschat.utils.inference import score_layouts
+    from dschat.utils.model.reward_model import RewardModel
+
+    tok = tiny_tokenizer
+    reward = RewardModel(AutoModel.from_pretrained(str(tinystories_dir)), tok).eval()
+    torch.manual_seed(0)
+    torch.nn.init.normal_(reward.v_head.weight, std=0.5)
+    prompts = ["Once upon a time there was a cat.", "The dog ran"] * 3 + ["Lily saw a big red ball and"]
+    answers = [" It was happy.", " to the park", " It slept all day long in the sun.", " fast", " The end",
+               ".", " She played."]
+    layouts = reward_layouts(tok, prompts, answers, tok.eos_token, 64)
+    plain = score_layouts(reward, layouts, reward.PAD_ID, torch.device("cpu"))
+    shared = score_layouts(reward, layouts, reward.PAD_ID, torch.device("cpu"), share_prompts=True)
+    assert shared == pytest.approx(plain, abs=1e-4)
+    assert len(set(round(s, 4) for s in plain)) > 3  # a real spread of scores, not a constant

@@ -92,10 +92,13 @@ def _cut_layout(full: list[int], prompt_ids: Sequence[int], eos_id: int | None,
 
 @torch.no_grad()
 def score_layouts(model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
-                  device: torch.device) -> list[float]:
+                  device: torch.device, share_prompts: bool = False) -> list[float]:
     """One reward per (prompt ids, answer ids) in one forward: prompts left-padded to a common width, answers
     right-padded, read by `forward_value(..., prompt_length=width)` (the reward index rule of step 2 and PPO).
-    `model` is a RewardModel or an engine around one."""
+    `model` is a RewardModel or an engine around one. `share_prompts`: rows with the same prompt ids read
+    that prompt once (`_score_shared_prompts`; same scores up to float rounding)."""
+    if share_prompts and len({tuple(h) for h, _ in layouts}) < len(layouts):
+        return _score_shared_prompts(getattr(model, "module", model), layouts, pad_token_id, device)
     width = max(len(h) for h, _ in layouts)
     answer_width = max(max(len(t) for _, t in layouts), 1)
     rows = [[pad_token_id] * (width - len(h)) + list(h) + list(t) + [pad_token_id] * (answer_width - len(t))
@@ -105,6 +108,46 @@ def score_layouts(model, layouts: Sequence[tuple[list[int], list[int]]], pad_tok
     mask = torch.tensor(real, dtype=torch.long)
     out = model.forward_value(ids.to(device), mask.to(device), prompt_length=width)
     return [float(s) for s in out["chosen_end_scores"].float().cpu()]
+
+
+def _left_right_padded(rows: Sequence[Sequence[int]], width: int, pad_token_id: int,
+                       left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, width] ids and 0/1 mask of rows padded on the left or the right."""
+    ids = [([pad_token_id] * (width - len(r)) + list(r)) if left else (list(r) + [pad_token_id] * (width - len(r)))
+           for r in rows]
+    mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r)))
+            for r in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def _score_shared_prompts(reward_model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
+                          device: torch.device) -> list[float]:
+    """`score_layouts` with each distinct prompt run through the reward model once: the prompts' KV cache
+    is selected per row (`batch_select_indices`) and only the answers are forwarded against it. The
+    scored index follows the same rule (`end_index` on the whole prompt + answer row)."""
+    from transformers import DynamicCache
+
+    heads = list(dict.fromkeys(tuple(h) for h, _ in layouts))
+    which = torch.tensor([heads.index(tuple(h)) for h, _ in layouts], dtype=torch.long)
+    width = max(len(h) for h in heads)
+    answer_width = max(max(len(t) for _, t in layouts), 1)
+    head_ids, head_mask = _left_right_padded(heads, width, pad_token_id, left=True)
+    tail_ids, tail_mask = _left_right_padded([t for _, t in layouts], answer_width, pad_token_id, left=False)
+    head_ids, head_mask, tail_ids, tail_mask = (t.to(device) for t in (head_ids, head_mask, tail_ids, tail_mask))
+    which = which.to(device)
+    config = getattr(reward_model.rwtransformer, "config", None)
+    cache = DynamicCache(config=config)
+    head_values = reward_model.token_values(head_ids, head_mask, past_key_values=cache, use_cache=True)
+    cache.batch_select_indices(which)
+    row_head_mask = head_mask[which]
+    full_mask = torch.cat([row_head_mask, tail_mask], dim=1)
+    positions = row_head_mask.sum(dim=1, keepdim=True) + torch.arange(answer_width, device=device)
+    tail_values = reward_model.token_values(tail_ids, full_mask, past_key_values=cache, position_ids=positions,
+                                            use_cache=True)
+    values = torch.cat([head_values[which], tail_values], dim=1)
+    full_ids = torch.cat([head_ids[which], tail_ids], dim=1)
+    index = reward_model.end_index(full_ids, width)
+    return [float(s) for s in values.gather(1, index.unsqueeze(1)).squeeze(1).float().cpu()]
 
 
 class RewardScorer:
