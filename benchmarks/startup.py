@@ -31,7 +31,8 @@ from dschat.utils.startup import LAUNCH_ENV, PREFIX  # noqa: E402
 from mpo_ext.pipeline import build_plan, smoke_preset, tiny_preset  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"
-PARTS = ("launcher", "imports", "dist_init", "data", "model_load", "deepspeed_init", "other", "total")
+PARTS = ("launcher", "imports", "dist_init", "data", "model_load", "deepspeed_init", "initial_eval", "other",
+         "total")
 
 
 def children_cpu() -> float:
@@ -96,6 +97,8 @@ def main() -> int:
             if row["returncode"] != 0:
                 print(f"stage {stage.name} failed:\n{row.get('error_tail', '')}", file=sys.stderr)
                 break
+            if wanted <= {r["stage"] for r in rows}:
+                break  # later stages are not timed: do not run them
     load = os.getloadavg()
     text = render(rows, load, args.tag)
     print(text)

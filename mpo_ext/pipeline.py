@@ -102,7 +102,8 @@ def tiny_preset(out: Path, ranks: int = 1, threshold: float = 1.0) -> Preset:
     common = ["--dtype", "fp32", "--seed", "1234", "--data_output_path", str(out / "data_cache")]
     return Preset(
         name="tiny",
-        launcher=["deepspeed", "--num_gpus", str(ranks)],
+        # one rank needs no launcher: plain python skips its two extra torch+deepspeed processes (start-up)
+        launcher=["deepspeed", "--num_gpus", str(ranks)] if ranks > 1 else [sys.executable],
         sft_model=str(assets / "tiny-llama"),
         rm_base_model=str(out / "step1_sft"),
         data_path=[str(assets / "data")],

@@ -3,8 +3,8 @@
 `timed(name)` wraps the start-up work (data preparation, model load, DeepSpeed initialisation); the
 first `report()` prints one `[startup] {json}` line on rank 0 with wall and CPU seconds per part:
 launcher (only when the caller exported `DSCHAT_LAUNCH_TIME`, a Unix time taken just before launching),
-imports (process start to `init_distributed`), distributed init, data, model load, DeepSpeed init, and
-other (the rest up to the first step). `benchmarks/startup.py` reads these lines.
+imports (process start to `init_distributed`), distributed init, data, model load, DeepSpeed init, the
+evaluation before training, and other (the rest, the first step's own compute included). `benchmarks/startup.py` reads these lines.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def summary(until: str = "first_step") -> dict:
     imports_wall, imports_cpu = _marks.get("dist_init_start", (now_wall, now_cpu))
     out["wall"]["imports"] = round(imports_wall - start, 3)
     out["cpu"]["imports"] = round(imports_cpu, 3)
-    for name in ("dist_init", "data", "model_load", "deepspeed_init"):
+    for name in ("dist_init", "data", "model_load", "deepspeed_init", "initial_eval"):
         if name in _wall:
             out["wall"][name] = round(_wall[name], 3)
             out["cpu"][name] = round(_cpu[name], 3)

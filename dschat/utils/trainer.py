@@ -359,6 +359,7 @@ class Trainer(ResumableRun):
         return count_updates(self.train_loader.sampler.dataset_len, self.args.per_device_train_batch_size,
                              self.args.gradient_accumulation_steps, self.args.num_train_epochs, self.args.max_steps)
 
+    @startup.timed("initial_eval")  # counted only before the first step
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
