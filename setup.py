@@ -13,6 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dschat", "dschat.*", "mpo_ext", "mpo_ext.*"]),
+    package_data={"mpo_ext.configs": ["*.yaml"]},  # the run presets, read by `mpo pipeline --preset`
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.15",
@@ -20,6 +21,7 @@ setup(
         "datasets>=2.8",
         "accelerate>=0.26",
         "click>=8.0",
+        "pyyaml>=5.1",
         "tensorboard",
         "matplotlib",
         "tqdm",

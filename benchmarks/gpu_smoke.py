@@ -10,6 +10,7 @@ generation throughput and the reward trend, from run_info.json, metrics.jsonl an
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -17,14 +18,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mpo_ext.bootstrap import build_default_assets  # noqa: E402
+
 SMALL_MODEL = {"hidden_size": 512, "num_layers": 8, "num_heads": 8}
 
 
 def build_assets(root: str) -> None:
-    import os
-
-    from mpo_ext.bootstrap import build_default_assets
-
     size = {} if os.environ.get("SMOKE_TINY") else SMALL_MODEL  # SMOKE_TINY=1: the 64-wide CPU model
     paths = build_default_assets(root, num_train=2000, num_test=100, **size)
     for key, value in paths.items():

@@ -15,10 +15,10 @@ together) one SFT model and one RM are trained and shared by all methods:
     MPO-sft-kl   as MPO (first theta) but the PPO reference is SFT
     MPO-reverse  PPO on the hard prompts from SFT first, then DPO on the easy pairs from the PPO actor
 
-Everything runs through `mpo_ext.pipeline` (the same stage commands as `mpo pipeline --preset tiny`, with
-per-seed and --quick flag overrides); each method has its own run directory whose shared inputs (assets,
-SFT, RM, and for the ablations the MPO selection/DPO) are symlinks, so finished stages are skipped and an
-interrupted benchmark resumes where it stopped. Results: OUTPUT_DIR/seed*/eval/table.json per seed and
+Everything runs through `mpo_ext.pipeline` (the `tiny` preset with per-seed and --quick overrides, the
+same stages as `mpo pipeline --preset tiny`); all methods of a seed share one run directory, where each
+method is a config variant: stages with the same identity (assets, SFT, RM, and for the ablations the MPO
+selection/DPO) are reused, and an interrupted benchmark resumes where it stopped. Results: OUTPUT_DIR/seed*/eval/table.json per seed and
 `reproduce.{json,md,png}` (benchmarks/results/ by default; OUTPUT_DIR for --quick).
 """
 
@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,20 +44,13 @@ from common import cpu_model  # noqa: E402
 
 from dschat.utils.errors import UserError, run_main  # noqa: E402
 from dschat.utils.utils import atomic_write_json, atomic_write_text  # noqa: E402
-from mpo_ext.pipeline import Preset, Stage, build_plan, override_flags, run_plan, tiny_preset  # noqa: E402
+from mpo_ext.pipeline import PipelineConfig, Stage, build_plan, dump_config, load_config, run_plan  # noqa: E402
+from mpo_ext.synthetic import gold_reward  # noqa: E402
 
-SHARED = ("assets", "data_cache", "step1_sft", "step2_rm")
 ALL_HARD = 1e9  # a theta above every gap: every prompt goes to PPO
 # Quick mode: the tiny preset shrunk so that every method still runs end to end in a few minutes.
-QUICK = {
-    "num_train": 6000,
-    "sft": {"--num_train_epochs": "10"},
-    "rm": {"--num_train_epochs": "1"},
-    "select": {"--max_prompts": "300"},
-    "dpo": {"--num_train_epochs": "2"},
-    "ppo": {"--num_train_epochs": "1"},
-    "eval": {"--num_prompts": "32"},
-}
+QUICK = ("assets.num_train=6000", "sft.num_train_epochs=10", "rm.num_train_epochs=1", "select.max_prompts=300",
+         "dpo.num_train_epochs=2", "ppo.num_train_epochs=1", "eval.num_prompts=32")
 # The paper's Table 3 (HH-RLHF, Llama-2-7B, mean RM score) for the report.
 PAPER_HH = {"sft": 0.938, "dpo_base": 1.499, "dpo": 1.859, "ppo": 2.513, "mpo_theta2": 2.22, "mpo_theta1": 2.801}
 
@@ -93,136 +87,98 @@ CLAIMS = (
 # --------------------------------------------------------------------------------------------- presets
 
 
-def make_preset(run_dir: Path, seed: int, threshold: float, quick: bool, launcher: str) -> Preset:
-    """The tiny preset for one run directory, with this seed everywhere (and the --quick sizes)."""
-    preset = tiny_preset(run_dir, threshold=threshold)
-    for name in ("sft", "rm", "select", "dpo", "ppo", "eval"):
-        overrides = {"--seed": str(seed), **(QUICK[name] if quick and name in QUICK else {})}
-        setattr(preset, name, override_flags(getattr(preset, name), overrides))
-    if quick:
-        preset.num_train = QUICK["num_train"]
-    if launcher == "python":
-        # One rank needs no launcher (dist.py gives a plain process a private rendezvous); it saves the
-        # launcher's own interpreter start, ~4 s on each of the ~18 stages of a seed.
-        preset.launcher = [sys.executable]
-    return preset
+def make_config(run_dir: Path, seed: int, quick: bool, *sets: str) -> PipelineConfig:
+    """The tiny preset for one seed (data draw and every training seed), with the --quick sizes."""
+    seeds = (f"assets.seed={seed}", f"common.seed={seed}", f"eval.seed={seed}")
+    return load_config("tiny", [*seeds, *(QUICK if quick else ()), f"output_dir={run_dir}", *sets])
 
 
 def fingerprint(quick: bool, thetas: tuple[str, str]) -> dict[str, Any]:
-    """What decides the results of a run directory (not seeds, threads or launcher)."""
-    preset = make_preset(Path("RUN"), 0, 0.0, quick, "deepspeed")
-    flags = {name: getattr(preset, name) for name in ("sft", "rm", "select", "dpo", "ppo", "eval")}
-    return {"quick": quick, "thetas": list(thetas), "num_train": preset.num_train,
-            "data_split": preset.data_split, "flags": flags}
+    """What decides the results of a run directory (not seeds or threads)."""
+    return {"quick": quick, "thetas": list(thetas), "config": dump_config(make_config(Path("RUN"), 0, quick))}
 
 
 # --------------------------------------------------------------------------------------------- runs
 
 
 class SeedRun:
-    """All methods of one seed under OUTPUT_DIR/seed<N>; each method is a run dir of the pipeline."""
+    """All methods of one seed in the run directory OUTPUT_DIR/seed<N>; each method is a config variant."""
 
-    def __init__(self, root: Path, seed: int, quick: bool, launcher: str, thetas: tuple[str, str]):
-        self.root, self.seed, self.quick, self.launcher, self.theta_specs = root, seed, quick, launcher, thetas
-        self.base = root / "base"
+    def __init__(self, root: Path, seed: int, quick: bool, thetas: tuple[str, str]):
+        self.root, self.seed, self.quick, self.theta_specs = root, seed, quick, thetas
         self.thetas: dict[str, float] = {}
 
-    def preset(self, run_dir: Path, threshold: float) -> Preset:
-        return make_preset(run_dir, self.seed, threshold, self.quick, self.launcher)
-
-    def _link(self, run_dir: Path, names: tuple[str, ...], source: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            link = run_dir / name
-            if not link.is_symlink() and not link.exists():
-                link.symlink_to(os.path.relpath(source / name, run_dir))
-
-    def _run(self, name: str, threshold: float, stages: tuple[str, ...], *, reference: str = "dpo",
-             order: str = "mpo", select_flags: dict[str, str] | None = None,
-             borrow: tuple[tuple[str, ...], Path] | None = None, shards_from: Path | None = None) -> Path:
-        run_dir = self.root / name
-        self._link(run_dir, SHARED, self.base)
-        if borrow:
-            self._link(run_dir, *borrow)
-        preset = self.preset(run_dir, threshold)
-        if select_flags:
-            preset.select = override_flags(preset.select, select_flags)
-        plan = build_plan(preset, run_dir, reference=reference, order=order, stages=stages)
-        for stage in plan:
-            if stage.name == "ppo":
-                # run_info.json is written when PPO starts; the saved actor marks a finished run.
-                stage.done_marker = stage.output / "actor" / "config.json"
+    def _run(self, name: str, steps: tuple[str, ...], *sets: str, shards_from: Path | None = None) -> dict[str, Path]:
+        """Run one method's stages (the others are reused); {stage: output directory}."""
+        config = make_config(self.root, self.seed, self.quick, *sets)
+        plan = build_plan(config, self.root)
+        outputs = {stage.name: stage.output for stage in plan}
         if shards_from is not None:
-            reuse_shards(shards_from, run_dir / "step2.5_select")
+            reuse_shards(shards_from, outputs["select"])
         print(f"[reproduce] seed {self.seed}: {name}", flush=True)
-        self._run_plan(plan, run_dir)
-        return run_dir
+        self._run_plan(plan, config, steps)
+        return outputs
 
-    def _run_plan(self, plan: list[Stage], run_dir: Path) -> None:
+    def _run_plan(self, plan: list[Stage], config: PipelineConfig, steps: tuple[str, ...]) -> None:
         """run_plan, then keep the seconds of the stages that ran (summary.json only holds the last call)."""
-        run_plan(plan, run_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        run_plan(plan, self.root, config, steps=steps)
         path = self.root / "stage_seconds.json"
         seconds = read_json(path) if path.exists() else {}
-        for entry in read_json(run_dir / "summary.json")["stages"]:
+        for entry in read_json(self.root / "summary.json")["stages"]:
             if "seconds" in entry:
-                seconds[f"{run_dir.name}/{entry['stage']}"] = entry["seconds"]
+                seconds[Path(entry["output"]).name] = entry["seconds"]
         atomic_write_json(path, seconds)
 
     def run(self) -> dict[str, Any]:
         """Train every method of this seed, evaluate them together, return the seed's figures."""
         start = time.time()
-        base = self.preset(self.base, 1.0)
-        plan = build_plan(base, self.base, stages=("assets", "sft", "rm"))
-        for stage in plan:
-            if stage.name == "assets":
-                stage.command += ["--seed", str(self.seed)]  # a fresh data draw per seed
-        print(f"[reproduce] seed {self.seed}: base (assets, SFT, RM)", flush=True)
-        self._run_plan(plan, self.base)
-
-        dpo = self._run("dpo", 0.0, ("select", "dpo"))  # theta 0: every pair with a reward gap is "easy"
-        all_pairs = dpo / "step2.5_select"
+        # theta 0: every pair with a reward gap is "easy"
+        dpo = self._run("dpo (with assets, SFT, RM)", ("assets", "sft", "rm", "select", "dpo"), "mpo.threshold=0")
+        self.base = dpo
+        all_pairs = dpo["select"]
         self.thetas = {spec: resolve_theta(spec, all_pairs / "manifest.json") for spec in self.theta_specs}
-        theta_a, theta_b = (self.thetas[s] for s in self.theta_specs)
-        mpo_a = self._run("mpo_a", theta_a, ("select", "dpo", "ppo"), shards_from=all_pairs)
-        self._run("mpo_b", theta_b, ("select", "dpo", "ppo"), shards_from=all_pairs)
-        self._run("ppo", ALL_HARD, ("select", "ppo"), order="reverse", shards_from=all_pairs)
-        self._run("mpo_sft_kl", theta_a, ("ppo",), reference="sft",
-                  borrow=(("step2.5_select", "step3b_dpo"), mpo_a))
-        self._run("mpo_reverse", theta_a, ("ppo", "dpo"), order="reverse", borrow=(("step2.5_select",), mpo_a))
+        theta_a, theta_b = (f"mpo.threshold={self.thetas[s]}" for s in self.theta_specs)
+        mpo_a = self._run("mpo_a", ("select", "dpo", "ppo"), theta_a, shards_from=all_pairs)
+        mpo_b = self._run("mpo_b", ("select", "dpo", "ppo"), theta_b, shards_from=all_pairs)
+        ppo = self._run("ppo", ("select", "ppo"), f"mpo.threshold={ALL_HARD}", "mpo.order=reverse",
+                        shards_from=all_pairs)
+        sft_kl = self._run("mpo_sft_kl", ("ppo",), theta_a, "mpo.reference=sft")
+        reverse = self._run("mpo_reverse", ("ppo", "dpo"), theta_a, "mpo.order=reverse")
         num_pairs = read_json(all_pairs / "manifest.json")["counts"]["pairs"]
-        self._run("dpo_base", 0.0, ("select", "dpo"), select_flags={
-            "--pair_source": "dataset", "--label_policy": "human", "--data_phase": "2", "--max_prompts": str(num_pairs)})
-
-        eval_dir = self.root / "eval"
+        dpo_base = self._run("dpo_base", ("select", "dpo"), "mpo.threshold=0", "select.pair_source=dataset",
+                             "select.label_policy=human", "select.data_phase=2", f"select.max_prompts={num_pairs}")
+        self.selects = {"mpo_a": mpo_a["select"], "mpo_b": mpo_b["select"], "dpo_base": dpo_base["select"]}
         models = {
-            "sft": self.base / "step1_sft",
-            "dpo_base": self.root / "dpo_base/step3b_dpo",
-            "dpo": dpo / "step3b_dpo",
-            "ppo": self.root / "ppo/step3_ppo/actor",
-            "mpo_a": mpo_a / "step3_ppo/actor",
-            "mpo_b": self.root / "mpo_b/step3_ppo/actor",
-            "mpo_sft_kl": self.root / "mpo_sft_kl/step3_ppo/actor",
-            "mpo_reverse": self.root / "mpo_reverse/step3b_dpo",
-            "mpo_a_stage1": mpo_a / "step3b_dpo",
+            "sft": dpo["sft"],
+            "dpo_base": dpo_base["dpo"],
+            "dpo": dpo["dpo"],
+            "ppo": ppo["ppo"] / "actor",
+            "mpo_a": mpo_a["ppo"] / "actor",
+            "mpo_b": mpo_b["ppo"] / "actor",
+            "mpo_sft_kl": sft_kl["ppo"] / "actor",
+            "mpo_reverse": reverse["dpo"],
+            "mpo_a_stage1": mpo_a["dpo"],
         }
+        config = make_config(self.root, self.seed, self.quick)
         model_flags = [flag for name, path in models.items() for flag in ("--model", f"{name}={path}")]
+        eval_flags = [f"--{k}={v}" for k, v in config.eval.items()]
         # Greedy answers (as `mpo eval` and the paper's table) and samples at T=1 (the policy RLHF optimises).
         for eval_name, decoding in (("eval", []), ("eval_sampled", ["--do_sample", "--temperature", "1.0"])):
             eval_dir = self.root / eval_name
-            stage = Stage("eval", [sys.executable, "-m", "mpo_ext.cli", "eval", *model_flags,
-                                   "--reward_model", str(self.base / "step2_rm"), "--data_path", *base.data_path[:1],
-                                   "--num_padding_at_beginning", str(base.num_padding_at_beginning), *base.eval,
-                                   *decoding, "--data_output_path", str(self.base / "data_cache"),
-                                   "--output_dir", str(eval_dir)], eval_dir / "table.json", eval_dir)
+            if (eval_dir / "table.json").exists():
+                continue
             print(f"[reproduce] seed {self.seed}: {eval_name}", flush=True)
-            self._run_plan([stage], eval_dir)
+            subprocess.run([sys.executable, "-m", "mpo_ext.cli", "eval", *model_flags, "--reward_model",
+                            str(dpo["rm"]), "--data_path", str(dpo["assets"] / "data"), *eval_flags, *decoding,
+                            "--data_output_path", str(self.root / "data_cache"), "--output_dir", str(eval_dir)],
+                           check=True)
         return self.summary(time.time() - start)
 
     def summary(self, seconds: float) -> dict[str, Any]:
         rows = {r["name"]: r for r in read_json(self.root / "eval/table.json")["rows"]}
         sampled = {r["name"]: r for r in read_json(self.root / "eval_sampled/table.json")["rows"]}
-        selects = {name: read_json(self.root / name / "step2.5_select/manifest.json")
-                   for name in ("mpo_a", "mpo_b", "dpo_base")}
+        selects = {name: read_json(path / "manifest.json") for name, path in self.selects.items()}
         return {
             "seed": self.seed,
             "thetas": {spec: self.thetas[spec] for spec in self.theta_specs},
@@ -234,9 +190,9 @@ class SeedRun:
             "gold_sampled": {k: r.get("gold_mean") for k, r in sampled.items()},
             "reward_sampled": {k: r["mean_reward"] for k, r in sampled.items()},
             "num_eval_prompts": next(iter(rows.values()))["n"],
-            "rm_vs_gold": rm_gold_agreement(self.root),
+            "rm_vs_gold": rm_gold_agreement(self.selects["mpo_a"]),
             "rm_vs_human_dataset_pairs": selects["dpo_base"].get("rm_accuracy_vs_human"),
-            "max_gold": read_json(self.base / "assets/data/manifest.json")["test"]["mean_max_gold"],
+            "max_gold": read_json(self.base["assets"] / "data/manifest.json")["test"]["mean_max_gold"],
             "stage_seconds": stage_seconds(self.root),
             "stage_seconds_total": round(sum(stage_seconds(self.root).values()), 1),
             "wall_seconds": round(seconds, 1),
@@ -264,10 +220,9 @@ def resolve_theta(spec: str, manifest: Path) -> float:
     return float(spec)
 
 
-def rm_gold_agreement(seed_dir: Path) -> dict[str, float | None]:
+def rm_gold_agreement(sel: Path) -> dict[str, float | None]:
     """How often the RM's ordering of two SFT samples agrees with the gold reward, over all pairs and
     over the easy / hard split of the first theta (pairs with equal gold are left out): the premise of MPO."""
-    from mpo_ext.synthetic import gold_reward
 
     def accuracy(files: list[Path]) -> float | None:
         agree = total = 0
@@ -280,7 +235,6 @@ def rm_gold_agreement(seed_dir: Path) -> dict[str, float | None]:
                     agree += gc > gr
         return round(agree / total, 4) if total else None
 
-    sel = seed_dir / "mpo_a/step2.5_select"
     return {"all": accuracy([sel / "easy.jsonl", sel / "hard.jsonl"]), "easy": accuracy([sel / "easy.jsonl"]),
             "hard": accuracy([sel / "hard.jsonl"])}
 
@@ -431,8 +385,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--thetas", default=None,
                         help="Two reward-gap thresholds for MPO, numbers or gap percentiles like p50 (default 1,2 "
                              "as in the paper; p50,p75 with --quick, whose barely trained RM has a smaller scale).")
-    parser.add_argument("--launcher", choices=("python", "deepspeed"), default="python",
-                        help="How single-rank stages start: plain python (faster) or the deepspeed launcher.")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS for every stage (unless already set): the tiny model gains nothing "
                              "from more, and two threads on a busy 2-core machine run several times slower.")
@@ -474,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_settings(args.output_dir, args.quick, args.thetas)
     start = time.time()
-    seeds = [SeedRun(args.output_dir / f"seed{s}", s, args.quick, args.launcher, args.thetas).run() for s in args.seeds]
+    seeds = [SeedRun(args.output_dir / f"seed{s}", s, args.quick, args.thetas).run() for s in args.seeds]
     labels = method_labels(args.thetas)
     report = {
         "command": " ".join(["python benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -119,8 +120,6 @@ def plan(level: str, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -475,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for path in (HH_TEST, TINYSTORIES):
         if not path.exists():
-            print(f"error: fixture {path} is missing; the benchmark needs ../shared (see docs)", file=sys.stderr)
+            print(f"error: fixture {path} is missing; set DSCHAT_SHARED_DIR to the folder holding it "
+                  "(benchmarks/README.md says where to get it)", file=sys.stderr)
             return 2
     mode = "quick" if args.quick else "all" if args.all else "full"
     started = time.time()

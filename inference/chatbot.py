@@ -17,7 +17,13 @@ try:
 except ImportError:  # running from a source checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from dschat.utils.args import new_parser
 from dschat.utils.errors import UserError, run_main
+from dschat.utils.model.model_utils import create_hf_model
+from dschat.utils.utils import load_hf_tokenizer
 
 PROMPT_FORMATS = {
     # The project's (and HH-RLHF's) format, which our SFT/RM/PPO models are trained on.
@@ -30,8 +36,6 @@ INPUT_HINT = "Enter input (type 'quit' to exit, 'clear' to clean memory): "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from dschat.utils.args import new_parser
-
     parser = new_parser("Chat with a trained model.")
     parser.add_argument("--path", type=str, required=True, help="Directory of the model to chat with (actor).")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="Longest reply in tokens.")
@@ -71,12 +75,6 @@ def truncate_left(ids: list[int], max_len: int, bos_id: int | None) -> list[int]
 
 class Chatbot:
     def __init__(self, args: argparse.Namespace):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from dschat.utils.model.model_utils import create_hf_model
-        from dschat.utils.utils import load_hf_tokenizer
-
         self.args = args
         if args.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,8 +90,6 @@ class Chatbot:
         torch.manual_seed(args.seed)
 
     def reply(self, text: str) -> str:
-        import torch
-
         self.history += self.turn_format.format(text=text)
         tok = self.tokenizer
         ids = truncate_left(list(tok(self.history)["input_ids"]), self.max_context, tok.bos_token_id)

@@ -1,5 +1,9 @@
 """Tiny tokenizer + tiny randomly initialised Llama in Hugging Face layout, built offline.
 
+Owns the embedded default's model assets (`build_default_assets`) and the random-Llama writer
+(`save_random_llama`, also used by the tests' fixtures). Imports `mpo_ext.synthetic` and dschat's atomic
+writers only: no training code.
+
 Why: the default pipeline must run with no hub access and no GPU. The synthetic task
 (`mpo_ext.synthetic`) has a closed vocabulary of a few hundred words, so a word-level tokenizer and a
 64-wide, 2-layer Llama trained from scratch are enough to learn it on CPU in minutes.
@@ -19,7 +23,12 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from dschat.utils.utils import atomic_directory, atomic_write_text
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dschat.utils.output_dir import staged_output
+from dschat.utils.utils import atomic_write_text
 from mpo_ext import synthetic
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -43,9 +52,6 @@ def build_tokenizer(texts: Iterable[str], model_max_length: int = 256):
     Ids: special tokens first, then by descending frequency with ties broken by the token string, so the
     vocabulary order is a pure function of the texts (the tokenizers trainer does not promise that).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     pre = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
     counts: Counter[str] = Counter()
     for text in texts:
@@ -87,16 +93,14 @@ def build_tiny_model(
 ) -> Path:
     """Train a word-level tokenizer on `texts` and save it with a random `LlamaForCausalLM`.
 
-    The directory is built in a temporary sibling and renamed into place, so it is either complete or
-    absent. Same texts and seed give byte-identical files. `bootstrap.json` records the build settings.
+    The directory is staged inside itself and published with config.json last, so it holds a complete
+    model or no config.json. Same texts and seed give byte-identical files. `bootstrap.json` records the
+    build settings.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
     dest = Path(output_dir)
-    with atomic_directory(dest, keep_existing=False) as tmp:
+    with staged_output(dest, markers=("config.json",), keep_existing=False) as tmp:
         tokenizer = build_tokenizer(texts, model_max_length=max_position_embeddings)
         tokenizer.save_pretrained(str(tmp))
         # Portable class name (transformers 4.x and 5.x both load it) + the classic special-tokens map.
@@ -106,27 +110,9 @@ def build_tiny_model(
         _write_json(cfg_path, tok_cfg)
         _write_json(tmp / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
 
-        bos_id, eos_id = tokenizer.convert_tokens_to_ids([BOS, EOS])
-        config = LlamaConfig(
-            vocab_size=_round_up(len(tokenizer)),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size or 4 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_heads,
-            max_position_embeddings=max_position_embeddings,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=True,
-            bos_token_id=bos_id,
-            eos_token_id=eos_id,
-            # pad_token_id stays None on purpose: it would become the embedding's padding_idx, zeroing and
-            # freezing the eos embedding row. Padding is the loader's job (pad = eos).
-            pad_token_id=None,
-        )
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-        model.save_pretrained(str(tmp))
+        config = save_random_llama(tmp, tokenizer, hidden_size=hidden_size, num_layers=num_layers,
+                                   num_heads=num_heads, intermediate_size=intermediate_size,
+                                   max_position_embeddings=max_position_embeddings, seed=seed)
         _write_json(tmp / "bootstrap.json", {
             "seed": seed,
             "hidden_size": hidden_size,
@@ -138,6 +124,52 @@ def build_tiny_model(
             "tokenizer_size": len(tokenizer),
         })
     return dest
+
+
+def save_random_llama(
+    directory: str | os.PathLike,
+    tokenizer,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    initializer_range: float = 0.02,
+    seed: int = 1234,
+):
+    """Save a randomly initialised `LlamaForCausalLM` sized for `tokenizer` into `directory`; return its config.
+
+    The vocabulary is rounded up to a multiple of 8 and the embeddings are tied, like the small Llamas this
+    project is tested on. `num_kv_heads` below `num_heads` gives grouped-query attention; weights are drawn
+    with standard deviation `initializer_range`. Same tokenizer, sizes and seed give byte-identical weights.
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=_round_up(len(tokenizer)),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        # pad_token_id stays None on purpose: it would become the embedding's padding_idx, zeroing and
+        # freezing the eos embedding row. Padding is the loader's job (pad = eos).
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    model.save_pretrained(str(directory))
+    return config
 
 
 def _read_json(path: Path) -> dict | None:

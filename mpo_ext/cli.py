@@ -49,58 +49,66 @@ def assets_command(root: Path, seed: int, num_train: int, num_test: int) -> None
 
 
 @main.command("pipeline")
-@click.option("--preset", type=click.Choice(["tiny", "smoke", "llama2-7b"]), default="tiny", show_default=True,
-              help="tiny: the embedded CPU default; smoke: the tiny chain shrunk to a quick check; "
-                   "llama2-7b: the paper's settings on HH-RLHF, 8 GPUs.")
+@click.option("--config", "config_source", default=None, metavar="FILE",
+              help="Run config (YAML); see mpo_ext/configs/ for the presets to copy. Default: --preset tiny.")
+@click.option("--preset", default=None, metavar="NAME",
+              help="A shipped config: tiny (CPU default), smoke (quick check), llama2-7b-hh, llama2-7b-tldr.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set dpo.learning_rate=5e-5 --set mpo.threshold=0.5 (repeatable).")
 @click.option("--output_dir", type=click.Path(path_type=Path), default=None,
-              help="Run directory (default runs/mpo-tiny or ./output_mpo_llama2_7b).")
+              help="Run directory (default: the config's output_dir, else runs/mpo-<name>).")
 @click.option("--steps", default=",".join(("assets", "sft", "rm", "select", "dpo", "ppo", "eval")), show_default=True,
-              help="Comma list of stages to run.")
-@click.option("--num_ranks", type=int, default=None, help="Processes per node (default: 1 for tiny, 8 for llama2-7b).")
-@click.option("--deployment_type", type=click.Choice(["single_gpu", "single_node", "multi_node"]), default=None,
-              help="Shortcut for the launcher: single_gpu = 1 rank, single_node = all local GPUs, multi_node = hostfile.")
-@click.option("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs.")
-@click.option("--threshold", type=float, default=None,
-              help="Reward-gap theta for the easy/hard split (default: the preset's; 1.0 for llama2-7b as in the paper).")
-@click.option("--reference", type=click.Choice(["dpo", "sft"]), default="dpo", show_default=True,
-              help="PPO's KL reference: dpo (MPO) or sft (the paper's sft-kl ablation).")
-@click.option("--order", type=click.Choice(["mpo", "reverse"]), default="mpo", show_default=True,
-              help="mpo: DPO on easy then PPO on hard; reverse: the paper's reversed-order ablation.")
+              help="Comma list of stages to run (the others must be complete already).")
+@click.option("--threshold", type=eval_cli.FiniteFloatRange(min=0.0), default=None,
+              help="Shortcut for --set mpo.threshold=THETA.")
+@click.option("--reference", type=click.Choice(["dpo", "sft"]), default=None,
+              help="Shortcut for --set mpo.reference=...: dpo (KL to the previous stage's model, MPO) or sft.")
+@click.option("--order", type=click.Choice(["mpo", "reverse"]), default=None,
+              help="Shortcut for --set mpo.order=...: mpo (DPO on easy, then PPO on hard) or reverse.")
+@click.option("--num_gpus", "--num_ranks", "num_gpus", type=int, default=None,
+              help="Shortcut for --set launcher.num_gpus=N (processes per node).")
+@click.option("--hostfile", default=None, help="Shortcut for --set launcher.hostfile=FILE (several nodes).")
+@click.option("--print_config", is_flag=True, default=False, help="Print the resolved config and exit.")
 @click.option("--dry_run", is_flag=True, default=False, help="Print every command without running (also DRY_RUN=1).")
-@click.option("--force", is_flag=True, default=False, help="Re-run stages whose output is already complete.")
-def pipeline_command(preset, output_dir, steps, num_ranks, deployment_type, hostfile, threshold, reference, order,
-                     dry_run, force) -> None:
-    """Run the whole MPO chain (like DeepSpeed-Chat's e2e_rlhf.py), skipping finished stages."""
-    from mpo_ext.pipeline import (
-        STAGE_ORDER,
-        build_plan,
-        llama2_7b_preset,
-        print_final_report,
-        run_plan,
-        smoke_preset,
-        tiny_preset,
-    )
+@click.option("--force", is_flag=True, default=False,
+              help="Use an output directory that holds a run of other base models/data.")
+def pipeline_command(config_source, preset, overrides, output_dir, steps, threshold, reference, order, num_gpus,
+                     hostfile, print_config, dry_run, force) -> None:
+    """Run the MPO chain from one config, re-running exactly the stages whose settings or inputs changed.
 
-    dry_run = dry_run or os.environ.get("DRY_RUN", "") not in ("", "0")
+    Each stage writes OUTPUT_DIR/<stage>-<identity>: another theta, reference or order writes beside the
+    main run and reuses its finished upstream stages; a crashed stage resumes from its saved state.
+    """
+    from mpo_ext import pipeline
+
+    if config_source and preset:
+        raise UserError("--config and --preset: give one (a preset is a config shipped with the package)")
+    shortcuts = {"mpo.threshold": threshold, "mpo.reference": reference, "mpo.order": order,
+                 "launcher.num_gpus": num_gpus, "launcher.hostfile": hostfile}
+    sets = [*overrides, *(f"{k}={v}" for k, v in shortcuts.items() if v is not None)]
+    if threshold is not None:
+        sets.append("mpo.easy_fraction=null")  # theta replaces a configured easy fraction
+    if output_dir is not None:
+        sets.append(f"output_dir={output_dir}")
+    config = pipeline.load_config(config_source or preset or "tiny", sets)
+    if print_config:
+        click.echo(pipeline.dump_config(config), nl=False)
+        return
     wanted = tuple(s.strip() for s in steps.split(",") if s.strip())
-    unknown = [s for s in wanted if s not in STAGE_ORDER]
+    unknown = [s for s in wanted if s not in pipeline.STAGE_ORDER]
     if unknown:
-        raise UserError(f"--steps {steps}: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGE_ORDER)}")
-    if deployment_type == "single_gpu":
-        num_ranks = 1
-    theta = {} if threshold is None else {"threshold": threshold}
-    if preset in ("tiny", "smoke"):
-        out = (output_dir or Path(f"runs/mpo-{preset}")).resolve()
-        make = tiny_preset if preset == "tiny" else smoke_preset
-        plan_preset = make(out, ranks=num_ranks or 1, **theta)
-    else:
-        out = (output_dir or Path("output_mpo_llama2_7b")).resolve()
-        plan_preset = llama2_7b_preset(out, ranks=num_ranks or 8, hostfile=hostfile if deployment_type == "multi_node"
-                                       or hostfile else None, **theta)
-    plan = build_plan(plan_preset, out, reference=reference, order=order, stages=wanted)
-    run_plan(plan, out, dry_run=dry_run, force=force)
-    if not dry_run:
-        print_final_report(out)
+        raise UserError(f"--steps {steps}: unknown stage(s) {', '.join(unknown)}; "
+                        f"choose from {', '.join(pipeline.STAGE_ORDER)}")
+    out = Path(config.output_dir or f"runs/mpo-{config.name}").expanduser().resolve()
+    plan = pipeline.build_plan(config, out)
+    pipeline.check_plan([s for s in plan if s.name in wanted])
+    if dry_run or os.environ.get("DRY_RUN", "") not in ("", "0"):
+        pipeline.run_plan(plan, out, config, steps=wanted, dry_run=True)
+        return
+    pipeline.claim_output_dir(out, config, force)
+    pipeline.save_config(out, config)
+    pipeline.run_plan(plan, out, config, steps=wanted)
+    pipeline.print_final_report(plan, out)
 
 
 for _command in (eval_cli.eval_command, eval_cli.compare_command, eval_cli.plot_curves_command):

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from dschat.utils.errors import UserError
+from dschat.utils.utils import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 NON_METRIC_KEYS = frozenset({"step", "phase", "epoch", "time", "timestamp"})
@@ -97,8 +98,6 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dschat.utils.utils import _tmp_sibling
-
     if not metrics_files:
         raise UserError("no metrics files to plot")
     panels: dict[str, list[tuple[str, list[float], list[float], bool]]] = {}
@@ -133,11 +132,8 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
         ax.axis("off")
     fig.tight_layout()
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(out)
-    fig.savefig(tmp, dpi=110, format="png")
+    atomic_write(out, lambda fh: fig.savefig(fh, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -24,13 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
+from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.errors import UserError
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
-from dschat.utils.utils import print_rank_0, to_device
+from dschat.utils.utils import atomic_write, print_rank_0, to_device
 
 REFERENCE_FILE = "reference_logps.pt"
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -271,10 +273,8 @@ def load_reference_tables(path: Path, fingerprint: dict) -> dict[str, torch.Tens
 
 
 def save_reference_tables(path: Path, fingerprint: dict, tables: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    torch.save({"fingerprint": json.dumps(fingerprint, sort_keys=True), **tables}, tmp)
-    os.replace(tmp, path)
+    content = {"fingerprint": json.dumps(fingerprint, sort_keys=True), **tables}
+    atomic_write(path, lambda fh: torch.save(content, fh))
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -382,8 +382,7 @@ def check_pair_files(data_paths: list[str]) -> None:
 
 
 def _has_content(path: Path) -> bool:
-    with open(path, encoding="utf-8") as fh:
-        return any(line.strip() and line.strip() not in ("[]", "{}") for line in fh)
+    return any(line.strip() and line.strip() not in ("[]", "{}") for line in read_data_text(path).splitlines())
 
 
 def _build_frozen(args, path: str, tokenizer, ds_config: dict):
@@ -468,9 +467,11 @@ def build(args) -> DPOTrainer:
     from dschat.utils.dist import get_local_rank
     from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
     from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss, create_hf_model
+    from dschat.utils.output_dir import prepare_output_dir
     from dschat.utils.trainer import count_updates
     from dschat.utils.utils import set_random_seed
 
+    prepare_output_dir(args.output_dir)
     set_random_seed(args.seed)
     check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
     tokenizer = build_tokenizer(args)
@@ -511,3 +512,12 @@ def build(args) -> DPOTrainer:
         print_rank_0("Reference log-probs: the policy's own base weights with LoRA switched off (no second model)")
         reference = BaseWeightsReference(engine, args.pad_mask)
     return DPOTrainer(args, engine, train_data, eval_data, collator, tokenizer, reference)
+
+
+def main() -> None:
+    """Step 3b entry point: `deepspeed --module mpo_ext.dpo ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
+
+
+if __name__ == "__main__":
+    run_main(main)

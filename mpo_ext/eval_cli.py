@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 import click
 
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
+from dschat.utils.output_dir import prepare_output_dir
 
 
 def _user_errors(func: Callable) -> Callable:
@@ -33,6 +35,18 @@ def _user_errors(func: Callable) -> Callable:
     return wrapper
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan (which passes any range check) and inf."""
+
+    name = "float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def _generation_options(func: Callable) -> Callable:
     """Decoding and data flags shared by `eval` and `compare --model`."""
     options = [
@@ -46,8 +60,8 @@ def _generation_options(func: Callable) -> Callable:
         click.option("--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True),
         click.option("--do_sample/--greedy", default=False, show_default=True,
                      help="Sample (with --temperature/--top_p/--top_k) or decode greedily."),
-        click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True),
-        click.option("--top_p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--temperature", type=FiniteFloatRange(min=0.0, min_open=True), default=1.0, show_default=True),
+        click.option("--top_p", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
         click.option("--top_k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off."),
         click.option("--seed", type=int, default=1234, show_default=True,
                      help="Fixes the prompt subset, the sampling and the bootstrap."),
@@ -72,10 +86,10 @@ def _generation_options(func: Callable) -> Callable:
                           "manifest.json says it is the synthetic task)."),
         click.option("--num_bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Bootstrap resamples for the confidence intervals."),
-        click.option("--confidence", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+        click.option("--confidence", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True),
                      default=0.95, show_default=True),
-        click.option("--data_output_path", type=str, default="/tmp/data_files/", show_default=True,
-                     help="Scratch directory of the data loaders."),
+        click.option("--data_output_path", type=str, default=None,
+                     help="Scratch directory of the data loaders (default: ~/.cache/dschat/data_files)."),
         click.option("--local_rank", type=int, default=-1, hidden=True, help="Set by the deepspeed launcher."),
     ]
     for option in reversed(options):
@@ -147,21 +161,22 @@ def _display_names(paths: list[Path]) -> list[str]:
               help="Instead of two generations files: two NAME=PATH models to generate with first "
                    "(needs --reward_model, --data_path and --output_dir).")
 @_generation_options
-@click.option("--tie_margin", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+@click.option("--tie_margin", type=FiniteFloatRange(min=0.0), default=0.0, show_default=True,
               help="Reward differences within +-this are ties.")
 @click.option("--judge_url", type=str, default=None,
               help="OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) for an LLM judge.")
 @click.option("--judge_model", type=str, default=None, help="Model name sent to the judge endpoint.")
 @click.option("--judge_api_key_env", type=str, default="OPENAI_API_KEY", show_default=True,
               help="Environment variable holding the judge API key (unset: no Authorization header).")
-@click.option("--judge_rate_limit", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+@click.option("--judge_rate_limit", type=FiniteFloatRange(min=0.0), default=1.0, show_default=True,
               help="Requests per second (0: unlimited).")
 @click.option("--judge_max_retries", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--judge_backoff", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+@click.option("--judge_backoff", type=FiniteFloatRange(min=0.0), default=1.0, show_default=True,
               help="First retry delay in seconds; doubles on each retry.")
-@click.option("--judge_timeout", type=click.FloatRange(min=0.0, min_open=True), default=60.0, show_default=True)
+@click.option("--judge_timeout", type=FiniteFloatRange(min=0.0, min_open=True), default=60.0, show_default=True,
+              help="Seconds one request may take in total (connect, send and the whole reply); then it is retried.")
 @click.option("--judge_max_tokens", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--judge_tie_margin", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+@click.option("--judge_tie_margin", type=FiniteFloatRange(min=0.0), default=0.0, show_default=True,
               help="Judge score differences (0-10 scale) within +-this are ties.")
 @click.option("--judge_limit", type=click.IntRange(min=1), default=None,
               help="Judge only the first N pairs (the paper used 500 prompts).")
@@ -258,7 +273,7 @@ def compare_files(paths: list[Path], names: list[str], *, tie_margin: float, rew
     if judge:
         summary["judge"] = run_judge(pairs, details, judge, a, b)
     if output_dir:
-        out = Path(output_dir)
+        out = prepare_output_dir(output_dir)
         atomic_write_jsonl(out / "compare_details.jsonl", details)
         atomic_write_json(out / "compare.json", summary)
         click.echo(f"[compare] wrote {out / 'compare.json'}")

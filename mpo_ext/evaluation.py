@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.inference import RewardScorer, load_policy, resolve_device, resolve_torch_dtype
+from dschat.utils.output_dir import prepare_output_dir
 
 GENERATIONS_DIR = "generations"
 TABLE_FILE = "table.json"
@@ -165,7 +167,7 @@ def _open_raw_dataset(data_path: str, seed: int, data_output_path: str):
 
 
 def load_eval_prompts(data_path: str, num_prompts: int | None = None, seed: int = 1234,
-                      data_output_path: str = "/tmp/data_files/") -> list[str]:
+                      data_output_path: str | None = None) -> list[str]:
     """Held-out prompts of a dataset: its eval/test split (a local file without one: all its prompts).
 
     Duplicates are dropped (keeping first occurrence) so a prompt is not counted twice; with
@@ -375,7 +377,7 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
              decoding: Decoding, num_prompts: int | None = None, num_padding_at_beginning: int = 0,
              device: str = "auto", dtype: str = "auto", max_seq_len: int = 512, gold: str = "auto",
              num_resamples: int = 1000, confidence: float = 0.95,
-             data_output_path: str = "/tmp/data_files/", reward_end_text: str | None = None) -> list[dict]:
+             data_output_path: str | None = None, reward_end_text: str | None = None) -> list[dict]:
     """Generate, score and summarise; rank 0 writes generations/NAME.jsonl and table.json.
 
     Every rank returns the same rows. Files are written one by one atomically; table.json comes last
@@ -386,9 +388,8 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
 
     if not models:
         raise UserError("--model: give at least one NAME=PATH")
-    out = Path(output_dir)
+    out = prepare_output_dir(output_dir)
     if is_rank_0():
-        out.mkdir(parents=True, exist_ok=True)
         (out / TABLE_FILE).unlink(missing_ok=True)
     torch_device = resolve_device(device)
     torch_dtype = resolve_torch_dtype(dtype, torch_device)
@@ -428,7 +429,7 @@ def read_generations(path: str | os.PathLike) -> list[dict]:
     if not p.is_file():
         raise UserError(f"{p}: no such generations file; pass DIR/generations/NAME.jsonl from `mpo eval`")
     records = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_data_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         try:

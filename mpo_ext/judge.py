@@ -5,18 +5,26 @@ answers (a 0-10 score for each of two responses). TRL removed its judges, so we 
 both presentation orders are asked so the judge's position bias cancels, replies are parsed by a pure
 function, every verdict is cached on disk (a re-run costs nothing), requests are rate limited and
 retried with exponential backoff, and an unreachable endpoint is a one-line UserError.
+
+The endpoint is untrusted: the API key goes to the `--judge_url` origin only (redirects are refused, so
+the key never follows one to another host or from https to http), error bodies are never printed (a
+server that echoes the request would print the key), and each request has one total deadline, so a
+server that trickles its reply cannot hold a run forever.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import math
 import os
 import re
+import socket
+import sys
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,21 +195,35 @@ class VerdictCache:
     """Append-only JSONL of parsed verdicts keyed by `cache_key`.
 
     Appending one line per verdict keeps a run that is killed half way useful (everything judged so
-    far is kept); a torn last line is ignored on load. Only parsable replies are cached, so a
-    malformed reply is asked again next time.
+    far is kept). Lines that are not a verdict of the right shape (a torn last line, an edited or
+    foreign file) are ignored with one warning, so they are asked again. Only parsable replies are
+    cached, so a malformed reply is asked again next time. An unreadable or unwritable cache is a
+    UserError before any request is sent.
     """
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
         self.entries: dict[str, dict] = {}
-        if self.path and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and "key" in record and "scores" in record:
-                    self.entries[record["key"]] = record
+        self.ignored_lines = 0
+        if not self.path:
+            return
+        try:
+            if self.path.exists():
+                for line in self.path.read_bytes().splitlines():
+                    record = _cache_record(line)
+                    if record is None:
+                        self.ignored_lines += int(bool(line.strip()))
+                    else:
+                        self.entries[record["key"]] = record
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8"):
+                pass
+        except OSError as err:
+            raise UserError(f"--judge_cache {self.path}: cannot be read and appended to ({err.strerror}); "
+                            "fix its permissions or pass another --judge_cache") from None
+        if self.ignored_lines:
+            print(f"warning: --judge_cache {self.path}: ignored {self.ignored_lines} line(s) that are not "
+                  "verdicts of this judge (those pairs are asked again)", file=sys.stderr, flush=True)
 
     def get(self, key: str) -> tuple[float, float] | None:
         record = self.entries.get(key)
@@ -211,10 +233,30 @@ class VerdictCache:
         record = {"key": key, "judge_model": judge_model, "scores": list(scores), "reply": reply}
         self.entries[key] = record
         if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                fh.flush()
+            try:
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    fh.flush()
+            except OSError as err:
+                raise UserError(f"--judge_cache {self.path}: cannot append a verdict ({err.strerror}); "
+                                "free space or fix its permissions, then run again (cached verdicts are kept)"
+                                ) from None
+
+
+def _cache_record(line: bytes) -> dict | None:
+    """The verdict stored on one cache line, or None when the line is not one (any shape error)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        return None
+    scores = record.get("scores")
+    if (not isinstance(scores, list) or len(scores) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores)
+            or _in_range(float(scores[0]), float(scores[1])) is None):
+        return None
+    return {**record, "scores": [float(scores[0]), float(scores[1])]}
 
 
 def chat_completions_url(url: str) -> str:
@@ -244,7 +286,7 @@ class JudgeClient:
     limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
+        if not self.url.startswith(("http://", "https://")) or not urllib.parse.urlsplit(self.url).hostname:
             raise UserError(f"--judge_url {self.url}: must start with http:// or https://")
         if self.max_retries < 0:
             raise UserError(f"--judge_max_retries {self.max_retries}: must be >= 0")
@@ -257,17 +299,20 @@ class JudgeClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
         self.limiter.wait()
         self.requests_sent += 1
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - user's URL
-            return json.loads(response.read().decode("utf-8"))
+        status, retry_after, data = post_with_deadline(self.endpoint, body, headers, self.timeout)
+        if status != 200:
+            raise JudgeHTTPStatus(status, retry_after)
+        return json.loads(data.decode("utf-8"))
 
     def complete(self, messages: list[dict[str, str]]) -> str:
         """The assistant text of one chat completion, retrying transient failures.
 
-        Retried: connection errors, timeouts, HTTP 408/409/425/429/5xx and unreadable JSON. Other HTTP
-        errors (401 bad key, 404 wrong path or model) fail at once: repeating them cannot help.
+        Retried: connection errors, timeouts, truncated replies, malformed status lines, HTTP
+        408/409/425/429/5xx and unreadable JSON. Other HTTP answers (401 bad key, 404 wrong path or
+        model, any redirect) fail at once: repeating them cannot help. Messages name the status only,
+        never the server's text.
         """
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
@@ -278,25 +323,29 @@ class JudgeClient:
             try:
                 payload = self._post_once(body)
                 return _reply_text(payload)
-            except urllib.error.HTTPError as err:
-                detail = _error_body(err)
-                if err.code not in RETRY_STATUS:
-                    hint = " (check the API key environment variable)" if err.code in (401, 403) else ""
-                    raise UserError(f"--judge_url {self.endpoint}: HTTP {err.code} {err.reason}{hint}: "
-                                    f"{detail}") from err
-                last, unreachable = f"HTTP {err.code} {err.reason}: {detail}", False
-                retry_after = _retry_after_seconds(err)
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
-                reason = getattr(err, "reason", err)
-                last, unreachable = f"{type(err).__name__}: {reason}", True
+            except JudgeHTTPStatus as err:
+                if 300 <= err.status < 400:
+                    raise UserError(f"--judge_url {self.endpoint}: the server answered {err} (a redirect); "
+                                    "redirects are not followed so the API key stays with this address: "
+                                    "pass the final address as --judge_url") from None
+                if err.status not in RETRY_STATUS:
+                    hint = " (check the API key environment variable)" if err.status in (401, 403) else ""
+                    raise UserError(f"--judge_url {self.endpoint}: {err}{hint}") from None
+                last, unreachable = str(err), False
+                retry_after = err.retry_after
+            except http.client.HTTPException as err:  # bad status line, truncated body, ... (before OSError:
+                # RemoteDisconnected is both); the server's bytes are never echoed
+                last, unreachable = _http_failure(err), False
+            except OSError as err:  # refused, reset, DNS, TLS, deadline passed
+                last, unreachable = f"{type(err).__name__}: {err}", True
             except (ValueError, KeyError, IndexError, TypeError) as err:
-                last, unreachable = f"unreadable reply ({type(err).__name__}: {err})", False
+                last, unreachable = f"unreadable reply ({type(err).__name__})", False
             if attempt < self.max_retries:
                 self.sleep(backoff_delay(attempt, self.backoff, self.max_backoff, retry_after))
         tries = self.max_retries + 1
         if unreachable:
             raise UserError(f"--judge_url {self.endpoint}: endpoint unreachable after {tries} attempt(s) "
-                            f"({last}); start the server or fix --judge_url")
+                            f"({last}); start the server, fix --judge_url or raise --judge_timeout")
         raise UserError(f"--judge_url {self.endpoint}: request failed after {tries} attempt(s) ({last}); "
                         "try again later or raise --judge_max_retries")
 
@@ -330,20 +379,74 @@ def _reply_text(payload: dict) -> str:
     return content
 
 
-def _error_body(err: urllib.error.HTTPError) -> str:
-    try:
-        text = err.read().decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001 - the body is only for the message
-        text = ""
-    return " ".join(text.split())[:300] or "(empty body)"
+class JudgeHTTPStatus(Exception):
+    """A reply whose status is not 200. Its text is the standard phrase for the code, never the
+    server's own reason phrase or body (either could echo the request, key included)."""
+
+    def __init__(self, status: int, retry_after: float | None = None):
+        self.status, self.retry_after = status, retry_after
+        phrase = http.client.responses.get(status, "")
+        super().__init__(f"HTTP {status} {phrase}".rstrip())
 
 
-def _retry_after_seconds(err: urllib.error.HTTPError) -> float | None:
-    value = err.headers.get("Retry-After") if err.headers else None
+def _http_failure(err: http.client.HTTPException) -> str:
+    if isinstance(err, http.client.IncompleteRead):
+        return f"truncated reply: {len(err.partial)} bytes of {len(err.partial) + (err.expected or 0)}"
+    return f"malformed reply ({type(err).__name__})"
+
+
+def post_with_deadline(url: str, body: bytes, headers: dict[str, str], timeout: float
+                       ) -> tuple[int, float | None, bytes]:
+    """POST `body` to `url`; (status, Retry-After seconds, body bytes) within `timeout` seconds in total.
+
+    A plain http.client connection, so no redirect is ever followed (the caller refuses 3xx). The
+    socket timeout alone bounds each read, not the request: a watchdog shuts the socket down when the
+    deadline passes, which ends any read in progress, and the request fails with TimeoutError.
+    """
+    parts = urllib.parse.urlsplit(url)
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = connection_type(parts.hostname, parts.port, timeout=timeout)
+    expired = threading.Event()
+    connected: list[socket.socket] = []  # http.client drops conn.sock once a closing reply starts
+
+    def expire() -> None:
+        expired.set()
+        for sock in connected:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        return float(value) if value is not None else None
+        conn.connect()
+        connected.append(conn.sock)
+        if expired.is_set():
+            raise TimeoutError
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("POST", target, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if expired.is_set():
+            raise TimeoutError
+        return response.status, _retry_after_seconds(response.getheader("Retry-After")), data
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():
+            raise TimeoutError(f"no complete reply within --judge_timeout {timeout:g} s") from None
+        raise
+    finally:
+        watchdog.cancel()
+        conn.close()
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    try:
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None
+    return seconds if seconds is not None and math.isfinite(seconds) else None
 
 
 def api_key_from_env(env_name: str | None) -> str | None:

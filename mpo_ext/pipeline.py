@@ -1,347 +1,780 @@
-"""The MPO chain as one plan: SFT -> RM -> select -> DPO (easy) -> PPO (hard, DPO reference) -> eval.
+"""The MPO chain from one config file: assets -> SFT -> RM -> select -> DPO (easy) -> PPO (hard) -> eval.
 
-A plan is a list of stages, each a command line (the same `deepspeed main.py ...` a user would type)
-plus the file whose presence marks the stage complete. Outputs are written atomically by the stages,
-so a complete marker means a complete output, and a re-run skips finished stages and continues.
-`DRY_RUN=1` (or `--dry_run`) prints every command without running it.
+A run config (YAML; the presets in `mpo_ext/configs/` are ones) is loaded into typed dataclasses and
+checked before anything runs: an unknown key or a bad value is one line naming the key. The config becomes
+a small DAG of stages. Each stage's identity is a hash of the settings that change its result (its flags
+minus logging ones, the launcher's world, its external inputs) and of the identities of the stages it
+reads; it writes into `OUT/<stage dir>-<identity[:8]>`, so another theta, `reference: sft` or
+`order: reverse` writes beside the main run and reuses every upstream stage whose identity is unchanged.
+A stage is complete only when its completion record (`stage.json`, written last, after the step exited
+cleanly) carries that identity; a stage that died half-way is re-run with `--resume` (its saved states).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
 import json
+import math
 import os
+import queue
+import re
 import shlex
+import socket
 import subprocess
 import sys
+import threading
 import time
+import typing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 
+import click
+import yaml
+
+import mpo_ext
 from dschat.utils.errors import UserError
 from dschat.utils.utils import atomic_write_json
 
-ENTRY_POINTS = {
-    "sft": "training/step1_supervised_finetuning/main.py",
-    "rm": "training/step2_reward_model_finetuning/main.py",
-    "select": "step2.5_select/main.py",
-    "dpo": "step3b_dpo/main.py",
-    "ppo": "training/step3_rlhf_finetuning/main.py",
-}
-
-
-def find_repo_root() -> Path:
-    """The checkout holding the step entry points (`training/...`, `step2.5_select/`, `step3b_dpo/`).
-
-    A plain `pip install .` installs the packages but not the step folders, so look in order at
-    $DSCHAT_MPO_ROOT, the source tree this module came from, and the current directory.
-    """
-    candidates = [os.environ.get("DSCHAT_MPO_ROOT"), Path(__file__).resolve().parents[1], Path.cwd()]
-    for candidate in candidates:
-        if candidate and all((Path(candidate) / rel).is_file() for rel in ENTRY_POINTS.values()):
-            return Path(candidate).resolve()
-    raise UserError("the step entry points (training/step1_supervised_finetuning/main.py, ...) were not found; "
-                    "run from a dschat-mpo checkout or set DSCHAT_MPO_ROOT to one")
-
+CONFIG_PACKAGE = "mpo_ext.configs"
+PRESET_ALIASES = {"llama2-7b": "llama2-7b-hh"}
 STAGE_ORDER = ("assets", "sft", "rm", "select", "dpo", "ppo", "eval")
+TRAINING_STAGES = ("sft", "rm", "select", "dpo", "ppo")
+STAGE_DIRS = {"assets": "assets", "sft": "step1_sft", "rm": "step2_rm", "select": "step2.5_select",
+              "dpo": "step3b_dpo", "ppo": "step3_ppo", "eval": "eval"}
+#: The `python -m` module of each stage, inside the installed packages (no checkout needed).
+STAGE_MODULES = {"sft": "dschat.steps.sft", "rm": "dschat.steps.reward", "select": "mpo_ext.selection",
+                 "dpo": "mpo_ext.dpo", "ppo": "dschat.steps.ppo"}
+#: The file a finished stage must have produced (besides its completion record).
+PRODUCTS = {"assets": "tiny-llama/config.json", "sft": "config.json", "rm": "config.json",
+            "select": "manifest.json", "dpo": "config.json", "ppo": "actor/config.json", "eval": "table.json"}
+RESUMABLE = ("sft", "rm", "dpo", "ppo")
+#: Flags the pipeline wires itself (inputs, outputs); a config sets them through models/data/mpo.
+#: (`data_split` in a stage section replaces data.split for that stage.)
+WIRED_FLAGS = frozenset({
+    "output_dir", "data_path", "data_output_path", "model_name_or_path", "actor_model_name_or_path",
+    "reference_model_name_or_path", "critic_model_name_or_path", "sft_model_name_or_path",
+    "reward_model_name_or_path", "num_padding_at_beginning", "threshold", "easy_fraction", "resume", "model",
+    "reward_model", "local_rank"})
+#: Flags that change logs or checkpoint cadence, never results: left out of a stage's identity.
+NO_RESULT_FLAGS = frozenset({
+    "log_interval", "save_steps", "save_total_limit", "enable_tensorboard", "tensorboard_path", "print_answers",
+    "print_answers_interval", "rebuild_data_cache", "rebuild_shards", "shard_size"})
+COMPLETION_RECORD = "stage.json"
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class AssetsConfig:
+    """The embedded synthetic task and tiny Llama (`mpo assets`), built as the chain's first stage."""
+
+    num_train: int = 2000
+    num_test: int = 200
+    seed: int = 1234
+
+
+@dataclass
+class ModelsConfig:
+    """Base models: a hub id, a local directory, or `@<stage>[/sub/path]` (an upstream stage's output)."""
+
+    sft: str = "@assets/tiny-llama"
+    reward: str = "@sft"
+
+
+@dataclass
+class DataConfig:
+    path: list[str] = field(default_factory=lambda: ["@assets/data"])
+    split: str | None = "2,4,4"
+    eval_path: str | None = None  #: evaluation prompts (default: the first of `path`)
+    num_padding_at_beginning: int = 0
+
+
+@dataclass
+class LauncherConfig:
+    """DeepSpeed's launcher: `deepspeed --num_gpus N` on one node, or `--hostfile` for several."""
+
+    num_gpus: int = 1
+    hostfile: str | None = None
+    num_nodes: int | None = None
+    extra: list[str] = field(default_factory=list)  #: more launcher arguments, e.g. [--include, "localhost:0,1"]
+
+
+@dataclass
+class MpoConfig:
+    threshold: float | None = 1.0  #: reward-gap theta; gap > theta is easy
+    easy_fraction: float | None = None  #: instead of theta: this share of pairs is easy
+    reference: str = "dpo"  #: dpo: KL to the previous stage's model (MPO); sft: to the SFT model (ablation)
+    order: str = "mpo"  #: mpo: DPO on easy, then PPO on hard; reverse: PPO on hard, then DPO on easy
+
+
+@dataclass
+class PipelineConfig:
+    """One run of the chain. Stage sections map flag names (without `--`) to values: true = bare flag,
+    false/null = left out, a list = several values. `common` goes to every training stage."""
+
+    name: str = "custom"
+    output_dir: str | None = None
+    base: str | None = None  #: a preset name or a config path this one edits
+    assets: AssetsConfig | None = None
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    mpo: MpoConfig = field(default_factory=MpoConfig)
+    progress_interval: float = 10.0  #: seconds between heartbeat lines on the console
+    common: dict = field(default_factory=dict)
+    sft: dict = field(default_factory=dict)
+    rm: dict = field(default_factory=dict)
+    select: dict = field(default_factory=dict)
+    dpo: dict = field(default_factory=dict)
+    ppo: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml12_floats(value):
+    """YAML 1.1 (PyYAML) reads `5e-5` as a string; YAML 1.2 and every reader of a config mean a number."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _yaml12_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml12_floats(v) for v in value]
+    return value
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    try:
+        data = _yaml12_floats(yaml.safe_load(text))
+    except yaml.YAMLError as err:
+        raise UserError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: the top level must be a mapping of keys")
+    return data
+
+
+def _load_raw(source: str, seen: tuple[str, ...] = ()) -> dict:
+    """A config's keys with its `base` chain merged in (the base first, this file's keys on top)."""
+    name = PRESET_ALIASES.get(source, source)
+    if name in preset_names():
+        where = f"preset {name}"
+        data = _read_yaml(resources.files(CONFIG_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8"), where)
+        here = None
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserError(f"--config {source}: no such file and no preset of that name "
+                            f"(presets: {', '.join(preset_names())})")
+        where, here = str(path), path.parent
+        data = _read_yaml(path.read_text(encoding="utf-8"), where)
+    base = data.get("base")
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f"{where}: base: must be a preset name or a config path")
+    if here is not None and PRESET_ALIASES.get(base, base) not in preset_names() and not Path(base).is_absolute():
+        base = str(here / base)
+    if base in seen:
+        raise UserError(f"{where}: base: {base} includes itself")
+    merged = _deep_merge(_load_raw(base, (*seen, source)), data)
+    merged.pop("base", None)
+    return merged
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML: 5, 0.5, true, [x, y], null, text)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text}: write KEY=VALUE, e.g. --set dpo.learning_rate=5e-5")
+    try:
+        parsed = _yaml12_floats(yaml.safe_load(value)) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_override(raw: dict, keys: list[str], value: object) -> None:
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {'.'.join(keys)}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(source: str, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+    """Read a preset or config file, apply `KEY=VALUE` overrides, and check every key and value."""
+    raw = _load_raw(source)
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    config = _build(PipelineConfig, raw, "")
+    validate(config)
+    return config
+
+
+def _build(cls, data: dict, prefix: str):
+    """A dataclass from a mapping, each value checked against its annotation (one line per bad key)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UserError(f"config key {prefix}{key}: unknown; known keys here: {', '.join(sorted(names))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            values[f.name] = _coerce(hints[f.name], data[f.name], f"{prefix}{f.name}")
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str):
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key}: expected a section (mapping), got {value!r}")
+        return _build(hint, value, f"{key}.")
+    origin = typing.get_origin(hint)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key}: expected a mapping of flag: value, got {value!r}")
+        return dict(value)
+    if hint is list or origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise UserError(f"config key {key}: expected a list of strings, got {value!r}")
+        return [str(v) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config key {key}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        try:
+            if isinstance(value, bool) or (hint is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config key {key}: expected {'an integer' if hint is int else 'a number'}, "
+                            f"got {value!r}") from None
+        if hint is float and not math.isfinite(number):
+            raise UserError(f"config key {key}: {value!r} is not a finite number")
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise UserError(f"config key {key}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unhandled annotation {hint} for {key}")
+
+
+def validate(config: PipelineConfig) -> None:
+    """Value checks that need no model or data (the steps' own flag checks run in `check_plan`)."""
+    mpo = config.mpo
+    if mpo.reference not in ("dpo", "sft"):
+        raise UserError(f"config key mpo.reference: {mpo.reference!r}; choose dpo (MPO) or sft (ablation)")
+    if mpo.order not in ("mpo", "reverse"):
+        raise UserError(f"config key mpo.order: {mpo.order!r}; choose mpo or reverse")
+    if (mpo.threshold is None) == (mpo.easy_fraction is None):
+        raise UserError("config keys mpo.threshold / mpo.easy_fraction: set exactly one (the other null)")
+    if mpo.threshold is not None and mpo.threshold < 0:
+        raise UserError(f"config key mpo.threshold: {mpo.threshold}; a reward gap threshold must be >= 0")
+    if mpo.easy_fraction is not None and not 0.0 <= mpo.easy_fraction <= 1.0:
+        raise UserError(f"config key mpo.easy_fraction: {mpo.easy_fraction}; must be in [0, 1]")
+    if config.launcher.num_gpus < 1:
+        raise UserError(f"config key launcher.num_gpus: {config.launcher.num_gpus}; must be >= 1")
+    if config.progress_interval <= 0:
+        raise UserError(f"config key progress_interval: {config.progress_interval}; must be > 0 seconds")
+    if not config.data.path:
+        raise UserError("config key data.path: empty; name at least one dataset")
+    for stage in ("common", *TRAINING_STAGES, "eval"):
+        for flag, value in getattr(config, stage).items():
+            key = f"{stage}.{flag}"
+            if not isinstance(flag, str) or flag.startswith("-"):
+                raise UserError(f"config key {key}: write flag names without dashes")
+            if flag in WIRED_FLAGS:
+                raise UserError(f"config key {key}: set by the pipeline (use models.*, data.*, mpo.* or output_dir)")
+            if isinstance(value, dict):
+                raise UserError(f"config key {key}: expected a value or a list, got a mapping")
+    for ref in (config.models.sft, config.models.reward, *config.data.path, config.data.eval_path):
+        if ref and ref.startswith("@") and _ref_stage(ref) not in STAGE_ORDER:
+            raise UserError(f"config value {ref}: @ names a stage output; stages: {', '.join(STAGE_ORDER)}")
+        if ref and ref.startswith("@assets") and config.assets is None:
+            raise UserError(f"config value {ref}: needs an `assets:` section (the embedded task), or name real "
+                            "models/data")
+
+
+def config_dict(config: PipelineConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config_dict(config), sort_keys=False, default_flow_style=None, width=110)
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An upstream stage's output (optionally a path inside it), resolved once identities are known."""
+
+    stage: str
+    sub: str = ""
+
+
+def _ref_stage(text: str) -> str:
+    return text[1:].split("/", 1)[0]
+
+
+def _as_input(text: str) -> str | Ref:
+    if text.startswith("@"):
+        stage, _, sub = text[1:].partition("/")
+        return Ref(stage, sub)
+    return text
+
+
+def flags_to_args(flags: dict) -> list[str]:
+    """{"learning_rate": 5e-5, "gradient_checkpointing": True, "x": [1, 2]} -> --learning_rate 5e-05 ..."""
+    args: list[str] = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        args.append(f"--{name}")
+        if value is True:
+            continue
+        args += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return args
 
 
 @dataclass
 class Stage:
+    """One node of the DAG: its wiring (inputs, split: str or Ref), its own flags, and where it writes."""
+
     name: str
-    command: list[str]
-    done_marker: Path
-    output: Path
-    env: dict[str, str] = field(default_factory=dict)
+    wiring: list  # str | Ref | (name, Ref) for eval's --model name=path
+    flags: dict
+    module: str | None = None  # launched with `deepspeed --module`; None: a `python -m mpo_ext.cli` command
+    identity: str = ""
+    output: Path = Path()
+    command: list[str] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[Ref]:
+        refs = [a[1] if isinstance(a, tuple) else a for a in self.wiring]
+        return [r for r in refs if isinstance(r, Ref)]
+
+    def record(self) -> dict | None:
+        try:
+            data = json.loads((self.output / COMPLETION_RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def is_complete(self) -> bool:
-        return self.done_marker.exists()
+        """Complete = the completion record carries this identity and the product is there."""
+        record = self.record()
+        return bool(record and record.get("identity") == self.identity and (self.output / PRODUCTS[self.name]).exists())
 
     def shell(self) -> str:
-        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        return (prefix + " " if prefix else "") + " ".join(shlex.quote(c) for c in self.command)
+        return shlex.join(self.command)
 
 
-@dataclass
-class Preset:
-    """Sizes and hyper-parameters of one deployment of the chain."""
+def build_plan(config: PipelineConfig, out: Path) -> list[Stage]:
+    """The chain as stages with identities, output directories and command lines (nothing runs)."""
+    mpo, data = config.mpo, config.data
+    npb = ["--num_padding_at_beginning", str(data.num_padding_at_beginning)]
+    data_args = ["--data_path", *map(_as_input, data.path)] + (["--data_split", data.split] if data.split else [])
 
-    name: str
-    launcher: list[str]
-    sft_model: str
-    rm_base_model: str
-    data_path: list[str]
-    data_split: str
-    threshold: float
-    sft: list[str]
-    rm: list[str]
-    select: list[str]
-    dpo: list[str]
-    ppo: list[str]
-    eval: list[str]
-    num_padding_at_beginning: int = 0
-    build_assets: bool = False
-    num_train: int = 5000
+    def train(name: str, wiring: list) -> Stage:
+        return Stage(name, wiring, {**config.common, **getattr(config, name)}, STAGE_MODULES[name])
 
-
-def tiny_preset(out: Path, ranks: int = 1, threshold: float = 1.0) -> Preset:
-    """CPU-sized chain on the embedded synthetic task: a few minutes on two cores.
-
-    Why these numbers (measured on the synthetic task's gold reward, see benchmarks/reproduce.py):
-    - data: 40k records split 1,8,1. SFT saturates on 4k demonstrations (500 steps), while the RM is
-      data-bound (label noise ~22%): one pass over 32k pairs beats many epochs over a few thousand, which
-      overfit within ~3 epochs. 4k phase-3 prompts give ~1.5k easy pairs for DPO and ~2.5k hard prompts.
-    - theta 1.0 (the paper's): this RM's scores have sd ~1, so 35-40% of the SFT sample pairs are easy,
-      and their RM labels agree with gold ~88% of the time against ~67% for the hard ones.
-    - DPO: lr 1e-4, ~3 epochs, beta 0.3. At beta 0.1 DPO on the easy pairs over-fits the RM's liking for
-      short answers (in easy pairs the chosen answer is the shorter one 47% of the time, the longer one
-      18%): over 5 seeds it lists too few items, gold 3.09 +- 0.30 (one seed at SFT level); beta 0.3 gave
-      3.27-3.38 on the two worst seeds. lr 2e-4 or more epochs over-fit as well.
-    - PPO: one pass over the hard prompts; actor lr 3e-4 (5e-5 barely moves the policy in ~80 steps).
-    """
-    assets = out / "assets"
-    common = ["--dtype", "fp32", "--seed", "1234", "--data_output_path", str(out / "data_cache")]
-    return Preset(
-        name="tiny",
-        # one rank needs no launcher: plain python skips its two extra torch+deepspeed processes (start-up)
-        launcher=["deepspeed", "--num_gpus", str(ranks)] if ranks > 1 else [sys.executable],
-        sft_model=str(assets / "tiny-llama"),
-        rm_base_model=str(out / "step1_sft"),
-        data_path=[str(assets / "data")],
-        data_split="1,8,1",
-        threshold=threshold,
-        build_assets=True,
-        num_train=40000,
-        sft=[*common, "--max_seq_len", "64", "--per_device_train_batch_size", "32",
-             "--per_device_eval_batch_size", "64", "--learning_rate", "5e-3", "--num_train_epochs", "4",
-             "--num_warmup_steps", "20", "--log_interval", "50"],
-        rm=[*common, "--max_seq_len", "64", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size",
-            "64", "--learning_rate", "2e-3", "--weight_decay", "0.1", "--num_train_epochs", "1",
-            "--num_warmup_steps", "20", "--log_interval", "100"],
-        select=[*common, "--max_prompt_seq_len", "32", "--max_answer_seq_len", "32", "--temperature", "1.0",
-                "--per_device_generation_batch_size", "64", "--per_device_eval_batch_size", "128"],
-        dpo=[*common, "--max_seq_len", "64", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size",
-             "64", "--learning_rate", "1e-4", "--beta", "0.3", "--num_train_epochs", "3", "--num_warmup_steps", "10",
-             "--log_interval", "20", "--precompute_ref_log_probs"],
-        ppo=[*common, "--max_prompt_seq_len", "32", "--max_answer_seq_len", "32",
-             "--per_device_generation_batch_size", "32", "--per_device_training_batch_size", "32",
-             "--actor_learning_rate", "3e-4", "--critic_learning_rate", "5e-4", "--num_warmup_steps", "5",
-             "--init_kl_coef", "0.1", "--do_sample", "--num_train_epochs", "1", "--log_interval", "10"],
-        eval=["--num_prompts", "200", "--max_new_tokens", "32", "--seed", "1234"],
-    )
-
-
-def override_flags(flags: list[str], overrides: dict[str, str]) -> list[str]:
-    """Replace the values of `--flag value` pairs (appending flags that are absent)."""
-    out, seen, i = [], set(), 0
-    while i < len(flags):
-        flag = flags[i]
-        has_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
-        if flag in overrides:
-            out += [flag, overrides[flag]]
-            seen.add(flag)
-        else:
-            out += flags[i:i + 2] if has_value else [flag]
-        i += 2 if has_value else 1
-    return out + [x for flag, value in overrides.items() if flag not in seen for x in (flag, value)]
-
-
-def smoke_preset(out: Path, ranks: int = 1, threshold: float | None = None) -> Preset:
-    """The tiny chain shrunk to a smoke test (CI): every stage runs, nothing is expected to learn much."""
-    preset = tiny_preset(out, ranks=ranks) if threshold is None else tiny_preset(out, ranks=ranks, threshold=threshold)
-    preset.name, preset.num_train = "smoke", 400
-    steps = {"--max_steps": "6"}
-    preset.sft = override_flags(preset.sft, {**steps, "--num_train_epochs": "1"})
-    preset.rm = override_flags(preset.rm, {**steps, "--num_train_epochs": "1"})
-    preset.dpo = override_flags(preset.dpo, {**steps, "--num_train_epochs": "1"})
-    preset.ppo = override_flags(preset.ppo, {"--max_steps": "3", "--num_train_epochs": "1"})
-    preset.eval = override_flags(preset.eval, {"--num_prompts": "16"})
-    return preset
-
-
-def llama2_7b_preset(out: Path, ranks: int = 8, threshold: float = 1.0, hostfile: str | None = None) -> Preset:
-    """The paper's settings (Appendix A.1, Table 9) on HH-RLHF helpful-base + harmless-base, one 8-GPU node."""
-    launcher = ["deepspeed"] + ([f"--hostfile={hostfile}"] if hostfile else ["--num_gpus", str(ranks)])
-    hh = ["Anthropic/hh-rlhf/helpful-base", "Anthropic/hh-rlhf/harmless-base"]
-    common = ["--dtype", "bf16", "--seed", "1234"]
-    return Preset(
-        name="llama2-7b",
-        launcher=launcher,
-        sft_model="meta-llama/Llama-2-7b-hf",
-        rm_base_model="meta-llama/Llama-2-7b-hf",
-        data_path=hh,
-        # The authors trained every stage on the whole HH train split; 2,4,4 keeps stages disjoint.
-        data_split="2,4,4",
-        threshold=threshold,
-        sft=[*common, "--max_seq_len", "1024", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size",
-             "16", "--learning_rate", "5e-5", "--weight_decay", "0.1", "--num_train_epochs", "1",
-             "--num_warmup_steps", "500", "--lr_scheduler_type", "cosine", "--zero_stage", "3",
-             "--gradient_checkpointing", "--save_steps", "500"],
-        rm=[*common, "--max_seq_len", "1024", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size",
-            "8", "--learning_rate", "5e-6", "--weight_decay", "0.1", "--num_train_epochs", "1",
-            "--num_warmup_steps", "500", "--lr_scheduler_type", "cosine", "--zero_stage", "3",
-            "--gradient_checkpointing", "--save_steps", "500"],
-        select=[*common, "--max_prompt_seq_len", "512", "--max_answer_seq_len", "512", "--temperature", "0.95",
-                "--per_device_generation_batch_size", "16", "--zero_stage", "3", "--enable_hybrid_engine"],
-        dpo=[*common, "--max_seq_len", "1024", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size",
-             "2", "--gradient_accumulation_steps", "8", "--learning_rate", "5e-6", "--weight_decay", "0.1",
-             "--beta", "0.1", "--num_train_epochs", "1", "--num_warmup_steps", "100", "--zero_stage", "3",
-             "--gradient_checkpointing", "--precompute_ref_log_probs", "--save_steps", "200"],
-        ppo=[*common, "--max_prompt_seq_len", "512", "--max_answer_seq_len", "512",
-             "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2",
-             "--gradient_accumulation_steps", "4", "--actor_learning_rate", "3e-6", "--critic_learning_rate",
-             "5e-6", "--actor_weight_decay", "0.1", "--critic_weight_decay", "0.1", "--num_warmup_steps", "100",
-             "--init_kl_coef", "0.4", "--do_sample", "--temperature", "0.95", "--actor_zero_stage", "3",
-             "--critic_zero_stage", "3", "--actor_gradient_checkpointing", "--critic_gradient_checkpointing",
-             "--offload_reference_model", "--enable_hybrid_engine", "--num_train_epochs", "1", "--save_steps", "200"],
-        eval=["--num_prompts", "500", "--max_new_tokens", "512", "--seed", "1234"],
-    )
-
-
-def build_plan(preset: Preset, out: Path, *, reference: str = "dpo", order: str = "mpo",
-               stages: tuple[str, ...] = STAGE_ORDER) -> list[Stage]:
-    """The stage list. `reference`: dpo (MPO) or sft (the paper's "sft-kl" ablation).
-    `order`: mpo (DPO on easy, then PPO on hard) or reverse (PPO on hard first, then DPO on easy)."""
-    if reference not in ("dpo", "sft"):
-        raise UserError(f"--reference {reference}: choose dpo (MPO) or sft (ablation)")
-    if order not in ("mpo", "reverse"):
-        raise UserError(f"--order {order}: choose mpo or reverse")
-    py = [sys.executable]
-    launch = preset.launcher
-    root = find_repo_root()
-    step1, step2, select_main, dpo_main, step3 = (str(root / ENTRY_POINTS[k]) for k in ENTRY_POINTS)
-    sft_dir, rm_dir, sel_dir = out / "step1_sft", out / "step2_rm", out / "step2.5_select"
-    dpo_dir, ppo_dir, eval_dir = out / "step3b_dpo", out / "step3_ppo", out / "eval"
-    npb = ["--num_padding_at_beginning", str(preset.num_padding_at_beginning)]
-    data = ["--data_path", *preset.data_path, "--data_split", preset.data_split]
     plan: list[Stage] = []
-    if preset.build_assets:
-        plan.append(Stage("assets", [*py, "-m", "mpo_ext.cli", "assets", "--root", str(out / "assets"),
-                                     "--num_train", str(preset.num_train)],
-                          out / "assets" / "tiny-llama" / "config.json", out / "assets"))
-    plan.append(Stage("sft", [*launch, step1, *data, "--model_name_or_path", preset.sft_model,
-                              *preset.sft, "--output_dir", str(sft_dir)], sft_dir / "config.json", sft_dir))
-    plan.append(Stage("rm", [*launch, step2, *data, "--model_name_or_path", preset.rm_base_model, *npb,
-                             *preset.rm, "--output_dir", str(rm_dir)], rm_dir / "pytorch_model.bin", rm_dir))
-    plan.append(Stage("select", [*launch, select_main, *data, "--sft_model_name_or_path", str(sft_dir),
-                                 "--reward_model_name_or_path", str(rm_dir), *npb, "--threshold", str(preset.threshold),
-                                 *preset.select, "--output_dir", str(sel_dir)], sel_dir / "manifest.json", sel_dir))
-    easy, hard = str(sel_dir / "easy.jsonl"), str(sel_dir / "hard.jsonl")
-
-    def dpo_stage(init: Path, dest: Path) -> Stage:
-        return Stage("dpo", [*launch, dpo_main, "--data_path", easy, "--model_name_or_path", str(init),
-                             *preset.dpo, "--output_dir", str(dest)], dest / "config.json", dest)
-
-    def ppo_stage(init: Path, ref: Path, dest: Path) -> Stage:
-        return Stage("ppo", [*launch, step3, "--data_path", hard, "--actor_model_name_or_path", str(init),
-                             "--reference_model_name_or_path", str(ref), "--critic_model_name_or_path", str(rm_dir),
-                             *npb, *preset.ppo, "--output_dir", str(dest)], dest / "run_info.json", dest)
-
-    if order == "mpo":
-        plan.append(dpo_stage(sft_dir, dpo_dir))
-        plan.append(ppo_stage(dpo_dir, dpo_dir if reference == "dpo" else sft_dir, ppo_dir))
-        final = ppo_dir / "actor"
-        models = [f"sft={sft_dir}", f"dpo={dpo_dir}", f"mpo={final}"]
+    if config.assets is not None:
+        a = config.assets
+        plan.append(Stage("assets", ["--num_train", str(a.num_train), "--num_test", str(a.num_test),
+                                     "--seed", str(a.seed)], {}))
+    plan.append(train("sft", [*data_args, "--model_name_or_path", _as_input(config.models.sft)]))
+    plan.append(train("rm", [*data_args, "--model_name_or_path", _as_input(config.models.reward), *npb]))
+    split = (["--threshold", str(mpo.threshold)] if mpo.threshold is not None
+             else ["--easy_fraction", str(mpo.easy_fraction)])
+    plan.append(train("select", [*data_args, "--sft_model_name_or_path", Ref("sft"), "--reward_model_name_or_path",
+                                 Ref("rm"), *npb, *split]))
+    easy, hard = Ref("select", "easy.jsonl"), Ref("select", "hard.jsonl")
+    sft_reference = Ref("sft") if mpo.reference == "sft" else None  # None: the model the stage starts from
+    if mpo.order == "mpo":
+        plan.append(train("dpo", ["--data_path", easy, "--model_name_or_path", Ref("sft")]))
+        plan.append(train("ppo", ["--data_path", hard, "--actor_model_name_or_path", Ref("dpo"),
+                                  "--reference_model_name_or_path", sft_reference or Ref("dpo"),
+                                  "--critic_model_name_or_path", Ref("rm"), *npb]))
+        models = [("sft", Ref("sft")), ("dpo", Ref("dpo")), ("mpo", Ref("ppo", "actor"))]
     else:
-        plan.append(ppo_stage(sft_dir, sft_dir, ppo_dir))
-        plan.append(dpo_stage(ppo_dir / "actor", dpo_dir))
-        final = dpo_dir
-        models = [f"sft={sft_dir}", f"ppo_hard={ppo_dir / 'actor'}", f"mpo_reverse={final}"]
-    model_flags = [flag for m in models for flag in ("--model", m)]
-    plan.append(Stage("eval", [*py, "-m", "mpo_ext.cli", "eval", *model_flags, "--reward_model", str(rm_dir),
-                               "--data_path", *preset.data_path[:1], *npb, *preset.eval, "--output_dir", str(eval_dir)],
-                      eval_dir / "table.json", eval_dir))
-    return [s for s in plan if s.name in stages]
+        plan.append(train("ppo", ["--data_path", hard, "--actor_model_name_or_path", Ref("sft"),
+                                  "--reference_model_name_or_path", Ref("sft"),
+                                  "--critic_model_name_or_path", Ref("rm"), *npb]))
+        plan.append(train("dpo", ["--data_path", easy, "--model_name_or_path", Ref("ppo", "actor"),
+                                  "--reference_model_name_or_path", sft_reference or Ref("ppo", "actor")]))
+        models = [("sft", Ref("sft")), ("ppo_hard", Ref("ppo", "actor")), ("mpo_reverse", Ref("dpo"))]
+    model_args = [x for pair in models for x in ("--model", pair)]
+    eval_data = _as_input(data.eval_path or data.path[0])
+    plan.append(Stage("eval", [*model_args, "--reward_model", Ref("rm"), "--data_path", eval_data, *npb],
+                      dict(config.eval)))
+    _assign_identities(plan, config, out)
+    return plan
 
 
-def run_plan(plan: list[Stage], out: Path, dry_run: bool = False, force: bool = False) -> dict:
-    """Run each incomplete stage in order (logs to OUT/logs/<stage>.log) and write OUT/summary.json."""
-    summary = {"stages": []}
-    logs = out / "logs"
-    root = find_repo_root()
+def _assign_identities(plan: list[Stage], config: PipelineConfig, out: Path) -> None:
+    """Identity = hash(settings that change the result, identities of the stages read); then commands."""
+    by_name: dict[str, Stage] = {}
+    launcher = {"num_gpus": config.launcher.num_gpus, "num_nodes": config.launcher.num_nodes,
+                "hostfile": _file_digest(config.launcher.hostfile), "extra": config.launcher.extra}
+
+    def token(arg, resolve_paths: bool):
+        if isinstance(arg, tuple):  # eval's --model name=<ref>
+            return f"{arg[0]}={token(arg[1], resolve_paths)}"
+        if isinstance(arg, Ref):
+            if arg.stage not in by_name:
+                raise UserError(f"config value @{arg.stage}: that stage is not in this chain")
+            upstream = by_name[arg.stage]
+            if resolve_paths:
+                return str(upstream.output / arg.sub if arg.sub else upstream.output)
+            return f"@{upstream.identity}/{arg.sub}"
+        return arg
+
+    cache = str(out / "data_cache")
     for stage in plan:
-        entry = {"stage": stage.name, "output": str(stage.output), "command": stage.shell()}
-        if dry_run:
-            print(f"# {stage.name} -> {stage.output}\n{stage.shell()}\n", flush=True)
+        settings = {"stage": stage.name, "module": stage.module, "wiring": [token(a, False) for a in stage.wiring],
+                    "flags": {k: v for k, v in stage.flags.items() if k not in NO_RESULT_FLAGS},
+                    "launcher": launcher if stage.module else None}
+        stage.identity = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+        stage.output = out / f"{STAGE_DIRS[stage.name]}-{stage.identity[:8]}"
+        by_name[stage.name] = stage
+        args = [token(a, True) for a in stage.wiring] + flags_to_args(stage.flags)
+        if stage.name == "assets":
+            stage.command = [sys.executable, "-m", "mpo_ext.cli", "assets", "--root", str(stage.output), *args]
             continue
-        if stage.is_complete() and not force:
-            print(f"[pipeline] {stage.name}: complete ({stage.done_marker}), skipping", flush=True)
-            entry["status"] = "skipped (complete)"
-            summary["stages"].append(entry)
+        args += ["--data_output_path", cache, "--output_dir", str(stage.output)]
+        if stage.module and single_process(config.launcher):
+            stage.command = [sys.executable, "-m", stage.module, *args]  # no launcher processes to start
+        elif stage.module:
+            stage.command = [*launcher_prefix(config.launcher), "--module", stage.module, *args]
+        else:
+            stage.command = [sys.executable, "-m", "mpo_ext.cli", "eval", *args]
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    except OSError:
+        raise UserError(f"config key launcher.hostfile: {path} cannot be read") from None
+
+
+def single_process(launcher: LauncherConfig) -> bool:
+    """One rank on this node with no launcher arguments: plain `python -m` does the same job without the
+    launcher's two extra processes (each imports torch and DeepSpeed: ~10 CPU-seconds per stage)."""
+    return launcher.num_gpus == 1 and not launcher.hostfile and not launcher.num_nodes and not launcher.extra
+
+
+def launcher_prefix(launcher: LauncherConfig) -> list[str]:
+    """`deepspeed` with the placement flags (a free rendezvous port on one node, so runs never collide)."""
+    cmd = ["deepspeed"]
+    if launcher.hostfile:
+        cmd += ["--hostfile", launcher.hostfile] + (["--num_nodes", str(launcher.num_nodes)]
+                                                    if launcher.num_nodes else [])
+    else:
+        cmd += ["--num_gpus", str(launcher.num_gpus)]
+    return cmd + list(launcher.extra)
+
+
+def check_plan(plan: list[Stage]) -> None:
+    """Run each step's own flag checks on its command line before anything starts (one line on a bad flag)."""
+    import contextlib
+    import importlib
+    import io
+
+    from mpo_ext import eval_cli
+
+    for stage in plan:
+        if stage.name == "assets":
             continue
-        logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"{stage.name}.log"
-        print(f"[pipeline] ---=== Running {stage.name} ===--- (log: {log_path})", flush=True)
-        start = time.time()
-        env = {**_job_env(root), **stage.env}
-        with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.Popen(_with_free_port(stage.command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env=env, cwd=root, bufsize=1)
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                if _worth_echoing(line):
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-            code = proc.wait()
-        elapsed = time.time() - start
-        entry.update(status="ok" if code == 0 else f"failed ({code})", seconds=round(elapsed, 1), log=str(log_path))
-        summary["stages"].append(entry)
-        if code != 0:
-            atomic_write_json(out / "summary.json", summary)
-            tail = "".join(open(log_path, encoding="utf-8").readlines()[-15:])
-            raise UserError(f"stage {stage.name} failed with exit code {code}; see {log_path}. Last lines:\n{tail}")
-        print(f"[pipeline] ---=== Finished {stage.name} in {elapsed:.0f}s ===---", flush=True)
-    if not dry_run:
-        atomic_write_json(out / "summary.json", summary)
-    return summary
+        argv = stage.command[stage.command.index(stage.module) + 1:] if stage.module else stage.command[4:]
+        # Upstream outputs do not exist yet: give the checks names that do not look like local paths.
+        argv = [_placeholder(a, stage) for a in argv]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                if stage.module:
+                    importlib.import_module(stage.module).parse_args(argv)
+                else:
+                    eval_cli.eval_command.make_context("eval", list(argv), resilient_parsing=False)
+        except SystemExit:
+            message = " ".join(err.getvalue().replace("error:", "").split()) or "bad flags"
+            raise UserError(f"config section {stage.name}: {message}") from None
+        except UserError as e:
+            raise UserError(f"config section {stage.name}: {e}") from None
+        except click.ClickException as e:  # eval's usage errors
+            raise UserError(f"config section {stage.name}: {e.format_message()}") from None
+
+
+def _placeholder(arg: str, stage: Stage) -> str:
+    out_root = str(stage.output.parent)
+    if arg.startswith(out_root) and not Path(arg).exists():
+        return "pending-upstream-output"
+    if "=" in arg and arg.split("=", 1)[1].startswith(out_root):
+        return arg.split("=", 1)[0] + "=pending-upstream-output"
+    return arg
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def experiment_key(config: PipelineConfig) -> dict:
+    """What makes a run directory one experiment: its base models, data and embedded assets."""
+    return {"models": dataclasses.asdict(config.models), "data": dataclasses.asdict(config.data),
+            "assets": dataclasses.asdict(config.assets) if config.assets else None}
+
+
+def claim_output_dir(out: Path, config: PipelineConfig, force: bool) -> None:
+    """Refuse a directory that holds another experiment (or something that is not a pipeline run)."""
+    record_path = out / "pipeline.json"
+    key = experiment_key(config)
+    if record_path.exists():
+        try:
+            held = json.loads(record_path.read_text(encoding="utf-8")).get("experiment")
+        except (OSError, ValueError):
+            held = None
+        if held != key and not force:
+            raise UserError(f"--output_dir {out}: holds a run of another config (base models/data differ); "
+                            "choose another --output_dir, or pass --force to add this one there")
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"--output_dir {out}: not empty and not a pipeline run; choose another --output_dir "
+                        "or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record_path, {"experiment": key, "name": config.name})
+
+
+def package_root() -> Path:
+    """The directory holding the installed `mpo_ext` and `dschat` (a checkout or site-packages)."""
+    return Path(mpo_ext.__file__).resolve().parents[1]
 
 
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def _job_env() -> dict[str, str]:
+    """Each stage is a job of its own: these packages importable, no rendezvous inherited from the caller."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_root()), os.environ.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def _with_free_port(command: list[str]) -> list[str]:
-    """A single-node launcher run gets a free rendezvous port, so two runs on one machine never collide."""
     if command[:1] != ["deepspeed"] or any(c.startswith(("--master_port", "--hostfile")) for c in command):
         return command
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return [command[0], "--master_port", str(port), *command[1:]]
 
 
-def _job_env(root: Path) -> dict[str, str]:
-    """Each stage is a job of its own: the repo importable, no rendezvous inherited from the caller."""
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    return env
+def run_plan(plan: list[Stage], out: Path, config: PipelineConfig, *, steps: typing.Sequence[str] = STAGE_ORDER,
+             dry_run: bool = False) -> dict:
+    """Run every stage in `steps` whose completion record is missing or stale; write OUT/summary.json."""
+    summary = {"config": config.name, "stages": []}
+    if dry_run:
+        for stage in plan:
+            if stage.name in steps:
+                print(f"# {stage.name} -> {stage.output}\n{stage.shell()}\n", flush=True)
+        return summary
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    done, warned = set(), set()
+    for stage in plan:
+        if stage.is_complete():
+            done.add(stage.name)
+        if stage.name not in steps:
+            continue
+        entry = {"stage": stage.name, "identity": stage.identity, "output": str(stage.output)}
+        summary["stages"].append(entry)
+        if stage.name in done:
+            print(f"[pipeline] {stage.name}: complete ({stage.output.name}), reused", flush=True)
+            entry["status"] = "reused (complete)"
+            continue
+        missing = sorted({r.stage for r in stage.inputs} - done)
+        if missing:
+            raise UserError(f"stage {stage.name} needs {', '.join(missing)}, which is not complete; add it to --steps")
+        command = list(stage.command)
+        resumed = stage.name in RESUMABLE and (stage.output / "checkpoints").is_dir()
+        if resumed:
+            command.append("--resume")
+        log_path = logs / f"{stage.output.name}.log"
+        print(f"[pipeline] ---=== {stage.name}{' (resuming)' if resumed else ''} -> {stage.output} ===--- "
+              f"(log: {log_path})", flush=True)
+        start = time.time()
+        code = _run_stage(stage.name, _with_free_port(command), log_path, out, config.progress_interval, warned)
+        elapsed = time.time() - start
+        entry.update(status="ok" if code == 0 else f"failed ({code})", seconds=round(elapsed, 1), log=str(log_path),
+                     command=shlex.join(command))
+        if code != 0:
+            atomic_write_json(out / "summary.json", summary)
+            tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
+            raise UserError(f"stage {stage.name} failed with exit code {code}; see {log_path}; re-run to "
+                            f"continue. Last lines:\n{tail}")
+        if not (stage.output / PRODUCTS[stage.name]).exists():
+            raise UserError(f"stage {stage.name} exited cleanly but wrote no {PRODUCTS[stage.name]}; see {log_path}")
+        write_completion_record(stage, config, command, elapsed)
+        done.add(stage.name)
+        print(f"[pipeline] ---=== {stage.name} finished in {_clock(elapsed)} ===---", flush=True)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
 
 
-def _worth_echoing(line: str) -> bool:
-    """Echo the lines a person wants to see live; everything else stays in the stage log."""
-    if "%|" in line:  # progress bars stay in the stage log
-        return False
-    keys = ("error:", "Error", "[eval]", "saving", "split at", "Resumed", "Average reward", "| model")
-    return any(k in line for k in keys)
+def write_completion_record(stage: Stage, config: PipelineConfig, command: list[str], seconds: float) -> None:
+    """Written last, after the step exited cleanly: the proof that this output is this identity's."""
+    atomic_write_json(stage.output / COMPLETION_RECORD, {
+        "stage": stage.name, "identity": stage.identity, "command": command, "flags": stage.flags,
+        "config": config.name, "mpo": dataclasses.asdict(config.mpo), "seconds": round(seconds, 1),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
-def print_final_report(out: Path) -> None:
-    table = out / "eval" / "table.json"
+# ------------------------------------------------------------------------------------------ progress
+
+_BAR = re.compile(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
+_STEP_LINE = re.compile(r"^\[(train|eval)\] step (\d+) \| (.*)")
+_METRIC = re.compile(r"\b(loss|reward|actor_loss|critic_loss|reward_score|accuracy|kl)[^:|]*: (-?[\d.e+-]+|nan)")
+_ECHO = ("error", "Traceback", "[eval]", "Resumed", "Saved training state", "| model", "easy", "saving")
+
+
+class Progress:
+    """Turns a step's output into heartbeat lines: stage, step/total, ETA, the latest loss or reward."""
+
+    def __init__(self, stage: str, warned: set[str]):
+        self.stage, self.bar, self.metrics, self.warned = stage, None, "", warned  # each warning once per run
+
+    def feed(self, line: str) -> str | None:
+        """Remember progress; return the line if a person should see it now (warnings once each)."""
+        if line.startswith("*****"):  # a new training or evaluation phase: its bar starts afresh
+            self.bar = None
+        bar = _BAR.search(line)
+        if bar and "%|" in line:
+            self.bar = bar.groups()
+            return None
+        step = _STEP_LINE.match(line.strip())
+        if step:
+            found = _METRIC.findall(step.group(3))
+            if found:
+                self.metrics = ", ".join(f"{k} {v}" for k, v in found[:3])
+            return line if step.group(1) == "eval" else None
+        if "warning" in line.lower():
+            text = re.sub(r"^\[[^\]]*\]\s*(\[[^\]]*\]\s*)*", "", line.strip())
+            if text in self.warned:
+                return None
+            self.warned.add(text)
+            return line
+        return line if any(key in line for key in _ECHO) else None
+
+    def heartbeat(self, elapsed: float) -> str:
+        parts = [f"[pipeline] {self.stage}"]
+        if self.bar:
+            done, total, _, eta = self.bar
+            parts.append(f"{done}/{total}, ETA {eta}")
+        if self.metrics:
+            parts.append(self.metrics)
+        parts.append(f"{_clock(elapsed)} elapsed")
+        return " | ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _run_stage(name: str, command: list[str], log_path: Path, cwd: Path, interval: float, warned: set[str]) -> int:
+    progress, lines = Progress(name, warned), queue.Queue()
+    start = last_beat = time.time()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", env=_job_env(), cwd=cwd, bufsize=1)
+        reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True)
+        reader.start()
+        while True:
+            try:
+                line = lines.get(timeout=min(interval, 1.0))
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            if line:
+                log.write(line)
+                shown = progress.feed(line)
+                if shown:
+                    sys.stdout.write(shown if shown.endswith("\n") else shown + "\n")
+                    sys.stdout.flush()
+            if time.time() - last_beat >= interval:
+                last_beat = time.time()
+                print(progress.heartbeat(last_beat - start), flush=True)
+        return proc.wait()
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def print_final_report(plan: list[Stage], out: Path) -> None:
     print("\nArtefacts:")
-    for name in ("assets", "step1_sft", "step2_rm", "step2.5_select", "step3b_dpo", "step3_ppo", "eval", "logs"):
-        if (out / name).exists():
-            print(f"  {name:<15} {out / name}")
-    if table.exists():
-        rows = json.loads(table.read_text())
-        rows = rows["rows"] if isinstance(rows, dict) else rows
-        print("\nMean reward on held-out prompts:")
-        has_gold = any(r.get("gold_mean") is not None for r in rows)
-        header = f"  {'model':<14}{'reward model':>14}{'95% CI':>20}" + (f"{'gold':>10}" if has_gold else "")
-        print(header)
-        for r in rows:
-            ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-            line = f"  {r['name']:<14}{r['mean_reward']:>14.3f}{ci:>20}"
-            if has_gold:
-                line += f"{r.get('gold_mean', float('nan')):>10.3f}"
-            print(line)
+    for stage in plan:
+        print(f"  {stage.name:<8} {stage.output}")
+    print(f"  {'logs':<8} {out / 'logs'}\n  {'config':<8} {out / 'config.yaml'}")
+    evals = [s for s in plan if s.name == "eval"]
+    table = evals[0].output / "table.json" if evals else None
+    if table is None or not table.exists():
+        return
+    rows = json.loads(table.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    print("\nMean reward on held-out prompts:")
+    has_gold = any(r.get("gold_mean") is not None for r in rows)
+    print(f"  {'model':<14}{'reward model':>14}{'95% CI':>20}" + (f"{'gold':>10}" if has_gold else ""))
+    for r in rows:
+        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        line = f"  {r['name']:<14}{r['mean_reward']:>14.3f}{ci:>20}"
+        if has_gold:
+            line += f"{r.get('gold_mean', float('nan')):>10.3f}"
+        print(line)
+
+
+def save_config(out: Path, config: PipelineConfig) -> Path:
+    """The resolved config the run used: OUT/config.yaml (latest) and OUT/configs/<hash>.yaml (every one)."""
+    text = dump_config(config)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for path in (out / "configs" / f"{config.name}-{digest}.yaml", out / "config.yaml"):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return out / "config.yaml"

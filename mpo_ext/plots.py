@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dschat.utils.utils import atomic_write
+
 
 def _atomic_savefig(fig, path: str | os.PathLike) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=120,
+                                              bbox_inches="tight"))
 
 
 def _pyplot():

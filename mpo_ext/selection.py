@@ -31,8 +31,9 @@ import torch
 from dschat.utils import args as flags
 from dschat.utils import startup
 from dschat.utils.checkpoint import maybe_inject_kill
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.errors import UserError
+from dschat.utils.dist import barrier, get_rank, get_world_size, init_distributed, is_rank_0
+from dschat.utils.errors import UserError, run_main
+from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, print_rank_0
 
 PAIR_SOURCES = ("samples", "dataset")
@@ -45,17 +46,6 @@ SHARD_DIR = "shards"
 SHARD_CONFIG = "config.json"
 
 # --------------------------------------------------------------------------------------------- pure functions
-
-
-def order_pair_by_reward(first: str, second: str, first_reward: float,
-                         second_reward: float) -> tuple[str, str, float, float]:
-    """(chosen, rejected, chosen_reward, rejected_reward): the higher-scored answer is chosen.
-
-    Ties keep the given order, so the result is deterministic.
-    """
-    if second_reward > first_reward:
-        return second, first, float(second_reward), float(first_reward)
-    return first, second, float(first_reward), float(second_reward)
 
 
 def best_worst_indices(rewards: Sequence[float]) -> tuple[int, int]:
@@ -174,7 +164,7 @@ def length_sorted_batches(indices: Sequence[int], lengths: Sequence[int], batch_
 def orient_record(raw: dict[str, Any], policy: str) -> dict[str, Any] | None:
     """Output record (prompt, chosen, rejected, rewards, gap, human_label) from a scored shard record.
 
-    `reward_model`: the higher-scored answer is chosen (the paper). `human`: keep the dataset's label.
+    `reward_model`: the higher-scored answer is chosen (the paper; a tie keeps the sampled order). `human`: keep the dataset's label.
     `drop_disagreements`: keep the dataset's label, but drop the pair (None) when the RM strictly
     prefers the other answer. `human_label` (where known) is 1 when humans preferred `chosen`.
     """
@@ -297,10 +287,10 @@ def validate_args(args) -> None:
     if args.threshold is not None and args.easy_fraction is not None:
         raise UserError("--threshold and --easy_fraction are exclusive: give one (a fixed theta or a target "
                         "easy share)")
-    if args.easy_fraction is not None and not 0.0 < args.easy_fraction < 1.0:
+    if args.easy_fraction is not None and not 0.0 < args.easy_fraction < 1.0:  # also refuses nan
         raise UserError(f"--easy_fraction {args.easy_fraction}: must be between 0 and 1 (exclusive)")
-    if args.threshold is not None and args.threshold < 0:
-        raise UserError(f"--threshold {args.threshold}: gaps are absolute, so theta must be >= 0")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold >= 0):
+        raise UserError(f"--threshold {args.threshold}: gaps are absolute, so theta must be a finite number >= 0")
     if args.threshold is None and args.easy_fraction is None:
         args.threshold = DEFAULT_THRESHOLD
     if args.pair_source == "samples":
@@ -352,7 +342,7 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
     local_rank = data_utils.resolve_local_rank(args.local_rank)
     need_pairs = args.pair_source == "dataset"
     parts: list[list[dict]] = []
-    stats = {"skipped": 0, "filtered": 0}
+    stats = {"skipped": 0, "filtered": 0, "answers_truncated": 0}
     for name in args.data_path:
         data_utils.check_data_path(name)
         raw = data_utils.get_raw_dataset(name, args.data_output_path, args.seed, local_rank)
@@ -374,9 +364,14 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
                 continue
             items.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         lengths = prompt_lengths(tokenizer, [it["prompt"] for it in items])
-        kept = [it for it, n in zip(items, lengths) if 0 < n <= args.max_prompt_seq_len]
+        kept = [(it, n) for it, n in zip(items, lengths) if 0 < n <= args.max_prompt_seq_len]
         stats["filtered"] += len(items) - len(kept)
-        parts.append(kept)
+        if need_pairs:  # dataset answers longer than the room left after the prompt are cut when scored
+            answer_lengths = prompt_lengths(tokenizer, [it[k] for it, _ in kept for k in ("chosen", "rejected")])
+            room = args.max_prompt_seq_len + args.max_answer_seq_len
+            stats["answers_truncated"] += sum(n + max(answer_lengths[2 * i:2 * i + 2]) > room
+                                              for i, (_, n) in enumerate(kept))
+        parts.append([it for it, _ in kept])
     merged = [it for part in parts for it in part]
     if len(parts) > 1:
         merged = [merged[i] for i in data_utils.get_shuffle_idx(args.seed, len(merged)).tolist()]
@@ -388,6 +383,11 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
                         f"{stats['filtered']}); check --data_split/--data_phase and the prompt length limit")
     for i, item in enumerate(merged):
         item["index"] = i
+    if stats["answers_truncated"]:
+        print_rank_0(f"warning: {stats['answers_truncated']} pair(s) have an answer longer than "
+                     f"--max_prompt_seq_len + --max_answer_seq_len ({args.max_prompt_seq_len} + "
+                     f"{args.max_answer_seq_len}) tokens with their prompt; it is cut when scored (raise "
+                     "--max_answer_seq_len to score it whole)")
     return merged, stats
 
 
@@ -686,22 +686,22 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
     bar = tqdm(total=total_prompts, unit="prompt", disable=not is_rank_0(), dynamic_ncols=True,
                desc=f"select (rank 0 of {get_world_size()})")
     done, start = 0, time.time()
-    for count, shard_id in enumerate(mine, start=1):
-        records: list[dict] = []
-        for batch in worker.batches(shards[shard_id]):
-            records.extend(worker.run_batch(batch))
-            startup.report(until="first_batch")  # no optimizer here: the first scored batch (once)
-            bar.update(len(batch))
-            done += len(batch)
-            rate = done / max(time.time() - start, 1e-9)
-            bar.set_postfix(all_ranks=f"{rate * get_world_size():.1f} prompts/s")
-        records.sort(key=lambda r: r["index"])
-        atomic_write_jsonl(shard_path(output_dir, shard_id), records)
-        maybe_inject_kill("after_shard", count)  # crash tests: DSCHAT_KILL_AT=after_shard:N
-    if worker.lockstep:
-        for _ in range(busiest - my_batches):
-            worker.dummy_batch()
-    bar.close()
+    with bar:  # closed (its line ended) also when a batch fails, so an error starts on a line of its own
+        for count, shard_id in enumerate(mine, start=1):
+            records: list[dict] = []
+            for batch in worker.batches(shards[shard_id]):
+                records.extend(worker.run_batch(batch))
+                startup.report(until="first_batch")  # no optimizer here: the first scored batch (once)
+                bar.update(len(batch))
+                done += len(batch)
+                rate = done / max(time.time() - start, 1e-9)
+                bar.set_postfix(all_ranks=f"{rate * get_world_size():.1f} prompts/s")
+            records.sort(key=lambda r: r["index"])
+            atomic_write_jsonl(shard_path(output_dir, shard_id), records)
+            maybe_inject_kill("after_shard", count)  # crash tests: DSCHAT_KILL_AT=after_shard:N
+        if worker.lockstep:
+            for _ in range(busiest - my_batches):
+                worker.dummy_batch()
     return done
 
 
@@ -737,6 +737,10 @@ def finalize(args, raw_records: list[dict], output_dir: Path, extra_manifest: di
     atomic_write_jsonl(output_dir / "hard.jsonl", hard)
     suggested = balanced_threshold(gaps)
     warnings = split_warnings(len(easy), len(hard), theta, suggested)
+    identical = sum(1 for r in raw_records if len(set(r["responses"])) == 1)
+    if identical:
+        warnings.append(f"{identical} of {len(raw_records)} prompts have two identical answers (reward gap 0: "
+                        "they go to the hard split and give DPO no signal)")
     for message in warnings:
         print_rank_0(f"warning: {message}")
     plots.plot_reward_gap_histogram(gaps, theta, output_dir / "reward_gap_hist.png",
@@ -761,7 +765,7 @@ def finalize(args, raw_records: list[dict], output_dir: Path, extra_manifest: di
         "easy_fraction_requested": args.easy_fraction,
         "balanced_threshold": suggested,
         "counts": {"prompts": len(raw_records), "pairs": total, "dropped": len(records) - total,
-                   "easy": len(easy), "hard": len(hard)},
+                   "easy": len(easy), "hard": len(hard), "identical_answers": identical},
         "fractions": {"easy": len(easy) / total if total else 0.0, "hard": len(hard) / total if total else 0.0},
         "gap": gap_summary(gaps),
         "rm_accuracy_vs_human": accuracy["overall_accuracy"] if accuracy else None,
@@ -795,7 +799,7 @@ def run(args) -> dict | None:
 
     args.dtype = resolve_dtype(args.dtype)
     rank, world = get_rank(), get_world_size()
-    output_dir = Path(args.output_dir)
+    output_dir = prepare_output_dir(args.output_dir)
     sft_tokenizer = load_hf_tokenizer(args.sft_model_name_or_path) if args.pair_source == "samples" else None
     rm_tokenizer = reward_tokenizer(args, sft_tokenizer)
     items, load_stats = load_items(args, sft_tokenizer or rm_tokenizer)
@@ -870,3 +874,14 @@ def _finish(args, output_dir: Path, shards: list[range], digest: str, load_stats
         "run": worker_stats,
     }
     return finalize(args, raw_records, output_dir, extra)
+
+
+def main() -> None:
+    """Step 2.5 entry point: `deepspeed --module mpo_ext.selection ...` (step2.5_select/main.py calls it too)."""
+    args = parse_args()
+    init_distributed(args.local_rank)
+    run(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -12,16 +12,8 @@ try:
 except ImportError:  # running from a source checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dschat.utils.dist import init_distributed
 from dschat.utils.errors import run_main
-from mpo_ext import selection
-
-
-def main() -> None:
-    args = selection.parse_args()
-    init_distributed(args.local_rank)
-    selection.run(args)
-
+from mpo_ext.selection import main
 
 if __name__ == "__main__":
     run_main(main)

@@ -4,6 +4,7 @@ matrix fast; each case fails before any training starts."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import runpy
 import shutil
@@ -32,6 +33,13 @@ def fixtures(assets, tmp_path_factory, tinystories_dir):
     empty.write_text("")
     unreadable = root / "unreadable.jsonl"
     unreadable.write_text("{not json\n")
+    pair = {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " go away"}
+    latin1 = root / "latin1.jsonl"  # valid JSON lines, but the third holds a Latin-1 byte
+    latin1.write_bytes(((json.dumps(pair) + "\n") * 2 + json.dumps(pair, ensure_ascii=False).replace("hello", "caf\u00e9")
+                        + "\n").encode("latin-1"))
+    torn_gz = root / "torn.jsonl.gz"  # a download cut short
+    whole = gzip.compress(((json.dumps(pair) + "\n") * 200).encode())
+    torn_gz.write_bytes(whole[: len(whole) // 2])
     # A model directory whose tokenizer belongs to another model (bigger vocabulary than the embedding).
     mismatched = root / "mismatched-model"
     shutil.copytree(assets["model_dir"], mismatched)
@@ -43,6 +51,7 @@ def fixtures(assets, tmp_path_factory, tinystories_dir):
     return {
         "data": assets["data_dir"], "model": assets["model_dir"], "wrong_keys": str(wrong_keys),
         "empty": str(empty), "unreadable": str(unreadable), "mismatched": str(mismatched),
+        "latin1": str(latin1), "torn_gz": str(torn_gz),
         "cache": str(root / "cache"), "out": root / "out",
     }
 
@@ -68,6 +77,14 @@ def _cases(f: dict) -> list[tuple[str, str, list[str], str]]:
         ("step1-missing-data", "step1", ["--data_path", "/nonexistent/train.jsonl", *base1], "/nonexistent/train.jsonl"),
         ("step1-wrong-keys", "step1", ["--data_path", f["wrong_keys"], *base1], "wrong_keys.jsonl"),
         ("step1-unreadable-json", "step1", ["--data_path", f["unreadable"], *base1], "unreadable.jsonl"),
+        ("step1-not-utf8", "step1", ["--data_path", f["latin1"], *base1], "latin1.jsonl:3: not UTF-8"),
+        ("step1-truncated-gz", "step1", ["--data_path", f["torn_gz"], *base1], "torn.jsonl.gz: damaged"),
+        ("step2-not-utf8", "step2", ["--data_path", f["latin1"], *base1], "latin1.jsonl:3: not UTF-8"),
+        ("dpo-not-utf8", "dpo", ["--data_path", f["latin1"], *base1], "latin1.jsonl:3: not UTF-8"),
+        ("select-not-utf8", "select", ["--data_path", f["latin1"], "--sft_model_name_or_path", m,
+                                       "--reward_model_name_or_path", m, *lens, *c, *out], "latin1.jsonl:3: not UTF-8"),
+        *[(f"{step}-max-seq-len-1", step, ["--data_path", d, *base1, "--max_seq_len", "1"], "--max_seq_len 1")
+          for step in ("step1", "step2", "dpo")],
         ("step1-empty-split", "step1", ["--data_path", d, "--data_split", "0,0,10", *base1], "no usable samples"),
         ("step1-unknown-dataset", "step1", ["--data_path", "nobody/unknown-set", *base1], "--data_path"),
         ("step1-missing-model", "step1", ["--data_path", d, "--model_name_or_path", "/nonexistent/m", *c, *out],
@@ -87,6 +104,11 @@ def _cases(f: dict) -> list[tuple[str, str, list[str], str]]:
         ("select-threshold-and-fraction", "select", ["--data_path", d, "--sft_model_name_or_path", m,
                                                      "--reward_model_name_or_path", m, "--threshold", "1",
                                                      "--easy_fraction", "0.5", *c, *out], "--easy_fraction"),
+        *[(f"select-{flag[2:]}-{value}", "select", ["--data_path", d, "--sft_model_name_or_path", m,
+                                                    "--reward_model_name_or_path", m, flag, value, *c, *out], flag)
+          for flag, value in (("--threshold", "nan"), ("--threshold", "inf"), ("--threshold", "-3"),
+                              ("--easy_fraction", "nan"), ("--easy_fraction", "1.5"))],
+        ("dpo-beta-nan", "dpo", ["--data_path", d, "--beta", "nan", *base1], "--beta"),
         ("dpo-empty-easy-split", "dpo", ["--data_path", f["empty"], *base1], "easy.jsonl"),
         ("step3-critic-without-value-head", "step3", ["--data_path", d, "--actor_model_name_or_path", m,
                                                       "--critic_model_name_or_path", m, *lens, *c, *out], "v_head"),
@@ -101,10 +123,13 @@ def _cases(f: dict) -> list[tuple[str, str, list[str], str]]:
 
 
 CASE_IDS = [
-    "step1-missing-data", "step1-wrong-keys", "step1-unreadable-json", "step1-empty-split", "step1-unknown-dataset",
+    "step1-missing-data", "step1-wrong-keys", "step1-unreadable-json", "step1-not-utf8", "step1-truncated-gz",
+    "step2-not-utf8", "dpo-not-utf8", "select-not-utf8", "step1-max-seq-len-1", "step2-max-seq-len-1",
+    "dpo-max-seq-len-1", "step1-empty-split", "step1-unknown-dataset",
     "step1-missing-model", "step1-tokenizer-mismatch", "step1-too-long", "step1-conflicting-lora",
     "step1-deepspeed-config", "step2-fp16-cpu", "step2-empty-pairs", "select-no-value-head",
-    "select-threshold-and-fraction", "dpo-empty-easy-split", "step3-critic-without-value-head", "step3-too-long",
+    "select-threshold-and-fraction", "select-threshold-nan", "select-threshold-inf", "select-threshold--3",
+    "select-easy_fraction-nan", "select-easy_fraction-1.5", "dpo-beta-nan", "dpo-empty-easy-split", "step3-critic-without-value-head", "step3-too-long",
     "step3-tp-without-zero3",
 ]
 
@@ -136,6 +161,14 @@ def test_mpo_cli_bad_inputs(fixtures, tmp_path):
     result = runner.invoke(main, ["eval", "--model", "sft=/nonexistent/model", "--reward_model", fixtures["model"],
                                   "--data_path", fixtures["data"], "--output_dir", str(tmp_path / "e")])
     assert result.exit_code == 2 and "/nonexistent/model" in result.output, result.output
+    for theta in ("nan", "inf", "-3"):
+        result = runner.invoke(main, ["pipeline", "--threshold", theta, "--output_dir", str(tmp_path / "p"), "--dry_run"])
+        assert result.exit_code == 2 and "--threshold" in result.output, result.output
+        assert not (tmp_path / "p").exists()
+    result = runner.invoke(main, ["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--tie_margin", "nan"])
+    assert result.exit_code == 2 and "--tie_margin" in result.output, result.output
+    result = runner.invoke(main, ["compare", fixtures["latin1"], fixtures["latin1"]])
+    assert result.exit_code == 2 and "latin1.jsonl:3: not UTF-8" in result.output, result.output
     result = runner.invoke(main, ["pipeline", "--steps", "sft,nonsense", "--dry_run"])
     assert result.exit_code == 2 and "nonsense" in result.output, result.output
     result = runner.invoke(main, ["compare", str(tmp_path / "missing_a.jsonl"), str(tmp_path / "missing_b.jsonl")])

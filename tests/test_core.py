@@ -14,6 +14,7 @@ from dschat.steps import sft as sft_step
 from dschat.utils.checkpoint import STATE_FILE, find_latest_state, list_complete_states
 from dschat.utils.ds_utils import get_eval_ds_config, get_train_ds_config, resolve_dtype, set_batch_sizes
 from dschat.utils.errors import UserError
+from dschat.utils.output_dir import staged_output
 from dschat.utils.trainer import (
     MetricLogger,
     ResumableSampler,
@@ -21,13 +22,13 @@ from dschat.utils.trainer import (
     count_updates,
     groups_by_length,
 )
-from dschat.utils.utils import atomic_directory, atomic_write_json
+from dschat.utils.utils import atomic_write_json
 
 
 def test_step1_flag_defaults_match_upstream():
     args = sft_step.parse_args(["--model_name_or_path", "facebook/opt-125m"])
     assert args.data_path == ["Dahoas/rm-static"]
-    assert args.data_output_path == "/tmp/data_files/"
+    assert args.data_output_path is None  # upstream: /tmp/data_files/ (world-writable); ours: a per-user cache
     assert args.per_device_train_batch_size == 16 and args.per_device_eval_batch_size == 16
     assert args.max_seq_len == 512 and args.learning_rate == 1e-3 and args.weight_decay == 0.0
     assert args.num_train_epochs == 1 and args.gradient_accumulation_steps == 1
@@ -161,28 +162,29 @@ def test_resume_refuses_another_data_order():
         check_data_order(saved, {**saved, "group_by_length": False}, "ckpt")
 
 
-def test_atomic_directory_keeps_history_and_replaces_model(tmp_path):
+def test_staged_output_keeps_history_and_replaces_model(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "training.log").write_text("log")
     (out / "model.safetensors").write_text("old")
-    with atomic_directory(out) as tmp:
+    with staged_output(out) as tmp:
+        assert tmp.parent == out  # staged on the target's own filesystem
         (tmp / "model.safetensors").write_text("new")
         assert (out / "model.safetensors").read_text() == "old"  # untouched until complete
     assert (out / "model.safetensors").read_text() == "new" and (out / "training.log").read_text() == "log"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "training.log"]
 
 
-def test_atomic_directory_failure_leaves_old_output(tmp_path):
+def test_staged_output_failure_leaves_old_output(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text("{}")
     with pytest.raises(RuntimeError):
-        with atomic_directory(out) as tmp:
+        with staged_output(out) as tmp:
             (tmp / "config.json").write_text("half")
             raise RuntimeError("killed")
     assert (out / "config.json").read_text() == "{}"
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert [p.name for p in out.iterdir()] == ["config.json"]
 
 
 def test_only_complete_states_are_found(tmp_path):

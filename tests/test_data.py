@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HH_EMPTY_CHOSEN, HH_UNSHARED_PREFIX, hh_dialogue_records, tldr_rows, write_jsonl
+from safetensors.torch import load_file
 
 from dschat.utils.data import data_utils as du
 from dschat.utils.data import raw_datasets as rd
@@ -30,21 +32,12 @@ def pcr(i: int, **extra) -> dict:
     }
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    return path
-
-
 def build(tok, data_path, phase, out, max_seq_len=64, data_split=None, **kw):
     return du.create_prompt_dataset(-1, data_path, data_split, str(out), phase, 1234, tok, max_seq_len, **kw)
 
 
 @pytest.fixture(scope="module")
-def hh_records(shared_path) -> list[dict]:
+def real_hh_records(shared_path) -> list[dict]:
     with gzip.open(shared_path(HH_TEST), "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
 
@@ -171,10 +164,27 @@ def test_tldr_texts():
     assert texts(a, s) == (prompt, " second", " first", prompt + " second", prompt + " first")
 
 
-def test_hh_dialogue_split_on_real_record(hh_records):
+def test_hh_dialogue_split():
     a = adapter("Anthropic/hh-rlhf/harmless-base")
     assert a.dataset_name_clean == "Anthropic_hh_rlhf_harmless_base"
-    rec = hh_records[0]
+    rec = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a pen prank?\n\nAssistant: No, sorry!",
+           "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a pen prank?\n\nAssistant: Sure, lots."}
+    prompt = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a pen prank?\n\nAssistant:"
+    assert texts(a, rec) == (prompt, " No, sorry!", " Sure, lots.", rec["chosen"], rec["rejected"])
+    other = dict(rec, rejected=rec["rejected"].replace("a pen prank", "a joke"))  # no shared prompt
+    assert a.get_rejected(other) is None and a.get_chosen(other) == " No, sorry!"
+    records = hh_dialogue_records(60)
+    empty = [i for i, r in enumerate(records) if a.get_chosen(r) is None and a.get_prompt(r) is not None
+             and rd.split_hh_dialogue(r["chosen"])[1].strip() == ""]
+    assert empty == list(HH_EMPTY_CHOSEN)
+    assert all(a.get_prompt_and_chosen(records[i]) is None for i in empty)
+    assert a.get_rejected(records[HH_UNSHARED_PREFIX]) is None
+
+
+@pytest.mark.shared_data
+def test_hh_dialogue_split_on_real_record(real_hh_records):
+    a = adapter("Anthropic/hh-rlhf/harmless-base")
+    rec = real_hh_records[0]
     prompt = a.get_prompt(rec)
     assert prompt.startswith("\n\nHuman: what are some pranks with a pen i can do?")
     assert prompt.endswith("\n\nHuman: okay some of these do not have anything to do with pens\n\nAssistant:")
@@ -182,9 +192,9 @@ def test_hh_dialogue_split_on_real_record(hh_records):
         "results by doing pranks with pens."
     assert a.get_rejected(rec).startswith(" There are lots of funny things you can do with pens")
     assert a.get_prompt_and_chosen(rec) == rec["chosen"] and a.get_prompt_and_rejected(rec) == rec["rejected"]
-    empty = [r for r in hh_records if a.get_chosen(r) is None and a.get_prompt(r) is not None
+    empty = [r for r in real_hh_records if a.get_chosen(r) is None and a.get_prompt(r) is not None
              and rd.split_hh_dialogue(r["chosen"])[1].strip() == ""]
-    assert len(empty) == 4  # README: four records end with an empty chosen answer
+    assert len(empty) == 4  # four records of the release end with an empty chosen answer
     assert all(a.get_prompt_and_chosen(r) is None for r in empty)
 
 
@@ -197,16 +207,15 @@ def test_dispatch_order_and_unknown_name():
     assert "--data_path nobody/such-set" in msg and "Dahoas/rm-static" in msg and "Anthropic/hh-rlhf" in msg
 
 
-def test_hub_style_loading_of_local_repo(tmp_path, shared_path, monkeypatch):
+def test_hub_style_loading_of_local_repo(tmp_path, monkeypatch):
     """`Anthropic/hh-rlhf/<subset>` goes through datasets.load_dataset(repo, data_dir=subset)."""
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     repo = tmp_path / "hub" / "Anthropic" / "hh-rlhf"
-    with gzip.open(shared_path(HH_TEST), "rt", encoding="utf-8") as fh:
-        lines = fh.readlines()
-    write_jsonl(repo / "harmless-base" / "train.jsonl.gz", [json.loads(x) for x in lines[:40]])
-    write_jsonl(repo / "harmless-base" / "test.jsonl.gz", [json.loads(x) for x in lines[40:50]])
+    records = hh_dialogue_records(60)
+    write_jsonl(repo / "harmless-base" / "train.jsonl.gz", records[:40])
+    write_jsonl(repo / "harmless-base" / "test.jsonl.gz", records[40:50])
     raw = du.get_raw_dataset(str(repo / "harmless-base"), str(tmp_path / "out"), 1, -1)
     assert isinstance(raw, rd.AnthropicHHRLHFDataset)
     assert len(raw.get_train_data()) == 40 and len(raw.get_eval_data()) == 10
@@ -253,7 +262,17 @@ def test_local_directory_with_train_and_test(tmp_path, tiny_tokenizer):
     assert (len(train), len(evals)) == (2, 1)  # 12 -> [0,2,7,12] ; 5 -> [0,1,3,5]
 
 
-def test_hh_file_autodetected_empty_answers_skipped(tmp_path, tiny_tokenizer, shared_path, capsys):
+def test_hh_file_autodetected_empty_answers_skipped(tmp_path, tiny_tokenizer, hh_file, capsys):
+    train, evals = build(tiny_tokenizer, [str(hh_file)], 1, tmp_path / "out", max_seq_len=32)
+    out = capsys.readouterr().out
+    assert len(train) + len(evals) == 60 - len(HH_EMPTY_CHOSEN)  # the unshared-prompt pair's chosen side is kept
+    assert "skipped=" in out and "for train_phase=1 size=" in out
+    train, evals = build(tiny_tokenizer, [str(hh_file)], 2, tmp_path / "out2", max_seq_len=256)
+    assert len(train) + len(evals) == 60 - len(HH_EMPTY_CHOSEN) - 1  # a pair needs both sides
+
+
+@pytest.mark.shared_data
+def test_real_hh_file_autodetected_empty_answers_skipped(tmp_path, tiny_tokenizer, shared_path, capsys):
     train, evals = build(tiny_tokenizer, [str(shared_path(HH_TEST))], 1, tmp_path / "out", max_seq_len=32)
     out = capsys.readouterr().out
     assert len(train) + len(evals) == 2312 - 4
@@ -268,7 +287,15 @@ def test_prompt_only_file(tmp_path, tiny_tokenizer):
         build(tiny_tokenizer, [str(f)], 2, tmp_path / "out")
 
 
-def test_query_csv_prompts(tmp_path, tiny_tokenizer, shared_path):
+def test_query_csv_prompts(tmp_path, tldr_csv):
+    raw = du.get_raw_dataset(str(tldr_csv), str(tmp_path), 1, -1)
+    rows = tldr_rows()
+    assert [raw.get_prompt(s) for s in raw.get_train_data()] == [r["query"] for r in rows]  # newlines kept
+    assert all(raw.get_rejected(s) is None for s in raw.get_train_data())
+
+
+@pytest.mark.shared_data
+def test_real_query_csv_prompts(tmp_path, shared_path):
     csv_file = shared_path("data/tldr/oai1b.csv")
     raw = du.get_raw_dataset(str(csv_file), str(tmp_path), 1, -1)
     sample = raw.get_train_data()[0]
@@ -396,20 +423,20 @@ def test_cache_reused_and_invalidated_on_edit(tmp_path, tiny_tokenizer, capsys):
     out = tmp_path / "out"
     train, _ = build(tiny_tokenizer, [str(f)], 1, out)
     assert "Creating dataset" in capsys.readouterr().out
-    assert len(list(out.glob("traindata_*.pt"))) == 1
+    assert len(list(out.glob("traindata_*.safetensors"))) == 1
     again, _ = build(tiny_tokenizer, [str(f)], 1, out)
     assert "Creating dataset" not in capsys.readouterr().out  # served from the cache
     assert torch.equal(again[0]["input_ids"], train[0]["input_ids"])
     write_jsonl(f, [pcr(i) for i in range(20)])  # edit the data file in place
     edited, _ = build(tiny_tokenizer, [str(f)], 1, out)
     assert "Creating dataset" in capsys.readouterr().out and len(edited) == 18
-    assert len(list(out.glob("traindata_*.pt"))) == 2
+    assert len(list(out.glob("traindata_*.safetensors"))) == 2
     build(tiny_tokenizer, [str(f)], 1, out, rebuild=True)
     assert "Creating dataset" in capsys.readouterr().out
     build(tiny_tokenizer, [str(f)], 1, out, end_of_conversation_token="<|endoftext|>")
     assert "Creating dataset" in capsys.readouterr().out  # eot string is part of the key
-    state = torch.load(next(out.glob("traindata_*.pt")), weights_only=False)
-    assert isinstance(state, dict) and isinstance(state["chosen"], list)  # plain content, no custom class
+    cached = load_file(next(out.glob("traindata_*.safetensors")))  # tensors only: nothing to unpickle
+    assert {"chosen.ids", "chosen.offsets"} <= set(cached) and all(torch.is_tensor(v) for v in cached.values())
 
 
 def test_cache_key_covers_tokenizer(tiny_tokenizer):

@@ -1,10 +1,10 @@
-"""The optimised paths compute the same numbers as the plain ones, on real HH-RLHF pairs and tinystories.
+"""The optimised paths compute the same numbers as the plain ones, on HH-format pairs and the tiny Llama.
 
 - padding="longest" (ours) vs padding="max_length" (upstream): same SFT loss, same reward-model loss and scores;
 - DPO with reference log-probs precomputed once vs a resident reference model: same loss;
 - one concatenated chosen+rejected forward vs two separate forwards: same log-probs.
 
-Kept small (a few pairs truncated to 96 tokens, the 260k-parameter model) so the file runs in seconds.
+Kept small (a few pairs truncated to 96 tokens, the 260k-parameter test Llama) so the file runs in seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dschat.utils.data.data_utils import DataCollatorReward, DataCollatorSFT
+from mpo_ext import dpo
 
 MAX_LEN = 96
 NUM_PAIRS = 4
@@ -30,15 +31,14 @@ def model(tinystories_dir):
 
 
 @pytest.fixture(scope="module")
-def pairs(shared_path, tiny_tokenizer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Phase-2 items (chosen, mask, rejected, mask, prompt_length) from the first HH harmless-base pairs.
+def pairs(hh_file, tiny_tokenizer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Phase-2 items (chosen, mask, rejected, mask, prompt_length) from the first HH-format pairs.
 
     Lengths differ from pair to pair, so `longest` batches really are narrower than `max_length` ones.
     """
-    path = shared_path("data/hh-rlhf/harmless-base/test.jsonl.gz")
     tok = tiny_tokenizer
     items = []
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
+    with gzip.open(hh_file, "rt", encoding="utf-8") as fh:
         for line in fh:
             record = json.loads(line)
             cut = record["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
@@ -118,11 +118,6 @@ def _perturbed_copy(model):
 
 @torch.no_grad()
 def test_dpo_loss_precomputed_equals_resident_reference(model, pairs, tiny_tokenizer):
-    dpo = pytest.importorskip("mpo_ext.dpo", reason="mpo_ext.dpo (DPO trainer) not present in this checkout")
-    for name in ("compute_reference_table", "PrecomputedReference", "ResidentReference", "IndexedCollator",
-                 "policy_log_probs", "dpo_loss", "split_pairs"):
-        if not hasattr(dpo, name):
-            pytest.skip(f"mpo_ext.dpo does not expose {name}; the precomputed/resident comparison needs it")
     pad = tiny_tokenizer.pad_token_id
     policy = _perturbed_copy(model)
     # the table is built with upstream-style fixed-width batches of 3, training uses "longest" batches of 2

@@ -4,8 +4,10 @@ local OpenAI-compatible server (http.server on 127.0.0.1, stopped after each tes
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -298,3 +300,192 @@ def test_compare_cli_unreachable_judge_exits_2(tmp_path):
         "--judge_max_retries", "0", "--judge_rate_limit", "0"])
     assert result.exit_code == 2
     assert "unreachable" in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------- hostile servers
+# Each server below misbehaves in one way a real endpoint (or a man in the middle) can; the client must
+# keep the key, stay within its deadline and end with one line.
+
+KEY = "sk-secret-4f9a"
+
+
+def _ok_reply() -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": "SCORES: 6 3"}}]}).encode()
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    """`server.modes` is consumed one entry per request (the last one repeats): redirect, trickle,
+    truncate, bad_status, echo_401 or ok."""
+
+    def do_POST(self):  # noqa: N802 - http.server API
+        server = self.server
+        self.rfile.read(int(self.headers["Content-Length"]))
+        server.requests.append(self.headers.get("Authorization"))
+        mode = server.modes.pop(0) if len(server.modes) > 1 else server.modes[0]
+        if mode == "redirect":
+            self.send_response(302)
+            self.send_header("Location", server.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif mode == "trickle":  # a valid start, then one byte every 1.5 s
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.flush()
+            for _ in range(8):
+                if server.stopping.wait(1.5):
+                    break
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:
+                    break
+        elif mode == "truncate":  # promises 500 bytes, sends 20 and hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "500")
+            self.end_headers()
+            self.wfile.write(_ok_reply()[:20])
+        elif mode == "bad_status":
+            self.wfile.write(f"HTTQ/9.9 two-hundred {self.headers.get('Authorization')}\r\n\r\n".encode())
+        elif mode == "echo_401":  # echoes the request headers in the reason phrase and the body
+            echo = " ".join(f"{k}: {v}" for k, v in self.headers.items())
+            body = json.dumps({"error": {"message": f"bad key; you sent {echo}"}}).encode()
+            self.send_response(401, f"Unauthorized {self.headers.get('Authorization')}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            body = _ok_reply()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile():
+    servers = []
+
+    def start(*modes: str, location: str = "") -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+        server.daemon_threads = True
+        server.modes, server.location, server.requests = list(modes), location, []
+        server.stopping = threading.Event()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_redirect_is_refused_and_key_stays(hostile, tmp_path):
+    elsewhere = hostile("ok")
+    redirector = hostile("redirect", location=elsewhere.url + "/chat/completions")
+    cache = tmp_path / "cache.jsonl"
+    with pytest.raises(UserError, match="redirect") as err:
+        _client(redirector.url, cache, api_key=KEY, max_retries=3).judge_pair("p", "a", "b")
+    assert elsewhere.requests == []  # neither the key nor the request followed the redirect
+    assert redirector.requests == [f"Bearer {KEY}"]  # refused at once: a redirect is not retried
+    assert KEY not in str(err.value)
+    assert cache.read_text() == ""  # nothing from the other address became a verdict
+
+
+def test_error_body_and_reason_are_never_shown(hostile, tmp_path):
+    from mpo_ext.eval_cli import compare_command
+
+    server = hostile("echo_401")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _write_generations(a, [" x"], [1.0])
+    _write_generations(b, [" y"], [0.0])
+    env = {"MY_JUDGE_KEY": KEY}
+    result = CliRunner().invoke(compare_command, [
+        str(a), str(b), "--judge_url", server.url, "--judge_model", "m", "--judge_api_key_env", "MY_JUDGE_KEY",
+        "--judge_rate_limit", "0", "--output_dir", str(tmp_path / "cmp")], env=env)
+    assert result.exit_code == 2, result.output
+    assert server.requests == [f"Bearer {KEY}"]  # the server did receive the key, and echoed it back
+    assert KEY not in result.output and "you sent" not in result.output
+    assert "HTTP 401 Unauthorized" in result.output and "Traceback" not in result.output
+
+
+def test_trickling_reply_times_out_at_the_total_deadline(hostile, tmp_path):
+    from mpo_ext.eval_cli import compare_command
+
+    server = hostile("trickle")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _write_generations(a, [" x"], [1.0])
+    _write_generations(b, [" y"], [0.0])
+    result = CliRunner().invoke(compare_command, [
+        str(a), str(b), "--judge_url", server.url, "--judge_model", "m", "--judge_timeout", "2",
+        "--judge_max_retries", "0", "--judge_rate_limit", "0", "--output_dir", str(tmp_path / "cmp")])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--judge_timeout 2" in errors[0], result.output
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("mode, needle", [("truncate", "truncated reply"), ("bad_status", "malformed reply")])
+def test_broken_replies_are_retried_then_one_line(hostile, mode, needle):
+    flaky = hostile(mode, "ok")  # broken once, then fine: the retry gets the verdict
+    verdict = _client(flaky.url, None, api_key=KEY, max_retries=2).judge_pair("p", "a", "b")
+    assert verdict.ab == (6.0, 3.0) and len(flaky.requests) == 3
+
+    broken = hostile(mode)  # always broken: one line after the retries
+    with pytest.raises(UserError, match=f"failed after 3 attempt.*{needle}") as err:
+        _client(broken.url, None, api_key=KEY, max_retries=2).judge_pair("p", "a", "b")
+    assert len(broken.requests) == 3 and KEY not in str(err.value)
+
+
+def test_cache_lines_of_the_wrong_shape_are_ignored(hostile, tmp_path, capsys):
+    server = hostile("ok")
+    cache = tmp_path / "cache.jsonl"
+    good_key = cache_key("judge-test", "p", "b", "a")
+    cache.write_bytes(b"\n".join([
+        json.dumps({"key": cache_key("judge-test", "p", "a", "b"), "scores": "79"}).encode(),  # wrong type
+        json.dumps({"key": "k2", "scores": [1]}).encode(),
+        json.dumps({"key": "k3", "scores": [float("nan"), 2]}).encode(),
+        json.dumps(["key", "scores"]).encode(),
+        b"\xff\xfe not utf-8",
+        json.dumps({"key": good_key, "scores": [2, 8], "reply": "SCORES: 2 8"}).encode(),
+        b'{"key": "torn',
+    ]) + b"\n")
+    verdict = _client(server.url, cache).judge_pair("p", "a", "b")
+    assert verdict.ab == (6.0, 3.0) and verdict.ba == (2.0, 8.0)  # the bad line asked again, the good one reused
+    assert len(server.requests) == 1 and verdict.from_cache == 1
+    assert "ignored 6 line(s)" in capsys.readouterr().err
+
+
+def _make_read_only(path: Path) -> None:
+    path.chmod(0o444)
+    if os.access(path, os.W_OK):  # root ignores modes: make the file immutable instead
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a file read-only for root here (no chattr +i)")
+
+
+def test_read_only_cache_is_one_line_before_any_request(hostile, tmp_path):
+    from mpo_ext.eval_cli import compare_command
+
+    server = hostile("ok")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _write_generations(a, [" x"], [1.0])
+    _write_generations(b, [" y"], [0.0])
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text("")
+    _make_read_only(cache)
+    try:
+        result = CliRunner().invoke(compare_command, [
+            str(a), str(b), "--judge_url", server.url, "--judge_model", "m", "--judge_rate_limit", "0",
+            "--judge_cache", str(cache)])
+    finally:
+        subprocess.run(["chattr", "-i", str(cache)], capture_output=True)
+    assert result.exit_code == 2, result.output
+    assert "--judge_cache" in result.output and str(cache) in result.output and "Traceback" not in result.output
+    assert server.requests == []

@@ -130,7 +130,7 @@ def test_divergence_loss_by_hand():
 
 
 # --------------------------------------------------------------------------------------------
-# RewardModel on the real tinystories model
+# RewardModel on the tiny test Llama
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +247,19 @@ def test_create_hf_model_resizes_to_multiple_of_8(tinystories_dir, tiny_tokenize
     assert next(model.parameters()).dtype == torch.float32
     same = create_hf_model(AutoModelForCausalLM, str(tinystories_dir), tiny_tokenizer)
     assert same.get_input_embeddings().weight.shape[0] == 512
+
+
+@pytest.mark.shared_data
+def test_pretrained_stories260k_loads_and_continues_a_story(shared_path):
+    """The public stories260K checkpoint (sentencepiece Llama) through the steps' own loaders."""
+    from dschat.utils.utils import load_hf_tokenizer
+
+    path = str(shared_path("models/tinystories-260k"))
+    tok = load_hf_tokenizer(path)
+    model = create_hf_model(AutoModelForCausalLM, path, tok).eval()
+    ids = torch.tensor([tok("Once upon a time").input_ids])
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(out[0], skip_special_tokens=True).startswith("Once upon a time, there was a little girl named Lily.")
 
 
 def _sample_batch(tok) -> tuple[torch.Tensor, torch.Tensor]:

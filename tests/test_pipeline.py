@@ -1,16 +1,23 @@
-"""The MPO chain: the printed 8-GPU plan, the ablation wiring, and the tiny chain end to end (smoke size)."""
+"""The MPO chain from one config: presets and wiring (no runs), bad configs, and one real chain on a config the
+test writes (crash resume, a changed theta, the sft-reference ablation), plus a run from a plain install."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+import torch
+import yaml
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from mpo_ext.cli import main
-from mpo_ext.pipeline import build_plan, llama2_7b_preset, override_flags, tiny_preset
+from mpo_ext.pipeline import build_plan, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,73 +26,195 @@ def _flag(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
 
 
-def test_llama2_dry_run_prints_the_paper_plan():
+def _plan(tmp_path, source="smoke", *sets):
+    return {s.name: s for s in build_plan(load_config(source, sets), tmp_path)}
+
+
+def test_llama2_dry_run_prints_the_paper_plan(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(["bash", str(REPO_ROOT / "training/run_mpo_llama2_7b.sh"), "/tmp/mpo-plan"], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(["bash", str(REPO_ROOT / "training/run_mpo_llama2_7b.sh"), str(tmp_path / "plan")], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     for stage in ("# sft", "# rm", "# select", "# dpo", "# ppo", "# eval"):
         assert stage in text
-    assert text.count("deepspeed --num_gpus 8") == 5
+    assert text.count("deepspeed --num_gpus 8 --module") == 5
     assert "Anthropic/hh-rlhf/helpful-base Anthropic/hh-rlhf/harmless-base" in text
-    assert not Path("/tmp/mpo-plan/step1_sft").exists()
+    assert not (tmp_path / "plan").exists()
 
 
-def test_plan_carries_the_paper_settings_and_mpo_wiring(tmp_path):
-    plan = {s.name: s for s in build_plan(llama2_7b_preset(tmp_path), tmp_path)}
+def test_presets_carry_the_paper_settings_and_mpo_wiring(tmp_path):
+    plan = _plan(tmp_path, "llama2-7b-hh")
     sft, rm, dpo, ppo = (plan[k].command for k in ("sft", "rm", "dpo", "ppo"))
-    assert _flag(sft, "--learning_rate") == "5e-5" and _flag(sft, "--per_device_train_batch_size") == "16"
-    assert _flag(sft, "--num_warmup_steps") == "500"
-    assert _flag(rm, "--learning_rate") == "5e-6" and _flag(rm, "--weight_decay") == "0.1"
+    assert _flag(sft, "--learning_rate") == "5e-05" and _flag(sft, "--per_device_train_batch_size") == "16"
+    assert _flag(rm, "--learning_rate") == "5e-06" and _flag(rm, "--weight_decay") == "0.1"
     assert _flag(dpo, "--beta") == "0.1" and _flag(dpo, "--gradient_accumulation_steps") == "8"
-    assert _flag(dpo, "--data_path").endswith("step2.5_select/easy.jsonl")
-    assert _flag(dpo, "--model_name_or_path") == str(tmp_path / "step1_sft")
-    assert _flag(ppo, "--init_kl_coef") == "0.4" and _flag(ppo, "--actor_learning_rate") == "3e-6"
-    assert _flag(ppo, "--data_path").endswith("step2.5_select/hard.jsonl")
+    assert _flag(dpo, "--data_path") == str(plan["select"].output / "easy.jsonl")
+    assert _flag(dpo, "--model_name_or_path") == str(plan["sft"].output)
+    assert _flag(ppo, "--init_kl_coef") == "0.4" and _flag(ppo, "--data_path").endswith("hard.jsonl")
     assert _flag(ppo, "--actor_model_name_or_path") == _flag(ppo, "--reference_model_name_or_path") == str(
-        tmp_path / "step3b_dpo")
+        plan["dpo"].output)
     assert _flag(plan["select"].command, "--threshold") == "1.0"
+    tldr = _plan(tmp_path, "llama2-7b-tldr")
+    assert _flag(tldr["sft"].command, "--data_path") == "CarperAI/openai_summarize_comparisons"
+    assert _flag(tldr["sft"].command, "--learning_rate") == "5e-05"  # inherited from the HH preset
 
 
-def test_ablation_wiring(tmp_path):
-    preset = tiny_preset(tmp_path)
-    sft_kl = {s.name: s for s in build_plan(preset, tmp_path, reference="sft")}
-    assert _flag(sft_kl["ppo"].command, "--reference_model_name_or_path") == str(tmp_path / "step1_sft")
-    assert _flag(sft_kl["ppo"].command, "--actor_model_name_or_path") == str(tmp_path / "step3b_dpo")
-    reverse = build_plan(preset, tmp_path, order="reverse")
-    names = [s.name for s in reverse]
-    assert names.index("ppo") < names.index("dpo")
-    ppo, dpo = reverse[names.index("ppo")].command, reverse[names.index("dpo")].command
-    assert _flag(ppo, "--actor_model_name_or_path") == str(tmp_path / "step1_sft")
-    assert _flag(dpo, "--model_name_or_path") == str(tmp_path / "step3_ppo" / "actor")
+@pytest.mark.parametrize("order", ["mpo", "reverse"])
+@pytest.mark.parametrize("reference", ["dpo", "sft"])
+def test_order_honours_reference(tmp_path, order, reference):
+    plan = _plan(tmp_path, "smoke", f"mpo.order={order}", f"mpo.reference={reference}")
+    sft = str(plan["sft"].output)
+    names = list(plan)
+    if order == "mpo":
+        first, second, start_flag = plan["dpo"], plan["ppo"], "--actor_model_name_or_path"
+        start = str(plan["dpo"].output)
+    else:
+        first, second, start_flag = plan["ppo"], plan["dpo"], "--model_name_or_path"
+        start = str(plan["ppo"].output / "actor")
+        assert names.index("ppo") < names.index("dpo")
+    assert first.name != second.name and _flag(second.command, start_flag) == start
+    assert _flag(second.command, "--reference_model_name_or_path") == (sft if reference == "sft" else start)
 
 
-def test_override_flags():
-    assert override_flags(["--a", "1", "--on", "--b", "2"], {"--b": "3", "--c": "4"}) == [
-        "--a", "1", "--on", "--b", "3", "--c", "4"]
+def test_identities_follow_settings_and_inputs(tmp_path):
+    base = _plan(tmp_path)
+    theta = _plan(tmp_path, "smoke", "mpo.threshold=0.5")
+    logs = _plan(tmp_path, "smoke", "ppo.log_interval=1", "ppo.save_steps=1")
+    assert [base[k].output == theta[k].output for k in base] == [True, True, True, False, False, False, False]
+    assert all(base[k].output == logs[k].output for k in base)  # logging/checkpoint cadence changes no result
+    lr = _plan(tmp_path, "smoke", "dpo.learning_rate=5e-5")
+    assert [base[k].output == lr[k].output for k in base] == [True, True, True, True, False, False, False]
 
 
-def test_tiny_chain_end_to_end_and_rerun_skips(tmp_path):
+@pytest.mark.parametrize("setting, named", [
+    ("dpo.lerning_rate=1e-4", "--lerning_rate"),
+    ("mpo.threshhold=0.5", "mpo.threshhold"),
+    ("mpo.threshold=abc", "mpo.threshold"),
+    ("mpo.threshold=.nan", "mpo.threshold"),
+    ("mpo.reference=ref", "mpo.reference"),
+    ("ppo.per_device_training_batch_size=0", "per_device_training_batch_size"),
+    ("sft.output_dir=/tmp/x", "sft.output_dir"),
+    ("launcher.num_gpus=two", "launcher.num_gpus"),
+])
+def test_bad_config_is_one_line_naming_the_key_and_nothing_runs(tmp_path, setting, named):
     out = tmp_path / "run"
-    runner = CliRunner()
-    result = runner.invoke(main, ["pipeline", "--preset", "smoke", "--output_dir", str(out)])
-    assert result.exit_code == 0, result.output[-4000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert [s["stage"] for s in summary["stages"]] == ["assets", "sft", "rm", "select", "dpo", "ppo", "eval"]
-    assert all(s["status"] == "ok" for s in summary["stages"]), summary
-    for marker in ("step1_sft/config.json", "step2_rm/pytorch_model.bin", "step2.5_select/manifest.json",
-                   "step2.5_select/easy.jsonl", "step2.5_select/hard.jsonl", "step3b_dpo/config.json",
-                   "step3_ppo/actor/config.json", "step3_ppo/run_info.json", "eval/table.json"):
-        assert (out / marker).exists(), marker
-    run_info = json.loads((out / "step3_ppo/run_info.json").read_text())
-    assert str(out / "step3b_dpo") in json.dumps(run_info) and "hard.jsonl" in json.dumps(run_info)
-    table = json.loads((out / "eval/table.json").read_text())
-    assert [r["name"] for r in table["rows"]] == ["sft", "dpo", "mpo"]
-    assert all(r["gold_mean"] is not None for r in table["rows"])
-    assert "Mean reward on held-out prompts" in result.output and "step3_ppo" in result.output
+    result = CliRunner().invoke(main, ["pipeline", "--preset", "smoke", "--output_dir", str(out), "--set", setting])
+    assert result.exit_code == 2, result.output
+    assert named in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
 
-    again = runner.invoke(main, ["pipeline", "--preset", "smoke", "--output_dir", str(out)])
-    assert again.exit_code == 0, again.output[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert all(s["status"] == "skipped (complete)" for s in summary["stages"]), summary
+
+def test_print_config_and_a_config_file_with_a_base(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("name: mine\nbase: smoke\ndpo: {beta: 0.2}\nmpo: {threshold: 0.7}\n")
+    result = CliRunner().invoke(main, ["pipeline", "--config", str(config), "--set", "sft.learning_rate=1e-3",
+                                       "--print_config"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.output)
+    assert resolved["name"] == "mine" and resolved["dpo"]["beta"] == 0.2 and resolved["mpo"]["threshold"] == 0.7
+    assert resolved["sft"]["learning_rate"] == 1e-3 and resolved["sft"]["max_steps"] == 6  # the base's keys kept
+
+
+def _invoke(args: list[str]):
+    result = CliRunner().invoke(main, ["pipeline", *args])
+    return result
+
+
+def _statuses(out: Path) -> dict[str, str]:
+    return {s["stage"]: s["status"] for s in json.loads((out / "summary.json").read_text())["stages"]}
+
+
+def test_chain_on_own_config_resumes_reruns_what_changed_and_keeps_ablations_beside(tmp_path, assets, monkeypatch):
+    """One chain on a config naming a model and data the test made, then each re-run does exactly its work."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "own", "base": "smoke", "assets": None, "output_dir": str(tmp_path / "run"),
+        "models": {"sft": assets["model_dir"], "reward": "@sft"}, "data": {"path": [assets["data_dir"]]},
+        "progress_interval": 2, "ppo": {"save_steps": 1}}))
+    out = tmp_path / "run"
+    first = _invoke(["--config", str(config), "--steps", "sft,rm,select,dpo"])
+    assert first.exit_code == 0, first.output[-4000:]
+    assert "[pipeline] sft |" in first.output  # heartbeat lines reach the console
+
+    # PPO dies (SIGKILL) after its second optimizer step, with states saved at steps 1 and 2.
+    monkeypatch.setenv("DSCHAT_KILL_AT", "after_step:2")
+    crashed = _invoke(["--config", str(config)])
+    monkeypatch.delenv("DSCHAT_KILL_AT")
+    assert crashed.exit_code == 2 and "stage ppo failed" in crashed.output, crashed.output[-3000:]
+    (ppo_dir,) = out.glob("step3_ppo-*")
+    assert not (ppo_dir / "stage.json").exists() and (ppo_dir / "checkpoints").is_dir()
+    resumed = _invoke(["--config", str(config)])
+    assert resumed.exit_code == 0, resumed.output[-4000:]
+    assert "ppo (resuming)" in resumed.output and "Resumed from" in resumed.output
+    assert _statuses(out) == {"sft": "reused (complete)", "rm": "reused (complete)", "select": "reused (complete)",
+                              "dpo": "reused (complete)", "ppo": "ok", "eval": "ok"}
+    (dpo_dir,) = out.glob("step3b_dpo-*")
+    run_info = json.loads((ppo_dir / "run_info.json").read_text())
+    assert run_info["reference_model_name_or_path"] == str(dpo_dir) and run_info["data_path"][0].endswith("hard.jsonl")
+    (eval_dir,) = out.glob("eval-*")
+    rows = {r["name"]: r for r in json.loads((eval_dir / "table.json").read_text())["rows"]}
+    assert list(rows) == ["sft", "dpo", "mpo"]
+    # Each stage moves the policy: the answers (and so their rewards) differ from the SFT model's.
+    assert abs(rows["dpo"]["mean_reward"] - rows["sft"]["mean_reward"]) > 1e-3, rows
+    assert abs(rows["mpo"]["mean_reward"] - rows["dpo"]["mean_reward"]) > 1e-3, rows
+    assert "Mean reward on held-out prompts" in resumed.output and str(ppo_dir) in resumed.output
+
+    # The same PPO uninterrupted (another run dir holding copies of the upstream stages) ends at the same actor.
+    other = tmp_path / "other"
+    other.mkdir()
+    for path in out.iterdir():
+        if path.name.startswith(("step1_sft-", "step2_rm-", "step2.5_select-", "step3b_dpo-", "pipeline.json")):
+            (shutil.copytree if path.is_dir() else shutil.copy)(path, other / path.name)
+    straight = _invoke(["--config", str(config), "--output_dir", str(other), "--steps", "ppo"])
+    assert straight.exit_code == 0, straight.output[-4000:]
+    resumed_actor = load_file(str(ppo_dir / "actor" / "model.safetensors"))
+    straight_actor = load_file(str(other / ppo_dir.name / "actor" / "model.safetensors"))
+    for name, tensor in straight_actor.items():
+        torch.testing.assert_close(resumed_actor[name], tensor, rtol=1e-4, atol=1e-5)
+
+    # Another theta: select, DPO, PPO and eval run again beside the old ones; SFT and RM are reused untouched.
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}
+    theta = _invoke(["--config", str(config), "--threshold", "0.5"])
+    assert theta.exit_code == 0, theta.output[-4000:]
+    assert _statuses(out) == {"sft": "reused (complete)", "rm": "reused (complete)", "select": "ok", "dpo": "ok",
+                              "ppo": "ok", "eval": "ok"}
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing of the first run was rewritten
+    manifests = {json.loads(p.read_text())["threshold"] for p in out.glob("step2.5_select-*/manifest.json")}
+    assert manifests == {1.0, 0.5}
+
+    # The sft-reference ablation: a separate PPO output naming the SFT model; the default one untouched.
+    sft_kl = _invoke(["--config", str(config), "--reference", "sft", "--steps", "ppo"])
+    assert sft_kl.exit_code == 0, sft_kl.output[-4000:]
+    (sft_dir,) = out.glob("step1_sft-*")
+    new_ppo = [p for p in out.glob("step3_ppo-*") if json.loads((p / "stage.json").read_text())["mpo"]["reference"]
+               == "sft"]
+    assert len(new_ppo) == 1 and new_ppo[0] != ppo_dir
+    assert json.loads((new_ppo[0] / "run_info.json").read_text())["reference_model_name_or_path"] == str(sft_dir)
+    assert json.loads((ppo_dir / "run_info.json").read_text())["reference_model_name_or_path"] == str(dpo_dir)
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+    # A run of other base models/data in this directory is refused with one line.
+    refused = _invoke(["--config", str(config), "--set", f"models.reward={assets['model_dir']}"])
+    assert refused.exit_code == 2 and "another config" in refused.output and len(refused.output.splitlines()) == 1
+
+
+def test_pipeline_from_a_plain_install_outside_the_checkout(tmp_path):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(site), str(REPO_ROOT)], check=True, capture_output=True, timeout=600)
+    assert (site / "mpo_ext" / "configs" / "smoke.yaml").is_file()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("DSCHAT_MPO_ROOT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                           "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(site)
+    proc = subprocess.run([sys.executable, "-m", "mpo_ext.cli", "pipeline", "--preset", "smoke", "--steps",
+                           "assets,sft", "--set", "assets.num_train=200"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (sft_dir,) = (work / "runs" / "mpo-smoke").glob("step1_sft-*")
+    record = json.loads((sft_dir / "stage.json").read_text())
+    assert (sft_dir / "config.json").is_file() and record["stage"] == "sft"
+    assert "--module" in record["command"] and "dschat.steps.sft" in record["command"]
+    assert (work / "runs" / "mpo-smoke" / "config.yaml").is_file()

@@ -1,6 +1,6 @@
 """Step 2.5 (reward-gap selection): pure split functions by hand, the output writer, and real runs of
 step2.5_select/main.py (2 ranks under the deepspeed launcher, a killed and resumed 1-rank run, dataset
-pairs with human labels) on the tinystories model and a reward model built from it."""
+pairs with human labels) on the tiny test Llama and a reward model built from it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from mpo_ext.selection import (
     balanced_threshold,
     derive_seed,
     length_sorted_batches,
-    order_pair_by_reward,
     orient_record,
     shard_ranges,
     split_by_gap,
@@ -35,10 +34,14 @@ QUIET = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # --------------------------------------------------------------------------------------------- pure functions
 
 
-def test_order_pair_by_reward_puts_higher_score_first_and_keeps_ties():
-    assert order_pair_by_reward("a", "b", 0.1, 2.0) == ("b", "a", 2.0, 0.1)
-    assert order_pair_by_reward("a", "b", 3.0, -1.0) == ("a", "b", 3.0, -1.0)
-    assert order_pair_by_reward("a", "b", 1.0, 1.0) == ("a", "b", 1.0, 1.0)
+def test_orient_record_puts_higher_score_first_and_keeps_ties():
+    def ordered(rewards):
+        r = orient_record({"index": 0, "prompt": "P", "responses": ["a", "b"], "rewards": rewards}, "reward_model")
+        return r["chosen"], r["rejected"], r["chosen_reward"], r["rejected_reward"]
+
+    assert ordered([0.1, 2.0]) == ("b", "a", 2.0, 0.1)
+    assert ordered([3.0, -1.0]) == ("a", "b", 3.0, -1.0)
+    assert ordered([1.0, 1.0]) == ("a", "b", 1.0, 1.0)
 
 
 def test_split_by_gap_boundary_is_hard():
@@ -197,7 +200,7 @@ def test_finalize_warns_on_an_empty_split(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def select_assets(tmp_path_factory, tinystories_dir):
-    """A reward model built from tinystories (random value head) and 40 synthetic prompt/pair records."""
+    """A reward model built from the tiny Llama (random value head) and 40 synthetic prompt/pair records."""
     import torch
     from transformers import AutoModel
 

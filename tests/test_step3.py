@@ -1,6 +1,6 @@
 """Step 3 (PPO) with real DeepSpeed engines on CPU: generation, full runs, resume, ZeRO-3, bad input.
 
-Models: the tinystories-260k Llama from ../shared as actor and reference, and a step-2 style critic built
+Models: the tiny test Llama (tests/conftest.py) as actor and reference, and a step-2 style critic built
 from it (RewardModel + random value head) saved with `save_reward_model`. Each launcher run checks
 several behaviours at once to keep the file within a few minutes on two cores.
 """

@@ -1,20 +1,19 @@
 #!/bin/bash
-# MPO on Llama-2-7B with the paper's settings (Gou & Nguyen 2024, Appendix A.1 / Table 9) on
-# HH-RLHF helpful-base + harmless-base, one node with 8 GPUs:
-#   SFT (lr 5e-5, batch 16, warmup 500) -> RM (lr 5e-6, batch 8, wd 0.1, warmup 500)
-#   -> select (theta = 1) -> DPO on easy (lr 5e-6, batch 2 x grad-acc 8, wd 0.1, beta 0.1, warmup 100)
-#   -> PPO on hard with the DPO model as policy start and KL reference (batch 2 x grad-acc 4,
-#      actor lr 3e-6, critic lr 5e-6, wd 0.1, warmup 100, init KL coef 0.4) -> evaluation.
-# Usage: bash training/run_mpo_llama2_7b.sh [OUTPUT_DIR] [extra `mpo pipeline` options]
-#   DRY_RUN=1 bash training/run_mpo_llama2_7b.sh      # print the full plan without running it
+# MPO on Llama-2-7B with the paper's settings (Gou & Nguyen 2024) on HH-RLHF helpful-base + harmless-base,
+# one node with 8 GPUs. The settings live in one config file, mpo_ext/configs/llama2-7b-hh.yaml (each number's
+# source and what still differs from the paper are stated there); print it with --print_config, copy and edit
+# it, or override single keys:
+#   bash training/run_mpo_llama2_7b.sh [OUTPUT_DIR] [extra `mpo pipeline` options, e.g. --set dpo.beta=0.2]
+#   DRY_RUN=1 bash training/run_mpo_llama2_7b.sh            # print the full plan without running it
 #   HOSTFILE=/job/hostfile bash training/run_mpo_llama2_7b.sh   # several nodes via DeepSpeed's launcher
-# A re-run skips every stage whose output is complete and continues with the next.
+#   PRESET=llama2-7b-tldr bash training/run_mpo_llama2_7b.sh    # the TL;DR task
+# A re-run does only the stages whose settings or inputs changed; a crashed stage resumes from its last state.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUTPUT=${1:-./output_mpo_llama2_7b}
 shift || true
-export DSCHAT_MPO_ROOT="$HERE/.."
 if command -v mpo >/dev/null 2>&1; then MPO=(mpo); else MPO=(python3 -m mpo_ext.cli); export PYTHONPATH="$HERE/..:${PYTHONPATH:-}"; fi
 EXTRA=()
-if [ -n "${HOSTFILE:-}" ]; then EXTRA=(--deployment_type multi_node --hostfile "$HOSTFILE"); fi
-"${MPO[@]}" pipeline --preset llama2-7b --output_dir "$OUTPUT" --threshold "${THETA:-1.0}" "${EXTRA[@]}" "$@"
+if [ -n "${HOSTFILE:-}" ]; then EXTRA=(--hostfile "$HOSTFILE"); fi
+if [ -n "${THETA:-}" ]; then EXTRA+=(--threshold "$THETA"); fi
+"${MPO[@]}" pipeline --preset "${PRESET:-llama2-7b-hh}" --output_dir "$OUTPUT" "${EXTRA[@]}" "$@"

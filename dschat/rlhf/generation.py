@@ -61,7 +61,7 @@ def pad_after_eos(sequences: torch.Tensor, prompt_width: int, eos_token_id: int 
                   pad_token_id: int) -> torch.Tensor:
     """Replace every answer token after the first eos by pad (the eos itself is kept).
 
-    HF already does this for finished rows; doing it again makes the contract hold for any backend
+    HF already does this for finished rows; doing it again makes the rule hold for any backend
     (the HE kernels, custom generators) and for eos ids given as a list in the generation config.
     """
     if eos_token_id is None:
@@ -191,7 +191,7 @@ def gathered_for_generation(module: torch.nn.Module, enabled: bool = True) -> It
 
 
 class Generator:
-    """Generate answers for left-padded prompts; see DESIGN.md "Generation contract".
+    """Generate answers for left-padded prompts; see docs/DESIGN.md, "Generation".
 
     `generate(prompt_ids, prompt_mask) -> [B, P + T]` where T <= max_new_tokens is the longest answer
     of this rank's batch (generation stops once every row hit eos) and everything after an answer's

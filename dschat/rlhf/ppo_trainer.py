@@ -32,6 +32,7 @@ from dschat.rlhf.ppo_math import (
     zero_after,
 )
 from dschat.utils.dist import get_world_size
+from dschat.utils.inference import require_finite_scores
 from dschat.utils.model.masks import position_ids_from_mask
 from dschat.utils.utils import print_rank_0
 
@@ -153,6 +154,8 @@ class DeepSpeedPPOTrainer:
         ref_logits = self._lm_logits(self.ref_model, seq, attention_mask, self._ref_position_ids)
         raw_scores = self.reward_model.rollout_scores(seq, attention_mask, width, self.reward_ending_ids,
                                                       self.end_of_conversation_token_id)
+        rm_config = getattr(self.reward_model, "module", self.reward_model).config
+        require_finite_scores(raw_scores, getattr(rm_config, "_name_or_path", "") or "(--critic_model_name_or_path)")
         values = self.critic_model.forward_value(seq, attention_mask, return_value_only=True)[:, :-1]
 
         logprobs = sequence_log_probs(logits, seq, self.compute_fp32_loss)
@@ -185,14 +188,6 @@ class DeepSpeedPPOTrainer:
 
     def get_advantages_and_returns(self, values, rewards, start):
         return compute_gae(values, rewards, start, self.gamma, self.lam)
-
-    def actor_loss_fn(self, logprobs, old_logprobs, advantages, mask):
-        loss, _, _ = actor_loss(logprobs, old_logprobs, advantages, mask, self.cliprange)
-        return loss
-
-    def critic_loss_fn(self, values, old_values, returns, mask):
-        loss, _ = critic_loss(values, old_values, returns, mask, self.cliprange_value)
-        return loss
 
     # ---- update
     def train_rlhf(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,12 +276,6 @@ class DeepSpeedPPOTrainer:
     def _validate_training_mode(self) -> None:
         assert self.actor_model.module.training
         assert self.critic_model.module.training
-
-    def _validate_evaluation_mode(self) -> None:
-        assert not self.actor_model.module.training
-        assert not self.critic_model.module.training
-        assert not self.ref_model.module.training
-        assert not self.reward_model.module.training
 
 
 class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils import startup
 from dschat.utils.build import check_context_length, set_gradient_checkpointing
 from dschat.utils.ds_utils import resolve_dtype
-from dschat.utils.errors import UserError
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.trainer import ResumableRun
 from dschat.utils.utils import print_rank_0
 
@@ -48,7 +49,7 @@ class _DeprecatedAlias(argparse.Action):
 
 def _add_step3_data_args(parser) -> None:
     # rollouts are left-padded, so they always keep their attention mask: no --pad_mask here
-    flags.add_data_args(parser, data_output_path="/tmp/data_files", max_seq_len=None, pad_mask=False)
+    flags.add_data_args(parser, max_seq_len=None, pad_mask=False)
     group = parser.add_argument_group("unsupervised (pretraining) mix")
     group.add_argument("--unsupervised_dataset_name", type=str, default=None,
                        help="Hugging Face dataset (or save_to_disk dir) for the pretraining loss (PPO-ptx).")
@@ -295,8 +296,10 @@ def build(args) -> PPOLoop:
     from dschat.rlhf.ppo_trainer import DeepSpeedPPOTrainer, DeepSpeedPPOTrainerUnsupervised
     from dschat.rlhf.rlhf_engine import DeepSpeedRLHFEngine, unsupervised_enabled
     from dschat.utils.data.data_utils import DataCollatorRLHF
+    from dschat.utils.output_dir import prepare_output_dir
     from dschat.utils.trainer import ResumableSampler, groups_by_length, sample_lengths
 
+    prepare_output_dir(args.output_dir)
     tokenizer, prompts, unsup = prepare(args)
     seed = args.seed or 0
     prompt_loader = DataLoader(
@@ -643,3 +646,12 @@ class PPOLoop(ResumableRun):
             fuse_lora(engine.actor_ema.module)
             save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema")
         self._write_run_info(final=True)
+
+
+def main() -> None:
+    """Step 3 entry point: `deepspeed --module dschat.steps.ppo ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
     apply_lora,
@@ -17,8 +18,10 @@ from dschat.utils.build import (
 )
 from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_dataset
 from dschat.utils.dist import get_local_rank
+from dschat.utils.errors import run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
+from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model, set_random_seed
 
@@ -96,6 +99,7 @@ class RewardTrainer(Trainer):
 def build(args) -> RewardTrainer:
     from dschat.utils.model.model_utils import create_critic_model
 
+    prepare_output_dir(args.output_dir)
     set_random_seed(args.seed)
     check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
     tokenizer = build_tokenizer(args)
@@ -121,3 +125,12 @@ def build(args) -> RewardTrainer:
                                num_warmup_steps=args.num_warmup_steps, num_training_steps=steps,
                                offload=args.offload, args=args)
     return RewardTrainer(args, engine, train_data, eval_data, collator, tokenizer)
+
+
+def main() -> None:
+    """Step 2 entry point: `deepspeed --module dschat.steps.reward ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
+
+
+if __name__ == "__main__":
+    run_main(main)

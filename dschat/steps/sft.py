@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
     apply_lora,
@@ -19,6 +20,8 @@ from dschat.utils.build import (
 )
 from dschat.utils.data.data_utils import DataCollatorSFT, create_prompt_dataset
 from dschat.utils.dist import get_local_rank
+from dschat.utils.errors import run_main
+from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_causal_lm, set_random_seed
 
@@ -75,6 +78,7 @@ def build(args) -> SFTTrainer:
 
     from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss, create_hf_model
 
+    prepare_output_dir(args.output_dir)
     set_random_seed(args.seed)
     check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
     tokenizer = build_tokenizer(args)
@@ -100,3 +104,11 @@ def build(args) -> SFTTrainer:
                                offload=args.offload, args=args)
     return SFTTrainer(args, engine, train_data, eval_data, collator, tokenizer)
 
+
+def main() -> None:
+    """Step 1 entry point: `deepspeed --module dschat.steps.sft ...` (its step folder's main.py calls it too)."""
+    train_main(parse_args, build)
+
+
+if __name__ == "__main__":
+    run_main(main)

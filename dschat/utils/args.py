@@ -7,6 +7,7 @@ scripts run unchanged; the additions are documented in each flag's help.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,8 +19,22 @@ SCHEDULER_CHOICES = (
 )
 
 
+def finite_float(text: str) -> float:
+    """A float flag's value; nan and inf are refused (a nan threshold or learning rate would run
+    and silently produce garbage)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line and exit code 2 (argparse's own code)."""
+    """argparse that reports a bad flag as one line and exit code 2 (argparse's own code), and reads
+    every `type=float` flag as a finite float."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
@@ -35,7 +50,7 @@ def new_parser(description: str) -> argparse.ArgumentParser:
     return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
-def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/tmp/data_files/",
+def add_data_args(parser, *, sft_only: bool = False,
                   max_seq_len: int | None = 512, padding: bool = True, pad_mask: bool = True) -> None:
     """Data flags; `padding` (with length grouping) and `pad_mask` only where the entry point uses them."""
     group = parser.add_argument_group("data")
@@ -49,8 +64,11 @@ def add_data_args(parser, *, sft_only: bool = False, data_output_path: str = "/t
     if sft_only:
         group.add_argument("--sft_only_data_path", nargs="*", default=[],
                            help="Datasets used only in SFT (split 10,0,0).")
-    group.add_argument("--data_output_path", type=str, default=data_output_path,
-                       help="Where split indices and tokenised caches go (node-local or shared storage).")
+    group.add_argument("--data_output_path", type=str, default=None,
+                       help="Where split indices and tokenised caches go (node-local or shared storage); a "
+                            "directory of your own, created 0700 (default: $XDG_CACHE_HOME/dschat/data_files, "
+                            "i.e. ~/.cache/dschat/data_files). One that another user owns or others can write "
+                            "is refused." + OWN_DEFAULT)
     group.add_argument("--rebuild_data_cache", action="store_true",
                        help="Rebuild the tokenised cache even if a matching one exists.")
     if padding:
@@ -179,7 +197,10 @@ def check_positive(args, *names: str) -> None:
 def validate_common(args) -> None:
     """Checks every training entry point shares; raises UserError naming the flag."""
     check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size",
-                   "gradient_accumulation_steps", "max_seq_len")
+                   "gradient_accumulation_steps")
+    if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 2:
+        raise UserError(f"--max_seq_len {args.max_seq_len}: too short to hold one prompt token and one answer "
+                        "token (nothing to learn from); use at least 2, typically 512")
     if getattr(args, "num_train_epochs", 1) < 0:
         raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
     if getattr(args, "deepspeed_config", None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 
 from dschat.utils.dist import barrier, get_rank, is_rank_0
-from dschat.utils.utils import atomic_write_json, get_rng_state, set_rng_state
+from dschat.utils.errors import UserError
+from dschat.utils.utils import atomic_write, atomic_write_json, get_rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -31,14 +33,16 @@ def maybe_inject_kill(point: str, step: int) -> None:
     """Crash-test hook: SIGKILL this process at a chosen point (tests only; no effect unless set).
 
     `DSCHAT_KILL_AT=after_step:N` dies right after optimizer step N; `DSCHAT_KILL_AT=during_save:N` dies
-    while the state for step N is half-written; `DSCHAT_KILL_AT=sigterm_after_step:N` sends SIGTERM instead
-    (the run should then save a state and exit 143).
+    while the state for step N is half-written; `DSCHAT_KILL_AT=sigterm_after_step:N` (or `sigint_...`)
+    sends SIGTERM (SIGINT) instead (the run should then save a state and exit 143, or 130).
     """
     target = os.environ.get("DSCHAT_KILL_AT")
     if target == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
     elif target == f"sigterm_{point}:{step}":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif target == f"sigint_{point}:{step}":
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def checkpoints_root(output_dir: str | os.PathLike) -> Path:
@@ -82,7 +86,7 @@ def save_training_state(
     for name, engine in engines.items():
         engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
     per_rank = {"rng": get_rng_state(), **(rank_state or {})}
-    torch.save(per_rank, tmp / f"rank_state_{get_rank()}.pt")
+    atomic_write(tmp / f"rank_state_{get_rank()}.pt", lambda fh: torch.save(per_rank, fh))
     maybe_inject_kill("during_save", global_step)
     barrier()
     if is_rank_0():
@@ -95,6 +99,17 @@ def save_training_state(
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def load_rank_file(path: Path) -> dict:
+    """A rank's state holds tensors and plain values only: loaded with weights_only=True, so a planted or
+    foreign pickle cannot run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"--resume: {path} holds objects other than tensors and plain values, which are never "
+                        "unpickled (a file not written by this version, or planted); start a new --output_dir "
+                        "or remove that state") from None
 
 
 def load_training_state(state_dir: str | os.PathLike, engines: dict[str, Any],
@@ -112,7 +127,7 @@ def load_training_state(state_dir: str | os.PathLike, engines: dict[str, Any],
         if load_path is None:
             raise RuntimeError(f"{state_dir}: no DeepSpeed checkpoint for engine '{name}'")
     rank_file = state_dir / f"rank_state_{get_rank()}.pt"
-    per_rank = torch.load(rank_file, weights_only=False) if rank_file.exists() else {}
+    per_rank = load_rank_file(rank_file) if rank_file.exists() else {}
     if "rng" in per_rank:
         set_rng_state(per_rank["rng"])
     return trainer_state, per_rank

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 from datetime import timedelta
@@ -49,8 +50,10 @@ def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
 
     if local_rank >= 0:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    if "RANK" not in os.environ:
-        # Plain `python main.py`: one process, a private rendezvous port.
+    single_process = "RANK" not in os.environ
+    if single_process:
+        # Plain `python main.py`: one process. MASTER_* only name DeepSpeed's shm segment; the rendezvous
+        # is an in-process store, so nothing listens on a network port.
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
             LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
@@ -58,13 +61,73 @@ def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
     if not dist.is_initialized():
         from deepspeed.accelerator import get_accelerator
 
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
-        if get_accelerator().device_name() == "cpu":
+        accelerator = get_accelerator()
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if accelerator.device_name() == "cpu":
+            remove_orphaned_shm_segments()
+        timeout = timedelta(minutes=timeout_minutes)
+        if single_process:
+            # torch's TCPStore server binds every interface whatever MASTER_ADDR says; a one-rank group
+            # needs no rendezvous at all (gloo then binds the loopback device only).
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+            dist.init_process_group(backend=accelerator.communication_backend_name(), store=dist.HashStore(),
+                                    rank=0, world_size=1, timeout=timeout)
+        deepspeed.init_distributed(timeout=timeout)
+        if accelerator.device_name() == "cpu":
             # DeepSpeed's CPU shm allreduce never unlinks its ~64 MB /dev/shm segment; /dev/shm is RAM, so
             # every finished run would leak memory until the machine runs out.
-            atexit.register(_unlink_shm_segment, shm_segment_path(dist.get_rank()))
+            atexit.register(release_shm_segment)
     return dist.get_rank()
+
+
+def release_shm_segment() -> None:
+    """Unlink this rank's DeepSpeed shm segment (at exit, and on the SIGTERM/SIGINT exit path)."""
+    if dist.is_initialized():
+        _unlink_shm_segment(shm_segment_path(dist.get_rank()))
+
+
+def _loopback_interface() -> str:
+    names = [name for _, name in socket.if_nameindex()]
+    return "lo" if "lo" in names or not names else names[0]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _segment_owners(path: Path) -> set[int]:
+    """Pids of processes that have `path` open or mapped (via /proc; our own processes are visible)."""
+    owners = set()
+    target = str(path)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if target in (proc / "maps").read_text(errors="replace"):
+                owners.add(int(proc.name))
+    return owners
+
+
+def remove_orphaned_shm_segments() -> list[Path]:
+    """Remove our uid's DeepSpeed shm segments that no live process maps (left by SIGKILLed runs).
+
+    Where /proc cannot be read, nothing is removed.
+    """
+    if not (SHM_DIR.is_dir() and Path("/proc/self/maps").exists()):
+        return []
+    removed = []
+    for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_uid == os.getuid() and not _segment_owners(path):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def get_rank() -> int:

@@ -12,6 +12,17 @@ import torch
 from dschat.utils.errors import UserError
 
 
+def require_finite_scores(scores: torch.Tensor | Sequence[float], reward_model: str) -> None:
+    """Refuse a reward model whose scores hold NaN or inf (a damaged v_head, or an overflow in the
+    scoring dtype): every decision taken from such scores is garbage, so stop at the first batch."""
+    values = torch.as_tensor(scores, dtype=torch.float32)
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise UserError(f"reward model {reward_model}: {bad} of {values.numel()} scores in a batch are NaN or "
+                        "infinite (damaged weights, e.g. its v_head, or an overflow in this dtype); retrain or "
+                        "re-export the step-2 model, or score in fp32")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """`auto`: this rank's accelerator when a process group runs, else cuda if present, else cpu."""
     if device != "auto":
@@ -97,8 +108,18 @@ def score_layouts(model, layouts: Sequence[tuple[list[int], list[int]]], pad_tok
     right-padded, read by `forward_value(..., prompt_length=width)` (the reward index rule of step 2 and PPO).
     `model` is a RewardModel or an engine around one. `share_prompts`: rows with the same prompt ids read
     that prompt once (`_score_shared_prompts`; same scores up to float rounding)."""
+    config = getattr(getattr(model, "module", model), "config", None)
     if share_prompts and len({tuple(h) for h, _ in layouts}) < len(layouts):
-        return _score_shared_prompts(getattr(model, "module", model), layouts, pad_token_id, device)
+        scores = _score_shared_prompts(getattr(model, "module", model), layouts, pad_token_id, device)
+    else:
+        scores = _score_one_pass(model, layouts, pad_token_id, device)
+    require_finite_scores(scores, getattr(config, "_name_or_path", "") or "(step 2)")
+    return [float(s) for s in scores.float().cpu()]
+
+
+def _score_one_pass(model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
+                    device: torch.device) -> torch.Tensor:
+    """Prompts left-padded, answers right-padded, one `forward_value` call: [N] rewards."""
     width = max(len(h) for h, _ in layouts)
     answer_width = max(max(len(t) for _, t in layouts), 1)
     rows = [[pad_token_id] * (width - len(h)) + list(h) + list(t) + [pad_token_id] * (answer_width - len(t))
@@ -106,8 +127,7 @@ def score_layouts(model, layouts: Sequence[tuple[list[int], list[int]]], pad_tok
     real = [[0] * (width - len(h)) + [1] * (len(h) + len(t)) + [0] * (answer_width - len(t)) for h, t in layouts]
     ids = torch.tensor(rows, dtype=torch.long)
     mask = torch.tensor(real, dtype=torch.long)
-    out = model.forward_value(ids.to(device), mask.to(device), prompt_length=width)
-    return [float(s) for s in out["chosen_end_scores"].float().cpu()]
+    return model.forward_value(ids.to(device), mask.to(device), prompt_length=width)["chosen_end_scores"]
 
 
 def _left_right_padded(rows: Sequence[Sequence[int]], width: int, pad_token_id: int,
@@ -121,7 +141,7 @@ def _left_right_padded(rows: Sequence[Sequence[int]], width: int, pad_token_id: 
 
 
 def _score_shared_prompts(reward_model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
-                          device: torch.device) -> list[float]:
+                          device: torch.device) -> torch.Tensor:
     """`score_layouts` with each distinct prompt run through the reward model once: the prompts' KV cache
     is selected per row (`batch_select_indices`) and only the answers are forwarded against it. The
     scored index follows the same rule (`end_index` on the whole prompt + answer row)."""
@@ -147,7 +167,7 @@ def _score_shared_prompts(reward_model, layouts: Sequence[tuple[list[int], list[
     values = torch.cat([head_values[which], tail_values], dim=1)
     full_ids = torch.cat([head_ids[which], tail_ids], dim=1)
     index = reward_model.end_index(full_ids, width)
-    return [float(s) for s in values.gather(1, index.unsqueeze(1)).squeeze(1).float().cpu()]
+    return values.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
 class RewardScorer:

@@ -26,10 +26,10 @@ from dschat.utils.checkpoint import (
     maybe_inject_kill,
     save_training_state,
 )
-from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0
+from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0, release_shm_segment
 from dschat.utils.errors import UserError
 from dschat.utils.model.masks import training_attention_mask
-from dschat.utils.utils import print_rank_0, to_device
+from dschat.utils.utils import atomic_write_text, print_rank_0, to_device
 
 # --------------------------------------------------------------------------------------------- sampling
 
@@ -149,12 +149,26 @@ class MetricLogger:
             self.writer = SummaryWriter(str(Path(tensorboard_dir) / f"{name}_tensorboard_logs"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop records logged after a resumed state, so the file reads like one uninterrupted run."""
+        """Drop records logged after a resumed state, so the file reads like one uninterrupted run.
+
+        A torn line (a write cut short by a full disk or a kill) is dropped with a warning: the state
+        being resumed is intact, and the lost record is rewritten when its step runs again.
+        """
         if not (self.rank0 and self.path and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                print(f"warning: {self.path}: dropping unreadable line {number} (torn write): {line[:80]!r}",
+                      flush=True)
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, phase: str, metrics: dict[str, float], echo: bool = True) -> None:
         if not self.rank0:
@@ -198,6 +212,7 @@ def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
 # --------------------------------------------------------------------------------------------- trainer
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DATA_ORDER_FLAGS = ("seed", "per_device_train_batch_size", "per_device_generation_batch_size",
                     "gradient_accumulation_steps")
 
@@ -234,6 +249,7 @@ class ResumableRun:
     epoch = 0
     step_in_epoch = 0   # batches consumed in the current epoch
     _stop_requested = False
+    _stop_signal: int | None = None
 
     def engines(self) -> dict:
         raise NotImplementedError
@@ -286,27 +302,34 @@ class ResumableRun:
                                    save_total_limit=self.args.save_total_limit, rank_state=self.rank_state())
         print_rank_0(f"Saved training state to {path}")
 
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal API
+    def _on_stop_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal API
+        if self._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the state
         self._stop_requested = True
+        self._stop_signal = signum
 
     @contextlib.contextmanager
     def sigterm_saves_state(self):
-        """While training, SIGTERM only sets a flag; the loop saves a state at the next step and exits."""
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        """While training, SIGTERM and SIGINT (Ctrl-C) only set a flag; the loop saves a state at the next
+        step and exits 128 + the signal number (143, 130)."""
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def after_step(self) -> None:
-        """Periodic state, crash-test hook, and a clean exit (code 143) after SIGTERM on any rank."""
+        """Periodic state, crash-test hook, and a clean exit after SIGTERM/SIGINT on any rank."""
         if self.args.save_steps and self.global_step % self.args.save_steps == 0:
             self.save_state()
         maybe_inject_kill("after_step", self.global_step)
         if any_rank_true(self._stop_requested):
-            print_rank_0("SIGTERM received: saving a training state before exiting")
+            signum = self._stop_signal or signal.SIGTERM
+            print_rank_0(f"{signal.Signals(signum).name} received: saving a training state before exiting")
             self.save_state()
-            raise SystemExit(143)
+            release_shm_segment()
+            raise SystemExit(128 + signum)
 
 
 class Trainer(ResumableRun):

@@ -1,4 +1,11 @@
-"""Small shared helpers with DeepSpeed-Chat's names: printing, seeding, tokenizer loading, saving."""
+"""Small shared helpers with DeepSpeed-Chat's names: printing, seeding, atomic file writes, tokenizer loading,
+optimizer groups, EMA, and saving models in Hugging Face layout (ZeRO-3 aware).
+
+Owns the one atomic writer and the one model saver every stage uses. Imports only torch, numpy,
+DeepSpeed/transformers (lazily, where used) and `dschat.utils.dist` / `errors`: never a step, a trainer,
+the data pipeline or `mpo_ext`, so any module can import it. Upstream-only names no project code calls
+(`save_hf_format`, `save_zero_three_model`) live in `dschat.utils.compat` and are still importable here.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +15,17 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dschat.utils.dist import barrier, get_rank, is_rank_0
+from dschat.utils.dist import barrier, get_rank, is_rank_0, on_cpu
 from dschat.utils.errors import UserError
+from dschat.utils.output_dir import default_file_mode, staged_output
 
 # --------------------------------------------------------------------------------------------- printing
 
@@ -48,17 +56,24 @@ def set_random_seed(seed: int | None) -> None:
 
 
 def get_rng_state() -> dict:
+    """Every generator's state as tensors and plain numbers only, so a saved state loads with
+    `torch.load(weights_only=True)` (no pickled objects, no code run on load)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -75,20 +90,32 @@ def get_all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- atomic I/O
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".tmp-{path.name}-{os.getpid()}")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see either the old or the complete new content."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], mode: int | None = None) -> None:
+    """The one atomic writer: `write(fh)` fills a temp file created exclusively (mkstemp: a fresh, unguessable
+    name, never opened through a symlink) next to `path`, which then replaces `path` in one rename, so readers
+    see the old or the complete new content. Mode: `mode`, else what `open()` gives (0644 under umask 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode() if mode is None else mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    atomic_write(path, lambda fh: fh.write(data), mode)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -97,39 +124,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, keep_existing: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` as a whole.
-
-    An existing output is never half-overwritten: it is swapped out only after the new one is complete.
-    With `keep_existing`, entries of the old directory that the new content does not replace (training
-    logs, metrics, resumable states) are carried over by rename, so saving a model into its run
-    directory keeps the run's history.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model directory is as readable as any other
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        if keep_existing:
-            for entry in path.iterdir():
-                if not (tmp / entry.name).exists():
-                    os.replace(entry, tmp / entry.name)
-        old = path.with_name(f".old-{path.name}-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -236,8 +230,6 @@ def get_optimizer_grouped_parameters(
 
 def create_optimizer(param_groups: list[dict], lr: float, offload: bool = False, betas=(0.9, 0.95)):
     """FusedAdam on GPU, DeepSpeedCPUAdam with ZeRO offload, torch AdamW on the CPU accelerator."""
-    from dschat.utils.dist import on_cpu
-
     if on_cpu():
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
     if offload:
@@ -295,17 +287,6 @@ class ExponentialMovingAverage:
         return self.ema if self.ema is not None else 0.0
 
 
-class MovingAverage:
-    def __init__(self):
-        self.count, self.total, self.mean = 0, 0.0, 0.0
-
-    def update(self, num: float) -> float:
-        self.total += num
-        self.count += 1
-        self.mean = self.total / self.count
-        return self.mean
-
-
 # --------------------------------------------------------------------------------------------- saving
 
 
@@ -343,13 +324,13 @@ def is_zero3(model: torch.nn.Module) -> bool:
 def save_causal_lm(model: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None) -> None:
     """Save a causal LM in Hugging Face layout (safetensors, config, generation config, full tokenizer).
 
-    Collective under ZeRO-3: call on every rank. Rank 0 writes into a temporary sibling directory that
-    then replaces `output_dir`.
+    Collective under ZeRO-3: call on every rank. Rank 0 writes through `staged_output` (staged inside
+    `output_dir`, config.json moved in last).
     """
     module = getattr(model, "module", model)
     state = gather_full_state_dict(module)
     if is_rank_0():
-        with atomic_directory(output_dir) as tmp:
+        with staged_output(output_dir, markers=("config.json",)) as tmp:
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             _save_tokenizer(tokenizer, tmp, module)
             for name, content in (extra_files or {}).items():
@@ -363,7 +344,7 @@ def save_reward_model(model: torch.nn.Module, tokenizer, output_dir: str | os.Pa
     module = getattr(model, "module", model)
     state = gather_full_state_dict(module)
     if is_rank_0():
-        with atomic_directory(output_dir) as tmp:
+        with staged_output(output_dir, markers=("pytorch_model.bin", "config.json")) as tmp:
             torch.save(state, tmp / "pytorch_model.bin")
             config = module.rwtransformer.config
             config.save_pretrained(tmp)
@@ -386,27 +367,10 @@ def _save_tokenizer(tokenizer, directory: Path, model: torch.nn.Module) -> None:
         generation_config.save_pretrained(directory)
 
 
-def save_hf_format(model: torch.nn.Module, tokenizer, args, sub_folder: str = "") -> None:
-    """Upstream name: save `model` under `args.output_dir/sub_folder` in Hugging Face layout.
+def __getattr__(name: str):
+    """Upstream-only names (`save_hf_format`, `save_zero_three_model`) live in `dschat.utils.compat`."""
+    from dschat.utils import compat  # the upstream-compatibility module imports this one
 
-    Unlike upstream this writes the full tokenizer, a generation config and safetensors, and is ZeRO-3
-    aware (call it on every rank then).
-    """
-    output_dir = os.path.join(args.output_dir, sub_folder)
-    module = getattr(model, "module", model)
-    if hasattr(module, "rwtransformer"):
-        save_reward_model(module, tokenizer, output_dir)
-    else:
-        save_causal_lm(module, tokenizer, output_dir)
-
-
-def save_zero_three_model(model_ema, global_rank: int, save_dir: str, zero_stage: int = 0) -> None:
-    """Upstream name kept for user scripts; `save_hf_format` already gathers ZeRO-3 weights."""
-    module = getattr(model_ema, "module", model_ema)
-    state = gather_full_state_dict(module)
-    if global_rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        target = Path(save_dir) / "pytorch_model.bin"
-        tmp = _tmp_sibling(target)
-        torch.save(state, tmp)
-        os.replace(tmp, target)
+    if name in compat.UPSTREAM_UTILS_NAMES:
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

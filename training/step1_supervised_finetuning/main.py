@@ -8,18 +8,8 @@ try:
 except ImportError:  # running from a source checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.steps import sft
-from dschat.utils.dist import init_distributed
+from dschat.steps.sft import main
 from dschat.utils.errors import run_main
-
-
-def main() -> None:
-    args = sft.parse_args()
-    init_distributed(args.local_rank)
-    trainer = sft.build(args)
-    trainer.train()
-    trainer.save_model()
-
 
 if __name__ == "__main__":
     run_main(main)

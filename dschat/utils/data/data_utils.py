@@ -1,10 +1,12 @@
 """Splits, per-phase tokenised datasets, the node-safe cache, collators and MiniDataset.
 
-Upstream names and split arithmetic are kept (contract §3); what differs on purpose:
+Upstream's function names and split arithmetic (`--data_split` weights over phases 1/2/3, the same
+seeded shuffle and rounding) are kept; what differs on purpose:
 items are stored unpadded and padded per batch by the collators; one end-of-text convention
 (the tokenizer's eos) for every phase; the cache key covers file contents and the tokenizer; the cache
 is built by local rank 0 under a file lock while other ranks poll for the files instead of sitting in
-an NCCL barrier; caches hold plain lists of tensors, not pickled classes.
+an NCCL barrier; caches are safetensors files (token ids and offsets, no pickle: loading one cannot run
+code) in a directory only the user can write, by default under the user's cache directory.
 """
 
 from __future__ import annotations
@@ -20,23 +22,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
 from torch.utils.data import Dataset
 
 from dschat.utils import startup
 from dschat.utils.data import raw_datasets
 from dschat.utils.data.raw_datasets import PromptRawDataset
 from dschat.utils.errors import UserError
+from dschat.utils.output_dir import ensure_private_dir
+from dschat.utils.utils import atomic_write, atomic_write_bytes, atomic_write_text, print_rank_0
 
-try:
-    from dschat.utils.utils import print_rank_0
-except ImportError:  # utils.py not importable (e.g. partial checkout): same semantics, locally
-
-    def print_rank_0(msg: Any, rank: int | None = None) -> None:
-        if (rank if rank is not None else int(os.environ.get("RANK", "0"))) <= 0:
-            print(msg, flush=True)
-
-
-DATA_CACHE_VERSION = 1  # bump when the cached layout or the way texts are built changes
+DATA_CACHE_VERSION = 2  # bump when the cached layout or the way texts are built changes
 DEFAULT_DATA_SPLIT = "2,4,4"
 TRAIN_EVAL_SPLIT = "9,1"
 CACHE_WAIT_TIMEOUT_ENV = "DSCHAT_DATA_CACHE_TIMEOUT"
@@ -45,6 +42,7 @@ FULL_HASH_LIMIT = 64 << 20
 EDGE_HASH_BYTES = 1 << 20
 MARKER_SLACK_S = 120.0  # clock skew / start-up spread tolerated when judging a builder's error marker
 _FINGERPRINT_EXTENSIONS = (*raw_datasets.LOCAL_DATA_EXTENSIONS, ".arrow")
+CACHE_FILE_MODE = 0o600  # tokenised data is the user's own: not world-readable
 _TOKENIZER_PROBE = "\n\nHuman: Hello, world! 0123 café naïve 日本\n\nAssistant: Sure thing."
 
 
@@ -126,11 +124,17 @@ def split_index_file(output_path: str, dataset_name: str, seed: int | None, spli
     return Path(output_path) / f"{dataset_name}_seed{seed}_{split_name}_{data_split}_{k}.npy"
 
 
-def _atomic_np_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array, allow_pickle=True)
-    os.replace(tmp, path)
+def default_data_cache_dir() -> Path:
+    """Per-user default for --data_output_path: $XDG_CACHE_HOME/dschat/data_files (~/.cache/...)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dschat" / "data_files"
+
+
+def data_cache_dir(output_path: str | os.PathLike | None) -> Path:
+    """The cache directory to use (the default when None), created 0700 and refused with one line when
+    another user owns it or group/others can write it: its files are loaded as trusted data."""
+    return ensure_private_dir(default_data_cache_dir() if output_path is None else output_path,
+                              "--data_output_path")
 
 
 def split_parts(local_rank: int, output_path: str | None, dataset_name: str, seed: int | None,
@@ -141,10 +145,11 @@ def split_parts(local_rank: int, output_path: str | None, dataset_name: str, see
     bounds = split_boundaries(data_split, data_size)
     shuffle = get_shuffle_idx(seed, data_size)
     parts = [shuffle[bounds[k]:bounds[k + 1]] for k in range(len(bounds) - 1)]
-    if output_path and local_rank <= 0:
-        os.makedirs(output_path, exist_ok=True)
+    if local_rank <= 0:
+        directory = data_cache_dir(output_path)
         for k, part in enumerate(parts):
-            _atomic_np_save(split_index_file(output_path, dataset_name, seed, split_name, data_split, k), part)
+            atomic_write(split_index_file(directory, dataset_name, seed, split_name, data_split, k),
+                         lambda fh, part=part: np.save(fh, part, allow_pickle=False), mode=CACHE_FILE_MODE)
     return [part.tolist() for part in parts]
 
 
@@ -253,15 +258,34 @@ class PromptDataset(Dataset):
         return cls(joined("prompt"), joined("chosen"), joined("rejected"), pad_token_id, train_phase,
                    joined("prompt_lengths") or None)
 
-    def to_state(self) -> dict[str, Any]:
-        """Plain python/tensor content for torch.save: no classes pickled, so caches survive refactors."""
-        return {"format": DATA_CACHE_VERSION, "train_phase": self.train_phase, "pad_token_id": self.pad_token_id,
-                **self._columns()}
+    def to_bytes(self) -> bytes:
+        """The cache format: safetensors (each column's ids concatenated, plus offsets), settings as string
+        metadata. Holds no code, so a planted file cannot run anything when loaded."""
+        tensors = {"prompt_lengths": torch.tensor(self.prompt_lengths, dtype=torch.long)}
+        for name in ("prompt", "chosen", "rejected"):
+            column = self._columns()[name]
+            tensors[f"{name}.ids"] = torch.cat(column) if column else torch.zeros(0, dtype=torch.long)
+            tensors[f"{name}.offsets"] = torch.tensor([0, *np.cumsum([len(x) for x in column]).tolist()],
+                                                      dtype=torch.long)
+        metadata = {"format": str(DATA_CACHE_VERSION), "train_phase": str(self.train_phase),
+                    "pad_token_id": json.dumps(self.pad_token_id)}
+        return save_safetensors(tensors, metadata=metadata)
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> PromptDataset:
-        return cls(state["prompt"], state["chosen"], state["rejected"], state["pad_token_id"],
-                   state["train_phase"], state.get("prompt_lengths") or None)
+    def from_file(cls, path: str | os.PathLike) -> PromptDataset:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open is not iterable
+        if metadata.get("format") != str(DATA_CACHE_VERSION):
+            raise ValueError(f"cache format {metadata.get('format')}, expected {DATA_CACHE_VERSION}")
+
+        def column(name: str) -> list[torch.Tensor]:
+            offsets = tensors[f"{name}.offsets"].tolist()
+            return list(torch.split(tensors[f"{name}.ids"], [b - a for a, b in zip(offsets, offsets[1:])]))
+
+        lengths = tensors["prompt_lengths"].tolist()
+        return cls(column("prompt"), column("chosen"), column("rejected"), json.loads(metadata["pad_token_id"]),
+                   int(metadata["train_phase"]), lengths or None)
 
 
 # --------------------------------------------------------------------------------------------- tokenising
@@ -457,7 +481,8 @@ def data_cache_key(data_path: Sequence[str], data_split: str | None, train_phase
 
 
 def data_cache_files(output_path: str | os.PathLike, key: str) -> tuple[Path, Path]:
-    return Path(output_path) / f"traindata_{key}.pt", Path(output_path) / f"evaldata_{key}.pt"
+    return (Path(output_path) / f"traindata_{key}.safetensors",
+            Path(output_path) / f"evaldata_{key}.safetensors")
 
 
 # --------------------------------------------------------------------------------------------- build protocol
@@ -471,24 +496,15 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return
-    with open(path, "a+") as fh:
-        fcntl.lockf(fh, fcntl.LOCK_EX)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, CACHE_FILE_MODE)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.lockf(fh, fcntl.LOCK_UN)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def cache_wait_timeout(wait_timeout_s: float | None = None) -> float:
@@ -606,7 +622,7 @@ def create_prompt_dataset(local_rank: int, data_path: str | Sequence[str], data_
     local_rank = resolve_local_rank(local_rank)
     force = bool(reload or rebuild)
 
-    os.makedirs(output_path, exist_ok=True)
+    output_path = data_cache_dir(output_path)
     key = data_cache_key(paths, data_split, train_phase, seed, tokenizer, max_seq_len, eot, sft_paths)
     train_file, eval_file = data_cache_files(output_path, key)
     error_file = train_file.with_name(train_file.name + ".error")
@@ -618,17 +634,24 @@ def create_prompt_dataset(local_rank: int, data_path: str | Sequence[str], data_
                     train, evals = _build(local_rank, paths, data_split, output_path, train_phase, seed,
                                           tokenizer, max_seq_len, eot, sft_paths)
                 except UserError as err:  # tell the waiting ranks instead of letting them time out
-                    _atomic_write_text(error_file, str(err))
+                    atomic_write_text(error_file, str(err), mode=CACHE_FILE_MODE)
                     raise
-                _atomic_torch_save(train.to_state(), train_file)
-                _atomic_torch_save(evals.to_state(), eval_file)  # written last: its presence means "done"
+                atomic_write_bytes(train_file, train.to_bytes(), mode=CACHE_FILE_MODE)
+                # written last: its presence means "done"
+                atomic_write_bytes(eval_file, evals.to_bytes(), mode=CACHE_FILE_MODE)
     if force and _distributed_world() > 1:
         torch.distributed.barrier()
     elif local_rank > 0:
         wait_for_files([train_file, eval_file], error_file, cache_wait_timeout(wait_timeout_s))
-    train = PromptDataset.from_state(torch.load(train_file, weights_only=False))
-    evals = PromptDataset.from_state(torch.load(eval_file, weights_only=False))
-    return train, evals
+    return load_cached_dataset(train_file), load_cached_dataset(eval_file)
+
+
+def load_cached_dataset(path: Path) -> PromptDataset:
+    try:
+        return PromptDataset.from_file(path)
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise UserError(f"--data_output_path: cache file {path} is unreadable ({str(err).splitlines()[0][:120]}); "
+                        "rerun with --rebuild_data_cache") from None
 
 
 # --------------------------------------------------------------------------------------------- collators
@@ -772,8 +795,6 @@ class MiniDataset:
                     small.append(large[start:start + step])
         self.free()
         return small
-
-    seperate = separate  # upstream's spelling
 
     def add(self, data: Any) -> list[Any] | None:
         if len(self.dataset) >= self.max_size:

@@ -1,8 +1,8 @@
 """One adapter per dataset name: where the data comes from and how a sample becomes prompt/answer text.
 
 Adapters only turn samples into strings (or None to skip a sample); splitting, tokenising and caching
-live in data_utils.py. Upstream DeepSpeed-Chat names and text formats are kept exactly (contract §3.1);
-on top of them we read Anthropic's raw HH-RLHF dialogues, the TL;DR comparison sets, and local files
+live in data_utils.py. Upstream DeepSpeed-Chat's dataset names and the texts it builds from each are kept
+exactly (`DATASET_ADAPTERS` lists them); on top of them we read Anthropic's raw HH-RLHF dialogues, the TL;DR comparison sets, and local files
 or directories given directly as `--data_path`.
 """
 
@@ -16,7 +16,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +111,35 @@ def load_named_source(name: str, hub_id: str | None = None, config: str | None =
         ) from err
 
 
-def _read_json_records(path: Path, opener: Callable[[], io.TextIOBase]) -> list[dict]:
+def read_data_text(path: str | os.PathLike) -> str:
+    """The text of one local text file (`.gz`: decompressed), the one reader of every data file.
+
+    Damaged archives, unreadable paths and bytes that are not UTF-8 become one UserError naming the
+    file (and the line) and the fix, instead of a traceback from deep inside a loader.
+    """
+    p = Path(path)
+    try:
+        if p.name.lower().endswith(".gz"):
+            with gzip.open(p, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = p.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise UserError(f"{p}: damaged or truncated gzip archive ({err or type(err).__name__}); download or "
+                        "compress the file again") from None
+    except OSError as err:
+        raise UserError(f"{p}: cannot be read ({err.strerror or err}); check the path and its permissions") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{p}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                        "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _read_json_records(path: Path) -> list[dict]:
     """A JSON array (or one object holding a list) or JSON lines; the two are told apart by parsing."""
-    with opener() as fh:
-        text = fh.read()
+    text = read_data_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -138,17 +164,17 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     name = p.name.lower()
     if not p.is_file():
         raise UserError(f"{p}: no such data file")
-    if name.endswith(".gz"):
-        records = _read_json_records(p, lambda: gzip.open(p, "rt", encoding="utf-8"))
-    elif name.endswith((".json", ".jsonl")):
-        records = _read_json_records(p, lambda: open(p, encoding="utf-8"))
+    if name.endswith((".gz", ".json", ".jsonl")):
+        records = _read_json_records(p)
     elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        records = pq.read_table(p).to_pylist()
+        try:
+            records = pq.read_table(p).to_pylist()
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors (ArrowInvalid, OSError) all mean a bad file
+            raise UserError(f"{p}: not a readable parquet file ({type(err).__name__}); write it again") from None
     elif name.endswith(".csv"):
-        with open(p, encoding="utf-8", newline="") as fh:
-            records = list(csv.DictReader(fh))
+        records = list(csv.DictReader(io.StringIO(read_data_text(p), newline="")))
     else:
         raise UserError(f"{p}: unsupported data file type; use one of {', '.join(LOCAL_DATA_EXTENSIONS)}")
     if any(not isinstance(r, Mapping) for r in records):

@@ -1,6 +1,6 @@
 """Reward / critic model: a base transformer (no LM head) plus a bias-free scalar value head.
 
-Submodule names `rwtransformer` and `v_head` are the checkpoint contract (upstream step 3 loads our
+Submodule names `rwtransformer` and `v_head` are the checkpoint's key prefixes (upstream step 3 loads our
 step-2 output and we load theirs), so they must not change.
 
 End convention (one for SFT, RM and PPO): a sequence is scored at the token just before its end

@@ -10,6 +10,8 @@ THETA=${4:-1.0}
 ZERO_STAGE=${5:-3}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 5 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 5 ? $# : 5 ))
 deepspeed main.py \
    --data_path Anthropic/hh-rlhf/helpful-base Anthropic/hh-rlhf/harmless-base \
    --data_split 2,4,4 \
@@ -31,4 +33,5 @@ deepspeed main.py \
    --enable_hybrid_engine \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/select.log"

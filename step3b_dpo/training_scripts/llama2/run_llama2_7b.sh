@@ -9,6 +9,8 @@ OUTPUT=${3:-./output_step3b_dpo_llama2_7b}
 ZERO_STAGE=${4:-3}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 4 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 4 ? $# : 4 ))
 deepspeed main.py \
    --data_path "$EASY" \
    --model_name_or_path "$SFT_MODEL" \
@@ -30,4 +32,5 @@ deepspeed main.py \
    --zero_stage $ZERO_STAGE \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/training.log"

@@ -2,12 +2,15 @@
 # Step 3b (DPO on the easy pairs) on CPU with the embedded synthetic task: start from the tiny SFT model and
 # the easy.jsonl of step 2.5. Usage: bash run_tiny_cpu.sh [SFT_MODEL] [EASY_JSONL] [OUTPUT_DIR] [ZERO_STAGE]
 # Run from step3b_dpo/; NUM_RANKS=2 for two CPU ranks. Logs go to $OUTPUT/training.log.
+set -o pipefail  # the exit status is the run's, not tee's
 SFT_MODEL=${1:-../training/step1_supervised_finetuning/output_step1_tiny}
 EASY=${2:-../step2.5_select/output_select_tiny/easy.jsonl}
 OUTPUT=${3:-./output_step3b_dpo_tiny}
 ZERO_STAGE=${4:-0}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 4 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 4 ? $# : 4 ))
 deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --data_path "$EASY" \
    --model_name_or_path "$SFT_MODEL" \
@@ -26,4 +29,5 @@ deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --zero_stage $ZERO_STAGE \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    2>&1 | tee "$OUTPUT/training.log"

@@ -8,6 +8,8 @@ OUTPUT=${3:-./output_step3b_dpo_opt_350m}
 ZERO_STAGE=${4:-0}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 4 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 4 ? $# : 4 ))
 deepspeed --num_gpus 1 main.py \
    --data_path "$EASY" \
    --model_name_or_path "$SFT_MODEL" \
@@ -28,4 +30,5 @@ deepspeed --num_gpus 1 main.py \
    --tensorboard_path "$OUTPUT" \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/training.log"

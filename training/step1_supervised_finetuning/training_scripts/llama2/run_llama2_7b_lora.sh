@@ -5,6 +5,8 @@ OUTPUT=${1:-./output_step1_llama2_7b_lora}
 ZERO_STAGE=${2:-3}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 2 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 2 ? $# : 2 ))
 deepspeed main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
@@ -19,10 +21,12 @@ deepspeed main.py \
    --lr_scheduler_type cosine \
    --num_warmup_steps 0 \
    --seed 1234 \
+   --dtype bf16 \
    --gradient_checkpointing \
    --lora_dim 128 \
    --lora_module_name "layers." \
    --zero_stage $ZERO_STAGE \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/training.log"

@@ -5,6 +5,8 @@ OUTPUT=${1:-./output_step2_llama_7b_epoch1_lr9.65e-6}
 ZERO_STAGE=${2:-3}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 2 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 2 ? $# : 2 ))
 deepspeed main.py \
    --data_path Dahoas/rm-static \
    --data_split 2,4,4 \
@@ -20,9 +22,11 @@ deepspeed main.py \
    --lr_scheduler_type cosine \
    --num_warmup_steps 0 \
    --seed 1234 \
+   --dtype bf16 \
    --gradient_checkpointing \
    --zero_stage $ZERO_STAGE \
    --deepspeed \
    --offload \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/training.log"

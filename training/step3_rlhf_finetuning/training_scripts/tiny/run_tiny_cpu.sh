@@ -4,6 +4,7 @@
 # (the Hybrid Engine needs a GPU). Run from training/step3_rlhf_finetuning/.
 # Usage: bash run_tiny_cpu.sh [ACTOR_MODEL_PATH] [CRITIC_MODEL_PATH] [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT] [ASSETS_DIR]
 # NUM_RANKS=2 for two CPU ranks.
+set -o pipefail  # the exit status is the run's, not tee's
 ACTOR_MODEL_PATH=${1:-../step1_supervised_finetuning/output_step1_tiny}
 CRITIC_MODEL_PATH=${2:-../step2_reward_model_finetuning/output_step2_tiny}
 ACTOR_ZERO_STAGE=${3:-0}
@@ -12,6 +13,8 @@ OUTPUT=${5:-./output_step3_tiny}
 ASSETS=${6:-../../runs/assets}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 6 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 6 ? $# : 6 ))
 deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --data_path "$ASSETS/data" \
    --data_split 2,4,4 \
@@ -35,4 +38,5 @@ deepspeed --num_gpus ${NUM_RANKS:-1} main.py \
    --critic_zero_stage $CRITIC_ZERO_STAGE \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    2>&1 | tee "$OUTPUT/training.log"

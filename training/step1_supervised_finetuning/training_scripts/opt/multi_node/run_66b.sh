@@ -6,6 +6,8 @@ ZERO_STAGE=${2:-3}
 HOSTFILE=${HOSTFILE:-/job/hostfile}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 2 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 2 ? $# : 2 ))
 deepspeed --hostfile="$HOSTFILE" main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
@@ -26,4 +28,5 @@ deepspeed --hostfile="$HOSTFILE" main.py \
    --lora_module_name decoder.layers. \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/training.log"

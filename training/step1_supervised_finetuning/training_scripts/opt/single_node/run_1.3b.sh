@@ -4,6 +4,8 @@ OUTPUT=${1:-./output}
 ZERO_STAGE=${2:-2}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 2 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 2 ? $# : 2 ))
 deepspeed main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
@@ -22,4 +24,5 @@ deepspeed main.py \
    --deepspeed \
    --enable_tensorboard --tensorboard_path "$OUTPUT" \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/training.log"

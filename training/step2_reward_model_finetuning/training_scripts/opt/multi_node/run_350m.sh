@@ -4,6 +4,8 @@ OUTPUT=${1:-./output}
 ZERO_STAGE=${2:-0}
 mkdir -p "$OUTPUT"
 
+# Arguments after the first 2 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 2 ? $# : 2 ))
 deepspeed --hostfile="${HOSTFILE:-/job/hostfile}" main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
@@ -23,4 +25,5 @@ deepspeed --hostfile="${HOSTFILE:-/job/hostfile}" main.py \
    --zero_stage $ZERO_STAGE \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/training.log"

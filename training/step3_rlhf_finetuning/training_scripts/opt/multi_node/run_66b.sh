@@ -20,6 +20,8 @@ Num_Padding_at_Beginning=1 # OPT
 Actor_Lr=5e-4
 Critic_Lr=5e-6
 
+# Arguments after the first 5 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 5 ? $# : 5 ))
 deepspeed --hostfile="$HOSTFILE" --master_port 12346 main.py \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
@@ -53,4 +55,5 @@ deepspeed --hostfile="$HOSTFILE" --master_port 12346 main.py \
    --actor_dropout 0.0 \
    --save_steps 100 \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/training.log"

@@ -14,6 +14,8 @@ Num_Padding_at_Beginning=1 # OPT models start every sequence with one pad-like B
 Actor_Lr=9.65e-6
 Critic_Lr=5e-6
 
+# Arguments after the first 5 go to main.py unchanged (e.g. --resume).
+shift $(( $# < 5 ? $# : 5 ))
 deepspeed --master_port 12346 main.py \
    --data_path Dahoas/rm-static \
    --data_split 2,4,4 \
@@ -40,4 +42,5 @@ deepspeed --master_port 12346 main.py \
    --enable_tensorboard \
    --tensorboard_path "$OUTPUT" \
    --output_dir "$OUTPUT" \
+   "$@" \
    &> "$OUTPUT/training.log"
