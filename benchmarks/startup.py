@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dschat.utils.startup import LAUNCH_ENV, PREFIX  # noqa: E402
-from mpo_ext.pipeline import build_plan, smoke_preset, tiny_preset  # noqa: E402
+from mpo_ext.pipeline import build_plan, load_config  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"
 PARTS = ("launcher", "imports", "dist_init", "data", "model_load", "deepspeed_init", "initial_eval", "other",
@@ -74,7 +74,8 @@ def render(rows: list[dict], load: tuple[float, float, float], tag: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=("smoke", "tiny"), default="smoke")
+    parser.add_argument("--preset", default="smoke", help="A pipeline preset or config file (mpo pipeline --config).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Config overrides.")
     parser.add_argument("--stages", default="sft,rm,select,dpo,ppo", help="Stages to time (assets always run).")
     parser.add_argument("--workdir", type=Path, default=None, help="Output root (default: a temporary one).")
     parser.add_argument("--tag", default="current", help="Name of this measurement (e.g. before, after).")
@@ -83,11 +84,10 @@ def main() -> int:
     wanted = set(args.stages.split(","))
     with tempfile.TemporaryDirectory(prefix="startup_bench_") as tmp:
         work = args.workdir or Path(tmp)
-        preset = (smoke_preset if args.preset == "smoke" else tiny_preset)(work)
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                "TOKENIZERS_PARALLELISM": "false"}
         rows = []
-        for stage in build_plan(preset, work):
+        for stage in build_plan(load_config(args.preset, args.set), work):
             if stage.name == "eval":
                 continue
             row = run_stage(stage, env)
