@@ -45,7 +45,7 @@ from common import cpu_model  # noqa: E402
 from dschat.utils.errors import UserError, run_main  # noqa: E402
 from dschat.utils.utils import atomic_write_json, atomic_write_text  # noqa: E402
 from mpo_ext.pipeline import PipelineConfig, Stage, build_plan, dump_config, load_config, run_plan  # noqa: E402
-from mpo_ext.synthetic import gold_reward  # noqa: E402
+from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS, any_gold_reward  # noqa: E402
 
 ALL_HARD = 1e9  # a theta above every gap: every prompt goes to PPO
 # Quick mode: the tiny preset shrunk so that every method still runs end to end in a few minutes.
@@ -87,15 +87,17 @@ CLAIMS = (
 # --------------------------------------------------------------------------------------------- presets
 
 
-def make_config(run_dir: Path, seed: int, quick: bool, *sets: str) -> PipelineConfig:
-    """The tiny preset for one seed (data draw and every training seed), with the --quick sizes."""
-    seeds = (f"assets.seed={seed}", f"common.seed={seed}", f"eval.seed={seed}")
+def make_config(run_dir: Path, seed: int, quick: bool, *sets: str, task: str = SYNTHETIC_TASK_NAME) -> PipelineConfig:
+    """The tiny preset for one seed (data draw and every training seed) on one embedded task, with the --quick
+    sizes."""
+    seeds = (f"assets.seed={seed}", f"common.seed={seed}", f"eval.seed={seed}", f"assets.task={task}")
     return load_config("tiny", [*seeds, *(QUICK if quick else ()), f"output_dir={run_dir}", *sets])
 
 
-def fingerprint(quick: bool, thetas: tuple[str, str]) -> dict[str, Any]:
+def fingerprint(quick: bool, thetas: tuple[str, str], task: str) -> dict[str, Any]:
     """What decides the results of a run directory (not seeds or threads)."""
-    return {"quick": quick, "thetas": list(thetas), "config": dump_config(make_config(Path("RUN"), 0, quick))}
+    return {"quick": quick, "thetas": list(thetas), "task": task,
+            "config": dump_config(make_config(Path("RUN"), 0, quick, task=task))}
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -104,13 +106,13 @@ def fingerprint(quick: bool, thetas: tuple[str, str]) -> dict[str, Any]:
 class SeedRun:
     """All methods of one seed in the run directory OUTPUT_DIR/seed<N>; each method is a config variant."""
 
-    def __init__(self, root: Path, seed: int, quick: bool, thetas: tuple[str, str]):
-        self.root, self.seed, self.quick, self.theta_specs = root, seed, quick, thetas
+    def __init__(self, root: Path, seed: int, quick: bool, thetas: tuple[str, str], task: str):
+        self.root, self.seed, self.quick, self.theta_specs, self.task = root, seed, quick, thetas, task
         self.thetas: dict[str, float] = {}
 
     def _run(self, name: str, steps: tuple[str, ...], *sets: str, shards_from: Path | None = None) -> dict[str, Path]:
         """Run one method's stages (the others are reused); {stage: output directory}."""
-        config = make_config(self.root, self.seed, self.quick, *sets)
+        config = make_config(self.root, self.seed, self.quick, *sets, task=self.task)
         plan = build_plan(config, self.root)
         outputs = {stage.name: stage.output for stage in plan}
         if shards_from is not None:
@@ -160,7 +162,7 @@ class SeedRun:
             "mpo_reverse": reverse["dpo"],
             "mpo_a_stage1": mpo_a["dpo"],
         }
-        config = make_config(self.root, self.seed, self.quick)
+        config = make_config(self.root, self.seed, self.quick, task=self.task)
         model_flags = [flag for name, path in models.items() for flag in ("--model", f"{name}={path}")]
         eval_flags = [f"--{k}={v}" for k, v in config.eval.items()]
         # Greedy answers (as `mpo eval` and the paper's table) and samples at T=1 (the policy RLHF optimises).
@@ -229,7 +231,7 @@ def rm_gold_agreement(sel: Path) -> dict[str, float | None]:
         for path in files:
             for line in path.read_text(encoding="utf-8").splitlines():
                 rec = json.loads(line)
-                gc, gr = gold_reward(rec["prompt"], rec["chosen"]), gold_reward(rec["prompt"], rec["rejected"])
+                gc, gr = any_gold_reward(rec["prompt"], rec["chosen"]), any_gold_reward(rec["prompt"], rec["rejected"])
                 if gc != gr:
                     total += 1
                     agree += gc > gr
@@ -331,31 +333,58 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_differences(report: dict[str, Any], metric: str) -> list[tuple[str, list[float]]]:
+    """(claim, per-seed difference A - B) for each paper claim: what the README's verdicts rest on."""
+    return [(text, [s[metric][a] - s[metric][b] for s in report["seeds"]]) for text, a, b in CLAIMS]
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Gold and RM score per method: big marker = mean over seeds with std bars, small dots = single seeds."""
+    """Left: gold reward per method (mean ± std over seeds, dots = seeds). Right: each paper claim as the
+    paired per-seed difference A - B (dots = seeds, bar = mean ± std): a claim holds where the dots sit
+    right of zero, whatever the seed-to-seed spread of the methods themselves."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     rows = report["aggregate"]["rows"]
-    labels = [r["label"].replace(" (", "\n(") for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    panels = (("gold", "gold reward, greedy"), ("gold_sampled", "gold reward, T=1 samples"),
-              ("reward", "reward-model score, greedy"))
-    for ax, (key, title) in zip(axes, panels):
-        for i, r in enumerate(rows):
-            color = "#8C8C8C" if r["key"] == "mpo_a_stage1" else "#4C72B0" if r["key"].startswith("mpo") else "#55A868"
-            ax.errorbar([i], [r[f"{key}_mean"]], yerr=[r[f"{key}_std"]], fmt="o", color=color, markersize=8, capsize=4)
-            ax.scatter([i] * len(r[f"{key}_per_seed"]), r[f"{key}_per_seed"], color="black", s=8, zorder=3)
-        if key.startswith("gold"):
-            best = statistics.fmean(s["max_gold"] for s in report["seeds"])
-            ax.axhline(best, color="#C44E52", linestyle="--", linewidth=1, label=f"best possible ({best:.2f})")
-            ax.legend(loc="best", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{title}\nmean ± std over {len(report['seeds'])} seed(s), dots = seeds", fontsize=10)
+    n_seeds = len(report["seeds"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, 6.5), gridspec_kw={"width_ratios": [1, 1.15]})
+    for i, r in enumerate(rows):
+        color = "#8C8C8C" if r["key"] == "mpo_a_stage1" else "#4C72B0" if r["key"].startswith("mpo") else "#55A868"
+        left.errorbar([r["gold_mean"]], [i], xerr=[r["gold_std"]], fmt="o", color=color, markersize=8, capsize=4)
+        left.scatter(r["gold_per_seed"], [i] * len(r["gold_per_seed"]), color="black", s=10, zorder=3)
+    best = statistics.fmean(s["max_gold"] for s in report["seeds"])
+    left.axvline(best, color="#C44E52", linestyle="--", linewidth=1, label=f"best possible ({best:.2f})")
+    left.set_yticks(range(len(rows)))
+    left.set_yticklabels([r["label"] for r in rows], fontsize=9)
+    left.invert_yaxis()
+    left.legend(loc="lower left", fontsize=8)
+    left.grid(axis="x", alpha=0.3)
+    left.set_xlabel("gold reward of greedy answers")
+    left.set_title(f"Gold reward per method\nmean ± std over {n_seeds} seed(s), dots = seeds", fontsize=10)
+    claims = paired_differences(report, "gold")
+    sampled = dict(paired_differences(report, "gold_sampled"))
+    for i, (text, diffs) in enumerate(claims):
+        mean, std = mean_std(diffs)
+        held = sum(d > 0 for d in diffs)
+        color = "#55A868" if mean > 0 and 2 * held > len(diffs) else "#C44E52"
+        right.errorbar([mean], [i - 0.12], xerr=[std], fmt="o", color=color, markersize=8, capsize=4,
+                       label="greedy: mean ± std" if i == 0 else None)
+        right.scatter(diffs, [i - 0.12] * len(diffs), color="black", s=10, zorder=3,
+                      label="greedy: one seed" if i == 0 else None)
+        right.scatter(sampled[text], [i + 0.18] * len(diffs), color="#8172B2", s=10, marker="x", zorder=3,
+                      label="T=1 samples: one seed" if i == 0 else None)
+        right.annotate(f"{held}/{len(diffs)}", (1.0, i), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                       textcoords="offset points", va="center", fontsize=8)
+    right.axvline(0.0, color="black", linewidth=1)
+    right.set_yticks(range(len(claims)))
+    right.set_yticklabels([text for text, _ in claims], fontsize=9)
+    right.invert_yaxis()
+    right.grid(axis="x", alpha=0.3)
+    right.legend(loc="lower left", fontsize=8)
+    right.set_xlabel("paired difference A − B in gold reward, per seed (> 0: the claim holds in that seed)")
+    right.set_title("Paper claims \"A > B\", paired per seed (right margin: seeds holding, greedy)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
@@ -381,10 +410,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results_dir", type=Path, default=None,
                         help="Where reproduce.{json,md,png} go (default benchmarks/results; OUTPUT_DIR with --quick).")
     parser.add_argument("--quick", action="store_true", help="One seed, small data and few steps: a smoke run.")
+    parser.add_argument("--task", choices=sorted(TASKS), default=SYNTHETIC_TASK_NAME,
+                        help="The embedded synthetic task (its own gold reward); results go to reproduce_<task> "
+                             "files for tasks other than the default.")
     parser.add_argument("--seeds", default=None, help="Comma list of seeds (default 1,2,3,4,5; 1 with --quick).")
     parser.add_argument("--thetas", default=None,
                         help="Two reward-gap thresholds for MPO, numbers or gap percentiles like p50 (default 1,2 "
                              "as in the paper; p50,p75 with --quick, whose barely trained RM has a smaller scale).")
+    parser.add_argument("--replot", type=Path, default=None,
+                        help="Only redraw the PNG (beside it) from an existing reproduce JSON; nothing is run.")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS for every stage (unless already set): the tiny model gains nothing "
                              "from more, and two threads on a busy 2-core machine run several times slower.")
@@ -403,14 +437,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = "quick" if args.quick else "full"
     args.output_dir = (args.output_dir or REPO / ("runs/reproduce-quick" if args.quick else "runs/reproduce")).resolve()
     args.results_dir = (args.results_dir or (args.output_dir if args.quick else REPO / "benchmarks/results")).resolve()
-    args.stem = "reproduce" if mode == "full" else "reproduce_quick"
+    args.stem = ("reproduce" if mode == "full" else "reproduce_quick") + (
+        "" if args.task == SYNTHETIC_TASK_NAME else "_" + args.task.removeprefix("mpo-"))
     return args
 
 
-def check_settings(output_dir: Path, quick: bool, thetas: tuple[str, str]) -> None:
+def check_settings(output_dir: Path, quick: bool, thetas: tuple[str, str], task: str) -> None:
     """Refuse to mix runs of different settings in one directory (finished stages would be reused)."""
     path = output_dir / "reproduce_settings.json"
-    current = json.loads(json.dumps(fingerprint(quick, thetas)))
+    current = json.loads(json.dumps(fingerprint(quick, thetas, task)))
     if path.exists():
         if read_json(path) != current:
             raise UserError(f"--output_dir {output_dir}: holds a benchmark run with other settings "
@@ -422,11 +457,16 @@ def check_settings(output_dir: Path, quick: bool, thetas: tuple[str, str]) -> No
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        target = args.replot.with_suffix(".png")
+        plot(read_json(args.replot), target)
+        print(f"[reproduce] redrew {target} from {args.replot}", flush=True)
+        return
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    check_settings(args.output_dir, args.quick, args.thetas)
+    check_settings(args.output_dir, args.quick, args.thetas, args.task)
     start = time.time()
-    seeds = [SeedRun(args.output_dir / f"seed{s}", s, args.quick, args.thetas).run() for s in args.seeds]
+    seeds = [SeedRun(args.output_dir / f"seed{s}", s, args.quick, args.thetas, args.task).run() for s in args.seeds]
     labels = method_labels(args.thetas)
     report = {
         "command": " ".join(["python benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -437,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
         "aggregate": aggregate(seeds, labels),
         "seeds": seeds,
         "paper_hh_rm_score": PAPER_HH,
-        "settings": fingerprint(args.quick, args.thetas),
+        "settings": fingerprint(args.quick, args.thetas, args.task),
         "wall_seconds": round(time.time() - start, 1),
         "machine": machine(),
         "output_dir": str(args.output_dir),

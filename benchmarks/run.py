@@ -390,36 +390,54 @@ def plot(rows: dict[str, dict], comparisons: list[dict], out_dir: Path, mode: st
     plt.close(fig)
     files.append(str(path))
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     ratios = [c for c in comparisons if c["target"] is not None and "tok" in c["what"]]
-    axes[0].barh(range(len(ratios)), [c["value"] for c in ratios],
-                 color=["C2" if c["met"] else "C3" for c in ratios])
-    for i, c in enumerate(ratios):
-        axes[0].plot([c["target"]] * 2, [i - 0.4, i + 0.4], color="k", linewidth=1)
-    axes[0].set_yticks(range(len(ratios)), [c["what"] for c in ratios], fontsize=6)
-    axes[0].axvline(1.0, color="grey", linewidth=0.5)
-    axes[0].set_title("throughput ratios vs target (black tick); green: met", fontsize=9)
     mem = [n for n, r in rows.items() if r.get("peak_rss_mb") and r["config"]["kind"] == "train"
            and r["config"]["task"] == "dpo" and (n.startswith("dpo-mem/") or "/bs8/" in n)]
-    axes[1].barh(range(len(mem)), [rows[n]["peak_rss_mb"] for n in mem],
-                 color=[STYLES.get(rows[n]["config"]["label"], "k") for n in mem])
-    axes[1].barh(range(len(mem)), [rows[n]["baseline_rss_mb"] for n in mem], color="lightgrey",
-                 label="RSS after imports")
-    axes[1].set_yticks(range(len(mem)), mem, fontsize=6)
-    axes[1].set_xlabel("peak RSS (MiB), one fresh process per configuration")
-    axes[1].set_title("DPO peak memory: resident vs precomputed reference", fontsize=9)
-    axes[1].legend(fontsize=7)
     gen = [n for n, r in rows.items() if r["config"]["kind"] == "gen" and r.get("cpu_tokens_per_second")]
-    axes[2].bar(range(len(gen)), [rows[n]["cpu_tokens_per_second"] for n in gen],
-                color=[STYLES.get(rows[n]["config"]["label"], "k") for n in gen])
-    axes[2].set_xticks(range(len(gen)), gen, rotation=30, ha="right", fontsize=7)
-    axes[2].set_ylabel("generated tokens per CPU-second (greedy)")
-    ppo = [r for r in rows.values() if "phases" in r]
-    title = "generation: our Generator vs bare HF generate"
-    if ppo:
-        ph = ppo[0]["cpu_phases"]
-        title += "\nPPO step (tiny, 4 prompts), CPU s: " + "\n".join(f"{k} {v:.2f}s" for k, v in ph.items())
-    axes[2].set_title(title, fontsize=9)
+    # Only panels with data; the figure grows with the number of ratio rows so every label stays readable.
+    drawn = [(name, weight) for name, weight, items in (("ratios", 1.7, ratios), ("memory", 1.0, mem),
+                                                         ("generation", 0.9, gen)) if items]
+    if not drawn:
+        return files
+    height = max(5.0, 0.34 * max(len(ratios), len(mem)) + 2.0)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(6.5 * sum(w for _, w in drawn), height), squeeze=False,
+                             gridspec_kw={"width_ratios": [w for _, w in drawn]})
+    panel = dict(zip((name for name, _ in drawn), axes[0]))
+    if "ratios" in panel:
+        ax = panel["ratios"]
+        ax.barh(range(len(ratios)), [c["value"] for c in ratios], color=["C2" if c["met"] else "C3" for c in ratios])
+        for i, c in enumerate(ratios):
+            ax.plot([c["target"]] * 2, [i - 0.4, i + 0.4], color="k", linewidth=1.2)
+            ax.annotate(f"{c['value']:.2f}", (c["value"], i), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=8)
+        ax.set_yticks(range(len(ratios)), [c["what"] for c in ratios], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("ratio (useful tokens per CPU-second)")
+        ax.set_title("throughput ratios vs target (black tick); green: met, red: missed", fontsize=10)
+    if "memory" in panel:
+        ax = panel["memory"]
+        ax.barh(range(len(mem)), [rows[n]["peak_rss_mb"] for n in mem],
+                color=[STYLES.get(rows[n]["config"]["label"], "k") for n in mem])
+        ax.barh(range(len(mem)), [rows[n]["baseline_rss_mb"] for n in mem], color="lightgrey",
+                label="RSS after imports")
+        ax.set_yticks(range(len(mem)), mem, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("peak RSS (MiB), one fresh process per configuration")
+        ax.set_title("DPO peak memory: resident vs precomputed reference", fontsize=10)
+        ax.legend(fontsize=8)
+    if "generation" in panel:
+        ax = panel["generation"]
+        ax.bar(range(len(gen)), [rows[n]["cpu_tokens_per_second"] for n in gen],
+               color=[STYLES.get(rows[n]["config"]["label"], "k") for n in gen])
+        ax.set_xticks(range(len(gen)), gen, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("generated tokens per CPU-second (greedy)")
+        ppo = [r for r in rows.values() if "phases" in r]
+        title = "generation: our Generator vs bare HF generate"
+        if ppo:
+            ph = ppo[0]["cpu_phases"]
+            title += "\nPPO step (tiny, 4 prompts), CPU seconds:\n" + ", ".join(f"{k} {v:.2f}" for k, v in ph.items())
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = out_dir / f"{mode}_summary.png"
     fig.savefig(path, dpi=100)

@@ -90,6 +90,7 @@ def build_tiny_model(
     intermediate_size: int | None = None,
     max_position_embeddings: int = 256,
     seed: int = 1234,
+    task: str = synthetic.SYNTHETIC_TASK_NAME,
 ) -> Path:
     """Train a word-level tokenizer on `texts` and save it with a random `LlamaForCausalLM`.
 
@@ -114,6 +115,7 @@ def build_tiny_model(
                                    num_heads=num_heads, intermediate_size=intermediate_size,
                                    max_position_embeddings=max_position_embeddings, seed=seed)
         _write_json(tmp / "bootstrap.json", {
+            "task": task,
             "seed": seed,
             "hidden_size": hidden_size,
             "num_layers": num_layers,
@@ -189,19 +191,20 @@ def build_default_assets(
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
+    task: str = synthetic.SYNTHETIC_TASK_NAME,
 ) -> dict:
-    """Synthetic data under root/data and the tiny model under root/tiny-llama; idempotent.
+    """Synthetic data of `task` under root/data and the tiny model under root/tiny-llama; idempotent.
 
     Each part is skipped when it is complete and was built with the same settings (manifest.json /
     bootstrap.json), and rebuilt otherwise. The tokenizer vocabulary depends only on the task
-    (`synthetic.corpus_texts`), not on the sampled data, so it covers every text the task can produce.
+    (`synthetic.Task.corpus`), not on the sampled data, so it covers every text the task can produce.
     """
     root = Path(root)
     data_dir, model_dir = root / "data", root / "tiny-llama"
 
     manifest = _read_json(data_dir / "manifest.json")
     want_data = {"seed": seed, "num_train": num_train, "num_test": num_test, "label_beta": label_beta,
-                 "task": synthetic.SYNTHETIC_TASK_NAME}
+                 "task": task}
     data_ok = (
         manifest is not None
         and all(manifest.get(k) == v for k, v in want_data.items())
@@ -210,16 +213,17 @@ def build_default_assets(
     )
     if not data_ok:
         synthetic.make_synthetic_dataset(data_dir, num_train=num_train, num_test=num_test, seed=seed,
-                                         label_beta=label_beta)
+                                         label_beta=label_beta, task=task)
 
     meta = _read_json(model_dir / "bootstrap.json")
-    want_model = {"seed": seed, "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
+    want_model = {"seed": seed, "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
+                  "task": task}
     model_ok = (
         meta is not None
         and all(meta.get(k) == v for k, v in want_model.items())
         and all((model_dir / f).is_file() for f in MODEL_FILES)
     )
     if not model_ok:
-        build_tiny_model(model_dir, synthetic.corpus_texts(), hidden_size=hidden_size, num_layers=num_layers,
-                         num_heads=num_heads, seed=seed)
+        build_tiny_model(model_dir, synthetic.task_of(task).corpus(), hidden_size=hidden_size, num_layers=num_layers,
+                         num_heads=num_heads, seed=seed, task=task)
     return {"data_dir": str(data_dir), "model_dir": str(model_dir)}

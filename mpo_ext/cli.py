@@ -6,12 +6,13 @@ Not to be confused with TRL's `loss_type=[...]` "MPO", which is InternVL's loss 
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from pathlib import Path
 
 import click
 
 from dschat.utils.errors import UserError
-from mpo_ext import eval_cli
+from mpo_ext import __version__, eval_cli
 
 
 class _InputError(click.ClickException):
@@ -28,7 +29,27 @@ class _Group(click.Group):
             raise _InputError(" ".join(str(err).split())) from None
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"mpo (dschat-mpo) {__version__}; {library_versions()}")
+    ctx.exit()
+
+
+def library_versions() -> str:
+    """Installed versions of the libraries a run depends on (read from metadata: nothing heavy imported)."""
+    found = []
+    for name in ("torch", "deepspeed", "transformers", "datasets"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the dschat-mpo version and those of torch, deepspeed, transformers and datasets.")
 def main() -> None:
     """dschat-mpo: DeepSpeed-Chat-compatible RLHF with two-stage Mixed Preference Optimization."""
 
@@ -36,14 +57,16 @@ def main() -> None:
 @main.command("assets")
 @click.option("--root", type=click.Path(path_type=Path), default=Path("runs/assets"), show_default=True,
               help="Where the synthetic data (ROOT/data) and the tiny model (ROOT/tiny-llama) go.")
-@click.option("--seed", type=int, default=1234, show_default=True)
-@click.option("--num_train", type=int, default=2000, show_default=True)
-@click.option("--num_test", type=int, default=200, show_default=True)
-def assets_command(root: Path, seed: int, num_train: int, num_test: int) -> None:
-    """Build the embedded default: the synthetic preference task and a tiny Llama (idempotent)."""
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the synthetic task and the model.")
+@click.option("--num_train", type=int, default=2000, show_default=True, help="Training prompts of the synthetic task.")
+@click.option("--num_test", type=int, default=200, show_default=True, help="Held-out prompts of the synthetic task.")
+@click.option("--task", type=click.Choice(["mpo-synthetic", "mpo-sort"]), default="mpo-synthetic", show_default=True,
+              help="mpo-synthetic: list items of a category; mpo-sort: sort the numbers of the prompt.")
+def assets_command(root: Path, seed: int, num_train: int, num_test: int, task: str) -> None:
+    """Build the embedded default: a synthetic preference task and a tiny Llama (idempotent)."""
     from mpo_ext.bootstrap import build_default_assets
 
-    paths = build_default_assets(root, seed=seed, num_train=num_train, num_test=num_test)
+    paths = build_default_assets(root, seed=seed, num_train=num_train, num_test=num_test, task=task)
     for key, value in paths.items():
         click.echo(f"{key}: {value}")
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from dschat.utils.errors import UserError
@@ -17,7 +18,7 @@ from dschat.utils.utils import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 NON_METRIC_KEYS = frozenset({"step", "phase", "epoch", "time", "timestamp"})
-MAX_PANELS = 24
+MAX_PANELS = 48
 SEARCH_DEPTH = 3
 
 
@@ -86,12 +87,22 @@ def find_metrics_files(run_dirs: Iterable[str]) -> dict[str, Path]:
     return found
 
 
+@dataclass
+class CurvesPlot:
+    """What plot_training_curves drew: the PNG, its panel titles, and the panels it left out."""
+
+    path: Path
+    panels: list[str]
+    left_out: list[str]
+
+
 def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png: str | os.PathLike,
-                         metrics: Iterable[str] | None = None) -> Path:
-    """One PNG with a panel per metric (loss, rewards, KL, ...), a line per run and phase.
+                         metrics: Iterable[str] | None = None) -> CurvesPlot:
+    """One PNG with a panel per metric and run (stage): SFT's and the reward model's losses never share a
+    panel. Beyond MAX_PANELS panels the rest are left out and named in the result.
 
     `metrics` restricts the panels (names as in the file, eval-phase ones as `eval/<name>`).
-    Written atomically; returns the path.
+    Written atomically.
     """
     import matplotlib
 
@@ -100,41 +111,48 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
 
     if not metrics_files:
         raise UserError("no metrics files to plot")
-    panels: dict[str, list[tuple[str, list[float], list[float], bool]]] = {}
+    panels: dict[tuple[str, str], list[tuple[str, list[float], list[float], bool]]] = {}
     for run_name, path in metrics_files.items():
         if not Path(path).is_file():
             raise UserError(f"{path}: no such metrics file")
         for (metric, phase), (steps, values) in metric_series(read_metrics(path)).items():
-            label = run_name if phase == "train" else f"{run_name} ({phase})"
-            panels.setdefault(panel_name(metric, phase), []).append((label, steps, values, phase != "train"))
+            panels.setdefault((run_name, panel_name(metric, phase)), []).append((phase, steps, values, phase != "train"))
     wanted = list(metrics) if metrics else None
     if wanted:
-        missing = [m for m in wanted if m not in panels]
+        logged = {name for _, name in panels}
+        missing = [m for m in wanted if m not in logged]
         if missing:
-            raise UserError(f"--metric {', '.join(missing)}: not logged; available: {', '.join(sorted(panels))}")
-        names = wanted
-    else:
-        names = sorted(panels, key=_panel_order)[:MAX_PANELS]
-    if not names:
+            raise UserError(f"--metric {', '.join(missing)}: not logged; available: {', '.join(sorted(logged))}")
+        panels = {key: lines for key, lines in panels.items() if key[1] in wanted}
+    runs = list(metrics_files)
+    keys = sorted(panels, key=lambda k: (runs.index(k[0]), _panel_order(k[1])))
+    if not keys:
         raise UserError(f"no numeric metrics in {', '.join(str(p) for p in metrics_files.values())}")
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.4 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for label, steps, values, is_eval in panels[name]:
-            ax.plot(steps, values, label=label, marker="o" if is_eval or len(steps) < 3 else None,
+
+    def title(key: tuple[str, str]) -> str:
+        return f"{key[0]}: {key[1]}" if len(runs) > 1 else key[1]
+
+    shown, rest = keys[:MAX_PANELS], keys[MAX_PANELS:]
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, shown):
+        for phase, steps, values, is_eval in panels[key]:
+            ax.plot(steps, values, label=phase, marker="o" if is_eval or len(steps) < 3 else None,
                     markersize=3, linestyle="--" if is_eval else "-", linewidth=1.2)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_title(title(key), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
+        if len(panels[key]) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     fig.tight_layout()
     out = Path(out_png)
-    atomic_write(out, lambda fh: fig.savefig(fh, dpi=110, format="png"))
+    atomic_write(out, lambda fh: fig.savefig(fh, dpi=100, format="png"))
     plt.close(fig)
-    return out
+    return CurvesPlot(out, [title(k) for k in shown], [title(k) for k in rest])
 
 
 def _panel_order(name: str) -> tuple[int, str]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dschat.rlhf import health
 from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.data.raw_datasets import read_data_text
@@ -31,10 +32,13 @@ from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError, run_main
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
+from dschat.utils.model_card import card_files, push_to_hub
+from dschat.utils.output_dir import staged_output
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
-from dschat.utils.utils import atomic_write, print_rank_0, to_device
+from dschat.utils.utils import atomic_write, atomic_write_json, print_rank_0, to_device
 
 REFERENCE_FILE = "reference_logps.pt"
+EVAL_MAX_NEW_TOKENS = 64  # answer budget of the held-out generation checks
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                "logps/chosen", "logps/rejected")
 
@@ -98,6 +102,25 @@ def dpo_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rew
         "logps/chosen": policy_chosen_logps.detach().float().mean(),
         "logps/rejected": policy_rejected_logps.detach().float().mean(),
     }
+
+
+def held_out_prompts(dataset: Dataset | None, count: int, pad_token_id: int
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Left-padded (ids, mask) of the prompts of the first `count` pairs (phase-2 items), or None."""
+    if dataset is None or not count or not len(dataset):
+        return None
+    prompts = []
+    for i in range(min(count, len(dataset))):
+        item = dataset[i]
+        ids = item[0].reshape(-1)[item[1].reshape(-1) != 0]  # the chosen row without padding
+        prompts.append(ids[: int(item[4])].long())
+    width = max(len(p) for p in prompts)
+    out = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(out)
+    for row, prompt in enumerate(prompts):
+        out[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return out, mask
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,6 +315,16 @@ class DPOTrainer(Trainer):
                          IndexedDataset(eval_dataset) if eval_dataset is not None else None,
                          IndexedCollator(collate_fn), tokenizer)
         self.reference = reference
+        self.monitor = health.HealthMonitor("step3b_dpo", health.thresholds_from_args(args))
+        self.best = health.KeepBest(f"eval/{args.best_metric}")
+        self.held_out = held_out_prompts(eval_dataset if eval_dataset is not None and len(eval_dataset)
+                                         else train_dataset, args.eval_prompts, tokenizer.pad_token_id)
+        self.gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
+        self.scorer = None
+        if args.reward_model_name_or_path and self.held_out is not None:
+            from dschat.utils.inference import RewardScorer
+
+            self.scorer = RewardScorer(args.reward_model_name_or_path, self.device, max_seq_len=args.max_seq_len)
 
     def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
         policy = policy_log_probs(self.engine, batch, self.args.pad_mask)
@@ -300,7 +333,13 @@ class DPOTrainer(Trainer):
         ref_chosen, ref_rejected = split_pairs(ref.to(policy.dtype))
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.args.beta, self.args.label_smoothing)
-        return dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        if split == "eval":  # per token, so the trend reads the same whatever the answer lengths
+            tokens = response_mask(batch["attention_mask"], batch["prompt_lengths"])[:, 1:].sum(dim=1).float()
+            chosen_tokens, rejected_tokens = split_pairs(tokens.clamp(min=1.0))
+            metrics["health/logps_chosen_per_token"] = (policy_chosen.detach().float() / chosen_tokens).mean()
+            metrics["health/logps_rejected_per_token"] = (policy_rejected.detach().float() / rejected_tokens).mean()
+        return metrics
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         return self._metrics(batch, "train")
@@ -321,7 +360,57 @@ class DPOTrainer(Trainer):
                 sums[key] = sums.get(key, torch.zeros((), device=self.device)) + value.detach().float()
             count += 1
         self.engine.train()
-        return reduce_mean_metrics(sums, count)
+        metrics = reduce_mean_metrics(sums, count)
+        metrics.update(self._evaluate_generations())
+        return metrics
+
+    def _evaluate_generations(self) -> dict[str, float]:
+        """Greedy answers to fixed held-out prompts: generation health, reward-model and gold scores."""
+        if self.held_out is None:
+            return {}
+        from dschat.rlhf.generation import Generator
+
+        ids, mask = (t.to(self.device) for t in self.held_out)
+        room = self.args.max_seq_len - ids.shape[1]
+        generator = Generator(self.engine, self.tokenizer, max_new_tokens=max(1, min(EVAL_MAX_NEW_TOKENS, room)),
+                              zero_stage=self.args.zero_stage)
+        scorer = self.scorer
+
+        def reward(seq, width, prompts, answers):  # noqa: ARG001 - the scorer reads the texts
+            return torch.tensor(scorer.score(prompts, answers))
+
+        metrics = health.evaluate_held_out(self.engine, generator, ids, mask, self.tokenizer,
+                                           reward if scorer is not None else None, self.gold,
+                                           self.args.per_device_eval_batch_size)
+        self.engine.train()
+        return metrics
+
+    def after_eval(self, metrics: dict[str, float]) -> None:
+        """Health warnings (and --stop_on_collapse), then keep-best bookkeeping."""
+        health.check_health(self.monitor, self.global_step, metrics, self.args.output_dir, self.args.stop_on_collapse,
+                            self.save_state)
+        scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        improved = self.best.consider(self.global_step, scores, healthy=not self.monitor.active)
+        if improved and self.args.keep_best and self.args.output_dir:
+            from dschat.utils.module.lora import lora_fused
+            from dschat.utils.utils import save_causal_lm
+
+            print_rank_0(f"--keep_best: new best held-out {self.best.metric} {self.best.best_score:.4f} at step "
+                         f"{self.global_step}; saving it to {self._best_dir()}")
+            with lora_fused(self.engine.module):
+                save_causal_lm(self.engine.module, self.tokenizer, self._best_dir(),
+                               extra_files=card_files(self.args, "step3b DPO (best evaluated step)",
+                                                      self.args.model_name_or_path, self.engine))
+
+    def _best_dir(self) -> Path:
+        return Path(self.args.output_dir) / "best_model"
+
+    def extra_state(self) -> dict:
+        return {"health_baseline": self.monitor.baseline, "keep_best": self.best.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.monitor.baseline.update(state.get("health_baseline", {}))
+        self.best.load_state_dict(state.get("keep_best", {}))
 
     def save_model(self) -> None:
         if not self.args.output_dir:
@@ -329,9 +418,28 @@ class DPOTrainer(Trainer):
         from dschat.utils.build import fuse_lora
         from dschat.utils.utils import save_causal_lm
 
+        health.write_health(self.args.output_dir, self.monitor)
+        if self.args.keep_best and self.best.best_step is not None and self._best_dir().is_dir():
+            self._keep_best_model()
+            return
         print_rank_0(f"saving the DPO model to {self.args.output_dir} ...")
         fuse_lora(self.engine.module)
-        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir)
+        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir,
+                       extra_files=card_files(self.args, "step3b DPO", self.args.model_name_or_path, self.engine))
+        push_to_hub(self.args, self.args.output_dir)
+
+    def _keep_best_model(self) -> None:
+        """The output directory's model files become the best evaluated step's; best.json says which and why."""
+        out, best = Path(self.args.output_dir), self._best_dir()
+        record = self.best.record(self.global_step, "best")
+        if is_rank_0():
+            with staged_output(out) as staging:  # keeps the run's logs, metrics and states
+                for item in best.iterdir():
+                    os.replace(item, staging / item.name)
+            best.rmdir()  # emptied above
+            atomic_write_json(out / health.BEST_FILE, record)
+        barrier()
+        print_rank_0(f"--keep_best: {out} holds step {self.best.best_step}: {record['reason']}")
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -347,7 +455,7 @@ def parse_args(argv: list[str] | None = None):
     group.add_argument("--label_smoothing", type=float, default=0.0,
                        help="Conservative DPO: assumed probability that a preference label is flipped.")
     group.add_argument("--reference_model_name_or_path", type=str, default=None,
-                       help="Reference policy (default: --model_name_or_path, i.e. the SFT model).")
+                       help="Reference policy (default: --model_name_or_path, i.e. the SFT model)." + flags.OWN_DEFAULT)
     group.add_argument("--offload_reference_model", action="store_true",
                        help="ZeRO-offload the reference model's parameters to CPU.")
     group.add_argument("--precompute_ref_log_probs", action="store_true",
@@ -358,8 +466,17 @@ def parse_args(argv: list[str] | None = None):
     flags.add_lora_args(parser)
     flags.add_logging_args(parser, tensorboard_path="step2_tensorboard")
     flags.add_eval_args(parser, eval_interval=0, eval_iters=100)
+    health.add_health_args(parser)
+    best = health.add_keep_best_args(parser, eval_steps_dest="eval_interval")
+    best.add_argument("--reward_model_name_or_path", type=str, default=None,
+                      help="Step-2 reward model scoring the held-out answers at each eval (eval/reward).")
     args = parser.parse_args(argv)
     flags.validate_common(args)
+    health.check_health_args(args)
+    flags.check_path_exists("--reward_model_name_or_path", args.reward_model_name_or_path, "model directory")
+    if args.keep_best and args.best_metric == "reward" and not args.reward_model_name_or_path:
+        raise UserError("--keep_best --best_metric reward needs --reward_model_name_or_path (or use "
+                        "--best_metric gold with --gold_reward)")
     if args.beta <= 0:
         raise UserError(f"--beta {args.beta}: must be positive")
     if not 0.0 <= args.label_smoothing < 0.5:
@@ -482,7 +599,7 @@ def build(args) -> DPOTrainer:
     eval_config = set_batch_sizes(eval_config, args.per_device_eval_batch_size, 1, get_world_size())
     train_data, eval_data = create_prompt_dataset(
         get_local_rank(), args.data_path, args.data_split, args.data_output_path, 2, args.seed, tokenizer,
-        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache,
+        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
     )
     collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
                                   padding=args.padding)

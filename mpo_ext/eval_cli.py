@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from dschat.utils.data.raw_datasets import parse_column_map
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
 from dschat.utils.output_dir import prepare_output_dir
 
@@ -55,13 +56,19 @@ def _generation_options(func: Callable) -> Callable:
         click.option("--data_path", type=str, default=None,
                      help="Dataset name or local file/directory; its eval/test split gives the prompts "
                           "(a local file without one: all its prompts)."),
+        click.option("--data_keys", type=str, default=None,
+                     help="Column mapping for local files and hub datasets, NAME=COLUMN comma-separated "
+                          "(e.g. prompt=question), as in the training stages."),
         click.option("--num_prompts", type=click.IntRange(min=1), default=None,
                      help="Evaluate a seeded random subset of this many prompts (default: all)."),
-        click.option("--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Maximum new tokens per answer."),
         click.option("--do_sample/--greedy", default=False, show_default=True,
                      help="Sample (with --temperature/--top_p/--top_k) or decode greedily."),
-        click.option("--temperature", type=FiniteFloatRange(min=0.0, min_open=True), default=1.0, show_default=True),
-        click.option("--top_p", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--temperature", type=FiniteFloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+                     help="Sampling temperature (with --do_sample)."),
+        click.option("--top_p", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+                     help="Nucleus sampling mass (with --do_sample)."),
         click.option("--top_k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off."),
         click.option("--seed", type=int, default=1234, show_default=True,
                      help="Fixes the prompt subset, the sampling and the bootstrap."),
@@ -87,7 +94,7 @@ def _generation_options(func: Callable) -> Callable:
         click.option("--num_bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Bootstrap resamples for the confidence intervals."),
         click.option("--confidence", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True),
-                     default=0.95, show_default=True),
+                     default=0.95, show_default=True, help="Level of the bootstrap intervals."),
         click.option("--data_output_path", type=str, default=None,
                      help="Scratch directory of the data loaders (default: ~/.cache/dschat/data_files)."),
         click.option("--local_rank", type=int, default=-1, hidden=True, help="Set by the deepspeed launcher."),
@@ -123,7 +130,8 @@ def _run_evaluation(models: list[tuple[str, str]], output_dir: str, opts: dict) 
                     num_prompts=opts["num_prompts"], num_padding_at_beginning=opts["num_padding_at_beginning"],
                     device=opts["device"], dtype=opts["dtype"], max_seq_len=opts["max_seq_len"], gold=opts["gold"],
                     num_resamples=opts["num_bootstrap"], confidence=opts["confidence"],
-                    data_output_path=opts["data_output_path"], reward_end_text=opts["reward_end_text"])
+                    data_output_path=opts["data_output_path"], reward_end_text=opts["reward_end_text"],
+                    column_map=parse_column_map(opts["data_keys"]))
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -170,12 +178,14 @@ def _display_names(paths: list[Path]) -> list[str]:
               help="Environment variable holding the judge API key (unset: no Authorization header).")
 @click.option("--judge_rate_limit", type=FiniteFloatRange(min=0.0), default=1.0, show_default=True,
               help="Requests per second (0: unlimited).")
-@click.option("--judge_max_retries", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--judge_max_retries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Retries per judge request (rate limits, server errors).")
 @click.option("--judge_backoff", type=FiniteFloatRange(min=0.0), default=1.0, show_default=True,
               help="First retry delay in seconds; doubles on each retry.")
 @click.option("--judge_timeout", type=FiniteFloatRange(min=0.0, min_open=True), default=60.0, show_default=True,
               help="Seconds one request may take in total (connect, send and the whole reply); then it is retried.")
-@click.option("--judge_max_tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--judge_max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Maximum tokens of a judge's verdict.")
 @click.option("--judge_tie_margin", type=FiniteFloatRange(min=0.0), default=0.0, show_default=True,
               help="Judge score differences (0-10 scale) within +-this are ties.")
 @click.option("--judge_limit", type=click.IntRange(min=1), default=None,
@@ -348,8 +358,12 @@ def plot_curves_command(run_dirs: tuple[str, ...], output: str, metrics: tuple[s
     from mpo_ext.curves import find_metrics_files, plot_training_curves
 
     files = find_metrics_files(run_dirs)
-    path = plot_training_curves(files, output, metrics or None)
-    click.echo(f"[plot-curves] {len(files)} run(s): {', '.join(files)} -> {path}")
+    plot = plot_training_curves(files, output, metrics or None)
+    click.echo(f"[plot-curves] {len(files)} run(s): {', '.join(files)}; {len(plot.panels)} panels (one per metric "
+               f"and run) -> {plot.path}")
+    if plot.left_out:
+        click.echo(f"[plot-curves] left out {len(plot.left_out)} panels beyond {len(plot.panels)} (choose with "
+                   f"--metric or plot fewer runs): {', '.join(plot.left_out)}")
 
 
 @click.group("mpo-eval")

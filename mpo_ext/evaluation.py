@@ -29,7 +29,9 @@ from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.inference import RewardScorer, load_policy, resolve_device, resolve_torch_dtype
+from dschat.utils.model_card import set_card_section
 from dschat.utils.output_dir import prepare_output_dir
+from dschat.utils.utils import load_hf_tokenizer
 
 GENERATIONS_DIR = "generations"
 TABLE_FILE = "table.json"
@@ -160,20 +162,23 @@ def parse_model_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _open_raw_dataset(data_path: str, seed: int, data_output_path: str):
+def _open_raw_dataset(data_path: str, seed: int, data_output_path: str, tokenizer=None, column_map=None):
     from dschat.utils.data.data_utils import get_raw_dataset
 
-    return get_raw_dataset(data_path, data_output_path, seed, -1)
+    return get_raw_dataset(data_path, data_output_path, seed, -1, tokenizer=tokenizer, column_map=column_map)
 
 
 def load_eval_prompts(data_path: str, num_prompts: int | None = None, seed: int = 1234,
-                      data_output_path: str | None = None) -> list[str]:
+                      data_output_path: str | None = None, tokenizer=None,
+                      column_map: dict[str, str] | None = None) -> list[str]:
     """Held-out prompts of a dataset: its eval/test split (a local file without one: all its prompts).
+
+    Conversational data is rendered with `tokenizer`'s chat template, as the training stages saw it.
 
     Duplicates are dropped (keeping first occurrence) so a prompt is not counted twice; with
     `num_prompts` a seeded random subset is taken, kept in dataset order.
     """
-    raw = _open_raw_dataset(data_path, seed, data_output_path)
+    raw = _open_raw_dataset(data_path, seed, data_output_path, tokenizer, column_map)
     data = raw.get_eval_data()
     if data is None:
         if not raw.is_local_path:
@@ -213,8 +218,10 @@ def find_gold_reward(data_path: str, mode: str = "auto") -> Callable[[str, str],
             task = json.loads(manifest.read_text(encoding="utf-8")).get("task")
         except (OSError, ValueError, AttributeError):
             task = None
-    if task == synthetic.SYNTHETIC_TASK_NAME or mode == "synthetic":
-        return synthetic.gold_reward
+    if task in synthetic.TASKS:
+        return synthetic.TASKS[task].gold_reward
+    if mode == "synthetic":
+        return synthetic.any_gold_reward
     return None
 
 
@@ -377,7 +384,8 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
              decoding: Decoding, num_prompts: int | None = None, num_padding_at_beginning: int = 0,
              device: str = "auto", dtype: str = "auto", max_seq_len: int = 512, gold: str = "auto",
              num_resamples: int = 1000, confidence: float = 0.95,
-             data_output_path: str | None = None, reward_end_text: str | None = None) -> list[dict]:
+             data_output_path: str | None = None, reward_end_text: str | None = None,
+             column_map: dict[str, str] | None = None) -> list[dict]:
     """Generate, score and summarise; rank 0 writes generations/NAME.jsonl and table.json.
 
     Every rank returns the same rows. Files are written one by one atomically; table.json comes last
@@ -393,7 +401,9 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
         (out / TABLE_FILE).unlink(missing_ok=True)
     torch_device = resolve_device(device)
     torch_dtype = resolve_torch_dtype(dtype, torch_device)
-    prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path)
+    # The chain's models share the SFT tokenizer; the first one renders conversational prompts.
+    prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path,
+                                tokenizer=load_hf_tokenizer(models[0][1]), column_map=column_map)
     gold_fn = find_gold_reward(data_path, gold)
     _log(f"{len(prompts)} held-out prompts from {data_path}; {len(models)} model(s); "
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")
@@ -414,7 +424,11 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
                     "confidence": confidence, "num_resamples": num_resamples, "world_size": get_world_size(),
                     "reward_ending": scorer.ending}
         atomic_write_json(out / TABLE_FILE, {"rows": rows, "settings": settings})
-        print(format_table(rows, confidence), flush=True)
+        table_text = format_table(rows, confidence)
+        print(table_text, flush=True)
+        for _, path in models:  # each evaluated model's card gets the table it is part of
+            set_card_section(path, "Evaluation (mpo eval)", f"Data: `{data_path}`, reward model: "
+                             f"`{reward_model}`, {len(prompts)} prompts.\n\n```\n{table_text}\n```")
         _log(f"wrote {out / TABLE_FILE} and {out / GENERATIONS_DIR}/")
     barrier()
     return rows

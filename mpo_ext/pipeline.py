@@ -38,6 +38,7 @@ import yaml
 import mpo_ext
 from dschat.utils.errors import UserError
 from dschat.utils.utils import atomic_write_json
+from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS
 
 CONFIG_PACKAGE = "mpo_ext.configs"
 PRESET_ALIASES = {"llama2-7b": "llama2-7b-hh"}
@@ -61,7 +62,8 @@ WIRED_FLAGS = frozenset({
     "reward_model", "local_rank"})
 #: Flags that change logs or checkpoint cadence, never results: left out of a stage's identity.
 NO_RESULT_FLAGS = frozenset({
-    "log_interval", "save_steps", "save_total_limit", "enable_tensorboard", "tensorboard_path", "print_answers",
+    "log_interval", "save_steps", "save_total_limit", "enable_tensorboard", "tensorboard_path", "report_to",
+    "push_to_hub", "hub_model_id", "hub_private_repo", "print_answers",
     "print_answers_interval", "rebuild_data_cache", "rebuild_shards", "shard_size"})
 COMPLETION_RECORD = "stage.json"
 
@@ -76,6 +78,7 @@ class AssetsConfig:
     num_train: int = 2000
     num_test: int = 200
     seed: int = 1234
+    task: str = SYNTHETIC_TASK_NAME  # mpo_ext.synthetic.TASKS: mpo-synthetic or mpo-sort
 
 
 @dataclass
@@ -310,6 +313,8 @@ def validate(config: PipelineConfig) -> None:
         raise UserError(f"config key progress_interval: {config.progress_interval}; must be > 0 seconds")
     if not config.data.path:
         raise UserError("config key data.path: empty; name at least one dataset")
+    if config.assets is not None and config.assets.task not in TASKS:
+        raise UserError(f"config key assets.task: {config.assets.task!r}; choose one of {', '.join(TASKS)}")
     for stage in ("common", *TRAINING_STAGES, "eval"):
         for flag, value in getattr(config, stage).items():
             key = f"{stage}.{flag}"
@@ -416,7 +421,7 @@ def build_plan(config: PipelineConfig, out: Path) -> list[Stage]:
     if config.assets is not None:
         a = config.assets
         plan.append(Stage("assets", ["--num_train", str(a.num_train), "--num_test", str(a.num_test),
-                                     "--seed", str(a.seed)], {}))
+                                     "--seed", str(a.seed), "--task", a.task], {}))
     plan.append(train("sft", [*data_args, "--model_name_or_path", _as_input(config.models.sft)]))
     plan.append(train("rm", [*data_args, "--model_name_or_path", _as_input(config.models.reward), *npb]))
     split = (["--threshold", str(mpo.threshold)] if mpo.threshold is not None

@@ -242,8 +242,8 @@ def parse_args(argv: list[str] | None = None):
     flags.add_reward_ending_arg(group)
     group = parser.add_argument_group("selection")
     group.add_argument("--threshold", type=float, default=None,
-                       help=f"theta: pairs with |r(a) - r(b)| > theta are easy (default {DEFAULT_THRESHOLD}; the "
-                            "paper's best). Exclusive with --easy_fraction.")
+                       help=f"theta: pairs with |r(a) - r(b)| > theta are easy (default: {DEFAULT_THRESHOLD}, the "
+                            "paper's best). Exclusive with --easy_fraction." + flags.OWN_DEFAULT)
     group.add_argument("--easy_fraction", type=float, default=None,
                        help="Instead of a fixed theta, put this fraction of pairs (the largest gaps) in easy.")
     group.add_argument("--pair_source", choices=PAIR_SOURCES, default="samples",
@@ -263,8 +263,8 @@ def parse_args(argv: list[str] | None = None):
     group.add_argument("--num_samples", type=int, default=2,
                        help="Answers sampled per prompt (2: the paper's); the pair is the best and the worst of "
                             "them by reward. The prompt's prefill is computed once for all of its samples.")
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--top_p", type=float, default=1.0)
+    group.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of the answers.")
+    group.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass of the answers.")
     group.add_argument("--top_k", type=int, default=0, help="0 disables top-k filtering.")
     group.add_argument("--per_device_generation_batch_size", type=int, default=16,
                        help="Prompts per generate call (each yields --num_samples answers).")
@@ -275,8 +275,9 @@ def parse_args(argv: list[str] | None = None):
                        help="Discard shards of an earlier run with different settings instead of refusing.")
     group.add_argument("--enable_hybrid_engine", action="store_true",
                        help="Generate with the DeepSpeed Hybrid Engine where it works (GPU, supported model).")
-    group.add_argument("--output_dir", type=str, required=True)
-    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--output_dir", type=str, required=True,
+                       help="Where easy.jsonl, hard.jsonl, manifest.json, the plots and shards/ go (required).")
+    group.add_argument("--seed", type=int, default=1234, help="Seed of the data split and of the sampling.")
     flags.add_deepspeed_args(parser)
     args = parser.parse_args(argv)
     validate_args(args)
@@ -345,7 +346,8 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
     stats = {"skipped": 0, "filtered": 0, "answers_truncated": 0}
     for name in args.data_path:
         data_utils.check_data_path(name)
-        raw = data_utils.get_raw_dataset(name, args.data_output_path, args.seed, local_rank)
+        raw = data_utils.get_raw_dataset(name, args.data_output_path, args.seed, local_rank, tokenizer=tokenizer,
+                                         column_map=flags.column_map(args))
         split = data_utils.effective_data_split(args.data_split, raw, args.data_phase)
         source = raw.get_train_data()
         if raw.get_eval_data() is None:  # train-only sources: the 9:1 train part, as the data module does

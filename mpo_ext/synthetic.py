@@ -15,16 +15,24 @@ gold scores, hence noisy exactly where gaps are small (the MPO paper's Figure 2)
 Demonstrations are deliberately middling: mid-quality writers habitually prefer the low-weight items,
 often give one item too many and sometimes slip in a wrong item or forget the period. The SFT model
 therefore learns a suboptimal mode, which the reward model, DPO and PPO can improve on.
+
+A second task, ``mpo-sort`` (`SORT_TASK_NAME`), checks that defaults are not tuned to the first one: the
+prompt lists 3-5 distinct numbers and asks for them sorted from smallest to largest or the reverse,
+e.g. ``"...: Sort 12 3 7 from largest to smallest.\n\nAssistant:"`` -> ``" 12 7 3."``. Its answer must
+copy content from the prompt (not recall it), and its gold reward is positional (see `sort_gold_reward`).
+Middling writers here often ignore the requested direction and swap neighbours. `TASKS` names both;
+`task_of(name)` gives a task's functions and `any_gold_reward` scores a prompt of either task.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +134,11 @@ def all_prompts(split: str | None = None) -> list[str]:
     if split not in (None, "train", "test"):
         raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _prompts(split: str) -> tuple[str, ...]:
+    return tuple(all_prompts(split))
 
 
 def parse_prompt(prompt: str) -> TaskSpec:
@@ -246,20 +259,21 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def make_pair(prompt: str, rng: random.Random, label_beta: float = 1.0) -> dict:
+def make_pair(prompt: str, rng: random.Random, label_beta: float = 1.0, task: str = SYNTHETIC_TASK_NAME) -> dict:
     """One preference record: two responses of independent quality, BT-labelled from their gold scores.
 
     Exact gold ties are redrawn so that "the label agrees with gold" is always well defined.
     """
-    first = sample_response(prompt, _sample_quality(rng), rng)
-    g1 = gold_reward(prompt, first)
+    spec = task_of(task)
+    first = spec.sample_response(prompt, _sample_quality(rng), rng)
+    g1 = spec.gold_reward(prompt, first)
     for _ in range(100):
-        second = sample_response(prompt, _sample_quality(rng), rng)
-        g2 = gold_reward(prompt, second)
+        second = spec.sample_response(prompt, _sample_quality(rng), rng)
+        g2 = spec.gold_reward(prompt, second)
         if g1 != g2:
             break
     else:  # pragma: no cover - practically unreachable with the quality spread above
-        second, g2 = best_response(prompt), max_gold(prompt)
+        second, g2 = spec.best_response(prompt), spec.max_gold(prompt)
     if rng.random() < _sigmoid(label_beta * (g1 - g2)):
         chosen, rejected, gc, gr = first, second, g1, g2
     else:
@@ -274,22 +288,23 @@ def make_pair(prompt: str, rng: random.Random, label_beta: float = 1.0) -> dict:
     }
 
 
-def generate_records(num: int, split: str, seed: int, label_beta: float = 1.0) -> list[dict]:
-    """`num` preference records for `split` ("train" or "test"), deterministic in (seed, split)."""
-    rng = random.Random(f"{SYNTHETIC_TASK_NAME}:{split}:{seed}")
-    prompts = all_prompts(split)
-    return [make_pair(rng.choice(prompts), rng, label_beta) for _ in range(num)]
+def generate_records(num: int, split: str, seed: int, label_beta: float = 1.0,
+                     task: str = SYNTHETIC_TASK_NAME) -> list[dict]:
+    """`num` preference records of `task` for `split` ("train" or "test"), deterministic in (task, seed, split)."""
+    spec = task_of(task)
+    rng = random.Random(f"{task}:{split}:{seed}")
+    return [make_pair(spec.sample_prompt(rng, split), rng, label_beta, task) for _ in range(num)]
 
 
 # --- Files ------------------------------------------------------------------------------------------
-def _summary(records: list[dict]) -> dict:
+def _summary(records: list[dict], task: Task) -> dict:
     n = len(records)
     return {
         "size": n,
         "label_noise_rate": sum(not r["label_correct"] for r in records) / n if n else 0.0,
         "mean_chosen_gold": sum(r["chosen_gold"] for r in records) / n if n else 0.0,
         "mean_rejected_gold": sum(r["rejected_gold"] for r in records) / n if n else 0.0,
-        "mean_max_gold": sum(max_gold(r["prompt"]) for r in records) / n if n else 0.0,
+        "mean_max_gold": sum(task.max_gold(r["prompt"]) for r in records) / n if n else 0.0,
     }
 
 
@@ -299,8 +314,9 @@ def make_synthetic_dataset(
     num_test: int = 200,
     seed: int = 1234,
     label_beta: float = 1.0,
+    task: str = SYNTHETIC_TASK_NAME,
 ) -> dict:
-    """Write train.jsonl, test.jsonl and manifest.json into `output_dir`; return the manifest.
+    """Write train.jsonl, test.jsonl and manifest.json of `task` into `output_dir`; return the manifest.
 
     Records: prompt, chosen, rejected, chosen_gold, rejected_gold, label_correct. SFT trains on
     prompt+chosen, the RM on the pairs, selection/PPO on the prompts; test prompts are held-out phrasings.
@@ -310,26 +326,187 @@ def make_synthetic_dataset(
         raise ValueError("num_train and num_test must be positive")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    spec = task_of(task)
     splits = {
-        "train": generate_records(num_train, "train", seed, label_beta),
-        "test": generate_records(num_test, "test", seed, label_beta),
+        "train": generate_records(num_train, "train", seed, label_beta, task),
+        "test": generate_records(num_test, "test", seed, label_beta, task),
     }
     for name, records in splits.items():
         atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    all_max = [max_gold(p) for p in all_prompts()]
+    all_max = ([max_gold(p) for p in all_prompts()] if task == SYNTHETIC_TASK_NAME
+               else [spec.max_gold(r["prompt"]) for records in splits.values() for r in records])
     manifest = {
-        "task": SYNTHETIC_TASK_NAME,
+        "task": task,
         "seed": seed,
         "num_train": num_train,
         "num_test": num_test,
         "label_beta": label_beta,
         "max_achievable_gold": max(all_max),
         "mean_max_achievable_gold": sum(all_max) / len(all_max),
-        "train": _summary(splits["train"]),
-        "test": _summary(splits["test"]),
+        "train": _summary(splits["train"], spec),
+        "test": _summary(splits["test"], spec),
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+# --- Second task: sorting numbers --------------------------------------------------------------------
+SORT_TASK_NAME = "mpo-sort"
+SORT_NUMBERS: tuple[int, ...] = tuple(range(1, 21))
+SORT_SIZES: tuple[int, ...] = (3, 4, 5)
+SORT_DIRECTIONS: dict[str, bool] = {"from smallest to largest": False, "from largest to smallest": True}
+SORT_TEMPLATES: tuple[str, ...] = ("Sort {x} {d}.", "Please sort {x} {d}.", "Order these numbers {d}: {x}.",
+                                   "Can you sort {x} {d}?")
+# Gold constants of the sort task (documented in sort_gold_reward).
+SORT_RIGHT_PLACE = 1.0
+SORT_PRESENT = 0.25
+SORT_MISSING = -0.5
+SORT_EXTRA = -0.75
+SORT_PROPER_END = 0.3
+_SORT_RE = re.compile(r"(?:Sort|sort|numbers) ((?:\d+ ?)+?)(?: (from (?:smallest to largest|largest to smallest)))"
+                      r"|(from (?:smallest to largest|largest to smallest)): ((?:\d+ ?)+)")
+
+
+@dataclass(frozen=True)
+class SortSpec:
+    numbers: tuple[int, ...]
+    descending: bool
+
+    @property
+    def target(self) -> list[int]:
+        return sorted(self.numbers, reverse=self.descending)
+
+
+def _sort_held_out(numbers: Sequence[int], descending: bool, template: int) -> bool:
+    # A fixed fifth of the (number set, direction, phrasing) combinations is kept for test.
+    return (sum(numbers) + 3 * template + int(descending)) % 5 == 0
+
+
+def sort_prompt(numbers: Sequence[int], descending: bool, template: int = 0) -> str:
+    direction = next(d for d, desc in SORT_DIRECTIONS.items() if desc == descending)
+    return format_prompt(SORT_TEMPLATES[template].format(x=" ".join(str(n) for n in numbers), d=direction))
+
+
+def sample_sort_prompt(rng: random.Random, split: str) -> str:
+    """A random prompt of `split` ("train" or "test"): distinct numbers in random order, a direction, a phrasing."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    while True:
+        numbers = rng.sample(SORT_NUMBERS, rng.choice(SORT_SIZES))
+        descending = rng.random() < 0.5
+        template = rng.randrange(len(SORT_TEMPLATES))
+        if _sort_held_out(numbers, descending, template) == (split == "test"):
+            return sort_prompt(numbers, descending, template)
+
+
+def parse_sort_prompt(prompt: str) -> SortSpec:
+    turn = prompt.rsplit("Human:", 1)[-1].split("Assistant:", 1)[0]
+    match = _SORT_RE.search(turn)
+    if match is None:
+        raise ValueError(f"not a {SORT_TASK_NAME} prompt: {prompt!r}")
+    numbers, direction = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+    return SortSpec(tuple(int(x) for x in numbers.split()), SORT_DIRECTIONS[direction])
+
+
+def sort_gold_reward(prompt: str, response: str) -> float:
+    """True quality of a sorting answer; accepts any string.
+
+    The response is stripped, a final "." removed and the rest split on whitespace. Each token at
+    position i equal to the i-th number of the correct order adds +1.0; a number of the prompt at a wrong
+    place adds +0.25 (first occurrence only); anything else (a repeat, a number not in the prompt, a word)
+    costs -0.75; each prompt number never written costs -0.5. Ending with exactly one period (no other
+    punctuation) adds +0.3. An empty response scores -2.0; the total is clipped below at -5.0.
+    """
+    spec = parse_sort_prompt(prompt)
+    text = response.strip()
+    if not text:
+        return EMPTY_RESPONSE
+    body = text[:-1] if text.endswith(".") else text
+    score = SORT_PROPER_END if text.endswith(".") and not any(ch in body for ch in ".?!,\n") else 0.0
+    target, wanted, seen = spec.target, set(spec.numbers), set()
+    for i, token in enumerate(body.split()):
+        value = int(token) if token.isdigit() else None
+        if value in wanted and value not in seen:
+            seen.add(value)
+            score += SORT_RIGHT_PLACE if i < len(target) and target[i] == value else SORT_PRESENT
+        else:
+            score += SORT_EXTRA
+    score += SORT_MISSING * len(wanted - seen)
+    return round(max(score, MIN_GOLD), 6)
+
+
+def best_sort_response(prompt: str) -> str:
+    return " " + " ".join(str(n) for n in parse_sort_prompt(prompt).target) + "."
+
+
+def sample_sort_response(prompt: str, quality: float, rng: random.Random) -> str:
+    """A writer of quality q in [0, 1]: below ~0.5 it mostly sorts ascending whatever was asked; it swaps
+    neighbours, drops or repeats a number, or slips in a foreign one more often the lower q is, and
+    writes the final period with probability 0.4 + 0.6 q."""
+    spec = parse_sort_prompt(prompt)
+    q = min(max(float(quality), 0.0), 1.0)
+    descending = spec.descending if rng.random() < 0.3 + 0.7 * q else False
+    out = sorted(spec.numbers, reverse=descending)
+    for _ in range(int(rng.random() < 0.7 * (1 - q)) + int(rng.random() < 0.3 * (1 - q))):
+        i = rng.randrange(len(out) - 1)
+        out[i], out[i + 1] = out[i + 1], out[i]
+    if rng.random() < 0.3 * (1 - q) and len(out) > 2:
+        out.pop(rng.randrange(len(out)))
+    if rng.random() < 0.25 * (1 - q):
+        i = rng.randrange(len(out))
+        out.insert(i, out[i])
+    if rng.random() < 0.25 * (1 - q) ** 1.5:
+        out.insert(rng.randrange(len(out) + 1), rng.choice([n for n in SORT_NUMBERS if n not in spec.numbers]))
+    return " " + " ".join(str(n) for n in out) + ("." if rng.random() < 0.4 + 0.6 * q else "")
+
+
+def sort_corpus_texts() -> Iterator[str]:
+    for template in range(len(SORT_TEMPLATES)):
+        for descending in (False, True):
+            yield sort_prompt(SORT_NUMBERS, descending, template)
+    yield " " + " ".join(str(n) for n in SORT_NUMBERS) + "."
+    yield " ".join(str(n) for n in SORT_NUMBERS)
+    yield ", . ? ! : ' \n"
+
+
+# --- Task registry ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    """One embedded task: how to draw prompts and answers, its gold reward and its tokenizer corpus."""
+
+    name: str
+    sample_prompt: Callable[[random.Random, str], str]
+    sample_response: Callable[[str, float, random.Random], str]
+    gold_reward: Callable[[str, str], float]
+    best_response: Callable[[str], str]
+    corpus: Callable[[], Iterable[str]]
+
+    def max_gold(self, prompt: str) -> float:
+        return self.gold_reward(prompt, self.best_response(prompt))
+
+
+TASKS: dict[str, Task] = {
+    SYNTHETIC_TASK_NAME: Task(SYNTHETIC_TASK_NAME, lambda rng, split: rng.choice(_prompts(split)), sample_response,
+                              gold_reward, best_response, lambda: corpus_texts()),
+    SORT_TASK_NAME: Task(SORT_TASK_NAME, sample_sort_prompt, sample_sort_response, sort_gold_reward,
+                         best_sort_response, sort_corpus_texts),
+}
+
+
+def task_of(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown synthetic task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def any_gold_reward(prompt: str, response: str) -> float:
+    """The gold reward of whichever embedded task `prompt` belongs to (ValueError if none)."""
+    for task in TASKS.values():
+        try:
+            return task.gold_reward(prompt, response)
+        except ValueError:
+            continue
+    raise ValueError(f"not a prompt of any embedded task: {prompt!r}")
 
 
 def corpus_texts(extra: Iterable[str] = ()) -> Iterator[str]:

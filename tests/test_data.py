@@ -198,13 +198,18 @@ def test_hh_dialogue_split_on_real_record(real_hh_records):
     assert all(a.get_prompt_and_chosen(r) is None for r in empty)
 
 
-def test_dispatch_order_and_unknown_name():
+def test_dispatch_order_and_unknown_name(monkeypatch):
+    import datasets
+
     assert rd.find_adapter("./relative/Dahoas/rm-static") is rd.DahoasRmstaticDataset
     assert rd.find_adapter("Anthropic/hh-rlhf/helpful-base") is rd.AnthropicHHRLHFDataset
-    with pytest.raises(UserError) as err:
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no hub here: fail at once, not after retries
+    with pytest.raises(UserError) as err:  # not a built-in name: tried as a hub id
         du.get_raw_dataset("nobody/such-set", "", 0, -1)
     msg = str(err.value)
-    assert "--data_path nobody/such-set" in msg and "Dahoas/rm-static" in msg and "Anthropic/hh-rlhf" in msg
+    assert "--data_path nobody/such-set" in msg and "datasets.load_dataset" in msg and "\n" not in msg
+    with pytest.raises(UserError, match="no such file or directory"):
+        du.get_raw_dataset("./nobody/such-set.jsonl", "", 0, -1)
 
 
 def test_hub_style_loading_of_local_repo(tmp_path, monkeypatch):

@@ -304,8 +304,18 @@ def test_plot_curves(tmp_path):
     series = metric_series(json.loads(x) for x in files["step3_ppo"].read_text().splitlines()[:-1])
     steps, values = series[("loss", "train")]
     assert steps == [1, 2, 3, 4, 5] and values[2] == 0.5  # a re-logged step keeps its last value
-    out = plot_training_curves(files, tmp_path / "curves.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot = plot_training_curves(files, tmp_path / "curves.png")
+    assert plot.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plot.left_out
+    # one panel per metric and stage: DPO's and PPO's losses never share one
+    assert {"step3b_dpo: loss", "step3_ppo: loss", "step3_ppo: eval/loss"} <= set(plot.panels)
+    assert len(plot.panels) == 2 * 4
+    many = {f"run{i}": files["step3_ppo"] for i in range(13)}  # 13 runs x 4 panels > MAX_PANELS
+    plot = plot_training_curves(many, tmp_path / "many.png")
+    assert len(plot.panels) == 48 and sorted(plot.left_out) == ["run12: eval/loss", "run12: loss",
+                                                                "run12: objective/kl", "run12: rewards/margins"]
+    said = CliRunner().invoke(plot_curves_command, [*(f"{k}={v}" for k, v in many.items()), "--output",
+                                                    str(tmp_path / "many_cli.png")])
+    assert said.exit_code == 0 and "left out 4 panels" in said.output and "run12: loss" in said.output, said.output
     result = CliRunner().invoke(plot_curves_command, [f"dpo={tmp_path / 'run' / 'step3b_dpo'}",
                                                       str(tmp_path / "run" / "step3_ppo" / "metrics.jsonl"),
                                                       "--output", str(tmp_path / "cli.png"), "--metric", "loss",

@@ -97,6 +97,7 @@ def test_identities_follow_settings_and_inputs(tmp_path):
     ("ppo.per_device_training_batch_size=0", "per_device_training_batch_size"),
     ("sft.output_dir=/tmp/x", "sft.output_dir"),
     ("launcher.num_gpus=two", "launcher.num_gpus"),
+    ("assets.task=mpo-nope", "assets.task"),
 ])
 def test_bad_config_is_one_line_naming_the_key_and_nothing_runs(tmp_path, setting, named):
     out = tmp_path / "run"

@@ -182,7 +182,7 @@ def test_bad_input_is_one_clear_line(name, override, needle, assets, tmp_path, r
         base[override[i]] = [override[i + 1]]
     flags = [x for k, v in base.items() for x in (k, *v)]
     proc = run_ds(STEP1, [*flags, "--max_seq_len", "64", "--output_dir", str(out), "--data_output_path",
-                          str(tmp_path / "cache")], num_ranks=0)
+                          str(tmp_path / "cache")], num_ranks=0, env={"HF_HUB_OFFLINE": "1"})  # no hub here
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]

@@ -152,6 +152,10 @@ def test_one_rank_zero0_ema_hybrid_fallback_and_exact_resume(assets, run_ds, tmp
     assert info["ppo"]["init_kl_coef"] == 0.1 and info["ppo"]["lam"] == 0.95
     assert info["generation_path"] == "hf_generate"
 
+    card = (out / "actor" / "README.md").read_text()  # model card: stage, base model, the run's last numbers
+    assert "step3 PPO actor" in card and f"`{assets['actor']}`" in card
+    assert f"| reward/mean | {metrics[-1]['reward/mean']} |" in card and "| init_kl_coef | 0.1 |" in card
+    assert "step3 PPO critic" in (out / "critic" / "README.md").read_text()
     tok = load_hf_tokenizer(str(out / "actor"))
     AutoModelForCausalLM.from_pretrained(str(out / "actor"))
     AutoModelForCausalLM.from_pretrained(str(out / "actor_ema"))

@@ -202,3 +202,52 @@ def test_build_deterministic_and_idempotent(tmp_path, assets):
     stamps = {p: p.stat().st_mtime_ns for d in ("data", "tiny-llama") for p in (root / d).iterdir()}
     assert build_default_assets(root, num_train=200, num_test=40) == assets
     assert stamps == {p: p.stat().st_mtime_ns for d in ("data", "tiny-llama") for p in (root / d).iterdir()}
+
+
+# --------------------------------------------------------------------------------------------- second task
+
+
+SORT_DESC = S.sort_prompt([12, 3, 7], descending=True)
+
+
+@pytest.mark.parametrize("response, expected", [
+    (" 12 7 3.", 3 * 1.0 + 0.3),                 # right order, proper end
+    (" 3 7 12.", 0.25 + 1.0 + 0.25 + 0.3),       # ascending: only the middle one in place
+    (" 12 3 7", 1.0 + 0.25 + 0.25),              # no period
+    (" 12 7 7 3.", 1.0 + 1.0 - 0.75 + 0.25 + 0.3),  # a repeat; 3 lands past the target's length
+    (" 12 7.", 2.0 - 0.5 + 0.3),                 # 3 missing
+    (" 12 7 3 5.", 3.0 - 0.75 + 0.3),            # a foreign number
+    ("", -2.0),
+])
+def test_sort_gold_reward_hand_computed(response, expected):
+    assert S.sort_gold_reward(SORT_DESC, response) == pytest.approx(expected)
+
+
+def test_sort_task_prompts_parse_split_and_label(tmp_path):
+    for template in range(len(S.SORT_TEMPLATES)):
+        for descending in (False, True):
+            prompt = S.sort_prompt([5, 20, 1, 9], descending, template)
+            spec = S.parse_sort_prompt(prompt)
+            assert spec == S.SortSpec((5, 20, 1, 9), descending)
+            assert S.sort_gold_reward(prompt, S.best_sort_response(prompt)) == pytest.approx(4.3)
+            assert S.any_gold_reward(prompt, S.best_sort_response(prompt)) == pytest.approx(4.3)
+    with pytest.raises(ValueError):
+        S.parse_sort_prompt(S.format_prompt("Name two fruits."))
+    rng = random.Random(0)
+    train = {S.sample_sort_prompt(rng, "train") for _ in range(300)}
+    test = {S.sample_sort_prompt(rng, "test") for _ in range(100)}
+    assert not train & test
+    # better writers score higher on average; labels mostly agree with gold
+    prompts = [S.sample_sort_prompt(rng, "train") for _ in range(300)]
+    low = statistics.fmean(S.sort_gold_reward(p, S.sample_sort_response(p, 0.1, rng)) for p in prompts)
+    high = statistics.fmean(S.sort_gold_reward(p, S.sample_sort_response(p, 0.9, rng)) for p in prompts)
+    assert high > low + 1.0
+    manifest = S.make_synthetic_dataset(tmp_path, num_train=300, num_test=30, seed=1, task=S.SORT_TASK_NAME)
+    assert manifest["task"] == S.SORT_TASK_NAME and 0.05 < manifest["train"]["label_noise_rate"] < 0.35
+    from mpo_ext.evaluation import find_gold_reward
+
+    assert find_gold_reward(str(tmp_path)) is S.sort_gold_reward  # `mpo eval` scores this task by its own gold
+    first = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
+    assert S.sort_gold_reward(first["prompt"], first["chosen"]) == first["chosen_gold"]
+    # the default task's data does not change with the registry
+    assert S.generate_records(5, "train", 1234) == S.generate_records(5, "train", 1234, task=S.SYNTHETIC_TASK_NAME)

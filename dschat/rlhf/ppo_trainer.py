@@ -17,6 +17,7 @@ import inspect
 import torch
 
 from dschat.rlhf.generation import Generator, answer_lengths, decode_answers, decode_prompts
+from dschat.rlhf.health import answer_token_lists, generation_health
 from dschat.rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -91,6 +92,7 @@ class DeepSpeedPPOTrainer:
         self._ref_position_ids = _accepts_position_ids(self.ref_model.module)
         self._last_kept: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_train_stats: dict[str, torch.Tensor] = {}
+        self.last_health: dict[str, float] = {}  # answer checks of the last rollout batch, before any drop
 
     @property
     def kl_ctl(self) -> float:
@@ -116,6 +118,8 @@ class DeepSpeedPPOTrainer:
         """Generate, then drop rows whose answer has <= 1 token (upstream); returns (prompts, seq)."""
         seq = self.generator.generate(prompts, mask)
         self._print_answers(prompts, seq, step)
+        answers = answer_token_lists(seq, prompts.shape[1], self.pad_token_id)
+        self.last_health = {**generation_health(answers, self.max_answer_seq_len), "rows": float(len(answers))}
         keep = answer_lengths(seq, prompts.shape[1], self.pad_token_id) > 1
         if not bool(keep.all()):
             print_rank_0(f"Dropping {int((~keep).sum())} too short generated answer(s) (<= 1 token)")

@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from dschat.rlhf import health
 from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils import startup
 from dschat.utils.build import check_context_length, set_gradient_checkpointing
 from dschat.utils.ds_utils import resolve_dtype
 from dschat.utils.errors import UserError, run_main
+from dschat.utils.model_card import card_files, push_to_hub
 from dschat.utils.trainer import ResumableRun
 from dschat.utils.utils import print_rank_0
 
@@ -67,15 +69,19 @@ def _add_step3_model_args(parser) -> None:
                        help="A step-2 output (ours or DeepSpeed-Chat's); also used as the reward model.")
     group.add_argument("--reference_model_name_or_path", type=str, default=None,
                        help="Model the KL penalty is measured against (default: the actor's initial weights; "
-                            "MPO uses the DPO model).")
+                            "MPO uses the DPO model)." + flags.OWN_DEFAULT)
     group.add_argument("--num_padding_at_beginning", type=int, default=1,
                        help="Passed to the critic/reward constructors (OPT: 1): the first N positions are never "
                             "taken for the end of a sequence.")
     flags.add_reward_ending_arg(group)
-    group.add_argument("--actor_dropout", type=float, default=None)
-    group.add_argument("--critic_dropout", type=float, default=None)
-    group.add_argument("--actor_gradient_checkpointing", action="store_true")
-    group.add_argument("--critic_gradient_checkpointing", action="store_true")
+    group.add_argument("--actor_dropout", type=float, default=None,
+                       help="Override dropout in the actor config (default: keep the model's)." + flags.OWN_DEFAULT)
+    group.add_argument("--critic_dropout", type=float, default=None,
+                       help="Override dropout in the critic config (default: keep the model's)." + flags.OWN_DEFAULT)
+    group.add_argument("--actor_gradient_checkpointing", action="store_true",
+                       help="Enable HF gradient checkpointing in the actor.")
+    group.add_argument("--critic_gradient_checkpointing", action="store_true",
+                       help="Enable HF gradient checkpointing in the critic.")
     group.add_argument("--compute_fp32_loss", action="store_true", default=None,
                        help="Upcast the logits to fp32 for the log-probs, ratios and per-token KL, and compute the "
                             "critic loss in fp32 (default: on for --dtype bf16/fp16; --no_compute_fp32_loss turns "
@@ -83,7 +89,8 @@ def _add_step3_model_args(parser) -> None:
     group.add_argument("--no_compute_fp32_loss", dest="compute_fp32_loss", action="store_false",
                        help=argparse.SUPPRESS)
     group.add_argument("--add_eot_token", action="store_true", help="Add --eot_token to the tokenizer.")
-    group.add_argument("--eot_token", type=str, default="<|endoftext|>")
+    group.add_argument("--eot_token", type=str, default="<|endoftext|>",
+                       help="The special token --add_eot_token adds.")
 
 
 def _add_step3_batch_args(parser) -> None:
@@ -107,10 +114,10 @@ def _add_step3_batch_args(parser) -> None:
 
 def _add_step3_optim_args(parser) -> None:
     group = parser.add_argument_group("actor / critic optimisation")
-    group.add_argument("--actor_learning_rate", type=float, default=9.65e-6)
-    group.add_argument("--critic_learning_rate", type=float, default=5e-6)
-    group.add_argument("--actor_weight_decay", type=float, default=0.0)
-    group.add_argument("--critic_weight_decay", type=float, default=0.0)
+    group.add_argument("--actor_learning_rate", type=float, default=9.65e-6, help="Actor peak learning rate.")
+    group.add_argument("--critic_learning_rate", type=float, default=5e-6, help="Critic peak learning rate.")
+    group.add_argument("--actor_weight_decay", type=float, default=0.0, help="Actor AdamW weight decay.")
+    group.add_argument("--critic_weight_decay", type=float, default=0.0, help="Critic AdamW weight decay.")
     flags.add_optim_args(parser, learning_rate=0.0, num_warmup_steps=100, batch_flags=False)
     parser._option_string_actions["--max_steps"].help = "Stop after this many PPO steps (0: run all epochs)."
 
@@ -118,8 +125,10 @@ def _add_step3_optim_args(parser) -> None:
 def _add_step3_deepspeed_args(parser) -> None:
     flags.add_deepspeed_args(parser, zero_flags=False)
     group = parser.add_argument_group("step-3 ZeRO, offload and Hybrid Engine")
-    group.add_argument("--actor_zero_stage", type=int, default=0, choices=(0, 1, 2, 3))
-    group.add_argument("--critic_zero_stage", type=int, default=0, choices=(0, 1, 2, 3))
+    group.add_argument("--actor_zero_stage", type=int, default=0, choices=(0, 1, 2, 3),
+                       help="ZeRO stage of the actor (and reference) engines.")
+    group.add_argument("--critic_zero_stage", type=int, default=0, choices=(0, 1, 2, 3),
+                       help="ZeRO stage of the critic (and reward) engines.")
     group.add_argument("--offload_reference_model", action="store_true",
                        help="ZeRO-3 parameter offload for the reference (and EMA) model.")
     group.add_argument("--offload_reward_model", action="store_true",
@@ -146,7 +155,8 @@ def _add_step3_lora_args(parser) -> None:
     for who in ("actor", "critic"):
         group.add_argument(f"--{who}_lora_dim", type=int, default=0, help=f"LoRA rank of the {who}; > 0 enables it.")
         group.add_argument(f"--{who}_lora_module_name", type=str, default=None, help=flags.LORA_MODULE_HELP)
-        group.add_argument(f"--{who}_lora_learning_rate", type=float, default=5e-4)
+        group.add_argument(f"--{who}_lora_learning_rate", type=float, default=5e-4,
+                           help=f"Learning rate of the {who}'s LoRA parameters.")
     group.add_argument("--only_optimize_lora", action="store_true",
                        help="Train only LoRA parameters (actor and critic; the value head always trains).")
 
@@ -172,8 +182,8 @@ def _add_ppo_args(parser) -> None:
     group.add_argument("--ema_beta", type=float, default=0.992, help="EMA decay (weight of the past).")
     sampling = parser.add_argument_group("rollout sampling (default: greedy, as upstream)")
     sampling.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
-    sampling.add_argument("--temperature", type=float, default=1.0)
-    sampling.add_argument("--top_p", type=float, default=1.0)
+    sampling.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (with --do_sample).")
+    sampling.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass (with --do_sample).")
     sampling.add_argument("--top_k", type=int, default=0, help="0 disables top-k filtering.")
 
 
@@ -185,7 +195,13 @@ def _add_step3_logging_args(parser) -> None:
     group.add_argument("--print_answers_interval", type=int, default=1, help="Every N generation steps.")
     group.add_argument("--enable_test_mode", action="store_true",
                        help="Stop after --test_stop_step PPO steps without fp16 overflow (CI).")
-    group.add_argument("--test_stop_step", type=int, default=0)
+    group.add_argument("--test_stop_step", type=int, default=0,
+                       help="PPO steps before --enable_test_mode stops (0: no limit).")
+
+
+def _add_step3_health_args(parser) -> None:
+    health.add_health_args(parser)
+    health.add_keep_best_args(parser)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -198,6 +214,7 @@ def parse_args(argv: list[str] | None = None):
     _add_step3_lora_args(parser)
     _add_ppo_args(parser)
     _add_step3_logging_args(parser)
+    _add_step3_health_args(parser)
     args = parser.parse_args(argv)
     validate_args(args)
     return args
@@ -231,6 +248,9 @@ def validate_args(args) -> None:
         raise UserError(f"--top_p {args.top_p}: must be in (0, 1]")
     if not 0.0 <= args.ema_beta <= 1.0:
         raise UserError(f"--ema_beta {args.ema_beta}: must be in [0, 1]")
+    health.check_health_args(args)
+    if args.keep_best and not args.eval_steps:
+        raise UserError("--keep_best needs periodic evaluations: add --eval_steps N")
     if bool(args.unsupervised_dataset_name) != bool(args.unsupervised_dataset_config_name):
         print_rank_0("warning: the unsupervised mix needs both --unsupervised_dataset_name and "
                      "--unsupervised_dataset_config_name; it stays off")
@@ -259,10 +279,10 @@ def prepare(args):
                      "split may overlap their prompts and the run is not reproducible; pass --seed 1234")
     set_random_seed(args.seed)
     tokenizer = build_tokenizer(args, args.actor_model_name_or_path)
-    prompts, _ = create_prompt_dataset(
+    prompts, held_out = create_prompt_dataset(
         get_local_rank(), args.data_path, args.data_split, args.data_output_path, 3, args.seed, tokenizer,
         args.max_prompt_seq_len, end_of_conversation_token=end_of_text(args, tokenizer),
-        rebuild=args.rebuild_data_cache,
+        rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
     )
     if len(prompts) == 0:
         raise UserError(f"--data_path {' '.join(args.data_path)}: no prompts of at most --max_prompt_seq_len "
@@ -272,7 +292,7 @@ def prepare(args):
         unsup = get_unsupervised_data(args, tokenizer)
         if hasattr(unsup, "keys") and "train" in unsup.keys():  # upstream returned the whole DatasetDict
             unsup = unsup["train"]
-    return tokenizer, prompts, unsup
+    return tokenizer, prompts, unsup, held_out
 
 
 def count_total_iters(args, num_prompt_batches: int, num_unsup_batches: int | None) -> int:
@@ -300,7 +320,7 @@ def build(args) -> PPOLoop:
     from dschat.utils.trainer import ResumableSampler, groups_by_length, sample_lengths
 
     prepare_output_dir(args.output_dir)
-    tokenizer, prompts, unsup = prepare(args)
+    tokenizer, prompts, unsup, held_out = prepare(args)
     seed = args.seed or 0
     prompt_loader = DataLoader(
         prompts, batch_size=args.per_device_generation_batch_size,
@@ -322,7 +342,22 @@ def build(args) -> PPOLoop:
                                  num_total_iters)
     trainer_cls = DeepSpeedPPOTrainerUnsupervised if unsupervised_enabled(args) else DeepSpeedPPOTrainer
     trainer = trainer_cls(engine, args)
-    return PPOLoop(args, engine, trainer, prompt_loader, unsup_loader, tokenizer, num_total_iters)
+    loop = PPOLoop(args, engine, trainer, prompt_loader, unsup_loader, tokenizer, num_total_iters)
+    if args.eval_steps and args.eval_prompts:
+        loop.held_out = held_out_prompt_batch(args, held_out, prompts, tokenizer)
+    return loop
+
+
+def held_out_prompt_batch(args, held_out, train_prompts, tokenizer) -> dict[str, torch.Tensor]:
+    """The first --eval_prompts prompts of the phase-3 eval split (else of the training prompts), left-padded."""
+    from dschat.utils.data.data_utils import DataCollatorRLHF
+
+    dataset = held_out if held_out is not None and len(held_out) else train_prompts
+    count = min(args.eval_prompts, len(dataset))
+    source = "eval-split" if dataset is held_out else "training (the data has no eval split)"
+    print_rank_0(f"Held-out evaluation every {args.eval_steps} steps on {count} {source} prompts")
+    collate = DataCollatorRLHF(args.max_prompt_seq_len, 1, tokenizer.pad_token_id, padding="longest")
+    return collate([dataset[i] for i in range(count)])
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -351,8 +386,7 @@ class PPOLoop(ResumableRun):
         self.tokenizer = tokenizer
         self.num_total_iters = num_total_iters
         self.device = rlhf_engine.actor.device
-        self.logger = MetricLogger(args.output_dir, args.tensorboard_path if args.enable_tensorboard else None,
-                                   "step3")
+        self.logger = MetricLogger.from_args(args, "step3")
         self.reward_ema = ExponentialMovingAverage(0.9)
         self.global_step = 0          # PPO updates done
         self.epoch = 0
@@ -360,6 +394,9 @@ class PPOLoop(ResumableRun):
         self.non_overflow_steps = 0
         self._stop_requested = False
         self._round: dict[str, torch.Tensor] = {}
+        self.monitor = health.HealthMonitor("step3", health.thresholds_from_args(args))
+        self.best = health.KeepBest(f"eval/{args.best_metric}")
+        self.held_out: dict[str, torch.Tensor] | None = None
 
     # ---- state
     def _ema_partitioned(self) -> bool:
@@ -401,6 +438,8 @@ class PPOLoop(ResumableRun):
             "reward_normalizer": trainer.reward_stats.state_dict() if trainer.reward_stats else None,
             "reward_ema": self.reward_ema.ema,
             "non_overflow_steps": self.non_overflow_steps,
+            "health_baseline": self.monitor.baseline,
+            "keep_best": self.best.state_dict(),
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -411,6 +450,8 @@ class PPOLoop(ResumableRun):
             trainer.reward_stats.load_state_dict(state["reward_normalizer"])
         self.reward_ema.ema = state.get("reward_ema")
         self.non_overflow_steps = int(state.get("non_overflow_steps", self.global_step))
+        self.monitor.baseline.update(state.get("health_baseline", {}))
+        self.best.load_state_dict(state.get("keep_best", {}))
 
     # ---- loop
     def _done(self) -> bool:
@@ -433,6 +474,8 @@ class PPOLoop(ResumableRun):
             with self.sigterm_saves_state():
                 self._maybe_resume()
                 print_rank_0(f"***** Running training (total_iters={self.num_total_iters}) *****")
+                if self.global_step == 0:
+                    self._maybe_evaluate()
                 self._run_epochs()
         finally:
             self.logger.close()
@@ -479,6 +522,7 @@ class PPOLoop(ResumableRun):
                     unsup_batches = [None] * len(exp_batches)
                 self._train_round(exp_batches, unsup_batches)
                 bar.update(1)
+                self._maybe_evaluate()
                 self.after_step()
                 if self._done():
                     break
@@ -505,6 +549,11 @@ class PPOLoop(ResumableRun):
             self._round[key] = self._round.get(key, torch.zeros((), device=self.device)) + value.to(self.device)
         self._round["gen_time"] = self._round.get("gen_time", torch.zeros((), device=self.device)) + \
             exp["generate_time"].to(self.device)
+        answers = dict(self.trainer.last_health)  # every rollout of the batch, also those dropped as too short
+        rows = answers.pop("rows", 0.0)
+        for key, value in {"health_rows": 1.0, **answers}.items():
+            weighted = torch.tensor(value * rows if key != "health_rows" else rows, device=self.device)
+            self._round[key] = self._round.get(key, torch.zeros((), device=self.device)) + weighted
 
     def _train_round(self, exp_batches: list, unsup_batches: list) -> None:
         from dschat.utils.trainer import reduce_mean_metrics
@@ -544,18 +593,21 @@ class PPOLoop(ResumableRun):
         self._round = {}
         self.trainer.kl_controller.update(metrics["objective/kl"], int(metrics.pop("_samples")))
         self._log(metrics)
+        self._check_health(metrics)
 
     def _round_metrics(self, train_time: float) -> dict[str, float]:
         """Reward / KL / entropy / length over all samples of the round and all ranks."""
         from dschat.utils.dist import get_world_size
 
-        keys = ("count", "reward_sum", "reward_sq", "kl_sum", "entropy_sum", "length_sum", "gen_tokens")
+        health_keys = sorted(k for k in self._round if k.startswith("health/"))
+        keys = ("count", "reward_sum", "reward_sq", "kl_sum", "entropy_sum", "length_sum", "gen_tokens",
+                "health_rows", *health_keys)
         totals = torch.stack([self._round[k].float().reshape(()) for k in keys])
         times = torch.tensor([float(self._round["gen_time"]), train_time], device=self.device)
         if torch.distributed.is_initialized() and get_world_size() > 1:
             torch.distributed.all_reduce(totals)
             torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
-        count, r_sum, r_sq, kl_sum, ent_sum, len_sum, tokens = totals.tolist()
+        count, r_sum, r_sq, kl_sum, ent_sum, len_sum, tokens, rows, *health_sums = totals.tolist()
         n = max(count, 1.0)
         mean = r_sum / n
         kl = kl_sum / n
@@ -568,6 +620,8 @@ class PPOLoop(ResumableRun):
             "objective/kl_coef": kl_coef,
             "objective/rlhf_reward": mean - kl_coef * kl,
             "objective/entropy": ent_sum / n,
+            "health/entropy": ent_sum / max(len_sum, 1.0),
+            **{key: value / max(rows, 1.0) for key, value in zip(health_keys, health_sums)},
             "answer_length": len_sum / n,
             "time/generation": gen_time,
             "time/training": train_time,
@@ -593,6 +647,56 @@ class PPOLoop(ResumableRun):
                          f"answer length {metrics['answer_length']:.1f} | generation "
                          f"{metrics['time/generation']:.2f}s ({metrics['tokens_per_second/generation']:.1f} tok/s, "
                          f"{self.trainer.generator.path}) | training {metrics['time/training']:.2f}s")
+
+    # ---- health and held-out evaluation
+    def _check_health(self, metrics: dict[str, float]) -> None:
+        """Warn on unhealthy signals; with --stop_on_collapse save a state and exit (COLLAPSE_EXIT_CODE)."""
+        health.check_health(self.monitor, self.global_step, metrics, self.args.output_dir, self.args.stop_on_collapse,
+                            self.save_state)
+
+    def _maybe_evaluate(self) -> None:
+        """Every --eval_steps steps (and before the first): greedy answers to the held-out prompts, scored."""
+        from dschat.rlhf.generation import Generator
+        from dschat.utils.utils import to_device
+
+        args = self.args
+        if self.held_out is None or self.global_step % args.eval_steps != 0:
+            return
+        trainer = self.trainer
+        generator = Generator(trainer.actor_model, self.tokenizer, max_new_tokens=args.max_answer_seq_len,
+                              zero_stage=args.actor_zero_stage, gather_params=False if args.unpin_actor_parameters else None)
+        batch = to_device(self.held_out, self.device)
+        gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
+
+        def reward(seq, width, prompts, answers):  # noqa: ARG001 - scored as the rollouts are
+            mask = (seq != self.tokenizer.pad_token_id).long()
+            return trainer.reward_model.rollout_scores(seq, mask, width, trainer.reward_ending_ids,
+                                                       trainer.end_of_conversation_token_id)
+
+        trainer.eval()
+        metrics = health.evaluate_held_out(trainer.actor_model, generator, batch["prompt"], batch["prompt_att_mask"],
+                                           self.tokenizer, reward, gold, args.per_device_generation_batch_size)
+        trainer.train()
+        self.logger.log(self.global_step, "eval", metrics)
+        scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        if self.best.consider(self.global_step, scores, healthy=not self.monitor.active) and args.keep_best:
+            self._save_best_actor()
+
+    def _best_dir(self) -> Path:
+        return Path(self.args.output_dir) / "best_actor"
+
+    def _save_best_actor(self) -> None:
+        from dschat.utils.module.lora import lora_fused
+        from dschat.utils.utils import save_causal_lm
+
+        if not self.args.output_dir:
+            return
+        print_rank_0(f"--keep_best: new best held-out {self.best.metric} {self.best.best_score:.4f} at step "
+                     f"{self.global_step}; saving the actor to {self._best_dir()}")
+        with lora_fused(self.rlhf_engine.actor.module):
+            save_causal_lm(self.rlhf_engine.actor.module, self.tokenizer, self._best_dir(),
+                           extra_files=card_files(self.args, "step3 PPO actor (best evaluated step)",
+                                                  self.args.actor_model_name_or_path, self.rlhf_engine.actor))
 
     # ---- outputs
     def _write_run_info(self, final: bool) -> None:
@@ -622,6 +726,8 @@ class PPOLoop(ResumableRun):
             "hybrid_engine_requested": args.enable_hybrid_engine,
             "global_step": self.global_step,
             "final_kl_coef": self.trainer.kl_ctl,
+            "health": self.monitor.summary()["status"],
+            "kept_step": self.best.best_step if args.keep_best else self.global_step,
             "complete": final,
         }
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -639,13 +745,40 @@ class PPOLoop(ResumableRun):
         out = Path(args.output_dir)
         print_rank_0(f"saving the final models to {out} ...")
         fuse_lora(engine.actor.module)
-        save_causal_lm(engine.actor.module, self.tokenizer, out / "actor")
+        if args.keep_best and self.best.best_step is not None:
+            self._keep_best_actor(out / "actor")
+        else:
+            save_causal_lm(engine.actor.module, self.tokenizer, out / "actor",
+                           extra_files=card_files(args, "step3 PPO actor", args.actor_model_name_or_path,
+                                                  engine.actor))
         fuse_lora(engine.critic.module)
-        save_reward_model(engine.critic.module, self.tokenizer, out / "critic")
+        save_reward_model(engine.critic.module, self.tokenizer, out / "critic",
+                          extra_files=card_files(args, "step3 PPO critic", args.critic_model_name_or_path,
+                                                       engine.critic))
         if engine.actor_ema is not None:
             fuse_lora(engine.actor_ema.module)
-            save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema")
+            save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema",
+                           extra_files=card_files(args, "step3 PPO actor (EMA)", args.actor_model_name_or_path,
+                                                      engine.actor_ema))
+        health.write_health(args.output_dir, self.monitor)
         self._write_run_info(final=True)
+        push_to_hub(args, out / "actor")
+
+    def _keep_best_actor(self, dest: Path) -> None:
+        """actor/ becomes the best evaluated step's actor; best.json beside it says which step and why."""
+        from dschat.utils.dist import barrier, is_rank_0
+        from dschat.utils.output_dir import staged_output
+        from dschat.utils.utils import atomic_write_json
+
+        record = self.best.record(self.global_step, "best")
+        if is_rank_0():
+            with staged_output(dest, keep_existing=False) as staging:
+                for item in self._best_dir().iterdir():  # renames: no second copy of the weights
+                    os.replace(item, staging / item.name)
+            self._best_dir().rmdir()
+            atomic_write_json(dest.parent / health.BEST_FILE, record)
+        barrier()
+        print_rank_0(f"--keep_best: {dest} is step {self.best.best_step}: {record['reason']}")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from dschat.utils.dist import get_local_rank
 from dschat.utils.errors import run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
+from dschat.utils.model_card import card_files, push_to_hub
 from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model, set_random_seed
@@ -93,7 +94,10 @@ class RewardTrainer(Trainer):
         fuse_lora(self.engine.module)
         record = reward_ending_record(end_of_text(self.args, self.tokenizer), self.tokenizer)
         save_reward_model(self.engine.module, self.tokenizer, self.args.output_dir,
-                          extra_files={REWARD_ENDING_FILE: record})
+                          extra_files={REWARD_ENDING_FILE: record,
+                                       **card_files(self.args, "step2 reward model", self.args.model_name_or_path,
+                                                    self.engine)})
+        push_to_hub(self.args, self.args.output_dir)
 
 
 def build(args) -> RewardTrainer:
@@ -107,7 +111,7 @@ def build(args) -> RewardTrainer:
                                 gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step2_model")
     train_data, eval_data = create_prompt_dataset(
         get_local_rank(), args.data_path, args.data_split, args.data_output_path, 2, args.seed, tokenizer,
-        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache,
+        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
     )
     model = create_critic_model(args.model_name_or_path, tokenizer, ds_config, args.num_padding_at_beginning,
                                 dropout=args.dropout, zero_stage=args.zero_stage,

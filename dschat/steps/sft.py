@@ -21,6 +21,7 @@ from dschat.utils.build import (
 from dschat.utils.data.data_utils import DataCollatorSFT, create_prompt_dataset
 from dschat.utils.dist import get_local_rank
 from dschat.utils.errors import run_main
+from dschat.utils.model_card import card_files, push_to_hub
 from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.trainer import Trainer, count_updates
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_causal_lm, set_random_seed
@@ -70,7 +71,9 @@ class SFTTrainer(Trainer):
             return
         print_rank_0(f"saving the final model to {self.args.output_dir} ...")
         fuse_lora(self.engine.module)
-        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir)
+        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir,
+                       extra_files=card_files(self.args, "step1 SFT", self.args.model_name_or_path, self.engine))
+        push_to_hub(self.args, self.args.output_dir)
 
 
 def build(args) -> SFTTrainer:
@@ -87,7 +90,7 @@ def build(args) -> SFTTrainer:
     train_data, eval_data = create_prompt_dataset(
         get_local_rank(), args.data_path, args.data_split, args.data_output_path, 1, args.seed, tokenizer,
         args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer),
-        sft_only_data_path=args.sft_only_data_path, rebuild=args.rebuild_data_cache,
+        sft_only_data_path=args.sft_only_data_path, rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
     )
     model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout)
     if args.compute_fp32_loss:

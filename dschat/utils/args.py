@@ -7,13 +7,17 @@ scripts run unchanged; the additions are documented in each flag's help.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
 from pathlib import Path
 
+from dschat.utils.data.raw_datasets import parse_column_map
+from dschat.utils.ds_utils import load_user_ds_config
 from dschat.utils.errors import UserError
 
+REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
 SCHEDULER_CHOICES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
@@ -55,9 +59,18 @@ def add_data_args(parser, *, sft_only: bool = False,
     """Data flags; `padding` (with length grouping) and `pad_mask` only where the entry point uses them."""
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", nargs="*", default=["Dahoas/rm-static"],
-                       help="Dataset names (DeepSpeed-Chat's), `local/jsonfile`, or local files/directories "
-                            "(.json/.jsonl/.jsonl.gz/.parquet with prompt/chosen/rejected keys or HH dialogues). "
+                       help="Dataset names (DeepSpeed-Chat's), `local/jsonfile`, local files/directories "
+                            "(.json/.jsonl/.jsonl.gz/.parquet/.csv or a save_to_disk folder) or other hub ids "
+                            "(datasets.load_dataset), in DeepSpeed-Chat's or TRL's standard layouts (plain or "
+                            "conversational prompt/chosen/rejected, prompt/completion, messages) or HH dialogues. "
                             "Several are blended.")
+    group.add_argument("--data_keys", type=str, default=None,
+                       help="Column mapping for local files and hub datasets: comma-separated NAME=COLUMN, NAME "
+                            "one of prompt, chosen, rejected, completion, messages (e.g. "
+                            "prompt=question,chosen=good,rejected=bad).")
+    for name in ("prompt", "chosen", "rejected"):
+        group.add_argument(f"--{name}_key", type=str, default=None,
+                           help=f"The data's column holding the {name} (same as --data_keys {name}=COLUMN).")
     group.add_argument("--data_split", type=str, default=None,
                        help="Comma proportions for phases 1,2,3 (default 2,4,4 for named datasets; a local "
                             "file or directory goes wholly to the running phase unless this is given).")
@@ -91,7 +104,7 @@ def add_data_args(parser, *, sft_only: bool = False,
                            help="Truncate sequences to this many tokens.")
     group.add_argument("--end_of_conversation_token", type=str, default=None,
                        help="Text appended to every training sample (default: the tokenizer's eos token, "
-                            "the same ending for SFT, RM and PPO).")
+                            "the same ending for SFT, RM and PPO)." + OWN_DEFAULT)
 
 
 def add_model_args(parser, *, required: bool = True) -> None:
@@ -103,7 +116,7 @@ def add_model_args(parser, *, required: bool = True) -> None:
     group.add_argument("--compute_fp32_loss", action="store_true", help="Compute the loss on fp32 logits.")
     group.add_argument("--add_eot_token", action="store_true",
                        help="Add --eot_token to the tokenizer as a special token.")
-    group.add_argument("--eot_token", type=str, default="<|endoftext|>")
+    group.add_argument("--eot_token", type=str, default="<|endoftext|>", help="The special token --add_eot_token adds.")
 
 
 def add_reward_ending_arg(group) -> None:
@@ -118,14 +131,17 @@ def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, w
                    batch_flags: bool = True) -> None:
     group = parser.add_argument_group("optimisation")
     if batch_flags:
-        group.add_argument("--per_device_train_batch_size", type=int, default=16)
-        group.add_argument("--per_device_eval_batch_size", type=int, default=16)
-        group.add_argument("--learning_rate", type=float, default=learning_rate)
-        group.add_argument("--weight_decay", type=float, default=weight_decay)
-    group.add_argument("--num_train_epochs", type=int, default=1)
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULER_CHOICES)
-    group.add_argument("--num_warmup_steps", type=int, default=num_warmup_steps)
+        group.add_argument("--per_device_train_batch_size", type=int, default=16,
+                           help="Training samples per rank and micro-step.")
+        group.add_argument("--per_device_eval_batch_size", type=int, default=16, help="Evaluation samples per rank.")
+        group.add_argument("--learning_rate", type=float, default=learning_rate, help="Peak learning rate.")
+        group.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW weight decay.")
+    group.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the training data.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-steps per optimizer step.")
+    group.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULER_CHOICES,
+                       help="Learning-rate schedule (transformers' get_scheduler).")
+    group.add_argument("--num_warmup_steps", type=int, default=num_warmup_steps, help="Warm-up optimizer steps.")
     group.add_argument("--max_steps", type=int, default=0,
                        help="Stop after this many optimizer steps (0: run all epochs).")
 
@@ -135,12 +151,18 @@ def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
     group.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
     group.add_argument("--offload", action="store_true", help="ZeRO offload of parameters and optimizer to CPU.")
     group.add_argument("--dtype", type=str, default=None, choices=("fp16", "bf16", "fp32"),
-                       help="Training precision (default: fp16 on GPU as upstream, fp32 on CPU).")
+                       help="Training precision (default: fp16 on GPU as upstream, fp32 on CPU)." + OWN_DEFAULT)
     if zero_flags:
-        group.add_argument("--zero_stage", type=int, default=0, choices=(0, 1, 2, 3))
+        group.add_argument("--zero_stage", type=int, default=0, choices=(0, 1, 2, 3),
+                           help="ZeRO stage (0: plain data parallel; 3: parameters partitioned).")
     import deepspeed
 
     deepspeed.add_config_arguments(parser)
+    for action in parser._actions:
+        if "--deepspeed_config" in action.option_strings:
+            action.help = ("A DeepSpeed JSON config merged over the one built from the flags: its keys replace the "
+                           "built-in defaults and add sections; keys the flags set (batch sizes, ZeRO stage, "
+                           "offload, precision) must agree with them or be \"auto\".")
 
 
 LORA_MODULE_HELP = ("Substring selecting the Linear layers to wrap (default: the decoder blocks of the "
@@ -153,20 +175,33 @@ def add_lora_args(parser) -> None:
     group.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; > 0 enables LoRA.")
     group.add_argument("--lora_module_name", type=str, default=None, help=LORA_MODULE_HELP)
     group.add_argument("--only_optimize_lora", action="store_true", help="Train only the LoRA parameters.")
-    group.add_argument("--lora_learning_rate", type=float, default=5e-4)
+    group.add_argument("--lora_learning_rate", type=float, default=5e-4, help="Learning rate of the LoRA parameters.")
 
 
 def add_logging_args(parser, *, tensorboard_path: str, print_loss: bool = True) -> None:
     group = parser.add_argument_group("logging and checkpoints")
     group.add_argument("--output_dir", type=str, default=None, help="Where to save; nothing is saved if omitted.")
-    group.add_argument("--seed", type=int, default=1234)
-    group.add_argument("--enable_tensorboard", action="store_true")
-    group.add_argument("--tensorboard_path", type=str, default=tensorboard_path)
+    group.add_argument("--seed", type=int, default=1234, help="Seed of the data split, shuffling and initialisation.")
+    group.add_argument("--enable_tensorboard", action="store_true",
+                       help="TensorBoard scalars (upstream's flag: --report_to tensorboard plus DeepSpeed's own "
+                            "monitor).")
+    group.add_argument("--tensorboard_path", type=str, default=tensorboard_path,
+                       help="Directory for TensorBoard logs.")
+    group.add_argument("--report_to", nargs="+", choices=REPORT_TO_CHOICES, default=["none"],
+                       help="Experiment trackers for the metrics (metrics.jsonl is always written): tensorboard "
+                            "(under --tensorboard_path), wandb (pip install 'dschat-mpo[wandb]'; WANDB_PROJECT, "
+                            "WANDB_MODE=offline etc. as wandb reads them), or none.")
     if print_loss:
         group.add_argument("--print_loss", action="store_true", help="Every rank prints its loss each step.")
     group.add_argument("--log_interval", type=int, default=10, help="Optimizer steps between log lines.")
     group.add_argument("--save_steps", type=int, default=0,
                        help="Write a full resumable training state every N optimizer steps (and each epoch end).")
+    group.add_argument("--push_to_hub", action="store_true",
+                       help="Upload the final model (with its README.md model card) to the Hugging Face hub "
+                            "(token from HF_TOKEN or huggingface-cli login).")
+    group.add_argument("--hub_model_id", type=str, default=None,
+                       help="Hub repository for --push_to_hub (default: the --output_dir folder name)." + OWN_DEFAULT)
+    group.add_argument("--hub_private_repo", action="store_true", help="Create the hub repository as private.")
     group.add_argument("--save_total_limit", type=int, default=2, help="Keep only the newest K training states.")
     group.add_argument("--resume", action="store_true",
                        help="Continue from the newest complete training state in --output_dir.")
@@ -177,6 +212,29 @@ def add_eval_args(parser, *, eval_interval: int = 0, eval_iters: int = 100) -> N
     group.add_argument("--eval_interval", type=int, default=eval_interval,
                        help="Evaluate every N optimizer steps (0: only before training and after each epoch).")
     group.add_argument("--eval_iters", type=int, default=eval_iters, help="At most this many eval batches.")
+
+
+def trackers(args) -> list[str]:
+    """The trackers a run reports to: --report_to, plus tensorboard with upstream's --enable_tensorboard."""
+    chosen = [t for t in getattr(args, "report_to", None) or [] if t != "none"]
+    if getattr(args, "enable_tensorboard", False) and "tensorboard" not in chosen:
+        chosen.append("tensorboard")
+    return chosen
+
+
+def check_trackers(args) -> None:
+    report_to = getattr(args, "report_to", None) or []
+    if "none" in report_to and len(report_to) > 1:
+        raise UserError(f"--report_to {' '.join(report_to)}: 'none' excludes the others; give one or the other")
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+        raise UserError("--report_to wandb: the wandb package is not installed; pip install 'dschat-mpo[wandb]' "
+                        "(or wandb), or drop wandb from --report_to")
+
+
+def column_map(args) -> dict[str, str]:
+    """{standard column: the data's column} from --data_keys and --prompt_key/--chosen_key/--rejected_key."""
+    return parse_column_map(getattr(args, "data_keys", None), prompt=getattr(args, "prompt_key", None),
+                            chosen=getattr(args, "chosen_key", None), rejected=getattr(args, "rejected_key", None))
 
 
 def check_path_exists(flag: str, path: str | None, kind: str = "path") -> None:
@@ -201,14 +259,17 @@ def validate_common(args) -> None:
     if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 2:
         raise UserError(f"--max_seq_len {args.max_seq_len}: too short to hold one prompt token and one answer "
                         "token (nothing to learn from); use at least 2, typically 512")
+    column_map(args)  # a malformed --data_keys fails here, before any model is loaded
+    check_trackers(args)
     if getattr(args, "num_train_epochs", 1) < 0:
         raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
     if getattr(args, "deepspeed_config", None):
-        raise UserError("--deepspeed_config: the DeepSpeed config is built from the flags here; drop "
-                        "--deepspeed_config and use --zero_stage/--dtype/--offload")
+        load_user_ds_config(args.deepspeed_config)  # unreadable or not JSON: one line now, not after loading
     lora_dims = {name: value for name, value in vars(args).items() if name.endswith("lora_dim")}
     if getattr(args, "only_optimize_lora", False) and not any(v > 0 for v in lora_dims.values()):
         raise UserError(f"--only_optimize_lora needs {' or '.join('--' + n for n in sorted(lora_dims))} > 0")
+    if getattr(args, "push_to_hub", False) and not getattr(args, "output_dir", None):
+        raise UserError("--push_to_hub needs --output_dir (the model is saved there first, then uploaded)")
     if getattr(args, "resume", False) and not getattr(args, "output_dir", None):
         raise UserError("--resume needs --output_dir (the states live under OUTPUT_DIR/checkpoints)")
     model_path = getattr(args, "model_name_or_path", None)

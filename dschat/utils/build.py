@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from dschat.utils import startup
 from dschat.utils.dist import get_world_size
-from dschat.utils.ds_utils import get_train_ds_config, resolve_dtype, set_batch_sizes
+from dschat.utils.ds_utils import (
+    get_train_ds_config,
+    load_user_ds_config,
+    merge_ds_config,
+    resolve_dtype,
+    set_batch_sizes,
+)
 from dschat.utils.utils import create_optimizer, get_optimizer_grouped_parameters, load_hf_tokenizer
 
 
@@ -55,7 +63,9 @@ def train_ds_config(args, *, zero_stage: int, micro_batch_size: int, gradient_ac
         offload=args.offload, dtype=args.dtype, stage=zero_stage,
         enable_tensorboard=args.enable_tensorboard, tb_path=args.tensorboard_path, tb_name=tb_name, **extra,
     )
-    return set_batch_sizes(config, micro_batch_size, gradient_accumulation_steps, get_world_size())
+    config = set_batch_sizes(config, micro_batch_size, gradient_accumulation_steps, get_world_size())
+    user_file = getattr(args, "deepspeed_config", None)
+    return merge_ds_config(config, load_user_ds_config(user_file), user_file) if user_file else config
 
 
 def apply_lora(model: torch.nn.Module, lora_dim: int, module_name: str | None, only_optimize: bool,
@@ -104,6 +114,9 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate:
     optimizer = create_optimizer(groups, lr=learning_rate, offload=offload)
     scheduler = get_scheduler(lr_scheduler_type, optimizer=optimizer, num_warmup_steps=num_warmup_steps,
                               num_training_steps=max(1, num_training_steps))
+    if args is not None and getattr(args, "deepspeed_config", None):
+        # Already merged into ds_config; DeepSpeed refuses a config given both ways.
+        args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config, args=args, dist_init_required=True)
     if get_world_size() == 1 and ds_config["zero_optimization"]["stage"] == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from dschat.utils.errors import UserError
 
 GLOBAL_BATCH_SIZE = 32
@@ -122,3 +124,68 @@ def set_batch_sizes(config: dict, micro_batch_size: int, gradient_accumulation_s
     config["gradient_accumulation_steps"] = gradient_accumulation_steps
     config["train_batch_size"] = micro_batch_size * world_size * gradient_accumulation_steps
     return config
+
+
+# --------------------------------------------------------------------------------------------- --deepspeed_config
+
+# Keys of the built config that come from flags (batch sizes, ZeRO stage, offload, precision, hybrid engine).
+# A user's --deepspeed_config may repeat them only with the same value (or "auto"): the flags decide, so the
+# rest of the run (data loaders, model building, saved settings) agrees with the engine.
+FLAG_CONTROLLED_KEYS = {
+    "train_batch_size": "the batch-size flags (per-device batch x ranks x --gradient_accumulation_steps)",
+    "train_micro_batch_size_per_gpu": "the per-device train batch-size flag",
+    "gradient_accumulation_steps": "--gradient_accumulation_steps",
+    "zero_optimization.stage": "the ZeRO-stage flag (--zero_stage, --actor_zero_stage or --critic_zero_stage)",
+    "zero_optimization.offload_param.device": "--offload",
+    "zero_optimization.offload_optimizer.device": "--offload",
+    "fp16.enabled": "--dtype",
+    "bf16.enabled": "--dtype",
+    "hybrid_engine.enabled": "--enable_hybrid_engine",
+}
+
+
+def load_user_ds_config(path: str) -> dict:
+    """The JSON object of a --deepspeed_config file, or a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except OSError as err:
+        raise UserError(f"--deepspeed_config {path}: cannot read it ({err.strerror or err}); check the path") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--deepspeed_config {path}: not valid JSON ({err}); fix the file") from err
+    if not isinstance(config, dict):
+        raise UserError(f"--deepspeed_config {path}: expected a JSON object with DeepSpeed's config keys")
+    return config
+
+
+def _leaf(config: dict, dotted: str, default=None):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def merge_ds_config(built: dict, user: dict, source: str) -> dict:
+    """`user` merged over `built`: the file's keys replace our built-in defaults and add sections of its own
+    (e.g. gradient_clipping, bucket sizes, the flops profiler); keys the flags control must agree with them
+    (one line naming the key and the flag otherwise). "auto" values defer to the flags."""
+    for dotted, flag in FLAG_CONTROLLED_KEYS.items():
+        wanted = _leaf(user, dotted)
+        if wanted is None or wanted == "auto":
+            continue
+        have = _leaf(built, dotted, False if dotted.endswith(".enabled") else None)
+        if wanted != have:
+            raise UserError(f"--deepspeed_config {source}: {dotted} = {wanted!r} conflicts with {flag}, which gives "
+                            f"{have!r}; set it through the flag or drop the key from the file")
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            if value == "auto":
+                continue
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return merge(built, user)

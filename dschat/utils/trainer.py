@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from collections import defaultdict
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dschat.utils import startup
+from dschat.utils.args import trackers
 from dschat.utils.checkpoint import (
     find_latest_state,
     load_training_state,
@@ -137,16 +139,35 @@ def count_updates(num_samples: int, per_device_batch_size: int, gradient_accumul
 
 
 class MetricLogger:
-    """Rank-0 sink for metrics: console line, `metrics.jsonl` and (optionally) TensorBoard scalars."""
+    """Rank-0 sink for metrics: console line, `metrics.jsonl` and the trackers of `--report_to`.
 
-    def __init__(self, output_dir: str | None, tensorboard_dir: str | None, name: str):
+    `tensorboard_dir` turns on TensorBoard scalars; `wandb_config` (the run's settings) starts a Weights &
+    Biases run under `output_dir` (its project, mode and entity come from wandb's own WANDB_* variables).
+    """
+
+    def __init__(self, output_dir: str | None, tensorboard_dir: str | None, name: str,
+                 wandb_config: dict | None = None):
         self.rank0 = is_rank_0()
         self.path = Path(output_dir) / "metrics.jsonl" if output_dir else None
         self.writer = None
+        self.wandb_run = None
         if self.rank0 and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(tensorboard_dir) / f"{name}_tensorboard_logs"))
+        if self.rank0 and wandb_config is not None:
+            import wandb  # optional dependency, checked by --report_to's validation
+
+            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dschat-mpo"), name=name,
+                                        dir=output_dir or None, config=wandb_config)
+
+    @classmethod
+    def from_args(cls, args, name: str) -> MetricLogger:
+        """The logger a stage's flags ask for (--report_to, and upstream's --enable_tensorboard)."""
+        chosen = trackers(args)
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+        return cls(args.output_dir, args.tensorboard_path if "tensorboard" in chosen else None, name,
+                   wandb_config=config if "wandb" in chosen else None)
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after a resumed state, so the file reads like one uninterrupted run.
@@ -178,11 +199,13 @@ class MetricLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
+        tags = {(key if phase == "train" else f"{phase}/{key}"): float(value) for key, value in metrics.items()}
         if self.writer:
-            for key, value in metrics.items():
-                tag = key if phase == "train" else f"{phase}/{key}"
-                self.writer.add_scalar(tag, float(value), step)
+            for tag, value in tags.items():
+                self.writer.add_scalar(tag, value, step)
             self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(tags, step=step)
         if echo:
             body = " | ".join(f"{k}: {_fmt(v)}" for k, v in metrics.items())
             print(f"[{phase}] step {step} | {body}", flush=True)
@@ -190,6 +213,9 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
 
 
 def _fmt(value: float) -> str:
@@ -348,8 +374,7 @@ class Trainer(ResumableRun):
                                         shuffle=True, seed=args.seed or 0, group_lengths=groups_by_length(args))
         self.eval_loader = (make_loader(eval_dataset, args.per_device_eval_batch_size, collate_fn,
                                         shuffle=False, seed=0) if eval_dataset is not None and len(eval_dataset) else None)
-        self.logger = MetricLogger(args.output_dir,
-                                   args.tensorboard_path if args.enable_tensorboard else None, self.name)
+        self.logger = MetricLogger.from_args(args, self.name)
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -382,11 +407,15 @@ class Trainer(ResumableRun):
         return count_updates(self.train_loader.sampler.dataset_len, self.args.per_device_train_batch_size,
                              self.args.gradient_accumulation_steps, self.args.num_train_epochs, self.args.max_steps)
 
+    def after_eval(self, metrics: dict[str, float]) -> None:
+        """Hook after each logged evaluation (health checks, keeping the best model)."""
+
     @startup.timed("initial_eval")  # counted only before the first step
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
             self.logger.log(self.global_step, "eval", metrics)
+            self.after_eval(metrics)
 
     def train(self) -> None:
         with self.sigterm_saves_state():

@@ -54,29 +54,35 @@ def looks_like_path(name: str) -> bool:
 
 
 def unknown_dataset_error(name: str) -> UserError:
-    if looks_like_path(name):
-        return UserError(f"--data_path {name}: no such file or directory")
-    names = ", ".join(raw_datasets.supported_dataset_names())
-    return UserError(
-        f"--data_path {name}: unknown dataset; supported names (matched as substrings): {names}; "
-        f"or a local {'/'.join(raw_datasets.LOCAL_DATA_EXTENSIONS)} file or a directory of them"
-    )
+    return UserError(f"--data_path {name}: no such file or directory")
 
 
 def check_data_path(name: str) -> None:
-    """Fail fast (on every rank, before any waiting) for names that can never load."""
-    if raw_datasets.find_adapter(name) is None and not os.path.exists(name):
+    """Fail fast (on every rank, before any waiting) for paths that do not exist; other names are tried
+    as built-in DeepSpeed-Chat names, then as hub ids through datasets.load_dataset."""
+    if raw_datasets.find_adapter(name) is None and looks_like_path(name) and not os.path.exists(name):
         raise unknown_dataset_error(name)
 
 
-def get_raw_dataset(dataset_name: str, output_path: str, seed: int, local_rank: int) -> PromptRawDataset:
-    """Adapter for a --data_path entry: a known name (substring, upstream order), else a local path."""
+def get_raw_dataset(dataset_name: str, output_path: str, seed: int, local_rank: int, tokenizer=None,
+                    column_map: Mapping[str, str] | None = None) -> PromptRawDataset:
+    """Adapter for a --data_path entry: a known name (substring, upstream order), else a local path, else a
+    hub id. Local paths and hub ids may use the standard (TRL) layouts and a column mapping; `tokenizer`
+    renders conversational data with its chat template."""
     adapter = raw_datasets.find_adapter(dataset_name)
     if adapter is not None:
+        if column_map:
+            raise UserError(f"--data_path {dataset_name}: a built-in dataset has fixed columns; the column mapping "
+                            "(--data_keys/--prompt_key/--chosen_key/--rejected_key) applies to local files and "
+                            "other hub datasets")
         return adapter(output_path, seed, local_rank, dataset_name)
     if os.path.exists(dataset_name):
-        return raw_datasets.open_local_dataset(dataset_name, output_path, seed, local_rank)
-    raise unknown_dataset_error(dataset_name)
+        return raw_datasets.open_standard_source(dataset_name, output_path, seed, local_rank, local=True,
+                                                 column_map=column_map, tokenizer=tokenizer)
+    if looks_like_path(dataset_name):
+        raise unknown_dataset_error(dataset_name)
+    return raw_datasets.open_standard_source(dataset_name, output_path, seed, local_rank, local=False,
+                                             column_map=column_map, tokenizer=tokenizer)
 
 
 # --------------------------------------------------------------------------------------------- split arithmetic
@@ -377,9 +383,10 @@ def _take(data: Any, indices: list[int]) -> list[Mapping[str, Any]]:
 
 def create_dataset(local_rank: int, dataset_name: str, data_split: str | None, output_path: str, train_phase: int,
                    seed: int | None, tokenizer, end_of_conversation_token: str, max_seq_len: int,
-                   rebuild: bool = False) -> tuple[PromptDataset, PromptDataset]:
+                   rebuild: bool = False, column_map: Mapping[str, str] | None = None,
+                   ) -> tuple[PromptDataset, PromptDataset]:
     """Phase slice of one source's train and eval parts (train-only sources are split 9:1 first)."""
-    raw = get_raw_dataset(dataset_name, output_path, seed, local_rank)
+    raw = get_raw_dataset(dataset_name, output_path, seed, local_rank, tokenizer=tokenizer, column_map=column_map)
     split = effective_data_split(data_split, raw, train_phase)
     clean = raw.dataset_name_clean
     train_src, eval_src = raw.get_train_data(), raw.get_eval_data()
@@ -464,8 +471,9 @@ def tokenizer_fingerprint(tokenizer, end_of_conversation_token: str) -> dict[str
 
 def data_cache_key(data_path: Sequence[str], data_split: str | None, train_phase: int, seed: int | None,
                    tokenizer, max_seq_len: int, end_of_conversation_token: str,
-                   sft_only_data_path: Sequence[str] = ()) -> str:
+                   sft_only_data_path: Sequence[str] = (), text_format: Mapping[str, Any] | None = None) -> str:
     payload = {
+        "text_format": dict(text_format or {}),
         "version": DATA_CACHE_VERSION,
         "data_path": list(data_path),
         "data_split": data_split,
@@ -478,6 +486,12 @@ def data_cache_key(data_path: Sequence[str], data_split: str | None, train_phase
         "sources": {name: source_fingerprint(name) for name in [*data_path, *sft_only_data_path]},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def text_format(tokenizer, column_map: Mapping[str, str] | None) -> dict[str, Any]:
+    """What else decides the texts: the column mapping and the chat template that renders messages."""
+    return {"column_map": dict(sorted((column_map or {}).items())),
+            "chat_template": getattr(tokenizer, "chat_template", None)}
 
 
 def data_cache_files(output_path: str | os.PathLike, key: str) -> tuple[Path, Path]:
@@ -572,15 +586,15 @@ def _empty_split_message(paths: Sequence[str], train_phase: int, data_split: str
 
 def _build(local_rank: int, paths: Sequence[str], data_split: str | None, output_path: str, train_phase: int,
            seed: int | None, tokenizer, max_seq_len: int, eot: str,
-           sft_paths: Sequence[str]) -> tuple[PromptDataset, PromptDataset]:
+           sft_paths: Sequence[str], column_map: Mapping[str, str] | None = None) -> tuple[PromptDataset, PromptDataset]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    parts = [create_dataset(local_rank, p, data_split, output_path, train_phase, seed, tokenizer, eot, max_seq_len)
-             for p in paths]
+    parts = [create_dataset(local_rank, p, data_split, output_path, train_phase, seed, tokenizer, eot, max_seq_len,
+                            column_map=column_map) for p in paths]
     train = _blend([t for t, _ in parts], seed, pad, train_phase, shuffle=len(parts) > 1)
     evals = _blend([e for _, e in parts], seed, pad, train_phase, shuffle=len(parts) > 1)
     if sft_paths:
-        sft = [create_dataset(local_rank, p, "10,0,0", output_path, 1, seed, tokenizer, eot, max_seq_len)
-               for p in sft_paths]
+        sft = [create_dataset(local_rank, p, "10,0,0", output_path, 1, seed, tokenizer, eot, max_seq_len,
+                              column_map=column_map) for p in sft_paths]
         train = _blend([train, *(t for t, _ in sft)], seed, pad, 1, shuffle=True)
         sft_evals = [e for _, e in sft if len(e)]
         if sft_evals:
@@ -596,14 +610,15 @@ def _build(local_rank: int, paths: Sequence[str], data_split: str | None, output
 def create_prompt_dataset(local_rank: int, data_path: str | Sequence[str], data_split: str | None,
                           output_path: str, train_phase: int, seed: int | None, tokenizer, max_seq_len: int,
                           end_of_conversation_token: str | None = None, sft_only_data_path: Sequence[str] = (),
-                          reload: bool = False, rebuild: bool = False,
-                          wait_timeout_s: float | None = None) -> tuple[PromptDataset, PromptDataset]:
+                          reload: bool = False, rebuild: bool = False, wait_timeout_s: float | None = None,
+                          column_map: Mapping[str, str] | None = None) -> tuple[PromptDataset, PromptDataset]:
     """Build (or load from cache) the phase's train and eval datasets for one or several sources.
 
     Local rank 0 of each node builds under `<cache>.lock` and writes atomically; the other ranks poll
     for the files (timeout: `wait_timeout_s`, $DSCHAT_DATA_CACHE_TIMEOUT, default one hour). `reload`
     (upstream) and `rebuild` both force a rebuild; in a distributed job that rebuild ends with a barrier
-    so no rank reads the previous files.
+    so no rank reads the previous files. `column_map` ({standard column: the data's column}) renames the
+    columns of local files and hub datasets; conversational data uses the tokenizer's chat template.
     """
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
     if not paths:
@@ -623,7 +638,8 @@ def create_prompt_dataset(local_rank: int, data_path: str | Sequence[str], data_
     force = bool(reload or rebuild)
 
     output_path = data_cache_dir(output_path)
-    key = data_cache_key(paths, data_split, train_phase, seed, tokenizer, max_seq_len, eot, sft_paths)
+    key = data_cache_key(paths, data_split, train_phase, seed, tokenizer, max_seq_len, eot, sft_paths,
+                         text_format=text_format(tokenizer, column_map))
     train_file, eval_file = data_cache_files(output_path, key)
     error_file = train_file.with_name(train_file.name + ".error")
     if local_rank <= 0:
@@ -632,7 +648,7 @@ def create_prompt_dataset(local_rank: int, data_path: str | Sequence[str], data_
                 error_file.unlink(missing_ok=True)
                 try:
                     train, evals = _build(local_rank, paths, data_split, output_path, train_phase, seed,
-                                          tokenizer, max_seq_len, eot, sft_paths)
+                                          tokenizer, max_seq_len, eot, sft_paths, column_map)
                 except UserError as err:  # tell the waiting ranks instead of letting them time out
                     atomic_write_text(error_file, str(err), mode=CACHE_FILE_MODE)
                     raise

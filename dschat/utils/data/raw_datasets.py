@@ -930,16 +930,7 @@ def detect_local_format(records: Any, where: str | os.PathLike) -> type[PromptRa
 
 def open_local_dataset(path: str, output_path: str, seed: int, local_rank: int) -> PromptRawDataset:
     """Read a local file/directory and wrap it with the adapter matching its keys."""
-    splits = read_local_source(path)
-    adapter = detect_local_format(splits["train"], path)
-    if "eval" in splits:
-        eval_adapter = detect_local_format(splits["eval"], f"{path} (eval split)")
-        if eval_adapter is not adapter:
-            raise UserError(
-                f"--data_path {path}: train and eval files have different layouts "
-                f"(train keys {_first_keys(splits['train'])}, eval keys {_first_keys(splits['eval'])})"
-            )
-    return adapter(output_path, seed, local_rank, path, raw_datasets=splits)
+    return open_standard_source(path, output_path, seed, local_rank, local=True)
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -977,3 +968,253 @@ def find_adapter(dataset_name: str) -> type[PromptRawDataset] | None:
         if key in dataset_name:
             return adapter
     return None
+
+
+# --------------------------------------------------------------------------------------------- standard layouts
+#
+# The hub's common preference/SFT layouts (as TRL documents them), beside DeepSpeed-Chat's names:
+#   plain:           prompt, chosen, rejected (strings)           -> the LocalPromptPairDataset texts
+#   conversational:  prompt, chosen, rejected as lists of {"role", "content"} messages; without `prompt`
+#                    the prompt is the shared leading messages of chosen and rejected (implicit prompt)
+#   SFT:             prompt + completion (strings or messages), or messages (a whole conversation)
+# Messages are rendered with the tokenizer's chat template when it has one (the prompt with the generation
+# prompt, the answer as the assistant turn that follows), else as HH turns ("\n\nHuman: ...\n\nAssistant:").
+# Either way the answer text never holds the final end-of-text: the data layer appends it once (the eos
+# token unless --end_of_conversation_token says otherwise), the same for SFT, RM, DPO and PPO.
+
+STANDARD_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages")
+HH_ROLE_NAMES = {"user": "Human", "human": "Human", "assistant": "Assistant", "gpt": "Assistant",
+                 "system": "System"}
+
+
+def is_conversation(value: Any) -> bool:
+    """A non-empty list of {"role", "content"} messages."""
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value))
+
+
+def shared_prefix_length(first: Sequence[Any], second: Sequence[Any]) -> int:
+    """Number of leading items two sequences share."""
+    n = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def hh_turns(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Messages as HH text: "\\n\\nHuman: ...\\n\\nAssistant: ..." (other roles keep their own name)."""
+    return "".join(f"\n\n{HH_ROLE_NAMES.get(str(m['role']).lower(), str(m['role']).title())}: {m['content']}"
+                   for m in messages)
+
+
+class ChatRenderer:
+    """Prompt and answer texts of a conversation: the tokenizer's chat template, else HH turns."""
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tokenizer = tokenizer if getattr(tokenizer, "chat_template", None) else None
+        self.eos = getattr(tokenizer, "eos_token", None) or ""
+        bos = getattr(tokenizer, "bos_token", None)
+        # A template that writes the BOS text itself would double it: the tokenizer adds BOS again.
+        self.strip_bos = bos if bos and self.tokenizer is not None and self._adds_bos(tokenizer) else ""
+
+    @staticmethod
+    def _adds_bos(tokenizer: Any) -> bool:
+        ids = tokenizer("a")["input_ids"]
+        return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+    @property
+    def uses_template(self) -> bool:
+        return self.tokenizer is not None
+
+    def _template(self, messages: Sequence[Mapping[str, Any]], generation_prompt: bool) -> str:
+        text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+        if self.strip_bos and text.startswith(self.strip_bos):
+            text = text[len(self.strip_bos):]
+        return text
+
+    def prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        if self.uses_template:
+            return self._template(messages, True)
+        return hh_turns(messages) + ASSISTANT_MARKER
+
+    def answer(self, prompt: Sequence[Mapping[str, Any]], answer: Sequence[Mapping[str, Any]]) -> str | None:
+        """The text that follows `prompt(prompt)` in the rendered conversation, without its final end-of-text."""
+        head = self.prompt(prompt)
+        full = self._template([*prompt, *answer], False) if self.uses_template else hh_turns([*prompt, *answer])
+        if not full.startswith(head):
+            raise UserError(
+                "the tokenizer's chat template does not render a conversation's prompt (with the generation "
+                "prompt) as the start of the whole conversation; use a tokenizer whose template does, or "
+                "remove its chat_template to use HH turns"
+            )
+        text = full[len(head):].rstrip()
+        if self.eos and text.endswith(self.eos):
+            text = text[: -len(self.eos)]
+        return None if is_blank(text) else text
+
+
+def split_conversation(sample: Sample) -> tuple[list, list | None, list | None] | None:
+    """(prompt messages, chosen messages, rejected messages) of a conversational sample, or None.
+
+    `messages`: the prompt is everything before the last assistant turn. Without `prompt`, chosen and
+    rejected carry the whole conversation and the prompt is their shared leading messages.
+    """
+    messages = sample.get("messages")
+    if is_conversation(messages):
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        return (list(messages), None, None) if last < 0 else (list(messages[:last]), list(messages[last:]), None)
+    chosen = sample.get("chosen", sample.get("completion"))
+    rejected = sample.get("rejected")
+    prompt = sample.get("prompt")
+    if is_conversation(prompt):
+        return (list(prompt), list(chosen) if is_conversation(chosen) else None,
+                list(rejected) if is_conversation(rejected) else None)
+    if prompt is None and is_conversation(chosen) and is_conversation(rejected):
+        n = shared_prefix_length(chosen, rejected)
+        while n > 0 and chosen[n - 1]["role"] == "assistant":  # the answer starts at an assistant turn
+            n -= 1
+        if n == 0:
+            return None
+        return list(chosen[:n]), list(chosen[n:]) or None, list(rejected[n:]) or None
+    return None
+
+
+def is_conversational_sample(sample: Sample) -> bool:
+    return any(is_conversation(sample.get(key)) for key in STANDARD_COLUMNS)
+
+
+class StandardLayoutDataset(PromptRawDataset):
+    """TRL-style layouts (plain or conversational preference pairs, prompt/completion, messages).
+
+    Opened by `open_standard_source` for local paths and for hub ids without a DeepSpeed-Chat adapter;
+    `bind_tokenizer` decides how messages become text (see `ChatRenderer`).
+    """
+
+    eval_splits = ("test", "eval", "validation", "valid", "dev")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.renderer = ChatRenderer(None)
+        super().__init__(*args, **kwargs)
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        self.renderer = ChatRenderer(tokenizer)
+
+    def clean_name(self, dataset_name: str) -> str:
+        return local_clean_name(dataset_name)
+
+    def _plain(self, sample: Sample, key: str) -> str | None:
+        value = sample.get(key)
+        if key == "chosen" and value is None:
+            value = sample.get("completion")
+        return None if is_blank(value) else value
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        if is_conversational_sample(sample):
+            parts = split_conversation(sample)
+            return None if parts is None or not parts[0] else self.renderer.prompt(parts[0])
+        return self._plain(sample, "prompt")
+
+    def _answer(self, sample: Sample, side: int, key: str) -> str | None:
+        if is_conversational_sample(sample):
+            parts = split_conversation(sample)
+            if parts is None or not parts[0] or not parts[side]:
+                return None
+            return self.renderer.answer(parts[0], parts[side])
+        return self._plain(sample, key)
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        return self._answer(sample, 1, "chosen")
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        return self._answer(sample, 2, "rejected")
+
+    def _join(self, sample: Sample, answer: str | None) -> str | None:
+        prompt = self.get_prompt(sample)
+        if prompt is None or answer is None:
+            return None
+        # Rendered turns are concatenated exactly; plain texts follow the HH spacing convention.
+        return prompt + answer if is_conversational_sample(sample) else join_prompt_response(prompt, answer)
+
+    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
+        return self._join(sample, self.get_chosen(sample))
+
+    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
+        return self._join(sample, self.get_rejected(sample))
+
+
+def parse_column_map(spec: str | None, **single: str | None) -> dict[str, str]:
+    """{standard column: the data's column} from `--data_keys prompt=question,chosen=good` and `--X_key`."""
+    out: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, column = part.partition("=")
+        name, column = name.strip(), column.strip()
+        if not sep or name not in STANDARD_COLUMNS or not column:
+            raise UserError(f"--data_keys {spec}: expected comma-separated NAME=COLUMN with NAME one of "
+                            f"{', '.join(STANDARD_COLUMNS)}, e.g. prompt=question,chosen=good,rejected=bad")
+        out[name] = column
+    for name, column in single.items():
+        if column:
+            if name in out and out[name] != column:
+                raise UserError(f"--{name}_key {column} contradicts --data_keys {name}={out[name]}; give one")
+            out[name] = column
+    return {name: column for name, column in out.items() if name != column}
+
+
+def apply_column_map(splits: Mapping[str, Any], column_map: Mapping[str, str], where: str) -> dict[str, Any]:
+    """Rename the data's columns to the standard names (a renamed-over column of the same name is dropped)."""
+    if not column_map:
+        return dict(splits)
+    out: dict[str, Any] = {}
+    for split, data in splits.items():
+        keys = _first_keys(data)
+        missing = [column for column in column_map.values() if column not in keys]
+        if keys and missing:
+            flags = ", ".join(f"{name}={column}" for name, column in column_map.items())
+            raise UserError(f"--data_path {where} ({split} split): no column {', '.join(missing)} for the column "
+                            f"mapping {flags}; found keys {keys}")
+        if hasattr(data, "rename_columns"):
+            clash = [name for name in column_map if name in keys and name not in column_map.values()]
+            data = data.remove_columns(clash).rename_columns({c: n for n, c in column_map.items()})
+        else:
+            data = [{**{k: v for k, v in r.items() if k not in column_map}, **{n: r.get(c) for n, c in column_map.items()}}
+                    for r in data]
+        out[split] = data
+    return out
+
+
+def standard_layout(records: Any) -> bool:
+    """Whether a source needs StandardLayoutDataset (messages, completion, or message lists)."""
+    keys = _first_keys(records)
+    if "messages" in keys or "completion" in keys:
+        return True
+    return bool(keys) and is_conversational_sample(records[0])
+
+
+def open_standard_source(name: str, output_path: str, seed: int, local_rank: int, *, local: bool,
+                         column_map: Mapping[str, str] | None = None, tokenizer: Any = None) -> PromptRawDataset:
+    """A local path or a hub id without a built-in adapter: read it, map its columns, pick the adapter by layout."""
+    splits = read_local_source(name) if local else load_named_source(name)
+    if not local:  # hub: train + the first held-out split, under the names the adapters use
+        held_out = next((s for s in StandardLayoutDataset.eval_splits if s in splits), None)
+        if "train" not in splits:
+            raise UserError(f"--data_path {name}: dataset has splits {split_names(splits)}; a 'train' split is "
+                            "required")
+        splits = {"train": splits["train"], **({"eval": splits[held_out]} if held_out else {})}
+    splits = apply_column_map(splits, column_map or {}, name)
+    layouts = {}
+    for split, data in splits.items():
+        where = name if split == "train" else f"{name} (eval split)"
+        layouts[split] = StandardLayoutDataset if standard_layout(data) else detect_local_format(data, where)
+    if len(set(layouts.values())) > 1:
+        raise UserError(f"--data_path {name}: train and eval files have different layouts (train keys "
+                        f"{_first_keys(splits['train'])}, eval keys {_first_keys(splits['eval'])})")
+    adapter = layouts["train"](output_path, seed, local_rank, name, raw_datasets=splits)
+    adapter.is_local_path = local
+    if isinstance(adapter, StandardLayoutDataset):
+        adapter.bind_tokenizer(tokenizer)
+    return adapter

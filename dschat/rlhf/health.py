@@ -1,0 +1,430 @@
+"""Training health: signals that a stage is destroying its policy, warnings, and keeping the best model.
+
+Why: reward-model over-optimisation (PPO) and likelihood displacement (DPO) look like success in the
+loss and the reward-model score while the answers collapse into one repeated word. These signals
+make that visible while it happens:
+
+- `health/entropy`: mean per-token entropy (nats) of the policy's next-token distribution over the
+  answer tokens; a collapse to one answer drives it towards 0.
+- `health/distinct_1`, `health/distinct_2`: distinct n-grams / all n-grams over a batch of answers.
+- `health/repeat_share`: share of answer bigrams that already occurred earlier in the same answer
+  ("apple, apple, apple" and ",,,," score high; a list of distinct items scores 0).
+- `health/degenerate_share`: share of answers that are empty or repeat at least half their bigrams.
+- `health/truncated_share`: share of answers that hit the length limit without ending.
+- DPO: `health/logps_chosen_per_token` / `..._rejected_...` at each eval; both falling far below
+  their first value is likelihood displacement.
+
+`HealthMonitor` compares them with documented thresholds and prints one warning line per signal when
+it crosses; `health_summary()` is what a run writes to `OUTPUT/health.json`. `KeepBest` tracks the
+held-out score of periodic evaluations and says when a new best was reached.
+
+The functions on tensors and token lists are pure and unit-tested against hand-computed values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+HEALTH_FILE = "health.json"
+BEST_FILE = "best.json"
+# Exit status of a run stopped by --stop_on_collapse (2 is a user error, 143 SIGTERM).
+COLLAPSE_EXIT_CODE = 3
+DEGENERATE_REPEAT_SHARE = 0.5
+
+
+# --------------------------------------------------------------------------------------------- pure signals
+
+
+def answer_token_lists(sequences: torch.Tensor, prompt_width: int, pad_token_id: int) -> list[list[int]]:
+    """Answer token ids per row: everything after the prompt up to the first pad (pad = eos here)."""
+    answers = sequences[:, prompt_width:]
+    keep = (answers == pad_token_id).long().cumsum(dim=1) == 0
+    return [row[mask].tolist() for row, mask in zip(answers, keep)]
+
+
+def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(answers: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct n-grams / all n-grams, pooled over the answers (0 when no answer has n tokens)."""
+    grams = [g for tokens in answers for g in _ngrams(tokens, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngrams(tokens: Sequence[int], n: int = 2) -> tuple[int, int]:
+    """(n-grams that already occurred earlier in the same answer, all n-grams) of one answer."""
+    seen: set[tuple[int, ...]] = set()
+    repeated = 0
+    grams = _ngrams(tokens, n)
+    for gram in grams:
+        repeated += gram in seen
+        seen.add(gram)
+    return repeated, len(grams)
+
+
+def repeat_share(answers: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Repeated n-grams / all n-grams, pooled over the answers (0 when there are none)."""
+    counts = [repeated_ngrams(tokens, n) for tokens in answers]
+    total = sum(c for _, c in counts)
+    return sum(r for r, _ in counts) / total if total else 0.0
+
+
+def is_degenerate(tokens: Sequence[int], n: int = 2, limit: float = DEGENERATE_REPEAT_SHARE) -> bool:
+    """Empty, or at least `limit` of its n-grams repeat earlier ones."""
+    if not tokens:
+        return True
+    repeated, total = repeated_ngrams(tokens, n)
+    return total > 0 and repeated / total >= limit
+
+
+def truncated_share(lengths: torch.Tensor, max_new_tokens: int) -> float:
+    """Share of answers that used the whole length budget (they were cut, not ended)."""
+    if lengths.numel() == 0:
+        return 0.0
+    return float((lengths >= max_new_tokens).float().mean())
+
+
+def generation_health(answers: Sequence[Sequence[int]], max_new_tokens: int) -> dict[str, float]:
+    """The answer-text signals of one batch of answers (token ids), under their logged names."""
+    lengths = torch.tensor([len(a) for a in answers], dtype=torch.long)
+    return {
+        "health/distinct_1": distinct_n(answers, 1),
+        "health/distinct_2": distinct_n(answers, 2),
+        "health/repeat_share": repeat_share(answers, 2),
+        "health/degenerate_share": sum(is_degenerate(a) for a in answers) / max(1, len(answers)),
+        "health/truncated_share": truncated_share(lengths, max_new_tokens),
+    }
+
+
+# --------------------------------------------------------------------------------------------- thresholds
+
+
+@dataclass
+class HealthThresholds:
+    """When a signal counts as unhealthy (0 disables a check). Defaults are documented in `add_health_args`."""
+
+    min_entropy_ratio: float = 0.2      # health/entropy below this fraction of its first value
+    max_kl: float = 25.0                # objective/kl (nats per answer) above this
+    max_degenerate_share: float = 0.5   # health/degenerate_share above this
+    max_logp_drop: float = 1.0          # DPO: chosen AND rejected per-token log-probs fell by more (nats)
+
+
+@dataclass
+class HealthWarning:
+    step: int
+    signal: str
+    value: float
+    threshold: float
+    message: str
+
+
+@dataclass
+class HealthMonitor:
+    """Checks logged metrics against `HealthThresholds`; one warning per signal each time it crosses."""
+
+    stage: str
+    thresholds: HealthThresholds
+    baseline: dict[str, float] = field(default_factory=dict)
+    warnings: list[HealthWarning] = field(default_factory=list)
+    active: set[str] = field(default_factory=set)
+    last: dict[str, float] = field(default_factory=dict)
+    last_step: int = 0
+    checks: int = 0
+
+    def _problems(self, metrics: dict[str, float]) -> list[tuple[str, float, float, str]]:
+        t = self.thresholds
+        found = []
+        for key in ("health/entropy", "health/logps_chosen_per_token", "health/logps_rejected_per_token"):
+            if key in metrics and key not in self.baseline:
+                self.baseline[key] = metrics[key]
+        entropy = metrics.get("health/entropy")
+        first = self.baseline.get("health/entropy")
+        if t.min_entropy_ratio and entropy is not None and first and first > 0:
+            limit = t.min_entropy_ratio * first
+            if entropy < limit:
+                found.append(("health/entropy", entropy, limit,
+                              f"entropy collapse: {entropy:.4g} nats/token, below {t.min_entropy_ratio:g} x its "
+                              f"first value {first:.4g}"))
+        kl = metrics.get("objective/kl")
+        if t.max_kl and kl is not None and kl > t.max_kl:
+            found.append(("objective/kl", kl, t.max_kl,
+                          f"KL to the reference {kl:.4g} nats per answer, above the budget {t.max_kl:g}"))
+        degenerate = metrics.get("health/degenerate_share")
+        if t.max_degenerate_share and degenerate is not None and degenerate > t.max_degenerate_share:
+            found.append(("health/degenerate_share", degenerate, t.max_degenerate_share,
+                          f"{degenerate:.0%} of the answers are empty or repetitive (limit "
+                          f"{t.max_degenerate_share:.0%})"))
+        drops = [self.baseline[k] - metrics[k] for k in ("health/logps_chosen_per_token",
+                                                          "health/logps_rejected_per_token")
+                 if k in metrics and k in self.baseline]
+        if t.max_logp_drop and len(drops) == 2 and min(drops) > t.max_logp_drop:
+            found.append(("health/logps_chosen_per_token", -drops[0], -t.max_logp_drop,
+                          f"likelihood displacement: chosen and rejected log-probs fell {drops[0]:.3g} and "
+                          f"{drops[1]:.3g} nats/token since the first eval (limit {t.max_logp_drop:g})"))
+        return found
+
+    def observe(self, step: int, metrics: dict[str, float]) -> list[HealthWarning]:
+        """New warnings at `step` (a signal warns again only after it has recovered in between)."""
+        self.checks += 1
+        self.last_step = step
+        self.last = {k: float(v) for k, v in metrics.items()
+                     if k.startswith("health/") or k in ("objective/kl", "reward/mean")}
+        problems = self._problems(metrics)
+        now = {signal for signal, *_ in problems}
+        new = [HealthWarning(step, s, float(v), float(th), msg) for s, v, th, msg in problems if s not in self.active]
+        self.active = now
+        self.warnings.extend(new)
+        return new
+
+    def format(self, warning: HealthWarning) -> str:
+        return f"HEALTH WARNING [{self.stage}] step {warning.step}: {warning.signal}: {warning.message}"
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(self.active)
+
+    def summary(self, stopped: bool = False) -> dict:
+        status = "stopped" if stopped else ("unhealthy" if self.active else ("warned" if self.warnings else "ok"))
+        return {
+            "stage": self.stage,
+            "status": status,
+            "checks": self.checks,
+            "last_step": self.last_step,
+            "active": sorted(self.active),
+            "warnings": [asdict(w) for w in self.warnings],
+            "last": self.last,
+            "baseline": self.baseline,
+            "thresholds": asdict(self.thresholds),
+        }
+
+
+def write_health(output_dir: str | None, monitor: HealthMonitor, stopped: bool = False) -> None:
+    """OUTPUT/health.json (rank 0): what the pipeline and a reader check after a stage."""
+    from dschat.utils.dist import is_rank_0
+    from dschat.utils.utils import atomic_write_json
+
+    if output_dir and is_rank_0():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(output_dir) / HEALTH_FILE, monitor.summary(stopped))
+
+
+def check_health(monitor: HealthMonitor, step: int, metrics: dict[str, float], output_dir: str | None,
+                 stop_on_collapse: bool, save_state: Callable[[], None]) -> None:
+    """Print a warning line per newly crossed threshold and record health.json; with `stop_on_collapse`,
+    save a training state and exit with COLLAPSE_EXIT_CODE. Every rank calls it with the same (reduced)
+    metrics, so every rank decides alike and the state save stays collective."""
+    from dschat.utils.utils import print_rank_0
+
+    new = monitor.observe(step, metrics)
+    for warning in new:
+        print_rank_0(monitor.format(warning))
+    stop = bool(new) and stop_on_collapse
+    write_health(output_dir, monitor, stopped=stop)
+    if not stop:
+        return
+    save_state()
+    print_rank_0(f"--stop_on_collapse: stopping at step {step} ({', '.join(sorted(monitor.active))}); a training "
+                 f"state was saved under {Path(output_dir or '.') / 'checkpoints'} and no final model was written; "
+                 f"see {Path(output_dir or '.') / HEALTH_FILE} (exit status {COLLAPSE_EXIT_CODE})")
+    raise SystemExit(COLLAPSE_EXIT_CODE)
+
+
+def add_health_args(parser) -> None:
+    """One flag group for every stage that trains a policy (PPO, DPO)."""
+    d = HealthThresholds()
+    group = parser.add_argument_group(
+        "health guards (warn when training destroys the policy; 0 disables a check)")
+    group.add_argument("--health_min_entropy_ratio", type=float, default=d.min_entropy_ratio,
+                       help="Warn when the mean per-token entropy of the answers falls below this fraction of "
+                            "its first measured value (entropy collapse).")
+    group.add_argument("--health_max_kl", type=float, default=d.max_kl,
+                       help="Warn when the KL to the reference exceeds this many nats per answer (PPO).")
+    group.add_argument("--health_max_degenerate_share", type=float, default=d.max_degenerate_share,
+                       help="Warn when more than this share of the answers are empty or repeat at least half "
+                            "of their bigrams.")
+    group.add_argument("--health_max_logp_drop", type=float, default=d.max_logp_drop,
+                       help="DPO: warn when the held-out chosen and rejected log-probs per token have both "
+                            "fallen by more than this (nats) since the first eval (likelihood displacement).")
+    group.add_argument("--stop_on_collapse", action="store_true",
+                       help=f"On a health warning, save a training state and stop with exit status "
+                            f"{COLLAPSE_EXIT_CODE} instead of only warning.")
+
+
+def thresholds_from_args(args) -> HealthThresholds:
+    return HealthThresholds(min_entropy_ratio=args.health_min_entropy_ratio, max_kl=args.health_max_kl,
+                            max_degenerate_share=args.health_max_degenerate_share,
+                            max_logp_drop=args.health_max_logp_drop)
+
+
+def check_health_args(args) -> None:
+    from dschat.utils.errors import UserError
+
+    for name in ("health_min_entropy_ratio", "health_max_kl", "health_max_degenerate_share", "health_max_logp_drop"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name} {value}: must be a finite number >= 0 (0 disables the check)")
+    for name in ("eval_steps", "eval_prompts"):
+        if getattr(args, name, 0) < 0:
+            raise UserError(f"--{name} {getattr(args, name)}: must be >= 0")
+    if getattr(args, "keep_best", False) and not getattr(args, "eval_prompts", 0):
+        raise UserError("--keep_best needs held-out evaluations: set --eval_prompts above 0")
+    if getattr(args, "best_metric", "reward") == "gold" and not getattr(args, "gold_reward", None):
+        raise UserError("--best_metric gold needs --gold_reward MODULE:FUNCTION")
+    if getattr(args, "gold_reward", None):
+        load_gold_reward(args.gold_reward)
+
+
+# --------------------------------------------------------------------------------------------- held-out eval
+
+
+@torch.no_grad()
+def evaluate_held_out(model, generator, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokenizer,
+                      reward_fn: Callable[[torch.Tensor, int, list[str], list[str]], torch.Tensor] | None,
+                      gold_fn: Callable[[str, str], float] | None, batch_size: int = 16) -> dict[str, float]:
+    """Answer fixed left-padded prompts with `generator`, then report the generation signals, the policy's
+    per-token entropy on its own answers, and the mean reward-model (`eval/reward`) and gold (`eval/gold`)
+    scores. `reward_fn(sequences, prompt_width, prompts, answers)` -> [B] scores."""
+    import inspect
+
+    from dschat.rlhf.ppo_math import entropy_from_logits
+    from dschat.utils.model.masks import position_ids_from_mask
+
+    module = getattr(model, "module", model)  # modes on the module: an HE engine's eval() would swap kernels in
+    with_positions = "position_ids" in inspect.signature(module.forward).parameters
+    pad = generator.pad_token_id
+    answers_ids: list[list[int]] = []
+    rewards: list[float] = []
+    texts: tuple[list[str], list[str]] = ([], [])
+    entropy_sum, token_count = 0.0, 0.0
+    was_training = module.training
+    for start in range(0, prompt_ids.shape[0], batch_size):
+        ids, mask = prompt_ids[start:start + batch_size], prompt_mask[start:start + batch_size]
+        seq = generator.generate(ids, mask)
+        module.eval()
+        width = ids.shape[1]
+        attention = torch.cat([mask, (seq[:, width:] != pad).long()], dim=1)
+        kwargs = {"position_ids": position_ids_from_mask(attention)} if with_positions else {}
+        logits = model(seq, attention_mask=attention, use_cache=False, **kwargs).logits
+        slots = attention[:, width:].float()
+        entropy_sum += float((entropy_from_logits(logits[:, width - 1:-1]) * slots).sum())
+        token_count += float(slots.sum())
+        answers_ids += answer_token_lists(seq, width, pad)
+        prompts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        answers = tokenizer.batch_decode(seq[:, width:], skip_special_tokens=True)
+        texts[0].extend(prompts)
+        texts[1].extend(answers)
+        if reward_fn is not None:
+            rewards += [float(r) for r in reward_fn(seq, width, prompts, answers).float().cpu()]
+    module.train(was_training)
+    metrics = generation_health(answers_ids, generator.max_new_tokens)
+    metrics["health/entropy"] = entropy_sum / max(token_count, 1.0)
+    metrics["eval/answer_length"] = sum(len(a) for a in answers_ids) / max(1, len(answers_ids))
+    if rewards:
+        metrics["eval/reward"] = sum(rewards) / len(rewards)
+    if gold_fn is not None:
+        metrics["eval/gold"] = mean_gold(gold_fn, *texts)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- keep the best
+
+
+def add_keep_best_args(parser, *, eval_steps_dest: str = "eval_steps"):
+    """Held-out evaluation flags; `eval_steps_dest` lets a stage whose evaluation cadence already has a flag
+    (DPO's --eval_interval) take --eval_steps as its alias. Returns the group for stage-specific flags."""
+    group = parser.add_argument_group("held-out evaluation and keeping the best model")
+    group.add_argument("--eval_steps", dest=eval_steps_dest, type=int, default=argparse.SUPPRESS
+                       if eval_steps_dest != "eval_steps" else 0,
+                       help="Every N steps, answer held-out prompts greedily and score them with the reward "
+                            "model (and --gold_reward); 0: never." if eval_steps_dest == "eval_steps"
+                       else f"Alias of --{eval_steps_dest}.")
+    group.add_argument("--eval_prompts", type=int, default=16,
+                       help="Held-out prompts answered at each evaluation for the generation checks and the "
+                            "held-out score (0: none).")
+    group.add_argument("--gold_reward", type=str, default=None,
+                       help="MODULE:FUNCTION(prompt, answer) -> float, a known true reward also reported at "
+                            "each evaluation (e.g. mpo_ext.synthetic:gold_reward on the embedded task).")
+    group.add_argument("--keep_best", action="store_true",
+                       help="Make the saved result the evaluated step with the best held-out score instead of "
+                            "the last step; best.json beside it records which step was kept and why.")
+    group.add_argument("--best_metric", choices=("reward", "gold"), default="reward",
+                       help="Held-out score that decides the best step: the reward model's mean, or the gold "
+                            "reward's mean (needs --gold_reward).")
+    return group
+
+
+def load_gold_reward(spec: str) -> Callable[[str, str], float]:
+    """`package.module:function` -> the function; a clear error when it cannot be imported."""
+    from dschat.utils.errors import UserError
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"--gold_reward {spec}: expected MODULE:FUNCTION, e.g. mpo_ext.synthetic:gold_reward")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"--gold_reward {spec}: cannot import it ({err})") from err
+    if not callable(fn):
+        raise UserError(f"--gold_reward {spec}: not a function")
+    return fn
+
+
+def mean_gold(gold: Callable[[str, str], float], prompts: Sequence[str], answers: Sequence[str]) -> float:
+    """Mean gold reward over the answers it accepts (one that makes it raise is skipped); NaN if none."""
+    values = []
+    for prompt, answer in zip(prompts, answers):
+        try:
+            values.append(float(gold(prompt, answer)))
+        except Exception:  # noqa: BLE001 - a user's function; one bad answer must not end the run
+            continue
+    return sum(values) / len(values) if values else float("nan")
+
+
+@dataclass
+class KeepBest:
+    """Held-out scores of periodic evaluations and the best one so far (ties keep the earlier step)."""
+
+    metric: str = "eval/reward"
+    evals: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    best_score: float = -math.inf
+
+    def consider(self, step: int, scores: dict[str, float], healthy: bool = True) -> bool:
+        """Record an evaluation; True when it is a new best (the caller then saves its weights). A step the
+        health checks flag is never kept: a collapsed policy can score well on a reward model it exploits."""
+        self.evals.append({"step": step, **scores, "healthy": healthy})
+        score = scores.get(self.metric)
+        if not healthy or score is None or not math.isfinite(score) or score <= self.best_score:
+            return False
+        self.best_step, self.best_score = step, float(score)
+        return True
+
+    def record(self, last_step: int, kept: str) -> dict:
+        return {
+            "metric": self.metric,
+            "best_step": self.best_step,
+            "best_score": None if self.best_step is None else self.best_score,
+            "last_step": last_step,
+            "kept": kept,
+            "reason": (f"step {self.best_step} had the highest held-out {self.metric} "
+                       f"({self.best_score:.4f}) of the {sum(e['healthy'] for e in self.evals)} healthy ones among "
+                       f"{len(self.evals)} evaluations"
+                       if self.best_step is not None else "no healthy evaluation produced a finite score"),
+            "evals": self.evals,
+        }
+
+    def state_dict(self) -> dict:
+        return {"evals": self.evals, "best_step": self.best_step, "best_score": self.best_score}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evals = list(state.get("evals", []))
+        self.best_step = state.get("best_step")
+        self.best_score = float(state.get("best_score", -math.inf))

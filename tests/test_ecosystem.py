@@ -1,0 +1,169 @@
+"""What users of other tools expect around the training code: trackers, model cards, hub upload, a
+DeepSpeed JSON config, `mpo --version`, and --help texts that show every default."""
+
+from __future__ import annotations
+
+import json
+import re
+from argparse import Namespace
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from dschat.steps import ppo, reward, sft
+from dschat.utils import args as flags
+from dschat.utils import model_card
+from dschat.utils.ds_utils import get_train_ds_config, merge_ds_config, set_batch_sizes
+from dschat.utils.errors import UserError
+from mpo_ext import __version__, dpo, selection
+from mpo_ext.cli import main as mpo_main
+
+# --------------------------------------------------------------------------------------------- --deepspeed_config
+
+
+def built_config(stage=2, micro=4, gas=2):
+    return set_batch_sizes(get_train_ds_config(offload=False, dtype="fp32", stage=stage), micro, gas, 1)
+
+
+def test_user_ds_config_merges_over_defaults_and_auto_defers():
+    merged = merge_ds_config(built_config(), {
+        "gradient_clipping": 0.3, "train_batch_size": "auto", "zero_optimization": {"reduce_bucket_size": 7},
+        "flops_profiler": {"enabled": True}}, "ds.json")
+    assert merged["gradient_clipping"] == 0.3 and merged["flops_profiler"] == {"enabled": True}
+    assert merged["zero_optimization"]["reduce_bucket_size"] == 7 and merged["zero_optimization"]["stage"] == 2
+    assert merged["train_batch_size"] == 8  # "auto": the flags' 4 x 1 rank x 2
+    same = merge_ds_config(built_config(), {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2},
+                           "ds.json")
+    assert same["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize(("user", "key"), [
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
+    ({"train_micro_batch_size_per_gpu": 16}, "train_micro_batch_size_per_gpu"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled"),
+])
+def test_user_ds_config_conflicting_with_a_flag_is_one_line(user, key):
+    with pytest.raises(UserError) as err:
+        merge_ds_config(built_config(), user, "ds.json")
+    assert key in str(err.value) and "ds.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_ds_config_is_refused_at_parse_time(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="--deepspeed_config .*not valid JSON"):
+        sft.parse_args(["--model_name_or_path", "m", "--deepspeed_config", str(bad)])
+
+
+# --------------------------------------------------------------------------------------------- trackers
+
+
+def test_report_to_choices():
+    args = sft.parse_args(["--model_name_or_path", "m", "--enable_tensorboard"])
+    assert flags.trackers(args) == ["tensorboard"] and args.report_to == ["none"]
+    args = sft.parse_args(["--model_name_or_path", "m", "--report_to", "wandb", "tensorboard"])
+    assert flags.trackers(args) == ["wandb", "tensorboard"]
+    with pytest.raises(UserError, match="'none' excludes"):
+        sft.parse_args(["--model_name_or_path", "m", "--report_to", "none", "wandb"])
+    for parse in (reward.parse_args, dpo.parse_args):
+        assert "report_to" in vars(parse(["--model_name_or_path", "m", "--report_to", "tensorboard"]))
+    assert ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+                           "--report_to", "tensorboard"]).report_to == ["tensorboard"]
+
+
+# --------------------------------------------------------------------------------------------- model cards
+
+
+def test_card_carries_run_numbers_and_selection_manifest(tmp_path):
+    select_dir = tmp_path / "select"
+    select_dir.mkdir()
+    (select_dir / "easy.jsonl").write_text("{}\n")
+    (select_dir / "manifest.json").write_text(json.dumps({
+        "stage": "step2.5_select", "threshold": 1.0, "counts": {"pairs": 10, "easy": 6, "hard": 4}}))
+    out = tmp_path / "dpo"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "phase": "train", "loss": 0.7}) + "\n"
+        + json.dumps({"step": 2, "phase": "train", "loss": 0.5}) + "\n"
+        + json.dumps({"step": 2, "phase": "eval", "rewards/accuracies": 0.75}) + "\n" + '{"step": 3, "ph')
+    args = Namespace(output_dir=str(out), data_path=[str(select_dir / "easy.jsonl")], beta=0.1, local_rank=0,
+                     learning_rate=5e-7)
+    card = model_card.card_files(args, "step3b DPO", "/models/sft")["README.md"]
+    assert "step3b DPO" in card and "`/models/sft`" in card
+    assert "| loss | 0.5 |" in card and "| rewards/accuracies | 0.75 |" in card  # last records; torn line skipped
+    assert "| threshold | 1.0 |" in card and "| count: easy | 6 |" in card and "| count: hard | 4 |" in card
+    assert "| beta | 0.1 |" in card and "local_rank" not in card
+    (out / "README.md").write_text(card)
+    model_card.set_card_section(out, "Evaluation (mpo eval)", "table one")
+    model_card.set_card_section(out, "Evaluation (mpo eval)", "table two")
+    text = (out / "README.md").read_text()
+    assert "table two" in text and "table one" not in text and text.count("## Evaluation (mpo eval)") == 1
+    assert "## Settings" in text
+
+
+def test_push_to_hub_offline_is_one_clear_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError) as err:
+        model_card.push_to_hub(Namespace(push_to_hub=True, hub_model_id="someone/tiny"), tmp_path)
+    message = str(err.value)
+    assert "--push_to_hub" in message and "someone/tiny" in message and "saved locally" in message
+    with pytest.raises(UserError, match="--push_to_hub needs --output_dir"):
+        sft.parse_args(["--model_name_or_path", "m", "--push_to_hub"])
+
+
+# --------------------------------------------------------------------------------------------- CLI texts
+
+
+def test_mpo_version():
+    result = CliRunner().invoke(mpo_main, ["--version"])
+    assert result.exit_code == 0 and f"dschat-mpo) {__version__}" in result.output and "torch" in result.output
+
+
+def _option_blocks(help_text: str) -> dict[str, str]:
+    """{--flag: its help block} from argparse's --help output."""
+    blocks, current = {}, None
+    for line in help_text.splitlines():
+        match = re.match(r"^  (--\w+)", line)
+        if match:
+            current = match.group(1)
+            blocks[current] = line
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+@pytest.mark.parametrize("parse", [sft.parse_args, reward.parse_args, ppo.parse_args, dpo.parse_args,
+                                   selection.parse_args], ids=["sft", "rm", "ppo", "dpo", "select"])
+def test_every_flag_has_help_and_one_default(parse, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    blocks = _option_blocks(capsys.readouterr().out)
+    assert len(blocks) > 20
+    for flag, block in blocks.items():
+        if flag in ("--no_group_by_length", "--help") or "alias of" in block:  # no default of their own
+            continue
+        assert block.lower().count("default") >= 1, block
+        assert block.count("(default:") <= 1, block
+    for flag in ("--learning_rate", "--per_device_train_batch_size", "--zero_stage", "--seed"):
+        if flag in blocks and "alias of" not in blocks[flag]:
+            assert "(default:" in blocks[flag], blocks[flag]
+    if "--threshold" in blocks:
+        assert blocks["--threshold"].count("default") == 1 and "1.0" in blocks["--threshold"]
+        assert "required" in blocks["--output_dir"]
+
+
+def test_every_mpo_option_has_help_and_shows_its_default():
+    for name, command in mpo_main.commands.items():
+        ctx = click.Context(command, parent=click.Context(mpo_main, show_default=True), info_name=name)
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert param.help, (name, param.opts)
+            if isinstance(param, click.Option) and not param.hidden and isinstance(param.default, (str, int, float)) \
+                    and not isinstance(param.default, bool):
+                assert "[default: " in param.get_help_record(ctx)[1], (name, param.opts)
