@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dschat.utils import args as flags
+from dschat.utils import startup
 from dschat.utils.checkpoint import maybe_inject_kill
 from dschat.utils.dist import barrier, get_rank, get_world_size, init_distributed, is_rank_0
 from dschat.utils.errors import UserError, run_main
@@ -45,6 +46,23 @@ SHARD_DIR = "shards"
 SHARD_CONFIG = "config.json"
 
 # --------------------------------------------------------------------------------------------- pure functions
+
+
+def best_worst_indices(rewards: Sequence[float]) -> tuple[int, int]:
+    """(best, worst) sample indices of one prompt: the first highest and the last lowest reward, so the two
+    differ whenever there are at least two samples (all tied: first and last)."""
+    values = [float(r) for r in rewards]
+    best = max(range(len(values)), key=lambda i: (values[i], -i))
+    worst = min(range(len(values)), key=lambda i: (values[i], -i))
+    return best, worst
+
+
+def pair_from_samples(answers: Sequence[str], rewards: Sequence[float]) -> tuple[list[str], list[float]]:
+    """The pair a prompt contributes: its best and worst sample by reward, kept in sample order (with two
+    samples this is simply both, as in the paper)."""
+    best, worst = best_worst_indices(rewards)
+    first, second = sorted((best, worst))
+    return [answers[first], answers[second]], [float(rewards[first]), float(rewards[second])]
 
 
 def split_by_gap(gaps: Sequence[float] | np.ndarray, theta: float) -> np.ndarray:
@@ -242,11 +260,14 @@ def parse_args(argv: list[str] | None = None):
     group = parser.add_argument_group("sampling and throughput")
     group.add_argument("--max_prompt_seq_len", type=int, default=256, help="Prompts longer than this are dropped.")
     group.add_argument("--max_answer_seq_len", type=int, default=256, help="Maximum new tokens per answer.")
-    group.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of the two answers.")
-    group.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass of the two answers.")
+    group.add_argument("--num_samples", type=int, default=2,
+                       help="Answers sampled per prompt (2: the paper's); the pair is the best and the worst of "
+                            "them by reward. The prompt's prefill is computed once for all of its samples.")
+    group.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of the answers.")
+    group.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass of the answers.")
     group.add_argument("--top_k", type=int, default=0, help="0 disables top-k filtering.")
     group.add_argument("--per_device_generation_batch_size", type=int, default=16,
-                       help="Prompts per generate call (each yields two answers).")
+                       help="Prompts per generate call (each yields --num_samples answers).")
     group.add_argument("--per_device_eval_batch_size", type=int, default=16, help="Sequences per reward-model call.")
     group.add_argument("--shard_size", type=int, default=256,
                        help="Prompts per resumable shard (OUTPUT_DIR/shards/shard-NNNNN.jsonl).")
@@ -285,6 +306,8 @@ def validate_args(args) -> None:
         raise UserError(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.top_k < 0:
         raise UserError(f"--top_k {args.top_k}: must be >= 0")
+    if args.num_samples < 2:
+        raise UserError(f"--num_samples {args.num_samples}: a pair needs at least 2 samples per prompt")
     flags.check_positive(args, "per_device_generation_batch_size", "per_device_eval_batch_size", "shard_size",
                          "max_prompt_seq_len", "max_answer_seq_len")
     if args.max_prompts < 0:
@@ -380,14 +403,17 @@ def prompt_lengths(tokenizer, prompts: list[str], batch_size: int = 1000) -> lis
 # --------------------------------------------------------------------------------------------- models
 
 
-def decode_answer(tokenizer, prompt_ids: list[int], answer_ids: list[int]) -> str:
-    """Answer text as it continues the prompt (keeps the leading space many tokenizers drop when an
-    answer is decoded on its own)."""
-    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    full = tokenizer.decode(list(prompt_ids) + list(answer_ids), skip_special_tokens=True)
-    if full.startswith(head):
-        return full[len(head):]
-    return tokenizer.decode(answer_ids, skip_special_tokens=True)
+def decode_continuations(tokenizer, prompt_ids: Sequence[list[int]],
+                         answer_ids: Sequence[Sequence[list[int]]]) -> list[str]:
+    """Each answer's text as it continues its prompt (keeps the leading space many tokenizers drop when an
+    answer is decoded on its own), for every answer of every prompt (answer_ids[i]: the answers of prompt
+    i), flat in that order; batched, and each prompt is decoded once however many answers it has."""
+    heads = tokenizer.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)
+    flat = [(i, list(a)) for i, answers in enumerate(answer_ids) for a in answers]
+    fulls = tokenizer.batch_decode([list(prompt_ids[i]) + a for i, a in flat], skip_special_tokens=True)
+    alone = tokenizer.batch_decode([a for _, a in flat], skip_special_tokens=True)
+    return [full[len(heads[i]):] if full.startswith(heads[i]) else own
+            for (i, _), full, own in zip(flat, fulls, alone)]
 
 
 class PairScorer:
@@ -404,14 +430,12 @@ class PairScorer:
         self.device = getattr(engine, "device", torch.device("cpu"))
 
     def encode(self, prompts: list[str], answers: list[str]) -> list[tuple[list[int], int]]:
-        """(prompt + answer + ending ids, prompt length) per pair, laid out by dschat's `reward_layout`."""
-        from dschat.utils.inference import reward_layout
+        """(prompt + answer + ending ids, prompt length) per pair, laid out by dschat's `reward_layouts` (one
+        tokenizer call for the batch)."""
+        from dschat.utils.inference import reward_layouts
 
-        rows = []
-        for prompt, answer in zip(prompts, answers):
-            head, tail = reward_layout(self.tokenizer, prompt, answer, self.end_of_text, self.max_len)
-            rows.append((head + tail, len(head)))
-        return rows
+        return [(head + tail, len(head))
+                for head, tail in reward_layouts(self.tokenizer, prompts, answers, self.end_of_text, self.max_len)]
 
     @torch.no_grad()
     def score_rows(self, rows: list[tuple[list[int], int]]) -> list[float]:
@@ -421,13 +445,14 @@ class PairScorer:
 
         real = len(rows)
         layouts = [(row[:n], row[n:]) for row, n in rows] or [([self.pad], [self.pad])]
-        return score_layouts(self.model, layouts, self.pad, self.device)[:real]
+        return score_layouts(self.model, layouts, self.pad, self.device, share_prompts=True)[:real]
 
     def score(self, prompts: list[str], answers: list[str], calls: int | None = None) -> list[float]:
         """Rewards in input order; rows are length-sorted into batches. `calls` pads the number of forward
         calls (ranks must issue the same number under ZeRO-3)."""
         rows = self.encode(prompts, answers)
-        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), i))
+        # longest first, the answers of one prompt side by side (a batch reads each prompt once)
+        order = sorted(range(len(rows)), key=lambda i: (-rows[i][1], rows[i][0][:rows[i][1]], -len(rows[i][0]), i))
         scores = [0.0] * len(rows)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for _ in range(max(0, (calls or 0) - len(batches))):
@@ -509,7 +534,9 @@ class ShardWorker:
                            if generator is not None else None)
         self.lengths = ([len(x) for x in self.prompt_ids] if self.prompt_ids is not None
                         else [len(it["prompt"]) for it in items])
-        self.score_calls = math.ceil(2 * args.per_device_generation_batch_size / args.per_device_eval_batch_size)
+        self.num_samples = num_samples(args) if generator is not None else 2
+        self.score_calls = math.ceil(self.num_samples * args.per_device_generation_batch_size
+                                     / args.per_device_eval_batch_size)
         self.answer_tokens = 0
         self.generate_seconds = 0.0
 
@@ -525,10 +552,21 @@ class ShardWorker:
             return [self._record(i, answers[2 * j:2 * j + 2], rewards[2 * j:2 * j + 2], human_preferred=0)
                     for j, i in enumerate(batch)]
         answers, meta = self._sample(batch)
-        prompts = [self.items[i]["prompt"] for i in batch for _ in range(2)]
+        return self.score_samples(batch, answers, meta, calls)
+
+    def score_samples(self, batch: list[int], answers: list[str], meta: list[dict],
+                      calls: int | None = None) -> list[dict]:
+        """Score the N answers of each prompt (one batched pass) and keep its best/worst pair."""
+        n = self.num_samples
+        prompts = [self.items[i]["prompt"] for i in batch for _ in range(n)]
         rewards = self.scorer.score(prompts, answers, calls)
-        return [self._record(i, answers[2 * j:2 * j + 2], rewards[2 * j:2 * j + 2], **meta[j])
-                for j, i in enumerate(batch)]
+        records = []
+        for j, i in enumerate(batch):
+            pair, pair_rewards = pair_from_samples(answers[n * j:n * j + n], rewards[n * j:n * j + n])
+            if n > 2:
+                meta[j]["sample_rewards"] = [float(r) for r in rewards[n * j:n * j + n]]
+            records.append(self._record(i, pair, pair_rewards, **meta[j]))
+        return records
 
     def dummy_batch(self) -> None:
         """Same collectives as a real batch, no output: keeps ZeRO-3 ranks in step when one runs out of work."""
@@ -549,28 +587,25 @@ class ShardWorker:
             ids[j, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[j, width - len(row):] = 1
         device = getattr(self.generator.engine, "device", torch.device("cpu"))
-        ids, mask = ids.repeat_interleave(2, dim=0).to(device), mask.repeat_interleave(2, dim=0).to(device)
+        n = self.num_samples
         set_random_seed(derive_seed(self.args.seed, min(batch)))
         start = time.time()
-        sequences = self.generator.generate(ids, mask).cpu()
+        sequences = self.generator.generate(ids.to(device), mask.to(device), num_samples=n).cpu()
         self.generate_seconds += time.time() - start
         keep = answer_mask(sequences, width, pad)
-        answers, meta = [], []
-        for j, i in enumerate(batch):
-            lengths, finished = [], []
-            for k in (2 * j, 2 * j + 1):
-                tokens = sequences[k, width:][keep[k]].tolist()
-                answers.append(decode_answer(self.tokenizer, self.prompt_ids[i], tokens))
-                lengths.append(len(tokens))
-                finished.append(self._ends_with_eos(sequences[k], width))
-                self.answer_tokens += len(tokens)
-            meta.append({"answer_tokens": lengths, "finished": finished})
-        return answers, meta
-
-    def _ends_with_eos(self, row: torch.Tensor, width: int) -> bool:
-        """An answer that stopped by itself (False: cut at --max_answer_seq_len)."""
+        lengths = keep.sum(dim=1).tolist()
+        body = sequences[:, width:].tolist()
+        tokens = [row[:count] for row, count in zip(body, lengths)]  # the answer is the run before the first pad
         eos = self.tokenizer.eos_token_id
-        return eos is not None and bool((row[width:] == eos).any())
+        # an answer that stopped by itself (False: cut at --max_answer_seq_len)
+        finished = ((sequences[:, width:] == eos).any(dim=1).tolist() if eos is not None
+                    else [False] * len(tokens))
+        answers = decode_continuations(self.tokenizer, [self.prompt_ids[i] for i in batch],
+                                       [tokens[n * j:n * j + n] for j in range(len(batch))])
+        self.answer_tokens += sum(lengths)
+        meta = [{"answer_tokens": lengths[n * j:n * j + n], "finished": finished[n * j:n * j + n]}
+                for j in range(len(batch))]
+        return answers, meta
 
     def _record(self, index: int, answers: list[str], rewards: list[float], **extra: Any) -> dict:
         return {"index": index, "prompt": self.items[index]["prompt"], "responses": answers,
@@ -597,7 +632,17 @@ def shard_fingerprint(args, items_digest: str, num_items: int) -> dict:
 def sampling_settings(args) -> dict:
     return {"max_prompt_seq_len": args.max_prompt_seq_len, "max_answer_seq_len": args.max_answer_seq_len,
             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "num_samples": num_samples(args),
             "per_device_generation_batch_size": args.per_device_generation_batch_size}
+
+
+def num_samples(args) -> int:
+    """Samples per prompt (args from before --num_samples existed mean the paper's two)."""
+    return int(getattr(args, "num_samples", 2))
+
+
+PAIR_RULE = ("samples: the best and the worst of --num_samples answers per prompt by reward (first highest, "
+             "last lowest), kept in sample order; dataset: the dataset's chosen and rejected answers")
 
 
 def prepare_shard_dir(output_dir: Path, fingerprint: dict, rebuild: bool) -> None:
@@ -648,6 +693,7 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
             records: list[dict] = []
             for batch in worker.batches(shards[shard_id]):
                 records.extend(worker.run_batch(batch))
+                startup.report(until="first_batch")  # no optimizer here: the first scored batch (once)
                 bar.update(len(batch))
                 done += len(batch)
                 rate = done / max(time.time() - start, 1e-9)
@@ -726,6 +772,8 @@ def finalize(args, raw_records: list[dict], output_dir: Path, extra_manifest: di
         "gap": gap_summary(gaps),
         "rm_accuracy_vs_human": accuracy["overall_accuracy"] if accuracy else None,
         "pair_source": args.pair_source,
+        "pair_rule": PAIR_RULE,
+        "num_samples": num_samples(args) if args.pair_source == "samples" else 2,
         "label_policy": args.label_policy,
         "models": {"sft": args.sft_model_name_or_path if args.pair_source == "samples" else None,
                    "reward": args.reward_model_name_or_path},

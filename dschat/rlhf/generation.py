@@ -10,6 +10,7 @@ Under ZeRO-3 the native path gathers the actor's parameters ONCE per call instea
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 import warnings
 from collections.abc import Iterator
@@ -263,16 +264,16 @@ class Generator:
         self.module.eval()
 
     def _hf_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                     do_sample: bool | None = None) -> torch.Tensor:
+                     do_sample: bool | None = None, num_samples: int = 1) -> torch.Tensor:
         gather = False
         if self.zero_stage == 3:
             gather = self.gather_params if self.gather_params is not None else \
                 should_gather(self.module, prompt_ids.device)
         with torch.no_grad(), gathered_for_generation(self.module, enabled=gather), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
-            return self._native_generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                         generation_config=self.generation_config(do_sample),
-                                         synced_gpus=self.synced_gpus)
+            return shared_prefill_generate(self._native_generate, self.module, prompt_ids, prompt_mask,
+                                           num_samples, generation_config=self.generation_config(do_sample),
+                                           synced_gpus=self.synced_gpus)
 
     def _hybrid_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                          do_sample: bool | None = None) -> torch.Tensor:
@@ -313,7 +314,14 @@ class Generator:
         warn_once(f"--enable_hybrid_engine: {reason}; generating with Hugging Face generate from now on")
 
     # ---- public API
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
+        """[B * num_samples, P + T]: rows i * num_samples + k are sample k of prompt i. The native path
+        computes each prompt's prefill once for its samples (`shared_prefill_generate`); the Hybrid
+        Engine path repeats the prompts."""
+        if self._use_hybrid and num_samples > 1:
+            prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+            num_samples = 1
         was_training = self.module.training
         start = time.time()
         sequences = None
@@ -330,7 +338,7 @@ class Generator:
                     self._disable_hybrid(f"the Hybrid Engine failed ({type(err).__name__}: {err})")
             if sequences is None:
                 self._native_mode()
-                sequences = self._hf_generate(prompt_ids, prompt_mask)
+                sequences = self._hf_generate(prompt_ids, prompt_mask, num_samples=num_samples)
         finally:
             if was_training:
                 self.engine.train()
@@ -341,6 +349,36 @@ class Generator:
         self.last_stats = {"generate_time": elapsed, "tokens_per_second": n_tokens / elapsed,
                            "answer_tokens": n_tokens, "path": self.path}
         return sequences
+
+
+def shared_prefill_generate(generate_fn, model: torch.nn.Module, prompt_ids: torch.Tensor,
+                            prompt_mask: torch.Tensor, num_samples: int, **generate_kwargs) -> torch.Tensor:
+    """`num_samples` continuations per prompt, rows [p0 s0, p0 s1, ..., p1 s0, ...], with each prompt's
+    prefill run once: the prompt minus its last token goes through `model` once at batch size B, the
+    KV cache is expanded `num_samples` times (`repeat_interleave` on the batch axis) and `generate_fn`
+    (HF `generate` of `model`) decodes from the last prompt token at batch size B * num_samples.
+
+    With greedy decoding the result equals `generate` on the repeated prompts wherever the float sums
+    agree (the last prompt position is computed against the cache instead of in one prompt pass, which
+    can move logits by rounding); sampling draws the same random numbers in the same order.
+    Falls back to plain repetition for num_samples == 1, one-token prompts or a model without a cache.
+    """
+    from transformers import DynamicCache
+
+    repeated_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
+    repeated_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+    if num_samples == 1 or prompt_ids.shape[1] < 2:
+        return generate_fn(input_ids=repeated_ids, attention_mask=repeated_mask, **generate_kwargs)
+    head_mask = prompt_mask[:, :-1]
+    position_ids = (head_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+    cache = DynamicCache(config=getattr(model, "config", None))
+    # transformers >= 5.2x names the argument `cache` (older releases: `past_key_values`)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        model(input_ids=prompt_ids[:, :-1], attention_mask=head_mask, position_ids=position_ids,
+              use_cache=True, **{key: cache})
+    cache.batch_repeat_interleave(num_samples)
+    return generate_fn(input_ids=repeated_ids, attention_mask=repeated_mask, **{key: cache}, **generate_kwargs)
 
 
 def first_tokens_agreement(a: torch.Tensor, b: torch.Tensor, prompt_width: int, pad_token_id: int,

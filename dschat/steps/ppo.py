@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from dschat.rlhf import health
 from dschat.steps import train_main
 from dschat.utils import args as flags
+from dschat.utils import startup
 from dschat.utils.build import check_context_length, set_gradient_checkpointing
 from dschat.utils.ds_utils import resolve_dtype
 from dschat.utils.errors import UserError, run_main
@@ -568,6 +569,7 @@ class PPOLoop(ResumableRun):
         for _ in range(args.ppo_epochs):
             for exp, unsup in zip(exp_batches, unsup_batches):
                 actor_loss, critic_loss = self.trainer.train_rlhf(exp)
+                startup.report()  # first optimizer step (once)
                 sums["loss/policy"] += actor_loss.detach().float()
                 sums["loss/value"] += critic_loss.detach().float()
                 for key, value in self.trainer.last_train_stats.items():

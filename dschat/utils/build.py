@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from dschat.utils import startup
 from dschat.utils.dist import get_world_size
 from dschat.utils.ds_utils import (
     get_train_ds_config,
@@ -101,6 +102,7 @@ def fuse_lora(model: torch.nn.Module) -> None:
         convert_lora_to_linear_layer(model)
 
 
+@startup.timed("deepspeed_init")
 def initialize_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate: float, weight_decay: float,
                       lora_learning_rate: float, lr_scheduler_type: str, num_warmup_steps: int,
                       num_training_steps: int, offload: bool, args=None):
@@ -123,6 +125,7 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate:
     return engine
 
 
+@startup.timed("deepspeed_init")
 def initialize_frozen_engine(model: torch.nn.Module, ds_config: dict):
     """A forward-only DeepSpeed engine (reference, reward, EMA models)."""
     import deepspeed

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dschat.utils import startup
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -36,12 +38,14 @@ def _unlink_shm_segment(path: Path) -> None:
         pass
 
 
+@startup.timed("dist_init")
 def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
     """Initialise torch.distributed through DeepSpeed and return the global rank.
 
     Upstream only worked under the deepspeed launcher; here a single plain `python main.py` gets a
     one-process group, and torchrun's environment is used as is.
     """
+    startup.mark("dist_init_start")  # everything before this is interpreter start-up, imports and parsing
     import deepspeed
 
     if local_rank >= 0:

@@ -61,13 +61,30 @@ def reward_layout(tokenizer, prompt: str, answer: str, end_text: str, max_seq_le
     step-2 data pipeline does, within `max_seq_len` (the prompt loses its start first). An eos ending
     (`end_text` == the eos token) is guaranteed to end the answer; another ending is appended as text.
     """
+    return reward_layouts(tokenizer, [prompt], [answer], end_text, max_seq_len)[0]
+
+
+def reward_layouts(tokenizer, prompts: Sequence[str], answers: Sequence[str], end_text: str,
+                   max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """`reward_layout` of many pairs with one tokenizer call for the texts and one for the distinct
+    prompts (a prompt with several answers is tokenised once)."""
     from dschat.utils.data.raw_datasets import join_prompt_response
 
-    full = list(tokenizer(join_prompt_response(prompt, answer) + end_text)["input_ids"])
-    eos_ending = end_text == (tokenizer.eos_token or "")
-    if eos_ending and tokenizer.eos_token_id is not None and (not full or full[-1] != tokenizer.eos_token_id):
-        full.append(tokenizer.eos_token_id)
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    if not prompts:
+        return []
+    fulls = tokenizer([join_prompt_response(p, a) + end_text for p, a in zip(prompts, answers)])["input_ids"]
+    distinct = list(dict.fromkeys(prompts))
+    prompt_ids = dict(zip(distinct, tokenizer(distinct)["input_ids"]))
+    eos_id = tokenizer.eos_token_id if end_text == (tokenizer.eos_token or "") else None
+    return [_cut_layout(list(full), prompt_ids[p], eos_id, max_seq_len) for full, p in zip(fulls, prompts)]
+
+
+def _cut_layout(full: list[int], prompt_ids: Sequence[int], eos_id: int | None,
+                max_seq_len: int) -> tuple[list[int], list[int]]:
+    """Split the jointly tokenised text where it stops matching the prompt alone, make an eos ending
+    (`eos_id` given) end it, and fit it into `max_seq_len` (the prompt loses its start first)."""
+    if eos_id is not None and (not full or full[-1] != eos_id):
+        full.append(eos_id)
     cut = 0
     for a, b in zip(prompt_ids, full):  # joint tokenisation may merge across the boundary
         if a != b:
@@ -86,22 +103,71 @@ def reward_layout(tokenizer, prompt: str, answer: str, end_text: str, max_seq_le
 
 @torch.no_grad()
 def score_layouts(model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
-                  device: torch.device) -> list[float]:
+                  device: torch.device, share_prompts: bool = False) -> list[float]:
     """One reward per (prompt ids, answer ids) in one forward: prompts left-padded to a common width, answers
     right-padded, read by `forward_value(..., prompt_length=width)` (the reward index rule of step 2 and PPO).
-    `model` is a RewardModel or an engine around one."""
+    `model` is a RewardModel or an engine around one. `share_prompts`: rows with the same prompt ids read
+    that prompt once (`_score_shared_prompts`; same scores up to float rounding)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    if share_prompts and len({tuple(h) for h, _ in layouts}) < len(layouts):
+        scores = _score_shared_prompts(getattr(model, "module", model), layouts, pad_token_id, device)
+    else:
+        scores = _score_one_pass(model, layouts, pad_token_id, device)
+    require_finite_scores(scores, getattr(config, "_name_or_path", "") or "(step 2)")
+    return [float(s) for s in scores.float().cpu()]
+
+
+def _score_one_pass(model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
+                    device: torch.device) -> torch.Tensor:
+    """Prompts left-padded, answers right-padded, one `forward_value` call: [N] rewards."""
     width = max(len(h) for h, _ in layouts)
     answer_width = max(max(len(t) for _, t in layouts), 1)
-    ids = torch.full((len(layouts), width + answer_width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (head, tail) in enumerate(layouts):
-        ids[i, width - len(head):width] = torch.tensor(head, dtype=torch.long)
-        ids[i, width:width + len(tail)] = torch.tensor(tail, dtype=torch.long)
-        mask[i, width - len(head):width + len(tail)] = 1
-    out = model.forward_value(ids.to(device), mask.to(device), prompt_length=width)
-    config = getattr(getattr(model, "module", model), "config", None)
-    require_finite_scores(out["chosen_end_scores"], getattr(config, "_name_or_path", "") or "(step 2)")
-    return [float(s) for s in out["chosen_end_scores"].float().cpu()]
+    rows = [[pad_token_id] * (width - len(h)) + list(h) + list(t) + [pad_token_id] * (answer_width - len(t))
+            for h, t in layouts]
+    real = [[0] * (width - len(h)) + [1] * (len(h) + len(t)) + [0] * (answer_width - len(t)) for h, t in layouts]
+    ids = torch.tensor(rows, dtype=torch.long)
+    mask = torch.tensor(real, dtype=torch.long)
+    return model.forward_value(ids.to(device), mask.to(device), prompt_length=width)["chosen_end_scores"]
+
+
+def _left_right_padded(rows: Sequence[Sequence[int]], width: int, pad_token_id: int,
+                       left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, width] ids and 0/1 mask of rows padded on the left or the right."""
+    ids = [([pad_token_id] * (width - len(r)) + list(r)) if left else (list(r) + [pad_token_id] * (width - len(r)))
+           for r in rows]
+    mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r)))
+            for r in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def _score_shared_prompts(reward_model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
+                          device: torch.device) -> torch.Tensor:
+    """`score_layouts` with each distinct prompt run through the reward model once: the prompts' KV cache
+    is selected per row (`batch_select_indices`) and only the answers are forwarded against it. The
+    scored index follows the same rule (`end_index` on the whole prompt + answer row)."""
+    from transformers import DynamicCache
+
+    heads = list(dict.fromkeys(tuple(h) for h, _ in layouts))
+    which = torch.tensor([heads.index(tuple(h)) for h, _ in layouts], dtype=torch.long)
+    width = max(len(h) for h in heads)
+    answer_width = max(max(len(t) for _, t in layouts), 1)
+    head_ids, head_mask = _left_right_padded(heads, width, pad_token_id, left=True)
+    tail_ids, tail_mask = _left_right_padded([t for _, t in layouts], answer_width, pad_token_id, left=False)
+    head_ids, head_mask, tail_ids, tail_mask = (t.to(device) for t in (head_ids, head_mask, tail_ids, tail_mask))
+    which = which.to(device)
+    config = getattr(reward_model.rwtransformer, "config", None)
+    cache = DynamicCache(config=config)
+    head_values = reward_model.token_values(head_ids, head_mask, past_key_values=cache, use_cache=True)
+    cache.batch_select_indices(which)
+    row_head_mask = head_mask[which]
+    full_mask = torch.cat([row_head_mask, tail_mask], dim=1)
+    positions = row_head_mask.sum(dim=1, keepdim=True) + torch.arange(answer_width, device=device)
+    tail_values = reward_model.token_values(tail_ids, full_mask, past_key_values=cache, position_ids=positions,
+                                            use_cache=True)
+    values = torch.cat([head_values[which], tail_values], dim=1)
+    full_ids = torch.cat([head_ids[which], tail_ids], dim=1)
+    index = reward_model.end_index(full_ids, width)
+    return values.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
 class RewardScorer:
@@ -139,7 +205,7 @@ class RewardScorer:
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
-            layouts = [self.layout(p, a) for p, a in zip(prompts[start:start + self.batch_size],
-                                                            answers[start:start + self.batch_size])]
+            layouts = reward_layouts(self.tokenizer, prompts[start:start + self.batch_size],
+                                     answers[start:start + self.batch_size], self.end_text, self.max_seq_len)
             scores.extend(score_layouts(self.model, layouts, self.pad_id, self.device))
         return scores

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dschat.utils import startup
 from dschat.utils.args import trackers
 from dschat.utils.checkpoint import (
     find_latest_state,
@@ -409,6 +410,7 @@ class Trainer(ResumableRun):
     def after_eval(self, metrics: dict[str, float]) -> None:
         """Hook after each logged evaluation (health checks, keeping the best model)."""
 
+    @startup.timed("initial_eval")  # counted only before the first step
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
@@ -458,6 +460,7 @@ class Trainer(ResumableRun):
                 if not boundary:
                     continue
                 self.global_step += 1
+                startup.report()  # first optimizer step: print where start-up time went (once)
                 bar.update(1)
                 if self.global_step % args.log_interval == 0 or self.global_step == total:
                     elapsed = max(time.time() - window_start, 1e-9)

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import Dataset
 
+from dschat.utils import startup
 from dschat.utils.data import raw_datasets
 from dschat.utils.data.raw_datasets import PromptRawDataset
 from dschat.utils.errors import UserError
@@ -605,6 +606,7 @@ def _build(local_rank: int, paths: Sequence[str], data_split: str | None, output
     return train, evals
 
 
+@startup.timed("data")
 def create_prompt_dataset(local_rank: int, data_path: str | Sequence[str], data_split: str | None,
                           output_path: str, train_phase: int, seed: int | None, tokenizer, max_seq_len: int,
                           end_of_conversation_token: str | None = None, sft_only_data_path: Sequence[str] = (),

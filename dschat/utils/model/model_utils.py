@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from dschat.utils import startup
 from dschat.utils.errors import UserError
 from dschat.utils.model.reward_model import RewardModel
 from dschat.utils.module.lora import gathered
@@ -86,6 +87,7 @@ def check_tokenizer_matches(config: Any, tokenizer: Any, model_name_or_path: str
         )
 
 
+@startup.timed("model_load")
 def create_hf_model(
     model_class: Any,
     model_name_or_path: str,
@@ -279,6 +281,7 @@ def match_zero3_dtype(model: torch.nn.Module, ds_config: dict) -> torch.nn.Modul
     return model
 
 
+@startup.timed("model_load")
 def create_critic_model(
     model_name_or_path: str,
     tokenizer: Any,
