@@ -231,14 +231,19 @@ def test_two_ranks_zero3_ema_sampling_resume_and_deprecated_flags(assets, run_ds
 def test_reward_rises_on_a_fixed_reward_model(assets, run_ds, tmp_path):
     """An easy task: one prompt, 4-token sampled answers, maximise a fixed (random) reward model. A wrong
     sign anywhere (advantages, ratio, reward placement) makes the mean reward fall or wander instead.
-    Seeds 1-3 all rise from about -8 to about +7 within 10 steps; the check asks for +3."""
+
+    The random-weight test Llama samples nearly uniformly (about 5 nats per token) and the reward of an
+    answer is an unsmooth function of its last token (std about 4 over sampled answers, range about -10 to
+    +15), so at the usual actor learning rate 1e-3 the policy drifts without finding the good tokens in 10
+    steps (rise about 1). Actor learning rate 2e-2: seeds 1-3 rise by 5.3-6.9 (last steps about +8); with the
+    advantage sign flipped the reward falls (seed 1: -3.1). The check asks for +3."""
     prompts = tmp_path / "one_prompt.jsonl"
     prompts.write_text(json.dumps({"prompt": "\n\nHuman: Tell me a story.\n\nAssistant:"}) + "\n")
     prompts.write_text(prompts.read_text() * 32)
     out = tmp_path / "rise"
     argv = base_args(assets, out, data_path=prompts, per_device_generation_batch_size=16,
                      per_device_training_batch_size=16, max_answer_seq_len=4, do_sample=True, num_train_epochs=10,
-                     max_steps=10, init_kl_coef=0.0, whiten_advantages=True, actor_learning_rate=1e-3,
+                     max_steps=10, init_kl_coef=0.0, whiten_advantages=True, actor_learning_rate=2e-2,
                      critic_learning_rate=1e-3, lr_scheduler_type="constant", clip_reward_value=100, ppo_epochs=4)
     proc = run_ds(MAIN, argv, num_ranks=0, timeout=600)
     assert_ok(proc)
