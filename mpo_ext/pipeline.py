@@ -36,8 +36,9 @@ import click
 import yaml
 
 import mpo_ext
+from dschat.rlhf.health import COLLAPSE_EXIT_CODE, HEALTH_FILE
 from dschat.utils.errors import UserError
-from dschat.utils.utils import atomic_write_json
+from dschat.utils.utils import atomic_write_json, atomic_write_text
 from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS
 
 CONFIG_PACKAGE = "mpo_ext.configs"
@@ -630,6 +631,7 @@ def run_plan(plan: list[Stage], out: Path, config: PipelineConfig, *, steps: typ
         if stage.name in done:
             print(f"[pipeline] {stage.name}: complete ({stage.output.name}), reused", flush=True)
             entry["status"] = "reused (complete)"
+            _note_health(stage, entry)
             continue
         missing = sorted({r.stage for r in stage.inputs} - done)
         if missing:
@@ -646,6 +648,12 @@ def run_plan(plan: list[Stage], out: Path, config: PipelineConfig, *, steps: typ
         elapsed = time.time() - start
         entry.update(status="ok" if code == 0 else f"failed ({code})", seconds=round(elapsed, 1), log=str(log_path),
                      command=shlex.join(command))
+        if code == COLLAPSE_EXIT_CODE:
+            _note_health(stage, entry)
+            atomic_write_json(out / "summary.json", summary)
+            raise UserError(f"stage {stage.name} was stopped by a health guard (--stop_on_collapse): "
+                            f"{entry.get('health', 'see its log')}; see {stage.output / HEALTH_FILE} and {log_path}; "
+                            "lower the learning rate or raise the KL coefficient, then re-run")
         if code != 0:
             atomic_write_json(out / "summary.json", summary)
             tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
@@ -656,8 +664,30 @@ def run_plan(plan: list[Stage], out: Path, config: PipelineConfig, *, steps: typ
         write_completion_record(stage, config, command, elapsed)
         done.add(stage.name)
         print(f"[pipeline] ---=== {stage.name} finished in {_clock(elapsed)} ===---", flush=True)
+        _note_health(stage, entry)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def stage_health(output: Path) -> str | None:
+    """The health guards' verdict on a DPO/PPO stage from its health.json: "ok", or e.g. "warned
+    (health/entropy)"; None where the stage keeps no such record."""
+    try:
+        record = json.loads((output / HEALTH_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    signals = sorted({str(w.get("signal")) for w in record.get("warnings") or [] if isinstance(w, dict)})
+    return str(record.get("status", "unknown")) + (f" ({', '.join(signals)})" if signals else "")
+
+
+def _note_health(stage: Stage, entry: dict) -> None:
+    """Show and record a stage's health verdict (summary.json and the final report carry it)."""
+    health = stage_health(stage.output)
+    if health is not None:
+        entry["health"] = health
+        print(f"[pipeline] {stage.name} health: {health}", flush=True)
 
 
 def write_completion_record(stage: Stage, config: PipelineConfig, command: list[str], seconds: float) -> None:
@@ -754,7 +784,8 @@ def _run_stage(name: str, command: list[str], log_path: Path, cwd: Path, interva
 def print_final_report(plan: list[Stage], out: Path) -> None:
     print("\nArtefacts:")
     for stage in plan:
-        print(f"  {stage.name:<8} {stage.output}")
+        health = stage_health(stage.output)
+        print(f"  {stage.name:<8} {stage.output}" + (f"  (health: {health})" if health else ""))
     print(f"  {'logs':<8} {out / 'logs'}\n  {'config':<8} {out / 'config.yaml'}")
     evals = [s for s in plan if s.name == "eval"]
     table = evals[0].output / "table.json" if evals else None
@@ -779,7 +810,5 @@ def save_config(out: Path, config: PipelineConfig) -> Path:
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for path in (out / "configs" / f"{config.name}-{digest}.yaml", out / "config.yaml"):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return out / "config.yaml"

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mpo_ext.cli import main
-from mpo_ext.pipeline import build_plan, load_config
+from mpo_ext.pipeline import Stage, build_plan, load_config, print_final_report, stage_health
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,3 +222,17 @@ def test_pipeline_from_a_plain_install_outside_the_checkout(tmp_path):
     # one rank: `python -m dschat.steps.sft` (no launcher); more: `deepspeed ... --module dschat.steps.sft`
     assert command[command.index("dschat.steps.sft") - 1] in ("-m", "--module")
     assert (work / "runs" / "mpo-smoke" / "config.yaml").is_file()
+
+
+def test_stage_health_verdict_is_read_from_health_json(tmp_path, capsys):
+    """The pipeline shows each DPO/PPO stage's guard verdict (health.json) and names the signals that warned."""
+    assert stage_health(tmp_path) is None  # stages without guards (SFT, RM, select) keep no record
+    (tmp_path / "health.json").write_text(json.dumps({"status": "warned", "warnings": [
+        {"step": 7, "signal": "health/entropy", "message": "m"}, {"step": 9, "signal": "health/distinct_2",
+                                                                "message": "m"}]}))
+    assert stage_health(tmp_path) == "warned (health/distinct_2, health/entropy)"
+    (tmp_path / "health.json").write_text("{torn")
+    assert stage_health(tmp_path) is None
+    (tmp_path / "health.json").write_text(json.dumps({"status": "ok", "warnings": []}))
+    print_final_report([Stage("dpo", [], {}, output=tmp_path)], tmp_path)
+    assert f"dpo      {tmp_path}  (health: ok)" in capsys.readouterr().out
