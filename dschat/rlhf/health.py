@@ -345,7 +345,7 @@ def add_keep_best_args(parser, *, eval_steps_dest: str = "eval_steps"):
                        if eval_steps_dest != "eval_steps" else 0,
                        help="Every N steps, answer held-out prompts greedily and score them with the reward "
                             "model (and --gold_reward); 0: never." if eval_steps_dest == "eval_steps"
-                       else f"Alias of --{eval_steps_dest}.")
+                       else f"An alias of --{eval_steps_dest} (the same setting).")
     group.add_argument("--eval_prompts", type=int, default=16,
                        help="Held-out prompts answered at each evaluation for the generation checks and the "
                             "held-out score (0: none).")
