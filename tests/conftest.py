@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModel, AutoTokenizer
 
+from dschat.utils.model.reward_model import RewardModel
+from dschat.utils.utils import save_reward_model
 from mpo_ext import synthetic
 from mpo_ext.bootstrap import build_default_assets, save_random_llama
 
@@ -230,6 +233,30 @@ def tldr_csv(tmp_path_factory) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def save_random_critic(model_dir: Path, tokenizer, out: Path, std: float = 0.5, seed: int = 0) -> Path:
+    """A step-2 layout reward model on `model_dir` whose value head is N(0, std): a fixed reward for PPO to
+    maximise (and its critic's starting point)."""
+    torch.manual_seed(seed)
+    critic = RewardModel(AutoModel.from_pretrained(str(model_dir)), tokenizer, 0)
+    torch.nn.init.normal_(critic.v_head.weight, std=std)
+    save_reward_model(critic, tokenizer, out)
+    return out
+
+
+def synthetic_easy_pairs(count: int = 80, seed: int = 3) -> list[dict]:
+    """Records as step2.5_select writes easy.jsonl, on the synthetic task: the best answer against a sloppy
+    one (learnable and unambiguous)."""
+    rng = random.Random(seed)
+    prompts = synthetic.all_prompts("train")
+    records = []
+    for i in range(count):
+        prompt = rng.choice(prompts)
+        records.append({"prompt": prompt, "chosen": synthetic.best_response(prompt),
+                        "rejected": synthetic.sample_response(prompt, 0.0, rng), "chosen_reward": 2.0,
+                        "rejected_reward": 0.0, "gap": 2.0, "prompt_index": i})
+    return records
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synthetic_easy_pairs, write_jsonl
 
 from dschat.utils.errors import UserError
 from mpo_ext.dpo import (
@@ -170,17 +171,8 @@ def test_precomputed_reference_equals_resident(tinystories_dir, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def easy_pairs(tmp_path_factory):
     """An easy.jsonl as step2.5_select writes it: best answers vs. sloppy ones (learnable, unambiguous)."""
-    from mpo_ext import synthetic
-
     root = tmp_path_factory.mktemp("dpo_data")
-    rng = random.Random(3)
-    prompts = synthetic.all_prompts("train")
-    with open(root / "easy.jsonl", "w", encoding="utf-8") as fh:
-        for i in range(80):
-            prompt = rng.choice(prompts)
-            fh.write(json.dumps({"prompt": prompt, "chosen": synthetic.best_response(prompt),
-                                 "rejected": synthetic.sample_response(prompt, 0.0, rng), "chosen_reward": 2.0,
-                                 "rejected_reward": 0.0, "gap": 2.0, "prompt_index": i}) + "\n")
+    write_jsonl(root / "easy.jsonl", synthetic_easy_pairs())
     return root
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_random_critic, synthetic_easy_pairs, write_jsonl
 
 from dschat.rlhf.health import (
     COLLAPSE_EXIT_CODE,
@@ -143,16 +144,8 @@ def test_gold_reward_is_loaded_by_name():
 @pytest.fixture(scope="module")
 def ppo_setup(tmp_path_factory, tinystories_dir, tiny_tokenizer) -> dict[str, Path]:
     """A step-2 style critic/reward model (random value head) and 32 prompts, as in tests/test_step3.py."""
-    from transformers import AutoModel
-
-    from dschat.utils.model.reward_model import RewardModel
-    from dschat.utils.utils import save_reward_model
-
     root = tmp_path_factory.mktemp("guards_ppo")
-    torch.manual_seed(0)
-    critic = RewardModel(AutoModel.from_pretrained(str(tinystories_dir)), tiny_tokenizer, 0)
-    torch.nn.init.normal_(critic.v_head.weight, std=0.5)
-    save_reward_model(critic, tiny_tokenizer, root / "critic")
+    save_random_critic(tinystories_dir, tiny_tokenizer, root / "critic")
     questions = ["Where did the cat go?", "What is the sky like?", "Tell me about a dog.", "Who is Lily?",
                  "What did Tom eat?", "Why is the sun hot?", "Can you sing a song?", "How big is the tree?"]
     with open(root / "prompts.jsonl", "w", encoding="utf-8") as fh:
@@ -267,18 +260,8 @@ def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup,
 @pytest.fixture(scope="module")
 def dpo_pairs(tmp_path_factory) -> Path:
     """Synthetic-task pairs: best answers against sloppy ones (as tests/test_dpo.py builds them)."""
-    import random
-
-    from mpo_ext import synthetic
-
     root = tmp_path_factory.mktemp("guards_dpo")
-    rng = random.Random(3)
-    prompts = synthetic.all_prompts("train")
-    with open(root / "easy.jsonl", "w", encoding="utf-8") as fh:
-        for _ in range(80):
-            prompt = rng.choice(prompts)
-            fh.write(json.dumps({"prompt": prompt, "chosen": synthetic.best_response(prompt),
-                                 "rejected": synthetic.sample_response(prompt, 0.0, rng)}) + "\n")
+    write_jsonl(root / "easy.jsonl", synthetic_easy_pairs())
     return root
 
 

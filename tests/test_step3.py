@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_random_critic
 
 from dschat.utils.errors import run_main
 
@@ -26,16 +27,8 @@ HE_WARNING = "--enable_hybrid_engine:"
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tinystories_dir, tiny_tokenizer) -> dict[str, Path]:
     """A step-2 style critic and a prompt file (local jsonl with prompt/chosen/rejected keys)."""
-    from transformers import AutoModel
-
-    from dschat.utils.model.reward_model import RewardModel
-    from dschat.utils.utils import save_reward_model
-
     root = tmp_path_factory.mktemp("step3")
-    torch.manual_seed(0)
-    critic = RewardModel(AutoModel.from_pretrained(str(tinystories_dir)), tiny_tokenizer, 0)
-    torch.nn.init.normal_(critic.v_head.weight, std=0.5)
-    save_reward_model(critic, tiny_tokenizer, root / "critic")
+    save_random_critic(tinystories_dir, tiny_tokenizer, root / "critic")
     prompts = root / "hard.jsonl"
     with open(prompts, "w", encoding="utf-8") as fh:
         for q in QUESTIONS:
