@@ -259,6 +259,14 @@ def synthetic_easy_pairs(count: int = 80, seed: int = 3) -> list[dict]:
     return records
 
 
+@pytest.fixture(scope="module")
+def easy_pairs(tmp_path_factory) -> Path:
+    """A folder holding an easy.jsonl as step2.5_select writes it (`synthetic_easy_pairs`), for DPO runs."""
+    root = tmp_path_factory.mktemp("easy_pairs")
+    write_jsonl(root / "easy.jsonl", synthetic_easy_pairs())
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import synthetic_easy_pairs, write_jsonl
 
 from dschat.utils.errors import UserError
 from mpo_ext.dpo import (
@@ -166,14 +165,6 @@ def test_precomputed_reference_equals_resident(tinystories_dir, tiny_tokenizer):
 
 
 # --------------------------------------------------------------------------------------------- real runs
-
-
-@pytest.fixture(scope="module")
-def easy_pairs(tmp_path_factory):
-    """An easy.jsonl as step2.5_select writes it: best answers vs. sloppy ones (learnable, unambiguous)."""
-    root = tmp_path_factory.mktemp("dpo_data")
-    write_jsonl(root / "easy.jsonl", synthetic_easy_pairs())
-    return root
 
 
 def _dpo_args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_random_critic, synthetic_easy_pairs, write_jsonl
+from conftest import save_random_critic
 
 from dschat.rlhf.health import (
     COLLAPSE_EXIT_CODE,
@@ -257,14 +257,6 @@ def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup,
     assert again["eval/reward"] == pytest.approx(best["best_score"], abs=1e-3)
 
 
-@pytest.fixture(scope="module")
-def dpo_pairs(tmp_path_factory) -> Path:
-    """Synthetic-task pairs: best answers against sloppy ones (as tests/test_dpo.py builds them)."""
-    root = tmp_path_factory.mktemp("guards_dpo")
-    write_jsonl(root / "easy.jsonl", synthetic_easy_pairs())
-    return root
-
-
 def _dpo_argv(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
     return ["--data_path", str(data / "easy.jsonl"), "--model_name_or_path", str(model), "--max_seq_len", "64",
             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--beta", "0.1",
@@ -273,11 +265,11 @@ def _dpo_argv(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
             "--data_output_path", str(data / "cache"), "--output_dir", str(out), *extra]
 
 
-def test_high_lr_dpo_warns_and_stops_with_a_saved_state(dpo_pairs, tinystories_dir, run_ds, tmp_path):
+def test_high_lr_dpo_warns_and_stops_with_a_saved_state(easy_pairs, tinystories_dir, run_ds, tmp_path):
     """DPO at lr 5e-2: by the first periodic eval the held-out answers repeat themselves and both log-probs
     have collapsed (likelihood displacement); --stop_on_collapse saves a state and exits."""
     out = tmp_path / "dpo_collapse"
-    argv = _dpo_argv(dpo_pairs, tinystories_dir, out, "--learning_rate", "5e-2", "--eval_steps", "3",
+    argv = _dpo_argv(easy_pairs, tinystories_dir, out, "--learning_rate", "5e-2", "--eval_steps", "3",
                      "--num_train_epochs", "1", "--stop_on_collapse")
     proc = run_ds(DPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
     health = _assert_stopped(proc, out, "step3b_dpo")
@@ -287,7 +279,7 @@ def test_high_lr_dpo_warns_and_stops_with_a_saved_state(dpo_pairs, tinystories_d
     assert first["step"] == 0 and {"health/logps_chosen_per_token", "eval/gold", "health/entropy"} <= set(first)
 
 
-def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(dpo_pairs, tinystories_dir, run_ds, tmp_path):
+def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(easy_pairs, tinystories_dir, run_ds, tmp_path):
     """--keep_best --best_metric gold: the output directory's model is the evaluated step with the highest
     held-out gold reward (checked against the logged evals and by re-generating with the saved model)."""
     from transformers import AutoModelForCausalLM
@@ -301,7 +293,7 @@ def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(dpo_pairs, tinystorie
     from mpo_ext.dpo import held_out_prompts, parse_args
 
     out = tmp_path / "dpo_best"
-    argv = _dpo_argv(dpo_pairs, tinystories_dir, out, "--learning_rate", "2e-3", "--eval_steps", "2",
+    argv = _dpo_argv(easy_pairs, tinystories_dir, out, "--learning_rate", "2e-3", "--eval_steps", "2",
                      "--max_steps", "6", "--keep_best", "--best_metric", "gold")
     proc = run_ds(DPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
     log = proc.stdout + proc.stderr
