@@ -37,6 +37,7 @@ import yaml
 
 import mpo_ext
 from dschat.rlhf.health import COLLAPSE_EXIT_CODE, HEALTH_FILE
+from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.errors import UserError
 from dschat.utils.utils import atomic_write_json, atomic_write_text
 from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS
@@ -182,7 +183,7 @@ def _load_raw(source: str, seen: tuple[str, ...] = ()) -> dict:
             raise UserError(f"--config {source}: no such file and no preset of that name "
                             f"(presets: {', '.join(preset_names())})")
         where, here = str(path), path.parent
-        data = _read_yaml(path.read_text(encoding="utf-8"), where)
+        data = _read_yaml(read_data_text(path), where)
     base = data.get("base")
     if base is None:
         return data
@@ -567,6 +568,8 @@ def experiment_key(config: PipelineConfig) -> dict:
 
 def claim_output_dir(out: Path, config: PipelineConfig, force: bool) -> None:
     """Refuse a directory that holds another experiment (or something that is not a pipeline run)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out}: is a file, not a directory; choose another --output_dir")
     record_path = out / "pipeline.json"
     key = experiment_key(config)
     if record_path.exists():

@@ -236,3 +236,16 @@ def test_stage_health_verdict_is_read_from_health_json(tmp_path, capsys):
     (tmp_path / "health.json").write_text(json.dumps({"status": "ok", "warnings": []}))
     print_final_report([Stage("dpo", [], {}, output=tmp_path)], tmp_path)
     assert f"dpo      {tmp_path}  (health: ok)" in capsys.readouterr().out
+
+
+def test_output_dir_that_is_a_file_or_a_config_not_utf8_is_one_line(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep me")
+    result = CliRunner().invoke(main, ["pipeline", "--preset", "smoke", "--output_dir", str(a_file)])
+    assert result.exit_code == 2 and "is a file" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and a_file.read_text() == "keep me"
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes(b"name: caf\xe9\n")
+    result = CliRunner().invoke(main, ["pipeline", "--config", str(config), "--output_dir", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "latin1.yaml:1: not UTF-8" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
