@@ -6,8 +6,8 @@ both launched exactly as `mpo pipeline` launches them (`mpo_ext.pipeline._start_
 `DSCHAT_LAUNCH_TIME` exported per stage. Each training stage prints a `[startup]` line at its first step
 (`dschat/utils/startup.py`): the table shows the rank's CPU seconds to that step (its own process only:
 a warm child's clock starts at its fork) and wall seconds from launch to that step, plus the server's
-one-off preload CPU seconds. Then it compares every file each stage wrote (sha256; logs and records of
-times excluded).
+one-off preload CPU seconds. Then it compares every file each stage wrote (sha256; logs, throughput figures and
+records of times excluded).
 
     python benchmarks/warm_start.py                    # smoke: assets, sft, rm, select (~10 min on 2 cores)
     python benchmarks/warm_start.py --stages sft
@@ -32,12 +32,23 @@ sys.path.insert(0, str(REPO))
 from dschat.utils.startup import LAUNCH_ENV, PREFIX  # noqa: E402
 from mpo_ext.pipeline import _start_stage, build_plan, load_config  # noqa: E402
 
-#: Files whose bytes record when or how long, not what: left out of the comparison.
-VOLATILE = ("run_info.json", "stage.json", ".log", "events.out", "timings", "manifest.json")
+#: Files that record when, how fast or the inputs' mtimes, not what was computed: left out of the comparison.
+VOLATILE = ("run_info.json", "stage.json", ".log", "events.out", "manifest.json", "shards/config.json")
+
+
+def stable_bytes(path: Path) -> bytes:
+    """A file's bytes without its throughput figures (metrics.jsonl and the model card carry them)."""
+    if path.name == "metrics.jsonl":
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return json.dumps([{k: v for k, v in r.items() if not k.endswith("_per_second")} for r in records]).encode()
+    if path.name == "README.md":
+        return "".join(x for x in path.read_text(encoding="utf-8").splitlines(True) if "_per_second" not in x).encode()
+    return path.read_bytes()
 
 
 def run_stages(preset: str, sets: list[str], stages: set[str], out: Path, warm: bool) -> list[dict]:
     rows = []
+    out.mkdir(parents=True, exist_ok=True)
     for stage in build_plan(load_config(preset, sets), out):
         if stage.name not in stages | {"assets"}:
             continue
@@ -56,8 +67,8 @@ def run_stages(preset: str, sets: list[str], stages: set[str], out: Path, warm: 
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and "data_cache" not in p.parts and not any(v in p.name for v in VOLATILE)}
+    return {str(p.relative_to(root)): hashlib.sha256(stable_bytes(p)).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and "data_cache" not in p.parts and not any(v in str(p) for v in VOLATILE)}
 
 
 def server_cpu() -> float | None:
@@ -74,9 +85,11 @@ def main() -> int:
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--stages", default="sft,rm,select", help="Stages to time (assets always run).")
+    parser.add_argument("--workdir", type=Path, default=None, help="Keep both runs here (default: a temporary dir).")
     args = parser.parse_args()
     stages = set(args.stages.split(","))
     with tempfile.TemporaryDirectory(prefix="warm_bench_") as tmp:
+        tmp = args.workdir or tmp
         run = Path(tmp) / "run"  # both runs write the same paths (outputs record their inputs' paths)
         fresh = run_stages(args.preset, args.set, stages, run, warm=False)
         run.rename(Path(tmp) / "fresh")
