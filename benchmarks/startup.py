@@ -62,15 +62,19 @@ def render(rows: list[dict], load: tuple[float, float, float], tag: str) -> str:
     lines = [f"# Start-up per stage ({tag}): seconds from launch to the first optimizer step", "",
              f"Load average at the end: {load[0]:.1f} on {os.cpu_count()} cores: wall seconds are inflated by other "
              "work; CPU seconds are the stage process's own (rank 0).", "",
-             "| stage | " + " | ".join(f"{p} wall / cpu" for p in PARTS) + " | whole stage wall | whole stage CPU |",
-             "|---|" + "---|" * (len(PARTS) + 2)]
+             "| stage | " + " | ".join(f"{p} wall / cpu" for p in PARTS)
+             + " | all imports CPU (share) | whole stage wall | whole stage CPU |",
+             "|---|" + "---|" * (len(PARTS) + 3)]
     for row in rows:
         s = row["startup"] or {"wall": {}, "cpu": {}}
         cells = []
         for part in PARTS:
             w, c = s["wall"].get(part), s["cpu"].get(part)
             cells.append("-" if w is None else f"{w:.1f} / {c:.1f}" if c is not None else f"{w:.1f} / -")
-        lines.append(f"| {row['stage']} | " + " | ".join(cells) + f" | {row['stage_wall_s']} | {row['stage_cpu_s']} |")
+        imports = s["cpu"].get("imports", 0.0) + s["cpu"].get("lazy_imports", 0.0)
+        share = f"{imports:.1f} ({imports / s['cpu']['total']:.0%})" if s["cpu"].get("total") else "-"
+        lines.append(f"| {row['stage']} | " + " | ".join(cells) + f" | {share} | {row['stage_wall_s']} | "
+                     f"{row['stage_cpu_s']} |")
     return "\n".join(lines) + "\n"
 
 
