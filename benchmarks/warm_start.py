@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,13 +37,21 @@ from mpo_ext.pipeline import _start_stage, build_plan, load_config  # noqa: E402
 VOLATILE = ("run_info.json", "stage.json", ".log", "events.out", "manifest.json", "shards/config.json")
 
 
+def timing(key: str) -> bool:
+    return "per_second" in key or key.startswith("time/")
+
+
 def stable_bytes(path: Path) -> bytes:
-    """A file's bytes without its throughput figures (metrics.jsonl and the model card carry them)."""
+    """A file's bytes without timings (metrics.jsonl and the model card carry them) or the inputs' mtimes
+    (the fingerprint in DPO's reference_logps.pt)."""
     if path.name == "metrics.jsonl":
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return json.dumps([{k: v for k, v in r.items() if not k.endswith("_per_second")} for r in records]).encode()
+        return json.dumps([{k: v for k, v in r.items() if not timing(k)} for r in records]).encode()
     if path.name == "README.md":
-        return "".join(x for x in path.read_text(encoding="utf-8").splitlines(True) if "_per_second" not in x).encode()
+        return "".join(x for x in path.read_text(encoding="utf-8").splitlines(True) if not timing(x.strip("| "))).encode()
+    if path.name == "reference_logps.pt":
+        tables = torch.load(path, weights_only=False)
+        return b"".join(k.encode() + v.numpy().tobytes() for k, v in sorted(tables.items()) if k != "fingerprint")
     return path.read_bytes()
 
 
