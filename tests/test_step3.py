@@ -365,6 +365,17 @@ def test_flags_module_records_every_flag_of_its_groups(capsys):
     assert "Stop after this many PPO steps" in " ".join(capsys.readouterr().out.split())
 
 
+def test_upstream_ppo_trainer_names_still_import():
+    """Upstream step-3 scripts import DeepSpeedPPOTrainer(Unsupervised); they are the PPOUpdater classes,
+    which run one PPO iteration and are not the epoch/resume `Trainer` of SFT, RM and DPO."""
+    from dschat.rlhf import ppo_trainer
+    from dschat.utils.trainer import ResumableRun
+
+    assert ppo_trainer.DeepSpeedPPOTrainer is ppo_trainer.PPOUpdater
+    assert ppo_trainer.DeepSpeedPPOTrainerUnsupervised is ppo_trainer.PPOUpdaterUnsupervised
+    assert not issubclass(ppo_trainer.PPOUpdater, ResumableRun)
+
+
 def test_validate_args_leaves_args_as_parsed():
     """The dtype-dependent --compute_fp32_loss default is returned by the check and filled in by parse_args."""
     from dschat.steps import ppo_args

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dschat.rlhf import health
 from dschat.rlhf.generation import Generator
-from dschat.rlhf.ppo_trainer import DeepSpeedPPOTrainer, DeepSpeedPPOTrainerUnsupervised
+from dschat.rlhf.ppo_trainer import PPOUpdater, PPOUpdaterUnsupervised
 from dschat.rlhf.rlhf_engine import DeepSpeedRLHFEngine, unsupervised_enabled
 from dschat.steps import train_main
 from dschat.steps.ppo_args import parse_args, recorded_settings, validate_args
@@ -129,9 +129,8 @@ def build(args) -> PPOLoop:
     num_total_iters = count_total_iters(args, len(prompt_loader), len(unsup_loader) if unsup_loader else None)
     engine = DeepSpeedRLHFEngine(args.actor_model_name_or_path, args.critic_model_name_or_path, tokenizer, args,
                                  num_total_iters)
-    trainer_cls = DeepSpeedPPOTrainerUnsupervised if unsupervised_enabled(args) else DeepSpeedPPOTrainer
-    trainer = trainer_cls(engine, args)
-    loop = PPOLoop(args, engine, trainer, prompt_loader, unsup_loader, tokenizer, num_total_iters)
+    updater = (PPOUpdaterUnsupervised if unsupervised_enabled(args) else PPOUpdater)(engine, args)
+    loop = PPOLoop(args, engine, updater, prompt_loader, unsup_loader, tokenizer, num_total_iters)
     if args.eval_steps and args.eval_prompts:
         loop.held_out = held_out_prompt_batch(args, held_out, prompts, tokenizer)
     return loop
@@ -164,7 +163,7 @@ class PPOLoop(ResumableRun):
                  tokenizer, num_total_iters: int):
         self.args = args
         self.rlhf_engine = rlhf_engine
-        self.trainer = trainer
+        self.trainer = trainer  # a PPOUpdater (upstream: DeepSpeedPPOTrainer): one PPO iteration, not a loop
         self.prompt_loader = prompt_loader
         self.unsup_loader = unsup_loader
         self.tokenizer = tokenizer
@@ -309,7 +308,7 @@ class PPOLoop(ResumableRun):
     # ---- one PPO update
     def _accumulate_experience(self, exp: dict) -> None:
         """Per-sample statistics of one rollout batch, summed for the current round."""
-        raw = exp["raw_rewards"].float()
+        raw = exp["raw_sequence_rewards"].float()
         stats = {
             "count": torch.tensor(float(raw.numel())),
             "reward_sum": raw.sum(),
