@@ -34,12 +34,8 @@ from dschat.utils.build import (
     fuse_lora,
     set_gradient_checkpointing,
 )
-from dschat.utils.data.data_utils import (
-    DataCollatorRLHF,
-    MiniDataset,
-    create_prompt_dataset,
-    get_unsupervised_data,
-)
+from dschat.utils.data.collators import DataCollatorRLHF, MiniDataset
+from dschat.utils.data.prompt_datasets import create_prompt_dataset, get_unsupervised_data
 from dschat.utils.dist import barrier, get_local_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError, run_main
 from dschat.utils.model_card import card_files, push_to_hub
