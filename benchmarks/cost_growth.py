@@ -2,7 +2,7 @@
 size, sequence length, number of selection prompts and ranks (1 vs 2).
 
     python benchmarks/cost_growth.py            # default grid, ~15-20 min on 2 cores
-    python benchmarks/cost_growth.py --quick    # two points per axis, smallest models, a few minutes
+    python benchmarks/cost_growth.py --quick    # smoke: each stage moved along one axis, 8 points
     python benchmarks/cost_growth.py --report benchmarks/results/cost_growth.json   # re-render only
 
 Every point is one configuration of `benchmarks/run.py`'s machinery, run by its `run_config` in a fresh
@@ -58,6 +58,8 @@ def grid(quick: bool) -> dict[str, Any]:
     if quick:
         return {"models": ("r1m", "rand"), "train_len": (32, 64), "answer_len": (8, 16), "prompts": (4, 8),
                 "ranks": (1, 2), "base": {"model": "r1m", "seq": 0, "prompts": 8, "ranks": 1},
+                # a smoke: every stage and every axis, but each stage moved along one axis only (8 points)
+                "moved": {"sft": ("ranks",), "dpo": ("seq",), "select": ("prompts",), "ppo": ("model",)},
                 "train_batch": 4, "train_samples": 8, "train_windows": 1, "train_warmup": 1,
                 "gen_batch": 2, "ppo_windows": 1, "prompt_len": 128}
     return {"models": ("r1m", "rand", "r12m"), "train_len": (64, 128, 256), "answer_len": (16, 32, 64),
@@ -106,7 +108,8 @@ def plan(quick: bool) -> list[dict[str, Any]]:
         for axis in AXES:
             if stage not in AXIS_STAGES[axis]:
                 continue
-            for value in values[axis]:
+            moved = "moved" not in g or axis in g["moved"][stage]
+            for value in values[axis] if moved else (base[axis],):
                 point = {**base, axis: value}
                 cfg = point_config(stage, point["model"], lengths[point["seq"]], point["prompts"], point["ranks"], g)
                 configs.setdefault(cfg["name"], {**cfg, "axes": []})["axes"].append(axis)
@@ -189,10 +192,11 @@ def markdown(rows: list[dict], info: dict, mode: str, seconds: float) -> str:
                          f"{_f(row['peak_rss_mb'])} | {_f(row['window_cpu_seconds'], '{:.2f}')} | "
                          f"{_f(load[0], '{:.1f}')} |")
         if axis == "prompts":
+            stage_rows = sorted((r for r in rows if axis in r["axes"] and "stage_prompts_per_wall_second" in r),
+                                key=lambda r: r["prompts"])
             lines += ["", "Whole selection stage (model build, every batch, merge and write), prompts per wall "
                       "second: " + ", ".join(f"{r['prompts']} prompts {r['stage_prompts_per_wall_second']:.2f}"
-                                             for r in rows if axis in r["axes"] and "stage_prompts_per_wall_second" in r)
-                      + "."]
+                                             for r in stage_rows) + "."]
         lines.append("")
     return "\n".join(lines)
 
@@ -210,7 +214,7 @@ def plot(rows: list[dict], out_dir: Path, prefix: str) -> list[str]:
                                                       for r in rows)]
         if not stages:
             continue
-        fig, axes = plt.subplots(2, len(stages), figsize=(4.2 * len(stages) + 0.6, 7), squeeze=False)
+        fig, axes = plt.subplots(2, len(stages), figsize=(max(4.2 * len(stages) + 0.6, 6.5), 7), squeeze=False)
         for col, stage in enumerate(stages):
             points = sorted((r for r in rows if axis in r["axes"] and r["stage"] == stage and "error" not in r),
                             key=lambda r: axis_x(r, axis))
@@ -235,9 +239,9 @@ def plot(rows: list[dict], out_dir: Path, prefix: str) -> list[str]:
                     ax.set_xscale("log")
                 if axis in ("ranks", "prompts"):
                     ax.set_xticks(xs)
-        fig.suptitle(f"How cost grows with {AXIS_TITLES[axis]} (one axis moved from the base point; "
+        fig.suptitle(f"How cost grows with {AXIS_TITLES[axis]}\n(one axis moved from the base point; "
                      "random Llamas, CPU, fp32)", fontsize=11)
-        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
         path = out_dir / f"{prefix}_{axis}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
@@ -259,7 +263,8 @@ def render(report: dict, out_dir: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Two points per axis, smallest models, fewest steps.")
+    parser.add_argument("--quick", action="store_true",
+                        help="Smoke: smallest models, fewest steps, each stage moved along one axis (8 points).")
     parser.add_argument("--only", type=str, default=None,
                         help="Run the points whose name contains this; with an earlier results JSON of the same "
                              "mode in --out, they replace their namesakes there and the rest is kept.")
