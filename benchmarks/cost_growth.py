@@ -1,8 +1,8 @@
 """How cost grows: throughput and peak memory of SFT, DPO, selection (step 2.5) and one PPO step against model
 size, sequence length, number of selection prompts and ranks (1 vs 2).
 
-    python benchmarks/cost_growth.py            # default grid, ~15-20 min on 2 cores
-    python benchmarks/cost_growth.py --quick    # smoke: each stage moved along one axis, 8 points
+    python benchmarks/cost_growth.py            # default grid, 26 points: 35 min on 2 cores at load ~11
+    python benchmarks/cost_growth.py --quick    # smoke, 8 points (each stage moved along one axis): 7 min there
     python benchmarks/cost_growth.py --report benchmarks/results/cost_growth.json   # re-render only
 
 Every point is one configuration of `benchmarks/run.py`'s machinery, run by its `run_config` in a fresh
