@@ -108,7 +108,7 @@ def test_dpo_flags_keep_upstream_defaults():
 
     args = parse_args(["--model_name_or_path", "m"])
     assert (args.beta, args.label_smoothing, args.learning_rate, args.tensorboard_path) == (
-        0.1, 0.0, 1e-3, "step2_tensorboard")
+        0.1, 0.0, 1e-3, "step3b_tensorboard")
     assert args.reference_model_name_or_path is None and not args.precompute_ref_log_probs
     assert not args.offload_reference_model and args.data_path == ["Dahoas/rm-static"]
     with pytest.raises(UserError, match="--label_smoothing"):
