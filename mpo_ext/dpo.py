@@ -37,7 +37,7 @@ from dschat.utils.build import (
     stage_datasets,
     start_training_stage,
 )
-from dschat.utils.data.data_utils import DataCollatorReward
+from dschat.utils.data.collators import DataCollatorReward
 from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes

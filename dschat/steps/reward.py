@@ -13,7 +13,7 @@ from dschat.utils.build import (
     stage_datasets,
     start_training_stage,
 )
-from dschat.utils.data.data_utils import DataCollatorReward
+from dschat.utils.data.collators import DataCollatorReward
 from dschat.utils.errors import run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record

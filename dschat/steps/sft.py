@@ -15,7 +15,7 @@ from dschat.utils.build import (
     stage_datasets,
     start_training_stage,
 )
-from dschat.utils.data.data_utils import DataCollatorSFT
+from dschat.utils.data.collators import DataCollatorSFT
 from dschat.utils.errors import run_main
 from dschat.utils.trainer import Trainer
 from dschat.utils.utils import get_all_reduce_mean

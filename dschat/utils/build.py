@@ -16,7 +16,7 @@ import torch
 
 from dschat.utils import args as flags
 from dschat.utils import startup
-from dschat.utils.data.data_utils import create_prompt_dataset
+from dschat.utils.data.prompt_datasets import create_prompt_dataset
 from dschat.utils.dist import get_local_rank, get_world_size
 from dschat.utils.ds_utils import (
     get_train_ds_config,
