@@ -224,6 +224,19 @@ def staged_output(target: str | os.PathLike, markers: Sequence[str] = ("config.j
     publish_staged(staging, target, markers, keep_existing)
 
 
+def publish_directory(source: str | os.PathLike, target: str | os.PathLike, keep_existing: bool = True) -> None:
+    """Make `source`'s entries `target`'s (e.g. a kept best model becoming the final one), then remove `source`.
+
+    Entries move by renames (no second copy of the weights) through `staged_output`, so a crash leaves
+    `target` whole; `keep_existing` is `staged_output`'s. `source` may lie inside `target`.
+    """
+    source = Path(source)
+    with staged_output(target, keep_existing=keep_existing) as staging:
+        for entry in source.iterdir():
+            os.replace(entry, staging / entry.name)
+    source.rmdir()
+
+
 def publish_staged(staging: Path, target: Path, markers: Sequence[str] = (), keep_existing: bool = True) -> None:
     normalise_modes(staging)
     entries = sorted(staging.iterdir(), key=lambda e: (e.name in markers, markers.index(e.name)
