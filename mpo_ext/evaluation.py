@@ -28,7 +28,13 @@ import torch
 from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
-from dschat.utils.inference import RewardScorer, load_policy, resolve_device, resolve_torch_dtype
+from dschat.utils.inference import (
+    RewardScorer,
+    load_policy,
+    pad_with_mask,
+    resolve_device,
+    resolve_torch_dtype,
+)
 from dschat.utils.model_card import set_card_section
 from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.utils import load_hf_tokenizer
@@ -256,18 +262,6 @@ def encode_prompt(tokenizer, prompt: str, max_len: int) -> list[int]:
     return ids[len(ids) - max_len:]
 
 
-def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask [B, max len]."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids, mask
-
-
 @dataclass(frozen=True)
 class Decoding:
     """Fixed decoding settings shared by every evaluated model."""
@@ -301,7 +295,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], decoding: Decodin
     out: list[dict] = []
     for number, indices in rank_batches(len(prompts), decoding.batch_size, rank, world_size):
         rows = [encode_prompt(tokenizer, prompts[i], decoding.max_prompt_seq_len) for i in indices]
-        ids, mask = pad_left(rows, pad)
+        ids, mask = pad_with_mask(rows, max(len(r) for r in rows), pad, left=True)
         torch.manual_seed(batch_seed(decoding.seed, number))
         sequences = generator.generate(ids.to(device), mask.to(device)).cpu()
         width = ids.shape[1]
@@ -418,8 +412,8 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")
 
     answers = generate_for_models(models, prompts, decoding, torch_device, torch_dtype)
-    scorer = RewardScorer(reward_model, torch_device, torch_dtype, num_padding_at_beginning, max_seq_len,
-                          decoding.batch_size, end_text=reward_end_text)
+    scorer = RewardScorer.from_path(reward_model, torch_device, torch_dtype, num_padding_at_beginning, max_seq_len,
+                                    decoding.batch_size, end_text=reward_end_text)
     rows = []
     for name, _ in models:
         records = gather_records(score_records(scorer, prompts, answers[name], gold_fn))

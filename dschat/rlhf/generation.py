@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -77,6 +77,19 @@ def pad_after_eos(sequences: torch.Tensor, prompt_width: int, eos_token_id: int 
 def decode_answers(tokenizer, sequences: torch.Tensor, prompt_width: int) -> list[str]:
     """Answer text per row (special tokens and padding removed)."""
     return tokenizer.batch_decode(sequences[:, prompt_width:], skip_special_tokens=True)
+
+
+def decode_continuations(tokenizer, prompt_ids: Sequence[list[int]],
+                         answer_ids: Sequence[Sequence[list[int]]]) -> list[str]:
+    """Each answer's text as it continues its prompt (keeps the leading space many tokenizers drop when an
+    answer is decoded on its own), for every answer of every prompt (answer_ids[i]: the answers of prompt
+    i), flat in that order; batched, and each prompt is decoded once however many answers it has."""
+    heads = tokenizer.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)
+    flat = [(i, list(a)) for i, answers in enumerate(answer_ids) for a in answers]
+    fulls = tokenizer.batch_decode([list(prompt_ids[i]) + a for i, a in flat], skip_special_tokens=True)
+    alone = tokenizer.batch_decode([a for _, a in flat], skip_special_tokens=True)
+    return [full[len(heads[i]):] if full.startswith(heads[i]) else own
+            for (i, _), full, own in zip(flat, fulls, alone)]
 
 
 def decode_prompts(tokenizer, prompt_ids: torch.Tensor) -> list[str]:
