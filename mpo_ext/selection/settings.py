@@ -21,12 +21,20 @@ PAIR_RULE = ("samples: the best and the worst of --num_samples answers per promp
              "last lowest), kept in sample order; dataset: the dataset's chosen and rejected answers")
 
 
-def _fields_from(cls, args) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in fields(cls)}
+class FlagSettings:
+    """Base of settings dataclasses whose fields are flags of the same name."""
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def record(self) -> dict[str, Any]:
+        """The settings as recorded in manifests and fingerprints (JSON-ready)."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
-class SamplingSettings:
+class SamplingSettings(FlagSettings):
     """What decides the sampled answers: the flags of the parser's "sampling" group (a test keeps the two
     equal), recorded in the manifest and the shard fingerprint."""
 
@@ -38,16 +46,9 @@ class SamplingSettings:
     top_k: int
     per_device_generation_batch_size: int
 
-    @classmethod
-    def from_args(cls, args) -> SamplingSettings:
-        return cls(**_fields_from(cls, args))
-
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class ScoringSettings:
+class ScoringSettings(FlagSettings):
     """Besides the prompts, the models and the sampling, what decides a shard's scored records (a shard
     made under other values is refused or rebuilt)."""
 
@@ -57,13 +58,6 @@ class ScoringSettings:
     seed: int
     shard_size: int
     dtype: str
-
-    @classmethod
-    def from_args(cls, args) -> ScoringSettings:
-        return cls(**_fields_from(cls, args))
-
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from dschat.utils.model.model_utils import create_critic_model, create_hf_model
 from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
 from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, load_hf_tokenizer, print_rank_0
+from mpo_ext import plots
 from mpo_ext.selection.gaps import (
     accuracy_by_gap_bucket,
     balanced_threshold,
@@ -136,8 +137,6 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
 def write_split_outputs(args, raw_records: list[dict], output_dir: Path, extra_manifest: dict) -> dict:
     """Apply the label policy and theta to the scored pairs; write easy/hard, the figures and (last) the
     manifest. Rank 0 only."""
-    from mpo_ext import plots  # matplotlib: loaded only when a run writes its figures
-
     split = SplitSettings.from_args(args)
 
     manifest_path = output_dir / "manifest.json"
