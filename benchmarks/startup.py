@@ -4,7 +4,8 @@ Runs the stages of a pipeline preset (default `smoke`, 1 rank) one after the oth
 `mpo pipeline` would launch them, with `DSCHAT_LAUNCH_TIME` exported so each process can report the
 launcher's share. Every training stage prints one `[startup] {json}` line at its first optimizer step
 (`dschat/utils/startup.py`; step 2.5 at its first scored batch): wall and CPU seconds for imports
-(interpreter start to `init_distributed`), dist_init, data, model_load, deepspeed_init and other. The
+(interpreter start to `init_distributed`), dist_init, data, model_load, deepspeed_init, lazy_imports (imports
+made later, mostly transformers' model classes, taken out of the part they happened in) and other. The
 table adds each stage's whole wall time and the CPU seconds of all its processes (launcher and ranks,
 from `getrusage(RUSAGE_CHILDREN)`): on a shared machine wall time is inflated, CPU time much less.
 
@@ -27,12 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dschat.utils.startup import LAUNCH_ENV, PREFIX  # noqa: E402
+from dschat.utils.startup import IMPORTS_ENV, LAUNCH_ENV, PREFIX  # noqa: E402
 from mpo_ext.pipeline import build_plan, load_config  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"
-PARTS = ("launcher", "imports", "dist_init", "data", "model_load", "deepspeed_init", "initial_eval", "other",
-         "total")
+PARTS = ("launcher", "imports", "dist_init", "data", "model_load", "deepspeed_init", "initial_eval", "lazy_imports",
+         "other", "total")
 
 
 def children_cpu() -> float:
@@ -46,7 +47,8 @@ def run_stage(stage, env: dict) -> dict:
     env = {**env, LAUNCH_ENV: repr(time.time())}
     proc = subprocess.run(stage.command, env=env, cwd=REPO, capture_output=True, text=True)
     result = {"stage": stage.name, "returncode": proc.returncode, "stage_wall_s": round(time.time() - wall, 2),
-              "stage_cpu_s": round(children_cpu() - cpu, 2), "startup": None}
+              "stage_cpu_s": round(children_cpu() - cpu, 2), "load_average": round(os.getloadavg()[0], 2),
+              "startup": None}
     for line in proc.stdout.splitlines():
         if PREFIX in line:
             result["startup"] = json.loads(line.split(PREFIX, 1)[1])
@@ -60,15 +62,19 @@ def render(rows: list[dict], load: tuple[float, float, float], tag: str) -> str:
     lines = [f"# Start-up per stage ({tag}): seconds from launch to the first optimizer step", "",
              f"Load average at the end: {load[0]:.1f} on {os.cpu_count()} cores: wall seconds are inflated by other "
              "work; CPU seconds are the stage process's own (rank 0).", "",
-             "| stage | " + " | ".join(f"{p} wall / cpu" for p in PARTS) + " | whole stage wall | whole stage CPU |",
-             "|---|" + "---|" * (len(PARTS) + 2)]
+             "| stage | " + " | ".join(f"{p} wall / cpu" for p in PARTS)
+             + " | all imports CPU (share) | whole stage wall | whole stage CPU |",
+             "|---|" + "---|" * (len(PARTS) + 3)]
     for row in rows:
         s = row["startup"] or {"wall": {}, "cpu": {}}
         cells = []
         for part in PARTS:
             w, c = s["wall"].get(part), s["cpu"].get(part)
             cells.append("-" if w is None else f"{w:.1f} / {c:.1f}" if c is not None else f"{w:.1f} / -")
-        lines.append(f"| {row['stage']} | " + " | ".join(cells) + f" | {row['stage_wall_s']} | {row['stage_cpu_s']} |")
+        imports = s["cpu"].get("imports", 0.0) + s["cpu"].get("lazy_imports", 0.0)
+        share = f"{imports:.1f} ({imports / s['cpu']['total']:.0%})" if s["cpu"].get("total") else "-"
+        lines.append(f"| {row['stage']} | " + " | ".join(cells) + f" | {share} | {row['stage_wall_s']} | "
+                     f"{row['stage_cpu_s']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +91,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="startup_bench_") as tmp:
         work = args.workdir or Path(tmp)
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", IMPORTS_ENV: "1"}
         rows = []
         for stage in build_plan(load_config(args.preset, args.set), work):
             if stage.name == "eval":

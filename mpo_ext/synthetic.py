@@ -141,6 +141,7 @@ def _prompts(split: str) -> tuple[str, ...]:
     return tuple(all_prompts(split))
 
 
+@functools.lru_cache(maxsize=4096)  # pure; data generation asks ~6 times per record about a few hundred prompts
 def parse_prompt(prompt: str) -> TaskSpec:
     """Read category and count from the last Human turn; ValueError if it is not a task prompt."""
     turn = prompt.rsplit("Human:", 1)[-1].split("Assistant:", 1)[0]
@@ -194,6 +195,7 @@ def best_response(prompt: str) -> str:
     return " " + ", ".join(CATEGORIES[spec.category][: spec.count]) + "."
 
 
+@functools.lru_cache(maxsize=4096)  # pure; the dataset summary asks once per record
 def max_gold(prompt: str) -> float:
     """Best achievable gold reward for `prompt`."""
     return gold_reward(prompt, best_response(prompt))

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from dschat.utils.data import data_utils as du
 from dschat.utils.data import raw_datasets as rd
 from dschat.utils.errors import UserError
+from mpo_ext.selection import load_items, parse_args
 
 HH_TEST = "data/hh-rlhf/harmless-base/test.jsonl.gz"
 
@@ -70,6 +71,30 @@ def test_split_index_files_and_permutation(tmp_path):
     for k in range(3):
         saved = np.load(tmp_path / f"ds_clean_seed7_train_2,4,4_{k}.npy", allow_pickle=True)
         assert saved.tolist() == parts[k]
+
+
+def test_phase_rows_of_a_local_file_without_eval_split(tmp_path):
+    raw = rd.open_local_dataset(str(write_jsonl(tmp_path / "d.jsonl", [pcr(i) for i in range(20)])), "", 3, -1)
+    order = du.get_shuffle_idx(3, 20).tolist()
+    train, evals = du.phase_rows(raw, None, 3, 3, str(tmp_path / "out"), -1)  # PPO prompts: all of them train
+    assert [r["prompt"] for r in train] == [pcr(i)["prompt"] for i in order] and evals == []
+    train, evals = du.phase_rows(raw, None, 2, 3, str(tmp_path / "out"), -1)  # other phases: 9:1, then the phase
+    head, tail = order[:18], order[18:]
+    assert [r["prompt"] for r in train] == [pcr(head[j])["prompt"] for j in du.get_shuffle_idx(3, 18).tolist()]
+    assert [r["prompt"] for r in evals] == [pcr(tail[j])["prompt"] for j in du.get_shuffle_idx(3, 2).tolist()]
+
+
+def test_selection_reads_the_prompts_step3_trains_on(tmp_path, tiny_tokenizer, tiny_llama_dir, hh_file):
+    """A local prompt file without an eval split: step 2.5 scores exactly step 3's prompts, in its order."""
+    cache = tmp_path / "cache"
+    step3, _ = du.create_prompt_dataset(-1, [str(hh_file)], None, str(cache), 3, 1234, tiny_tokenizer, 128)
+    args = parse_args(["--data_path", str(hh_file), "--sft_model_name_or_path", str(tiny_llama_dir),
+                       "--reward_model_name_or_path", str(tiny_llama_dir), "--max_prompt_seq_len", "128",
+                       "--data_output_path", str(cache), "--output_dir", str(tmp_path / "select"),
+                       "--seed", "1234"])
+    items, _ = load_items(args, tiny_tokenizer)
+    selected = [tiny_tokenizer(item["prompt"])["input_ids"] for item in items]
+    assert len(step3) > 50 and selected == [step3[i][0].tolist() for i in range(len(step3))]
 
 
 @pytest.mark.parametrize("bad", ["2,4", "a,b,c", "0,0,0", "1,-1,1"])

@@ -265,10 +265,10 @@ def test_two_ranks_equal_one_killed_and_resumed_rank(select_assets, tinystories_
     _check(run_ds(SELECT, _select_args(select_assets, tinystories_dir, two), num_ranks=2, env=QUIET))
     manifest = json.loads((two / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["data"]["filtered"] == 0
-    assert manifest["counts"]["prompts"] == 36  # the 9:1 train part of 40 records
+    assert manifest["counts"]["prompts"] == 40  # every record: a local file without eval split, as step 3 reads it
     assert manifest["shards"]["count"] == 5
     easy, hard = _read_jsonl(two / "easy.jsonl"), _read_jsonl(two / "hard.jsonl")
-    assert len(easy) + len(hard) == 36 and easy and hard
+    assert len(easy) + len(hard) == 40 and easy and hard
     assert all(r["gap"] > 2.0 for r in easy) and all(r["gap"] <= 2.0 for r in hard)
     assert all(r["chosen_reward"] >= r["rejected_reward"] for r in easy + hard)
     assert (two / "reward_gap_hist.png").stat().st_size > 0
@@ -300,12 +300,12 @@ def test_dataset_pairs_with_human_labels(select_assets, tinystories_dir, run_ds,
     _check(proc)
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
-    assert counts["prompts"] == 36 and counts["easy"] + counts["hard"] + counts["dropped"] == 36
+    assert counts["prompts"] == 40 and counts["easy"] + counts["hard"] + counts["dropped"] == 40
     assert counts["easy"] == round(0.25 * counts["pairs"])
     accuracy = json.loads((out / "accuracy_by_gap.json").read_text())
-    assert sum(b["count"] for b in accuracy["buckets"]) == 36
+    assert sum(b["count"] for b in accuracy["buckets"]) == 40
     assert math.isclose(manifest["rm_accuracy_vs_human"], accuracy["overall_accuracy"])
-    assert counts["dropped"] == round((1 - accuracy["overall_accuracy"]) * 36)  # no exact ties here
+    assert counts["dropped"] == round((1 - accuracy["overall_accuracy"]) * 40)  # no exact ties here
     assert (out / "accuracy_by_gap.png").stat().st_size > 0
     records = _read_jsonl(out / "easy.jsonl") + _read_jsonl(out / "hard.jsonl")
     assert all(r["human_label"] == 1 for r in records)

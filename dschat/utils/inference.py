@@ -1,7 +1,7 @@
 """Eval-time model loading and the one reward scorer.
 
 Owns `RewardScorer` (texts -> rewards, laid out the way step 2 trained on them), the reward layouts and
-`pad_with_mask` (ids + attention mask on top of the one padder, `data_utils.pad_rows`). Used by the
+`pad_with_mask` (ids + attention mask on top of the one padder, `collators.pad_rows`). Used by the
 upstream helpers (rw_eval.py, prompt_eval.py), the MPO evaluation, DPO's held-out rewards and selection
 (over an engine it built). Knows nothing of MPO: must not import `mpo_ext`.
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from dschat.utils.data.data_utils import pad_rows
+from dschat.utils.data.collators import pad_rows
 from dschat.utils.data.raw_datasets import join_prompt_response
 from dschat.utils.errors import UserError
 from dschat.utils.model.model_utils import create_critic_model, create_hf_model

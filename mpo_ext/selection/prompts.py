@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
 
 from dschat.utils import args as flags
 from dschat.utils.data import data_utils
@@ -18,17 +17,11 @@ from dschat.utils.errors import UserError
 from dschat.utils.utils import print_rank_0
 
 
-def _take(data: Any, indices: list[int]) -> list[Any]:
-    if hasattr(data, "select"):
-        return list(data.select(indices))
-    return [data[i] for i in indices]
-
-
 def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
     """Prompt items of the chosen phase slice, in the order step 3 would see them.
 
-    Mirrors the data module's phase slicing and blending on raw text (the output files need text, not
-    token ids). Prompts longer than --max_prompt_seq_len tokens are dropped, as step 3 drops them; with
+    The data module's own phase slicing (`phase_rows`) and blending, on raw text (the output files need
+    text, not token ids). Prompts longer than --max_prompt_seq_len tokens are dropped, as step 3 drops them; with
     --pair_source dataset, samples without both answers are skipped.
     """
     local_rank = data_utils.resolve_local_rank(args.local_rank)
@@ -39,16 +32,10 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
         data_utils.check_data_path(name)
         raw = data_utils.get_raw_dataset(name, args.data_output_path, args.seed, local_rank, tokenizer=tokenizer,
                                          column_map=flags.column_map(args))
-        split = data_utils.effective_data_split(args.data_split, raw, args.data_phase)
-        source = raw.get_train_data()
-        if raw.get_eval_data() is None:  # train-only sources: the 9:1 train part, as the data module does
-            train_part, _ = data_utils.split_parts(local_rank, args.data_output_path, raw.dataset_name_clean,
-                                                   args.seed, "train_eval", data_utils.TRAIN_EVAL_SPLIT, len(source))
-            source = _take(source, train_part)
-        index = data_utils.get_raw_dataset_split_index(local_rank, args.data_output_path, raw.dataset_name_clean,
-                                                       args.seed, "train", split, args.data_phase - 1, len(source))
+        rows, _ = data_utils.phase_rows(raw, args.data_split, args.data_phase, args.seed, args.data_output_path,
+                                        local_rank)
         items = []
-        for sample in _take(source, index):
+        for sample in rows:
             prompt = raw.get_prompt(sample)
             chosen = raw.get_chosen(sample) if need_pairs else None
             rejected = raw.get_rejected(sample) if need_pairs else None

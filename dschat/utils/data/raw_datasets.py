@@ -1,9 +1,10 @@
 """One adapter per dataset name: where the data comes from and how a sample becomes prompt/answer text.
 
-Adapters only turn samples into strings (or None to skip a sample); splitting, tokenising and caching
-live in data_utils.py. Upstream DeepSpeed-Chat's dataset names and the texts it builds from each are kept
-exactly (`DATASET_ADAPTERS` lists them); on top of them we read Anthropic's raw HH-RLHF dialogues, the TL;DR comparison sets, and local files
-or directories given directly as `--data_path`.
+Adapters only turn samples into strings (or None to skip a sample). Upstream DeepSpeed-Chat's dataset
+names and the texts it builds from each are kept exactly (`DATASET_ADAPTERS` lists them); on top of them
+we read Anthropic's raw HH-RLHF dialogues, the TL;DR comparison sets, and local files or directories
+given directly as `--data_path`. Splitting (splits.py), tokenising (prompt_datasets.py) and caching
+(cache.py) build on this module, which must import none of them.
 """
 
 from __future__ import annotations
@@ -92,14 +93,14 @@ def load_named_source(name: str, hub_id: str | None = None, config: str | None =
     """Open a named dataset: an existing path (save_to_disk dir, data file or hub-layout dir) or a hub id."""
     if os.path.exists(name):
         if is_save_to_disk_dir(name):
-            import datasets
+            import datasets  # lazy: seconds to import; only hub ids and save_to_disk dirs need it
 
             return _as_split_mapping(datasets.load_from_disk(name))
         if os.path.isfile(name):
             return read_local_source(name)
     target = hub_id or name
     try:
-        import datasets
+        import datasets  # lazy: seconds to import; only hub ids and save_to_disk dirs need it
 
         return _as_split_mapping(datasets.load_dataset(target, config, data_dir=data_dir))
     except Exception as err:  # network, unknown repo, bad layout: all fixable by the user
@@ -167,7 +168,7 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if name.endswith((".gz", ".json", ".jsonl")):
         records = _read_json_records(p)
     elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: heavy, and only .parquet files need it
 
         try:
             records = pq.read_table(p).to_pylist()
@@ -227,7 +228,7 @@ def read_local_source(path: str | os.PathLike) -> dict[str, Any]:
     if not p.exists():
         raise UserError(f"--data_path {p}: no such file or directory")
     if is_save_to_disk_dir(p):
-        import datasets
+        import datasets  # lazy: seconds to import; only hub ids and save_to_disk dirs need it
 
         splits = _as_split_mapping(datasets.load_from_disk(str(p)))
         out = {"train": splits["train"]} if "train" in splits else {}
@@ -261,7 +262,7 @@ class PromptRawDataset:
     hub_id: str | None = None  # load this id instead of the --data_path string (e.g. mkqa)
     config_name: str | None = None
     train_split: str = "train"
-    eval_splits: tuple[str, ...] = ("test",)  # () = train-only source: data_utils applies the 9:1 split
+    eval_splits: tuple[str, ...] = ("test",)  # () = train-only source: splits.phase_rows splits it 9:1
     is_local_path: bool = False  # whole-set-to-current-phase when data_split is None
 
     def __init__(self, output_path: str, seed: int, local_rank: int, dataset_name: str,
@@ -328,16 +329,28 @@ class PromptRawDataset:
 
 
 class _HumanAssistantDataset(PromptRawDataset):
-    """Single-turn sets formatted as ` Human: q Assistant: a` (upstream); subclasses name the fields."""
+    """Single-turn sets formatted as ` Human: q Assistant: a` (upstream).
+
+    Subclasses name the sample's fields (`question_key`, `answer_key`, `bad_answer_key`; None: absent) or
+    override the reader of a field that needs more than a lookup.
+    """
+
+    question_key: str | None = None
+    answer_key: str | None = None
+    bad_answer_key: str | None = None
+
+    @staticmethod
+    def _field(sample: Sample, key: str | None) -> Any:
+        return None if key is None else sample.get(key)
 
     def question(self, sample: Sample) -> str | None:
-        raise NotImplementedError
+        return self._field(sample, self.question_key)
 
     def answer(self, sample: Sample) -> str | None:
-        raise NotImplementedError
+        return self._field(sample, self.answer_key)
 
     def bad_answer(self, sample: Sample) -> str | None:
-        return None
+        return self._field(sample, self.bad_answer_key)
 
     def get_prompt(self, sample: Sample) -> str | None:
         q = self.question(sample)
@@ -379,23 +392,7 @@ class DahoasFullhhrlhfDataset(_PromptChosenRejectedFields):
 class DahoasSyntheticinstructgptjpairwiseDataset(_HumanAssistantDataset):
     dataset_name_clean_default = "Dahoas_synthetic_instruct_gptj_pairwise"
     eval_splits = ()
-
-    def question(self, sample: Sample) -> str | None:
-        return sample.get("prompt")
-
-    def answer(self, sample: Sample) -> str | None:
-        return sample.get("chosen")
-
-    def bad_answer(self, sample: Sample) -> str | None:
-        return sample.get("rejected")
-
-    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
-        q, a = self.question(sample), self.answer(sample)
-        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
-
-    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
-        q, a = self.question(sample), self.bad_answer(sample)
-        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
+    question_key, answer_key, bad_answer_key = "prompt", "chosen", "rejected"
 
 
 class YitingxieRlhfrewarddatasetsDataset(PromptRawDataset):
@@ -445,21 +442,11 @@ class OpenaiWebgptcomparisonsDataset(_HumanAssistantDataset):
     def bad_answer(self, sample: Sample) -> str | None:
         return strip_citations(self._ranked(sample)[1])
 
-    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
-        q, a = self.question(sample), self.answer(sample)
-        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
-
-    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
-        q, a = self.question(sample), self.bad_answer(sample)
-        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
-
 
 class StanfordnlpSHPDataset(_HumanAssistantDataset):
     dataset_name_clean_default = "stanfordnlp_SHP"
     eval_splits = ("validation",)
-
-    def question(self, sample: Sample) -> str | None:
-        return sample.get("history")
+    question_key = "history"
 
     def _a_wins(self, sample: Sample) -> bool:
         return int(sample.get("labels", 0)) == 1
@@ -470,24 +457,9 @@ class StanfordnlpSHPDataset(_HumanAssistantDataset):
     def bad_answer(self, sample: Sample) -> str | None:
         return sample.get("human_ref_B") if self._a_wins(sample) else sample.get("human_ref_A")
 
-    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
-        q, a = self.question(sample), self.answer(sample)
-        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
-
-    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
-        q, a = self.question(sample), self.bad_answer(sample)
-        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
-
 
 class _SFTOnlyHumanAssistant(_HumanAssistantDataset):
     """Chosen answer only (no pairs): meant for --sft_only_data_path; phase 3 still gets prompts."""
-
-    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
-        q, a = self.question(sample), self.answer(sample)
-        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
-
-    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
-        return None
 
 
 class PvduySharegptalpacaoavicunaformatDataset(PromptRawDataset):
@@ -501,32 +473,18 @@ class PvduySharegptalpacaoavicunaformatDataset(PromptRawDataset):
         label = sample.get("label")
         return None if label is None else " " + label
 
-    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
-        p, c = self.get_prompt(sample), self.get_chosen(sample)
-        return None if p is None or c is None else p + c
-
-    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
-        return None
-
 
 class Wangrui6ZhihuKOLDataset(_SFTOnlyHumanAssistant):
     dataset_name_clean_default = "wangrui6_Zhihu_KOL"
     eval_splits = ()
-
-    def question(self, sample: Sample) -> str | None:
-        return sample.get("INSTRUCTION")
-
-    def answer(self, sample: Sample) -> str | None:
-        return sample.get("RESPONSE")
+    question_key, answer_key = "INSTRUCTION", "RESPONSE"
 
 
 class _MiraclQueries(_HumanAssistantDataset):
     """Query -> first positive passage (chosen) / first negative passage (rejected, None if absent)."""
 
     eval_splits = ("dev",)
-
-    def question(self, sample: Sample) -> str | None:
-        return sample.get("query")
+    question_key = "query"
 
     @staticmethod
     def _first_text(passages: Any) -> str | None:
@@ -537,14 +495,6 @@ class _MiraclQueries(_HumanAssistantDataset):
 
     def bad_answer(self, sample: Sample) -> str | None:
         return self._first_text(sample.get("negative_passages"))
-
-    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
-        q, a = self.question(sample), self.answer(sample)
-        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
-
-    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
-        q, a = self.question(sample), self.bad_answer(sample)
-        return None if q is None or a is None else f" Human: {q} Assistant: {a}"
 
 
 class CohereMiracljaqueries2212Dataset(_MiraclQueries):
@@ -559,9 +509,7 @@ class HelloSimpleAIHC3ChineseDataset(_SFTOnlyHumanAssistant):
     dataset_name_clean_default = "Hello_SimpleAI_HC3_Chinese"
     config_name = "all"  # the hub repo has one config per domain; "all" is their union
     eval_splits = ()
-
-    def question(self, sample: Sample) -> str | None:
-        return sample.get("question")
+    question_key = "question"
 
     def answer(self, sample: Sample) -> str | None:
         answers = sample.get("human_answers")
@@ -601,24 +549,17 @@ class MkqaJapaneseDataset(_Mkqa):
 class LmqgQgjaquadDataset(_SFTOnlyHumanAssistant):
     dataset_name_clean_default = "lmqg_qg_jaquad"
     eval_splits = ("validation",)
-
-    def question(self, sample: Sample) -> str | None:
-        return sample.get("question")
-
-    def answer(self, sample: Sample) -> str | None:
-        return sample.get("sentence")
+    question_key, answer_key = "question", "sentence"
 
 
 class LmqgQagjaquadDataset(_SFTOnlyHumanAssistant):
     dataset_name_clean_default = "lmqg_qag_jaquad"
     eval_splits = ("validation",)
+    answer_key = "paragraph"
 
     def question(self, sample: Sample) -> str | None:
         questions = sample.get("questions")
         return questions[0] if questions else None
-
-    def answer(self, sample: Sample) -> str | None:
-        return sample.get("paragraph")
 
 
 def repo_root() -> Path:
@@ -686,14 +627,6 @@ class LocalJsonFileDataset(PromptRawDataset):
     def get_rejected(self, sample: Sample) -> str | None:
         r = sample.get("rejected")
         return None if r is None else " " + r
-
-    def get_prompt_and_chosen(self, sample: Sample) -> str | None:
-        p, c = sample.get("prompt"), sample.get("chosen")
-        return None if p is None or c is None else f" {p} {c}"
-
-    def get_prompt_and_rejected(self, sample: Sample) -> str | None:
-        p, r = sample.get("prompt"), sample.get("rejected")
-        return None if p is None or r is None else f" {p} {r}"
 
 
 # --------------------------------------------------------------------------------------------- our additions
@@ -824,17 +757,22 @@ class OpenaiSummarizeFromFeedbackDataset(_TLDRPrompt, PromptRawDataset):
 # --------------------------------------------------------------------------------------------- local paths
 
 
-class LocalPromptPairDataset(PromptRawDataset):
-    """Local files with prompt[/chosen/rejected] keys; HH-style texts, joined without a separator."""
+class _LocalSource:
+    """Mixin for adapters of a local file or directory given as --data_path (see read_local_source)."""
 
     is_local_path = True
     eval_splits = ("eval",)
+    dataset_name: str
 
     def load(self) -> dict[str, Any]:
         return read_local_source(self.dataset_name)
 
     def clean_name(self, dataset_name: str) -> str:
         return local_clean_name(dataset_name)
+
+
+class LocalPromptPairDataset(_LocalSource, PromptRawDataset):
+    """Local files with prompt[/chosen/rejected] keys; HH-style texts, joined without a separator."""
 
     def get_prompt(self, sample: Sample) -> str | None:
         p = sample.get("prompt")
@@ -859,15 +797,8 @@ class LocalPromptPairDataset(PromptRawDataset):
         return None if p is None or r is None else join_prompt_response(p, r)
 
 
-class LocalHHDialogueDataset(HHDialogueDataset):
-    is_local_path = True
-    eval_splits = ("eval",)
-
-    def load(self) -> dict[str, Any]:
-        return read_local_source(self.dataset_name)
-
-    def clean_name(self, dataset_name: str) -> str:
-        return local_clean_name(dataset_name)
+class LocalHHDialogueDataset(_LocalSource, HHDialogueDataset):
+    """A local file or directory of raw HH-RLHF `{chosen, rejected}` dialogues."""
 
 
 class LocalQueryPromptDataset(LocalPromptPairDataset):
