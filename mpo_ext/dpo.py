@@ -42,6 +42,7 @@ from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
 from dschat.utils.errors import UserError, run_main
+from dschat.utils.fingerprint import model_signature
 from dschat.utils.inference import RewardScorer
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
@@ -283,17 +284,6 @@ def dataset_fingerprint(dataset: Dataset | None) -> str:
     return digest.hexdigest()
 
 
-def model_signature(path: str) -> dict:
-    """Name, size and mtime of a local model's weight files (a retrained model at the same path differs)."""
-    directory = Path(path)
-    if not directory.is_dir():
-        return {"path": path}
-    files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".json"))
-    return {"path": str(directory.resolve()),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-
-
 def load_reference_tables(path: Path, fingerprint: dict) -> dict[str, torch.Tensor] | None:
     """The stored tables if `path` exists and was computed for exactly `fingerprint`, else None."""
     if not path.is_file():
@@ -334,7 +324,8 @@ class DPOTrainer(Trainer):
         self.gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
         self.scorer = None
         if args.reward_model_name_or_path and self.held_out is not None:
-            self.scorer = RewardScorer(args.reward_model_name_or_path, self.device, max_seq_len=args.max_seq_len)
+            self.scorer = RewardScorer.from_path(args.reward_model_name_or_path, self.device,
+                                                 max_seq_len=args.max_seq_len)
 
     def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
         policy = policy_log_probs(self.engine, batch, self.args.pad_mask)

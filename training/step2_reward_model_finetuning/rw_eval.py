@@ -83,10 +83,12 @@ def load_pairs(path: str | None) -> list[tuple[str, str, str]]:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    scorer = RewardScorer(args.model_name_or_path, device, num_padding_at_beginning=args.num_padding_at_beginning,
-                          max_seq_len=args.max_seq_len,
-                          add_special_tokens=(args.eot_token or "<|endoftext|>") if args.add_eot_token else None,
-                          end_text=args.eot_token)
+    scorer = RewardScorer.from_path(args.model_name_or_path, device,
+                                    num_padding_at_beginning=args.num_padding_at_beginning,
+                                    max_seq_len=args.max_seq_len,
+                                    add_special_tokens=(args.eot_token or "<|endoftext|>") if args.add_eot_token
+                                    else None,
+                                    end_text=args.eot_token)
     print(f"reward model ending: {scorer.ending!r}")
     pairs = load_pairs(args.pairs_file)
     prompts = [p for p, _, _ in pairs]
