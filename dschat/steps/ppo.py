@@ -767,15 +767,12 @@ class PPOLoop(ResumableRun):
     def _keep_best_actor(self, dest: Path) -> None:
         """actor/ becomes the best evaluated step's actor; best.json beside it says which step and why."""
         from dschat.utils.dist import barrier, is_rank_0
-        from dschat.utils.output_dir import staged_output
+        from dschat.utils.output_dir import publish_directory
         from dschat.utils.utils import atomic_write_json
 
         record = self.best.record(self.global_step, "best")
         if is_rank_0():
-            with staged_output(dest, keep_existing=False) as staging:
-                for item in self._best_dir().iterdir():  # renames: no second copy of the weights
-                    os.replace(item, staging / item.name)
-            self._best_dir().rmdir()
+            publish_directory(self._best_dir(), dest, keep_existing=False)
             atomic_write_json(dest.parent / health.BEST_FILE, record)
         barrier()
         print_rank_0(f"--keep_best: {dest} is step {self.best.best_step}: {record['reason']}")
