@@ -263,9 +263,9 @@ def _rescore(paths: list[Path], records: list[list[dict]], opts: dict) -> None:
     from dschat.utils.inference import RewardScorer, resolve_device, resolve_torch_dtype
 
     device = resolve_device(opts["device"])
-    scorer = RewardScorer(opts["reward_model"], device, resolve_torch_dtype(opts["dtype"], device),
-                          opts["num_padding_at_beginning"], opts["max_seq_len"], opts["batch_size"],
-                          end_text=opts.get("reward_end_text"))
+    scorer = RewardScorer.from_path(opts["reward_model"], device, resolve_torch_dtype(opts["dtype"], device),
+                                    opts["num_padding_at_beginning"], opts["max_seq_len"], opts["batch_size"],
+                                    end_text=opts.get("reward_end_text"))
     for path, recs in zip(paths, records):
         scores = scorer.score([r["prompt"] for r in recs], [r["answer"] for r in recs])
         for r, s in zip(recs, scores):

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from conftest import child_env
 
 from dschat.utils.errors import UserError
+from dschat.utils.inference import pad_with_mask
 from mpo_ext.evaluation import (
     RewardScorer,
     batch_seed,
@@ -27,7 +28,6 @@ from mpo_ext.evaluation import (
     format_table,
     global_batches,
     load_eval_prompts,
-    pad_left,
     pair_by_prompt,
     parse_model_specs,
     percentile_indices,
@@ -133,8 +133,8 @@ def test_pair_by_prompt_handles_order_and_repeats():
     assert [(x["answer"], y["answer"]) for x, y in pair_by_prompt(a, b)] == [("a1", "b1"), ("a2", "b2")]
 
 
-def test_pad_left_and_encode_prompt(tiny_assets):
-    ids, mask = pad_left([[5, 6, 7], [8]], pad_id=0)
+def test_pad_with_mask_and_encode_prompt(tiny_assets):
+    ids, mask = pad_with_mask([[5, 6, 7], [8]], 3, 0, left=True)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     from dschat.utils.utils import load_hf_tokenizer
 
@@ -200,7 +200,7 @@ def test_load_eval_prompts_joins_several_datasets_in_order(tmp_path):
 
 def test_reward_scorer_matches_single_sequence_end_score(tiny_assets):
     """Batched, left-padded scoring equals the reward model's own end score on each unpadded text."""
-    scorer = RewardScorer(str(tiny_assets["rm"]), torch.device("cpu"), batch_size=3)
+    scorer = RewardScorer.from_path(str(tiny_assets["rm"]), torch.device("cpu"), batch_size=3)
     prompts = ["\n\nHuman: Name two fruits.\n\nAssistant:", "\n\nHuman: Please help. List four colors.\n\nAssistant:",
                "\n\nHuman: Name three tools.\n\nAssistant:"]
     answers = [" apple, pear.", " red.", ""]
@@ -422,7 +422,7 @@ def test_rw_eval_loads_the_trained_head_and_is_deterministic(tiny_assets, tmp_pa
         assert "chosen scored higher" in proc.stdout
         outputs.append(json.loads((tmp_path / f"s{i}.json").read_text()))
     assert outputs[0] == outputs[1]
-    scorer = RewardScorer(str(tiny_assets["rm"]), torch.device("cpu"))
+    scorer = RewardScorer.from_path(str(tiny_assets["rm"]), torch.device("cpu"))
     expected = scorer.score([outputs[0][0]["prompt"]] * 2, [" apple, banana.", " hammer."])
     assert [outputs[0][0]["chosen_reward"], outputs[0][0]["rejected_reward"]] == pytest.approx(expected, abs=1e-6)
 

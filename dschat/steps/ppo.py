@@ -8,7 +8,6 @@ and whose `save_model()` writes `actor/`, `critic/` and `actor_ema/`.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections import defaultdict
@@ -40,7 +39,7 @@ from dschat.utils.dist import barrier, get_local_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError, run_main
 from dschat.utils.model_card import card_files, push_to_hub
 from dschat.utils.module.lora import lora_fused
-from dschat.utils.output_dir import prepare_output_dir, staged_output
+from dschat.utils.output_dir import prepare_output_dir, publish_directory
 from dschat.utils.trainer import (
     MetricLogger,
     ResumableRun,
@@ -514,10 +513,7 @@ class PPOLoop(ResumableRun):
         """actor/ becomes the best evaluated step's actor; best.json beside it says which step and why."""
         record = self.best.record(self.global_step, "best")
         if is_rank_0():
-            with staged_output(dest, keep_existing=False) as staging:
-                for item in self._best_dir().iterdir():  # renames: no second copy of the weights
-                    os.replace(item, staging / item.name)
-            self._best_dir().rmdir()
+            publish_directory(self._best_dir(), dest, keep_existing=False)
             atomic_write_json(dest.parent / health.BEST_FILE, record)
         barrier()
         print_rank_0(f"--keep_best: {dest} is step {self.best.best_step}: {record['reason']}")
