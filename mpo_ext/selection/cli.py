@@ -54,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num_samples", type=int, default=2,
                        help="Answers sampled per prompt (2: the paper's); the pair is the best and the worst of "
                             "them by reward. The prompt's prefill is computed once for all of its samples.")
-    group.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of the answers.")
-    group.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass of the answers.")
-    group.add_argument("--top_k", type=int, default=0, help="0 disables top-k filtering.")
+    flags.add_sampling_args(group, with_do_sample=False)  # selection always samples
     group.add_argument("--per_device_generation_batch_size", type=int, default=16,
                        help="Prompts per generate call (each yields --num_samples answers).")
     group = parser.add_argument_group("throughput and output")
@@ -90,12 +88,7 @@ def validate_args(args) -> SplitSettings:
         if args.label_policy != "reward_model":
             raise UserError(f"--label_policy {args.label_policy}: sampled pairs have no human label; use "
                             "--label_policy reward_model or --pair_source dataset")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature {args.temperature}: must be > 0 (two greedy answers would be identical)")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top_p {args.top_p}: must be in (0, 1]")
-    if args.top_k < 0:
-        raise UserError(f"--top_k {args.top_k}: must be >= 0")
+    flags.sampling_from_args(args, do_sample=True)  # two greedy answers would be identical
     if args.num_samples < 2:
         raise UserError(f"--num_samples {args.num_samples}: a pair needs at least 2 samples per prompt")
     flags.check_positive(args, "per_device_generation_batch_size", "per_device_eval_batch_size", "shard_size",
