@@ -48,8 +48,17 @@ WIDE_CONFIG = {**RAND_CONFIG, "hidden_size": 1024, "intermediate_size": 2816, "n
 # 7B model, where a reference copy is gigabytes and the process's fixed ~400 MiB runtime is negligible.
 XL_CONFIG = {**RAND_CONFIG, "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16,
              "num_key_value_heads": 8}
-MODEL_CONFIGS = {"rand": RAND_CONFIG, "wide": WIDE_CONFIG, "xl": XL_CONFIG}
-DATA_FILES = {"main": ("hh_pairs.jsonl", NUM_PAIRS), "small": ("hh_pairs_small.jsonl", NUM_PAIRS_SMALL)}
+# The model-size axis of benchmarks/cost_growth.py: ~0.9M, 3.2M ("rand") and ~12M parameters.
+R1M_CONFIG = {**RAND_CONFIG, "hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4,
+              "num_key_value_heads": 2}
+R12M_CONFIG = {**RAND_CONFIG, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 7,
+               "num_attention_heads": 6, "num_key_value_heads": 3}
+MODEL_CONFIGS = {"rand": RAND_CONFIG, "wide": WIDE_CONFIG, "xl": XL_CONFIG, "r1m": R1M_CONFIG, "r12m": R12M_CONFIG}
+# Models that get a step-2 style critic/reward model of their own (PPO, selection).
+CRITIC_MODELS = ("tiny", "r1m", "rand", "r12m")
+# "prompts": enough HH records that the step-3 / step-2.5 slice keeps a few dozen short prompts.
+DATA_FILES = {"main": ("hh_pairs.jsonl", NUM_PAIRS), "small": ("hh_pairs_small.jsonl", NUM_PAIRS_SMALL),
+              "prompts": ("hh_pairs_prompts.jsonl", 800)}
 
 
 # --------------------------------------------------------------------------------------------- memory, time
@@ -202,6 +211,11 @@ def model_dir(workdir: Path, name: str) -> Path:
     return TINYSTORIES if name == "tiny" else workdir / f"model_{name}"
 
 
+def critic_dir(workdir: Path, name: str) -> Path:
+    """A step-2 style reward/critic model (random value head) on the base of model `name`."""
+    return workdir / f"critic_{name}"
+
+
 def data_file(workdir: Path, data: str = "main") -> Path:
     return workdir / DATA_FILES[data][0]
 
@@ -212,8 +226,9 @@ def our_data_args(workdir: Path, data: str = "main") -> list[str]:
             "--max_seq_len", str(MAX_SEQ_LEN), "--seed", str(SEED)]
 
 
-def prepare_assets(workdir: Path) -> dict[str, Any]:
-    """Data subset, the random Llama, a step-2 style critic for PPO, and the token ids every runner uses."""
+def prepare_assets(workdir: Path, models: list[str] | None = None) -> dict[str, Any]:
+    """Data subsets, the random Llamas (`models`, default all of MODEL_CONFIGS), step-2 style critics for PPO
+    and selection, and the token ids every runner uses."""
     import torch
     from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -227,18 +242,20 @@ def prepare_assets(workdir: Path) -> dict[str, Any]:
             write_hh_subset(workdir / filename, count)
     tokenizer = load_hf_tokenizer(str(TINYSTORIES))
 
-    for name, config in MODEL_CONFIGS.items():
+    wanted = MODEL_CONFIGS if models is None else {name: MODEL_CONFIGS[name] for name in models if name != "tiny"}
+    for name, config in wanted.items():
         directory = model_dir(workdir, name)
         if not (directory / "config.json").exists():
             torch.manual_seed(0)
             LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(directory)
             AutoTokenizer.from_pretrained(str(TINYSTORIES)).save_pretrained(directory)
-    critic_dir = workdir / "critic_tiny"
-    if not (critic_dir / "config.json").exists():
-        torch.manual_seed(0)
-        critic = RewardModel(AutoModel.from_pretrained(str(TINYSTORIES)), tokenizer, 0)
-        torch.nn.init.normal_(critic.v_head.weight, std=0.5)
-        save_reward_model(critic, tokenizer, critic_dir)
+    for name in (n for n in CRITIC_MODELS if n == "tiny" or n in wanted):
+        directory = critic_dir(workdir, name)
+        if not (directory / "config.json").exists():
+            torch.manual_seed(0)
+            critic = RewardModel(AutoModel.from_pretrained(str(model_dir(workdir, name))), tokenizer, 0)
+            torch.nn.init.normal_(critic.v_head.weight, std=0.5)
+            save_reward_model(critic, tokenizer, directory)
 
     tokens_file = workdir / "tokens.pt"
     if not tokens_file.exists():

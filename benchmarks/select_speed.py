@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine_info  # noqa: E402
 from dschat.rlhf.generation import Generator  # noqa: E402
-from dschat.utils.inference import reward_layout  # noqa: E402
+from dschat.utils.inference import RewardScorer, reward_layout  # noqa: E402
 from dschat.utils.utils import set_random_seed  # noqa: E402
-from mpo_ext.selection import PairScorer, ShardWorker, derive_seed  # noqa: E402
+from mpo_ext.selection import ShardWorker, derive_seed  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"
 
@@ -112,8 +112,8 @@ def ours(batches, items, tokenizer, actor, reward, args, n: int) -> list[list[st
                             per_device_eval_batch_size=args.batch * n, num_samples=n)
     generator = Generator(actor, tokenizer, max_new_tokens=args.answer_len, do_sample=True, temperature=1.0,
                           top_p=1.0, top_k=0)
-    scorer = PairScorer(reward, tokenizer, tokenizer.eos_token, args.prompt_len + args.answer_len,
-                        worker_args.per_device_eval_batch_size)
+    scorer = RewardScorer(reward, tokenizer, tokenizer.eos_token, max_seq_len=args.prompt_len + args.answer_len,
+                          batch_size=worker_args.per_device_eval_batch_size, share_prompts=True)
     worker = ShardWorker(worker_args, items, tokenizer, scorer, generator)
     out = []
     for batch in batches:

@@ -13,9 +13,15 @@ Configurations (keys of the JSON):
   kind=gen:   impl ours|bare, model, batch_size, max_new_tokens, samples_per_window, windows, warmup_steps
               (whole passes here); zero_stage 3 + launched on 2 ranks: ours gathers once per call, bare
               re-gathers per token
-  kind=ppo:   batch_size, max_new_tokens, windows, warmup_steps
+  kind=ppo:   batch_size, max_new_tokens, windows, warmup_steps, model (default tiny; its critic is
+              critic_<model>), data (default main), max_prompt_seq_len (default 192)
+  kind=select: step 2.5 (`mpo_ext.selection.run`): model (SFT and critic_<model> as reward model), prompts,
+              batch_size (prompts per generate call), num_samples, max_new_tokens, max_prompt_seq_len; the
+              first batch of each rank is the warm-up, the rest is one timed window
   kind=prepare: build the work directory (data subset, random models, critic, token ids)
-  any kind:   workdir, threads, hang_dump_s (faulthandler stacks before a timeout), profile (ours: PATH for a
+  any kind:   ranks (launched by run.py under the deepspeed launcher when > 1: each rank takes its
+              share of a window; CPU seconds and tokens are summed over ranks, wall is the slowest rank's),
+              workdir, threads, hang_dump_s (faulthandler stacks before a timeout), profile (ours: PATH for a
               torch.profiler table and a cProfile dump)
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +43,8 @@ from common import (  # noqa: E402
     MAX_SEQ_LEN,
     SEED,
     Clock,
+    critic_dir,
+    data_file,
     load_tokens,
     model_dir,
     now,
@@ -88,7 +97,26 @@ def total_steps(cfg: dict) -> int:
 
 
 def steps_per_window(cfg: dict) -> int:
-    return -(-cfg["samples_per_window"] // cfg["batch_size"])
+    """Optimizer steps of one rank per window (each of `ranks` ranks takes its share of the samples)."""
+    return -(-cfg["samples_per_window"] // (cfg["batch_size"] * cfg.get("ranks", 1)))
+
+
+def reduce_windows(windows: list[dict]) -> list[dict]:
+    """Windows of all ranks as one: tokens, samples and CPU seconds summed, wall the slowest rank's."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return windows
+    for w in windows:
+        wall = torch.tensor([w["seconds"]], dtype=torch.float64)
+        dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+        sums = torch.tensor([w["cpu_seconds"], w["useful_tokens"], w["padded_tokens"], w["samples"]],
+                            dtype=torch.float64)
+        dist.all_reduce(sums)
+        w["seconds"], w["cpu_seconds"] = float(wall.item()), float(sums[0])
+        w["useful_tokens"], w["padded_tokens"], w["samples"] = (int(x) for x in sums[1:].tolist())
+    return windows
 
 
 def finish_train(cfg: dict, items: list, clock: Clock, padding: str, multiple: int | None,
@@ -162,8 +190,9 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     loader = trainer.train_loader
     n = cfg["samples_per_window"]
     lengths = sample_lengths(loader.dataset)[:n] if groups_by_length(args) else None
-    sampler = ResumableSampler(n, shuffle=lengths is not None, seed=0, rank=0, world_size=1, lengths=lengths,
-                               batch_size=bs)
+    world = torch.distributed.get_world_size()
+    sampler = ResumableSampler(n, shuffle=lengths is not None, seed=0, rank=torch.distributed.get_rank(),
+                               world_size=world, lengths=lengths, batch_size=bs)
     trainer.train_loader = DataLoader(loader.dataset, batch_size=bs, sampler=sampler, collate_fn=loader.collate_fn)
     trainer.eval_loader = None
     if not cfg.get("max_seq_len"):
@@ -196,6 +225,9 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     with _maybe_profile(cfg):
         trainer.train()
     result = finish_train(cfg, items, clock, cfg["padding"], 8, per_step)
+    for w in result["windows"]:
+        w["samples"] = -(-n // world) if world > 1 else n  # this rank's share; summed over ranks below
+    reduce_windows(result["windows"])
     alive = _count_live_causal_lms(torch)
     result.update(baseline_rss_mb=baseline, rss_after_build_mb=rss_after_build, build_seconds=build_seconds,
                   first_loss=first_loss[0] if first_loss else None, live_causal_lm_models=alive,
@@ -525,16 +557,7 @@ def run_gen(cfg: dict, workdir: Path) -> dict:
             count += int(answer_lengths(pad_after_eos(seq, width, eos, pad), width, pad).sum())
         clock.tick()
         answer_tokens.append(count)
-    counts = torch.tensor([float(answer_tokens[-1])])
-    if world > 1:
-        torch.distributed.all_reduce(counts)
-    windows = clock.windows(1, cfg["warmup_steps"], int(counts.item()), 0, cfg["samples_per_window"] * world)
-    if world > 1:  # wall: the slowest rank sets the pace; CPU: the work of all ranks
-        for w in windows:
-            wall, cpu = torch.tensor([w["seconds"]]), torch.tensor([w["cpu_seconds"]])
-            torch.distributed.all_reduce(wall, op=torch.distributed.ReduceOp.MAX)
-            torch.distributed.all_reduce(cpu)
-            w["seconds"], w["cpu_seconds"] = float(wall.item()), float(cpu.item())
+    windows = reduce_windows(clock.windows(1, cfg["warmup_steps"], answer_tokens[-1], 0, cfg["samples_per_window"]))
     return {"windows": windows, "baseline_rss_mb": baseline, "rss_after_build_mb": rss_after_build,
             "answer_tokens_per_window": answer_tokens, "world_size": world}
 
@@ -549,12 +572,15 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
 
     baseline = rss_mb()
     bs = cfg["batch_size"]
+    model = cfg.get("model", "tiny")
     argv = [
-        "--actor_model_name_or_path", str(model_dir(workdir, "tiny")),
-        "--critic_model_name_or_path", str(workdir / "critic_tiny"),
-        "--data_path", str(workdir / "hh_pairs.jsonl"), "--data_output_path", str(workdir / "data_cache"),
+        "--actor_model_name_or_path", str(model_dir(workdir, model)),
+        "--critic_model_name_or_path", str(critic_dir(workdir, model)),
+        "--data_path", str(data_file(workdir, cfg.get("data", "main"))),
+        "--data_output_path", str(workdir / "data_cache"),
         "--per_device_generation_batch_size", str(bs), "--per_device_training_batch_size", str(bs),
-        "--max_prompt_seq_len", str(MAX_PROMPT_LEN), "--max_answer_seq_len", str(cfg["max_new_tokens"]),
+        "--max_prompt_seq_len", str(cfg.get("max_prompt_seq_len", MAX_PROMPT_LEN)),
+        "--max_answer_seq_len", str(cfg["max_new_tokens"]),
         "--num_padding_at_beginning", "0", "--actor_learning_rate", "1e-5", "--critic_learning_rate", "1e-5",
         "--num_warmup_steps", "0", "--seed", str(SEED), "--dtype", "fp32",
         "--max_steps", str(cfg["warmup_steps"] + cfg["windows"]),
@@ -599,11 +625,70 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
     loop.train()
     wall = now() - start
     measured = phases[cfg["warmup_steps"]:]
+    windows = [{"seconds": p["generation"] + p["experience"] + p.get("training", 0.0),
+                "cpu_seconds": p["cpu_generation"] + p["cpu_experience"] + p.get("cpu_training", 0.0),
+                "useful_tokens": int(p["answer_tokens"]), "padded_tokens": 0, "samples": p["rows"]}
+               for p in measured]
     return {"phases": measured, "train_seconds": wall, "build_seconds": build_seconds, "baseline_rss_mb": baseline,
-            "windows": [{"seconds": p["generation"] + p["experience"] + p.get("training", 0.0),
-                         "cpu_seconds": p["cpu_generation"] + p["cpu_experience"] + p.get("cpu_training", 0.0),
-                         "useful_tokens": int(p["answer_tokens"]), "padded_tokens": 0, "samples": p["rows"]}
-                        for p in measured]}
+            "windows": reduce_windows(windows)}
+
+
+# --------------------------------------------------------------------------------------------- selection
+
+
+def run_select(cfg: dict, workdir: Path) -> dict:
+    """Step 2.5 end to end (`mpo_ext.selection`: parse_args -> run), each generate+score batch timed.
+
+    The first batch of every rank is the warm-up; the rest form one window (prompts and generated answer
+    tokens). `stage_seconds` is the whole `run()`: model build, all batches, merging and writing outputs.
+    """
+    from dschat.utils.dist import init_distributed
+    from mpo_ext import selection
+
+    baseline = rss_mb()
+    model = cfg["model"]
+    # one directory for all ranks of this run (run.py's port is the same on every rank, unique per run)
+    out_dir = workdir / f"select_{model}_{os.environ.get('MASTER_PORT', os.getpid())}"
+    argv = [
+        "--sft_model_name_or_path", str(model_dir(workdir, model)),
+        "--reward_model_name_or_path", str(critic_dir(workdir, model)), "--num_padding_at_beginning", "0",
+        "--data_path", str(data_file(workdir, cfg.get("data", "prompts"))),
+        "--data_output_path", str(workdir / "data_cache"), "--max_prompts", str(cfg["prompts"]),
+        "--max_prompt_seq_len", str(cfg.get("max_prompt_seq_len", MAX_PROMPT_LEN)),
+        "--max_answer_seq_len", str(cfg["max_new_tokens"]), "--num_samples", str(cfg.get("num_samples", 2)),
+        "--per_device_generation_batch_size", str(cfg["batch_size"]),
+        "--per_device_eval_batch_size", str(cfg["batch_size"] * cfg.get("num_samples", 2)),
+        # one shard per batch, so that every rank has work at every prompt count
+        "--shard_size", str(cfg["batch_size"]), "--output_dir", str(out_dir), "--rebuild_shards",
+        "--dtype", "fp32", "--seed", str(SEED),
+    ]
+    args = selection.parse_args(argv)
+    init_distributed(args.local_rank)
+    batches: list[dict] = []
+    run_batch = selection.ShardWorker.run_batch
+
+    def timed_batch(worker, batch):
+        t, c = now(), time.process_time()
+        records = run_batch(worker, batch)
+        batches.append({"seconds": now() - t, "cpu_seconds": time.process_time() - c, "samples": len(batch),
+                        "useful_tokens": sum(sum(r.get("answer_tokens", ())) for r in records)})
+        return records
+
+    selection.ShardWorker.run_batch = timed_batch
+    t0, c0 = now(), time.process_time()
+    selection.run(args)
+    stage = {"seconds": now() - t0, "cpu_seconds": time.process_time() - c0}
+    if int(os.environ.get("RANK", "0")) == 0:  # run() returns on every rank after rank 0 has written
+        shutil.rmtree(out_dir, ignore_errors=True)
+    measured = batches[1:]
+    if not measured:
+        raise SystemExit(f"{len(batches)} batch(es) on this rank: give at least 2 per rank (one is the warm-up)")
+    window = {key: sum(b[key] for b in measured) for key in ("seconds", "cpu_seconds", "samples", "useful_tokens")}
+    window["padded_tokens"] = 0
+    stage_window = reduce_windows([{**stage, "useful_tokens": 0, "padded_tokens": 0,
+                                    "samples": sum(b["samples"] for b in batches)}])[0]
+    return {"windows": reduce_windows([window]), "batches": batches, "stage": stage_window,
+            "baseline_rss_mb": baseline}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -627,7 +712,7 @@ def main(argv: list[str]) -> None:
     if cfg["kind"] == "prepare":
         from common import prepare_assets
 
-        write_json(out, prepare_assets(workdir))
+        write_json(out, prepare_assets(workdir, cfg.get("models")))
         return
     if cfg["kind"] == "train":
         runner = {"ours": run_ours_train, "trl": run_trl_train, "bare": run_bare_train}[cfg["impl"]]
@@ -636,12 +721,19 @@ def main(argv: list[str]) -> None:
         result = run_gen(cfg, workdir)
     elif cfg["kind"] == "ppo":
         result = run_ppo(cfg, workdir)
+    elif cfg["kind"] == "select":
+        result = run_select(cfg, workdir)
     else:
         raise SystemExit(f"unknown kind {cfg['kind']!r}")
     import torch
 
     result.update(config=cfg, peak_rss_mb=peak_rss_mb(), process_seconds=time.time() - wall_start,
                   torch_threads=torch.get_num_threads(), loadavg_1min=[load_start, os.getloadavg()[0]])
+    result["peak_rss_mb_ranks"] = [result["peak_rss_mb"]]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        every: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, result["peak_rss_mb"])
+        result["peak_rss_mb_ranks"] = every
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(out, result)
 

@@ -1,5 +1,10 @@
 """`mpo`: the command line of dschat-mpo (two-stage MPO, Gou & Nguyen 2024).
 
+Owns the click group and the `assets` and `pipeline` commands; `eval`, `compare` and `plot-curves` come
+from `mpo_ext.eval_cli`. Commands only parse and hand over to `mpo_ext.pipeline` / `bootstrap` /
+`eval_cli`. `mpo --help` and `mpo --version` must stay quick: nothing here imports transformers or
+DeepSpeed at start-up (metadata gives the versions).
+
 Not to be confused with TRL's `loss_type=[...]` "MPO", which is InternVL's loss mixture.
 """
 
@@ -12,7 +17,7 @@ from pathlib import Path
 import click
 
 from dschat.utils.errors import UserError
-from mpo_ext import __version__, eval_cli
+from mpo_ext import __version__, eval_cli, pipeline
 
 
 class _InputError(click.ClickException):
@@ -64,6 +69,7 @@ def main() -> None:
               help="mpo-synthetic: list items of a category; mpo-sort: sort the numbers of the prompt.")
 def assets_command(root: Path, seed: int, num_train: int, num_test: int, task: str) -> None:
     """Build the embedded default: a synthetic preference task and a tiny Llama (idempotent)."""
+    # Lazy: bootstrap imports transformers (seconds), which `mpo --help` and the other commands never need.
     from mpo_ext.bootstrap import build_default_assets
 
     paths = build_default_assets(root, seed=seed, num_train=num_train, num_test=num_test, task=task)
@@ -102,8 +108,6 @@ def pipeline_command(config_source, preset, overrides, output_dir, steps, thresh
     Each stage writes OUTPUT_DIR/<stage>-<identity>: another theta, reference or order writes beside the
     main run and reuses its finished upstream stages; a crashed stage resumes from its saved state.
     """
-    from mpo_ext import pipeline
-
     if config_source and preset:
         raise UserError("--config and --preset: give one (a preset is a config shipped with the package)")
     shortcuts = {"mpo.threshold": threshold, "mpo.reference": reference, "mpo.order": order,

@@ -2,6 +2,8 @@
 
 Why: a two-stage run (DPO then PPO) is judged by looking at loss, reward and KL over time for each
 stage side by side; reading TensorBoard event files needs TensorBoard, this needs only matplotlib.
+Owns reading `metrics.jsonl` and laying out the panels; draws and saves through `mpo_ext.plots`.
+Imports no training code.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dschat.utils.errors import UserError
-from dschat.utils.utils import atomic_write
+from mpo_ext.plots import pyplot, save_figure
 
 METRICS_FILE = "metrics.jsonl"
 NON_METRIC_KEYS = frozenset({"step", "phase", "epoch", "time", "timestamp"})
@@ -104,11 +106,6 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
     `metrics` restricts the panels (names as in the file, eval-phase ones as `eval/<name>`).
     Written atomically.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not metrics_files:
         raise UserError("no metrics files to plot")
     panels: dict[tuple[str, str], list[tuple[str, list[float], list[float], bool]]] = {}
@@ -133,6 +130,7 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
         return f"{key[0]}: {key[1]}" if len(runs) > 1 else key[1]
 
     shown, rest = keys[:MAX_PANELS], keys[MAX_PANELS:]
+    plt = pyplot()
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
@@ -150,8 +148,7 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
         ax.axis("off")
     fig.tight_layout()
     out = Path(out_png)
-    atomic_write(out, lambda fh: fig.savefig(fh, dpi=100, format="png"))
-    plt.close(fig)
+    save_figure(fig, out, dpi=100, fmt="png", tight=False)
     return CurvesPlot(out, [title(k) for k in shown], [title(k) for k in rest])
 
 

@@ -8,6 +8,7 @@ Reference log-probs come either from a resident frozen engine (upstream's way: t
 for the whole run) or, with `--precompute_ref_log_probs`, from one pass over train+eval before
 training, after which the reference is freed. The table is stored in the output directory with a
 fingerprint of everything it depends on, so a resumed run reuses it instead of rebuilding it.
+The model, engine and saving follow the recipe of steps 1 and 2 (`dschat.utils.build`).
 """
 
 from __future__ import annotations
@@ -25,17 +26,31 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dschat.rlhf import health
+from dschat.rlhf.generation import Generator
 from dschat.steps import train_main
 from dschat.utils import args as flags
+from dschat.utils.build import (
+    create_causal_lm,
+    initialize_frozen_engine,
+    initialize_trained_engine,
+    save_trained_model,
+    stage_datasets,
+    start_training_stage,
+)
+from dschat.utils.data.collators import DataCollatorReward
 from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
+from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
 from dschat.utils.errors import UserError, run_main
+from dschat.utils.fingerprint import model_signature
+from dschat.utils.inference import RewardScorer
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
-from dschat.utils.model_card import card_files, push_to_hub
-from dschat.utils.output_dir import staged_output
+from dschat.utils.model_card import card_files
+from dschat.utils.module.lora import lora_disabled, lora_fused
+from dschat.utils.output_dir import publish_directory
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
-from dschat.utils.utils import atomic_write, atomic_write_json, print_rank_0, to_device
+from dschat.utils.utils import atomic_write, atomic_write_json, print_rank_0, save_causal_lm, to_device
 
 REFERENCE_FILE = "reference_logps.pt"
 EVAL_MAX_NEW_TOKENS = 64  # answer budget of the held-out generation checks
@@ -196,8 +211,6 @@ class BaseWeightsReference:
 
     @torch.no_grad()
     def log_probs(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:  # noqa: ARG002
-        from dschat.utils.module.lora import lora_disabled
-
         was_training = self.module.training
         self.module.eval()  # the reference never sees dropout
         try:
@@ -271,17 +284,6 @@ def dataset_fingerprint(dataset: Dataset | None) -> str:
     return digest.hexdigest()
 
 
-def model_signature(path: str) -> dict:
-    """Name, size and mtime of a local model's weight files (a retrained model at the same path differs)."""
-    directory = Path(path)
-    if not directory.is_dir():
-        return {"path": path}
-    files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".json"))
-    return {"path": str(directory.resolve()),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-
-
 def load_reference_tables(path: Path, fingerprint: dict) -> dict[str, torch.Tensor] | None:
     """The stored tables if `path` exists and was computed for exactly `fingerprint`, else None."""
     if not path.is_file():
@@ -322,9 +324,8 @@ class DPOTrainer(Trainer):
         self.gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
         self.scorer = None
         if args.reward_model_name_or_path and self.held_out is not None:
-            from dschat.utils.inference import RewardScorer
-
-            self.scorer = RewardScorer(args.reward_model_name_or_path, self.device, max_seq_len=args.max_seq_len)
+            self.scorer = RewardScorer.from_path(args.reward_model_name_or_path, self.device,
+                                                 max_seq_len=args.max_seq_len)
 
     def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
         policy = policy_log_probs(self.engine, batch, self.args.pad_mask)
@@ -368,8 +369,6 @@ class DPOTrainer(Trainer):
         """Greedy answers to fixed held-out prompts: generation health, reward-model and gold scores."""
         if self.held_out is None:
             return {}
-        from dschat.rlhf.generation import Generator
-
         ids, mask = (t.to(self.device) for t in self.held_out)
         room = self.args.max_seq_len - ids.shape[1]
         generator = Generator(self.engine, self.tokenizer, max_new_tokens=max(1, min(EVAL_MAX_NEW_TOKENS, room)),
@@ -392,9 +391,6 @@ class DPOTrainer(Trainer):
         scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         improved = self.best.consider(self.global_step, scores, healthy=not self.monitor.active)
         if improved and self.args.keep_best and self.args.output_dir:
-            from dschat.utils.module.lora import lora_fused
-            from dschat.utils.utils import save_causal_lm
-
             print_rank_0(f"--keep_best: new best held-out {self.best.metric} {self.best.best_score:.4f} at step "
                          f"{self.global_step}; saving it to {self._best_dir()}")
             with lora_fused(self.engine.module):
@@ -415,28 +411,18 @@ class DPOTrainer(Trainer):
     def save_model(self) -> None:
         if not self.args.output_dir:
             return
-        from dschat.utils.build import fuse_lora
-        from dschat.utils.utils import save_causal_lm
-
         health.write_health(self.args.output_dir, self.monitor)
         if self.args.keep_best and self.best.best_step is not None and self._best_dir().is_dir():
             self._keep_best_model()
             return
-        print_rank_0(f"saving the DPO model to {self.args.output_dir} ...")
-        fuse_lora(self.engine.module)
-        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir,
-                       extra_files=card_files(self.args, "step3b DPO", self.args.model_name_or_path, self.engine))
-        push_to_hub(self.args, self.args.output_dir)
+        save_trained_model(self.args, self.engine, self.tokenizer, "the DPO model", "step3b DPO")
 
     def _keep_best_model(self) -> None:
         """The output directory's model files become the best evaluated step's; best.json says which and why."""
         out, best = Path(self.args.output_dir), self._best_dir()
         record = self.best.record(self.global_step, "best")
         if is_rank_0():
-            with staged_output(out) as staging:  # keeps the run's logs, metrics and states
-                for item in best.iterdir():
-                    os.replace(item, staging / item.name)
-            best.rmdir()  # emptied above
+            publish_directory(best, out)  # keeps the run's logs, metrics and states
             atomic_write_json(out / health.BEST_FILE, record)
         barrier()
         print_rank_0(f"--keep_best: {out} holds step {self.best.best_step}: {record['reason']}")
@@ -464,7 +450,7 @@ def parse_args(argv: list[str] | None = None):
     flags.add_optim_args(parser, learning_rate=1e-3)
     flags.add_deepspeed_args(parser)
     flags.add_lora_args(parser)
-    flags.add_logging_args(parser, tensorboard_path="step2_tensorboard")
+    flags.add_logging_args(parser, tensorboard_path="step3b_tensorboard")
     flags.add_eval_args(parser, eval_interval=0, eval_iters=100)
     health.add_health_args(parser)
     best = health.add_keep_best_args(parser, eval_steps_dest="eval_interval")
@@ -502,10 +488,11 @@ def _has_content(path: Path) -> bool:
     return any(line.strip() and line.strip() not in ("[]", "{}") for line in read_data_text(path).splitlines())
 
 
-def _build_frozen(args, path: str, tokenizer, ds_config: dict):
+def _build_frozen(path: str, tokenizer, ds_config: dict):
+    """A frozen forward-only engine of the causal LM at `path` (the reference policy)."""
+    # transformers (and model_utils, which imports it) take seconds: deferred so --help and flag errors answer first
     from transformers import AutoModelForCausalLM
 
-    from dschat.utils.build import initialize_frozen_engine
     from dschat.utils.model.model_utils import create_hf_model
 
     model = create_hf_model(AutoModelForCausalLM, path, tokenizer, ds_config)
@@ -543,7 +530,7 @@ def precomputed_reference(args, reference_path: str, tokenizer, eval_config: dic
     fingerprint = reference_fingerprint(args, reference_path, train_data, eval_data)
     path = Path(args.output_dir) / REFERENCE_FILE if args.output_dir else None
     tables = load_reference_tables(path, fingerprint) if path is not None else None
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # deepspeed takes seconds to import: only when building
 
     found = torch.tensor([1.0 if tables is not None else 0.0], device=get_accelerator().current_device_name())
     if torch.distributed.is_initialized() and get_world_size() > 1:
@@ -553,7 +540,7 @@ def precomputed_reference(args, reference_path: str, tokenizer, eval_config: dic
         return PrecomputedReference(tables)
     print_rank_0(f"Precomputing reference log-probs with {reference_path} "
                  f"({len(train_data)} train + {len(eval_data) if eval_data is not None else 0} eval pairs) ...")
-    engine = _build_frozen(args, reference_path, tokenizer, eval_config)
+    engine = _build_frozen(reference_path, tokenizer, eval_config)
     batch_size = args.per_device_eval_batch_size
     tables = {"train": compute_reference_table(engine, train_data, collator, batch_size, engine.device,
                                                pad_mask=args.pad_mask)}
@@ -570,37 +557,11 @@ def precomputed_reference(args, reference_path: str, tokenizer, eval_config: dic
 
 
 def build(args) -> DPOTrainer:
-    from transformers import AutoModelForCausalLM
-
-    from dschat.utils.build import (
-        apply_lora,
-        build_tokenizer,
-        check_context_length,
-        end_of_text,
-        initialize_engine,
-        train_ds_config,
-    )
-    from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_dataset
-    from dschat.utils.dist import get_local_rank
-    from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
-    from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss, create_hf_model
-    from dschat.utils.output_dir import prepare_output_dir
-    from dschat.utils.trainer import count_updates
-    from dschat.utils.utils import set_random_seed
-
-    prepare_output_dir(args.output_dir)
-    set_random_seed(args.seed)
-    check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
-    tokenizer = build_tokenizer(args)
-    ds_config = train_ds_config(args, zero_stage=args.zero_stage, micro_batch_size=args.per_device_train_batch_size,
-                                gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step3b_dpo")
+    tokenizer, ds_config = start_training_stage(args, tb_name="step3b_dpo")
     eval_config = get_eval_ds_config(offload=args.offload_reference_model, dtype=args.dtype,
                                      stage=3 if args.zero_stage == 3 else 0)
     eval_config = set_batch_sizes(eval_config, args.per_device_eval_batch_size, 1, get_world_size())
-    train_data, eval_data = create_prompt_dataset(
-        get_local_rank(), args.data_path, args.data_split, args.data_output_path, 2, args.seed, tokenizer,
-        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
-    )
+    train_data, eval_data = stage_datasets(args, tokenizer, 2)
     collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
                                   padding=args.padding)
     reference_path = args.reference_model_name_or_path or args.model_name_or_path
@@ -611,20 +572,10 @@ def build(args) -> DPOTrainer:
         reference = precomputed_reference(args, reference_path, tokenizer, eval_config, train_data, eval_data,
                                           collator)
     elif not base_is_reference:
-        reference = ResidentReference(_build_frozen(args, reference_path, tokenizer, eval_config), args.pad_mask)
+        reference = ResidentReference(_build_frozen(reference_path, tokenizer, eval_config), args.pad_mask)
 
-    model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout)
-    if args.compute_fp32_loss:
-        causal_lm_model_to_fp32_loss(model)
-    model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    steps = count_updates(len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                          args.num_train_epochs, args.max_steps)
-    engine = initialize_engine(model, ds_config, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                               lora_learning_rate=args.lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
-                               num_warmup_steps=args.num_warmup_steps, num_training_steps=steps,
-                               offload=args.offload, args=args)
+    model = create_causal_lm(args, tokenizer, ds_config)
+    engine = initialize_trained_engine(args, model, ds_config, len(train_data))
     if reference is None:
         print_rank_0("Reference log-probs: the policy's own base weights with LoRA switched off (no second model)")
         reference = BaseWeightsReference(engine, args.pad_mask)

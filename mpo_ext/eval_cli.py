@@ -6,6 +6,7 @@ answers gathered on rank 0); `compare` and `plot-curves` are single-process tool
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -17,9 +18,12 @@ from typing import Any
 
 import click
 
+from dschat.utils import args as flags
 from dschat.utils.data.raw_datasets import parse_column_map
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
 from dschat.utils.output_dir import prepare_output_dir
+
+SAMPLING_OPTIONS = ("do_sample", *(flag.name for flag in flags.SAMPLING_FLAGS))
 
 
 def _user_errors(func: Callable) -> Callable:
@@ -48,6 +52,20 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+def sampling_click_options() -> list[Callable]:
+    """click options for the shared sampling flags (`dschat.utils.args.SAMPLING_FLAGS`): the same names,
+    defaults and accepted values as PPO's and selection's argparse flags, checked as click parses."""
+    options = []
+    for flag in flags.SAMPLING_FLAGS:
+        if flag.type is int:
+            kind = click.IntRange(min=int(flag.low), max=flag.high, min_open=flag.low_open)
+        else:
+            kind = FiniteFloatRange(min=flag.low, max=flag.high, min_open=flag.low_open)
+        options.append(click.option(f"--{flag.name}", type=kind, default=flag.default, show_default=True,
+                                    help=flag.help + flags.WITH_DO_SAMPLE))
+    return options
+
+
 def _generation_options(func: Callable) -> Callable:
     """Decoding and data flags shared by `eval` and `compare --model`."""
     options = [
@@ -66,11 +84,7 @@ def _generation_options(func: Callable) -> Callable:
                      help="Maximum new tokens per answer."),
         click.option("--do_sample/--greedy", default=False, show_default=True,
                      help="Sample (with --temperature/--top_p/--top_k) or decode greedily."),
-        click.option("--temperature", type=FiniteFloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
-                     help="Sampling temperature (with --do_sample)."),
-        click.option("--top_p", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
-                     help="Nucleus sampling mass (with --do_sample)."),
-        click.option("--top_k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off."),
+        *sampling_click_options(),
         click.option("--seed", type=int, default=1234, show_default=True,
                      help="Fixes the prompt subset, the sampling and the bootstrap."),
         click.option("--batch_size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -123,8 +137,8 @@ def _run_evaluation(models: list[tuple[str, str]], output_dir: str, opts: dict) 
     if not Path(opts["reward_model"]).is_dir() and opts["reward_model"].startswith((".", "/", "~")):
         raise UserError(f"--reward_model {opts['reward_model']}: no such directory")
     _maybe_init_distributed(opts["local_rank"])
-    decoding = Decoding(max_new_tokens=opts["max_new_tokens"], do_sample=opts["do_sample"],
-                        temperature=opts["temperature"], top_p=opts["top_p"], top_k=opts["top_k"],
+    sampling = flags.sampling_settings(**{name: opts[name] for name in SAMPLING_OPTIONS})
+    decoding = Decoding(max_new_tokens=opts["max_new_tokens"], **dataclasses.asdict(sampling),
                         seed=opts["seed"], batch_size=opts["batch_size"],
                         max_prompt_seq_len=opts["max_prompt_seq_len"])
     return evaluate(models, opts["reward_model"], opts["data_path"], output_dir, decoding=decoding,
@@ -249,9 +263,9 @@ def _rescore(paths: list[Path], records: list[list[dict]], opts: dict) -> None:
     from dschat.utils.inference import RewardScorer, resolve_device, resolve_torch_dtype
 
     device = resolve_device(opts["device"])
-    scorer = RewardScorer(opts["reward_model"], device, resolve_torch_dtype(opts["dtype"], device),
-                          opts["num_padding_at_beginning"], opts["max_seq_len"], opts["batch_size"],
-                          end_text=opts.get("reward_end_text"))
+    scorer = RewardScorer.from_path(opts["reward_model"], device, resolve_torch_dtype(opts["dtype"], device),
+                                    opts["num_padding_at_beginning"], opts["max_seq_len"], opts["batch_size"],
+                                    end_text=opts.get("reward_end_text"))
     for path, recs in zip(paths, records):
         scores = scorer.score([r["prompt"] for r in recs], [r["answer"] for r in recs])
         for r, s in zip(recs, scores):

@@ -25,13 +25,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from dschat.rlhf.generation import Generator, answer_lengths, decode_answers
+from dschat.utils.data.data_utils import get_raw_dataset
 from dschat.utils.data.raw_datasets import read_data_text
-from dschat.utils.dist import get_rank, get_world_size, is_rank_0
+from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
-from dschat.utils.inference import RewardScorer, load_policy, resolve_device, resolve_torch_dtype
+from dschat.utils.inference import (
+    RewardScorer,
+    load_policy,
+    pad_with_mask,
+    resolve_device,
+    resolve_torch_dtype,
+)
 from dschat.utils.model_card import set_card_section
 from dschat.utils.output_dir import prepare_output_dir
-from dschat.utils.utils import load_hf_tokenizer
+from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, load_hf_tokenizer
+from mpo_ext import synthetic
 
 GENERATIONS_DIR = "generations"
 TABLE_FILE = "table.json"
@@ -163,8 +172,6 @@ def parse_model_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _open_raw_dataset(data_path: str, seed: int, data_output_path: str, tokenizer=None, column_map=None):
-    from dschat.utils.data.data_utils import get_raw_dataset
-
     return get_raw_dataset(data_path, data_output_path, seed, -1, tokenizer=tokenizer, column_map=column_map)
 
 
@@ -216,8 +223,6 @@ def find_gold_reward(data_path: str | Sequence[str], mode: str = "auto") -> Call
     """
     if mode == "none":
         return None
-    from mpo_ext import synthetic
-
     path = Path(as_path_list(data_path)[0])
     manifest = (path if path.is_dir() else path.parent) / "manifest.json"
     task = None
@@ -256,18 +261,6 @@ def encode_prompt(tokenizer, prompt: str, max_len: int) -> list[int]:
     return ids[len(ids) - max_len:]
 
 
-def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask [B, max len]."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids, mask
-
-
 @dataclass(frozen=True)
 class Decoding:
     """Fixed decoding settings shared by every evaluated model."""
@@ -284,8 +277,6 @@ class Decoding:
 
 def make_generator(model, tokenizer, decoding: Decoding):
     """The project's Generator (KV cache, eos handling) for a plain, replicated model."""
-    from dschat.rlhf.generation import Generator
-
     return Generator(model, tokenizer, max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
                      temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
 
@@ -294,14 +285,12 @@ def make_generator(model, tokenizer, decoding: Decoding):
 def generate_answers(model, tokenizer, prompts: Sequence[str], decoding: Decoding, device: torch.device,
                      rank: int = 0, world_size: int = 1) -> list[dict]:
     """This rank's share of answers: [{"index", "answer", "length"}] (length in answer tokens)."""
-    from dschat.rlhf.generation import answer_lengths, decode_answers
-
     generator = make_generator(model, tokenizer, decoding)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[dict] = []
     for number, indices in rank_batches(len(prompts), decoding.batch_size, rank, world_size):
         rows = [encode_prompt(tokenizer, prompts[i], decoding.max_prompt_seq_len) for i in indices]
-        ids, mask = pad_left(rows, pad)
+        ids, mask = pad_with_mask(rows, max(len(r) for r in rows), pad, left=True)
         torch.manual_seed(batch_seed(decoding.seed, number))
         sequences = generator.generate(ids.to(device), mask.to(device)).cpu()
         width = ids.shape[1]
@@ -399,9 +388,6 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
     Every rank returns the same rows. Files are written one by one atomically; table.json comes last
     and is removed first, so its presence means the whole evaluation finished.
     """
-    from dschat.utils.dist import barrier
-    from dschat.utils.utils import atomic_write_json, atomic_write_jsonl
-
     if not models:
         raise UserError("--model: give at least one NAME=PATH")
     out = prepare_output_dir(output_dir)
@@ -418,8 +404,8 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")
 
     answers = generate_for_models(models, prompts, decoding, torch_device, torch_dtype)
-    scorer = RewardScorer(reward_model, torch_device, torch_dtype, num_padding_at_beginning, max_seq_len,
-                          decoding.batch_size, end_text=reward_end_text)
+    scorer = RewardScorer.from_path(reward_model, torch_device, torch_dtype, num_padding_at_beginning, max_seq_len,
+                                    decoding.batch_size, end_text=reward_end_text)
     rows = []
     for name, _ in models:
         records = gather_records(score_records(scorer, prompts, answers[name], gold_fn))

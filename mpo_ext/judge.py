@@ -10,6 +10,9 @@ The endpoint is untrusted: the API key goes to the `--judge_url` origin only (re
 the key never follows one to another host or from https to http), error bodies are never printed (a
 server that echoes the request would print the key), and each request has one total deadline, so a
 server that trickles its reply cannot hold a run forever.
+
+Owns the judge client, its prompt, the reply parser, the verdict cache and the summary `mpo compare`
+prints. Imports the standard library and `dschat.utils.errors` only: no torch, no model code.
 """
 
 from __future__ import annotations

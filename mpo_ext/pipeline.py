@@ -8,13 +8,21 @@ reads; it writes into `OUT/<stage dir>-<identity[:8]>`, so another theta, `refer
 `order: reverse` writes beside the main run and reuses every upstream stage whose identity is unchanged.
 A stage is complete only when its completion record (`stage.json`, written last, after the step exited
 cleanly) carries that identity; a stage that died half-way is re-run with `--resume` (its saved states).
+
+Owns the config schema, the stage plan and the driver that launches each step as its own process. It
+imports no model or training-loop code (from `dschat.rlhf.health` only the exit code and file name of
+the guards): stages run as `python -m <step module>` or under the `deepspeed` launcher, and `check_plan`
+imports a step module only to run its flag checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
+import importlib
+import io
 import json
 import math
 import os
@@ -42,6 +50,7 @@ from dschat.utils.errors import UserError
 from dschat.utils.utils import atomic_write_json, atomic_write_text
 from dschat.utils.warm_start import launch as warm_launch
 from dschat.utils.warm_start import module_command as warm_start_module
+from mpo_ext import eval_cli
 from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS
 
 CONFIG_PACKAGE = "mpo_ext.configs"
@@ -528,12 +537,6 @@ def launcher_prefix(launcher: LauncherConfig) -> list[str]:
 
 def check_plan(plan: list[Stage]) -> None:
     """Run each step's own flag checks on its command line before anything starts (one line on a bad flag)."""
-    import contextlib
-    import importlib
-    import io
-
-    from mpo_ext import eval_cli
-
     for stage in plan:
         if stage.name == "assets":
             continue

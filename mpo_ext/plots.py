@@ -1,6 +1,8 @@
-"""Figures of the selection stage: the reward-gap histogram and RM accuracy by gap (the paper's Figure 2).
+"""Figures: the selection stage's reward-gap histogram and RM accuracy by gap (the paper's Figure 2).
 
-Written with matplotlib's Agg backend (no display needed) and saved atomically like every artefact.
+Owns the one matplotlib set-up (`pyplot`: Agg backend, no display needed) and the one figure saver
+(`save_figure`, atomic like every artefact); `mpo_ext.curves` draws through them. Imports only numpy and
+dschat's atomic writer: no training code, no model.
 """
 
 from __future__ import annotations
@@ -14,13 +16,9 @@ import numpy as np
 from dschat.utils.utils import atomic_write
 
 
-def _atomic_savefig(fig, path: str | os.PathLike) -> None:
-    path = Path(path)
-    atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=120,
-                                              bbox_inches="tight"))
-
-
-def _pyplot():
+def pyplot():
+    """`matplotlib.pyplot` on the Agg backend (files only, no display)."""
+    # Lazy: matplotlib takes about a second to import and only the commands that draw need it.
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -29,10 +27,21 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120, fmt: str | None = None, tight: bool = True) -> None:
+    """Write `fig` to `path` atomically (format: `fmt`, else the file's suffix, else png) and close it."""
+    path = Path(path)
+    fmt = fmt or path.suffix.lstrip(".") or "png"
+    extra = {"bbox_inches": "tight"} if tight else {}
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi, **extra))
+    finally:
+        pyplot().close(fig)
+
+
 def plot_reward_gap_histogram(gaps: Sequence[float], theta: float, path: str | os.PathLike,
                               title: str | None = None, bins: int = 50) -> None:
     """Histogram of |r(a) - r(b)| per pair with theta marked; easy pairs lie right of the line."""
-    plt = _pyplot()
+    plt = pyplot()
     gaps = np.asarray(gaps, dtype=float)
     n_easy = int((gaps > theta).sum())
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -45,13 +54,12 @@ def plot_reward_gap_histogram(gaps: Sequence[float], theta: float, path: str | o
     ax.set_ylabel("pairs")
     ax.set_title(title or f"Reward gaps of {gaps.size} pairs")
     ax.legend(loc="upper right")
-    _atomic_savefig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_accuracy_by_gap(buckets: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> None:
     """Bar per gap bucket: share of pairs where the RM prefers the human-chosen answer (with counts)."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = [_bucket_label(b) for b in buckets]
     accuracies = [b["accuracy"] if b["accuracy"] is not None else 0.0 for b in buckets]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -67,8 +75,7 @@ def plot_accuracy_by_gap(buckets: Sequence[dict], path: str | os.PathLike, title
     ax.set_xlabel("reward gap bucket")
     ax.set_ylabel("RM agrees with human label (%)")
     ax.set_title(title or "Reward-model accuracy by reward gap")
-    _atomic_savefig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _bucket_label(bucket: dict) -> str:

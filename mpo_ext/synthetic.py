@@ -22,6 +22,9 @@ e.g. ``"...: Sort 12 3 7 from largest to smallest.\n\nAssistant:"`` -> ``" 12 7 
 copy content from the prompt (not recall it), and its gold reward is positional (see `sort_gold_reward`).
 Middling writers here often ignore the requested direction and swap neighbours. `TASKS` names both;
 `task_of(name)` gives a task's functions and `any_gold_reward` scores a prompt of either task.
+
+Owns the tasks' prompts, gold rewards and data files. Pure Python plus dschat's atomic writer: no model,
+no training code (`mpo_ext.bootstrap` builds the matching tokenizer and model).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Step 2.5 of two-stage MPO: `deepspeed main.py ...`, `torchrun main.py ...` or `python main.py ...`.
 
 Samples two answers per prompt from the SFT model, scores them with the reward model and writes the
-easy (gap > theta, for DPO) and hard (gap <= theta, for PPO) splits; see mpo_ext/selection.py.
+easy (gap > theta, for DPO) and hard (gap <= theta, for PPO) splits; see the package mpo_ext/selection/.
 """
 
 import sys

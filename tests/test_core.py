@@ -14,7 +14,7 @@ from dschat.steps import sft as sft_step
 from dschat.utils.checkpoint import STATE_FILE, find_latest_state, list_complete_states
 from dschat.utils.ds_utils import get_eval_ds_config, get_train_ds_config, resolve_dtype, set_batch_sizes
 from dschat.utils.errors import UserError
-from dschat.utils.output_dir import staged_output
+from dschat.utils.output_dir import publish_directory, staged_output
 from dschat.utils.trainer import (
     MetricLogger,
     ResumableSampler,
@@ -185,6 +185,29 @@ def test_staged_output_failure_leaves_old_output(tmp_path):
             raise RuntimeError("killed")
     assert (out / "config.json").read_text() == "{}"
     assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
+def test_publish_directory_moves_a_kept_best_model_into_its_output(tmp_path):
+    out = tmp_path / "run"
+    best = out / "best_model"
+    best.mkdir(parents=True)
+    (out / "training.log").write_text("log")
+    (out / "config.json").write_text("last")
+    (best / "config.json").write_text("best")
+    (best / "model.safetensors").write_text("best weights")
+    inode = (best / "model.safetensors").stat().st_ino
+    publish_directory(best, out)  # the DPO case: the source inside its target, the run's files kept
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "training.log"]
+    assert (out / "config.json").read_text() == "best" and (out / "training.log").read_text() == "log"
+    assert (out / "model.safetensors").stat().st_ino == inode  # renamed, not copied
+
+    actor, best_actor = tmp_path / "ppo" / "actor", tmp_path / "ppo" / "best_actor"
+    actor.mkdir(parents=True)
+    best_actor.mkdir()
+    (actor / "pytorch_model.bin").write_text("last")
+    (best_actor / "model.safetensors").write_text("best")
+    publish_directory(best_actor, actor, keep_existing=False)  # the PPO case: the old actor's files go
+    assert [p.name for p in actor.iterdir()] == ["model.safetensors"] and not best_actor.exists()
 
 
 def test_only_complete_states_are_found(tmp_path):

@@ -108,7 +108,7 @@ def test_dpo_flags_keep_upstream_defaults():
 
     args = parse_args(["--model_name_or_path", "m"])
     assert (args.beta, args.label_smoothing, args.learning_rate, args.tensorboard_path) == (
-        0.1, 0.0, 1e-3, "step2_tensorboard")
+        0.1, 0.0, 1e-3, "step3b_tensorboard")
     assert args.reference_model_name_or_path is None and not args.precompute_ref_log_probs
     assert not args.offload_reference_model and args.data_path == ["Dahoas/rm-static"]
     with pytest.raises(UserError, match="--label_smoothing"):
@@ -229,13 +229,16 @@ def test_resume_reuses_the_stored_reference_table(easy_pairs, tinystories_dir, r
 
 
 def test_lora_dpo_uses_its_base_weights_as_reference(easy_pairs, tinystories_dir, run_ds, tmp_path):
-    """LoRA-only DPO (ZeRO-3, one rank) keeps no second model: its reference is the adapter-free policy."""
+    """LoRA-only DPO (ZeRO-3, one rank) keeps no second model: its reference is the adapter-free policy.
+    Gradient checkpointing goes through the stages' one builder (transformers 5's name, no deprecation)."""
     out = tmp_path / "dpo-lora"
     proc = run_ds(DPO_MAIN, _dpo_args(easy_pairs, tinystories_dir, out, "--max_steps", "6", "--zero_stage", "3",
                                       "--lora_dim", "4", "--lora_module_name", "layers.", "--only_optimize_lora",
-                                      "--lora_learning_rate", "2e-2", "--eval_interval", "6"),
+                                      "--lora_learning_rate", "2e-2", "--eval_interval", "6",
+                                      "--gradient_checkpointing"),
                   num_ranks=0, env=QUIET)
     _check(proc)
+    assert "gradient_checkpointing_enable` is deprecated" not in proc.stdout + proc.stderr
     assert "no second model" in proc.stdout and "Precomputing" not in proc.stdout
     evals = _eval_lines(proc.stdout)
     assert abs(evals[0]["loss"] - math.log(2)) < 1e-4 and evals[0]["rewards/margins"] == 0.0  # policy == ref

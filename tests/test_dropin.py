@@ -21,10 +21,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTModel, Pre
 from dschat.rlhf.ppo_math import sequence_log_probs
 from dschat.utils.build import apply_lora
 from dschat.utils.errors import UserError
+from dschat.utils.inference import RewardScorer
 from dschat.utils.losses import sequence_end_index
 from dschat.utils.model.reward_model import RewardModel
 from dschat.utils.module.lora import LinearLayer_LoRA
-from mpo_ext.selection import PairScorer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,8 +89,8 @@ def test_opt_reward_training_ppo_and_selection_read_the_same_token():
     torch.testing.assert_close(training["rejected_mean_scores"], values[1:, 4])
     ppo = model.forward_value(ids, mask, prompt_length=3)["chosen_end_scores"]
     torch.testing.assert_close(ppo, torch.stack([values[0, 5], values[1, 4]]))
-    scorer = PairScorer(model, opt_tokenizer(), "</s>", max_len=16, batch_size=2)
-    selected = scorer.score_rows([(chosen[:6], 3), (rejected[:5], 3)])
+    scorer = RewardScorer(model, opt_tokenizer(), "</s>", max_seq_len=16, batch_size=2, share_prompts=True)
+    selected = scorer.score_layouts([(chosen[:3], chosen[3:6]), (rejected[:3], rejected[3:5])])
     assert selected == pytest.approx([values[0, 5].item(), values[1, 4].item()], abs=1e-5)
 
 
@@ -280,7 +280,7 @@ def direct_scores(model, tokenizer, end_text: str, read_before_last: bool) -> li
 def test_reward_ending_is_honoured_by_select_ppo_eval_and_rw_eval(tinystories_dir, tmp_path):
     from transformers import LlamaTokenizer
 
-    from dschat.utils.inference import RewardScorer, reward_layout
+    from dschat.utils.inference import reward_layout
     from dschat.utils.model.reward_model import EOS_ENDING, ending_token_ids, resolve_reward_ending
     from training.step2_reward_model_finetuning import rw_eval
 
@@ -293,16 +293,17 @@ def test_reward_ending_is_honoured_by_select_ppo_eval_and_rw_eval(tinystories_di
     prompts, answers = [p for p, _ in PAIRS], [a for _, a in PAIRS]
 
     # eval (mpo eval and mpo compare score through RewardScorer)
-    scorer = RewardScorer(str(upstream), torch.device("cpu"))
+    scorer = RewardScorer.from_path(str(upstream), torch.device("cpu"))
     assert scorer.ending == "<|endoftext|>"
     assert scorer.score(prompts, answers) == pytest.approx(expected_upstream, abs=1e-4)
-    ours_scorer = RewardScorer(str(ours), torch.device("cpu"))
+    ours_scorer = RewardScorer.from_path(str(ours), torch.device("cpu"))
     expected_ours = direct_scores(model, ours_scorer.tokenizer, ours_scorer.tokenizer.eos_token, read_before_last=True)
     assert ours_scorer.score(prompts, answers) == pytest.approx(expected_ours, abs=1e-4)
     assert max(abs(a - b) for a, b in zip(expected_upstream, expected_ours)) > 1e-3  # the conventions differ
 
     # select
-    select = PairScorer(scorer.model, scorer.tokenizer, scorer.end_text, max_len=512, batch_size=2)
+    select = RewardScorer(scorer.model, scorer.tokenizer, scorer.end_text, max_seq_len=512, batch_size=2,
+                          share_prompts=True)
     assert select.score(prompts, answers) == pytest.approx(expected_upstream, abs=1e-4)
 
     # PPO: rollouts (left-padded prompt, answer, eos, pads) get the ending in place of their eos

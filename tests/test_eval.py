@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from conftest import child_env
 
 from dschat.utils.errors import UserError
+from dschat.utils.inference import pad_with_mask
 from mpo_ext.evaluation import (
     RewardScorer,
     batch_seed,
@@ -27,7 +28,6 @@ from mpo_ext.evaluation import (
     format_table,
     global_batches,
     load_eval_prompts,
-    pad_left,
     pair_by_prompt,
     parse_model_specs,
     percentile_indices,
@@ -133,8 +133,8 @@ def test_pair_by_prompt_handles_order_and_repeats():
     assert [(x["answer"], y["answer"]) for x, y in pair_by_prompt(a, b)] == [("a1", "b1"), ("a2", "b2")]
 
 
-def test_pad_left_and_encode_prompt(tiny_assets):
-    ids, mask = pad_left([[5, 6, 7], [8]], pad_id=0)
+def test_pad_with_mask_and_encode_prompt(tiny_assets):
+    ids, mask = pad_with_mask([[5, 6, 7], [8]], 3, 0, left=True)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     from dschat.utils.utils import load_hf_tokenizer
 
@@ -200,7 +200,7 @@ def test_load_eval_prompts_joins_several_datasets_in_order(tmp_path):
 
 def test_reward_scorer_matches_single_sequence_end_score(tiny_assets):
     """Batched, left-padded scoring equals the reward model's own end score on each unpadded text."""
-    scorer = RewardScorer(str(tiny_assets["rm"]), torch.device("cpu"), batch_size=3)
+    scorer = RewardScorer.from_path(str(tiny_assets["rm"]), torch.device("cpu"), batch_size=3)
     prompts = ["\n\nHuman: Name two fruits.\n\nAssistant:", "\n\nHuman: Please help. List four colors.\n\nAssistant:",
                "\n\nHuman: Name three tools.\n\nAssistant:"]
     answers = [" apple, pear.", " red.", ""]
@@ -275,6 +275,63 @@ def test_eval_bad_input_is_one_line_error(tiny_assets, tmp_path):
                                                "--output_dir", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "v_head" in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------- sampling flags
+
+
+def _flag_defaults(parse, argv: list[str]) -> dict:
+    from dschat.utils.args import SAMPLING_FLAGS
+
+    args = parse(argv)
+    return {flag.name: getattr(args, flag.name) for flag in SAMPLING_FLAGS}
+
+
+def test_sampling_flags_are_one_group_in_ppo_select_and_eval(tmp_path):
+    """PPO, select and `mpo eval` define --temperature/--top_p/--top_k from one spec: same names and
+    defaults everywhere, and the same values refused (eval at click parse time, the others at validation)."""
+    from dschat.steps import ppo
+    from dschat.utils.args import SAMPLING_FLAGS
+    from mpo_ext import selection
+    from mpo_ext.eval_cli import eval_command
+
+    defaults = {flag.name: flag.default for flag in SAMPLING_FLAGS}
+    assert defaults == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    ppo_argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
+    select_argv = ["--sft_model_name_or_path", "s", "--reward_model_name_or_path", "r", "--output_dir", str(tmp_path)]
+    assert _flag_defaults(ppo.parse_args, ppo_argv) == defaults
+    assert _flag_defaults(selection.parse_args, select_argv) == defaults
+    options = {param.name: param for param in eval_command.params}
+    assert {name: options[name].default for name in defaults} == defaults
+    assert options["do_sample"].secondary_opts == ["--greedy"]
+
+    bad = [("--top_k", "-1", "--top_k -1: must be >= 0"), ("--top_p", "0", "--top_p 0.0: must be in (0, 1]"),
+           ("--top_p", "1.5", "--top_p 1.5: must be in (0, 1]"), ("--temperature", "0", "--temperature 0.0: must be > 0")]
+    for flag, value, message in bad:
+        for parse, argv in ((ppo.parse_args, ppo_argv + ["--do_sample"]), (selection.parse_args, select_argv)):
+            with pytest.raises(UserError, match=message.replace("(", r"\(").replace("]", r"\]")):
+                parse(argv + [flag, value])
+        result = CliRunner().invoke(eval_command, ["--model", "a=x", "--output_dir", str(tmp_path / "e"), "--do_sample",
+                                                   flag, value])
+        assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output
+    # greedy PPO rollouts never read the temperature (as before); eval refuses it even with --greedy (as before)
+    assert ppo.parse_args(ppo_argv + ["--temperature", "0"]).temperature == 0.0
+    result = CliRunner().invoke(eval_command, ["--model", "a=x", "--output_dir", str(tmp_path / "e"), "--greedy",
+                                               "--temperature", "0"])
+    assert result.exit_code == 2 and "Invalid value for '--temperature'" in result.output
+
+
+def test_sampling_settings_are_validated_once():
+    from dschat.utils.args import SamplingSettings, sampling_settings
+
+    settings = sampling_settings(do_sample=True, temperature=0.7, top_p=0.9, top_k=40)
+    assert settings == SamplingSettings(do_sample=True, temperature=0.7, top_p=0.9, top_k=40)
+    with pytest.raises(AttributeError):
+        settings.temperature = 1.0  # frozen: a stage cannot change what it was given
+    assert sampling_settings(do_sample=False, temperature=0.0, top_p=1.0, top_k=0).temperature == 0.0
+    for bad in ({"temperature": float("nan")}, {"top_p": float("nan")}, {"top_k": -3}, {"temperature": -1.0}):
+        with pytest.raises(UserError, match=f"--{next(iter(bad))} "):
+            sampling_settings(**{"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, **bad})
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
@@ -365,7 +422,7 @@ def test_rw_eval_loads_the_trained_head_and_is_deterministic(tiny_assets, tmp_pa
         assert "chosen scored higher" in proc.stdout
         outputs.append(json.loads((tmp_path / f"s{i}.json").read_text()))
     assert outputs[0] == outputs[1]
-    scorer = RewardScorer(str(tiny_assets["rm"]), torch.device("cpu"))
+    scorer = RewardScorer.from_path(str(tiny_assets["rm"]), torch.device("cpu"))
     expected = scorer.score([outputs[0][0]["prompt"]] * 2, [" apple, banana.", " hammer."])
     assert [outputs[0][0]["chosen_reward"], outputs[0][0]["rejected_reward"]] == pytest.approx(expected, abs=1e-6)
 

@@ -14,6 +14,7 @@ import pytest
 from dschat.utils.data import data_utils as du
 from dschat.utils.data import raw_datasets as rd
 from dschat.utils.errors import UserError
+from dschat.utils.inference import RewardScorer
 from mpo_ext import selection
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -165,8 +166,9 @@ def test_select_and_dpo_build_the_same_texts(tmp_path, chat_tok):
     items, _ = selection.load_items(args, chat_tok)
     item = next(it for it in items if it["prompt"] == rendered_prompt("q2"))
     assert item["chosen"] == "good 2<|im_end|>"
-    scorer = selection.PairScorer(None, chat_tok, chat_tok.eos_token, 64, 4)
-    (row, plen), = scorer.encode([item["prompt"]], [item["chosen"]])
+    scorer = RewardScorer(None, chat_tok, chat_tok.eos_token, max_seq_len=64, batch_size=4)
+    (head, tail), = scorer.layouts([item["prompt"]], [item["chosen"]])
+    row, plen = head + tail, len(head)
     rm, _ = du.create_prompt_dataset(-1, f, "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 64)
     assert tuple(row) in {tuple(c.tolist()) for c in rm.chosen_dataset}
     assert plen == len(chat_tok(rendered_prompt("q2"))["input_ids"])

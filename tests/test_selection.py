@@ -121,7 +121,28 @@ def test_threshold_and_easy_fraction_are_exclusive(capsys):
         selection.parse_args([*base, "--threshold", "1", "--easy_fraction", "0.5"])
     with pytest.raises(UserError, match="human label"):
         selection.parse_args([*base, "--label_policy", "human"])
-    assert selection.parse_args(base).threshold == 1.0
+    args = selection.parse_args(base)
+    assert args.threshold is None  # the checks return the settings; args stays as parsed
+    assert selection.validate_args(args).threshold == 1.0 == selection.SplitSettings.from_args(args).threshold
+    with pytest.raises(UserError, match="--gap_bucket_edges 0,x"):
+        selection.parse_args([*base, "--gap_bucket_edges", "0,x"])
+    assert selection.validate_args(selection.parse_args([*base, "--gap_bucket_edges", "2,0"])).gap_edges == (0.0, 2.0)
+
+
+def test_recorded_sampling_settings_are_the_sampling_flags():
+    """The manifest and the shard fingerprint record every flag of the parser's "sampling" group (a new
+    sampling flag cannot be silently left out of what a run records)."""
+    import dataclasses
+
+    base = ["--reward_model_name_or_path", "rm", "--sft_model_name_or_path", "sft", "--output_dir", "o",
+            "--temperature", "0.7", "--num_samples", "3"]
+    args = selection.parse_args(base)
+    group, = [g for g in selection.build_parser()._action_groups if g.title == "sampling"]
+    flags_in_group = {action.dest for action in group._group_actions}
+    assert flags_in_group == {f.name for f in dataclasses.fields(selection.SamplingSettings)}
+    recorded = selection.SamplingSettings.from_args(args).record()
+    assert recorded["temperature"] == 0.7 and recorded["num_samples"] == 3
+    assert recorded == {name: getattr(args, name) for name in flags_in_group}
 
 
 def test_shards_of_a_different_run_are_refused_unless_rebuilt(tmp_path):
@@ -143,11 +164,11 @@ def _raw_records(n: int, seed: int = 0) -> list[dict]:
             for i in range(n)]
 
 
-def _finalize_args(**overrides) -> Namespace:
+def _split_args(**overrides) -> Namespace:
     base = dict(threshold=None, easy_fraction=None, label_policy="reward_model", pair_source="dataset",
-                gap_edges=[0.0, 1.0, 2.0, 3.0], sft_model_name_or_path=None, reward_model_name_or_path="rm",
+                gap_bucket_edges="0,1,2,3", sft_model_name_or_path=None, reward_model_name_or_path="rm",
                 seed=1, max_prompt_seq_len=8, max_answer_seq_len=8, temperature=1.0, top_p=1.0, top_k=0,
-                per_device_generation_batch_size=2)
+                num_samples=2, per_device_generation_batch_size=2)
     base.update(overrides)
     return Namespace(**base)
 
@@ -156,9 +177,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_finalize_threshold_split_invariants(tmp_path):
+def test_write_split_outputs_threshold_split_invariants(tmp_path):
     raw = _raw_records(200)
-    manifest = selection.finalize(_finalize_args(threshold=1.0), raw, tmp_path, {"extra": 1})
+    manifest = selection.write_split_outputs(_split_args(threshold=1.0), raw, tmp_path, {"extra": 1})
     easy, hard = _read_jsonl(tmp_path / "easy.jsonl"), _read_jsonl(tmp_path / "hard.jsonl")
     assert all(r["gap"] > 1.0 for r in easy) and all(r["gap"] <= 1.0 for r in hard)
     assert all(r["chosen_reward"] >= r["rejected_reward"] for r in easy + hard)
@@ -175,10 +196,10 @@ def test_finalize_threshold_split_invariants(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_finalize_quantile_mode_and_dropping(tmp_path):
+def test_write_split_outputs_quantile_mode_and_dropping(tmp_path):
     raw = _raw_records(300, seed=3)
-    manifest = selection.finalize(_finalize_args(easy_fraction=0.3, label_policy="drop_disagreements"), raw,
-                                  tmp_path, {})
+    manifest = selection.write_split_outputs(_split_args(easy_fraction=0.3, label_policy="drop_disagreements"),
+                                             raw, tmp_path, {})
     counts = manifest["counts"]
     assert counts["dropped"] > 0 and counts["pairs"] == 300 - counts["dropped"]
     assert counts["easy"] == round(0.3 * counts["pairs"])
@@ -188,8 +209,8 @@ def test_finalize_quantile_mode_and_dropping(tmp_path):
     assert all(r["gap"] > manifest["threshold"] for r in easy)
 
 
-def test_finalize_warns_on_an_empty_split(tmp_path, capsys):
-    manifest = selection.finalize(_finalize_args(threshold=100.0), _raw_records(50), tmp_path, {})
+def test_write_split_outputs_warns_on_an_empty_split(tmp_path, capsys):
+    manifest = selection.write_split_outputs(_split_args(threshold=100.0), _raw_records(50), tmp_path, {})
     assert manifest["counts"]["easy"] == 0 and (tmp_path / "easy.jsonl").read_text() == ""
     assert any("easy split is EMPTY" in w for w in manifest["warnings"])
     assert "warning: the easy split is EMPTY" in capsys.readouterr().out

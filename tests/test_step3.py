@@ -7,6 +7,7 @@ several behaviours at once to keep the file within a few minutes on two cores.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -318,6 +319,7 @@ def _run_in_process(argv: list[str]):
      "without --actor_lora_dim is unsupported"),
     ({"max_prompt_seq_len": 400, "max_answer_seq_len": 200}, "exceeds the max_position_embeddings 512"),
     ({"max_prompt_seq_len": 3}, "--max_prompt_seq_len"),
+    ({"do_sample": True, "top_k": -1}, "--top_k -1: must be >= 0"),  # was a crash inside generate()
 ])
 def test_bad_input_is_one_line_exit_2(assets, tmp_path, capsys, overrides, message):
     argv = base_args(assets, tmp_path / "out", **overrides)
@@ -328,6 +330,60 @@ def test_bad_input_is_one_line_exit_2(assets, tmp_path, capsys, overrides, messa
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     if overrides.get("max_prompt_seq_len") == 3:
         assert str(assets["prompts"]) in err
+
+
+def test_flags_module_records_every_flag_of_its_groups(capsys):
+    """The flags live in ppo_args (ppo re-exports parse_args for upstream-style scripts); run_info's
+    settings are derived from the argument groups, so a flag added to one is recorded without a list."""
+    from dschat.steps import ppo, ppo_args
+    from dschat.utils import args as flags
+
+    assert ppo.parse_args is ppo_args.parse_args
+    args = ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--dtype", "fp32"])
+    recorded = ppo_args.recorded_settings(args)
+    before = ("init_kl_coef", "kl_target", "kl_horizon", "clip_reward_value", "cliprange", "cliprange_value",
+              "gamma", "lam", "normalize_reward", "whiten_advantages", "enable_ema", "ema_beta", "do_sample",
+              "temperature", "top_p", "top_k", "max_prompt_seq_len", "max_answer_seq_len",
+              "per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
+              "ppo_epochs", "actor_learning_rate", "critic_learning_rate", "actor_zero_stage",
+              "critic_zero_stage", "dtype")  # the hand-kept list run_info used to record
+    assert set(before) <= set(recorded) and recorded["dtype"] == "fp32"
+    parser = ppo_args.build_parser()
+    for title in ppo_args.RECORDED_GROUPS:
+        for dest in parser.group_dests(title):
+            assert recorded[dest] == getattr(args, dest)
+    assert "per_device_mini_train_batch_size" not in recorded  # deprecated aliases set no value of their own
+
+    parser = flags.new_parser("t")
+    group = parser.add_argument_group("g")
+    group.add_argument("--new_flag", type=int, default=3)
+    group.add_argument("--old_name", dest="new_flag", type=int, default=argparse.SUPPRESS)
+    assert parser.group_dests("g") == ("new_flag",)
+
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--help"])
+    assert "Stop after this many PPO steps" in " ".join(capsys.readouterr().out.split())
+
+
+def test_upstream_ppo_trainer_names_still_import():
+    """Upstream step-3 scripts import DeepSpeedPPOTrainer(Unsupervised); they are the PPOUpdater classes,
+    which run one PPO iteration and are not the epoch/resume `Trainer` of SFT, RM and DPO."""
+    from dschat.rlhf import ppo_trainer
+    from dschat.utils.trainer import ResumableRun
+
+    assert ppo_trainer.DeepSpeedPPOTrainer is ppo_trainer.PPOUpdater
+    assert ppo_trainer.DeepSpeedPPOTrainerUnsupervised is ppo_trainer.PPOUpdaterUnsupervised
+    assert not issubclass(ppo_trainer.PPOUpdater, ResumableRun)
+
+
+def test_validate_args_leaves_args_as_parsed():
+    """The dtype-dependent --compute_fp32_loss default is returned by the check and filled in by parse_args."""
+    from dschat.steps import ppo_args
+
+    argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--dtype", "bf16"]
+    raw = ppo_args.build_parser().parse_args(argv)
+    assert ppo_args.validate_args(raw) == {"compute_fp32_loss": True} and raw.compute_fp32_loss is None
+    assert ppo_args.parse_args(argv).compute_fp32_loss is True
 
 
 def test_critic_with_wrong_layout_exits_2(assets, run_ds, tmp_path):

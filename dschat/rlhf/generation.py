@@ -13,11 +13,12 @@ import contextlib
 import inspect
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+from transformers import DynamicCache, GenerationConfig
 
-from dschat.utils.dist import any_rank_true, get_world_size
+from dschat.utils.dist import any_rank_true, get_world_size, on_cpu
 from dschat.utils.utils import print_rank_0
 
 PATH_HYBRID = "hybrid_engine"
@@ -79,6 +80,19 @@ def decode_answers(tokenizer, sequences: torch.Tensor, prompt_width: int) -> lis
     return tokenizer.batch_decode(sequences[:, prompt_width:], skip_special_tokens=True)
 
 
+def decode_continuations(tokenizer, prompt_ids: Sequence[list[int]],
+                         answer_ids: Sequence[Sequence[list[int]]]) -> list[str]:
+    """Each answer's text as it continues its prompt (keeps the leading space many tokenizers drop when an
+    answer is decoded on its own), for every answer of every prompt (answer_ids[i]: the answers of prompt
+    i), flat in that order; batched, and each prompt is decoded once however many answers it has."""
+    heads = tokenizer.batch_decode([list(p) for p in prompt_ids], skip_special_tokens=True)
+    flat = [(i, list(a)) for i, answers in enumerate(answer_ids) for a in answers]
+    fulls = tokenizer.batch_decode([list(prompt_ids[i]) + a for i, a in flat], skip_special_tokens=True)
+    alone = tokenizer.batch_decode([a for _, a in flat], skip_special_tokens=True)
+    return [full[len(heads[i]):] if full.startswith(heads[i]) else own
+            for (i, _), full, own in zip(flat, fulls, alone)]
+
+
 def decode_prompts(tokenizer, prompt_ids: torch.Tensor) -> list[str]:
     return tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
 
@@ -92,8 +106,6 @@ def hybrid_engine_unavailable_reason(model: torch.nn.Module) -> str | None:
     Called before `deepspeed.initialize`, so a CPU run or an architecture without HE kernels never gets
     the `hybrid_engine` config section (DeepSpeed would try to build CUDA kernels for it).
     """
-    from dschat.utils.dist import on_cpu
-
     if on_cpu():
         return "the CPU accelerator has no DeepSpeed inference kernels"
     try:
@@ -174,7 +186,7 @@ def gathered_for_generation(module: torch.nn.Module, enabled: bool = True) -> It
     if not enabled or not params:
         yield
         return
-    import deepspeed
+    import deepspeed  # ZeRO-3 runs only: a plain generate never loads it
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         saved = [p.is_external_param for p in params]
@@ -243,8 +255,6 @@ class Generator:
         return self.zero_stage == 3 and get_world_size() > 1
 
     def generation_config(self, do_sample: bool | None = None):
-        from transformers import GenerationConfig
-
         sample = self.do_sample if do_sample is None else do_sample
         kwargs = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1,
                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True)
@@ -363,8 +373,6 @@ def shared_prefill_generate(generate_fn, model: torch.nn.Module, prompt_ids: tor
     can move logits by rounding); sampling draws the same random numbers in the same order.
     Falls back to plain repetition for num_samples == 1, one-token prompts or a model without a cache.
     """
-    from transformers import DynamicCache
-
     repeated_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
     repeated_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
     if num_samples == 1 or prompt_ids.shape[1] < 2:
@@ -372,11 +380,14 @@ def shared_prefill_generate(generate_fn, model: torch.nn.Module, prompt_ids: tor
     head_mask = prompt_mask[:, :-1]
     position_ids = (head_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
     cache = DynamicCache(config=getattr(model, "config", None))
+    parameters = inspect.signature(model.forward).parameters
     # transformers >= 5.2x names the argument `cache` (older releases: `past_key_values`)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = "cache" if "cache" in parameters else "past_key_values"
+    # only the cache is wanted: skip the vocabulary projection of every prompt position (B x P x V)
+    logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     with torch.no_grad():
         model(input_ids=prompt_ids[:, :-1], attention_mask=head_mask, position_ids=position_ids,
-              use_cache=True, **{key: cache})
+              use_cache=True, **{key: cache}, **logits)
     cache.batch_repeat_interleave(num_samples)
     return generate_fn(input_ids=repeated_ids, attention_mask=repeated_mask, **{key: cache}, **generate_kwargs)
 

@@ -25,12 +25,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from dschat.rlhf.ppo_math import entropy_from_logits
+from dschat.utils.dist import is_rank_0
+from dschat.utils.errors import UserError
+from dschat.utils.model.masks import position_ids_from_mask
+from dschat.utils.utils import atomic_write_json, print_rank_0
 
 HEALTH_FILE = "health.json"
 BEST_FILE = "best.json"
@@ -208,9 +215,6 @@ class HealthMonitor:
 
 def write_health(output_dir: str | None, monitor: HealthMonitor, stopped: bool = False) -> None:
     """OUTPUT/health.json (rank 0): what the pipeline and a reader check after a stage."""
-    from dschat.utils.dist import is_rank_0
-    from dschat.utils.utils import atomic_write_json
-
     if output_dir and is_rank_0():
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(output_dir) / HEALTH_FILE, monitor.summary(stopped))
@@ -221,8 +225,6 @@ def check_health(monitor: HealthMonitor, step: int, metrics: dict[str, float], o
     """Print a warning line per newly crossed threshold and record health.json; with `stop_on_collapse`,
     save a training state and exit with COLLAPSE_EXIT_CODE. Every rank calls it with the same (reduced)
     metrics, so every rank decides alike and the state save stays collective."""
-    from dschat.utils.utils import print_rank_0
-
     new = monitor.observe(step, metrics)
     for warning in new:
         print_rank_0(monitor.format(warning))
@@ -265,8 +267,6 @@ def thresholds_from_args(args) -> HealthThresholds:
 
 
 def check_health_args(args) -> None:
-    from dschat.utils.errors import UserError
-
     for name in ("health_min_entropy_ratio", "health_max_kl", "health_max_degenerate_share", "health_max_logp_drop"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
@@ -292,11 +292,6 @@ def evaluate_held_out(model, generator, prompt_ids: torch.Tensor, prompt_mask: t
     """Answer fixed left-padded prompts with `generator`, then report the generation signals, the policy's
     per-token entropy on its own answers, and the mean reward-model (`eval/reward`) and gold (`eval/gold`)
     scores. `reward_fn(sequences, prompt_width, prompts, answers)` -> [B] scores."""
-    import inspect
-
-    from dschat.rlhf.ppo_math import entropy_from_logits
-    from dschat.utils.model.masks import position_ids_from_mask
-
     module = getattr(model, "module", model)  # modes on the module: an HE engine's eval() would swap kernels in
     with_positions = "position_ids" in inspect.signature(module.forward).parameters
     pad = generator.pad_token_id
@@ -363,8 +358,6 @@ def add_keep_best_args(parser, *, eval_steps_dest: str = "eval_steps"):
 
 def load_gold_reward(spec: str) -> Callable[[str, str], float]:
     """`package.module:function` -> the function; a clear error when it cannot be imported."""
-    from dschat.utils.errors import UserError
-
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UserError(f"--gold_reward {spec}: expected MODULE:FUNCTION, e.g. mpo_ext.synthetic:gold_reward")

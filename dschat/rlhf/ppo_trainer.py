@@ -1,4 +1,12 @@
-"""PPO experience collection and updates (DeepSpeed-Chat's `DeepSpeedPPOTrainer` interface).
+"""PPO experience collection and updates: `PPOUpdater` (upstream's name `DeepSpeedPPOTrainer` stays).
+
+It is not a `dschat.utils.trainer.Trainer` (the epoch/resume loop of SFT, RM and DPO): it owns one PPO
+iteration over the engines of `DeepSpeedRLHFEngine` (rollouts in, losses out) and is driven by step 3's
+`PPOLoop`, which owns epochs, states and logging.
+
+Experience keys say what they hold: `sequence_rewards` is one reward-model score per rollout (upstream
+called it `rewards`, which stays as an alias key for upstream step-3 mains that read it), while
+`compute_rewards` returns per-token rewards (the KL penalty on every answer token, the score on the last).
 
 The math lives in `ppo_math` (pure, unit-tested); this module wires it to the engines. Differences from
 upstream, each deliberate:
@@ -50,8 +58,10 @@ def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-class DeepSpeedPPOTrainer:
-    """`generate_experience(prompts, mask, step)` -> experience dict; `train_rlhf(exp)` -> (actor, critic loss)."""
+class PPOUpdater:
+    """One PPO iteration on the step-3 engines: `generate_experience(prompts, mask, step)` -> experience dict
+    (rollouts, log-probs, values, `sequence_rewards`); `train_rlhf(exp)` -> (actor loss, critic loss).
+    Not a `Trainer`: `dschat.steps.ppo.PPOLoop` drives it."""
 
     def __init__(self, rlhf_engine, args):
         self.rlhf_engine = rlhf_engine
@@ -59,8 +69,8 @@ class DeepSpeedPPOTrainer:
         self.critic_model = rlhf_engine.critic
         self.ref_model = rlhf_engine.ref
         self.reward_model = rlhf_engine.reward
-        self.reward_ending_ids = getattr(rlhf_engine, "reward_ending_ids", None)
-        self.actor_ema = getattr(rlhf_engine, "actor_ema", None)
+        self.reward_ending_ids = rlhf_engine.reward_ending_ids
+        self.actor_ema = rlhf_engine.actor_ema
         self.tokenizer = rlhf_engine.tokenizer
         self.args = args
         self.max_answer_seq_len = args.max_answer_seq_len
@@ -70,7 +80,7 @@ class DeepSpeedPPOTrainer:
         self.compute_fp32_loss = args.compute_fp32_loss
 
         # PPO constants (upstream hard-coded them; flags here with the same defaults).
-        if getattr(args, "kl_target", None):
+        if args.kl_target:
             self.kl_controller = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
         else:
             self.kl_controller = FixedKLController(args.init_kl_coef)
@@ -79,8 +89,8 @@ class DeepSpeedPPOTrainer:
         self.cliprange_value = args.cliprange_value
         self.gamma = args.gamma
         self.lam = args.lam
-        self.reward_stats = RunningMeanStd() if getattr(args, "normalize_reward", False) else None
-        self.whiten_advantages = getattr(args, "whiten_advantages", False)
+        self.reward_stats = RunningMeanStd() if args.normalize_reward else None
+        self.whiten_advantages = args.whiten_advantages
 
         self.generator = Generator(
             self.actor_model, self.tokenizer, max_new_tokens=args.max_answer_seq_len, do_sample=args.do_sample,
@@ -161,6 +171,7 @@ class DeepSpeedPPOTrainer:
         rm_config = getattr(self.reward_model, "module", self.reward_model).config
         require_finite_scores(raw_scores, getattr(rm_config, "_name_or_path", "") or "(--critic_model_name_or_path)")
         values = self.critic_model.forward_value(seq, attention_mask, return_value_only=True)[:, :-1]
+        sequence_rewards = self._normalized_scores(raw_scores)
 
         logprobs = sequence_log_probs(logits, seq, self.compute_fp32_loss)
         ref_logprobs = sequence_log_probs(ref_logits, seq, self.compute_fp32_loss)
@@ -172,11 +183,12 @@ class DeepSpeedPPOTrainer:
             "logprobs": logprobs,
             "ref_logprobs": ref_logprobs,
             "value": values,
-            "rewards": self._normalized_scores(raw_scores),
+            "sequence_rewards": sequence_rewards,
+            "rewards": sequence_rewards,  # upstream's key for the same per-sequence scores (its step-3 main reads it)
             "input_ids": seq,
             "attention_mask": attention_mask,
             # statistics (per row), not used by the update
-            "raw_rewards": raw_scores.detach().float(),
+            "raw_sequence_rewards": raw_scores.detach().float(),
             "kl": kl,
             "entropy": entropy,
             "answer_length": answer_lengths(seq, width, self.pad_token_id).float(),
@@ -186,6 +198,7 @@ class DeepSpeedPPOTrainer:
 
     # ---- upstream-named building blocks
     def compute_rewards(self, prompts, log_probs, ref_log_probs, reward_score, action_mask):
+        """Per-token rewards (batch x answer slots) from the per-sequence `reward_score` (upstream's name)."""
         start = prompts.shape[1] - 1
         return compute_kl_penalized_rewards(log_probs, ref_log_probs, reward_score, action_mask, start,
                                             self.kl_ctl, self.clip_reward_value)
@@ -198,7 +211,7 @@ class DeepSpeedPPOTrainer:
         prompts = inputs["prompts"]
         log_probs = inputs["logprobs"]
         ref_log_probs = inputs["ref_logprobs"]
-        reward_score = inputs["rewards"]
+        sequence_rewards = inputs["sequence_rewards"]
         values = inputs["value"]
         attention_mask = inputs["attention_mask"]
         seq = inputs["input_ids"]
@@ -206,9 +219,9 @@ class DeepSpeedPPOTrainer:
         start = prompts.shape[1] - 1
         action_mask = attention_mask[:, 1:]
         with torch.no_grad():
-            old_rewards = self.compute_rewards(prompts, log_probs, ref_log_probs, reward_score, action_mask)
+            token_rewards = self.compute_rewards(prompts, log_probs, ref_log_probs, sequence_rewards, action_mask)
             old_values = zero_after(values, answer_end_slots(action_mask, start))
-            advantages, returns = self.get_advantages_and_returns(old_values, old_rewards, start)
+            advantages, returns = self.get_advantages_and_returns(old_values, token_rewards, start)
             if self.whiten_advantages:
                 advantages = whiten(advantages, action_mask[:, start:])
 
@@ -282,7 +295,7 @@ class DeepSpeedPPOTrainer:
         assert self.critic_model.module.training
 
 
-class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):
+class PPOUpdaterUnsupervised(PPOUpdater):
     """Adds the pretraining (language-modelling) loss on unsupervised data, InstructGPT's PPO-ptx."""
 
     def train_unsupervised(self, inputs: dict, unsup_coef: float) -> torch.Tensor:
@@ -292,3 +305,8 @@ class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):
         self.actor_model.backward(unsup_coef * loss)
         self.actor_model.step()
         return loss
+
+
+# Upstream's names (DeepSpeed-Chat step-3 scripts import them from here).
+DeepSpeedPPOTrainer = PPOUpdater
+DeepSpeedPPOTrainerUnsupervised = PPOUpdaterUnsupervised

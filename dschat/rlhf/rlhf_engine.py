@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from dschat.rlhf.generation import hybrid_engine_unavailable_reason, warn_once
 from dschat.utils.build import (
     apply_lora,
     initialize_engine,
@@ -54,8 +55,7 @@ def actor_gradient_accumulation_steps(args) -> int:
 
 
 def unsupervised_enabled(args) -> bool:
-    return bool(getattr(args, "unsupervised_dataset_name", None)
-                and getattr(args, "unsupervised_dataset_config_name", None))
+    return bool(args.unsupervised_dataset_name and args.unsupervised_dataset_config_name)
 
 
 class DeepSpeedRLHFEngine:
@@ -68,7 +68,7 @@ class DeepSpeedRLHFEngine:
         self.tokenizer = tokenizer
         self.hybrid_engine_active = False
         self.hybrid_engine_reason: str | None = None
-        reference_path = getattr(args, "reference_model_name_or_path", None) or actor_model_name_or_path
+        reference_path = args.reference_model_name_or_path or actor_model_name_or_path
 
         self.actor = self._init_actor(actor_model_name_or_path)
         self.ref = self._init_ref(reference_path)
@@ -76,7 +76,7 @@ class DeepSpeedRLHFEngine:
         self.critic = self._init_critic(critic_model_name_or_path)
         self.reward = self._init_reward(critic_model_name_or_path)
         # the ending the reward model was trained with; rollouts get it in place of their eos when it differs
-        self.reward_ending = resolve_reward_ending(critic_model_name_or_path, getattr(args, "reward_end_text", None))
+        self.reward_ending = resolve_reward_ending(critic_model_name_or_path, args.reward_end_text)
         self.reward_ending_ids = ending_token_ids(tokenizer, self.reward_ending)
         print_rank_0(f"reward model ending: {self.reward_ending!r}"
                      + (f" (appended to each answer as ids {self.reward_ending_ids})" if self.reward_ending_ids else ""))
@@ -85,6 +85,8 @@ class DeepSpeedRLHFEngine:
 
     # ---- models
     def _causal_lm(self, path: str, ds_config: dict, dropout: float | None):
+        # model_utils and transformers take seconds to import: only once the engines are built, so that
+        # --help and flag errors stay instant (the same for the two imports below)
         from transformers import AutoModelForCausalLM
 
         from dschat.utils.model.model_utils import create_hf_model
@@ -92,7 +94,6 @@ class DeepSpeedRLHFEngine:
         return create_hf_model(AutoModelForCausalLM, path, self.tokenizer, ds_config, dropout=dropout)
 
     def _init_actor(self, path: str):
-        from dschat.rlhf.generation import hybrid_engine_unavailable_reason, warn_once
         from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss
 
         args = self.args

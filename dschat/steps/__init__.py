@@ -1,4 +1,10 @@
-"""Step definitions (arguments, trainer, build) behind the thin `main.py` entry points."""
+"""Step definitions (arguments, trainer, build) behind the thin `main.py` entry points.
+
+Each step module (`sft`, `reward`, `ppo`) owns its flags, its `build(args)` and its `main`; `train_main`
+is the order every training step runs in. dschat only: nothing here imports `mpo_ext`.
+"""
+
+from dschat.utils.dist import init_distributed
 
 
 def train_main(parse_args, build) -> None:
@@ -6,8 +12,6 @@ def train_main(parse_args, build) -> None:
 
     Run as `deepspeed --module dschat.steps.sft ...` (or reward, ppo; mpo_ext.dpo), or through the step
     folders' `main.py`, which call the same `main`."""
-    from dschat.utils.dist import init_distributed
-
     args = parse_args()
     init_distributed(args.local_rank)
     run = build(args)

@@ -7,24 +7,18 @@ import torch
 from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
-    apply_lora,
-    build_tokenizer,
-    check_context_length,
     end_of_text,
-    fuse_lora,
-    initialize_engine,
-    set_gradient_checkpointing,
-    train_ds_config,
+    initialize_trained_engine,
+    save_trained_model,
+    stage_datasets,
+    start_training_stage,
 )
-from dschat.utils.data.data_utils import DataCollatorReward, create_prompt_dataset
-from dschat.utils.dist import get_local_rank
+from dschat.utils.data.collators import DataCollatorReward
 from dschat.utils.errors import run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
-from dschat.utils.model_card import card_files, push_to_hub
-from dschat.utils.output_dir import prepare_output_dir
-from dschat.utils.trainer import Trainer, count_updates
-from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model, set_random_seed
+from dschat.utils.trainer import Trainer
+from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model
 
 
 def parse_args(argv: list[str] | None = None):
@@ -88,46 +82,23 @@ class RewardTrainer(Trainer):
                 "rewards/margins": chosen - rejected}
 
     def save_model(self) -> None:
-        if not self.args.output_dir:
-            return
-        print_rank_0(f"saving the reward model to {self.args.output_dir} ...")
-        fuse_lora(self.engine.module)
         record = reward_ending_record(end_of_text(self.args, self.tokenizer), self.tokenizer)
-        save_reward_model(self.engine.module, self.tokenizer, self.args.output_dir,
-                          extra_files={REWARD_ENDING_FILE: record,
-                                       **card_files(self.args, "step2 reward model", self.args.model_name_or_path,
-                                                    self.engine)})
-        push_to_hub(self.args, self.args.output_dir)
+        save_trained_model(self.args, self.engine, self.tokenizer, "the reward model", "step2 reward model",
+                           save=save_reward_model, extra_files={REWARD_ENDING_FILE: record})
 
 
 def build(args) -> RewardTrainer:
+    # model_utils imports transformers (seconds): deferred so --help and flag errors answer first
     from dschat.utils.model.model_utils import create_critic_model
 
-    prepare_output_dir(args.output_dir)
-    set_random_seed(args.seed)
-    check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
-    tokenizer = build_tokenizer(args)
-    ds_config = train_ds_config(args, zero_stage=args.zero_stage, micro_batch_size=args.per_device_train_batch_size,
-                                gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step2_model")
-    train_data, eval_data = create_prompt_dataset(
-        get_local_rank(), args.data_path, args.data_split, args.data_output_path, 2, args.seed, tokenizer,
-        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
-    )
+    tokenizer, ds_config = start_training_stage(args, tb_name="step2_model")
+    train_data, eval_data = stage_datasets(args, tokenizer, 2)
     model = create_critic_model(args.model_name_or_path, tokenizer, ds_config, args.num_padding_at_beginning,
                                 dropout=args.dropout, zero_stage=args.zero_stage,
                                 compute_fp32_loss=args.compute_fp32_loss, loss_type=args.reward_loss)
-    model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora,
-                       force_optimize=["v_head.weight"])
-    if args.gradient_checkpointing:
-        set_gradient_checkpointing(model)
+    engine = initialize_trained_engine(args, model, ds_config, len(train_data), force_optimize=["v_head.weight"])
     collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
                                   padding=args.padding)
-    steps = count_updates(len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                          args.num_train_epochs, args.max_steps)
-    engine = initialize_engine(model, ds_config, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                               lora_learning_rate=args.lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
-                               num_warmup_steps=args.num_warmup_steps, num_training_steps=steps,
-                               offload=args.offload, args=args)
     return RewardTrainer(args, engine, train_data, eval_data, collator, tokenizer)
 
 

@@ -9,22 +9,16 @@ import torch
 from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
-    apply_lora,
-    build_tokenizer,
-    check_context_length,
-    end_of_text,
-    fuse_lora,
-    initialize_engine,
-    set_gradient_checkpointing,
-    train_ds_config,
+    create_causal_lm,
+    initialize_trained_engine,
+    save_trained_model,
+    stage_datasets,
+    start_training_stage,
 )
-from dschat.utils.data.data_utils import DataCollatorSFT, create_prompt_dataset
-from dschat.utils.dist import get_local_rank
+from dschat.utils.data.collators import DataCollatorSFT
 from dschat.utils.errors import run_main
-from dschat.utils.model_card import card_files, push_to_hub
-from dschat.utils.output_dir import prepare_output_dir
-from dschat.utils.trainer import Trainer, count_updates
-from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_causal_lm, set_random_seed
+from dschat.utils.trainer import Trainer
+from dschat.utils.utils import get_all_reduce_mean
 
 
 def parse_args(argv: list[str] | None = None):
@@ -67,44 +61,15 @@ class SFTTrainer(Trainer):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def save_model(self) -> None:
-        if not self.args.output_dir:
-            return
-        print_rank_0(f"saving the final model to {self.args.output_dir} ...")
-        fuse_lora(self.engine.module)
-        save_causal_lm(self.engine.module, self.tokenizer, self.args.output_dir,
-                       extra_files=card_files(self.args, "step1 SFT", self.args.model_name_or_path, self.engine))
-        push_to_hub(self.args, self.args.output_dir)
+        save_trained_model(self.args, self.engine, self.tokenizer, "the final model", "step1 SFT")
 
 
 def build(args) -> SFTTrainer:
-    from transformers import AutoModelForCausalLM
-
-    from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss, create_hf_model
-
-    prepare_output_dir(args.output_dir)
-    set_random_seed(args.seed)
-    check_context_length(args.model_name_or_path, "--model_name_or_path", args.max_seq_len, "--max_seq_len")
-    tokenizer = build_tokenizer(args)
-    ds_config = train_ds_config(args, zero_stage=args.zero_stage, micro_batch_size=args.per_device_train_batch_size,
-                                gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step1_model")
-    train_data, eval_data = create_prompt_dataset(
-        get_local_rank(), args.data_path, args.data_split, args.data_output_path, 1, args.seed, tokenizer,
-        args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer),
-        sft_only_data_path=args.sft_only_data_path, rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
-    )
-    model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout)
-    if args.compute_fp32_loss:
-        causal_lm_model_to_fp32_loss(model)
-    model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
-    if args.gradient_checkpointing:
-        set_gradient_checkpointing(model)
+    tokenizer, ds_config = start_training_stage(args, tb_name="step1_model")
+    train_data, eval_data = stage_datasets(args, tokenizer, 1, sft_only_data_path=args.sft_only_data_path)
+    model = create_causal_lm(args, tokenizer, ds_config)
+    engine = initialize_trained_engine(args, model, ds_config, len(train_data))
     collator = DataCollatorSFT(tokenizer.pad_token_id, args.max_seq_len, padding=args.padding)
-    steps = count_updates(len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                          args.num_train_epochs, args.max_steps)
-    engine = initialize_engine(model, ds_config, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                               lora_learning_rate=args.lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
-                               num_warmup_steps=args.num_warmup_steps, num_training_steps=steps,
-                               offload=args.offload, args=args)
     return SFTTrainer(args, engine, train_data, eval_data, collator, tokenizer)
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from dschat.utils.data.raw_datasets import parse_column_map
@@ -37,8 +38,30 @@ class _Parser(argparse.ArgumentParser):
     every `type=float` flag as a finite float."""
 
     def __init__(self, *args, **kwargs):
+        self._dests_by_group: dict[str, list[str]] = {}  # before argparse adds its own groups
         super().__init__(*args, **kwargs)
         self.register("type", float, finite_float)
+
+    def add_argument_group(self, *args, **kwargs):
+        """A group that remembers its flags (`group_dests`), so what a run records can be derived from it."""
+        group = super().add_argument_group(*args, **kwargs)
+        dests = self._dests_by_group.setdefault(group.title, [])
+        add = group.add_argument
+
+        def add_argument(*names, **options):
+            action = add(*names, **options)
+            if action.default is not argparse.SUPPRESS and action.dest not in dests:  # not aliases, not --help
+                dests.append(action.dest)
+            return action
+
+        group.add_argument = add_argument
+        return group
+
+    def group_dests(self, title: str) -> tuple[str, ...]:
+        """The destinations of the flags of the argument group `title`, in definition order."""
+        if title not in self._dests_by_group:
+            raise KeyError(f"no argument group {title!r}")
+        return tuple(self._dests_by_group[title])
 
     def error(self, message: str):  # noqa: D401 - argparse API
         print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
@@ -128,7 +151,8 @@ def add_reward_ending_arg(group) -> None:
 
 
 def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, weight_decay: float = 0.0,
-                   batch_flags: bool = True) -> None:
+                   batch_flags: bool = True,
+                   max_steps_help: str = "Stop after this many optimizer steps (0: run all epochs).") -> None:
     group = parser.add_argument_group("optimisation")
     if batch_flags:
         group.add_argument("--per_device_train_batch_size", type=int, default=16,
@@ -142,8 +166,7 @@ def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, w
     group.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULER_CHOICES,
                        help="Learning-rate schedule (transformers' get_scheduler).")
     group.add_argument("--num_warmup_steps", type=int, default=num_warmup_steps, help="Warm-up optimizer steps.")
-    group.add_argument("--max_steps", type=int, default=0,
-                       help="Stop after this many optimizer steps (0: run all epochs).")
+    group.add_argument("--max_steps", type=int, default=0, help=max_steps_help)
 
 
 def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
@@ -212,6 +235,78 @@ def add_eval_args(parser, *, eval_interval: int = 0, eval_iters: int = 100) -> N
     group.add_argument("--eval_interval", type=int, default=eval_interval,
                        help="Evaluate every N optimizer steps (0: only before training and after each epoch).")
     group.add_argument("--eval_iters", type=int, default=eval_iters, help="At most this many eval batches.")
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class SamplingFlag:
+    """One decoding flag: name, type, default, help, and the values it accepts (above `low`, at most `high`)."""
+
+    name: str
+    type: type
+    default: float
+    help: str
+    low: float
+    low_open: bool = False
+    high: float | None = None
+
+    def accepts(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value <= self.high)  # nan fails every comparison
+
+    def range_text(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# The one definition of the decoding flags of PPO rollouts, selection samples and `mpo eval`: argparse
+# (`add_sampling_args`) and click (`mpo_ext.eval_cli`) options are both generated from it.
+SAMPLING_FLAGS = (
+    SamplingFlag("temperature", float, 1.0, "Sampling temperature.", low=0.0, low_open=True),
+    SamplingFlag("top_p", float, 1.0, "Nucleus sampling mass.", low=0.0, low_open=True, high=1.0),
+    SamplingFlag("top_k", int, 0, "Sample among the k most likely tokens; 0 disables top-k filtering.", low=0),
+)
+DO_SAMPLE_HELP = "Sample instead of greedy decoding."
+WITH_DO_SAMPLE = " Used with --do_sample."
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Validated decoding settings (`sampling_settings`); greedy decoding reads none of the others."""
+
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+def add_sampling_args(container, *, with_do_sample: bool) -> None:
+    """The sampling flags on a parser or argument group; `with_do_sample` adds the --do_sample switch
+    (off: greedy, as upstream's step 3), without it the entry point always samples."""
+    if with_do_sample:
+        container.add_argument("--do_sample", action="store_true", help=DO_SAMPLE_HELP)
+    for flag in SAMPLING_FLAGS:
+        container.add_argument(f"--{flag.name}", type=flag.type, default=flag.default,
+                               help=flag.help + (WITH_DO_SAMPLE if with_do_sample else ""))
+
+
+def sampling_settings(*, do_sample: bool, temperature: float, top_p: float, top_k: int) -> SamplingSettings:
+    """The settings, or a UserError naming the flag; the temperature is checked only when sampling."""
+    settings = SamplingSettings(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
+    for flag in SAMPLING_FLAGS:
+        value = getattr(settings, flag.name)
+        if (do_sample or flag.name != "temperature") and not flag.accepts(value):
+            raise UserError(f"--{flag.name} {value}: must be {flag.range_text()}")
+    return settings
+
+
+def sampling_from_args(args, *, do_sample: bool | None = None) -> SamplingSettings:
+    """`sampling_settings` of parsed flags; `do_sample` for an entry point without the switch."""
+    return sampling_settings(do_sample=args.do_sample if do_sample is None else do_sample,
+                             **{flag.name: getattr(args, flag.name) for flag in SAMPLING_FLAGS})
 
 
 def trackers(args) -> list[str]:

@@ -5,6 +5,9 @@ rank's RNG state and extra per-rank data, and `trainer_state.json`. It is assemb
 name and renamed into place after the metadata file is written, so a directory named `step-N` with
 `trainer_state.json` inside is always complete; a run killed mid-write leaves the previous state intact.
 Checkpoints of multi-node runs need storage shared by all nodes (as DeepSpeed's own checkpoints do).
+
+Owns the layout of a state and its save/find/load/prune; the trainer decides when to save. Imports torch and
+`dschat.utils.{dist,errors,utils}` only: no step, no trainer, nothing of `mpo_ext`.
 """
 
 from __future__ import annotations

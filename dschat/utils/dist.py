@@ -1,4 +1,11 @@
-"""Process-group set-up that works the same under the deepspeed launcher, torchrun and plain python."""
+"""Process-group set-up that works the same under the deepspeed launcher, torchrun and plain python.
+
+Owns joining the process group (`init_distributed`), the rank helpers every module uses (`get_rank`,
+`is_rank_0`, `barrier`, `any_rank_true`), the accelerator handle and the clean-up of DeepSpeed's CPU
+shared-memory segments. Imports torch and `dschat.utils.startup` only: it sits under every other module.
+DeepSpeed is imported on first use, because the light commands (`mpo --help`, the pipeline driver,
+output-directory checks) import this module and never need it.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
     one-process group, and torchrun's environment is used as is.
     """
     startup.mark("dist_init_start")  # everything before this is interpreter start-up, imports and parsing
-    import deepspeed
+    import deepspeed  # lazy: see the module docstring
 
     if local_rank >= 0:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
@@ -59,8 +66,6 @@ def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
             LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
         )
     if not dist.is_initialized():
-        from deepspeed.accelerator import get_accelerator
-
         accelerator = get_accelerator()
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if accelerator.device_name() == "cpu":
@@ -89,16 +94,6 @@ def release_shm_segment() -> None:
 def _loopback_interface() -> str:
     names = [name for _, name in socket.if_nameindex()]
     return "lo" if "lo" in names or not names else names[0]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _segment_owners(path: Path) -> set[int]:
@@ -155,14 +150,17 @@ def any_rank_true(flag: bool) -> bool:
     """True on every rank if the flag is set on at least one rank (e.g. a SIGTERM seen by one rank)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    from deepspeed.accelerator import get_accelerator
-
     tensor = torch.tensor([1.0 if flag else 0.0], device=get_accelerator().current_device_name())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item() > 0)
 
 
-def on_cpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
+def get_accelerator():
+    """DeepSpeed's accelerator (CPU, CUDA, ...): the device, seeding and communication backend of this run."""
+    import deepspeed.accelerator  # lazy: see the module docstring
 
+    return deepspeed.accelerator.get_accelerator()
+
+
+def on_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"

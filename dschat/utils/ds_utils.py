@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from dschat.utils.dist import on_cpu
 from dschat.utils.errors import UserError
 
 GLOBAL_BATCH_SIZE = 32
@@ -17,8 +18,6 @@ def resolve_dtype(dtype: str | None) -> str:
 
     An explicit fp16 request on CPU is refused here, with the fix, instead of deep inside DeepSpeed.
     """
-    from dschat.utils.dist import on_cpu
-
     if dtype is None:
         return "fp32" if on_cpu() else "fp16"
     if dtype not in DTYPES:
@@ -37,8 +36,6 @@ def _precision_sections(dtype: str) -> dict:
 
 
 def _offload_device(offload: bool) -> str:
-    from dschat.utils.dist import on_cpu
-
     # On the CPU accelerator everything already lives in host memory: offloading is a no-op there.
     return "cpu" if offload and not on_cpu() else "none"
 

@@ -1,4 +1,8 @@
-"""User-facing errors: bad input becomes one clear line and a non-zero exit, never a traceback."""
+"""User-facing errors: bad input becomes one clear line and a non-zero exit, never a traceback.
+
+Owns `UserError` (raise it with "<flag or file>: <what is wrong>; <what to do>") and `run_main`, the wrapper
+every entry point uses. Standard library only: every module may import it.
+"""
 
 from __future__ import annotations
 

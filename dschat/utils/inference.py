@@ -1,5 +1,9 @@
-"""Eval-time model loading and reward scoring, shared by the upstream helpers (rw_eval.py, prompt_eval.py)
-and the MPO evaluation (mpo_ext.evaluation): plain modules on one device, no DeepSpeed engine.
+"""Eval-time model loading and the one reward scorer.
+
+Owns `RewardScorer` (texts -> rewards, laid out the way step 2 trained on them), the reward layouts and
+`pad_with_mask` (ids + attention mask on top of the one padder, `collators.pad_rows`). Used by the
+upstream helpers (rw_eval.py, prompt_eval.py), the MPO evaluation, DPO's held-out rewards and selection
+(over an engine it built). Knows nothing of MPO: must not import `mpo_ext`.
 """
 
 from __future__ import annotations
@@ -8,8 +12,14 @@ import os
 from collections.abc import Sequence
 
 import torch
+from transformers import AutoModelForCausalLM, DynamicCache
 
+from dschat.utils.data.collators import pad_rows
+from dschat.utils.data.raw_datasets import join_prompt_response
 from dschat.utils.errors import UserError
+from dschat.utils.model.model_utils import create_critic_model, create_hf_model
+from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
+from dschat.utils.utils import load_hf_tokenizer
 
 
 def require_finite_scores(scores: torch.Tensor | Sequence[float], reward_model: str) -> None:
@@ -46,11 +56,6 @@ def resolve_torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_policy(path: str, device: torch.device, dtype: torch.dtype, add_special_tokens: str | None = None):
     """(model, tokenizer) of a causal LM checkpoint, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from dschat.utils.model.model_utils import create_hf_model
-    from dschat.utils.utils import load_hf_tokenizer
-
     tokenizer = load_hf_tokenizer(path, add_special_tokens=add_special_tokens)
     model = create_hf_model(AutoModelForCausalLM, path, tokenizer)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
@@ -68,8 +73,6 @@ def reward_layouts(tokenizer, prompts: Sequence[str], answers: Sequence[str], en
                    max_seq_len: int) -> list[tuple[list[int], list[int]]]:
     """`reward_layout` of many pairs with one tokenizer call for the texts and one for the distinct
     prompts (a prompt with several answers is tokenised once)."""
-    from dschat.utils.data.raw_datasets import join_prompt_response
-
     if not prompts:
         return []
     fulls = tokenizer([join_prompt_response(p, a) + end_text for p, a in zip(prompts, answers)])["input_ids"]
@@ -122,22 +125,22 @@ def _score_one_pass(model, layouts: Sequence[tuple[list[int], list[int]]], pad_t
     """Prompts left-padded, answers right-padded, one `forward_value` call: [N] rewards."""
     width = max(len(h) for h, _ in layouts)
     answer_width = max(max(len(t) for _, t in layouts), 1)
-    rows = [[pad_token_id] * (width - len(h)) + list(h) + list(t) + [pad_token_id] * (answer_width - len(t))
-            for h, t in layouts]
-    real = [[0] * (width - len(h)) + [1] * (len(h) + len(t)) + [0] * (answer_width - len(t)) for h, t in layouts]
-    ids = torch.tensor(rows, dtype=torch.long)
-    mask = torch.tensor(real, dtype=torch.long)
+    head_ids, head_mask = pad_with_mask([h for h, _ in layouts], width, pad_token_id, left=True)
+    tail_ids, tail_mask = pad_with_mask([t for _, t in layouts], answer_width, pad_token_id, left=False)
+    ids = torch.cat([head_ids, tail_ids], dim=1)
+    mask = torch.cat([head_mask, tail_mask], dim=1)
     return model.forward_value(ids.to(device), mask.to(device), prompt_length=width)["chosen_end_scores"]
 
 
-def _left_right_padded(rows: Sequence[Sequence[int]], width: int, pad_token_id: int,
-                       left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, width] ids and 0/1 mask of rows padded on the left or the right."""
-    ids = [([pad_token_id] * (width - len(r)) + list(r)) if left else (list(r) + [pad_token_id] * (width - len(r)))
-           for r in rows]
-    mask = [([0] * (width - len(r)) + [1] * len(r)) if left else ([1] * len(r) + [0] * (width - len(r)))
-            for r in rows]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+def pad_with_mask(rows: Sequence[Sequence[int]], width: int, pad_token_id: int,
+                  left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, width] ids (`pad_rows`, the one padder) and their 0/1 attention mask, padded on the left or the
+    right. Rows must fit in `width`."""
+    ids = pad_rows([torch.as_tensor(list(r), dtype=torch.long) for r in rows], width, pad_token_id, left=left)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long).unsqueeze(1)
+    positions = torch.arange(width, dtype=torch.long).unsqueeze(0)
+    mask = positions >= width - lengths if left else positions < lengths
+    return ids, mask.long()
 
 
 def _score_shared_prompts(reward_model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
@@ -145,14 +148,12 @@ def _score_shared_prompts(reward_model, layouts: Sequence[tuple[list[int], list[
     """`score_layouts` with each distinct prompt run through the reward model once: the prompts' KV cache
     is selected per row (`batch_select_indices`) and only the answers are forwarded against it. The
     scored index follows the same rule (`end_index` on the whole prompt + answer row)."""
-    from transformers import DynamicCache
-
     heads = list(dict.fromkeys(tuple(h) for h, _ in layouts))
     which = torch.tensor([heads.index(tuple(h)) for h, _ in layouts], dtype=torch.long)
     width = max(len(h) for h in heads)
     answer_width = max(max(len(t) for _, t in layouts), 1)
-    head_ids, head_mask = _left_right_padded(heads, width, pad_token_id, left=True)
-    tail_ids, tail_mask = _left_right_padded([t for _, t in layouts], answer_width, pad_token_id, left=False)
+    head_ids, head_mask = pad_with_mask(heads, width, pad_token_id, left=True)
+    tail_ids, tail_mask = pad_with_mask([t for _, t in layouts], answer_width, pad_token_id, left=False)
     head_ids, head_mask, tail_ids, tail_mask = (t.to(device) for t in (head_ids, head_mask, tail_ids, tail_mask))
     which = which.to(device)
     config = getattr(reward_model.rwtransformer, "config", None)
@@ -177,35 +178,69 @@ class RewardScorer:
     was trained with (`resolve_reward_ending`: recorded by our step 2, `<|endoftext|>` for an upstream
     checkpoint, or `end_text` when given), laid out like a PPO rollout (`score_layouts`). Tokenising with
     the reward model's own tokenizer lets policy and reward model use different vocabularies.
+
+    Build it from a checkpoint (`from_path`: eval, rw_eval, DPO) or around a model or DeepSpeed engine that
+    is already built (selection). Texts are tokenised in one call and scored in batches of `batch_size`,
+    each padded once. `share_prompts`: batches hold a prompt's answers side by side (longest prompts first)
+    and read each prompt once (`score_layouts(..., share_prompts=True)`); otherwise batches follow the
+    input order.
     """
 
-    def __init__(self, path: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                 num_padding_at_beginning: int = 0, max_seq_len: int = 512, batch_size: int = 16,
-                 add_special_tokens: str | None = None, end_text: str | None = None):
-        from dschat.utils.model.model_utils import create_critic_model
-        from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
-        from dschat.utils.utils import load_hf_tokenizer
-
-        self.tokenizer = load_hf_tokenizer(path, add_special_tokens=add_special_tokens)
-        self.model = create_critic_model(path, self.tokenizer, None, num_padding_at_beginning,
-                                         rlhf_training=True)
-        self.model.to(device=device, dtype=dtype).eval()
-        self.device = device
+    def __init__(self, model, tokenizer, end_text: str, *, max_seq_len: int = 512, batch_size: int = 16,
+                 device: torch.device | None = None, pad_token_id: int | None = None, share_prompts: bool = False,
+                 ending: str | None = None):
+        self.engine = model
+        self.model = getattr(model, "module", model)
+        self.tokenizer = tokenizer
+        self.end_text = end_text
+        self.ending = ending
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
-        self.pad_id = self.model.PAD_ID
-        self.ending = resolve_reward_ending(path, end_text)
-        self.end_text = ending_text(self.ending, self.tokenizer)
+        self.device = device if device is not None else getattr(model, "device", torch.device("cpu"))
+        if pad_token_id is None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id
+        self.share_prompts = share_prompts
+
+    @classmethod
+    def from_path(cls, path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                  num_padding_at_beginning: int = 0, max_seq_len: int = 512, batch_size: int = 16,
+                  add_special_tokens: str | None = None, end_text: str | None = None) -> RewardScorer:
+        """A scorer over the step-2 checkpoint at `path`, on `device` in `dtype`, in eval mode."""
+        tokenizer = load_hf_tokenizer(path, add_special_tokens=add_special_tokens)
+        model = create_critic_model(path, tokenizer, None, num_padding_at_beginning, rlhf_training=True)
+        model.to(device=device, dtype=dtype).eval()
+        ending = resolve_reward_ending(path, end_text)
+        return cls(model, tokenizer, ending_text(ending, tokenizer), max_seq_len=max_seq_len, batch_size=batch_size,
+                   device=device, pad_token_id=model.PAD_ID, ending=ending)
 
     def layout(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids ending in the reward model's ending) within max_seq_len."""
         return reward_layout(self.tokenizer, prompt, answer, self.end_text, self.max_seq_len)
 
+    def layouts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """`layout` of many pairs (one tokenizer call)."""
+        return reward_layouts(self.tokenizer, prompts, answers, self.end_text, self.max_seq_len)
+
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            layouts = reward_layouts(self.tokenizer, prompts[start:start + self.batch_size],
-                                     answers[start:start + self.batch_size], self.end_text, self.max_seq_len)
-            scores.extend(score_layouts(self.model, layouts, self.pad_id, self.device))
+    def score_layouts(self, layouts: Sequence[tuple[list[int], list[int]]]) -> list[float]:
+        """One reward per layout, one forward call. An empty list still runs a dummy forward (ZeRO-3
+        ranks must issue the same calls)."""
+        real = len(layouts)
+        rows = list(layouts) or [([self.pad_id], [self.pad_id])]
+        return score_layouts(self.model, rows, self.pad_id, self.device, share_prompts=self.share_prompts)[:real]
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str], calls: int | None = None) -> list[float]:
+        """Rewards in input order. `calls` pads the number of forward calls with dummy ones (ranks must
+        issue the same number under ZeRO-3)."""
+        layouts = self.layouts(prompts, answers)
+        order = list(range(len(layouts)))
+        if self.share_prompts:  # longest first, the answers of one prompt side by side
+            order.sort(key=lambda i: (-len(layouts[i][0]), layouts[i][0], -len(layouts[i][1]), i))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches += [[] for _ in range(max(0, (calls or 0) - len(batches)))]
+        scores = [0.0] * len(layouts)
+        for batch in batches:
+            for i, s in zip(batch, self.score_layouts([layouts[i] for i in batch])):
+                scores[i] = s
         return scores

@@ -4,6 +4,9 @@ The card is derived from the run's settings and its `metrics.jsonl`: the base mo
 the settings, the last training and evaluation metrics, and what a `manifest.json` beside the data says
 about how that data was made (e.g. a selection step's threshold and split counts). Later steps may add
 sections (`set_card_section`), e.g. an evaluation table.
+
+Owns the card's text and the hub upload (`push_to_hub`). Imports `huggingface_hub` and
+`dschat.utils.{dist,errors,utils}` only; callers pass what the card says (no step or trainer imported).
 """
 
 from __future__ import annotations

@@ -11,12 +11,17 @@ Every stage that takes an `--output_dir` calls `prepare_output_dir` first and sa
   rename stays on the target's filesystem, and a symlinked output directory stays a symlink.
 - Cache directories another local user could plant files in: refused unless owned by us and not
   group/world-writable; created 0700.
+
+Owns the one output-directory helper (`prepare_output_dir`), the run lock and staged publishing
+(`staged_output`, `publish_staged`). Imports the standard library and `dschat.utils.{dist,errors}` only,
+so every module, the light `mpo` commands included, can use it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -112,8 +117,6 @@ def _read_holder(fd: int) -> dict:
 
 def acquire_run_lock(directory: str | os.PathLike, flag: str = "--output_dir") -> Path:
     """Hold `directory`'s run lock until this process exits; one line if another live run holds it."""
-    import fcntl
-
     directory = Path(directory)
     key = directory.resolve()
     lock = directory / LOCK_FILE
@@ -219,6 +222,19 @@ def staged_output(target: str | os.PathLike, markers: Sequence[str] = ("config.j
         shutil.rmtree(staging, ignore_errors=True)
         raise
     publish_staged(staging, target, markers, keep_existing)
+
+
+def publish_directory(source: str | os.PathLike, target: str | os.PathLike, keep_existing: bool = True) -> None:
+    """Make `source`'s entries `target`'s (e.g. a kept best model becoming the final one), then remove `source`.
+
+    Entries move by renames (no second copy of the weights) through `staged_output`, so a crash leaves
+    `target` whole; `keep_existing` is `staged_output`'s. `source` may lie inside `target`.
+    """
+    source = Path(source)
+    with staged_output(target, keep_existing=keep_existing) as staging:
+        for entry in source.iterdir():
+            os.replace(entry, staging / entry.name)
+    source.rmdir()
 
 
 def publish_staged(staging: Path, target: Path, markers: Sequence[str] = (), keep_existing: bool = True) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from dschat.utils import startup
 from dschat.utils.args import trackers
@@ -123,7 +124,7 @@ def make_loader(dataset: Dataset, batch_size: int, collate_fn, shuffle: bool, se
 
 def groups_by_length(args) -> bool:
     """Length grouping only pays off when batches are padded to their longest row."""
-    return getattr(args, "group_by_length", False) and getattr(args, "padding", "longest") == "longest"
+    return args.group_by_length and args.padding == "longest"
 
 
 def count_updates(num_samples: int, per_device_batch_size: int, gradient_accumulation_steps: int,
@@ -152,7 +153,7 @@ class MetricLogger:
         self.writer = None
         self.wandb_run = None
         if self.rank0 and tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # pulls in tensorboard: only when asked for
 
             self.writer = SummaryWriter(str(Path(tensorboard_dir) / f"{name}_tensorboard_logs"))
         if self.rank0 and wandb_config is not None:
@@ -382,7 +383,7 @@ class Trainer(ResumableRun):
 
     def model_attention_mask(self, batch: dict) -> torch.Tensor | None:
         """The attention mask to pass with a (right-padded) training batch; see `training_attention_mask`."""
-        return training_attention_mask(batch["attention_mask"], getattr(self.args, "pad_mask", "always"))
+        return training_attention_mask(batch["attention_mask"], self.args.pad_mask)
 
     # ---- hooks for subclasses
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -429,8 +430,6 @@ class Trainer(ResumableRun):
         self.logger.close()
 
     def _run_epochs(self, total: int) -> None:
-        from tqdm.auto import tqdm
-
         args = self.args
         gas = args.gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
@@ -454,7 +453,7 @@ class Trainer(ResumableRun):
                 samples += int(batch["input_ids"].shape[0]) // self.rows_per_sample if "input_ids" in batch else 0
                 if "attention_mask" in batch:
                     tokens += batch["attention_mask"].sum()
-                if getattr(args, "print_loss", False):
+                if getattr(args, "print_loss", False):  # not a flag of step 2
                     print(f"Epoch: {self.epoch}, Step: {self.step_in_epoch}, Rank: {get_rank()}, "
                           f"loss = {metrics['loss'].item()}", flush=True)
                 if not boundary:
@@ -473,8 +472,7 @@ class Trainer(ResumableRun):
                     bar.set_postfix(loss=f"{logged['loss']:.4f}")
                     sums.clear()
                     micro_count, samples, tokens, window_start = 0, 0, torch.zeros((), device=self.device), time.time()
-                eval_interval = getattr(args, "eval_interval", 0)
-                if eval_interval and self.global_step % eval_interval == 0:
+                if args.eval_interval and self.global_step % args.eval_interval == 0:
                     self._log_eval()
                 self.after_step()
                 if self.global_step >= total:

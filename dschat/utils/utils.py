@@ -1,10 +1,12 @@
 """Small shared helpers with DeepSpeed-Chat's names: printing, seeding, atomic file writes, tokenizer loading,
 optimizer groups, EMA, and saving models in Hugging Face layout (ZeRO-3 aware).
 
-Owns the one atomic writer and the one model saver every stage uses. Imports only torch, numpy,
-DeepSpeed/transformers (lazily, where used) and `dschat.utils.dist` / `errors`: never a step, a trainer,
-the data pipeline or `mpo_ext`, so any module can import it. Upstream-only names no project code calls
-(`save_hf_format`, `save_zero_three_model`) live in `dschat.utils.compat` and are still importable here.
+Owns the one atomic writer (`atomic_write` and its text/json/jsonl forms) and the model savers every stage
+uses. Imports torch, numpy and `dschat.utils.dist` / `errors` / `output_dir` only: never a step, a
+trainer, the data pipeline or `mpo_ext`, so any module can import it. DeepSpeed and transformers are
+imported where used: the light commands (`mpo`, the pipeline driver) import this module for its writers
+and never need either. Upstream-only names no project code calls (`save_hf_format`,
+`save_zero_three_model`) live in `dschat.utils.compat` and are still importable from here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dschat.utils.dist import barrier, get_rank, is_rank_0, on_cpu
+from dschat.utils.dist import barrier, get_accelerator, get_rank, is_rank_0, on_cpu
 from dschat.utils.errors import UserError
 from dschat.utils.output_dir import default_file_mode, staged_output
 
@@ -50,8 +52,6 @@ def set_random_seed(seed: int | None) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    from deepspeed.accelerator import get_accelerator
-
     get_accelerator().manual_seed_all(seed)
 
 
@@ -158,7 +158,7 @@ def load_hf_tokenizer(model_name_or_path: str, fast_tokenizer: bool = True, add_
     offline; here the checkpoint directory is tried first. Pad = eos when there is no pad token (never a
     new untrained `[PAD]`), right padding for training.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: see the module docstring
 
     candidates = [model_name_or_path]
     config_file = Path(model_name_or_path) / "config.json"
@@ -172,7 +172,7 @@ def load_hf_tokenizer(model_name_or_path: str, fast_tokenizer: bool = True, add_
     for name in candidates:
         try:
             if is_upstream_llama_tokenizer_dir(name):
-                from transformers import LlamaTokenizer
+                from transformers import LlamaTokenizer  # lazy: see the module docstring
 
                 tokenizer = LlamaTokenizer.from_pretrained(name)
             else:
@@ -233,10 +233,10 @@ def create_optimizer(param_groups: list[dict], lr: float, offload: bool = False,
     if on_cpu():
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
     if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: see the module docstring
 
         return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas)
-    from deepspeed.ops.adam import FusedAdam
+    from deepspeed.ops.adam import FusedAdam  # lazy: see the module docstring
 
     return FusedAdam(param_groups, lr=lr, betas=betas)
 
@@ -256,7 +256,7 @@ def moving_average(model: torch.nn.Module, model_ema: torch.nn.Module, beta: flo
     saved EMA equalled the starting weights. When both models are partitioned alike each rank updates
     its own partition (no gathering at all); otherwise the actor's parameter is gathered first.
     """
-    import deepspeed
+    import deepspeed  # lazy: see the module docstring
 
     with torch.no_grad():
         for param, param_ema in zip(model.parameters(), model_ema.parameters()):
@@ -296,7 +296,7 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Must be called on every rank when the model is ZeRO-3 partitioned (it is a collective then).
     LoRA tensors are dropped: callers fuse LoRA first.
     """
-    import deepspeed
+    import deepspeed  # lazy: see the module docstring
 
     model = getattr(model, "module", model)
     keep = set(model.state_dict().keys())

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 try:
     import dschat  # noqa: F401
 except ImportError:  # running from a source checkout without `pip install`
@@ -17,6 +19,7 @@ except ImportError:  # running from a source checkout without `pip install`
 
 from dschat.utils.args import new_parser
 from dschat.utils.errors import UserError, run_main
+from dschat.utils.inference import load_policy, resolve_device
 
 # Questions written for this project, asked in the HH prompt format the models are trained on.
 BUILTIN_QUESTIONS: dict[str, tuple[str, ...]] = {
@@ -107,8 +110,6 @@ def load_prompts(path: str | None, language: str) -> list[str]:
 
 
 def generate(model, tokenizer, prompt: str, args, device) -> list[str]:
-    import torch
-
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -119,13 +120,9 @@ def generate(model, tokenizer, prompt: str, args, device) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
     args = parse_args(argv)
-    from dschat.utils.inference import load_policy, resolve_device
-
     device = resolve_device(args.device)
     prompts = load_prompts(args.prompts_file, args.language)
     answers: dict[str, list[list[str]]] = {}
-    import torch
-
     for role, path in (("baseline", args.model_name_or_path_baseline),
                        ("finetune", args.model_name_or_path_finetune)):
         model, tokenizer = load_policy(path, device, torch.float32 if device.type == "cpu" else torch.bfloat16,

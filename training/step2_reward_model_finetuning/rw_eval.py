@@ -19,6 +19,7 @@ except ImportError:  # running from a source checkout without `pip install`
 
 from dschat.utils.args import OWN_DEFAULT, new_parser
 from dschat.utils.errors import UserError, run_main
+from dschat.utils.inference import RewardScorer, resolve_device
 from dschat.utils.utils import atomic_write_json
 
 # (prompt, better answer, worse answer): written for this project.
@@ -81,13 +82,13 @@ def load_pairs(path: str | None) -> list[tuple[str, str, str]]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    from dschat.utils.inference import RewardScorer, resolve_device
-
     device = resolve_device(args.device)
-    scorer = RewardScorer(args.model_name_or_path, device, num_padding_at_beginning=args.num_padding_at_beginning,
-                          max_seq_len=args.max_seq_len,
-                          add_special_tokens=(args.eot_token or "<|endoftext|>") if args.add_eot_token else None,
-                          end_text=args.eot_token)
+    scorer = RewardScorer.from_path(args.model_name_or_path, device,
+                                    num_padding_at_beginning=args.num_padding_at_beginning,
+                                    max_seq_len=args.max_seq_len,
+                                    add_special_tokens=(args.eot_token or "<|endoftext|>") if args.add_eot_token
+                                    else None,
+                                    end_text=args.eot_token)
     print(f"reward model ending: {scorer.ending!r}")
     pairs = load_pairs(args.pairs_file)
     prompts = [p for p, _, _ in pairs]

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
@@ -53,6 +55,7 @@ def hf_deepspeed_scope(ds_config: dict | None) -> Iterator[None]:
     stale stage-3 config from an earlier build cannot partition, e.g., a stage-0 reference model.
     The previous global is restored afterwards.
     """
+    # transformers.integrations.deepspeed imports deepspeed (seconds): only when a model is built
     from transformers.integrations import deepspeed as hf_ds
 
     previous = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
@@ -134,8 +137,6 @@ def resolve_model_dir(model_name_or_path: str) -> str:
     if os.path.isdir(model_name_or_path):
         return model_name_or_path
     try:
-        from huggingface_hub import snapshot_download
-
         return snapshot_download(model_name_or_path)
     except Exception as err:  # offline, unknown repo, invalid id: all are the user's input
         raise UserError(
@@ -168,9 +169,7 @@ def load_weight_files(paths: list[str]) -> dict[str, torch.Tensor]:
     for path in paths:
         try:
             if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                part = load_file(path, device="cpu")
+                part = load_safetensors_file(path, device="cpu")
             else:
                 part = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:

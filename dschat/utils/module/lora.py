@@ -39,7 +39,7 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
     a no-op for ordinary tensors, so callers need not know the ZeRO stage."""
     params = [p for p in params if p is not None]
     if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+        import deepspeed  # takes seconds to import; only ZeRO-3 partitioned parameters need it
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
             yield
