@@ -136,7 +136,7 @@ def test_chain_on_own_config_resumes_reruns_what_changed_and_keeps_ablations_bes
     config.write_text(yaml.safe_dump({
         "name": "own", "base": "smoke", "assets": None, "output_dir": str(tmp_path / "run"),
         "models": {"sft": assets["model_dir"], "reward": "@sft"}, "data": {"path": [assets["data_dir"]]},
-        "progress_interval": 2, "ppo": {"save_steps": 1}}))
+        "progress_interval": 0.5, "ppo": {"save_steps": 1}}))  # warm stages take ~2 s
     out = tmp_path / "run"
     first = _invoke(["--config", str(config), "--steps", "sft,rm,select,dpo"])
     assert first.exit_code == 0, first.output[-4000:]
