@@ -20,8 +20,14 @@ import click
 
 from dschat.utils import args as flags
 from dschat.utils.data.raw_datasets import parse_column_map
+from dschat.utils.dist import init_distributed, is_rank_0
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
 from dschat.utils.output_dir import prepare_output_dir
+from dschat.utils.utils import atomic_write_json, atomic_write_jsonl
+
+# The modules that load models (mpo_ext.evaluation, dschat.utils.inference, mpo_ext.judge, mpo_ext.curves)
+# import transformers or matplotlib: they are imported inside the commands that use them, so `mpo --help`
+# and the light commands answer without loading them.
 
 SAMPLING_OPTIONS = ("do_sample", *(flag.name for flag in flags.SAMPLING_FLAGS))
 
@@ -122,8 +128,6 @@ def _generation_options(func: Callable) -> Callable:
 def _maybe_init_distributed(local_rank: int) -> None:
     """Join the process group only when a launcher started several ranks."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from dschat.utils.dist import init_distributed
-
         init_distributed(local_rank)
 
 
@@ -215,7 +219,6 @@ def compare_command(generations: tuple[str, ...], model_specs: tuple[str, ...], 
                     judge_max_tokens: int, judge_tie_margin: float, judge_limit: int | None,
                     judge_cache: str | None, output_dir: str | None, **opts: Any) -> None:
     """Win/tie/lose of A against B by reward-model score, optionally also by an LLM judge."""
-    from dschat.utils.dist import is_rank_0
     from mpo_ext.evaluation import GENERATIONS_DIR, parse_model_specs
 
     if judge_url and not judge_model:
@@ -276,7 +279,6 @@ def _rescore(paths: list[Path], records: list[list[dict]], opts: dict) -> None:
 def compare_files(paths: list[Path], names: list[str], *, tie_margin: float, reward_model: str | None,
                   opts: dict, output_dir: str | None, judge: dict | None) -> dict:
     """Pair two generations files by prompt, count outcomes, optionally judge; print and save."""
-    from dschat.utils.utils import atomic_write_json, atomic_write_jsonl
     from mpo_ext.evaluation import pair_by_prompt, read_generations, win_tie_lose
 
     records = [read_generations(p) for p in paths]

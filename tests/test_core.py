@@ -151,15 +151,30 @@ def test_group_by_length_and_pad_mask_flags():
 
 
 def test_resume_refuses_another_data_order():
-    saved = {"seed": 1, "per_device_train_batch_size": 8, "group_by_length": True, "world_size": 2}
+    saved = {"seed": 1, "batch_size": 8, "group_by_length": True, "world_size": 2, "gradient_accumulation_steps": 1}
     check_data_order(saved, dict(saved), "ckpt")  # same settings
     check_data_order(None, saved, "ckpt")  # a state from before the order was recorded
-    with pytest.raises(UserError, match=r"--per_device_train_batch_size 8 \(now --per_device_train_batch_size 4\)"):
-        check_data_order(saved, {**saved, "per_device_train_batch_size": 4}, "ckpt")
+    # an older state that recorded other names is judged only on the names both record
+    check_data_order({"per_device_train_batch_size": 8, "world_size": 2}, saved, "ckpt")
+    with pytest.raises(UserError, match=r"a per-rank batch of 8 \(now a per-rank batch of 4\)"):
+        check_data_order(saved, {**saved, "batch_size": 4}, "ckpt")
     with pytest.raises(UserError, match=r"2 rank\(s\) \(now 1 rank\(s\)\).*new --output_dir"):
         check_data_order(saved, {**saved, "world_size": 1}, "ckpt")
     with pytest.raises(UserError, match="--group_by_length"):
         check_data_order(saved, {**saved, "group_by_length": False}, "ckpt")
+    with pytest.raises(UserError, match="--gradient_accumulation_steps 1 \\(now --gradient_accumulation_steps 2"):
+        check_data_order(saved, {**saved, "gradient_accumulation_steps": 2}, "ckpt")
+
+
+def test_recorded_data_order_is_read_from_the_sampler():
+    """Every setting the sampler's order depends on is recorded: changing any one changes the order it
+    draws and the record, so no hand-kept list of flags can miss one."""
+    base = dict(dataset_len=40, shuffle=True, seed=3, rank=0, world_size=2, lengths=list(range(40)), batch_size=4)
+    sampler = ResumableSampler(**base)
+    for change in ({"seed": 4}, {"shuffle": False}, {"batch_size": 2}, {"lengths": None}, {"world_size": 1}):
+        other = ResumableSampler(**{**base, **change})
+        assert list(other) != list(sampler), change
+        assert other.order_settings() != sampler.order_settings(), change
 
 
 def test_staged_output_keeps_history_and_replaces_model(tmp_path):

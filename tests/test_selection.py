@@ -139,8 +139,8 @@ def test_recorded_sampling_settings_are_the_sampling_flags():
     args = selection.parse_args(base)
     group, = [g for g in selection.build_parser()._action_groups if g.title == "sampling"]
     flags_in_group = {action.dest for action in group._group_actions}
-    assert flags_in_group == {f.name for f in dataclasses.fields(selection.SamplingSettings)}
-    recorded = selection.SamplingSettings.from_args(args).record()
+    assert flags_in_group == {f.name for f in dataclasses.fields(selection.AnswerSamplingSettings)}
+    recorded = selection.AnswerSamplingSettings.from_args(args).record()
     assert recorded["temperature"] == 0.7 and recorded["num_samples"] == 3
     assert recorded == {name: getattr(args, name) for name in flags_in_group}
 

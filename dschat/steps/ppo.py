@@ -181,6 +181,9 @@ class PPOLoop(ResumableRun):
         ema = self.rlhf_engine.actor_ema
         return ema is not None and is_zero3(ema.module)
 
+    def order_loader(self) -> DataLoader:
+        return self.prompt_loader
+
     def engines(self) -> dict:
         """Engines saved as DeepSpeed checkpoints. A ZeRO-3 EMA has no optimizer, and DeepSpeed cannot
         checkpoint an optimizer-less ZeRO-3 engine, so its partitions travel in the per-rank state."""

@@ -78,6 +78,11 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         return iter(self._order()[self.start:])
 
+    def order_settings(self) -> dict:
+        """Everything `_order` depends on besides the dataset: a resumed run must see the same values."""
+        return {"seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size,
+                "group_by_length": self.lengths is not None, "world_size": self.world_size}
+
     def __len__(self) -> int:
         return self.num_samples - self.start
 
@@ -240,15 +245,14 @@ def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-DATA_ORDER_FLAGS = ("seed", "per_device_train_batch_size", "per_device_generation_batch_size",
-                    "gradient_accumulation_steps")
-
-
 def check_data_order(saved: dict | None, current: dict, state_dir) -> None:
-    """One clear error when a state is resumed under settings that change the sample order."""
-    if not saved:  # states written before the order was recorded
+    """One clear error when a state is resumed under settings that change the sample order.
+
+    Only keys both sides record are compared: a state written by an older version (which recorded
+    fewer or differently named settings, or none) is not refused for what it did not record."""
+    if not saved:
         return
-    changed = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    changed = [key for key in sorted(set(saved) & set(current)) if saved.get(key) != current.get(key)]
     if not changed:
         return
 
@@ -257,6 +261,10 @@ def check_data_order(saved: dict | None, current: dict, state_dir) -> None:
             return f"{value} rank(s)"
         if key == "group_by_length":
             return "--group_by_length" if value else "--no_group_by_length (or --padding max_length)"
+        if key == "batch_size":
+            return f"a per-rank batch of {value}"
+        if key == "shuffle":
+            return "shuffled data" if value else "data in file order"
         return f"--{key} {value}"
 
     diffs = "; ".join(f"{describe(k, saved.get(k))} (now {describe(k, current.get(k))})" for k in changed)
@@ -293,13 +301,16 @@ class ResumableRun:
     def load_rank_state(self, state: dict) -> None:
         pass
 
+    def order_loader(self) -> DataLoader:
+        """The loader whose position a state records (its sampler is a `ResumableSampler`)."""
+        raise NotImplementedError
+
     def data_order(self) -> dict:
-        """What decides which samples each step sees: resuming under other values would silently replay
-        or skip data, so a state records them and `--resume` refuses a mismatch."""
-        order = {name: getattr(self.args, name) for name in DATA_ORDER_FLAGS if hasattr(self.args, name)}
-        order["group_by_length"] = groups_by_length(self.args)
-        order["world_size"] = get_world_size()
-        return order
+        """What decides which samples each step sees, read from the sampler that draws them (so a new
+        setting of the sampler is recorded without a list to keep): resuming under other values would
+        silently replay or skip data, so a state records them and `--resume` refuses a mismatch."""
+        return {**self.order_loader().sampler.order_settings(),
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
 
     def _maybe_resume(self) -> None:
         if not self.args.resume:
@@ -394,6 +405,9 @@ class Trainer(ResumableRun):
 
     def save_model(self) -> None:
         raise NotImplementedError
+
+    def order_loader(self) -> DataLoader:
+        return self.train_loader
 
     def engines(self) -> dict:
         return {"model": self.engine}

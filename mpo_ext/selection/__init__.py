@@ -37,7 +37,7 @@ from mpo_ext.selection.settings import (
     LABEL_POLICIES,
     PAIR_RULE,
     PAIR_SOURCES,
-    SamplingSettings,
+    AnswerSamplingSettings,
     ScoringSettings,
     SplitSettings,
 )
@@ -55,7 +55,7 @@ from mpo_ext.selection.shards import (
 from mpo_ext.selection.stage import merge_shards_and_write_outputs, run, write_split_outputs
 
 __all__ = [
-    "DEFAULT_GAP_EDGES", "DEFAULT_THRESHOLD", "LABEL_POLICIES", "PAIR_RULE", "PAIR_SOURCES", "SamplingSettings",
+    "DEFAULT_GAP_EDGES", "DEFAULT_THRESHOLD", "LABEL_POLICIES", "PAIR_RULE", "PAIR_SOURCES", "AnswerSamplingSettings",
     "ScoringSettings", "ShardWorker", "SplitSettings", "accuracy_by_gap_bucket", "assign_shards",
     "balanced_threshold", "best_worst_indices", "derive_seed", "gap_summary", "human_agreement", "items_hash",
     "length_sorted_batches", "load_items", "main", "merge_shards_and_write_outputs", "orient_record",

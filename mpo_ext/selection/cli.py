@@ -3,7 +3,7 @@
 
 Owns the parser and `validate_args`, which refuses bad input with one line naming the flag and returns the
 checked split settings (it writes nothing into args). The flags of the "sampling" group are exactly the
-fields of `SamplingSettings`. Everything else is the stage's (`stage.run`).
+fields of `AnswerSamplingSettings`. Everything else is the stage's (`stage.run`).
 """
 
 from __future__ import annotations

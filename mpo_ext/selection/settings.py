@@ -1,7 +1,8 @@
 """The typed settings of step 2.5, built once from the parsed flags.
 
 Owns the frozen dataclasses every part of the stage reads (`SplitSettings`: how scored pairs become easy
-and hard; `SamplingSettings`: what decides the sampled answers; `ScoringSettings`: what else decides a
+and hard; `AnswerSamplingSettings`: what decides the sampled answers, i.e. the shared temperature/top-p/
+top-k flags of `dschat.utils.args` plus lengths, N and batch; `ScoringSettings`: what else decides a
 shard's records) and the choices of the enumerated flags. What a run records (the manifest, the shard
 fingerprint) is derived from these, never from a list of flag names. Must not import models or files.
 """
@@ -34,7 +35,7 @@ class FlagSettings:
 
 
 @dataclass(frozen=True)
-class SamplingSettings(FlagSettings):
+class AnswerSamplingSettings(FlagSettings):
     """What decides the sampled answers: the flags of the parser's "sampling" group (a test keeps the two
     equal), recorded in the manifest and the shard fingerprint."""
 

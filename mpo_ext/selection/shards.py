@@ -26,7 +26,7 @@ from dschat.utils.fingerprint import model_signature
 from dschat.utils.inference import RewardScorer, pad_with_mask
 from dschat.utils.utils import atomic_write_json, print_rank_0, set_random_seed
 from mpo_ext.selection.gaps import pair_from_samples
-from mpo_ext.selection.settings import SamplingSettings, ScoringSettings
+from mpo_ext.selection.settings import AnswerSamplingSettings, ScoringSettings
 
 SHARD_DIR = "shards"
 SHARD_CONFIG = "config.json"
@@ -67,7 +67,7 @@ def shard_fingerprint(args, items_digest: str, num_items: int) -> dict:
         "sft_model": model_signature(args.sft_model_name_or_path) if scoring.pair_source == "samples" else None,
         "reward_model": model_signature(args.reward_model_name_or_path),
         "items": [num_items, items_digest],
-        "sampling": SamplingSettings.from_args(args).record(),
+        "sampling": AnswerSamplingSettings.from_args(args).record(),
     }
 
 

@@ -41,7 +41,7 @@ from mpo_ext.selection.gaps import (
     threshold_for_fraction,
 )
 from mpo_ext.selection.prompts import items_hash, load_items
-from mpo_ext.selection.settings import PAIR_RULE, SamplingSettings, SplitSettings
+from mpo_ext.selection.settings import PAIR_RULE, AnswerSamplingSettings, SplitSettings
 from mpo_ext.selection.shards import (
     ShardWorker,
     assign_shards,
@@ -192,7 +192,7 @@ def write_split_outputs(args, raw_records: list[dict], output_dir: Path, extra_m
         "models": {"sft": args.sft_model_name_or_path if args.pair_source == "samples" else None,
                    "reward": args.reward_model_name_or_path},
         "seed": args.seed,
-        "sampling": SamplingSettings.from_args(args).record(),
+        "sampling": AnswerSamplingSettings.from_args(args).record(),
         "warnings": warnings,
         "files": files,
         **extra_manifest,
