@@ -48,6 +48,8 @@ from dschat.rlhf.health import COLLAPSE_EXIT_CODE, HEALTH_FILE
 from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.errors import UserError
 from dschat.utils.utils import atomic_write_json, atomic_write_text
+from dschat.utils.warm_start import launch as warm_launch
+from dschat.utils.warm_start import module_command as warm_start_module
 from mpo_ext import eval_cli
 from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS
 
@@ -110,12 +112,18 @@ class DataConfig:
 
 @dataclass
 class LauncherConfig:
-    """DeepSpeed's launcher: `deepspeed --num_gpus N` on one node, or `--hostfile` for several."""
+    """DeepSpeed's launcher: `deepspeed --num_gpus N` on one node, or `--hostfile` for several.
+
+    `warm_start` (one-rank stages only, those run as `python -m MODULE`): start each stage as a fork of one
+    server that imported torch, transformers, DeepSpeed and the step modules once per pipeline run
+    (`dschat/utils/warm_start.py`), instead of a fresh interpreter that imports them again (~10 CPU-s per
+    stage). Same outputs and stage identities either way; false = a fresh interpreter per stage."""
 
     num_gpus: int = 1
     hostfile: str | None = None
     num_nodes: int | None = None
     extra: list[str] = field(default_factory=list)  #: more launcher arguments, e.g. [--include, "localhost:0,1"]
+    warm_start: bool = True  #: one-rank stages fork from a pre-imported server (false: fresh `python -m`)
 
 
 @dataclass
@@ -598,6 +606,12 @@ def package_root() -> Path:
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+#: What the warm-start server imports once (launcher.warm_start): what every stage imports before its work,
+#: the model classes of the tiny and Llama-family models, and the stage modules themselves.
+WARM_PRELOAD = ("torch", "transformers", "deepspeed", "transformers.models.llama.modeling_llama",
+                *STAGE_MODULES.values(), "mpo_ext.cli")
+
+
 def _job_env() -> dict[str, str]:
     """Each stage is a job of its own: these packages importable, no rendezvous inherited from the caller."""
     env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
@@ -650,7 +664,8 @@ def run_plan(plan: list[Stage], out: Path, config: PipelineConfig, *, steps: typ
         print(f"[pipeline] ---=== {stage.name}{' (resuming)' if resumed else ''} -> {stage.output} ===--- "
               f"(log: {log_path})", flush=True)
         start = time.time()
-        code = _run_stage(stage.name, _with_free_port(command), log_path, out, config.progress_interval, warned)
+        code = _run_stage(stage.name, _with_free_port(command), log_path, out, config.progress_interval, warned,
+                          warm_start=config.launcher.warm_start)
         elapsed = time.time() - start
         entry.update(status="ok" if code == 0 else f"failed ({code})", seconds=round(elapsed, 1), log=str(log_path),
                      command=shlex.join(command))
@@ -756,13 +771,27 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _run_stage(name: str, command: list[str], log_path: Path, cwd: Path, interval: float, warned: set[str]) -> int:
+def _start_stage(command: list[str], cwd: Path, warm_start: bool):
+    """The stage's process: forked from the warm-start server where the command is `python -m MODULE ...`
+    and `warm_start` is on (falls back to a fresh interpreter where no server can run), else Popen. Both
+    give `stdout` (text lines, stderr merged) and `wait()` -> exit code (negative: killed by that signal)."""
+    env = _job_env()
+    target = warm_start_module(command) if warm_start else None
+    if target is not None:
+        proc = warm_launch(*target, env=env, cwd=cwd, preload=WARM_PRELOAD)
+        if proc is not None:
+            return proc
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", env=env, cwd=cwd, bufsize=1)
+
+
+def _run_stage(name: str, command: list[str], log_path: Path, cwd: Path, interval: float, warned: set[str],
+               warm_start: bool = False) -> int:
     progress, lines = Progress(name, warned), queue.Queue()
     start = last_beat = time.time()
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {shlex.join(command)}\n")
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", env=_job_env(), cwd=cwd, bufsize=1)
+        proc = _start_stage(command, cwd, warm_start)
         reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True)
         reader.start()
         while True:

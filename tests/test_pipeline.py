@@ -84,6 +84,8 @@ def test_identities_follow_settings_and_inputs(tmp_path):
     logs = _plan(tmp_path, "smoke", "ppo.log_interval=1", "ppo.save_steps=1")
     assert [base[k].output == theta[k].output for k in base] == [True, True, True, False, False, False, False]
     assert all(base[k].output == logs[k].output for k in base)  # logging/checkpoint cadence changes no result
+    cold = _plan(tmp_path, "smoke", "launcher.warm_start=false")  # how a stage's process starts changes no result
+    assert all(base[k].output == cold[k].output and base[k].command == cold[k].command for k in base)
     lr = _plan(tmp_path, "smoke", "dpo.learning_rate=5e-5")
     assert [base[k].output == lr[k].output for k in base] == [True, True, True, True, False, False, False]
 
@@ -97,6 +99,7 @@ def test_identities_follow_settings_and_inputs(tmp_path):
     ("ppo.per_device_training_batch_size=0", "per_device_training_batch_size"),
     ("sft.output_dir=/tmp/x", "sft.output_dir"),
     ("launcher.num_gpus=two", "launcher.num_gpus"),
+    ("launcher.warm_start=maybe", "launcher.warm_start"),
     ("assets.task=mpo-nope", "assets.task"),
 ])
 def test_bad_config_is_one_line_naming_the_key_and_nothing_runs(tmp_path, setting, named):
@@ -133,7 +136,7 @@ def test_chain_on_own_config_resumes_reruns_what_changed_and_keeps_ablations_bes
     config.write_text(yaml.safe_dump({
         "name": "own", "base": "smoke", "assets": None, "output_dir": str(tmp_path / "run"),
         "models": {"sft": assets["model_dir"], "reward": "@sft"}, "data": {"path": [assets["data_dir"]]},
-        "progress_interval": 2, "ppo": {"save_steps": 1}}))
+        "progress_interval": 0.5, "ppo": {"save_steps": 1}}))  # warm stages take ~2 s
     out = tmp_path / "run"
     first = _invoke(["--config", str(config), "--steps", "sft,rm,select,dpo"])
     assert first.exit_code == 0, first.output[-4000:]
