@@ -151,13 +151,14 @@ def test_group_by_length_and_pad_mask_flags():
 
 
 def test_resume_refuses_another_data_order():
-    saved = {"seed": 1, "batch_size": 8, "group_by_length": True, "world_size": 2, "gradient_accumulation_steps": 1}
+    saved = {"seed": 1, "per_device_train_batch_size": 8, "group_by_length": True, "world_size": 2,
+             "gradient_accumulation_steps": 1}
     check_data_order(saved, dict(saved), "ckpt")  # same settings
     check_data_order(None, saved, "ckpt")  # a state from before the order was recorded
     # an older state that recorded other names is judged only on the names both record
     check_data_order({"per_device_train_batch_size": 8, "world_size": 2}, saved, "ckpt")
-    with pytest.raises(UserError, match=r"a per-rank batch of 8 \(now a per-rank batch of 4\)"):
-        check_data_order(saved, {**saved, "batch_size": 4}, "ckpt")
+    with pytest.raises(UserError, match=r"--per_device_train_batch_size 8 \(now --per_device_train_batch_size 4\)"):
+        check_data_order(saved, {**saved, "per_device_train_batch_size": 4}, "ckpt")
     with pytest.raises(UserError, match=r"2 rank\(s\) \(now 1 rank\(s\)\).*new --output_dir"):
         check_data_order(saved, {**saved, "world_size": 1}, "ckpt")
     with pytest.raises(UserError, match="--group_by_length"):

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import child_env
 
-from dschat.utils.warm_start import launch, module_command
+from dschat.utils.warm_start import forkserver_socket_is_private, launch, module_command
 from mpo_ext.pipeline import WARM_PRELOAD
 
 PROBE = '''
@@ -104,3 +104,13 @@ def test_only_python_m_commands_are_warm_started():
     assert module_command([sys.executable, "-m", "dschat.steps.sft", "--x", "1"]) == ("dschat.steps.sft", ["--x", "1"])
     assert module_command(["deepspeed", "--num_gpus", "2", "--module", "dschat.steps.sft"]) is None
     assert module_command(["/other/python", "-m", "dschat.steps.sft"]) is None
+
+
+def test_forkserver_is_used_only_where_its_socket_is_private():
+    # CVE-2022-42919: older forkservers listened where any local user could reach them
+    assert not forkserver_socket_is_private((3, 10, 8))
+    assert forkserver_socket_is_private((3, 10, 9))
+    assert not forkserver_socket_is_private((3, 11, 0))
+    assert forkserver_socket_is_private((3, 11, 1))
+    assert forkserver_socket_is_private((3, 13, 0))
+    assert not forkserver_socket_is_private((3, 9, 18))

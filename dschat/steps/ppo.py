@@ -181,6 +181,8 @@ class PPOLoop(ResumableRun):
         ema = self.rlhf_engine.actor_ema
         return ema is not None and is_zero3(ema.module)
 
+    batch_size_flag = "per_device_generation_batch_size"
+
     def order_loader(self) -> DataLoader:
         return self.prompt_loader
 

@@ -261,8 +261,6 @@ def check_data_order(saved: dict | None, current: dict, state_dir) -> None:
             return f"{value} rank(s)"
         if key == "group_by_length":
             return "--group_by_length" if value else "--no_group_by_length (or --padding max_length)"
-        if key == "batch_size":
-            return f"a per-rank batch of {value}"
         if key == "shuffle":
             return "shuffled data" if value else "data in file order"
         return f"--{key} {value}"
@@ -301,16 +299,21 @@ class ResumableRun:
     def load_rank_state(self, state: dict) -> None:
         pass
 
+    batch_size_flag = "per_device_train_batch_size"  # the flag that sets the order loader's batch size
+
     def order_loader(self) -> DataLoader:
         """The loader whose position a state records (its sampler is a `ResumableSampler`)."""
         raise NotImplementedError
 
     def data_order(self) -> dict:
         """What decides which samples each step sees, read from the sampler that draws them (so a new
-        setting of the sampler is recorded without a list to keep): resuming under other values would
-        silently replay or skip data, so a state records them and `--resume` refuses a mismatch."""
-        return {**self.order_loader().sampler.order_settings(),
-                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+        setting of the sampler is recorded without a list to keep; the batch size under the name of the
+        flag that sets it): resuming under other values would silently replay or skip data, so a state
+        records them and `--resume` refuses a mismatch."""
+        order = self.order_loader().sampler.order_settings()
+        order[self.batch_size_flag] = order.pop("batch_size")
+        order["gradient_accumulation_steps"] = self.args.gradient_accumulation_steps
+        return order
 
     def _maybe_resume(self) -> None:
         if not self.args.resume:

@@ -88,6 +88,12 @@ def launch(module: str, argv: list[str], *, env: dict[str, str], cwd: str | os.P
     return WarmProcess(child, stdout)
 
 
+def forkserver_socket_is_private(version: tuple[int, ...]) -> bool:
+    """Before 3.10.9 / 3.11.1 the forkserver bound an abstract-namespace socket that any local user could
+    connect to and have code run as us; those versions start fresh interpreters instead."""
+    return tuple(version[:3]) >= ((3, 10, 9) if tuple(version[:2]) == (3, 10) else (3, 11, 1))
+
+
 def _give_up(why: str) -> None:
     if not _state["failed"]:
         print(f"[warm_start] warning: {why}; starting each job in a fresh interpreter instead", flush=True)
@@ -102,6 +108,10 @@ def _server(env: dict[str, str], preload) -> multiprocessing.context.BaseContext
         return _state["context"]
     if "forkserver" not in multiprocessing.get_all_start_methods():
         _give_up("this platform has no forkserver start method")
+        return None
+    if not forkserver_socket_is_private(sys.version_info):
+        _give_up(f"Python {sys.version.split()[0]}'s forkserver listens on a socket other local users can reach "
+                 "(CVE-2022-42919; fixed in 3.10.9 and 3.11.1)")
         return None
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, *preload])
