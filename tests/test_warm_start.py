@@ -114,3 +114,13 @@ def test_forkserver_is_used_only_where_its_socket_is_private():
     assert forkserver_socket_is_private((3, 11, 1))
     assert forkserver_socket_is_private((3, 13, 0))
     assert not forkserver_socket_is_private((3, 9, 18))
+
+
+def test_a_job_with_another_environment_gets_a_server_started_with_it(probe):
+    """torch takes its thread count from OMP_NUM_THREADS when imported, i.e. in the server: a job with
+    another value must not run in a server that imported torch under the old one."""
+    root, env = probe
+    for threads in ("2", "1"):
+        code, out = _warm("ok", root, {**env, "OMP_NUM_THREADS": threads})
+        assert code == 0, out
+        assert _facts(out)["torch_threads"] == int(threads)

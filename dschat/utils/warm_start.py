@@ -19,9 +19,10 @@ Fork-safety assumptions (checked by tests/test_warm_start.py):
 - The server is single-threaded when it forks: the preload only imports (no tensor op, so torch's
   intra-op/OpenMP pools do not exist yet; tokenizers not used). Each child then sets its thread count
   from its own OMP_NUM_THREADS at its first op, as a fresh interpreter does.
-- The server starts once per calling process, with the environment of the first job (its PYTHONPATH
-  decides where the preloaded packages come from); variables a library reads at import time keep the
-  values of that moment. Unseeded generators (torch's, numpy's, Python's) get fresh entropy per child.
+- The server is started with the job's environment (its PYTHONPATH decides where the preloaded packages
+  come from; torch reads OMP_NUM_THREADS at import) and restarted when a job comes with another
+  environment or preload, so a child never runs under settings imported for other ones (the stages of
+  one pipeline run share one environment, hence one server). Unseeded generators (torch's, numpy's, Python's) get fresh entropy per child.
 - multiprocessing's own rule holds: the caller's main module must import without side effects (the
   child re-imports it, as with the spawn method). The server's socket is a private 0600 file (Python >=
   3.10.9 / 3.11.1); where the forkserver cannot start, `launch` returns None and the caller uses Popen.
@@ -41,7 +42,7 @@ import threading
 import traceback
 from multiprocessing import forkserver, process
 
-_state: dict = {"context": None, "failed": False}
+_state: dict = {"context": None, "key": None, "failed": False}
 
 
 class WarmProcess:
@@ -104,8 +105,12 @@ def _server(env: dict[str, str], preload) -> multiprocessing.context.BaseContext
     """The forkserver context, started (and its preload imported) with `env` on first use."""
     if _state["failed"]:
         return None
+    key = (tuple(sorted(env.items())), tuple(preload))
     if _state["context"] is not None:
-        return _state["context"]
+        if _state["key"] == key:
+            return _state["context"]
+        forkserver._forkserver._stop()  # started for another environment: its imports saw other settings
+        _state["context"] = None
     if "forkserver" not in multiprocessing.get_all_start_methods():
         _give_up("this platform has no forkserver start method")
         return None
@@ -126,7 +131,7 @@ def _server(env: dict[str, str], preload) -> multiprocessing.context.BaseContext
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    _state["context"] = context
+    _state["context"], _state["key"] = context, key
     return context
 
 
