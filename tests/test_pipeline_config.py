@@ -264,6 +264,9 @@ def test_an_unhealthy_reward_model_stops_the_stages_that_read_it(tmp_path):
     rm.output.mkdir(parents=True)
     health = rm.output / "health.json"
     health.write_text(json.dumps({"status": "unhealthy", "warnings": [{"signal": "reward_at_chance", "step": 6}]}))
+    check_reward_models(plan["select"], plan, load_config("smoke", []))  # a crashed RM's record: it runs again
+    (rm.output / "config.json").write_text("{}")
+    (rm.output / "stage.json").write_text(json.dumps({"identity": rm.identity}))
     for reader in ("select", "ppo", "eval"):
         with pytest.raises(UserError) as err:
             check_reward_models(plan[reader], plan, load_config("smoke", []))

@@ -42,9 +42,11 @@ from mpo_ext.pipeline.report import health_signals, print_final_report, read_hea
 from mpo_ext.pipeline.stages import STAGE_NAMES, STAGES
 
 #: What the warm-start server imports once (launcher.warm_start): what every stage imports before its work,
-#: the model classes of the tiny and Llama-family models, and the stage modules themselves.
+#: the model classes of the tiny and Llama-family models, and the step modules. Not `mpo_ext.cli` (assets,
+#: eval): when the pipeline itself runs as `python -m mpo_ext.cli`, each child re-imports its parent's main
+#: module, and runpy warns in every stage if a copy of it was preloaded.
 WARM_PRELOAD = ("torch", "transformers", "deepspeed", "transformers.models.llama.modeling_llama",
-                *(spec.module for spec in STAGES if spec.module), "mpo_ext.cli")
+                *(spec.module for spec in STAGES if spec.module))
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -194,12 +196,13 @@ def check_upstream(plan: Sequence[Stage], steps: Sequence[str], config: Pipeline
 
 
 def check_reward_models(stage: Stage, by_name: Mapping[str, Stage], config: PipelineConfig) -> None:
-    """Refuse to start a stage from a reward model whose health.json says it learned nothing."""
+    """Refuse to start a stage from a finished reward model whose health.json says it learned nothing."""
     if config.mpo.allow_unhealthy_reward_model:
         return
     for name in dict.fromkeys(ref.stage for ref in stage.inputs):
         upstream = by_name[name]
-        record = read_health(upstream.output) if upstream.spec.reward_model else None
+        finished = upstream.spec.reward_model and upstream.is_complete()  # a crashed one's record is not its verdict
+        record = read_health(upstream.output) if finished else None
         if record and record.get("status") == "unhealthy":
             signals = ", ".join(health_signals(record)) or "see the file"
             raise UserError(f"stage {stage.name}: the reward model {upstream.output} is unhealthy "
@@ -244,7 +247,7 @@ def _run_one(stage: Stage, out: Path, config: PipelineConfig, console: ConsoleFi
         raise UserError(f"stage {stage.name} exited cleanly but wrote no {stage.spec.product}; see {log_path}")
     write_completion_record(stage, config, command, elapsed)
     progress.poll()
-    where = progress.summary()
+    where = progress.summary() if progress.start is not None else ""  # stages that log no progress (assets)
     print(f"[pipeline] ---=== {stage.name} finished in {clock(elapsed)}{f' ({where})' if where else ''} ===---",
           flush=True)
     _note_health(stage, entry)
