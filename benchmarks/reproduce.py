@@ -164,7 +164,7 @@ class SeedRun:
         }
         config = make_config(self.root, self.seed, self.quick, task=self.task)
         model_flags = [flag for name, path in models.items() for flag in ("--model", f"{name}={path}")]
-        eval_flags = [f"--{k}={v}" for k, v in config.eval.items()]
+        eval_flags = [f"--{k}={v}" for k, v in config.section("eval").items()]
         # Greedy answers (as `mpo eval` and the paper's table) and samples at T=1 (the policy RLHF optimises).
         for eval_name, decoding in (("eval", []), ("eval_sampled", ["--do_sample", "--temperature", "1.0"])):
             eval_dir = self.root / eval_name

@@ -2,7 +2,7 @@
 
 Runs the first stages of a pipeline preset (default `smoke`, 1 rank) twice, in the same output root: once
 as fresh `python -m` interpreters, once forked from the warm-start server (`dschat/utils/warm_start.py`),
-both launched exactly as `mpo pipeline` launches them (`mpo_ext.pipeline._start_stage`), with
+both launched exactly as `mpo pipeline` launches them (`mpo_ext.pipeline.start_stage`), with
 `DSCHAT_LAUNCH_TIME` exported per stage. Each training stage prints a `[startup]` line at its first step
 (`dschat/utils/startup.py`): the table shows the rank's CPU seconds to that step (its own process only:
 a warm child's clock starts at its fork) and wall seconds from launch to that step, plus the server's
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dschat.utils.startup import LAUNCH_ENV, PREFIX  # noqa: E402
-from mpo_ext.pipeline import _start_stage, build_plan, load_config  # noqa: E402
+from mpo_ext.pipeline import build_plan, load_config, start_stage  # noqa: E402
 
 #: Files that record when, how fast or the inputs' mtimes, not what was computed: left out of the comparison.
 VOLATILE = ("run_info.json", "stage.json", ".log", "events.out", "manifest.json", "shards/config.json")
@@ -63,7 +63,7 @@ def run_stages(preset: str, sets: list[str], stages: set[str], out: Path, warm: 
             continue
         os.environ[LAUNCH_ENV] = repr(time.time())
         start = time.time()
-        proc = _start_stage(stage.command, out, warm)
+        proc = start_stage(stage.command, out, warm)
         lines = list(proc.stdout)
         code = proc.wait()
         row = {"stage": stage.name, "returncode": code, "stage_wall_s": round(time.time() - start, 2),

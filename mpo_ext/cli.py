@@ -1,7 +1,8 @@
 """`mpo`: the command line of dschat-mpo (two-stage MPO, Gou & Nguyen 2024).
 
-Owns the click group and the `assets` and `pipeline` commands; `eval`, `compare` and `plot-curves` come
-from `mpo_ext.eval_cli`. Commands only parse and hand over to `mpo_ext.pipeline` / `bootstrap` /
+Owns the click group, the `assets` and `pipeline` commands and one command per training stage of the
+pipeline (`mpo sft|rm|select|dpo|ppo --config X`, made from the stage registry); `eval`, `compare` and
+`plot-curves` come from `mpo_ext.eval_cli`. Commands only parse and hand over to `mpo_ext.pipeline` / `bootstrap` /
 `eval_cli`. `mpo --help` and `mpo --version` must stay quick: nothing here imports transformers or
 DeepSpeed at start-up (metadata gives the versions).
 
@@ -18,6 +19,7 @@ import click
 
 from dschat.utils.errors import UserError
 from mpo_ext import __version__, eval_cli, pipeline
+from mpo_ext.pipeline.config import did_you_mean
 
 
 class _InputError(click.ClickException):
@@ -77,68 +79,114 @@ def assets_command(root: Path, seed: int, num_train: int, num_test: int, task: s
         click.echo(f"{key}: {value}")
 
 
-@main.command("pipeline")
-@click.option("--config", "config_source", default=None, metavar="FILE",
-              help="Run config (YAML); see mpo_ext/configs/ for the presets to copy. Default: --preset tiny.")
-@click.option("--preset", default=None, metavar="NAME",
-              help="A shipped config: tiny (CPU default), smoke (quick check), llama2-7b-hh, llama2-7b-tldr.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override any config key, e.g. --set dpo.learning_rate=5e-5 --set mpo.threshold=0.5 (repeatable).")
-@click.option("--output_dir", type=click.Path(path_type=Path), default=None,
-              help="Run directory (default: the config's output_dir, else runs/mpo-<name>).")
-@click.option("--steps", default=",".join(("assets", "sft", "rm", "select", "dpo", "ppo", "eval")), show_default=True,
-              help="Comma list of stages to run (the others must be complete already).")
-@click.option("--threshold", type=eval_cli.FiniteFloatRange(min=0.0), default=None,
-              help="Shortcut for --set mpo.threshold=THETA.")
-@click.option("--reference", type=click.Choice(["dpo", "sft"]), default=None,
-              help="Shortcut for --set mpo.reference=...: dpo (KL to the previous stage's model, MPO) or sft.")
-@click.option("--order", type=click.Choice(["mpo", "reverse"]), default=None,
-              help="Shortcut for --set mpo.order=...: mpo (DPO on easy, then PPO on hard) or reverse.")
-@click.option("--num_gpus", "--num_ranks", "num_gpus", type=int, default=None,
-              help="Shortcut for --set launcher.num_gpus=N (processes per node).")
-@click.option("--hostfile", default=None, help="Shortcut for --set launcher.hostfile=FILE (several nodes).")
-@click.option("--print_config", is_flag=True, default=False, help="Print the resolved config and exit.")
-@click.option("--dry_run", is_flag=True, default=False, help="Print every command without running (also DRY_RUN=1).")
-@click.option("--force", is_flag=True, default=False,
-              help="Use an output directory that holds a run of other base models/data.")
-def pipeline_command(config_source, preset, overrides, output_dir, steps, threshold, reference, order, num_gpus,
-                     hostfile, print_config, dry_run, force) -> None:
-    """Run the MPO chain from one config, re-running exactly the stages whose settings or inputs changed.
+def _config_options(func):
+    """The options every command that runs stages of the chain shares (`pipeline` and `mpo STAGE`)."""
+    options = [
+        click.option("--config", "config_source", default=None, metavar="FILE",
+                     help="Run config (YAML); see mpo_ext/configs/ for the presets to copy. Default: --preset tiny."),
+        click.option("--preset", default=None, metavar="NAME",
+                     help="A shipped config: tiny (CPU default), smoke (quick check), llama2-7b-hh, llama2-7b-tldr."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key, e.g. --set dpo.learning_rate=5e-5 --set mpo.threshold=0.5 "
+                          "(repeatable)."),
+        click.option("--output_dir", type=click.Path(path_type=Path), default=None,
+                     help="Run directory (default: the config's output_dir, else runs/mpo-<name>)."),
+        click.option("--threshold", type=eval_cli.FiniteFloatRange(min=0.0), default=None,
+                     help="Shortcut for --set mpo.threshold=THETA."),
+        click.option("--reference", type=click.Choice(["dpo", "sft"]), default=None,
+                     help="Shortcut for --set mpo.reference=...: dpo (KL to the previous stage's model, MPO) or sft."),
+        click.option("--order", type=click.Choice(["mpo", "reverse"]), default=None,
+                     help="Shortcut for --set mpo.order=...: mpo (DPO on easy, then PPO on hard) or reverse."),
+        click.option("--num_gpus", "--num_ranks", "num_gpus", type=int, default=None,
+                     help="Shortcut for --set launcher.num_gpus=N (processes per node)."),
+        click.option("--hostfile", default=None, help="Shortcut for --set launcher.hostfile=FILE (several nodes)."),
+        click.option("--allow_unhealthy_reward_model", is_flag=True, default=False,
+                     help="Start stages from a reward model whose health.json says unhealthy (it learned nothing); "
+                          "--set mpo.allow_unhealthy_reward_model=true."),
+        click.option("--print_config", is_flag=True, default=False, help="Check and print the resolved config, then exit."),
+        click.option("--dry_run", is_flag=True, default=False,
+                     help="Say what each stage would do (reused, resumed, run) and print its command, without "
+                          "running anything (also DRY_RUN=1)."),
+        click.option("--force", is_flag=True, default=False,
+                     help="Use an output directory that holds a run of other base models/data."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
-    Each stage writes OUTPUT_DIR/<stage>-<identity>: another theta, reference or order writes beside the
-    main run and reuses its finished upstream stages; a crashed stage resumes from its saved state.
-    """
+
+def _load_config(config_source, preset, overrides, output_dir, threshold, reference, order, num_gpus, hostfile,
+                 allow_unhealthy_reward_model) -> pipeline.PipelineConfig:
     if config_source and preset:
         raise UserError("--config and --preset: give one (a preset is a config shipped with the package)")
     shortcuts = {"mpo.threshold": threshold, "mpo.reference": reference, "mpo.order": order,
-                 "launcher.num_gpus": num_gpus, "launcher.hostfile": hostfile}
+                 "launcher.num_gpus": num_gpus, "launcher.hostfile": hostfile,
+                 "mpo.allow_unhealthy_reward_model": "true" if allow_unhealthy_reward_model else None}
     sets = [*overrides, *(f"{k}={v}" for k, v in shortcuts.items() if v is not None)]
     if threshold is not None:
         sets.append("mpo.easy_fraction=null")  # theta replaces a configured easy fraction
     if output_dir is not None:
         sets.append(f"output_dir={output_dir}")
-    config = pipeline.load_config(config_source or preset or "tiny", sets)
+    return pipeline.load_config(config_source or preset or "tiny", sets)
+
+
+def _run(config: pipeline.PipelineConfig, steps: tuple[str, ...], print_config: bool, dry_run: bool, force: bool,
+         given: dict[str, Path] | None = None) -> None:
     if print_config:
         click.echo(pipeline.dump_config(config), nl=False)
         return
+    dry_run = dry_run or os.environ.get("DRY_RUN", "") not in ("", "0")
+    pipeline.run_pipeline(config, steps, force=force, dry_run=dry_run, given=given)
+
+
+@main.command("pipeline")
+@_config_options
+@click.option("--steps", default=",".join(pipeline.STAGE_NAMES), show_default=True,
+              help="Comma list of stages to run (the others must be complete already).")
+def pipeline_command(steps, print_config, dry_run, force, **options) -> None:
+    """Run the MPO chain from one config, re-running exactly the stages whose settings or inputs changed.
+
+    Each stage writes OUTPUT_DIR/<stage>-<identity>: another theta, reference or order writes beside the
+    main run and reuses its finished upstream stages; a crashed stage resumes from its saved state.
+    """
     wanted = tuple(s.strip() for s in steps.split(",") if s.strip())
-    unknown = [s for s in wanted if s not in pipeline.STAGE_ORDER]
+    unknown = [s for s in wanted if s not in pipeline.STAGE_NAMES]
     if unknown:
-        raise UserError(f"--steps {steps}: unknown stage(s) {', '.join(unknown)}; "
-                        f"choose from {', '.join(pipeline.STAGE_ORDER)}")
-    out = Path(config.output_dir or f"runs/mpo-{config.name}").expanduser().resolve()
-    plan = pipeline.build_plan(config, out)
-    pipeline.check_plan([s for s in plan if s.name in wanted])
-    if dry_run or os.environ.get("DRY_RUN", "") not in ("", "0"):
-        pipeline.run_plan(plan, out, config, steps=wanted, dry_run=True)
-        return
-    pipeline.claim_output_dir(out, config, force)
-    pipeline.save_config(out, config)
-    pipeline.run_plan(plan, out, config, steps=wanted)
-    pipeline.print_final_report(plan, out)
+        raise UserError(f"--steps {steps}: unknown stage(s) {', '.join(unknown)}"
+                        f"{did_you_mean(unknown[0], pipeline.STAGE_NAMES)}; choose from {', '.join(pipeline.STAGE_NAMES)}")
+    _run(_load_config(**options), wanted, print_config, dry_run, force)
 
 
-for _command in (eval_cli.eval_command, eval_cli.compare_command, eval_cli.plot_curves_command):
+def _given_outputs(inputs: tuple[str, ...]) -> dict[str, Path]:
+    given = {}
+    for text in inputs:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--input {text}: write STAGE=PATH, e.g. --input select=runs/x/step2.5_select-1234abcd")
+        if not Path(path).expanduser().is_dir():
+            raise UserError(f"--input {text}: {path} is not a directory; give a finished {name} output")
+        given[name] = Path(path)
+    return given
+
+
+def _stage_command(spec: pipeline.StageSpec) -> click.Command:
+    """`mpo NAME --config X`: one stage of the chain from the same config schema as `mpo pipeline`."""
+
+    @click.command(spec.name, help=f"{spec.summary}\n\nOne stage of `mpo pipeline`, from the same config: it writes "
+                   "where `mpo pipeline` would (OUTPUT_DIR/<stage>-<identity>) and is reused by it. The stages it "
+                   "reads must be complete in OUTPUT_DIR, or be given as finished outputs with --input.")
+    @_config_options
+    @click.option("--input", "inputs", multiple=True, metavar="STAGE=PATH",
+                  help="Use this finished output of an upstream stage (e.g. --input select=DIR) instead of the run "
+                       "directory's (repeatable).")
+    def command(inputs, print_config, dry_run, force, **options) -> None:
+        _run(_load_config(**options), (spec.name,), print_config, dry_run, force, _given_outputs(inputs))
+
+    return command
+
+
+for _command in (eval_cli.eval_command, eval_cli.compare_command, eval_cli.plot_curves_command,
+                 *(_stage_command(spec) for spec in pipeline.STAGES if spec.module)):
     main.add_command(_command)
 
 

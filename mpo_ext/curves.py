@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dschat.utils.errors import UserError
+from dschat.utils.progress_records import is_metric_record
 from mpo_ext.plots import pyplot, save_figure
 
 METRICS_FILE = "metrics.jsonl"
@@ -25,7 +26,8 @@ SEARCH_DEPTH = 3
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Records of one metrics.jsonl; unreadable lines (a run killed mid-write) are skipped."""
+    """Metric records of one metrics.jsonl; unreadable lines (a run killed mid-write) and progress records
+    (`dschat.utils.progress_records`) are skipped."""
     records = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
@@ -33,7 +35,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int | float):
+            if isinstance(record, dict) and isinstance(record.get("step"), int | float) and is_metric_record(record):
                 records.append(record)
     return records
 

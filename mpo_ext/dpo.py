@@ -431,7 +431,7 @@ class DPOTrainer(Trainer):
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def parse_args(argv: list[str] | None = None):
+def build_parser():
     parser = flags.new_parser(
         "Step 3b of two-stage MPO: DPO on the easy pairs from step2.5_select (DeepSpeed-Chat DPO flags).")
     flags.add_data_args(parser)
@@ -456,6 +456,11 @@ def parse_args(argv: list[str] | None = None):
     best = health.add_keep_best_args(parser, eval_steps_dest="eval_interval")
     best.add_argument("--reward_model_name_or_path", type=str, default=None,
                       help="Step-2 reward model scoring the held-out answers at each eval (eval/reward).")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     flags.validate_common(args)
     health.check_health_args(args)

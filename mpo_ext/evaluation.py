@@ -39,6 +39,7 @@ from dschat.utils.inference import (
 )
 from dschat.utils.model_card import set_card_section
 from dschat.utils.output_dir import prepare_output_dir
+from dschat.utils.trainer import MetricLogger
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, load_hf_tokenizer
 from mpo_ext import synthetic
 
@@ -283,8 +284,9 @@ def make_generator(model, tokenizer, decoding: Decoding):
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], decoding: Decoding, device: torch.device,
-                     rank: int = 0, world_size: int = 1) -> list[dict]:
-    """This rank's share of answers: [{"index", "answer", "length"}] (length in answer tokens)."""
+                     rank: int = 0, world_size: int = 1, on_batch: Callable[[int], None] | None = None) -> list[dict]:
+    """This rank's share of answers: [{"index", "answer", "length"}] (length in answer tokens); `on_batch` is
+    told the size of each batch done (progress)."""
     generator = make_generator(model, tokenizer, decoding)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[dict] = []
@@ -297,6 +299,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], decoding: Decodin
         texts = decode_answers(tokenizer, sequences, width)
         lengths = answer_lengths(sequences, width, pad).tolist()
         out.extend({"index": i, "answer": t, "length": int(n)} for i, t, n in zip(indices, texts, lengths))
+        if on_batch is not None:
+            on_batch(len(indices))
     return out
 
 
@@ -345,14 +349,23 @@ def _log(message: str) -> None:
 
 
 def generate_for_models(models: Sequence[tuple[str, str]], prompts: Sequence[str], decoding: Decoding,
-                        device: torch.device, dtype: torch.dtype) -> dict[str, list[dict]]:
-    """This rank's answers for every model; one model in memory at a time."""
+                        device: torch.device, dtype: torch.dtype,
+                        progress: MetricLogger | None = None) -> dict[str, list[dict]]:
+    """This rank's answers for every model; one model in memory at a time. `progress` gets the answers
+    generated so far (all ranks, counted from this rank's share)."""
     rank, world = get_rank(), get_world_size()
     answers: dict[str, list[dict]] = {}
+    done = [0]
+
+    def count(batch: int) -> None:
+        done[0] += batch * world
+        if progress is not None:
+            progress.progress(min(done[0], len(models) * len(prompts)), model=name)
+
     for name, path in models:
         start = time.time()
         model, tokenizer = load_policy(path, device, dtype)
-        answers[name] = generate_answers(model, tokenizer, prompts, decoding, device, rank, world)
+        answers[name] = generate_answers(model, tokenizer, prompts, decoding, device, rank, world, on_batch=count)
         del model
         n_tokens = sum(a["length"] for a in answers[name])
         elapsed = time.time() - start
@@ -403,12 +416,16 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
     _log(f"{len(prompts)} held-out prompts from {', '.join(data_paths)}; {len(models)} model(s); "
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")
 
-    answers = generate_for_models(models, prompts, decoding, torch_device, torch_dtype)
+    progress = MetricLogger(str(out), None, "eval")  # the pipeline's heartbeat reads these records
+    progress.start(0, len(models) * len(prompts), unit="answers", task="generating")
+    answers = generate_for_models(models, prompts, decoding, torch_device, torch_dtype, progress)
     scorer = RewardScorer.from_path(reward_model, torch_device, torch_dtype, num_padding_at_beginning, max_seq_len,
                                     decoding.batch_size, end_text=reward_end_text)
+    progress.start(0, len(models) * len(prompts), unit="answers", task="scoring")
     rows = []
-    for name, _ in models:
+    for number, (name, _) in enumerate(models, start=1):
         records = gather_records(score_records(scorer, prompts, answers[name], gold_fn))
+        progress.progress(number * len(prompts))
         row = summarize_model(name, records, decoding.seed, num_resamples, confidence)
         rows.append(row)
         if is_rank_0():

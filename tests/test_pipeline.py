@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,11 +139,21 @@ def test_chain_on_own_config_resumes_reruns_what_changed_and_keeps_ablations_bes
     config.write_text(yaml.safe_dump({
         "name": "own", "base": "smoke", "assets": None, "output_dir": str(tmp_path / "run"),
         "models": {"sft": assets["model_dir"], "reward": "@sft"}, "data": {"path": [assets["data_dir"]]},
-        "progress_interval": 0.5, "ppo": {"save_steps": 1}}))  # warm stages take ~2 s
+        "progress_interval": 0.5, "ppo": {"save_steps": 1},
+        "sft": {"num_train_epochs": 4}}))  # warm stages take ~2 s; 8 SFT steps, 6 with max_steps
     out = tmp_path / "run"
+    # One stage alone from the same config (`mpo sft`): written where the pipeline looks, and reused by it.
+    alone = CliRunner().invoke(main, ["sft", "--config", str(config)])
+    assert alone.exit_code == 0, alone.output[-4000:]
+    # The progress shown is what the stage logged: the real total with --max_steps 6, and the training loss.
+    assert re.search(r"sft finished in \S+ \(step 6/6, epoch 3/4 \| loss \d", alone.output), alone.output[-3000:]
+    assert "rm " not in alone.output.split("Artefacts:")[1]  # only what this command made
     first = _invoke(["--config", str(config), "--steps", "sft,rm,select,dpo"])
     assert first.exit_code == 0, first.output[-4000:]
-    assert "[pipeline] sft |" in first.output  # heartbeat lines reach the console
+    assert "[pipeline] sft: complete" in first.output and "[pipeline] rm |" in first.output  # heartbeats
+    assert re.search(r"rm finished in \S+ \(step 6/6 \| loss \d\S*, acc ", first.output), first.output[-3000:]
+    assert re.search(r"select finished in \S+ \((\d+)/\1 prompts", first.output), first.output[-3000:]
+    assert re.search(r"dpo finished in \S+ \(step (\d+)/\1, epoch \d/3 \| loss ", first.output), first.output[-3000:]
 
     # PPO dies (SIGKILL) after its second optimizer step, with states saved at steps 1 and 2.
     monkeypatch.setenv("DSCHAT_KILL_AT", "after_step:2")
@@ -152,6 +165,8 @@ def test_chain_on_own_config_resumes_reruns_what_changed_and_keeps_ablations_bes
     resumed = _invoke(["--config", str(config)])
     assert resumed.exit_code == 0, resumed.output[-4000:]
     assert "ppo (resuming)" in resumed.output and "Resumed from" in resumed.output
+    assert re.search(r"ppo finished in \S+ \(step (\d)/\1 \| reward ", resumed.output), resumed.output[-8000:]
+    assert "eval finished in" in resumed.output and "(scoring: 48/48 answers" in resumed.output
     assert _statuses(out) == {"sft": "reused (complete)", "rm": "reused (complete)", "select": "reused (complete)",
                               "dpo": "reused (complete)", "ppo": "ok", "eval": "ok"}
     (dpo_dir,) = out.glob("step3b_dpo-*")
@@ -178,10 +193,24 @@ def test_chain_on_own_config_resumes_reruns_what_changed_and_keeps_ablations_bes
     for name, tensor in straight_actor.items():
         torch.testing.assert_close(resumed_actor[name], tensor, rtol=1e-4, atol=1e-5)
 
+    # A reward model marked unhealthy (health.json, as step 2 writes one) starts nothing downstream unless told.
+    (rm_dir,) = out.glob("step2_rm-*")
+    health = rm_dir / "health.json"
+    kept = health.read_bytes() if health.exists() else None
+    health.write_text(json.dumps({"status": "unhealthy", "warnings": [{"step": 6, "signal": "reward_at_chance"}]}))
+    unhealthy = _invoke(["--config", str(config), "--threshold", "0.5"])
+    assert unhealthy.exit_code == 2 and len(unhealthy.output.strip().splitlines()) == 1, unhealthy.output[-3000:]
+    assert str(health) in unhealthy.output and "--allow_unhealthy_reward_model" in unhealthy.output
+    assert not [p for p in out.glob("step2.5_select-*") if json.loads((p / "manifest.json").read_text())["threshold"]
+                == 0.5]
+
     # Another theta: select, DPO, PPO and eval run again beside the old ones; SFT and RM are reused untouched.
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}
-    theta = _invoke(["--config", str(config), "--threshold", "0.5"])
+    theta = _invoke(["--config", str(config), "--threshold", "0.5", "--allow_unhealthy_reward_model"])
     assert theta.exit_code == 0, theta.output[-4000:]
+    health.unlink()
+    if kept is not None:
+        health.write_bytes(kept)
     assert _statuses(out) == {"sft": "reused (complete)", "rm": "reused (complete)", "select": "ok", "dpo": "ok",
                               "ppo": "ok", "eval": "ok"}
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing of the first run was rewritten
@@ -252,3 +281,37 @@ def test_output_dir_that_is_a_file_or_a_config_not_utf8_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["pipeline", "--config", str(config), "--output_dir", str(tmp_path / "o")])
     assert result.exit_code == 2 and "latin1.yaml:1: not UTF-8" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_busy_root_refuses_a_second_run_and_ctrl_c_says_how_to_resume(tmp_path, assets):
+    """A second `mpo pipeline` into a root in use refuses with one line naming the holder; Ctrl-C (SIGINT to
+    the terminal's process group) lets the stage save a state, and the pipeline says where and how to go on."""
+    out = tmp_path / "run"
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "long", "base": "smoke", "assets": None, "output_dir": str(out), "progress_interval": 0.5,
+        "models": {"sft": assets["model_dir"], "reward": "@sft"}, "data": {"path": [assets["data_dir"]]},
+        "sft": {"max_steps": 0, "num_train_epochs": 100, "per_device_train_batch_size": 1}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "mpo_ext.cli", "pipeline", "--config", str(config), "--steps",
+                              "sft"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # its own process group, as a terminal's job
+    try:
+        while not any('"phase": "train"' in p.read_text() for p in out.glob("step1_sft-*/metrics.jsonl")):
+            assert first.poll() is None, first.communicate()[0][-4000:]
+            time.sleep(0.2)
+        second = _invoke(["--config", str(config), "--steps", "sft"])
+        assert second.exit_code == 2, second.output[-3000:]
+        assert f"another run (pid {first.pid} " in second.output and len(second.output.strip().splitlines()) == 1
+        os.killpg(first.pid, signal.SIGINT)
+        output = first.communicate(timeout=600)[0]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 130, output[-4000:]
+    (sft_dir,) = out.glob("step1_sft-*")
+    states = sorted((sft_dir / "checkpoints").glob("step-*"))
+    assert states and f"sft saved a training state in {states[-1]}" in output, output[-3000:]
+    assert "run the same command again to resume" in output and "Aborted!" not in output
+    assert not (out / ".dschat-run.lock").exists()  # released: the next run may start

@@ -17,6 +17,7 @@ import torch
 from conftest import save_random_critic
 
 from dschat.utils.errors import run_main
+from dschat.utils.progress_records import is_metric_record
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "training" / "step3_rlhf_finetuning" / "main.py"
@@ -57,7 +58,9 @@ def base_args(assets: dict[str, Path], output_dir: Path, **overrides) -> list[st
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The metric records (not the progress records the pipeline's heartbeat reads)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if is_metric_record(r)]
 
 
 def load_safetensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -241,6 +241,11 @@ class PPOLoop(ResumableRun):
             return True
         return bool(args.enable_test_mode and args.test_stop_step and self.non_overflow_steps >= args.test_stop_step)
 
+    def _total_steps(self) -> int:
+        """PPO updates this run makes: one per --generation_batches prompt batches, capped by --max_steps."""
+        total = self.args.num_train_epochs * self._batches_per_epoch() // self.args.generation_batches
+        return min(total, self.args.max_steps) if self.args.max_steps else total
+
     def _batches_per_epoch(self) -> int:
         n = math.ceil(self.prompt_loader.sampler.num_samples / self.args.per_device_generation_batch_size)
         if self.unsup_loader is not None:
@@ -253,6 +258,9 @@ class PPOLoop(ResumableRun):
             with self.sigterm_saves_state():
                 self._maybe_resume()
                 print_rank_0(f"***** Running training (total_iters={self.num_total_iters}) *****")
+                per_epoch = self._batches_per_epoch() // self.args.generation_batches
+                self.logger.start(self.global_step, self._total_steps(), epochs=self.args.num_train_epochs,
+                                  steps_per_epoch=per_epoch)
                 if self.global_step == 0:
                     self._maybe_evaluate()
                 self._run_epochs()

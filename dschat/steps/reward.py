@@ -21,7 +21,7 @@ from dschat.utils.trainer import Trainer
 from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model
 
 
-def parse_args(argv: list[str] | None = None):
+def build_parser():
     parser = flags.new_parser("Step 2: reward model fine-tuning (DeepSpeed-Chat compatible flags).")
     flags.add_data_args(parser)
     flags.add_model_args(parser)
@@ -37,6 +37,11 @@ def parse_args(argv: list[str] | None = None):
     flags.add_lora_args(parser)
     flags.add_logging_args(parser, tensorboard_path="step2_tensorboard", print_loss=False)
     flags.add_eval_args(parser, eval_interval=0, eval_iters=100)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     flags.validate_common(args)
     return args

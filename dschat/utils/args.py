@@ -63,6 +63,12 @@ class _Parser(argparse.ArgumentParser):
             raise KeyError(f"no argument group {title!r}")
         return tuple(self._dests_by_group[title])
 
+    def flag_names(self) -> frozenset[str]:
+        """The flags this parser takes, without dashes: what a pipeline config section may set for the step.
+        Like `group_dests`, leaves out what has no default of its own (--help, deprecated aliases)."""
+        return frozenset(option.lstrip("-") for option, action in self._option_string_actions.items()
+                         if option.startswith("--") and action.default is not argparse.SUPPRESS)
+
     def error(self, message: str):  # noqa: D401 - argparse API
         print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
         raise SystemExit(2)

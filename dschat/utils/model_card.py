@@ -22,6 +22,7 @@ from huggingface_hub import HfApi
 
 from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
+from dschat.utils.progress_records import is_metric_record
 from dschat.utils.utils import atomic_write_text
 
 CARD_FILE = "README.md"
@@ -53,7 +54,7 @@ def last_metrics(output_dir: str | os.PathLike) -> dict[str, dict]:
             record = json.loads(line)
         except json.JSONDecodeError:  # a torn last line of a killed run
             continue
-        if isinstance(record, dict) and "phase" in record:
+        if isinstance(record, dict) and "phase" in record and is_metric_record(record):
             last[record["phase"]] = record
     return last
 

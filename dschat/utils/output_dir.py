@@ -155,6 +155,18 @@ def acquire_run_lock(directory: str | os.PathLike, flag: str = "--output_dir") -
         return lock
 
 
+@contextlib.contextmanager
+def held_run_lock(directory: str | os.PathLike, flag: str = "--output_dir") -> Iterator[Path]:
+    """`acquire_run_lock` for a block: released after it unless this process held the lock already."""
+    held_before = Path(directory).resolve() in _held_locks
+    lock = acquire_run_lock(directory, flag)
+    try:
+        yield lock
+    finally:
+        if not held_before:
+            release_run_lock(directory)
+
+
 def release_run_lock(directory: str | os.PathLike) -> None:
     """Remove and unlock `directory`'s lock if this process holds it (also done at exit)."""
     directory = Path(directory)
@@ -267,12 +279,13 @@ def _remove(path: Path) -> None:
 # --------------------------------------------------------------------------------------------- private dirs
 
 
-def ensure_private_dir(path: str | os.PathLike, flag: str) -> Path:
-    """A directory only we can write (caches we later load): created 0700; refused when another user owns
-    it or group/others may write it, since anything planted there would be trusted."""
+def ensure_private_dir(path: str | os.PathLike, flag: str, mode: int = 0o700) -> Path:
+    """A directory only we can write (caches we later load, run roots we resume from): created with `mode`
+    (0700 by default); refused when another user owns it or group/others may write it, since anything
+    planted there would be trusted."""
     directory = Path(path).expanduser()
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=mode, parents=True, exist_ok=True)
         info = os.stat(directory)
     except OSError as err:
         raise UserError(f"{flag} {path}: cannot create it ({err.strerror}); choose a writable directory") from None

@@ -32,6 +32,7 @@ from dschat.utils.checkpoint import (
 from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0, release_shm_segment
 from dschat.utils.errors import UserError
 from dschat.utils.model.masks import training_attention_mask
+from dschat.utils.progress_records import progress_record, start_record
 from dschat.utils.utils import atomic_write_text, print_rank_0, to_device
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -197,14 +198,27 @@ class MetricLogger:
                 kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
-    def log(self, step: int, phase: str, metrics: dict[str, float], echo: bool = True) -> None:
-        if not self.rank0:
-            return
-        record = {"step": step, "phase": phase, **{k: round(float(v), 6) for k, v in metrics.items()}}
+    def _append(self, record: dict) -> None:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+    def start(self, step: int, total_steps: int, unit: str = "steps", **fields) -> None:
+        """Open a (re)started run in metrics.jsonl with how far it goes (`dschat.utils.progress_records`);
+        `mpo pipeline`'s heartbeat reads it. Not a metric: trackers and the console do not see it."""
+        if self.rank0:
+            self._append(start_record(step, total_steps, unit, **fields))
+
+    def progress(self, step: int, **fields) -> None:
+        """How many units (prompts, answers) a stage without training steps has done."""
+        if self.rank0:
+            self._append(progress_record(step, **fields))
+
+    def log(self, step: int, phase: str, metrics: dict[str, float], echo: bool = True) -> None:
+        if not self.rank0:
+            return
+        self._append({"step": step, "phase": phase, **{k: round(float(v), 6) for k, v in metrics.items()}})
         tags = {(key if phase == "train" else f"{phase}/{key}"): float(value) for key, value in metrics.items()}
         if self.writer:
             for tag, value in tags.items():
@@ -441,6 +455,8 @@ class Trainer(ResumableRun):
             total = self.total_updates()
             print_rank_0(f"***** Running training ({self.name}): {len(self.train_loader.sampler) * get_world_size()} "
                          f"samples, {total} optimizer steps *****")
+            self.logger.start(self.global_step, total, epochs=self.args.num_train_epochs,
+                              steps_per_epoch=self.updates_per_epoch)
             if self.global_step == 0 and self.step_in_epoch == 0:
                 self._log_eval()
             self._run_epochs(total)

@@ -28,6 +28,7 @@ from dschat.utils.inference import RewardScorer
 from dschat.utils.model.model_utils import create_critic_model, create_hf_model
 from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
 from dschat.utils.output_dir import prepare_output_dir
+from dschat.utils.trainer import MetricLogger
 from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, load_hf_tokenizer, print_rank_0
 from mpo_ext import plots
 from mpo_ext.selection.gaps import (
@@ -112,6 +113,11 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
     bar = tqdm(total=total_prompts, unit="prompt", disable=not is_rank_0(), dynamic_ncols=True,
                desc=f"select (rank 0 of {get_world_size()})")
     done, start = 0, time.time()
+    # Progress records in metrics.jsonl (all ranks' prompts, counted from rank 0's share): the pipeline's heartbeat.
+    everything = sum(len(shard) for shard in shards)
+    done_before = everything - sum(len(shards[s]) for assigned in all_assignments for s in assigned)
+    progress = MetricLogger(str(output_dir), None, "select")
+    progress.start(done_before, everything, unit="prompts")
     with bar:  # closed (its line ended) also when a batch fails, so an error starts on a line of its own
         for count, shard_id in enumerate(mine, start=1):
             records: list[dict] = []
@@ -120,6 +126,7 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
                 startup.report(until="first_batch")  # no optimizer here: the first scored batch (once)
                 bar.update(len(batch))
                 done += len(batch)
+                progress.progress(min(everything, done_before + done * get_world_size()))
                 rate = done / max(time.time() - start, 1e-9)
                 bar.set_postfix(all_ranks=f"{rate * get_world_size():.1f} prompts/s")
             records.sort(key=lambda r: r["index"])

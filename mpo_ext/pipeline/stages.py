@@ -1,0 +1,324 @@
+"""The stage registry: every stage of the chain described once, as a `StageSpec`.
+
+Order, output directories, the module each stage runs, the file that proves it finished, whether it
+resumes, which config section it reads (and how that section is checked), what it is wired to, and
+which `mpo STAGE` command runs it alone are all read from `STAGES`. Adding a stage (a second selection
+round, a held-out reward model) is one `StageSpec` here plus its module.
+
+Wiring is the part of a stage's command line the pipeline sets itself (inputs, upstream outputs): a list
+of `(flag, value)` pairs, a value being a string, a `Ref` to an upstream stage's output, a list of
+those (one flag, several values) or `(name, Ref)` (eval's `--model name=path`). The pairs are also what a
+stage's identity hashes, so their order and spelling are part of every existing run's identity: change
+a wiring function only where the stage's result changes.
+
+Imports no model or training code; a section's flag checks import the step module when first used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import os
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+import click
+
+from dschat.utils.errors import UserError
+
+if typing.TYPE_CHECKING:  # the config module imports this one
+    from mpo_ext.pipeline.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An upstream stage's output (optionally a path inside it), resolved once identities are known."""
+
+    stage: str
+    sub: str = ""
+
+
+#: What a stage's flag checks see in place of an upstream output that does not exist yet.
+PENDING = "pending-upstream-output"
+
+WiringValue = str | Ref | list | tuple
+Wiring = list[tuple[str, WiringValue]]
+
+
+class LocalPath(str):
+    """A relative (or `~`) local path from the config: hashed as written, so identities do not depend on
+    where `mpo` runs, and given to the stage as `absolute` (stages run in the run directory)."""
+
+    absolute: str
+
+
+def as_input(text: str) -> str | Ref:
+    """A config value naming a model or data: `@stage[/sub/path]` is an upstream output; an existing relative
+    path a `LocalPath`; anything else (absolute paths, hub ids, dataset names) as is."""
+    if text.startswith("@"):
+        stage, _, sub = text[1:].partition("/")
+        return Ref(stage, sub)
+    expanded = os.path.expanduser(text)
+    if (text.startswith("~") or not os.path.isabs(expanded)) and os.path.exists(expanded):
+        local = LocalPath(text)
+        local.absolute = os.path.abspath(expanded)
+        return local
+    return text
+
+
+def flags_to_args(flags: Mapping[str, object], repeat_lists: bool = False) -> list[str]:
+    """{"learning_rate": 5e-5, "gradient_checkpointing": True, "x": [1, 2]} -> --learning_rate 5e-05 ...
+
+    true = a bare flag, false/null = left out, a list = several values (`repeat_lists`: the flag repeated
+    before each value, as click's `multiple` options take them)."""
+    args: list[str] = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(f"--{name}")
+        elif isinstance(value, list) and repeat_lists:
+            args += [part for item in value for part in (f"--{name}", str(item))]
+        else:
+            args += [f"--{name}", *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
+    return args
+
+
+# ------------------------------------------------------------------------------------------ section checks
+
+
+class StageFlags(typing.Protocol):
+    """How a stage's config section is checked, one hook per stage.
+
+    Today the hook is the step's own argparse parser (`ParserFlags`) or click command (`ClickFlags`); once
+    each step has a typed settings type, it is that type (`names` = its fields, `check` = building it from
+    the mapping). The pipeline calls it at config load time, before anything runs."""
+
+    def names(self) -> frozenset[str]:
+        """Every flag the stage takes (without dashes): the keys its section (and `common`) may set."""
+
+    def check(self, values: Mapping[str, object]) -> None:
+        """Check a whole command line given as {flag: value} (wiring included); UserError naming the flag."""
+
+
+@contextlib.contextmanager
+def _quiet_deepspeed_logs():
+    """DeepSpeed logs its accelerator choice to stdout the first time it is asked for it; checking a config
+    (`--print_config` prints YAML on stdout) should print nothing else. (Building a step's parser is what
+    first asks DeepSpeed for its accelerator.)"""
+    logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed configures on import
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    logger.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(errors_only)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.replace("error:", "").replace("(see --help)", "").split()) or "bad flags"
+
+
+@dataclass(frozen=True)
+class ParserFlags:
+    """A step whose module has `build_parser()` (the flags) and `parse_args(argv)` (parse and check)."""
+
+    module: str
+
+    @cached_property
+    def _module(self):
+        with _quiet_deepspeed_logs():
+            return importlib.import_module(self.module)
+
+    @cached_property
+    def _names(self) -> frozenset[str]:
+        with _quiet_deepspeed_logs():
+            return self._module.build_parser().flag_names()
+
+    def names(self) -> frozenset[str]:
+        return self._names
+
+    def check(self, values: Mapping[str, object]) -> None:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), _quiet_deepspeed_logs():
+                self._module.parse_args(flags_to_args(values))
+        except SystemExit:
+            raise UserError(_one_line(err.getvalue())) from None
+
+
+@dataclass(frozen=True)
+class ClickFlags:
+    """A stage run as an `mpo` click command (`mpo eval`): its options are the flags."""
+
+    module: str
+    command: str
+
+    @cached_property
+    def _command(self) -> click.Command:
+        return getattr(importlib.import_module(self.module), self.command)
+
+    @cached_property
+    def _names(self) -> frozenset[str]:
+        return frozenset(opt.lstrip("-") for param in self._command.params for opt in param.opts
+                         if opt.startswith("--"))
+
+    def names(self) -> frozenset[str]:
+        return self._names
+
+    def check(self, values: Mapping[str, object]) -> None:
+        try:
+            self._command.make_context(self._command.name, flags_to_args(values, repeat_lists=True))
+        except click.ClickException as err:
+            raise UserError(_one_line(err.format_message())) from None
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the chain. The config section named `name` holds its flags (`flags` checks them)."""
+
+    name: str  #: config section, `--steps` name, `@name` reference and `mpo NAME` command
+    directory: str  #: it writes OUT/<directory>-<identity[:8]>
+    product: str  #: the file a finished stage must have written (besides its completion record)
+    wiring: Callable[[PipelineConfig], Wiring]  #: the flags the pipeline sets (inputs, upstream outputs)
+    flags: StageFlags | None = None  #: checks its config section; None: a typed section of its own (assets)
+    module: str | None = None  #: a step: `python -m MODULE` (or `deepspeed --module MODULE`) with the launcher
+    command: str | None = None  #: otherwise an `mpo` command: `python -m mpo_ext.cli COMMAND`
+    output_flag: str = "--output_dir"
+    data_cache: bool = True  #: passes --data_output_path OUT/data_cache (the tokenised data shared by stages)
+    resumable: bool = False  #: re-run with --resume where it left saved states (OUT/.../checkpoints)
+    takes_common: bool = False  #: `common:` keys apply to it (those it has a flag for)
+    reward_model: bool = False  #: a reward model: stages reading it refuse one whose health.json says unhealthy
+    enabled: Callable[[PipelineConfig], bool] = lambda config: True
+    summary: str = ""  #: one line for `mpo NAME --help`
+
+
+def _data(config: PipelineConfig) -> Wiring:
+    data = config.data
+    return [("data_path", [as_input(p) for p in data.path])] + ([("data_split", data.split)] if data.split else [])
+
+
+def _padding(config: PipelineConfig) -> Wiring:
+    return [("num_padding_at_beginning", str(config.data.num_padding_at_beginning))]
+
+
+def _kl_reference(config: PipelineConfig, own: Ref) -> Ref:
+    """The KL reference of the second RL stage: its starting model (MPO), or SFT (`mpo.reference: sft`)."""
+    return Ref("sft") if config.mpo.reference == "sft" else own
+
+
+EASY, HARD = Ref("select", "easy.jsonl"), Ref("select", "hard.jsonl")
+
+
+def _assets_wiring(config: PipelineConfig) -> Wiring:
+    a = config.assets
+    return [("num_train", str(a.num_train)), ("num_test", str(a.num_test)), ("seed", str(a.seed)), ("task", a.task)]
+
+
+def _sft_wiring(config: PipelineConfig) -> Wiring:
+    return [*_data(config), ("model_name_or_path", as_input(config.models.sft))]
+
+
+def _rm_wiring(config: PipelineConfig) -> Wiring:
+    return [*_data(config), ("model_name_or_path", as_input(config.models.reward)), *_padding(config)]
+
+
+def _select_wiring(config: PipelineConfig) -> Wiring:
+    mpo = config.mpo
+    split = ("threshold", str(mpo.threshold)) if mpo.threshold is not None else ("easy_fraction", str(mpo.easy_fraction))
+    return [*_data(config), ("sft_model_name_or_path", Ref("sft")), ("reward_model_name_or_path", Ref("rm")),
+            *_padding(config), split]
+
+
+def _dpo_wiring(config: PipelineConfig) -> Wiring:
+    if config.mpo.order == "mpo":  # DPO first, from SFT; its reference is its starting model (the default)
+        return [("data_path", EASY), ("model_name_or_path", Ref("sft"))]
+    start = Ref("ppo", "actor")  # reverse: DPO second, from the PPO actor
+    return [("data_path", EASY), ("model_name_or_path", start),
+            ("reference_model_name_or_path", _kl_reference(config, start))]
+
+
+def _ppo_wiring(config: PipelineConfig) -> Wiring:
+    if config.mpo.order == "mpo":  # PPO second, from DPO, KL against DPO (MPO) or SFT (ablation)
+        start, reference = Ref("dpo"), _kl_reference(config, Ref("dpo"))
+    else:
+        start = reference = Ref("sft")
+    return [("data_path", HARD), ("actor_model_name_or_path", start), ("reference_model_name_or_path", reference),
+            ("critic_model_name_or_path", Ref("rm")), *_padding(config)]
+
+
+def _eval_wiring(config: PipelineConfig) -> Wiring:
+    if config.mpo.order == "mpo":
+        models = [("sft", Ref("sft")), ("dpo", Ref("dpo")), ("mpo", Ref("ppo", "actor"))]
+    else:
+        models = [("sft", Ref("sft")), ("ppo_hard", Ref("ppo", "actor")), ("mpo_reverse", Ref("dpo"))]
+    data = config.data
+    return ([("model", model) for model in models] + [("reward_model", Ref("rm"))]
+            + [("data_path", as_input(path)) for path in (data.eval_path or data.path[:1])] + _padding(config))
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("assets", "assets", "tiny-llama/config.json", _assets_wiring, command="assets", output_flag="--root",
+              data_cache=False, enabled=lambda config: config.assets is not None,
+              summary="The embedded synthetic task and tiny Llama (`mpo assets`)."),
+    StageSpec("sft", "step1_sft", "config.json", _sft_wiring, ParserFlags("dschat.steps.sft"),
+              module="dschat.steps.sft", resumable=True, takes_common=True,
+              summary="Step 1: supervised fine-tuning of models.sft on data.path."),
+    StageSpec("rm", "step2_rm", "config.json", _rm_wiring, ParserFlags("dschat.steps.reward"),
+              module="dschat.steps.reward", resumable=True, takes_common=True, reward_model=True,
+              summary="Step 2: the Bradley-Terry reward model from models.reward."),
+    StageSpec("select", "step2.5_select", "manifest.json", _select_wiring, ParserFlags("mpo_ext.selection.cli"),
+              module="mpo_ext.selection", takes_common=True,
+              summary="Step 2.5: two SFT samples per prompt scored by the RM, split at theta into easy and hard."),
+    StageSpec("dpo", "step3b_dpo", "config.json", _dpo_wiring, ParserFlags("mpo_ext.dpo"), module="mpo_ext.dpo",
+              resumable=True, takes_common=True, summary="Step 3b: DPO on the easy pairs."),
+    StageSpec("ppo", "step3_ppo", "actor/config.json", _ppo_wiring, ParserFlags("dschat.steps.ppo_args"),
+              module="dschat.steps.ppo", resumable=True, takes_common=True,
+              summary="Step 3: PPO on the hard prompts, KL against the DPO model."),
+    StageSpec("eval", "eval", "table.json", _eval_wiring, ClickFlags("mpo_ext.eval_cli", "eval_command"),
+              command="eval", summary="The evaluation table (`mpo eval`) of the chain's models."),
+)
+
+STAGE_BY_NAME: dict[str, StageSpec] = {spec.name: spec for spec in STAGES}
+STAGE_NAMES: tuple[str, ...] = tuple(STAGE_BY_NAME)
+#: Sections of step flags (one per stage with a `flags` hook), in chain order.
+FLAG_SECTIONS: tuple[str, ...] = tuple(spec.name for spec in STAGES if spec.flags is not None)
+
+#: Flags the pipeline sets itself for every stage (inputs, outputs, placement); a config sets them through
+#: models/data/mpo/launcher/output_dir. (`data_split` in a stage section replaces data.split for that stage.)
+PIPELINE_FLAGS = frozenset({
+    "output_dir", "data_path", "data_output_path", "model_name_or_path", "actor_model_name_or_path",
+    "reference_model_name_or_path", "critic_model_name_or_path", "sft_model_name_or_path",
+    "reward_model_name_or_path", "num_padding_at_beginning", "threshold", "easy_fraction", "resume", "model",
+    "reward_model", "local_rank"})
+#: Flags that change logs or checkpoint cadence, never results: left out of a stage's identity.
+NO_RESULT_FLAGS = frozenset({
+    "log_interval", "save_steps", "save_total_limit", "enable_tensorboard", "tensorboard_path", "report_to",
+    "push_to_hub", "hub_model_id", "hub_private_repo", "print_answers",
+    "print_answers_interval", "rebuild_data_cache", "rebuild_shards", "shard_size"})
+
+
+def wiring_tokens(wiring: Wiring) -> list:
+    """The wiring as a command line whose inputs are still `Ref`s (what identities hash, in this order)."""
+    tokens: list = []
+    for flag, value in wiring:
+        tokens.append(f"--{flag}")
+        tokens += value if isinstance(value, list) else [value]
+    return tokens
+
+
+def wiring_refs(wiring: Wiring) -> Iterable[Ref]:
+    for token in wiring_tokens(wiring):
+        ref = token[1] if isinstance(token, tuple) else token
+        if isinstance(ref, Ref):
+            yield ref
