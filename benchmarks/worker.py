@@ -554,7 +554,7 @@ def run_gen(cfg: dict, workdir: Path) -> dict:
         for batch in batches:
             seq = generate(batch["prompt"], batch["prompt_att_mask"])
             width = batch["prompt"].shape[1]
-            count += int(answer_lengths(pad_after_eos(seq, width, eos, pad), width, pad).sum())
+            count += int(answer_lengths(pad_after_eos(seq, width, eos, pad), width, eos).sum())
         clock.tick()
         answer_tokens.append(count)
     windows = reduce_windows(clock.windows(1, cfg["warmup_steps"], answer_tokens[-1], 0, cfg["samples_per_window"]))
