@@ -608,8 +608,8 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
         wall, cpu = now() - t, time.process_time() - c
         phases.append({"generation": gen_clock["wall"], "experience": wall - gen_clock["wall"],
                        "cpu_generation": gen_clock["cpu"], "cpu_experience": cpu - gen_clock["cpu"],
-                       "answer_tokens": float(exp["generated_tokens"]), "rows": int(exp["input_ids"].shape[0]),
-                       "width": int(exp["input_ids"].shape[1])})
+                       "answer_tokens": float(exp.generated_tokens), "rows": int(exp.sequences.shape[0]),
+                       "width": int(exp.sequences.shape[1])})
         return exp
 
     def timed_train(exp):

@@ -83,7 +83,7 @@ class PPOUpdater:
         # the one reward reader, around the reward engine: rollouts here and held-out evaluations alike
         self.reward_scorer = RewardScorer(self.reward_model, rlhf_engine.tokenizer,
                                           ending_text(rlhf_engine.reward_ending, rlhf_engine.tokenizer),
-                                          device=self.reward_model.device, ending=rlhf_engine.reward_ending)
+                                          ending=rlhf_engine.reward_ending)
         self.actor_ema = rlhf_engine.actor_ema
         self.tokenizer = rlhf_engine.tokenizer
         self.args = args
