@@ -554,7 +554,7 @@ def run_gen(cfg: dict, workdir: Path) -> dict:
         for batch in batches:
             seq = generate(batch["prompt"], batch["prompt_att_mask"])
             width = batch["prompt"].shape[1]
-            count += int(answer_lengths(pad_after_eos(seq, width, eos, pad), width, pad).sum())
+            count += int(answer_lengths(pad_after_eos(seq, width, eos, pad), width, eos).sum())
         clock.tick()
         answer_tokens.append(count)
     windows = reduce_windows(clock.windows(1, cfg["warmup_steps"], answer_tokens[-1], 0, cfg["samples_per_window"]))
@@ -608,8 +608,8 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
         wall, cpu = now() - t, time.process_time() - c
         phases.append({"generation": gen_clock["wall"], "experience": wall - gen_clock["wall"],
                        "cpu_generation": gen_clock["cpu"], "cpu_experience": cpu - gen_clock["cpu"],
-                       "answer_tokens": float(exp["generated_tokens"]), "rows": int(exp["input_ids"].shape[0]),
-                       "width": int(exp["input_ids"].shape[1])})
+                       "answer_tokens": float(exp.generated_tokens), "rows": int(exp.sequences.shape[0]),
+                       "width": int(exp.sequences.shape[1])})
         return exp
 
     def timed_train(exp):

@@ -1,6 +1,6 @@
 """Step 3b of two-stage MPO (Gou & Nguyen 2024): DPO on the easy pairs, reference = the SFT model.
 
-Pure pieces (`response_mask`, `sequence_log_probs`, `dpo_loss`, `dpo_metrics`) are checked by hand in
+Pure pieces (`response_mask`, `sequence_log_prob_sums`, `dpo_loss`, `dpo_metrics`) are checked by hand in
 tests; `DPOTrainer` plugs them into the shared `dschat.utils.trainer.Trainer`, so epochs, accumulation,
 logging, periodic states, resume and SIGTERM behave exactly as in steps 1 and 2.
 
@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from dschat.rlhf import health
 from dschat.rlhf.generation import Generator
+from dschat.rlhf.held_out import HeldOutEvaluator
 from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
@@ -43,7 +44,7 @@ from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
 from dschat.utils.errors import UserError, run_main
 from dschat.utils.fingerprint import model_signature
-from dschat.utils.inference import RewardScorer
+from dschat.utils.inference import RewardScorer, pad_with_mask
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.model_card import card_files
@@ -72,8 +73,9 @@ def response_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) ->
     return (positions >= starts) & (attention_mask != 0)
 
 
-def sequence_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token_t | tokens_<t) over the positions t where `loss_mask` is set ([N, L] -> [N]).
+def sequence_log_prob_sums(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log p(token_t | tokens_<t) over the positions t where `loss_mask` is set ([N, L] -> [N]); the
+    per-token kind is `dschat.rlhf.ppo_math.token_log_probs`.
 
     `loss_mask` is aligned with `input_ids` (it marks tokens being predicted); position 0 has no
     prediction and is ignored. Summed in fp32 whatever the logits' dtype.
@@ -121,21 +123,16 @@ def dpo_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rew
 
 def held_out_prompts(dataset: Dataset | None, count: int, pad_token_id: int
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Left-padded (ids, mask) of the prompts of the first `count` pairs (phase-2 items), or None."""
+    """Left-padded (ids, mask) of the prompts of the first `count` pairs (phase-2 items), or None. A prompt
+    is the first `prompt_length` real positions of the chosen row (by its mask, never by token ids)."""
     if dataset is None or not count or not len(dataset):
         return None
     prompts = []
     for i in range(min(count, len(dataset))):
         item = dataset[i]
-        ids = item[0].reshape(-1)[item[1].reshape(-1) != 0]  # the chosen row without padding
-        prompts.append(ids[: int(item[4])].long())
-    width = max(len(p) for p in prompts)
-    out = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(out)
-    for row, prompt in enumerate(prompts):
-        out[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    return out, mask
+        ids = item[0].reshape(-1)[item[1].reshape(-1) != 0]  # the chosen row's real positions
+        prompts.append(ids[: int(item[4])].tolist())
+    return pad_with_mask(prompts, max(len(p) for p in prompts), pad_token_id, left=True)
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +179,7 @@ def policy_log_probs(model, batch: dict[str, torch.Tensor], pad_mask: str = "alw
                 use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
     mask = response_mask(batch["attention_mask"], batch["prompt_lengths"])
-    return sequence_log_probs(logits, batch["input_ids"], mask)
+    return sequence_log_prob_sums(logits, batch["input_ids"], mask)
 
 
 class ResidentReference:
@@ -319,13 +316,15 @@ class DPOTrainer(Trainer):
         self.reference = reference
         self.monitor = health.HealthMonitor("step3b_dpo", health.thresholds_from_args(args))
         self.best = health.KeepBest(f"eval/{args.best_metric}")
-        self.held_out = held_out_prompts(eval_dataset if eval_dataset is not None and len(eval_dataset)
-                                         else train_dataset, args.eval_prompts, tokenizer.pad_token_id)
-        self.gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
-        self.scorer = None
-        if args.reward_model_name_or_path and self.held_out is not None:
-            self.scorer = RewardScorer.from_path(args.reward_model_name_or_path, self.device,
-                                                 max_seq_len=args.max_seq_len)
+        self.evaluator: HeldOutEvaluator | None = None
+        held_out = held_out_prompts(eval_dataset if eval_dataset is not None and len(eval_dataset)
+                                    else train_dataset, args.eval_prompts, tokenizer.pad_token_id)
+        if held_out is not None:
+            scorer = (RewardScorer.from_path(args.reward_model_name_or_path, self.device, max_seq_len=args.max_seq_len)
+                      if args.reward_model_name_or_path else None)
+            gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
+            self.evaluator = HeldOutEvaluator(*held_out, tokenizer, scorer=scorer, gold=gold,
+                                              batch_size=args.per_device_eval_batch_size)
 
     def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
         policy = policy_log_probs(self.engine, batch, self.args.pad_mask)
@@ -366,21 +365,14 @@ class DPOTrainer(Trainer):
         return metrics
 
     def _evaluate_generations(self) -> dict[str, float]:
-        """Greedy answers to fixed held-out prompts: generation health, reward-model and gold scores."""
-        if self.held_out is None:
+        """Greedy answers to fixed held-out prompts: generation health, reward-model and gold scores
+        (`HeldOutEvaluator`, the evaluation PPO runs too)."""
+        if self.evaluator is None:
             return {}
-        ids, mask = (t.to(self.device) for t in self.held_out)
-        room = self.args.max_seq_len - ids.shape[1]
+        room = self.args.max_seq_len - self.evaluator.prompt_ids.shape[1]
         generator = Generator(self.engine, self.tokenizer, max_new_tokens=max(1, min(EVAL_MAX_NEW_TOKENS, room)),
                               zero_stage=self.args.zero_stage)
-        scorer = self.scorer
-
-        def reward(seq, width, prompts, answers):  # noqa: ARG001 - the scorer reads the texts
-            return torch.tensor(scorer.score(prompts, answers))
-
-        metrics = health.evaluate_held_out(self.engine, generator, ids, mask, self.tokenizer,
-                                           reward if scorer is not None else None, self.gold,
-                                           self.args.per_device_eval_batch_size)
+        metrics = self.evaluator.evaluate(self.engine, generator)
         self.engine.train()
         return metrics
 
@@ -388,8 +380,7 @@ class DPOTrainer(Trainer):
         """Health warnings (and --stop_on_collapse), then keep-best bookkeeping."""
         health.check_health(self.monitor, self.global_step, metrics, self.args.output_dir, self.args.stop_on_collapse,
                             self.save_state)
-        scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-        improved = self.best.consider(self.global_step, scores, healthy=not self.monitor.active)
+        improved = self.best.consider(self.global_step, metrics, healthy=not self.monitor.active)
         if improved and self.args.keep_best and self.args.output_dir:
             print_rank_0(f"--keep_best: new best held-out {self.best.metric} {self.best.best_score:.4f} at step "
                          f"{self.global_step}; saving it to {self._best_dir()}")

@@ -297,7 +297,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], decoding: Decodin
         sequences = generator.generate(ids.to(device), mask.to(device)).cpu()
         width = ids.shape[1]
         texts = decode_answers(tokenizer, sequences, width)
-        lengths = answer_lengths(sequences, width, pad).tolist()
+        lengths = answer_lengths(sequences, width, generator.eos_token_id).tolist()
         out.extend({"index": i, "answer": t, "length": int(n)} for i, t, n in zip(indices, texts, lengths))
         if on_batch is not None:
             on_batch(len(indices))

@@ -24,7 +24,7 @@ from mpo_ext.dpo import (
     dpo_loss,
     dpo_metrics,
     response_mask,
-    sequence_log_probs,
+    sequence_log_prob_sums,
     split_pairs,
 )
 
@@ -81,7 +81,7 @@ def test_dpo_metrics_by_hand():
     assert metrics["loss"].requires_grad
 
 
-def test_response_mask_and_sequence_log_probs_by_hand():
+def test_response_mask_and_sequence_log_prob_sums_by_hand():
     attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     mask = response_mask(attention, torch.tensor([2, 3]))
     assert mask.tolist() == [[False, False, True, True, False], [False, False, False, True, True]]
@@ -89,7 +89,7 @@ def test_response_mask_and_sequence_log_probs_by_hand():
     z = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
     logits = torch.stack([torch.zeros_like(z), z], dim=-1)  # [1, 5, 2]
     ids = torch.tensor([[0, 1, 1, 0, 1]])
-    logps = sequence_log_probs(logits, ids, torch.tensor([[0, 0, 1, 1, 0]]))
+    logps = sequence_log_prob_sums(logits, ids, torch.tensor([[0, 0, 1, 1, 0]]))
     # token 2 (=1) predicted at position 1: log sigmoid(1); token 3 (=0) at position 2: log sigmoid(-2)
     expected = -_softplus(-1.0) - _softplus(2.0)
     torch.testing.assert_close(logps, torch.tensor([expected]))

@@ -18,11 +18,11 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTModel, PreTrainedTokenizerFast
 
-from dschat.rlhf.ppo_math import sequence_log_probs
+from dschat.rlhf.ppo_math import token_log_probs
 from dschat.utils.build import apply_lora
 from dschat.utils.errors import UserError
 from dschat.utils.inference import RewardScorer
-from dschat.utils.losses import sequence_end_index
+from dschat.utils.losses import reward_index
 from dschat.utils.model.reward_model import RewardModel
 from dschat.utils.module.lora import LinearLayer_LoRA
 
@@ -58,22 +58,28 @@ def tiny_llama() -> LlamaForCausalLM:
 # --------------------------------------------------------------------------------------------- OPT reward index
 
 
+def _mask(rows: list[list[int]], lengths: list[int]) -> torch.Tensor:
+    """Right-padding mask: the first `lengths[i]` positions of row i are real."""
+    return torch.tensor([[1] * n + [0] * (len(r) - n) for r, n in zip(rows, lengths)])
+
+
 def test_reward_index_rule_on_opt_layout():
-    opt = torch.tensor([[2, 10, 11, 12, 13, 2, 1, 1, 1]])
+    rows = [[2, 10, 11, 12, 13, 2, 1, 1, 1]]
+    opt, mask = torch.tensor(rows), _mask(rows, [6])
     # training pairs (no prompt width) and PPO / selection (prompt width 3) read the same token: the eos
-    assert sequence_end_index(opt, OPT_PAD, num_padding_at_beginning=1).tolist() == [5]
-    assert sequence_end_index(opt, OPT_PAD, num_padding_at_beginning=1, start=3).tolist() == [5]
-    assert sequence_end_index(opt, OPT_PAD, num_padding_at_beginning=0).tolist() == [5]
-    # a layout whose beginning token IS the pad: that pad is skipped, the end is still after the text
-    bos_is_pad = torch.tensor([[1, 10, 11, 12, 13, 1, 1, 1, 1]])
-    assert sequence_end_index(bos_is_pad, 1, num_padding_at_beginning=1).tolist() == [4]
-    # no pad at all: the last token
-    assert sequence_end_index(torch.tensor([[2, 10, 11]]), OPT_PAD, 1).tolist() == [2]
-    # Llama-like rows (pad == eos == 2), prompt width 2: eos appended, a literal ending, a pad inside the
-    # prompt, an empty answer
-    rows = torch.tensor([[1, 5, 6, 7, 2, 2], [1, 5, 6, 7, 9, 9], [1, 2, 6, 2, 2, 2], [1, 5, 2, 2, 2, 2]])
-    assert sequence_end_index(rows, 2, 0, start=2).tolist() == [3, 5, 2, 1]
-    assert sequence_end_index(rows[2:3], 2, 0, start=4).tolist() == [3]
+    assert reward_index(mask, opt, OPT_PAD, num_padding_at_beginning=1).tolist() == [5]
+    assert reward_index(mask, opt, OPT_PAD, start=3, num_padding_at_beginning=1).tolist() == [5]
+    assert reward_index(mask, opt, OPT_PAD, num_padding_at_beginning=0).tolist() == [5]
+    # a layout whose beginning token IS the pad: that one is skipped, the end is still after the text
+    rows = [[1, 10, 11, 12, 13, 1, 1, 1, 1]]
+    assert reward_index(_mask(rows, [6]), torch.tensor(rows), 1, num_padding_at_beginning=1).tolist() == [4]
+    # no padding at all: the last token
+    assert reward_index(torch.ones(1, 3, dtype=torch.long), torch.tensor([[2, 10, 11]]), OPT_PAD, 0, 1).tolist() == [2]
+    # Llama-like rows (pad == eos == 2), prompt width 2: eos appended, a literal ending, an eos INSIDE the
+    # prompt (content: read at the answer's end, not before it), an empty answer
+    rows = [[1, 5, 6, 7, 2, 2], [1, 5, 6, 7, 9, 9], [1, 2, 6, 9, 2, 2], [1, 5, 2, 2, 2, 2]]
+    mask = _mask(rows, [5, 6, 5, 3])
+    assert reward_index(mask, torch.tensor(rows), 2, start=2).tolist() == [3, 5, 3, 1]
 
 
 @torch.no_grad()
@@ -82,7 +88,7 @@ def test_opt_reward_training_ppo_and_selection_read_the_same_token():
     chosen = [2, 10, 11, 12, 13, 2, 1, 1, 1]
     rejected = [2, 10, 11, 14, 2, 1, 1, 1, 1]
     ids = torch.tensor([chosen, rejected])
-    mask = (ids != OPT_PAD).long()
+    mask = _mask([chosen, rejected], [6, 5])
     values = model.token_values(ids, mask)
     training = model(ids, mask)
     torch.testing.assert_close(training["chosen_mean_scores"], values[:1, 5])
@@ -97,7 +103,7 @@ def test_opt_reward_training_ppo_and_selection_read_the_same_token():
 # --------------------------------------------------------------------------------------------- PPO precision
 
 
-def test_sequence_log_probs_fp32_on_bf16_logits():
+def test_token_log_probs_fp32_on_bf16_logits():
     torch.manual_seed(0)
     vocab = 32000
     logits32 = torch.randn(2, 6, vocab) * 4
@@ -105,15 +111,15 @@ def test_sequence_log_probs_fp32_on_bf16_logits():
     seq = torch.randint(0, vocab, (2, 6))
     # reference: fp32 log-softmax of the very same (bf16-rounded) logits
     reference = torch.log_softmax(logits16.float()[:, :-1], -1).gather(-1, seq[:, 1:, None]).squeeze(-1)
-    upcast = sequence_log_probs(logits16, seq, fp32=True)
+    upcast = token_log_probs(logits16, seq, fp32=True)
     assert upcast.dtype == torch.float32
     torch.testing.assert_close(upcast, reference, atol=1e-5, rtol=0)
-    plain = sequence_log_probs(logits16, seq, fp32=False)
+    plain = token_log_probs(logits16, seq, fp32=False)
     assert plain.dtype == torch.bfloat16
     assert (plain.float() - reference).abs().max() > 1e-2  # what the upcast saves on a 32K vocabulary
     # per-token KL between two bf16 policies, fp32 vs a direct fp32 computation
     other16 = (logits32 + 0.1 * torch.randn_like(logits32)).to(torch.bfloat16)
-    kl = upcast - sequence_log_probs(other16, seq, fp32=True)
+    kl = upcast - token_log_probs(other16, seq, fp32=True)
     ref_kl = reference - torch.log_softmax(other16.float()[:, :-1], -1).gather(-1, seq[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(kl, ref_kl, atol=1e-5, rtol=0)
 

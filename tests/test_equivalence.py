@@ -186,8 +186,9 @@ def test_dropping_the_right_pad_mask_changes_no_loss(model, tinystories_dir, pai
     torch.manual_seed(0)
     rm = RewardModel(AutoModel.from_pretrained(str(tinystories_dir), dtype=torch.float32), tiny_tokenizer, 0).eval()
     torch.nn.init.normal_(rm.v_head.weight, std=0.5)
-    outs = [rm(pair_batch["input_ids"], training_attention_mask(pair_batch["attention_mask"], p))
-            for p in ("auto", "always")]
+    # as step 2 calls it: the attention mask may be left out, the positions of real tokens always travel
+    outs = [rm(pair_batch["input_ids"], training_attention_mask(pair_batch["attention_mask"], p),
+               sequence_mask=pair_batch["attention_mask"]) for p in ("auto", "always")]
     for key in ("loss", "chosen_mean_scores", "rejected_mean_scores"):
         torch.testing.assert_close(outs[0][key], outs[1][key], **TOL)
 

@@ -16,7 +16,6 @@ from dschat.rlhf.health import (
     HealthMonitor,
     HealthThresholds,
     KeepBest,
-    answer_token_lists,
     distinct_n,
     generation_health,
     is_degenerate,
@@ -38,9 +37,12 @@ WARNING = "HEALTH WARNING"
 # --------------------------------------------------------------------------------------------- pure signals
 
 
-def test_answer_token_lists_cut_at_the_first_pad():
-    seq = torch.tensor([[9, 9, 1, 2, 0, 0], [9, 8, 3, 0, 4, 0], [9, 9, 0, 0, 0, 0]])
-    assert answer_token_lists(seq, 2, 0) == [[1, 2], [3], []]
+def test_answer_token_lists_cut_at_the_first_eos_after_the_prompt():
+    from dschat.rlhf.generation import answer_token_lists
+
+    # eos 0; the second prompt holds an eos (a chat turn end): content, not the end of the answer
+    seq = torch.tensor([[9, 9, 1, 2, 0, 0], [0, 8, 3, 0, 4, 0], [9, 9, 0, 0, 0, 0], [9, 9, 5, 6, 7, 8]])
+    assert answer_token_lists(seq, 2, 0) == [[1, 2], [3], [], [5, 6, 7, 8]]
 
 
 def test_distinct_n_by_hand():
@@ -216,10 +218,9 @@ def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup,
     from transformers import AutoModelForCausalLM
 
     from dschat.rlhf.generation import Generator
-    from dschat.rlhf.health import evaluate_held_out
+    from dschat.rlhf.held_out import HeldOutEvaluator
     from dschat.steps import ppo
-    from dschat.utils.model.model_utils import create_critic_model
-    from dschat.utils.model.reward_model import ending_token_ids, resolve_reward_ending
+    from dschat.utils.inference import RewardScorer
     from dschat.utils.utils import load_hf_tokenizer
 
     out = tmp_path / "ppo_best"
@@ -246,14 +247,9 @@ def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup,
     batch = ppo.held_out_prompt_batch(args, held_out, prompts, load_hf_tokenizer(str(out / "actor")))
     tok = load_hf_tokenizer(str(out / "actor"))
     actor = AutoModelForCausalLM.from_pretrained(str(out / "actor")).eval()
-    critic = create_critic_model(str(ppo_setup["critic"]), tok, None, 0, rlhf_training=True).eval()
-    ending = ending_token_ids(tok, resolve_reward_ending(str(ppo_setup["critic"])))
-
-    def reward(seq, width, prompts, answers):  # noqa: ARG001
-        return critic.rollout_scores(seq, (seq != tok.pad_token_id).long(), width, ending, tok.eos_token_id)
-
-    again = evaluate_held_out(actor, Generator(actor, tok, max_new_tokens=12), batch["prompt"],
-                              batch["prompt_att_mask"], tok, reward, None)
+    scorer = RewardScorer.from_path(str(ppo_setup["critic"]), torch.device("cpu"))
+    evaluator = HeldOutEvaluator(batch["prompt"], batch["prompt_att_mask"], tok, scorer=scorer)
+    again = evaluator.evaluate(actor, Generator(actor, tok, max_new_tokens=12))
     assert again["eval/reward"] == pytest.approx(best["best_score"], abs=1e-3)
 
 
@@ -285,7 +281,7 @@ def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(easy_pairs, tinystori
     from transformers import AutoModelForCausalLM
 
     from dschat.rlhf.generation import Generator
-    from dschat.rlhf.health import evaluate_held_out
+    from dschat.rlhf.held_out import HeldOutEvaluator
     from dschat.utils.build import end_of_text
     from dschat.utils.data.data_utils import create_prompt_dataset
     from dschat.utils.utils import load_hf_tokenizer
@@ -312,8 +308,8 @@ def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(easy_pairs, tinystori
                                                   end_of_conversation_token=end_of_text(args, tok))
     ids, mask = held_out_prompts(eval_data if len(eval_data) else train_data, 4, tok.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    again = evaluate_held_out(model, Generator(model, tok, max_new_tokens=min(64, 64 - ids.shape[1])), ids, mask,
-                              tok, None, synthetic.gold_reward)
+    evaluator = HeldOutEvaluator(ids, mask, tok, gold=synthetic.gold_reward)
+    again = evaluator.evaluate(model, Generator(model, tok, max_new_tokens=min(64, 64 - ids.shape[1])))
     assert again["eval/gold"] == pytest.approx(best["best_score"], abs=1e-6)
 
 

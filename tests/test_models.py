@@ -17,12 +17,12 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from dschat.utils.errors import UserError
 from dschat.utils.losses import (
     divergence_reward_loss,
-    first_pad_index,
     gather_log_probs,
+    last_real_index,
     masked_mean,
     pairwise_accuracy,
     pairwise_reward_loss,
-    sequence_end_index,
+    reward_index,
 )
 from dschat.utils.model.model_utils import (
     causal_lm_model_to_fp32_loss,
@@ -91,26 +91,43 @@ def test_masked_mean():
 PAD = 0
 
 
-def test_end_index_without_padding_at_beginning():
-    ids = torch.tensor([
-        [5, 6, PAD, PAD],  # ends at the first pad -> score index 1
-        [5, 6, 7, 8],      # no pad -> last position
-        [PAD, 6, 7, PAD],  # pad at 0 -> clamped to index 0, not -1
-    ])
-    assert first_pad_index(ids, PAD).tolist() == [2, 4, 0]
-    assert sequence_end_index(ids, PAD).tolist() == [1, 3, 0]
+def test_last_real_index_reads_the_mask_not_the_ids():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0]])
+    assert last_real_index(mask).tolist() == [1, 3, 2, -1]
 
 
-def test_end_index_with_padding_at_beginning_and_start():
+def test_reward_index_by_hand():
+    """The rule in positions (hand-computed): last real token; one earlier when it is the end marker (the pad id,
+    an eos ending whose token is the pad) at or after max(start, num_padding_at_beginning)."""
+    EOS = PAD = 0
     ids = torch.tensor([
-        [PAD, 5, 6, PAD, PAD],  # OPT style: leading pad is the BOS -> skipped
-        [PAD, 5, 6, 7, 8],
+        [5, 6, EOS, PAD],   # eos-ended text, right-padded -> the token before the eos: 1
+        [5, 6, 7, 8],       # cut by the length limit (no ending) -> its last real token: 3
+        [EOS, 6, 7, PAD],   # a pad-valued token at 0 is content; the last real token 7 is no marker: 2
+        [5, EOS, 7, EOS],   # an eos inside the text is content: the end is the last one -> 2
+        [EOS, PAD, PAD, PAD],  # only an eos: clamped at 0, never -1
     ])
-    assert sequence_end_index(ids, PAD, num_padding_at_beginning=1).tolist() == [2, 4]
-    left_padded = torch.tensor([[PAD, PAD, 5, 6, PAD], [PAD, 9, 5, 6, 7]])
-    assert sequence_end_index(left_padded, PAD, start=2).tolist() == [3, 4]
-    # an empty answer: the pad sits right at the prompt end -> last prompt token
-    assert sequence_end_index(torch.tensor([[3, 4, PAD, PAD]]), PAD, start=2).tolist() == [1]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert reward_index(mask, ids, PAD).tolist() == [1, 3, 2, 2, 0]
+    # no end marker (pad != eos, e.g. OPT): the last real token, eos included
+    assert reward_index(mask, ids, None).tolist() == [2, 3, 2, 3, 0]
+
+
+def test_reward_index_with_prompt_width_and_padding_at_beginning():
+    PAD = 0
+    # left-padded prompts of width 3 whose last prompt token is an eos (= pad) closing a chat turn, then answers
+    ids = torch.tensor([[PAD, 4, PAD, 5, 6, PAD], [9, 4, PAD, 7, PAD, PAD], [PAD, 4, PAD, PAD, PAD, PAD]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]])
+    # row 0: answer 5 6 + eos -> 4; row 1: answer 7 + eos -> 3; row 2: empty answer (only its eos) -> the
+    # last prompt token, 2 (the prompt's own eos at 2 is content, not the end)
+    assert reward_index(mask, ids, PAD, start=3).tolist() == [4, 3, 2]
+    # with the whole row as the prompt (start 6) nothing is an end marker: the last real token
+    assert reward_index(mask, ids, PAD, start=6).tolist() == [5, 4, 3]
+    # OPT-style beginning tokens that are the pad: the first N positions are never the end marker
+    ids = torch.tensor([[PAD, 5, 6, PAD, PAD], [5, PAD, PAD, PAD, PAD]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    assert reward_index(mask, ids, PAD, num_padding_at_beginning=2).tolist() == [2, 1]
+    assert reward_index(mask, ids, PAD, num_padding_at_beginning=0).tolist() == [2, 0]
 
 
 def test_divergence_loss_by_hand():
@@ -125,7 +142,11 @@ def test_divergence_loss_by_hand():
     # pair 1: div=2, end=max(3, 4)=4 -> positions 2, 3; pair 2: identical -> position L-1=3 only
     pair1 = (sp(0.0 - 1.0) + sp(3.0 - 2.0)) / 2
     pair2 = sp(0.0 - 0.5)
-    loss = divergence_reward_loss(chosen_ids, rejected_ids, chosen_v, rejected_v, PAD)
+    chosen_mask, rejected_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    chosen_index = reward_index(chosen_mask, chosen_ids, None)  # [2, 1]: end = index + 1 = upstream's first pad
+    rejected_index = reward_index(rejected_mask, rejected_ids, None)  # [3, 1]
+    loss = divergence_reward_loss(chosen_ids, rejected_ids, chosen_v, rejected_v, chosen_index, rejected_index,
+                                  chosen_mask, rejected_mask)
     assert loss.item() == pytest.approx((pair1 + pair2) / 2, rel=1e-6)
 
 
@@ -174,7 +195,9 @@ def test_reward_forward_end_scores_and_both_loss_types(critic, tiny_tokenizer):
     torch.testing.assert_close(
         out_end["loss"], torch.nn.functional.softplus(expected_end[2:] - expected_end[:2]).mean()
     )
-    expected_div = divergence_reward_loss(ids[:2], ids[2:], values[:2], values[2:], pad)
+    index = ends  # the scored positions; upstream's "first pad" is one later (the eos)
+    expected_div = divergence_reward_loss(ids[:2], ids[2:], values[:2], values[2:], index[:2], index[2:],
+                                          mask[:2], mask[2:])
     torch.testing.assert_close(out_div["loss"], expected_div)
     torch.testing.assert_close(out_div["chosen_mean_scores"], out_end["chosen_mean_scores"])
     assert not torch.isclose(out_div["loss"], out_end["loss"])
@@ -193,12 +216,13 @@ def test_reward_losses_with_zero_value_head_are_log2(tinystories_dir, tiny_token
 
 def test_num_padding_at_beginning_skips_leading_pad(critic, tiny_tokenizer):
     pad = tiny_tokenizer.pad_token_id
-    ids = torch.tensor([[pad, 5, 6, pad, pad], [pad, 5, 7, 8, pad]])  # OPT-like: "BOS" == pad
+    ids = torch.tensor([[pad, 5, 6, pad, pad], [pad, 5, 7, 8, pad]])  # OPT-like: "BOS" == pad, eos == pad
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])  # the collator's: each text through its eos
     model = RewardModel(critic.rwtransformer, tiny_tokenizer, num_padding_at_beginning=1)
     model.v_head = critic.v_head
     with torch.no_grad():
-        out = model(ids, torch.ones_like(ids))
-        values = model.forward_value(ids, torch.ones_like(ids), return_value_only=True)
+        out = model(ids, mask)
+        values = model.forward_value(ids, mask, return_value_only=True)
     torch.testing.assert_close(out["chosen_mean_scores"], values[:1, 2])
     torch.testing.assert_close(out["rejected_mean_scores"], values[1:, 3])
 
@@ -311,10 +335,11 @@ def test_upstream_opt_layout_fp16_with_leading_pad(tiny_tokenizer, tmp_path):
                                  rlhf_training=True).eval()
     pad = tiny_tokenizer.pad_token_id
     ids = torch.tensor([[pad, 7, 8, 9, pad, pad], [pad, 7, 8, 10, 11, pad]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])  # each text through its eos (== pad)
     with torch.no_grad():
-        out = loaded(ids, torch.ones_like(ids))
-        want = upstream.half().float()(ids, torch.ones_like(ids))
-        values = loaded.forward_value(ids, torch.ones_like(ids), return_value_only=True)
+        out = loaded(ids, mask)
+        want = upstream.half().float()(ids, mask)
+        values = loaded.forward_value(ids, mask, return_value_only=True)
     torch.testing.assert_close(out["chosen_mean_scores"], want["chosen_mean_scores"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["chosen_mean_scores"], values[:1, 3])
     torch.testing.assert_close(out["rejected_mean_scores"], values[1:, 4])

@@ -147,7 +147,9 @@ def test_answer_helpers():
              [0, 6, 7, 8, 0, 0]])    # left-padded prompt, answer 7 8 then pad
     fixed = pad_after_eos(seq, 2, eos, pad)
     close(fixed, [[5, 6, 7, 9, 0, 0], [0, 6, 7, 8, 0, 0]])
-    close(answer_mask(fixed, 2, pad).long(), [[1, 1, 0, 0], [1, 1, 0, 0]])
-    close(answer_lengths(fixed, 2, pad), [2, 2])
+    # positions: the answer runs from the prompt width through its first eos (included); pads are not looked at
+    close(answer_mask(fixed, 2, eos).long(), [[1, 1, 0, 0], [1, 1, 1, 1]])
+    close(answer_mask(fixed, 2, eos, include_end=False).long(), [[1, 0, 0, 0], [1, 1, 1, 1]])
+    close(answer_lengths(fixed, 2, eos), [1, 4])
     assert first_tokens_agreement(fixed, seq, 2, pad, n_tokens=2) == 1.0
     assert first_tokens_agreement(fixed, seq, 2, pad, n_tokens=4) == 0.5

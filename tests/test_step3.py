@@ -101,7 +101,7 @@ def test_generator_left_padding_eos_and_fallback(tinystories_dir, tiny_tokenizer
     assert "CPU" in hybrid_engine_unavailable_reason(model)
     assert gen.generation_config().use_cache
     assert set(gen.last_stats) >= {"generate_time", "tokens_per_second", "path"}
-    lengths = answer_lengths(out, width, pad)
+    lengths = answer_lengths(out, width, tiny_tokenizer.eos_token_id)
     for i, row in enumerate(rows):
         alone = model.generate(torch.tensor([row]), max_new_tokens=40, do_sample=False, pad_token_id=pad)
         n = int(lengths[i])
@@ -252,7 +252,8 @@ def test_reward_rises_on_a_fixed_reward_model(assets, run_ds, tmp_path):
 
 def test_kl_and_reward_against_a_different_reference_match_a_direct_computation(assets, run_ds, tmp_path):
     """A reference that differs from the actor: step 1's KL (sum over answer tokens of log p_actor - log
-    p_ref, before any update) and reward equal the same quantities computed directly on the greedy answer.
+    p_ref, before any update, the eos that ends the answer included) and reward equal the same quantities
+    computed directly on the greedy answer.
     One prompt repeated, greedy rollouts, so every rollout of the step is the same sequence."""
     from transformers import AutoModelForCausalLM
 
@@ -284,9 +285,11 @@ def test_kl_and_reward_against_a_different_reference_match_a_direct_computation(
         seq = actor.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=8,
                              do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         answer = seq[0, prompt_ids.shape[1]:].tolist()
-        if tok.eos_token_id in answer:
-            answer = answer[:answer.index(tok.eos_token_id)]
-        ids = torch.tensor([prompt_ids[0].tolist() + answer])
+        if tok.eos_token_id in answer:  # the answer's tokens, then its eos (the actor's action too: in the KL)
+            answer, ending = answer[:answer.index(tok.eos_token_id)], [tok.eos_token_id]
+        else:
+            ending = []
+        ids = torch.tensor([prompt_ids[0].tolist() + answer + ending])
         targets = ids[0, prompt_ids.shape[1]:]
 
         def answer_log_probs(model):
@@ -295,7 +298,7 @@ def test_kl_and_reward_against_a_different_reference_match_a_direct_computation(
 
         kl = float((answer_log_probs(actor) - answer_log_probs(reference)).sum())
         reward_model = create_critic_model(str(assets["critic"]), tok, None, 0, rlhf_training=True).eval()
-        reward = float(reward_model.token_values(ids, torch.ones_like(ids))[0, -1])
+        reward = float(reward_model.token_values(ids, torch.ones_like(ids))[0, len(ids[0]) - 1 - len(ending)])
     assert len(answer) > 1
     assert abs(kl) > 1e-2  # the reference really differs
     assert metrics["objective/kl"] == pytest.approx(kl, abs=1e-3, rel=1e-3)

@@ -46,21 +46,64 @@ def _is_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
-def answer_mask(sequences: torch.Tensor, prompt_width: int, pad_token_id: int) -> torch.Tensor:
-    """[B, L] -> [B, L - prompt_width] bool: answer tokens before the first pad of each answer."""
-    answers = sequences[:, prompt_width:]
-    is_pad = answers == pad_token_id
-    return is_pad.long().cumsum(dim=1) == 0
+def _is_end(tokens: torch.Tensor, eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
+    if eos_token_id is None:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
 
 
-def answer_lengths(sequences: torch.Tensor, prompt_width: int, pad_token_id: int) -> torch.Tensor:
-    """Number of answer tokens before the first pad, per row ([B] long)."""
-    return answer_mask(sequences, prompt_width, pad_token_id).sum(dim=1)
+def answer_extent(sequences: torch.Tensor, prompt_width: int,
+                  eos_token_id: int | Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(content lengths [B] long, ended [B] bool) of the answers in generated rows [B, P + T].
+
+    An answer starts at the prompt width and ends at its first eos AFTER the prompt: `lengths` counts
+    the tokens before that eos (all T when there is none: cut by the length limit) and `ended` says
+    whether there was one. Nothing inside the prompt is looked at, so an eos (or pad) that closes a turn
+    inside a chat prompt is content, never the end.
+    """
+    is_end = _is_end(sequences[:, prompt_width:], eos_token_id)
+    ended = is_end.any(dim=1)
+    first = is_end.long().argmax(dim=1)
+    lengths = torch.where(ended, first, torch.full_like(first, is_end.shape[1]))
+    return lengths, ended
+
+
+def answer_mask(sequences: torch.Tensor, prompt_width: int, eos_token_id: int | Sequence[int] | None,
+                include_end: bool = True) -> torch.Tensor:
+    """[B, L] -> [B, L - prompt_width] bool: the answer's tokens, its ending eos included (`include_end`)."""
+    lengths, ended = answer_extent(sequences, prompt_width, eos_token_id)
+    real = lengths + (ended.long() if include_end else 0)
+    positions = torch.arange(sequences.shape[1] - prompt_width, device=sequences.device).unsqueeze(0)
+    return positions < real.unsqueeze(1)
+
+
+def answer_lengths(sequences: torch.Tensor, prompt_width: int,
+                   eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
+    """Number of answer tokens before the answer's eos, per row ([B] long)."""
+    return answer_extent(sequences, prompt_width, eos_token_id)[0]
+
+
+def rollout_attention_mask(sequences: torch.Tensor, prompt_mask: torch.Tensor,
+                           eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
+    """[B, P + T] long mask of generated rows: the prompt collator's mask (never recomputed from ids), then
+    each answer up to and including its eos. What the actor, reference, critic and reward model attend to."""
+    width = prompt_mask.shape[1]
+    answer = answer_mask(sequences, width, eos_token_id).to(prompt_mask.dtype)
+    return torch.cat([prompt_mask.to(sequences.device), answer], dim=1)
+
+
+def answer_token_lists(sequences: torch.Tensor, prompt_width: int,
+                       eos_token_id: int | Sequence[int] | None) -> list[list[int]]:
+    """Answer token ids per row: everything after the prompt up to (not including) its eos."""
+    lengths = answer_lengths(sequences, prompt_width, eos_token_id).tolist()
+    return [row[:n] for row, n in zip(sequences[:, prompt_width:].tolist(), lengths)]
 
 
 def pad_after_eos(sequences: torch.Tensor, prompt_width: int, eos_token_id: int | None,
                   pad_token_id: int) -> torch.Tensor:
-    """Replace every answer token after the first eos by pad (the eos itself is kept).
+    """Replace every answer token after the answer's first eos by pad (the eos itself is kept); the prompt
+    is left as it is.
 
     HF already does this for finished rows; doing it again makes the rule hold for any backend
     (the HE kernels, custom generators) and for eos ids given as a list in the generation config.
@@ -207,7 +250,7 @@ class Generator:
 
     `generate(prompt_ids, prompt_mask) -> [B, P + T]` where T <= max_new_tokens is the longest answer
     of this rank's batch (generation stops once every row hit eos) and everything after an answer's
-    first eos is pad.
+    first eos is pad. `attention_mask(sequences, prompt_mask)` is the rows' mask (`rollout_attention_mask`).
     """
 
     def __init__(self, engine_or_model, tokenizer, *, max_new_tokens: int, do_sample: bool = False,
@@ -324,6 +367,10 @@ class Generator:
         warn_once(f"--enable_hybrid_engine: {reason}; generating with Hugging Face generate from now on")
 
     # ---- public API
+    def attention_mask(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
+        """Mask of `generate`'s rows: the prompt mask (repeated per sample), then each answer through its eos."""
+        return rollout_attention_mask(sequences, prompt_mask.repeat_interleave(num_samples, dim=0), self.eos_token_id)
+
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
         """[B * num_samples, P + T]: rows i * num_samples + k are sample k of prompt i. The native path
         computes each prompt's prefill once for its samples (`shared_prefill_generate`); the Hybrid
@@ -355,7 +402,7 @@ class Generator:
         elapsed = max(time.time() - start, 1e-9)
         width = prompt_ids.shape[1]
         sequences = pad_after_eos(sequences, width, self.eos_token_id, self.pad_token_id)
-        n_tokens = int(answer_lengths(sequences, width, self.pad_token_id).sum())
+        n_tokens = int(answer_lengths(sequences, width, self.eos_token_id).sum())
         self.last_stats = {"generate_time": elapsed, "tokens_per_second": n_tokens / elapsed,
                            "answer_tokens": n_tokens, "path": self.path}
         return sequences

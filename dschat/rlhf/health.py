@@ -16,7 +16,8 @@ make that visible while it happens:
 
 `HealthMonitor` compares them with documented thresholds and prints one warning line per signal when
 it crosses; `health_summary()` is what a run writes to `OUTPUT/health.json`. `KeepBest` tracks the
-held-out score of periodic evaluations and says when a new best was reached.
+held-out score of periodic evaluations and says when a new best was reached (the evaluations themselves:
+`dschat.rlhf.held_out.HeldOutEvaluator`).
 
 The functions on tensors and token lists are pure and unit-tested against hand-computed values.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,10 +33,8 @@ from pathlib import Path
 
 import torch
 
-from dschat.rlhf.ppo_math import entropy_from_logits
 from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
-from dschat.utils.model.masks import position_ids_from_mask
 from dschat.utils.utils import atomic_write_json, print_rank_0
 
 HEALTH_FILE = "health.json"
@@ -47,13 +45,6 @@ DEGENERATE_REPEAT_SHARE = 0.5
 
 
 # --------------------------------------------------------------------------------------------- pure signals
-
-
-def answer_token_lists(sequences: torch.Tensor, prompt_width: int, pad_token_id: int) -> list[list[int]]:
-    """Answer token ids per row: everything after the prompt up to the first pad (pad = eos here)."""
-    answers = sequences[:, prompt_width:]
-    keep = (answers == pad_token_id).long().cumsum(dim=1) == 0
-    return [row[mask].tolist() for row, mask in zip(answers, keep)]
 
 
 def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
@@ -282,53 +273,6 @@ def check_health_args(args) -> None:
         load_gold_reward(args.gold_reward)
 
 
-# --------------------------------------------------------------------------------------------- held-out eval
-
-
-@torch.no_grad()
-def evaluate_held_out(model, generator, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokenizer,
-                      reward_fn: Callable[[torch.Tensor, int, list[str], list[str]], torch.Tensor] | None,
-                      gold_fn: Callable[[str, str], float] | None, batch_size: int = 16) -> dict[str, float]:
-    """Answer fixed left-padded prompts with `generator`, then report the generation signals, the policy's
-    per-token entropy on its own answers, and the mean reward-model (`eval/reward`) and gold (`eval/gold`)
-    scores. `reward_fn(sequences, prompt_width, prompts, answers)` -> [B] scores."""
-    module = getattr(model, "module", model)  # modes on the module: an HE engine's eval() would swap kernels in
-    with_positions = "position_ids" in inspect.signature(module.forward).parameters
-    pad = generator.pad_token_id
-    answers_ids: list[list[int]] = []
-    rewards: list[float] = []
-    texts: tuple[list[str], list[str]] = ([], [])
-    entropy_sum, token_count = 0.0, 0.0
-    was_training = module.training
-    for start in range(0, prompt_ids.shape[0], batch_size):
-        ids, mask = prompt_ids[start:start + batch_size], prompt_mask[start:start + batch_size]
-        seq = generator.generate(ids, mask)
-        module.eval()
-        width = ids.shape[1]
-        attention = torch.cat([mask, (seq[:, width:] != pad).long()], dim=1)
-        kwargs = {"position_ids": position_ids_from_mask(attention)} if with_positions else {}
-        logits = model(seq, attention_mask=attention, use_cache=False, **kwargs).logits
-        slots = attention[:, width:].float()
-        entropy_sum += float((entropy_from_logits(logits[:, width - 1:-1]) * slots).sum())
-        token_count += float(slots.sum())
-        answers_ids += answer_token_lists(seq, width, pad)
-        prompts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        answers = tokenizer.batch_decode(seq[:, width:], skip_special_tokens=True)
-        texts[0].extend(prompts)
-        texts[1].extend(answers)
-        if reward_fn is not None:
-            rewards += [float(r) for r in reward_fn(seq, width, prompts, answers).float().cpu()]
-    module.train(was_training)
-    metrics = generation_health(answers_ids, generator.max_new_tokens)
-    metrics["health/entropy"] = entropy_sum / max(token_count, 1.0)
-    metrics["eval/answer_length"] = sum(len(a) for a in answers_ids) / max(1, len(answers_ids))
-    if rewards:
-        metrics["eval/reward"] = sum(rewards) / len(rewards)
-    if gold_fn is not None:
-        metrics["eval/gold"] = mean_gold(gold_fn, *texts)
-    return metrics
-
-
 # --------------------------------------------------------------------------------------------- keep the best
 
 
@@ -391,8 +335,10 @@ class KeepBest:
     best_score: float = -math.inf
 
     def consider(self, step: int, scores: dict[str, float], healthy: bool = True) -> bool:
-        """Record an evaluation; True when it is a new best (the caller then saves its weights). A step the
-        health checks flag is never kept: a collapsed policy can score well on a reward model it exploits."""
+        """Record an evaluation's `eval/*` scores (other keys of `scores` are ignored); True when it is a new
+        best (the caller then saves its weights). A step the health checks flag is never kept: a collapsed
+        policy can score well on a reward model it exploits."""
+        scores = {k: v for k, v in scores.items() if k.startswith("eval/")}
         self.evals.append({"step": step, **scores, "healthy": healthy})
         score = scores.get(self.metric)
         if not healthy or score is None or not math.isfinite(score) or score <= self.best_score:

@@ -14,14 +14,15 @@ import torch
 from dschat.utils.losses import gather_log_probs, masked_mean
 
 __all__ = [
-    "gather_log_probs", "masked_mean", "sequence_log_probs", "answer_end_slots", "zero_after", "compute_kl_penalized_rewards", "compute_gae",
+    "gather_log_probs", "masked_mean", "token_log_probs", "answer_end_slots", "zero_after", "compute_kl_penalized_rewards", "compute_gae",
     "actor_loss", "critic_loss", "whiten", "entropy_from_logits", "FixedKLController", "AdaptiveKLController",
     "RunningMeanStd",
 ]
 
 
-def sequence_log_probs(logits: torch.Tensor, sequences: torch.Tensor, fp32: bool = True) -> torch.Tensor:
-    """Log-probability of each next token: logits [B, T, V] x sequences [B, T] -> [B, T-1] (shifted axis).
+def token_log_probs(logits: torch.Tensor, sequences: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+    """Per-token log-probability of each next token: logits [B, T, V] x sequences [B, T] -> [B, T-1]
+    (shifted axis; per token, not summed over an answer as DPO's `sequence_log_prob_sums` are).
 
     `fp32=True` (`--compute_fp32_loss`) upcasts the logits before the log-softmax: in bf16 the
     logsumexp over a 32K vocabulary rounds by up to ~0.1 nats per token, which goes straight into the
@@ -34,8 +35,9 @@ def sequence_log_probs(logits: torch.Tensor, sequences: torch.Tensor, fp32: bool
 def answer_end_slots(action_mask: torch.Tensor, start: int) -> torch.Tensor:
     """Slot that receives the reward-model score, per row ([B] long).
 
-    n = number of unmasked answer slots; the score goes to slot `start + n` (the slot whose target is
-    the first pad/eos after the answer), clipped to the last slot when the answer filled the budget.
+    n = number of unmasked answer slots (the answer's tokens through its eos); the score goes to slot
+    `start + n`, upstream's index: the slot at the answer's last token (its eos), whose own target is
+    padding; clipped to the last slot when the answer filled the budget.
     """
     n = action_mask[:, start:].sum(dim=1).long()
     return torch.clamp(start + n, max=action_mask.shape[1] - 1)

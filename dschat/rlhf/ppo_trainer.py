@@ -4,9 +4,11 @@ It is not a `dschat.utils.trainer.Trainer` (the epoch/resume loop of SFT, RM and
 iteration over the engines of `DeepSpeedRLHFEngine` (rollouts in, losses out) and is driven by step 3's
 `PPOLoop`, which owns epochs, states and logging.
 
-Experience keys say what they hold: `sequence_rewards` is one reward-model score per rollout (upstream
-called it `rewards`, which stays as an alias key for upstream step-3 mains that read it), while
+Experience is a typed record (`dschat.rlhf.experience.Experience`, shapes documented there):
+`sequence_rewards` is one reward-model score per rollout (upstream's key `rewards` still reads it), while
 `compute_rewards` returns per-token rewards (the KL penalty on every answer token, the score on the last).
+Masks are positions: the prompt's comes from the prompt collator, each answer's runs through its eos
+(`generation.rollout_attention_mask`), so an eos or pad token inside a chat prompt is attended to.
 
 The math lives in `ppo_math` (pure, unit-tested); this module wires it to the engines. Differences from
 upstream, each deliberate:
@@ -24,8 +26,15 @@ import inspect
 
 import torch
 
-from dschat.rlhf.generation import Generator, answer_lengths, decode_answers, decode_prompts
-from dschat.rlhf.health import answer_token_lists, generation_health
+from dschat.rlhf.experience import Experience
+from dschat.rlhf.generation import (
+    Generator,
+    answer_lengths,
+    answer_token_lists,
+    decode_answers,
+    decode_prompts,
+)
+from dschat.rlhf.health import generation_health
 from dschat.rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -36,13 +45,14 @@ from dschat.rlhf.ppo_math import (
     compute_kl_penalized_rewards,
     critic_loss,
     entropy_from_logits,
-    sequence_log_probs,
+    token_log_probs,
     whiten,
     zero_after,
 )
 from dschat.utils.dist import get_world_size
-from dschat.utils.inference import require_finite_scores
+from dschat.utils.inference import RewardScorer
 from dschat.utils.model.masks import position_ids_from_mask
+from dschat.utils.model.reward_model import ending_text
 from dschat.utils.utils import print_rank_0
 
 
@@ -59,7 +69,7 @@ def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 class PPOUpdater:
-    """One PPO iteration on the step-3 engines: `generate_experience(prompts, mask, step)` -> experience dict
+    """One PPO iteration on the step-3 engines: `generate_experience(prompts, mask, step)` -> `Experience`
     (rollouts, log-probs, values, `sequence_rewards`); `train_rlhf(exp)` -> (actor loss, critic loss).
     Not a `Trainer`: `dschat.steps.ppo.PPOLoop` drives it."""
 
@@ -70,6 +80,10 @@ class PPOUpdater:
         self.ref_model = rlhf_engine.ref
         self.reward_model = rlhf_engine.reward
         self.reward_ending_ids = rlhf_engine.reward_ending_ids
+        # the one reward reader, around the reward engine: rollouts here and held-out evaluations alike
+        self.reward_scorer = RewardScorer(self.reward_model, rlhf_engine.tokenizer,
+                                          ending_text(rlhf_engine.reward_ending, rlhf_engine.tokenizer),
+                                          ending=rlhf_engine.reward_ending)
         self.actor_ema = rlhf_engine.actor_ema
         self.tokenizer = rlhf_engine.tokenizer
         self.args = args
@@ -100,7 +114,7 @@ class PPOUpdater:
         )
         self._actor_position_ids = _accepts_position_ids(self.actor_model.module)
         self._ref_position_ids = _accepts_position_ids(self.ref_model.module)
-        self._last_kept: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.last_train_stats: dict[str, torch.Tensor] = {}
         self.last_health: dict[str, float] = {}  # answer checks of the last rollout batch, before any drop
 
@@ -125,23 +139,25 @@ class PPOUpdater:
             print_rank_0(f"--- prompt --> step={step}\n{prompt}\n--- answer --> step={step}\n{answer}")
 
     def _generate_sequence(self, prompts: torch.Tensor, mask: torch.Tensor, step: int):
-        """Generate, then drop rows whose answer has <= 1 token (upstream); returns (prompts, seq)."""
+        """Generate, then drop rows whose answer has <= 1 token, its eos counted (upstream's rule);
+        returns (prompts, prompt mask, sequences)."""
         seq = self.generator.generate(prompts, mask)
         self._print_answers(prompts, seq, step)
-        answers = answer_token_lists(seq, prompts.shape[1], self.pad_token_id)
+        width = prompts.shape[1]
+        answers = answer_token_lists(seq, width, self.end_of_conversation_token_id)
         self.last_health = {**generation_health(answers, self.max_answer_seq_len), "rows": float(len(answers))}
-        keep = answer_lengths(seq, prompts.shape[1], self.pad_token_id) > 1
+        keep = self.generator.attention_mask(seq, mask)[:, width:].sum(dim=1) > 1
         if not bool(keep.all()):
             print_rank_0(f"Dropping {int((~keep).sum())} too short generated answer(s) (<= 1 token)")
         if bool(keep.any()):
-            kept = (prompts[keep], seq[keep])
+            kept = (prompts[keep], mask[keep], seq[keep])
             self._last_kept = kept
             return kept
         if self._last_kept is not None:
             print_rank_0("every answer of this batch was too short; reusing the previous batch's rollouts")
             return self._last_kept
         print_rank_0("every answer of the first batch was too short; training on them anyway")
-        return prompts, seq
+        return prompts, mask, seq
 
     def _normalized_scores(self, scores: torch.Tensor) -> torch.Tensor:
         if self.reward_stats is None:
@@ -156,45 +172,40 @@ class PPOUpdater:
 
     # ---- experience
     @torch.no_grad()
-    def generate_experience(self, prompts: torch.Tensor, mask: torch.Tensor, step: int) -> dict:
+    def generate_experience(self, prompts: torch.Tensor, mask: torch.Tensor, step: int) -> Experience:
+        """Rollouts for left-padded `prompts` [B, P] with the prompt collator's `mask`, scored and valued."""
         self.eval()
-        prompts, seq = self._generate_sequence(prompts, mask, step)
+        prompts, prompt_mask, seq = self._generate_sequence(prompts, mask, step)
         stats = dict(self.generator.last_stats)
         self.train()
-        attention_mask = (seq != self.pad_token_id).long()
+        attention_mask = self.generator.attention_mask(seq, prompt_mask)
         width = prompts.shape[1]
 
         logits = self._lm_logits(self.actor_model, seq, attention_mask, self._actor_position_ids)
         ref_logits = self._lm_logits(self.ref_model, seq, attention_mask, self._ref_position_ids)
-        raw_scores = self.reward_model.rollout_scores(seq, attention_mask, width, self.reward_ending_ids,
-                                                      self.end_of_conversation_token_id)
-        rm_config = getattr(self.reward_model, "module", self.reward_model).config
-        require_finite_scores(raw_scores, getattr(rm_config, "_name_or_path", "") or "(--critic_model_name_or_path)")
+        raw_scores = self.reward_scorer.score_rollouts(seq, attention_mask, width)
         values = self.critic_model.forward_value(seq, attention_mask, return_value_only=True)[:, :-1]
-        sequence_rewards = self._normalized_scores(raw_scores)
 
-        logprobs = sequence_log_probs(logits, seq, self.compute_fp32_loss)
-        ref_logprobs = sequence_log_probs(ref_logits, seq, self.compute_fp32_loss)
-        answer_slots = attention_mask[:, width:]  # slots width-1 .. T-2 predict the answer tokens
+        logprobs = token_log_probs(logits, seq, self.compute_fp32_loss)
+        ref_logprobs = token_log_probs(ref_logits, seq, self.compute_fp32_loss)
+        answer_slots = attention_mask[:, width:]  # slots width-1 .. T-2 predict the answer tokens (eos included)
         entropy = (entropy_from_logits(logits[:, width - 1:-1, :]) * answer_slots).sum(dim=1)
         kl = ((logprobs[:, width - 1:].float() - ref_logprobs[:, width - 1:].float()) * answer_slots).sum(dim=1)
-        return {
-            "prompts": prompts,
-            "logprobs": logprobs,
-            "ref_logprobs": ref_logprobs,
-            "value": values,
-            "sequence_rewards": sequence_rewards,
-            "rewards": sequence_rewards,  # upstream's key for the same per-sequence scores (its step-3 main reads it)
-            "input_ids": seq,
-            "attention_mask": attention_mask,
-            # statistics (per row), not used by the update
-            "raw_sequence_rewards": raw_scores.detach().float(),
-            "kl": kl,
-            "entropy": entropy,
-            "answer_length": answer_lengths(seq, width, self.pad_token_id).float(),
-            "generate_time": torch.tensor(float(stats.get("generate_time", 0.0))),
-            "generated_tokens": torch.tensor(float(stats.get("answer_tokens", 0))),
-        }
+        return Experience(
+            prompts=prompts,
+            sequences=seq,
+            attention_mask=attention_mask,
+            token_log_probs=logprobs,
+            ref_token_log_probs=ref_logprobs,
+            values=values,
+            sequence_rewards=self._normalized_scores(raw_scores),
+            raw_sequence_rewards=raw_scores.detach().float(),
+            kl=kl,
+            entropy=entropy,
+            answer_length=answer_lengths(seq, width, self.end_of_conversation_token_id).float(),
+            generate_time=torch.tensor(float(stats.get("generate_time", 0.0))),
+            generated_tokens=torch.tensor(float(stats.get("answer_tokens", 0))),
+        )
 
     # ---- upstream-named building blocks
     def compute_rewards(self, prompts, log_probs, ref_log_probs, reward_score, action_mask):
@@ -207,17 +218,17 @@ class PPOUpdater:
         return compute_gae(values, rewards, start, self.gamma, self.lam)
 
     # ---- update
-    def train_rlhf(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = inputs["prompts"]
-        log_probs = inputs["logprobs"]
-        ref_log_probs = inputs["ref_logprobs"]
-        sequence_rewards = inputs["sequence_rewards"]
-        values = inputs["value"]
-        attention_mask = inputs["attention_mask"]
-        seq = inputs["input_ids"]
+    def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = exp.prompts
+        log_probs = exp.token_log_probs
+        ref_log_probs = exp.ref_token_log_probs
+        sequence_rewards = exp.sequence_rewards
+        values = exp.values
+        attention_mask = exp.attention_mask
+        seq = exp.sequences
 
-        start = prompts.shape[1] - 1
-        action_mask = attention_mask[:, 1:]
+        start = exp.prompt_width - 1
+        action_mask = exp.action_mask
         with torch.no_grad():
             token_rewards = self.compute_rewards(prompts, log_probs, ref_log_probs, sequence_rewards, action_mask)
             old_values = zero_after(values, answer_end_slots(action_mask, start))
@@ -226,7 +237,7 @@ class PPOUpdater:
                 advantages = whiten(advantages, action_mask[:, start:])
 
         logits = self._lm_logits(self.actor_model, seq, attention_mask, self._actor_position_ids)
-        new_logprobs = sequence_log_probs(logits, seq, self.compute_fp32_loss)
+        new_logprobs = token_log_probs(logits, seq, self.compute_fp32_loss)
         mask = action_mask[:, start:]
         a_loss, clipfrac, approx_kl = actor_loss(new_logprobs[:, start:], log_probs[:, start:], advantages, mask,
                                                  self.cliprange)

@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dschat.rlhf import health
+from dschat.rlhf.experience import Experience
 from dschat.rlhf.generation import Generator
+from dschat.rlhf.held_out import HeldOutEvaluator
 from dschat.rlhf.ppo_trainer import PPOUpdater, PPOUpdaterUnsupervised
 from dschat.rlhf.rlhf_engine import DeepSpeedRLHFEngine, unsupervised_enabled
 from dschat.steps import train_main
@@ -127,7 +129,11 @@ def build(args) -> PPOLoop:
     updater = (PPOUpdaterUnsupervised if unsupervised_enabled(args) else PPOUpdater)(engine, args)
     loop = PPOLoop(args, engine, updater, prompt_loader, unsup_loader, tokenizer, num_total_iters)
     if args.eval_steps and args.eval_prompts:
-        loop.held_out = held_out_prompt_batch(args, held_out, prompts, tokenizer)
+        batch = held_out_prompt_batch(args, held_out, prompts, tokenizer)
+        gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
+        loop.evaluator = HeldOutEvaluator(batch["prompt"], batch["prompt_att_mask"], tokenizer,
+                                          scorer=updater.reward_scorer, gold=gold,
+                                          batch_size=args.per_device_generation_batch_size)
     return loop
 
 
@@ -174,7 +180,7 @@ class PPOLoop(ResumableRun):
         self._round: dict[str, torch.Tensor] = {}
         self.monitor = health.HealthMonitor("step3", health.thresholds_from_args(args))
         self.best = health.KeepBest(f"eval/{args.best_metric}")
-        self.held_out: dict[str, torch.Tensor] | None = None
+        self.evaluator: HeldOutEvaluator | None = None
 
     # ---- state
     def _ema_partitioned(self) -> bool:
@@ -314,22 +320,22 @@ class PPOLoop(ResumableRun):
             self.step_in_epoch = 0
 
     # ---- one PPO update
-    def _accumulate_experience(self, exp: dict) -> None:
+    def _accumulate_experience(self, exp: Experience) -> None:
         """Per-sample statistics of one rollout batch, summed for the current round."""
-        raw = exp["raw_sequence_rewards"].float()
+        raw = exp.raw_sequence_rewards.float()
         stats = {
             "count": torch.tensor(float(raw.numel())),
             "reward_sum": raw.sum(),
             "reward_sq": (raw * raw).sum(),
-            "kl_sum": exp["kl"].float().sum(),
-            "entropy_sum": exp["entropy"].float().sum(),
-            "length_sum": exp["answer_length"].float().sum(),
-            "gen_tokens": exp["generated_tokens"].float(),
+            "kl_sum": exp.kl.float().sum(),
+            "entropy_sum": exp.entropy.float().sum(),
+            "length_sum": exp.answer_length.float().sum(),
+            "gen_tokens": exp.generated_tokens.float(),
         }
         for key, value in stats.items():
             self._round[key] = self._round.get(key, torch.zeros((), device=self.device)) + value.to(self.device)
         self._round["gen_time"] = self._round.get("gen_time", torch.zeros((), device=self.device)) + \
-            exp["generate_time"].to(self.device)
+            exp.generate_time.to(self.device)
         answers = dict(self.trainer.last_health)  # every rollout of the batch, also those dropped as too short
         rows = answers.pop("rows", 0.0)
         for key, value in {"health_rows": 1.0, **answers}.items():
@@ -431,28 +437,19 @@ class PPOLoop(ResumableRun):
                             self.save_state)
 
     def _maybe_evaluate(self) -> None:
-        """Every --eval_steps steps (and before the first): greedy answers to the held-out prompts, scored."""
+        """Every --eval_steps steps (and before the first): greedy answers to the held-out prompts, scored by the
+        same reader as the rollouts (`HeldOutEvaluator`, shared with DPO)."""
         args = self.args
-        if self.held_out is None or self.global_step % args.eval_steps != 0:
+        if self.evaluator is None or self.global_step % args.eval_steps != 0:
             return
         trainer = self.trainer
         generator = Generator(trainer.actor_model, self.tokenizer, max_new_tokens=args.max_answer_seq_len,
                               zero_stage=args.actor_zero_stage, gather_params=False if args.unpin_actor_parameters else None)
-        batch = to_device(self.held_out, self.device)
-        gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
-
-        def reward(seq, width, prompts, answers):  # noqa: ARG001 - scored as the rollouts are
-            mask = (seq != self.tokenizer.pad_token_id).long()
-            return trainer.reward_model.rollout_scores(seq, mask, width, trainer.reward_ending_ids,
-                                                       trainer.end_of_conversation_token_id)
-
         trainer.eval()
-        metrics = health.evaluate_held_out(trainer.actor_model, generator, batch["prompt"], batch["prompt_att_mask"],
-                                           self.tokenizer, reward, gold, args.per_device_generation_batch_size)
+        metrics = self.evaluator.evaluate(trainer.actor_model, generator)
         trainer.train()
         self.logger.log(self.global_step, "eval", metrics)
-        scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-        if self.best.consider(self.global_step, scores, healthy=not self.monitor.active) and args.keep_best:
+        if self.best.consider(self.global_step, metrics, healthy=not self.monitor.active) and args.keep_best:
             self._save_best_actor()
 
     def _best_dir(self) -> Path:

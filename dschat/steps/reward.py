@@ -27,8 +27,8 @@ def build_parser():
     flags.add_model_args(parser)
     parser.add_argument("--num_padding_at_beginning", type=int, default=1,
                         help="Positions at the start of every sequence never taken for its end (OPT: 1, Llama "
-                             "and our tiny model: 0); the score is read at the token before the first pad after "
-                             "them, as in PPO and selection.")
+                             "and our tiny model: 0). The score is read at the last real token, or the one before "
+                             "it when that is an eos that is also the pad, as in PPO and selection.")
     parser.add_argument("--reward_loss", choices=("end", "divergence"), default="end",
                         help="'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token loss "
                              "over the differing suffix.")
@@ -53,7 +53,7 @@ class RewardTrainer(Trainer):
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
-                          use_cache=False)
+                          sequence_mask=batch["attention_mask"], use_cache=False)
         chosen, rejected = out["chosen_mean_scores"].detach(), out["rejected_mean_scores"].detach()
         return {
             "loss": out["loss"],
@@ -75,7 +75,7 @@ class RewardTrainer(Trainer):
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
-                              use_cache=False)
+                              sequence_mask=batch["attention_mask"], use_cache=False)
             chosen, rejected = out["chosen_mean_scores"].float(), out["rejected_mean_scores"].float()
             sums += torch.stack([out["loss"].float(), pairwise_accuracy(chosen, rejected), chosen.mean(),
                                  rejected.mean()])

@@ -18,7 +18,7 @@ from dschat.utils.data.collators import pad_rows
 from dschat.utils.data.raw_datasets import join_prompt_response
 from dschat.utils.errors import UserError
 from dschat.utils.model.model_utils import create_critic_model, create_hf_model
-from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
+from dschat.utils.model.reward_model import ending_text, ending_token_ids, resolve_reward_ending
 from dschat.utils.utils import load_hf_tokenizer
 
 
@@ -108,7 +108,7 @@ def _cut_layout(full: list[int], prompt_ids: Sequence[int], eos_id: int | None,
 def score_layouts(model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
                   device: torch.device, share_prompts: bool = False) -> list[float]:
     """One reward per (prompt ids, answer ids) in one forward: prompts left-padded to a common width, answers
-    right-padded, read by `forward_value(..., prompt_length=width)` (the reward index rule of step 2 and PPO).
+    right-padded, each with its mask, read by `RewardModel.read_end_scores` (the one reward reader).
     `model` is a RewardModel or an engine around one. `share_prompts`: rows with the same prompt ids read
     that prompt once (`_score_shared_prompts`; same scores up to float rounding)."""
     config = getattr(getattr(model, "module", model), "config", None)
@@ -129,7 +129,7 @@ def _score_one_pass(model, layouts: Sequence[tuple[list[int], list[int]]], pad_t
     tail_ids, tail_mask = pad_with_mask([t for _, t in layouts], answer_width, pad_token_id, left=False)
     ids = torch.cat([head_ids, tail_ids], dim=1)
     mask = torch.cat([head_mask, tail_mask], dim=1)
-    return model.forward_value(ids.to(device), mask.to(device), prompt_length=width)["chosen_end_scores"]
+    return model.forward_value(ids.to(device), mask.to(device), prompt_length=width)["end_scores"]
 
 
 def pad_with_mask(rows: Sequence[Sequence[int]], width: int, pad_token_id: int,
@@ -146,8 +146,8 @@ def pad_with_mask(rows: Sequence[Sequence[int]], width: int, pad_token_id: int,
 def _score_shared_prompts(reward_model, layouts: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
                           device: torch.device) -> torch.Tensor:
     """`score_layouts` with each distinct prompt run through the reward model once: the prompts' KV cache
-    is selected per row (`batch_select_indices`) and only the answers are forwarded against it. The
-    scored index follows the same rule (`end_index` on the whole prompt + answer row)."""
+    is selected per row (`batch_select_indices`) and only the answers are forwarded against it. Read by the
+    same reader on the whole prompt + answer row and its mask."""
     heads = list(dict.fromkeys(tuple(h) for h, _ in layouts))
     which = torch.tensor([heads.index(tuple(h)) for h, _ in layouts], dtype=torch.long)
     width = max(len(h) for h in heads)
@@ -167,8 +167,7 @@ def _score_shared_prompts(reward_model, layouts: Sequence[tuple[list[int], list[
                                             use_cache=True)
     values = torch.cat([head_values[which], tail_values], dim=1)
     full_ids = torch.cat([head_ids[which], tail_ids], dim=1)
-    index = reward_model.end_index(full_ids, width)
-    return values.gather(1, index.unsqueeze(1)).squeeze(1)
+    return reward_model.read_end_scores(values, full_ids, full_mask, width)
 
 
 class RewardScorer:
@@ -180,10 +179,11 @@ class RewardScorer:
     the reward model's own tokenizer lets policy and reward model use different vocabularies.
 
     Build it from a checkpoint (`from_path`: eval, rw_eval, DPO) or around a model or DeepSpeed engine that
-    is already built (selection). Texts are tokenised in one call and scored in batches of `batch_size`,
+    is already built (selection, PPO). Texts are tokenised in one call and scored in batches of `batch_size`,
     each padded once. `share_prompts`: batches hold a prompt's answers side by side (longest prompts first)
     and read each prompt once (`score_layouts(..., share_prompts=True)`); otherwise batches follow the
-    input order.
+    input order. `score_rollouts` scores generated ids (PPO's rollouts and the held-out evaluations).
+    Every path ends in `RewardModel.read_end_scores`, the one reward reader.
     """
 
     def __init__(self, model, tokenizer, end_text: str, *, max_seq_len: int = 512, batch_size: int = 16,
@@ -201,6 +201,7 @@ class RewardScorer:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad_token_id
         self.share_prompts = share_prompts
+        self.ending_ids = ending_token_ids(tokenizer, ending or end_text)  # None: the eos ending
 
     @classmethod
     def from_path(cls, path: str, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -229,6 +230,24 @@ class RewardScorer:
         real = len(layouts)
         rows = list(layouts) or [([self.pad_id], [self.pad_id])]
         return score_layouts(self.model, rows, self.pad_id, self.device, share_prompts=self.share_prompts)[:real]
+
+    def shares_vocabulary(self, tokenizer) -> bool:
+        """Whether ids of `tokenizer` mean the same to this reward model (then rollouts are scored by id)."""
+        own = self.tokenizer
+        return tokenizer is own or (tokenizer.get_vocab() == own.get_vocab()
+                                    and tokenizer.eos_token_id == own.eos_token_id)
+
+    @torch.no_grad()
+    def score_rollouts(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """Rewards [B] of generated rows [B, P + T] in this reward model's vocabulary. `attention_mask` is the
+        prompt's mask followed by each answer's through its eos (`generation.rollout_attention_mask`). Each
+        answer's eos is replaced by the reward model's ending (`RewardModel.rollout_scores`), then the row is
+        read by the one reader. NaN/inf scores are refused (`require_finite_scores`)."""
+        scores = self.model.rollout_scores(sequences.to(self.device), attention_mask.to(self.device), prompt_width,
+                                           self.ending_ids, self.tokenizer.eos_token_id)
+        config = getattr(self.model, "config", None)
+        require_finite_scores(scores, getattr(config, "_name_or_path", "") or "(reward model)")
+        return scores
 
     def score(self, prompts: Sequence[str], answers: Sequence[str], calls: int | None = None) -> list[float]:
         """Rewards in input order. `calls` pads the number of forward calls with dummy ones (ranks must

@@ -50,42 +50,48 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] 
     return (x * mask).sum(dim=dim) / mask.sum(dim=dim).clamp(min=1e-8)
 
 
-def first_pad_index(
-    input_ids: torch.Tensor, pad_token_id: int, occurrence: int = 0, start: int = 0
-) -> torch.Tensor:
-    """Position of the `occurrence`-th (0-based) pad token at or after `start` in each row, else L.
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of the last real (mask 1) token of each row, [N, L] -> [N] long; -1 for a row with none.
 
-    [N, L] -> [N] long. This is the end marker of the reward-model convention: `occurrence` is
-    `num_padding_at_beginning` (pads that are really BOS tokens, e.g. OPT) and `start` is the prompt
-    width when the prompt may be left-padded.
+    Works for any layout the collators build (right-padded training rows, left-padded prompts followed by
+    right-padded answers): padding is wherever the mask is 0, whatever token id sits there.
     """
-    n, length = input_ids.shape
-    positions = torch.arange(length, device=input_ids.device)
-    is_pad = (input_ids == pad_token_id) & (positions >= start).unsqueeze(0)
-    hit = is_pad & (is_pad.long().cumsum(dim=1) == occurrence + 1)
-    found = hit.any(dim=1)
-    index = hit.long().argmax(dim=1)
-    return torch.where(found, index, torch.full_like(index, length))
+    length = attention_mask.shape[1]
+    real = attention_mask != 0
+    from_end = real.flip(dims=[1]).long().argmax(dim=1)
+    return torch.where(real.any(dim=1), length - 1 - from_end, torch.full_like(from_end, -1))
 
 
-def sequence_end_index(
-    input_ids: torch.Tensor, pad_token_id: int, num_padding_at_beginning: int = 0, start: int = 0
+def reward_index(
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    end_marker_id: int | None,
+    start: int = 0,
+    num_padding_at_beginning: int = 0,
 ) -> torch.Tensor:
-    """Index of the token a sequence is scored at: the one just before its end marker, or the last
-    position when there is no marker. [N, L] -> [N] long.
+    """Index of the token a sequence is scored at, [N, L] -> [N] long: THE reward-reading rule.
 
-    ONE rule for reward training, PPO and selection: the end marker is the first pad at or after
-    `max(start, num_padding_at_beginning)`. The first `num_padding_at_beginning` positions are skipped
-    whatever they hold, so a beginning token that is a pad (bos == pad) is not taken for the end, and one
-    that is not (OPT: bos 2, pad 1) does not push the marker one pad further. OPT's
-    `[2, 10, 11, 12, 13, 2, 1, 1, 1]` is read at 5 (its eos), the index upstream's step 3 reads; upstream's
-    step-2 training, which counted pads, read at 6 (the first pad) with this layout.
+    Stated in positions (the mask says which positions hold real tokens; a pad id inside the text is
+    content like any other token):
+    - the score is read at the row's last real token;
+    - except when that token is the end marker (`end_marker_id`: the pad id, i.e. an eos ending whose
+      token is also the pad, as with pad = eos) and it lies at or after `max(start, num_padding_at_beginning)`:
+      then it marks the end and the score is read at the token before it.
+    `start` is the prompt width (an end marker inside the prompt is never the end); the first
+    `num_padding_at_beginning` positions (OPT's beginning token) are never an end marker. A row whose
+    answer was cut by the length limit (no ending) is read at its last real token. The result is
+    clamped to >= 0 (a row with no real token reads position 0).
 
-    Clamped to `max(start - 1, 0)` from below so a row that is a pad right from the start (or an empty
-    answer) still yields a valid index instead of wrapping round to -1.
+    On upstream layouts this is upstream's "token before the first pad": OPT (bos = eos = 2, pad = 1)
+    `[2, 10, 11, 12, 13, 2, 1, 1, 1]` with mask `[1]*6 + [0]*3` reads 5 (its eos, not the pad); a pad = eos
+    row `[1, 5, 6, 7, 2, 2]` with mask `[1]*5 + [0]` reads 3 (the last answer token).
     """
-    marker = first_pad_index(input_ids, pad_token_id, start=max(start, num_padding_at_beginning))
-    return (marker - 1).clamp(min=max(start - 1, 0))
+    last = last_real_index(attention_mask)
+    token = input_ids.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1)
+    floor = max(start, num_padding_at_beginning)
+    is_marker = (token == end_marker_id) if end_marker_id is not None else torch.zeros_like(last, dtype=torch.bool)
+    ended = is_marker & (last >= floor)
+    return (last - ended.long()).clamp(min=0)
 
 
 def gather_at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -98,25 +104,29 @@ def divergence_reward_loss(
     rejected_ids: torch.Tensor,
     chosen_values: torch.Tensor,
     rejected_values: torch.Tensor,
-    pad_token_id: int,
-    num_padding_at_beginning: int = 0,
+    chosen_index: torch.Tensor,
+    rejected_index: torch.Tensor,
+    chosen_mask: torch.Tensor | None = None,
+    rejected_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Upstream DeepSpeed-Chat's per-token pairwise loss, kept for comparison runs (scalar).
 
-    For each pair: `div` = first position where the two rows differ, `end` = the later of the two end
-    markers (`first_pad_index`); the pair's loss is the mean of `softplus(r_t - c_t)` over positions
-    `div .. end-1` (trailing pads of the shorter answer included), and pairs are averaged. Identical
-    rows use the last position only. Unlike upstream (which would average an empty range to NaN), an
-    empty range is widened to the single position `end-1`. Known weakness: every token after the
-    divergence is pushed apart, not only the final one the reward is read from.
+    For each pair: `div` = first position where the two rows differ (in token or in being real),
+    `end` = one past the later of the two scored positions (`chosen_index`, `rejected_index`: the
+    `reward_index` of each row, so `end` is upstream's "first pad"); the pair's loss is the mean of
+    `softplus(r_t - c_t)` over positions `div .. end-1` (trailing pads of the shorter answer included),
+    and pairs are averaged. Identical rows use the last position only. Unlike upstream (which would
+    average an empty range to NaN), an empty range is widened to the single position `end-1`. Known
+    weakness: every token after the divergence is pushed apart, not only the final one the reward is
+    read from.
     """
     _, length = chosen_ids.shape
-    c_ind = first_pad_index(chosen_ids, pad_token_id, start=num_padding_at_beginning)
-    r_ind = first_pad_index(rejected_ids, pad_token_id, start=num_padding_at_beginning)
     differs = chosen_ids != rejected_ids
+    if chosen_mask is not None and rejected_mask is not None:
+        differs = differs | ((chosen_mask != 0) != (rejected_mask != 0))
     identical = ~differs.any(dim=1)
-    full = torch.full_like(c_ind, length)
-    end = torch.where(identical, full, torch.maximum(c_ind, r_ind)).clamp(min=1)
+    full = torch.full_like(chosen_index, length)
+    end = torch.where(identical, full, torch.maximum(chosen_index, rejected_index) + 1).clamp(min=1, max=length)
     div = torch.where(identical, full - 1, differs.long().argmax(dim=1))
     div = torch.minimum(div, end - 1)
     positions = torch.arange(length, device=chosen_ids.device).unsqueeze(0)

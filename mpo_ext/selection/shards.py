@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dschat.rlhf.generation import Generator, answer_mask, decode_continuations
+from dschat.rlhf.generation import Generator, answer_extent, decode_continuations
 from dschat.utils.errors import UserError
 from dschat.utils.fingerprint import model_signature
 from dschat.utils.inference import RewardScorer, pad_with_mask
@@ -171,14 +171,11 @@ class ShardWorker:
         start = time.time()
         sequences = self.generator.generate(ids.to(device), mask.to(device), num_samples=n).cpu()
         self.generate_seconds += time.time() - start
-        keep = answer_mask(sequences, width, pad)
-        lengths = keep.sum(dim=1).tolist()
+        # the answer is the run before its eos after the prompt; `finished`: it stopped by itself (False: cut
+        # at --max_answer_seq_len)
+        lengths, finished = (t.tolist() for t in answer_extent(sequences, width, self.generator.eos_token_id))
         body = sequences[:, width:].tolist()
-        tokens = [row[:count] for row, count in zip(body, lengths)]  # the answer is the run before the first pad
-        eos = self.tokenizer.eos_token_id
-        # an answer that stopped by itself (False: cut at --max_answer_seq_len)
-        finished = ((sequences[:, width:] == eos).any(dim=1).tolist() if eos is not None
-                    else [False] * len(tokens))
+        tokens = [row[:count] for row, count in zip(body, lengths)]
         answers = decode_continuations(self.tokenizer, [self.prompt_ids[i] for i in batch],
                                        [tokens[n * j:n * j + n] for j in range(len(batch))])
         self.answer_tokens += sum(lengths)

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None):
                         help="Step-2 output directory (pytorch_model.bin with rwtransformer.* and v_head.weight).")
     parser.add_argument("--num_padding_at_beginning", type=int, default=1,
                         help="As in step 2 (OPT: 1): the first N positions are never taken for the end of a "
-                             "sequence. Scores are read at the token before the first pad after the prompt.")
+                             "sequence. Scores are read at the answer's last real token (the one before an eos "
+                             "ending whose token is the pad), as in step 2, PPO and selection.")
     parser.add_argument("--add_eot_token", action="store_true",
                         help="Add --eot_token (default <|endoftext|>) to the tokenizer as a special token.")
     parser.add_argument("--eot_token", type=str, default=None,

@@ -3,10 +3,11 @@
 Submodule names `rwtransformer` and `v_head` are the checkpoint's key prefixes (upstream step 3 loads our
 step-2 output and we load theirs), so they must not change.
 
-End convention (one for SFT, RM and PPO): a sequence is scored at the token just before its end
-marker, the first pad at or after the prompt and the first `num_padding_at_beginning` positions
-(`dschat.utils.losses.sequence_end_index`). Every training text ends with eos; with pad == eos that is
-the last answer token, the same token at which the actor stops.
+End convention (one for SFT, RM and PPO): a sequence is scored at its last real token (the attention
+mask says which positions are real), or at the token before it when that token is an eos ending whose id
+is also the pad (`dschat.utils.losses.reward_index`, reached only through `RewardModel.end_index` /
+`read_end_scores`). Every training text ends with eos; with pad == eos that reads the last answer token,
+the token after which the actor stops; with pad != eos (OPT) it reads the eos itself.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dschat.utils.losses import (
     divergence_reward_loss,
     gather_at,
     pairwise_reward_loss,
-    sequence_end_index,
+    reward_index,
 )
 from dschat.utils.model.masks import has_left_padding, position_ids_from_mask
 
@@ -37,9 +38,9 @@ LOSS_TYPES = ("end", "divergence")
 # REWARD_ENDING_FILE beside the weights. DeepSpeed-Chat's step 2 appended the literal `<|endoftext|>`
 # and wrote no record (and no full tokenizer: only its vocabulary files), so a step-2 folder with
 # neither the record nor `tokenizer_config.json`/`tokenizer.json` is taken as upstream's. Selection, PPO,
-# evaluation and rw_eval score `prompt + answer + ending` and read the token before the first pad after
-# the prompt (`sequence_end_index`): the last answer token for an eos ending (pad == eos), the last
-# token of the literal otherwise. A flag (`--reward_end_text`, rw_eval's `--eot_token`) overrides.
+# evaluation and rw_eval score `prompt + answer + ending` by the one rule (`RewardModel.end_index`): the
+# last answer token for an eos ending (pad == eos), the last token of the literal otherwise. A flag
+# (`--reward_end_text`, rw_eval's `--eot_token`) overrides.
 
 REWARD_ENDING_FILE = "reward_ending.json"
 EOS_ENDING = "eos"  # the tokenizer's eos token, whatever its text
@@ -94,26 +95,27 @@ def ending_token_ids(tokenizer: Any, ending: str) -> list[int] | None:
     return list(tokenizer(ending, add_special_tokens=False)["input_ids"])
 
 
-def append_ending(seq: torch.Tensor, prompt_width: int, pad_token_id: int, eos_token_id: int | None,
-                  ending_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rollouts [B, T] (left-padded prompt of width P, answer, then eos/pads) with each answer's eos and
-    what follows replaced by `ending_ids` -> (ids [B, T + E], attention mask). The answer ends at its
-    first pad or eos; positions after the ending are pads, so the end index falls on its last token."""
+def append_ending(seq: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, pad_token_id: int,
+                  eos_token_id: int | None, ending_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollouts [B, T] (left-padded prompt of width P, answer, then padding; `attention_mask` says which
+    positions are real) with each answer's final eos replaced by `ending_ids` -> (ids [B, T + E], mask).
+
+    The answer is the real positions from P on; an eos at its last real position is its ending and is
+    dropped (an answer cut by the length limit keeps every token). Nothing is read from the prompt's ids:
+    its mask is copied as it is."""
     rows, length = seq.shape
     extra = len(ending_ids)
     out = torch.full((rows, length + extra), pad_token_id, dtype=seq.dtype, device=seq.device)
     mask = torch.zeros_like(out)
     ending = torch.tensor(ending_ids, dtype=seq.dtype, device=seq.device)
     answer = seq[:, prompt_width:]
-    stop = answer == pad_token_id
-    if eos_token_id is not None:
-        stop |= answer == eos_token_id
-    has_stop = stop.any(dim=1)
-    first = torch.where(has_stop, stop.long().argmax(dim=1), torch.full_like(has_stop, answer.shape[1], dtype=torch.long))
+    counts = (attention_mask[:, prompt_width:] != 0).long().sum(dim=1)
     out[:, :prompt_width] = seq[:, :prompt_width]
-    mask[:, :prompt_width] = (seq[:, :prompt_width] != pad_token_id).long()
+    mask[:, :prompt_width] = attention_mask[:, :prompt_width]
     for i in range(rows):
-        n = int(first[i])
+        n = int(counts[i])
+        if n and eos_token_id is not None and int(answer[i, n - 1]) == eos_token_id:
+            n -= 1
         out[i, prompt_width:prompt_width + n] = answer[i, :n]
         out[i, prompt_width + n:prompt_width + n + extra] = ending
         mask[i, prompt_width:prompt_width + n + extra] = 1
@@ -203,12 +205,23 @@ class RewardModel(nn.Module):
         hidden = outputs[0]
         return self.v_head(hidden).squeeze(-1)
 
-    def end_index(self, input_ids: torch.Tensor, prompt_length: int | None = None) -> torch.Tensor:
-        """Index of the scored token per row [N]: the token before the first pad at or after
-        `max(prompt_length, num_padding_at_beginning)` (`sequence_end_index`, the one rule shared by
-        training, PPO, selection and evaluation). `prompt_length` skips a left-padded prompt.
+    def end_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  prompt_length: int | None = None) -> torch.Tensor:
+        """Index of the scored token per row [N] (`dschat.utils.losses.reward_index`, the one rule): the last
+        real token, or the one before it when that is an eos ending whose id is the pad. `attention_mask`
+        (the collator's, or prompt mask + answer mask for rollouts) says which positions are real; None
+        means every position is (Hugging Face's convention). `prompt_length`: the prompt's (padded) width,
+        so nothing inside the prompt is taken for the end.
         """
-        return sequence_end_index(input_ids, self.PAD_ID, self.num_padding_at_beginning, start=prompt_length or 0)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        return reward_index(mask, input_ids, self.PAD_ID, start=prompt_length or 0,
+                            num_padding_at_beginning=self.num_padding_at_beginning)
+
+    def read_end_scores(self, values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        prompt_length: int | None = None) -> torch.Tensor:
+        """THE reward reader: one score per row [N] from per-token values [N, L] at `end_index`. Training,
+        PPO rollouts, selection, `mpo eval`, rw_eval and the held-out evaluations all read through it."""
+        return gather_at(values, self.end_index(input_ids, attention_mask, prompt_length))
 
     def end_scores(
         self,
@@ -216,9 +229,9 @@ class RewardModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         prompt_length: int | None = None,
     ) -> torch.Tensor:
-        """One reward per sequence [N], read at its end (see `end_index`). For evaluation tools."""
+        """One reward per sequence [N]: a forward, then `read_end_scores`."""
         values = self.token_values(input_ids, attention_mask)
-        return gather_at(values, self.end_index(input_ids, prompt_length))
+        return self.read_end_scores(values, input_ids, attention_mask, prompt_length)
 
     def forward(
         self,
@@ -228,13 +241,16 @@ class RewardModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool = False,
+        sequence_mask: torch.Tensor | None = None,
         **unused: Any,
     ) -> dict[str, torch.Tensor]:
         """Pairwise loss on [2B, L] (rows 0..B-1 chosen, B..2B-1 rejected).
 
         Returns `loss`, `chosen_mean_scores`, `rejected_mean_scores` (upstream names; they are END
-        scores, not means). Extra batch keys such as the collator's `prompt_lengths` are ignored, so
-        `model(**batch)` works.
+        scores, not means). `sequence_mask` says which positions hold real tokens (the collator's mask);
+        it defaults to `attention_mask`, and a step that leaves the attention mask out for speed
+        (`--pad_mask auto`) passes it here. Extra batch keys such as the collator's `prompt_lengths` are
+        ignored, so `model(**batch)` works.
         """
         if input_ids.shape[0] % 2:
             raise ValueError(f"reward batch must hold 2B rows (chosen then rejected), got {input_ids.shape[0]}")
@@ -242,10 +258,12 @@ class RewardModel(nn.Module):
             input_ids, attention_mask, past_key_values, position_ids, inputs_embeds, use_cache
         )
         half = input_ids.shape[0] // 2
-        chosen_ids, rejected_ids = input_ids[:half], input_ids[half:]
+        mask = sequence_mask if sequence_mask is not None else attention_mask
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        end_scores = self.read_end_scores(values, input_ids, mask)
+        chosen_end, rejected_end = end_scores[:half], end_scores[half:]
         chosen_values, rejected_values = values[:half], values[half:]
-        chosen_end = gather_at(chosen_values, self.end_index(chosen_ids))
-        rejected_end = gather_at(rejected_values, self.end_index(rejected_ids))
         if self.compute_fp32_loss:
             chosen_values, rejected_values = chosen_values.float(), rejected_values.float()
         if self.loss_type == "end":
@@ -254,9 +272,10 @@ class RewardModel(nn.Module):
             else:
                 loss = pairwise_reward_loss(chosen_end, rejected_end)
         else:
+            index = self.end_index(input_ids, mask)
             loss = divergence_reward_loss(
-                chosen_ids, rejected_ids, chosen_values, rejected_values,
-                self.PAD_ID, self.num_padding_at_beginning,
+                input_ids[:half], input_ids[half:], chosen_values, rejected_values, index[:half], index[half:],
+                mask[:half], mask[half:],
             )
         return {"loss": loss, "chosen_mean_scores": chosen_end, "rejected_mean_scores": rejected_end}
 
@@ -271,10 +290,11 @@ class RewardModel(nn.Module):
         prompt_length: int = 0,
         use_cache: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Per-token values [B, L] (critic), or with `return_value_only=False` also
-        `chosen_end_scores` [B]: the value before the first pad at or after `prompt_length` (reward).
+        """Per-token values [B, L] (critic), or with `return_value_only=False` also the reward of each row
+        [B] read by `read_end_scores`, under `end_scores` and upstream's key `chosen_end_scores` (the same
+        tensor: any sequence's score, not only a chosen one's).
 
-        Pass `prompt_length` = the (padded) prompt width so left pads are not taken as the end.
+        Pass the attention mask (which positions are real) and `prompt_length` = the (padded) prompt width.
         """
         values = self.token_values(
             input_ids, attention_mask, past_key_values, position_ids, inputs_embeds, use_cache
@@ -283,13 +303,15 @@ class RewardModel(nn.Module):
             return values
         if prompt_length < 0:
             raise ValueError(f"prompt_length must be >= 0, got {prompt_length}")
-        end_scores = gather_at(values, self.end_index(input_ids, prompt_length))
-        return {"values": values, "chosen_end_scores": end_scores}
+        end_scores = self.read_end_scores(values, input_ids, attention_mask, prompt_length)
+        return {"values": values, "end_scores": end_scores, "chosen_end_scores": end_scores}
 
     def rollout_scores(self, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
                        ending_ids: list[int] | None = None, eos_token_id: int | None = None) -> torch.Tensor:
-        """Reward of PPO rollouts [B]: as they are for the eos ending (`ending_ids=None`), else with each
-        answer's eos replaced by the trained ending (`append_ending`), read at its last token."""
+        """Reward of PPO rollouts [B] (`attention_mask`: the prompt's mask, then the answers' up to and
+        including their eos): as they are for the eos ending (`ending_ids=None`), else with each answer's
+        eos replaced by the trained ending (`append_ending`), read at its last token."""
         if ending_ids:
-            seq, attention_mask = append_ending(seq, prompt_width, self.PAD_ID, eos_token_id, ending_ids)
-        return self.forward_value(seq, attention_mask, prompt_length=prompt_width)["chosen_end_scores"]
+            seq, attention_mask = append_ending(seq, attention_mask, prompt_width, self.PAD_ID, eos_token_id,
+                                                ending_ids)
+        return self.end_scores(seq, attention_mask, prompt_length=prompt_width)
