@@ -150,7 +150,7 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from dschat.utils.dist import init_distributed
-    from dschat.utils.trainer import ResumableSampler, groups_by_length, sample_lengths
+    from dschat.utils.trainer import ResumableSampler, sample_lengths
 
     module = _our_module(cfg["task"])
     tokens = load_tokens(workdir)
@@ -189,7 +189,7 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     # length grouping they are regrouped every pass (an epoch of N samples); otherwise in the same order.
     loader = trainer.train_loader
     n = cfg["samples_per_window"]
-    lengths = sample_lengths(loader.dataset)[:n] if groups_by_length(args) else None
+    lengths = sample_lengths(loader.dataset)[:n] if args.groups_by_length else None
     world = torch.distributed.get_world_size()
     sampler = ResumableSampler(n, shuffle=lengths is not None, seed=0, rank=torch.distributed.get_rank(),
                                world_size=world, lengths=lengths, batch_size=bs)

@@ -51,6 +51,7 @@ from dschat.utils.utils import atomic_write_json, atomic_write_text
 from dschat.utils.warm_start import launch as warm_launch
 from dschat.utils.warm_start import module_command as warm_start_module
 from mpo_ext import eval_cli
+from mpo_ext.selection.settings import check_split
 from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS
 
 CONFIG_PACKAGE = "mpo_ext.configs"
@@ -320,12 +321,8 @@ def validate(config: PipelineConfig) -> None:
         raise UserError(f"config key mpo.reference: {mpo.reference!r}; choose dpo (MPO) or sft (ablation)")
     if mpo.order not in ("mpo", "reverse"):
         raise UserError(f"config key mpo.order: {mpo.order!r}; choose mpo or reverse")
-    if (mpo.threshold is None) == (mpo.easy_fraction is None):
-        raise UserError("config keys mpo.threshold / mpo.easy_fraction: set exactly one (the other null)")
-    if mpo.threshold is not None and mpo.threshold < 0:
-        raise UserError(f"config key mpo.threshold: {mpo.threshold}; a reward gap threshold must be >= 0")
-    if mpo.easy_fraction is not None and not 0.0 <= mpo.easy_fraction <= 1.0:
-        raise UserError(f"config key mpo.easy_fraction: {mpo.easy_fraction}; must be in [0, 1]")
+    check_split(mpo.threshold, mpo.easy_fraction, threshold_key="config key mpo.threshold",
+                easy_fraction_key="config key mpo.easy_fraction", require_one=True)
     if config.launcher.num_gpus < 1:
         raise UserError(f"config key launcher.num_gpus: {config.launcher.num_gpus}; must be >= 1")
     if config.progress_interval <= 0:

@@ -1,7 +1,7 @@
 """Step 3: PPO fine-tuning of the actor against the step-2 reward model (DeepSpeed-Chat compatible).
 
-The flags live in `dschat.steps.ppo_args` (`parse_args` is re-exported here, where upstream-style scripts
-import it). `build(args)` returns a `PPOLoop` whose `train()` runs the generate -> score -> update cycle
+The settings (`PPOSettings`, its flags) live in `dschat.steps.ppo_args` (`parse_args` is re-exported here,
+where upstream-style scripts import it). `build(settings)` returns a `PPOLoop` whose `train()` runs the generate -> score -> update cycle
 and whose `save_model()` writes `actor/`, `critic/` and `actor_ema/`.
 """
 
@@ -21,10 +21,9 @@ from tqdm.auto import tqdm
 from dschat.rlhf import health
 from dschat.rlhf.generation import Generator
 from dschat.rlhf.ppo_trainer import PPOUpdater, PPOUpdaterUnsupervised
-from dschat.rlhf.rlhf_engine import DeepSpeedRLHFEngine, unsupervised_enabled
+from dschat.rlhf.rlhf_engine import DeepSpeedRLHFEngine
 from dschat.steps import train_main
-from dschat.steps.ppo_args import parse_args, recorded_settings, validate_args
-from dschat.utils import args as flags
+from dschat.steps.ppo_args import PPOSettings, parse_args, recorded_settings
 from dschat.utils import startup
 from dschat.utils.build import (
     build_tokenizer,
@@ -43,7 +42,6 @@ from dschat.utils.output_dir import prepare_output_dir, publish_directory
 from dschat.utils.trainer import (
     MetricLogger,
     ResumableRun,
-    groups_by_length,
     make_loader,
     reduce_mean_metrics,
 )
@@ -59,85 +57,85 @@ from dschat.utils.utils import (
     to_device,
 )
 
-__all__ = ["PPOLoop", "build", "main", "parse_args", "prepare", "validate_args"]
+__all__ = ["PPOLoop", "PPOSettings", "build", "main", "parse_args", "prepare"]
 
 
-def check_actor_positions(args) -> None:
+def check_actor_positions(settings) -> None:
     """prompt + answer must fit the actor's position table (else generation indexes past it)."""
-    check_context_length(args.actor_model_name_or_path, "--actor_model_name_or_path",
-                         args.max_prompt_seq_len + args.max_answer_seq_len, "--max_prompt_seq_len + --max_answer_seq_len")
+    check_context_length(settings.actor_model_name_or_path, "--actor_model_name_or_path",
+                         settings.max_prompt_seq_len + settings.max_answer_seq_len, "--max_prompt_seq_len + --max_answer_seq_len")
 
 
 # --------------------------------------------------------------------------------------------- build
 
 
-def prepare(args):
+def prepare(settings):
     """Everything before the engines: checks, seed, tokenizer, prompt (and unsupervised) datasets."""
-    check_actor_positions(args)
-    if args.seed is None:
+    check_actor_positions(settings)
+    if settings.seed is None:
         print_rank_0("warning: --seed is not set (upstream step-3 default); steps 1-2 used 1234, so the phase-3 "
                      "split may overlap their prompts and the run is not reproducible; pass --seed 1234")
-    set_random_seed(args.seed)
-    tokenizer = build_tokenizer(args, args.actor_model_name_or_path)
+    set_random_seed(settings.seed)
+    tokenizer = build_tokenizer(settings, settings.actor_model_name_or_path)
     prompts, held_out = create_prompt_dataset(
-        get_local_rank(), args.data_path, args.data_split, args.data_output_path, 3, args.seed, tokenizer,
-        args.max_prompt_seq_len, end_of_conversation_token=end_of_text(args, tokenizer),
-        rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
+        get_local_rank(), settings.data_path, settings.data_split, settings.data_output_path, 3, settings.seed, tokenizer,
+        settings.max_prompt_seq_len, end_of_conversation_token=end_of_text(settings, tokenizer),
+        rebuild=settings.rebuild_data_cache, column_map=settings.column_map,
     )
     if len(prompts) == 0:
-        raise UserError(f"--data_path {' '.join(args.data_path)}: no prompts of at most --max_prompt_seq_len "
-                        f"{args.max_prompt_seq_len} tokens")
+        raise UserError(f"--data_path {' '.join(settings.data_path)}: no prompts of at most --max_prompt_seq_len "
+                        f"{settings.max_prompt_seq_len} tokens")
     unsup = None
-    if unsupervised_enabled(args):
-        unsup = get_unsupervised_data(args, tokenizer)
+    if settings.unsupervised_enabled:
+        unsup = get_unsupervised_data(settings, tokenizer)
         if hasattr(unsup, "keys") and "train" in unsup.keys():  # upstream returned the whole DatasetDict
             unsup = unsup["train"]
     return tokenizer, prompts, unsup, held_out
 
 
-def count_total_iters(args, num_prompt_batches: int, num_unsup_batches: int | None) -> int:
+def count_total_iters(settings, num_prompt_batches: int, num_unsup_batches: int | None) -> int:
     """Optimizer steps for the LR schedules (upstream's formula, capped by --max_steps)."""
     batches = min(num_prompt_batches, num_unsup_batches) if num_unsup_batches is not None else num_prompt_batches
-    per_batch = (args.per_device_generation_batch_size / args.per_device_training_batch_size
-                 * args.ppo_epochs / args.gradient_accumulation_steps)
-    total = int(args.num_train_epochs * batches * per_batch)
-    if args.max_steps:
-        total = min(total, math.ceil(args.max_steps * args.generation_batches * per_batch))
+    per_batch = (settings.per_device_generation_batch_size / settings.per_device_training_batch_size
+                 * settings.ppo_epochs / settings.gradient_accumulation_steps)
+    total = int(settings.num_train_epochs * batches * per_batch)
+    if settings.max_steps:
+        total = min(total, math.ceil(settings.max_steps * settings.generation_batches * per_batch))
     return max(1, total)
 
 
-def build(args) -> PPOLoop:
-    prepare_output_dir(args.output_dir)
-    tokenizer, prompts, unsup, held_out = prepare(args)
-    seed = args.seed or 0
-    prompt_loader = make_loader(prompts, args.per_device_generation_batch_size,
-                                DataCollatorRLHF(args.max_prompt_seq_len, pad_token_id=tokenizer.pad_token_id,
-                                                 padding=args.padding),
-                                shuffle=True, seed=seed, group_lengths=groups_by_length(args))
+def build(settings) -> PPOLoop:
+    prepare_output_dir(settings.output_dir)
+    tokenizer, prompts, unsup, held_out = prepare(settings)
+    seed = settings.seed or 0
+    prompt_loader = make_loader(prompts, settings.per_device_generation_batch_size,
+                                DataCollatorRLHF(settings.max_prompt_seq_len, pad_token_id=tokenizer.pad_token_id,
+                                                 padding=settings.padding),
+                                shuffle=True, seed=seed, group_lengths=settings.groups_by_length)
     unsup_loader = None
     if unsup is not None:
         # transformers takes seconds to import (it is not otherwise needed before the engines are built)
         from transformers import default_data_collator
 
-        unsup_loader = make_loader(unsup, args.per_device_generation_batch_size, default_data_collator,
+        unsup_loader = make_loader(unsup, settings.per_device_generation_batch_size, default_data_collator,
                                    shuffle=True, seed=seed)
-    num_total_iters = count_total_iters(args, len(prompt_loader), len(unsup_loader) if unsup_loader else None)
-    engine = DeepSpeedRLHFEngine(args.actor_model_name_or_path, args.critic_model_name_or_path, tokenizer, args,
+    num_total_iters = count_total_iters(settings, len(prompt_loader), len(unsup_loader) if unsup_loader else None)
+    engine = DeepSpeedRLHFEngine(settings.actor_model_name_or_path, settings.critic_model_name_or_path, tokenizer, settings,
                                  num_total_iters)
-    updater = (PPOUpdaterUnsupervised if unsupervised_enabled(args) else PPOUpdater)(engine, args)
-    loop = PPOLoop(args, engine, updater, prompt_loader, unsup_loader, tokenizer, num_total_iters)
-    if args.eval_steps and args.eval_prompts:
-        loop.held_out = held_out_prompt_batch(args, held_out, prompts, tokenizer)
+    updater = (PPOUpdaterUnsupervised if settings.unsupervised_enabled else PPOUpdater)(engine, settings)
+    loop = PPOLoop(settings, engine, updater, prompt_loader, unsup_loader, tokenizer, num_total_iters)
+    if settings.eval_steps and settings.eval_prompts:
+        loop.held_out = held_out_prompt_batch(settings, held_out, prompts, tokenizer)
     return loop
 
 
-def held_out_prompt_batch(args, held_out, train_prompts, tokenizer) -> dict[str, torch.Tensor]:
+def held_out_prompt_batch(settings, held_out, train_prompts, tokenizer) -> dict[str, torch.Tensor]:
     """The first --eval_prompts prompts of the phase-3 eval split (else of the training prompts), left-padded."""
     dataset = held_out if held_out is not None and len(held_out) else train_prompts
-    count = min(args.eval_prompts, len(dataset))
+    count = min(settings.eval_prompts, len(dataset))
     source = "eval-split" if dataset is held_out else "training (the data has no eval split)"
-    print_rank_0(f"Held-out evaluation every {args.eval_steps} steps on {count} {source} prompts")
-    collate = DataCollatorRLHF(args.max_prompt_seq_len, pad_token_id=tokenizer.pad_token_id, padding="longest")
+    print_rank_0(f"Held-out evaluation every {settings.eval_steps} steps on {count} {source} prompts")
+    collate = DataCollatorRLHF(settings.max_prompt_seq_len, pad_token_id=tokenizer.pad_token_id, padding="longest")
     return collate([dataset[i] for i in range(count)])
 
 
@@ -154,9 +152,9 @@ class PPOLoop(ResumableRun):
 
     name = "step3"
 
-    def __init__(self, args, rlhf_engine, trainer, prompt_loader: DataLoader, unsup_loader: DataLoader | None,
+    def __init__(self, settings, rlhf_engine, trainer, prompt_loader: DataLoader, unsup_loader: DataLoader | None,
                  tokenizer, num_total_iters: int):
-        self.args = args
+        self.settings = settings
         self.rlhf_engine = rlhf_engine
         self.trainer = trainer  # a PPOUpdater (upstream: DeepSpeedPPOTrainer): one PPO iteration, not a loop
         self.prompt_loader = prompt_loader
@@ -164,7 +162,7 @@ class PPOLoop(ResumableRun):
         self.tokenizer = tokenizer
         self.num_total_iters = num_total_iters
         self.device = rlhf_engine.actor.device
-        self.logger = MetricLogger.from_args(args, "step3")
+        self.logger = MetricLogger.from_settings(settings, "step3")
         self.reward_ema = ExponentialMovingAverage(0.9)
         self.global_step = 0          # PPO updates done
         self.epoch = 0
@@ -172,8 +170,8 @@ class PPOLoop(ResumableRun):
         self.non_overflow_steps = 0
         self._stop_requested = False
         self._round: dict[str, torch.Tensor] = {}
-        self.monitor = health.HealthMonitor("step3", health.thresholds_from_args(args))
-        self.best = health.KeepBest(f"eval/{args.best_metric}")
+        self.monitor = health.HealthMonitor("step3", settings.health_thresholds)
+        self.best = health.KeepBest(f"eval/{settings.best_metric}")
         self.held_out: dict[str, torch.Tensor] | None = None
 
     # ---- state
@@ -236,15 +234,15 @@ class PPOLoop(ResumableRun):
 
     # ---- loop
     def _done(self) -> bool:
-        args = self.args
-        if args.max_steps and self.global_step >= args.max_steps:
+        settings = self.settings
+        if settings.max_steps and self.global_step >= settings.max_steps:
             return True
-        return bool(args.enable_test_mode and args.test_stop_step and self.non_overflow_steps >= args.test_stop_step)
+        return bool(settings.enable_test_mode and settings.test_stop_step and self.non_overflow_steps >= settings.test_stop_step)
 
     def _batches_per_epoch(self) -> int:
-        n = math.ceil(self.prompt_loader.sampler.num_samples / self.args.per_device_generation_batch_size)
+        n = math.ceil(self.prompt_loader.sampler.num_samples / self.settings.per_device_generation_batch_size)
         if self.unsup_loader is not None:
-            n = min(n, math.ceil(self.unsup_loader.sampler.num_samples / self.args.per_device_generation_batch_size))
+            n = min(n, math.ceil(self.unsup_loader.sampler.num_samples / self.settings.per_device_generation_batch_size))
         return n
 
     def train(self) -> None:
@@ -261,22 +259,22 @@ class PPOLoop(ResumableRun):
         barrier()
 
     def _run_epochs(self) -> None:
-        args = self.args
-        exp_buffer = MiniDataset(args.generation_batches, args.per_device_training_batch_size)
-        unsup_buffer = MiniDataset(args.generation_batches, args.per_device_training_batch_size)
-        while self.epoch < args.num_train_epochs and not self._done():
+        settings = self.settings
+        exp_buffer = MiniDataset(settings.generation_batches, settings.per_device_training_batch_size)
+        unsup_buffer = MiniDataset(settings.generation_batches, settings.per_device_training_batch_size)
+        while self.epoch < settings.num_train_epochs and not self._done():
             per_epoch = self._batches_per_epoch()
-            start = self.step_in_epoch * args.per_device_generation_batch_size
+            start = self.step_in_epoch * settings.per_device_generation_batch_size
             self.prompt_loader.sampler.set_epoch(self.epoch, start=start)
             unsup_iter = repeat(None)
             if self.unsup_loader is not None:
                 self.unsup_loader.sampler.set_epoch(self.epoch, start=start)
                 unsup_iter = iter(self.unsup_loader)
-            print_rank_0(f"Beginning of Epoch {self.epoch + 1}/{args.num_train_epochs}, "
+            print_rank_0(f"Beginning of Epoch {self.epoch + 1}/{settings.num_train_epochs}, "
                          f"Total Generation Batches {per_epoch}")
-            bar = tqdm(total=math.ceil(per_epoch / args.generation_batches),
-                       initial=self.step_in_epoch // args.generation_batches, disable=not is_rank_0(),
-                       desc=f"step3 epoch {self.epoch + 1}/{args.num_train_epochs}", dynamic_ncols=True)
+            bar = tqdm(total=math.ceil(per_epoch / settings.generation_batches),
+                       initial=self.step_in_epoch // settings.generation_batches, disable=not is_rank_0(),
+                       desc=f"step3 epoch {self.epoch + 1}/{settings.num_train_epochs}", dynamic_ncols=True)
             for batch_prompt, batch_unsup in zip(self.prompt_loader, unsup_iter):
                 if self.step_in_epoch >= per_epoch:
                     break
@@ -329,14 +327,14 @@ class PPOLoop(ResumableRun):
             self._round[key] = self._round.get(key, torch.zeros((), device=self.device)) + weighted
 
     def _train_round(self, exp_batches: list, unsup_batches: list) -> None:
-        args = self.args
+        settings = self.settings
         engine = self.rlhf_engine
         start = time.time()
-        if args.actor_gradient_checkpointing:
+        if settings.actor_gradient_checkpointing:
             set_gradient_checkpointing(engine.actor.module, True)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         count = 0
-        for _ in range(args.ppo_epochs):
+        for _ in range(settings.ppo_epochs):
             for exp, unsup in zip(exp_batches, unsup_batches):
                 actor_loss, critic_loss = self.trainer.train_rlhf(exp)
                 startup.report()  # first optimizer step (once)
@@ -345,14 +343,14 @@ class PPOLoop(ResumableRun):
                 for key, value in self.trainer.last_train_stats.items():
                     sums[key] += value.to(self.device)
                 if unsup is not None:
-                    sums["loss/unsupervised"] += self.trainer.train_unsupervised(unsup, args.unsup_coef).detach().float()
+                    sums["loss/unsupervised"] += self.trainer.train_unsupervised(unsup, settings.unsup_coef).detach().float()
                 if engine.actor_ema is not None:
-                    moving_average(engine.actor.module, engine.actor_ema.module, beta=args.ema_beta,
-                                   zero_stage=args.actor_zero_stage)
+                    moving_average(engine.actor.module, engine.actor_ema.module, beta=settings.ema_beta,
+                                   zero_stage=settings.actor_zero_stage)
                 count += 1
             random.shuffle(exp_batches)
             random.shuffle(unsup_batches)
-        if args.actor_gradient_checkpointing:
+        if settings.actor_gradient_checkpointing:
             set_gradient_checkpointing(engine.actor.module, False)
         train_time = time.time() - start
         self.global_step += 1
@@ -400,13 +398,13 @@ class PPOLoop(ResumableRun):
         }
 
     def _log(self, metrics: dict[str, float]) -> None:
-        args = self.args
+        settings = self.settings
         metrics["reward/ema"] = self.reward_ema.update(metrics["reward/mean"])
         metrics["epoch"] = self.epoch + self.step_in_epoch / max(1, self._batches_per_epoch())
         self.logger.log(self.global_step, "train", metrics, echo=False)
-        if self.global_step % max(1, args.log_interval) == 0 or self._done():
+        if self.global_step % max(1, settings.log_interval) == 0 or self._done():
             unsup = metrics.get("loss/unsupervised", 0.0)
-            print_rank_0(f"Epoch: {self.epoch} | Step: {self.global_step} | PPO Epoch: {args.ppo_epochs} | "
+            print_rank_0(f"Epoch: {self.epoch} | Step: {self.global_step} | PPO Epoch: {settings.ppo_epochs} | "
                          f"Actor Loss: {metrics['loss/policy']:.6f} | Critic Loss: {metrics['loss/value']:.6f} | "
                          f"Unsupervised Loss: {unsup:.6f}")
             print_rank_0(f"Average reward score: {metrics['reward/mean']:.6f} | "
@@ -419,19 +417,19 @@ class PPOLoop(ResumableRun):
     # ---- health and held-out evaluation
     def _check_health(self, metrics: dict[str, float]) -> None:
         """Warn on unhealthy signals; with --stop_on_collapse save a state and exit (COLLAPSE_EXIT_CODE)."""
-        health.check_health(self.monitor, self.global_step, metrics, self.args.output_dir, self.args.stop_on_collapse,
+        health.check_health(self.monitor, self.global_step, metrics, self.settings.output_dir, self.settings.stop_on_collapse,
                             self.save_state)
 
     def _maybe_evaluate(self) -> None:
         """Every --eval_steps steps (and before the first): greedy answers to the held-out prompts, scored."""
-        args = self.args
-        if self.held_out is None or self.global_step % args.eval_steps != 0:
+        settings = self.settings
+        if self.held_out is None or self.global_step % settings.eval_steps != 0:
             return
         trainer = self.trainer
-        generator = Generator(trainer.actor_model, self.tokenizer, max_new_tokens=args.max_answer_seq_len,
-                              zero_stage=args.actor_zero_stage, gather_params=False if args.unpin_actor_parameters else None)
+        generator = Generator(trainer.actor_model, self.tokenizer, max_new_tokens=settings.max_answer_seq_len,
+                              zero_stage=settings.actor_zero_stage, gather_params=False if settings.unpin_actor_parameters else None)
         batch = to_device(self.held_out, self.device)
-        gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
+        gold = health.load_gold_reward(settings.gold_reward) if settings.gold_reward else None
 
         def reward(seq, width, prompts, answers):  # noqa: ARG001 - scored as the rollouts are
             mask = (seq != self.tokenizer.pad_token_id).long()
@@ -440,79 +438,79 @@ class PPOLoop(ResumableRun):
 
         trainer.eval()
         metrics = health.evaluate_held_out(trainer.actor_model, generator, batch["prompt"], batch["prompt_att_mask"],
-                                           self.tokenizer, reward, gold, args.per_device_generation_batch_size)
+                                           self.tokenizer, reward, gold, settings.per_device_generation_batch_size)
         trainer.train()
         self.logger.log(self.global_step, "eval", metrics)
         scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-        if self.best.consider(self.global_step, scores, healthy=not self.monitor.active) and args.keep_best:
+        if self.best.consider(self.global_step, scores, healthy=not self.monitor.active) and settings.keep_best:
             self._save_best_actor()
 
     def _best_dir(self) -> Path:
-        return Path(self.args.output_dir) / "best_actor"
+        return Path(self.settings.output_dir) / "best_actor"
 
     def _save_best_actor(self) -> None:
-        if not self.args.output_dir:
+        if not self.settings.output_dir:
             return
         print_rank_0(f"--keep_best: new best held-out {self.best.metric} {self.best.best_score:.4f} at step "
                      f"{self.global_step}; saving the actor to {self._best_dir()}")
         with lora_fused(self.rlhf_engine.actor.module):
             save_causal_lm(self.rlhf_engine.actor.module, self.tokenizer, self._best_dir(),
-                           extra_files=card_files(self.args, "step3 PPO actor (best evaluated step)",
-                                                  self.args.actor_model_name_or_path, self.rlhf_engine.actor))
+                           extra_files=card_files(self.settings, "step3 PPO actor (best evaluated step)",
+                                                  self.settings.actor_model_name_or_path, self.rlhf_engine.actor))
 
     # ---- outputs
     def _write_run_info(self, final: bool) -> None:
-        args = self.args
-        if not (args.output_dir and is_rank_0()):
+        settings = self.settings
+        if not (settings.output_dir and is_rank_0()):
             return
         info = {
-            "actor_model_name_or_path": _resolved(args.actor_model_name_or_path),
-            "reference_model_name_or_path": _resolved(args.reference_model_name_or_path or args.actor_model_name_or_path),
-            "critic_model_name_or_path": _resolved(args.critic_model_name_or_path),
-            "reward_model_name_or_path": _resolved(args.critic_model_name_or_path),
-            "data_path": [_resolved(p) for p in args.data_path],
-            "data_split": args.data_split,
-            "unsupervised_dataset_name": args.unsupervised_dataset_name,
-            "seed": args.seed,
-            "ppo": recorded_settings(args),
+            "actor_model_name_or_path": _resolved(settings.actor_model_name_or_path),
+            "reference_model_name_or_path": _resolved(settings.reference_model_name_or_path or settings.actor_model_name_or_path),
+            "critic_model_name_or_path": _resolved(settings.critic_model_name_or_path),
+            "reward_model_name_or_path": _resolved(settings.critic_model_name_or_path),
+            "data_path": [_resolved(p) for p in settings.data_path],
+            "data_split": settings.data_split,
+            "unsupervised_dataset_name": settings.unsupervised_dataset_name,
+            "seed": settings.seed,
+            "ppo": recorded_settings(settings),
             "generation_path": self.trainer.generator.path,
-            "hybrid_engine_requested": args.enable_hybrid_engine,
+            "hybrid_engine_requested": settings.enable_hybrid_engine,
             "global_step": self.global_step,
             "final_kl_coef": self.trainer.kl_ctl,
             "health": self.monitor.summary()["status"],
-            "kept_step": self.best.best_step if args.keep_best else self.global_step,
+            "kept_step": self.best.best_step if settings.keep_best else self.global_step,
             "complete": final,
         }
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.output_dir) / "run_info.json", info)
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(settings.output_dir) / "run_info.json", info)
 
     def save_model(self) -> None:
         """`actor/` and `actor_ema/` in Hugging Face layout, `critic/` in the reward-model layout."""
-        args = self.args
-        if not args.output_dir:
+        settings = self.settings
+        if not settings.output_dir:
             return
         engine = self.rlhf_engine
-        out = Path(args.output_dir)
+        out = Path(settings.output_dir)
         print_rank_0(f"saving the final models to {out} ...")
         fuse_lora(engine.actor.module)
-        if args.keep_best and self.best.best_step is not None:
+        if settings.keep_best and self.best.best_step is not None:
             self._keep_best_actor(out / "actor")
         else:
             save_causal_lm(engine.actor.module, self.tokenizer, out / "actor",
-                           extra_files=card_files(args, "step3 PPO actor", args.actor_model_name_or_path,
+                           extra_files=card_files(settings, "step3 PPO actor", settings.actor_model_name_or_path,
                                                   engine.actor))
         fuse_lora(engine.critic.module)
         save_reward_model(engine.critic.module, self.tokenizer, out / "critic",
-                          extra_files=card_files(args, "step3 PPO critic", args.critic_model_name_or_path,
+                          extra_files=card_files(settings, "step3 PPO critic", settings.critic_model_name_or_path,
                                                        engine.critic))
         if engine.actor_ema is not None:
             fuse_lora(engine.actor_ema.module)
             save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema",
-                           extra_files=card_files(args, "step3 PPO actor (EMA)", args.actor_model_name_or_path,
+                           extra_files=card_files(settings, "step3 PPO actor (EMA)", settings.actor_model_name_or_path,
                                                       engine.actor_ema))
-        health.write_health(args.output_dir, self.monitor)
+        health.write_health(settings.output_dir, self.monitor)
         self._write_run_info(final=True)
-        push_to_hub(args, out / "actor")
+        push_to_hub(settings, out / "actor")
 
     def _keep_best_actor(self, dest: Path) -> None:
         """actor/ becomes the best evaluated step's actor; best.json beside it says which step and why."""

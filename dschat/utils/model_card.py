@@ -108,12 +108,12 @@ def render_card(stage: str, settings: Mapping[str, Any], metrics_dir: str | os.P
     return "\n".join(parts)
 
 
-def card_files(args, stage: str, base_model: str | None, engine: Any = None) -> dict[str, str]:
-    """`extra_files` for the save helpers: {"README.md": card} from the run's flags, its --output_dir and the
-    DeepSpeed engine's own config."""
-    paths = list(getattr(args, "data_path", None) or [])
+def card_files(settings, stage: str, base_model: str | None, engine: Any = None) -> dict[str, str]:
+    """`extra_files` for the save helpers: {"README.md": card} from the run's settings (`record()`), its
+    --output_dir and the DeepSpeed engine's own config."""
     ds_config = getattr(getattr(engine, "_config", None), "_param_dict", None)
-    return {CARD_FILE: render_card(stage, vars(args), args.output_dir, base_model, paths, ds_config)}
+    return {CARD_FILE: render_card(stage, settings.record(), settings.output_dir, base_model,
+                                   list(settings.data_path), ds_config)}
 
 
 def set_card_section(model_dir: str | os.PathLike, title: str, body: str) -> None:
@@ -131,18 +131,18 @@ def set_card_section(model_dir: str | os.PathLike, title: str, body: str) -> Non
         print(f"warning: could not update the model card {path} ({err.strerror or err})", flush=True)
 
 
-def hub_repo_id(args, output_dir: str | os.PathLike) -> str:
-    return getattr(args, "hub_model_id", None) or Path(output_dir).resolve().name
+def hub_repo_id(settings, output_dir: str | os.PathLike) -> str:
+    return settings.hub_model_id or Path(output_dir).resolve().name
 
 
-def push_to_hub(args, output_dir: str | os.PathLike) -> None:
+def push_to_hub(settings, output_dir: str | os.PathLike) -> None:
     """Upload a saved model directory with huggingface_hub when --push_to_hub is set (rank 0 only)."""
-    if not getattr(args, "push_to_hub", False) or not is_rank_0():
+    if not settings.push_to_hub or not is_rank_0():
         return
-    repo_id = hub_repo_id(args, output_dir)
+    repo_id = hub_repo_id(settings, output_dir)
     try:
         api = HfApi()  # the token comes from HF_TOKEN or `huggingface-cli login`
-        api.create_repo(repo_id, exist_ok=True, private=getattr(args, "hub_private_repo", False))
+        api.create_repo(repo_id, exist_ok=True, private=settings.hub_private_repo)
         api.upload_folder(repo_id=repo_id, folder_path=str(output_dir),
                           ignore_patterns=["checkpoints/*", "*.lock", ".tmp-*"],
                           commit_message=f"Upload {Path(output_dir).name} (dschat-mpo)")
