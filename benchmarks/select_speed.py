@@ -38,7 +38,7 @@ from benchmarks.common import machine_info  # noqa: E402
 from dschat.rlhf.generation import Generator  # noqa: E402
 from dschat.utils.args import SamplingSettings  # noqa: E402
 from dschat.utils.inference import RewardScorer, reward_layout  # noqa: E402
-from dschat.utils.utils import set_random_seed  # noqa: E402
+from dschat.utils.seeding import set_random_seed  # noqa: E402
 from mpo_ext.selection import ShardWorker, derive_seed  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"
@@ -49,7 +49,7 @@ def build_models(workdir: Path, hidden: int, layers: int):
     from transformers import AutoModel, AutoModelForCausalLM
 
     from dschat.utils.model.reward_model import RewardModel
-    from dschat.utils.utils import load_hf_tokenizer
+    from dschat.utils.tokenizer import load_hf_tokenizer
     from mpo_ext import synthetic
     from mpo_ext.bootstrap import build_tiny_model
 

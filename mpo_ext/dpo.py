@@ -32,7 +32,8 @@ from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
     create_causal_lm,
-    initialize_frozen_engine,
+    frozen_causal_lm,
+    frozen_ds_config,
     initialize_trained_engine,
     save_trained_model,
     stage_datasets,
@@ -40,18 +41,27 @@ from dschat.utils.build import (
 )
 from dschat.utils.data.collators import DataCollatorReward
 from dschat.utils.data.raw_datasets import read_data_text
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
+from dschat.utils.device import to_device
+from dschat.utils.dist import (
+    all_gather,
+    all_reduce,
+    barrier,
+    get_accelerator,
+    get_rank,
+    get_world_size,
+    is_rank_0,
+)
 from dschat.utils.errors import UserError, run_main
+from dschat.utils.files import atomic_write, atomic_write_json
 from dschat.utils.fingerprint import model_signature
 from dschat.utils.inference import RewardScorer
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
-from dschat.utils.model_card import card_files
-from dschat.utils.module.lora import lora_disabled, lora_fused
+from dschat.utils.module.lora import lora_disabled
 from dschat.utils.output_dir import publish_directory
+from dschat.utils.printing import print_rank_0
+from dschat.utils.saving import save_stage_model
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
-from dschat.utils.utils import atomic_write, atomic_write_json, print_rank_0, save_causal_lm, to_device
 
 REFERENCE_FILE = "reference_logps.pt"
 EVAL_MAX_NEW_TOKENS = 64  # answer budget of the held-out generation checks
@@ -259,12 +269,8 @@ def compute_reference_table(model, dataset: Dataset, collate_fn, batch_size: int
         chosen, rejected = split_pairs(policy_log_probs(model, batch, pad_mask))
         values[start:start + len(chunk)] = torch.stack([chosen, rejected], dim=1).float()
     indices = torch.tensor(mine, dtype=torch.long, device=device)
-    if world_size > 1 and torch.distributed.is_initialized():
-        all_values = [torch.zeros_like(values) for _ in range(world_size)]
-        all_indices = [torch.zeros_like(indices) for _ in range(world_size)]
-        torch.distributed.all_gather(all_values, values)
-        torch.distributed.all_gather(all_indices, indices)
-        values, indices = torch.cat(all_values), torch.cat(all_indices)
+    if world_size > 1:
+        values, indices = all_gather(values), all_gather(indices)
     table = torch.zeros(n, 2, dtype=torch.float32)
     table[indices.cpu()] = values.cpu()
     return table
@@ -394,10 +400,8 @@ class DPOTrainer(Trainer):
         if improved and self.settings.keep_best and self.settings.output_dir:
             print_rank_0(f"--keep_best: new best held-out {self.best.metric} {self.best.best_score:.4f} at step "
                          f"{self.global_step}; saving it to {self._best_dir()}")
-            with lora_fused(self.engine.module):
-                save_causal_lm(self.engine.module, self.tokenizer, self._best_dir(),
-                               extra_files=card_files(self.settings, "step3b DPO (best evaluated step)",
-                                                      self.settings.model_name_or_path, self.engine))
+            save_stage_model(self.settings, self.engine, self.tokenizer, self._best_dir(),
+                             "step3b DPO (best evaluated step)", self.settings.model_name_or_path)
 
     def _best_dir(self) -> Path:
         return Path(self.settings.output_dir) / "best_model"
@@ -509,17 +513,6 @@ def _has_content(path: Path) -> bool:
     return any(line.strip() and line.strip() not in ("[]", "{}") for line in read_data_text(path).splitlines())
 
 
-def _build_frozen(path: str, tokenizer, ds_config: dict):
-    """A frozen forward-only engine of the causal LM at `path` (the reference policy)."""
-    # transformers (and model_utils, which imports it) take seconds: deferred so --help and flag errors answer first
-    from transformers import AutoModelForCausalLM
-
-    from dschat.utils.model.model_utils import create_hf_model
-
-    model = create_hf_model(AutoModelForCausalLM, path, tokenizer, ds_config)
-    return initialize_frozen_engine(model, ds_config)
-
-
 def _release(engine) -> None:
     """Tear a frozen engine down; the caller then drops its last reference and collects (an engine sits in
     reference cycles, so a `gc.collect()` while the caller still holds it frees nothing)."""
@@ -551,17 +544,14 @@ def precomputed_reference(settings: DPOSettings, reference_path: str, tokenizer,
     fingerprint = reference_fingerprint(settings, reference_path, train_data, eval_data)
     path = Path(settings.output_dir) / REFERENCE_FILE if settings.output_dir else None
     tables = load_reference_tables(path, fingerprint) if path is not None else None
-    from deepspeed.accelerator import get_accelerator  # deepspeed takes seconds to import: only when building
-
     found = torch.tensor([1.0 if tables is not None else 0.0], device=get_accelerator().current_device_name())
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)  # every rank must agree
+    all_reduce(found, "min")  # every rank must agree
     if found.item() > 0:
         print_rank_0(f"Loaded precomputed reference log-probs from {path}")
         return PrecomputedReference(tables)
     print_rank_0(f"Precomputing reference log-probs with {reference_path} "
                  f"({len(train_data)} train + {len(eval_data) if eval_data is not None else 0} eval pairs) ...")
-    engine = _build_frozen(reference_path, tokenizer, eval_config)
+    engine = frozen_causal_lm(reference_path, tokenizer, eval_config)
     batch_size = settings.per_device_eval_batch_size
     tables = {"train": compute_reference_table(engine, train_data, collator, batch_size, engine.device,
                                                pad_mask=settings.pad_mask)}
@@ -579,9 +569,8 @@ def precomputed_reference(settings: DPOSettings, reference_path: str, tokenizer,
 
 def build(settings: DPOSettings) -> DPOTrainer:
     tokenizer, ds_config = start_training_stage(settings, tb_name="step3b_dpo")
-    eval_config = get_eval_ds_config(offload=settings.offload_reference_model, dtype=settings.resolved_dtype,
-                                     stage=3 if settings.zero_stage == 3 else 0)
-    eval_config = set_batch_sizes(eval_config, settings.per_device_eval_batch_size, 1, get_world_size())
+    eval_config = frozen_ds_config(settings.resolved_dtype, offload=settings.offload_reference_model,
+                                   zero_stage=settings.zero_stage, micro_batch_size=settings.per_device_eval_batch_size)
     train_data, eval_data = stage_datasets(settings, tokenizer, 2)
     collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=settings.max_seq_len,
                                   padding=settings.padding)
@@ -593,7 +582,7 @@ def build(settings: DPOSettings) -> DPOTrainer:
         reference = precomputed_reference(settings, reference_path, tokenizer, eval_config, train_data, eval_data,
                                           collator)
     elif not base_is_reference:
-        reference = ResidentReference(_build_frozen(reference_path, tokenizer, eval_config), settings.pad_mask)
+        reference = ResidentReference(frozen_causal_lm(reference_path, tokenizer, eval_config), settings.pad_mask)
 
     model = create_causal_lm(settings, tokenizer, ds_config)
     engine = initialize_trained_engine(settings, model, ds_config, len(train_data))

@@ -19,9 +19,9 @@ import click
 
 from dschat.utils.dist import init_distributed, is_rank_0
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
+from dschat.utils.files import atomic_write_json, atomic_write_jsonl
 from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.settings import FlagSpec, Settings
-from dschat.utils.utils import atomic_write_json, atomic_write_jsonl
 from mpo_ext.eval_settings import EvalSettings
 
 GENERATION_EXCLUDED = ("model", "output_dir")  # `mpo compare` has its own --model and --output_dir

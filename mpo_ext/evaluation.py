@@ -27,8 +27,9 @@ import torch
 from dschat.rlhf.generation import Generator, answer_lengths, decode_answers
 from dschat.utils.data.data_utils import get_raw_dataset
 from dschat.utils.data.raw_datasets import read_data_text
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
+from dschat.utils.dist import all_gather_objects, barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_json, atomic_write_jsonl, parse_jsonl
 from dschat.utils.inference import (
     RewardScorer,
     load_policy,
@@ -38,7 +39,7 @@ from dschat.utils.inference import (
 )
 from dschat.utils.model_card import set_card_section
 from dschat.utils.output_dir import prepare_output_dir
-from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, load_hf_tokenizer
+from dschat.utils.tokenizer import load_hf_tokenizer
 from mpo_ext import synthetic
 from mpo_ext.eval_settings import EvalSettings
 
@@ -139,10 +140,7 @@ def batch_seed(seed: int, batch_number: int) -> int:
 
 def gather_records(records: list[dict]) -> list[dict]:
     """All ranks' records on every rank (identity in a single process), ordered by "index"."""
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        parts: list[list[dict] | None] = [None] * get_world_size()
-        torch.distributed.all_gather_object(parts, records)
-        records = [r for part in parts for r in (part or [])]
+    records = [r for part in all_gather_objects(records) for r in (part or [])]
     return sorted(records, key=lambda r: r["index"])
 
 
@@ -419,17 +417,10 @@ def read_generations(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: no such generations file; pass DIR/generations/NAME.jsonl from `mpo eval`")
-    records = []
-    for lineno, line in enumerate(read_data_text(p).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{p}:{lineno}: invalid JSON line ({err})") from err
+    records = parse_jsonl(read_data_text(p), p)
+    for number, record in enumerate(records, start=1):
         if not isinstance(record, dict) or "prompt" not in record or "answer" not in record:
-            raise UserError(f"{p}:{lineno}: each record needs 'prompt' and 'answer' keys")
-        records.append(record)
+            raise UserError(f"{p}: record {number}: each record needs 'prompt' and 'answer' keys")
     if not records:
         raise UserError(f"{p}: contains no records")
     return records

@@ -47,7 +47,7 @@ import mpo_ext
 from dschat.rlhf.health import COLLAPSE_EXIT_CODE, HEALTH_FILE
 from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.errors import UserError
-from dschat.utils.utils import atomic_write_json, atomic_write_text
+from dschat.utils.files import atomic_write_json, atomic_write_text
 from dschat.utils.warm_start import launch as warm_launch
 from dschat.utils.warm_start import module_command as warm_start_module
 from mpo_ext import eval_cli

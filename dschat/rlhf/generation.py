@@ -19,8 +19,8 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from dschat.utils.args import GREEDY, SamplingSettings
-from dschat.utils.dist import any_rank_true, get_world_size, on_cpu
-from dschat.utils.utils import print_rank_0
+from dschat.utils.dist import all_reduce, any_rank_true, get_world_size, on_cpu
+from dschat.utils.printing import print_rank_0
 
 PATH_HYBRID = "hybrid_engine"
 PATH_HF = "hf_generate"
@@ -168,9 +168,7 @@ def should_gather(module: torch.nn.Module, device: torch.device, fraction: float
     memory over ranks is used.
     """
     need = full_parameter_bytes(module)
-    free = torch.tensor([float(_free_memory_bytes(device))], device=device)
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+    free = all_reduce(torch.tensor([float(_free_memory_bytes(device))], device=device), "min")
     return need <= fraction * float(free.item())
 
 

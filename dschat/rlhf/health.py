@@ -35,8 +35,9 @@ import torch
 from dschat.rlhf.ppo_math import entropy_from_logits
 from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_json
 from dschat.utils.model.masks import position_ids_from_mask
-from dschat.utils.utils import atomic_write_json, print_rank_0
+from dschat.utils.printing import print_rank_0
 
 HEALTH_FILE = "health.json"
 BEST_FILE = "best.json"

@@ -40,22 +40,15 @@ from dschat.rlhf.ppo_math import (
     whiten,
     zero_after,
 )
-from dschat.utils.dist import get_world_size
+from dschat.utils.dist import all_reduce
 from dschat.utils.inference import require_finite_scores
 from dschat.utils.model.masks import position_ids_from_mask
-from dschat.utils.utils import print_rank_0
+from dschat.utils.printing import print_rank_0
 
 
 def _accepts_position_ids(module: torch.nn.Module) -> bool:
     params = inspect.signature(module.forward).parameters
     return "position_ids" in params
-
-
-def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        values = values.clone()
-        torch.distributed.all_reduce(values)
-    return values
 
 
 class PPOUpdater:
@@ -146,8 +139,7 @@ class PPOUpdater:
         if self.reward_stats is None:
             return scores
         s = scores.detach().float()
-        moments = _sum_over_ranks(torch.stack([s.sum(), (s * s).sum(), torch.tensor(float(s.numel()),
-                                                                                     device=s.device)]))
+        moments = all_reduce(torch.stack([s.sum(), (s * s).sum(), torch.tensor(float(s.numel()), device=s.device)]))
         total, total_sq, count = moments.tolist()
         mean = total / max(count, 1.0)
         self.reward_stats.update_from_moments(mean, max(total_sq / max(count, 1.0) - mean * mean, 0.0), count)

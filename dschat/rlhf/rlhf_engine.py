@@ -10,8 +10,9 @@ for a reason:
   exactly like the actor, so `moving_average` updates each rank's partition in place under ZeRO-3;
 - the reference model may come from another checkpoint (`--reference_model_name_or_path`, e.g. the
   DPO model in MPO) instead of always the actor's initial weights;
-- frozen engines get batch sizes consistent with the world size (upstream's fixed 32/4 pair fails on
-  world sizes that do not divide 8).
+- frozen engines (`dschat.utils.build.frozen_ds_config`, the one config of every forward-only engine) get
+  batch sizes consistent with the world size (upstream's fixed 32/4 pair fails on world sizes that do not
+  divide 8).
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ import torch
 from dschat.rlhf.generation import hybrid_engine_unavailable_reason, warn_once
 from dschat.utils.build import (
     apply_lora,
+    frozen_causal_lm,
+    frozen_ds_config,
+    frozen_reward_model,
     initialize_engine,
     initialize_frozen_engine,
     set_gradient_checkpointing,
     train_ds_config,
 )
-from dschat.utils.dist import get_world_size, on_cpu
-from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
+from dschat.utils.dist import on_cpu
 from dschat.utils.model.reward_model import ending_token_ids, resolve_reward_ending
-from dschat.utils.utils import print_rank_0
+from dschat.utils.printing import print_rank_0
 
 
 def log_init(model_name: str, start_time: float | None = None) -> float:
@@ -42,11 +45,6 @@ def log_init(model_name: str, start_time: float | None = None) -> float:
     duration = time.time() - start_time
     print_rank_0(f"[end] Initialized {model_name} Model [end] (duration: {duration:.2f}s)")
     return duration
-
-
-def frozen_ds_config(settings, *, offload: bool, stage: int, dtype: str | None = None) -> dict:
-    config = get_eval_ds_config(offload=offload, dtype=dtype or settings.resolved_dtype, stage=stage)
-    return set_batch_sizes(config, settings.per_device_training_batch_size, 1, get_world_size())
 
 
 def actor_gradient_accumulation_steps(settings) -> int:
@@ -131,10 +129,10 @@ class DeepSpeedRLHFEngine:
     def _init_ref(self, path: str):
         settings = self.settings
         start = log_init("Ref")
-        stage = 3 if settings.actor_zero_stage == 3 else 0
-        ds_config = frozen_ds_config(settings, offload=settings.offload_reference_model, stage=stage)
-        model = self._causal_lm(path, ds_config, None)
-        engine = initialize_frozen_engine(model, ds_config)
+        ds_config = frozen_ds_config(settings.resolved_dtype, offload=settings.offload_reference_model,
+                                     zero_stage=settings.actor_zero_stage,
+                                     micro_batch_size=settings.per_device_training_batch_size)
+        engine = frozen_causal_lm(path, self.tokenizer, ds_config)
         log_init("Ref", start)
         return engine
 
@@ -142,8 +140,9 @@ class DeepSpeedRLHFEngine:
         """Same architecture (incl. LoRA layers) and partitioning as the actor, fp32 weights."""
         settings = self.settings
         start = log_init("EMA")
-        stage = 3 if settings.actor_zero_stage == 3 else 0
-        ds_config = frozen_ds_config(settings, offload=settings.offload_reference_model, stage=stage, dtype="fp32")
+        ds_config = frozen_ds_config("fp32", offload=settings.offload_reference_model,
+                                     zero_stage=settings.actor_zero_stage,
+                                     micro_batch_size=settings.per_device_training_batch_size)
         # No persistent (always gathered) parameters: `moving_average` updates the partitions, which a
         # persistent parameter's full copy would not see.
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -154,14 +153,6 @@ class DeepSpeedRLHFEngine:
         log_init("EMA", start)
         return engine
 
-    def _reward_model(self, path: str, ds_config: dict, zero_stage: int):
-        from dschat.utils.model.model_utils import create_critic_model
-
-        settings = self.settings
-        return create_critic_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
-                                   rlhf_training=True, dropout=settings.critic_dropout, zero_stage=zero_stage,
-                                   compute_fp32_loss=settings.fp32_loss)
-
     def _init_critic(self, path: str):
         settings = self.settings
         start = log_init("Critic")
@@ -169,7 +160,11 @@ class DeepSpeedRLHFEngine:
             settings, zero_stage=settings.critic_zero_stage, micro_batch_size=settings.per_device_training_batch_size,
             gradient_accumulation_steps=settings.gradient_accumulation_steps, tb_name="step3_critic",
         )
-        model = self._reward_model(path, ds_config, settings.critic_zero_stage)
+        from dschat.utils.model.model_utils import create_critic_model
+
+        model = create_critic_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
+                                    rlhf_training=True, dropout=settings.critic_dropout,
+                                    zero_stage=settings.critic_zero_stage, compute_fp32_loss=settings.fp32_loss)
         # The value head always trains (upstream froze it with --only_optimize_lora, leaving a random
         # projection of the LoRA features as the value estimate).
         model = apply_lora(model, settings.critic_lora_dim, settings.critic_lora_module_name, settings.only_optimize_lora,
@@ -185,9 +180,10 @@ class DeepSpeedRLHFEngine:
     def _init_reward(self, path: str):
         settings = self.settings
         start = log_init("Reward")
-        stage = 3 if settings.critic_zero_stage == 3 else 0
-        ds_config = frozen_ds_config(settings, offload=settings.offload_reward_model, stage=stage)
-        model = self._reward_model(path, ds_config, stage)
-        engine = initialize_frozen_engine(model, ds_config)
+        ds_config = frozen_ds_config(settings.resolved_dtype, offload=settings.offload_reward_model,
+                                     zero_stage=settings.critic_zero_stage,
+                                     micro_batch_size=settings.per_device_training_batch_size)
+        engine = frozen_reward_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
+                                     dropout=settings.critic_dropout, compute_fp32_loss=settings.fp32_loss)
         log_init("Reward", start)
         return engine

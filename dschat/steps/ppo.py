@@ -29,33 +29,27 @@ from dschat.utils.build import (
     build_tokenizer,
     check_context_length,
     end_of_text,
-    fuse_lora,
     set_gradient_checkpointing,
 )
 from dschat.utils.data.collators import DataCollatorRLHF, MiniDataset
 from dschat.utils.data.prompt_datasets import create_prompt_dataset, get_unsupervised_data
-from dschat.utils.dist import barrier, get_local_rank, get_world_size, is_rank_0
+from dschat.utils.device import to_device
+from dschat.utils.dist import all_reduce, barrier, get_local_rank, is_rank_0
+from dschat.utils.ema import ExponentialMovingAverage, moving_average
 from dschat.utils.errors import UserError, run_main
-from dschat.utils.model_card import card_files, push_to_hub
-from dschat.utils.module.lora import lora_fused
+from dschat.utils.files import atomic_write_json
+from dschat.utils.model_card import push_to_hub
 from dschat.utils.output_dir import prepare_output_dir, publish_directory
+from dschat.utils.printing import print_rank_0
+from dschat.utils.saving import save_reward_model, save_stage_model
+from dschat.utils.seeding import set_random_seed
 from dschat.utils.trainer import (
     MetricLogger,
     ResumableRun,
     make_loader,
     reduce_mean_metrics,
 )
-from dschat.utils.utils import (
-    ExponentialMovingAverage,
-    atomic_write_json,
-    is_zero3,
-    moving_average,
-    print_rank_0,
-    save_causal_lm,
-    save_reward_model,
-    set_random_seed,
-    to_device,
-)
+from dschat.utils.zero import is_zero3
 
 __all__ = ["PPOLoop", "PPOSettings", "build", "main", "parse_args", "prepare"]
 
@@ -152,11 +146,11 @@ class PPOLoop(ResumableRun):
 
     name = "step3"
 
-    def __init__(self, settings, rlhf_engine, trainer, prompt_loader: DataLoader, unsup_loader: DataLoader | None,
+    def __init__(self, settings, rlhf_engine, updater, prompt_loader: DataLoader, unsup_loader: DataLoader | None,
                  tokenizer, num_total_iters: int):
         self.settings = settings
         self.rlhf_engine = rlhf_engine
-        self.trainer = trainer  # a PPOUpdater (upstream: DeepSpeedPPOTrainer): one PPO iteration, not a loop
+        self.updater = updater  # a PPOUpdater (upstream: DeepSpeedPPOTrainer): one PPO iteration, not a loop
         self.prompt_loader = prompt_loader
         self.unsup_loader = unsup_loader
         self.tokenizer = tokenizer
@@ -211,10 +205,10 @@ class PPOLoop(ResumableRun):
                 target.copy_(value.to(device=target.device, dtype=target.dtype).view_as(target))
 
     def extra_state(self) -> dict:
-        trainer = self.trainer
+        updater = self.updater
         return {
-            "kl_controller": trainer.kl_controller.state_dict(),
-            "reward_normalizer": trainer.reward_stats.state_dict() if trainer.reward_stats else None,
+            "kl_controller": updater.kl_controller.state_dict(),
+            "reward_normalizer": updater.reward_stats.state_dict() if updater.reward_stats else None,
             "reward_ema": self.reward_ema.ema,
             "non_overflow_steps": self.non_overflow_steps,
             "health_baseline": self.monitor.baseline,
@@ -222,11 +216,11 @@ class PPOLoop(ResumableRun):
         }
 
     def load_extra_state(self, state: dict) -> None:
-        trainer = self.trainer
+        updater = self.updater
         if state.get("kl_controller"):
-            trainer.kl_controller.load_state_dict(state["kl_controller"])
-        if state.get("reward_normalizer") and trainer.reward_stats is not None:
-            trainer.reward_stats.load_state_dict(state["reward_normalizer"])
+            updater.kl_controller.load_state_dict(state["kl_controller"])
+        if state.get("reward_normalizer") and updater.reward_stats is not None:
+            updater.reward_stats.load_state_dict(state["reward_normalizer"])
         self.reward_ema.ema = state.get("reward_ema")
         self.non_overflow_steps = int(state.get("non_overflow_steps", self.global_step))
         self.monitor.baseline.update(state.get("health_baseline", {}))
@@ -279,7 +273,7 @@ class PPOLoop(ResumableRun):
                 if self.step_in_epoch >= per_epoch:
                     break
                 batch_prompt = to_device(batch_prompt, self.device)
-                exp = self.trainer.generate_experience(batch_prompt["prompt"], batch_prompt["prompt_att_mask"],
+                exp = self.updater.generate_experience(batch_prompt["prompt"], batch_prompt["prompt_att_mask"],
                                                        self.epoch * per_epoch + self.step_in_epoch)
                 self._accumulate_experience(exp)
                 self.step_in_epoch += 1
@@ -320,7 +314,7 @@ class PPOLoop(ResumableRun):
             self._round[key] = self._round.get(key, torch.zeros((), device=self.device)) + value.to(self.device)
         self._round["gen_time"] = self._round.get("gen_time", torch.zeros((), device=self.device)) + \
             exp["generate_time"].to(self.device)
-        answers = dict(self.trainer.last_health)  # every rollout of the batch, also those dropped as too short
+        answers = dict(self.updater.last_health)  # every rollout of the batch, also those dropped as too short
         rows = answers.pop("rows", 0.0)
         for key, value in {"health_rows": 1.0, **answers}.items():
             weighted = torch.tensor(value * rows if key != "health_rows" else rows, device=self.device)
@@ -336,14 +330,14 @@ class PPOLoop(ResumableRun):
         count = 0
         for _ in range(settings.ppo_epochs):
             for exp, unsup in zip(exp_batches, unsup_batches):
-                actor_loss, critic_loss = self.trainer.train_rlhf(exp)
+                actor_loss, critic_loss = self.updater.train_rlhf(exp)
                 startup.report()  # first optimizer step (once)
                 sums["loss/policy"] += actor_loss.detach().float()
                 sums["loss/value"] += critic_loss.detach().float()
-                for key, value in self.trainer.last_train_stats.items():
+                for key, value in self.updater.last_train_stats.items():
                     sums[key] += value.to(self.device)
                 if unsup is not None:
-                    sums["loss/unsupervised"] += self.trainer.train_unsupervised(unsup, settings.unsup_coef).detach().float()
+                    sums["loss/unsupervised"] += self.updater.train_unsupervised(unsup, settings.unsup_coef).detach().float()
                 if engine.actor_ema is not None:
                     moving_average(engine.actor.module, engine.actor_ema.module, beta=settings.ema_beta,
                                    zero_stage=settings.actor_zero_stage)
@@ -354,12 +348,12 @@ class PPOLoop(ResumableRun):
             set_gradient_checkpointing(engine.actor.module, False)
         train_time = time.time() - start
         self.global_step += 1
-        if not self.trainer.overflowed():
+        if not self.updater.overflowed():
             self.non_overflow_steps += 1
         metrics = reduce_mean_metrics(dict(sums), count)
         metrics.update(self._round_metrics(train_time))
         self._round = {}
-        self.trainer.kl_controller.update(metrics["objective/kl"], int(metrics.pop("_samples")))
+        self.updater.kl_controller.update(metrics["objective/kl"], int(metrics.pop("_samples")))
         self._log(metrics)
         self._check_health(metrics)
 
@@ -370,15 +364,14 @@ class PPOLoop(ResumableRun):
                 "health_rows", *health_keys)
         totals = torch.stack([self._round[k].float().reshape(()) for k in keys])
         times = torch.tensor([float(self._round["gen_time"]), train_time], device=self.device)
-        if torch.distributed.is_initialized() and get_world_size() > 1:
-            torch.distributed.all_reduce(totals)
-            torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
+        all_reduce(totals)
+        all_reduce(times, "max")
         count, r_sum, r_sq, kl_sum, ent_sum, len_sum, tokens, rows, *health_sums = totals.tolist()
         n = max(count, 1.0)
         mean = r_sum / n
         kl = kl_sum / n
         gen_time, train_time = times.tolist()
-        kl_coef = self.trainer.kl_ctl
+        kl_coef = self.updater.kl_ctl
         return {
             "reward/mean": mean,
             "reward/std": math.sqrt(max(r_sq / n - mean * mean, 0.0) * n / max(n - 1.0, 1.0)),
@@ -412,7 +405,7 @@ class PPOLoop(ResumableRun):
             print_rank_0(f"KL: {metrics['objective/kl']:.4f} (coef {metrics['objective/kl_coef']:.4g}) | "
                          f"answer length {metrics['answer_length']:.1f} | generation "
                          f"{metrics['time/generation']:.2f}s ({metrics['tokens_per_second/generation']:.1f} tok/s, "
-                         f"{self.trainer.generator.path}) | training {metrics['time/training']:.2f}s")
+                         f"{self.updater.generator.path}) | training {metrics['time/training']:.2f}s")
 
     # ---- health and held-out evaluation
     def _check_health(self, metrics: dict[str, float]) -> None:
@@ -425,21 +418,21 @@ class PPOLoop(ResumableRun):
         settings = self.settings
         if self.held_out is None or self.global_step % settings.eval_steps != 0:
             return
-        trainer = self.trainer
-        generator = Generator(trainer.actor_model, self.tokenizer, max_new_tokens=settings.max_answer_seq_len,
+        updater = self.updater
+        generator = Generator(updater.actor_model, self.tokenizer, max_new_tokens=settings.max_answer_seq_len,
                               zero_stage=settings.actor_zero_stage, gather_params=False if settings.unpin_actor_parameters else None)
         batch = to_device(self.held_out, self.device)
         gold = health.load_gold_reward(settings.gold_reward) if settings.gold_reward else None
 
         def reward(seq, width, prompts, answers):  # noqa: ARG001 - scored as the rollouts are
             mask = (seq != self.tokenizer.pad_token_id).long()
-            return trainer.reward_model.rollout_scores(seq, mask, width, trainer.reward_ending_ids,
-                                                       trainer.end_of_conversation_token_id)
+            return updater.reward_model.rollout_scores(seq, mask, width, updater.reward_ending_ids,
+                                                       updater.end_of_conversation_token_id)
 
-        trainer.eval()
-        metrics = health.evaluate_held_out(trainer.actor_model, generator, batch["prompt"], batch["prompt_att_mask"],
+        updater.eval()
+        metrics = health.evaluate_held_out(updater.actor_model, generator, batch["prompt"], batch["prompt_att_mask"],
                                            self.tokenizer, reward, gold, settings.per_device_generation_batch_size)
-        trainer.train()
+        updater.train()
         self.logger.log(self.global_step, "eval", metrics)
         scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         if self.best.consider(self.global_step, scores, healthy=not self.monitor.active) and settings.keep_best:
@@ -453,10 +446,8 @@ class PPOLoop(ResumableRun):
             return
         print_rank_0(f"--keep_best: new best held-out {self.best.metric} {self.best.best_score:.4f} at step "
                      f"{self.global_step}; saving the actor to {self._best_dir()}")
-        with lora_fused(self.rlhf_engine.actor.module):
-            save_causal_lm(self.rlhf_engine.actor.module, self.tokenizer, self._best_dir(),
-                           extra_files=card_files(self.settings, "step3 PPO actor (best evaluated step)",
-                                                  self.settings.actor_model_name_or_path, self.rlhf_engine.actor))
+        save_stage_model(self.settings, self.rlhf_engine.actor, self.tokenizer, self._best_dir(),
+                         "step3 PPO actor (best evaluated step)", self.settings.actor_model_name_or_path)
 
     # ---- outputs
     def _write_run_info(self, final: bool) -> None:
@@ -473,10 +464,10 @@ class PPOLoop(ResumableRun):
             "unsupervised_dataset_name": settings.unsupervised_dataset_name,
             "seed": settings.seed,
             "ppo": recorded_settings(settings),
-            "generation_path": self.trainer.generator.path,
+            "generation_path": self.updater.generator.path,
             "hybrid_engine_requested": settings.enable_hybrid_engine,
             "global_step": self.global_step,
-            "final_kl_coef": self.trainer.kl_ctl,
+            "final_kl_coef": self.updater.kl_ctl,
             "health": self.monitor.summary()["status"],
             "kept_step": self.best.best_step if settings.keep_best else self.global_step,
             "complete": final,
@@ -492,22 +483,16 @@ class PPOLoop(ResumableRun):
         engine = self.rlhf_engine
         out = Path(settings.output_dir)
         print_rank_0(f"saving the final models to {out} ...")
-        fuse_lora(engine.actor.module)
         if settings.keep_best and self.best.best_step is not None:
             self._keep_best_actor(out / "actor")
         else:
-            save_causal_lm(engine.actor.module, self.tokenizer, out / "actor",
-                           extra_files=card_files(settings, "step3 PPO actor", settings.actor_model_name_or_path,
-                                                  engine.actor))
-        fuse_lora(engine.critic.module)
-        save_reward_model(engine.critic.module, self.tokenizer, out / "critic",
-                          extra_files=card_files(settings, "step3 PPO critic", settings.critic_model_name_or_path,
-                                                       engine.critic))
+            save_stage_model(settings, engine.actor, self.tokenizer, out / "actor", "step3 PPO actor",
+                             settings.actor_model_name_or_path)
+        save_stage_model(settings, engine.critic, self.tokenizer, out / "critic", "step3 PPO critic",
+                         settings.critic_model_name_or_path, save=save_reward_model)
         if engine.actor_ema is not None:
-            fuse_lora(engine.actor_ema.module)
-            save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema",
-                           extra_files=card_files(settings, "step3 PPO actor (EMA)", settings.actor_model_name_or_path,
-                                                      engine.actor_ema))
+            save_stage_model(settings, engine.actor_ema, self.tokenizer, out / "actor_ema", "step3 PPO actor (EMA)",
+                             settings.actor_model_name_or_path)
         health.write_health(settings.output_dir, self.monitor)
         self._write_run_info(final=True)
         push_to_hub(settings, out / "actor")

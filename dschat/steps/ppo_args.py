@@ -14,7 +14,7 @@ from typing import Any
 from dschat.utils import args as flags
 from dschat.utils.args import flag, same_flag
 from dschat.utils.errors import UserError
-from dschat.utils.utils import print_rank_0
+from dschat.utils.printing import print_rank_0
 
 BATCH_GROUP = "batches and lengths"
 OPTIM_GROUP = "actor / critic optimisation"

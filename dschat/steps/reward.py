@@ -16,11 +16,13 @@ from dschat.utils.build import (
     start_training_stage,
 )
 from dschat.utils.data.collators import DataCollatorReward
+from dschat.utils.dist import get_all_reduce_mean
 from dschat.utils.errors import run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
+from dschat.utils.printing import print_rank_0
+from dschat.utils.saving import save_reward_model
 from dschat.utils.trainer import Trainer
-from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model
 
 
 @dataclass(frozen=True, kw_only=True)

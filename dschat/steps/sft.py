@@ -17,9 +17,9 @@ from dschat.utils.build import (
     start_training_stage,
 )
 from dschat.utils.data.collators import DataCollatorSFT
+from dschat.utils.dist import get_all_reduce_mean
 from dschat.utils.errors import run_main
 from dschat.utils.trainer import Trainer
-from dschat.utils.utils import get_all_reduce_mean
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ from dschat.rlhf.health import HealthThresholds, load_gold_reward
 from dschat.utils.data.raw_datasets import parse_column_map
 from dschat.utils.ds_utils import load_user_ds_config, resolve_dtype
 from dschat.utils.errors import UserError
-from dschat.utils.settings import (
+from dschat.utils.settings import (  # noqa: F401 - the settings machinery, re-exported for the flag modules
     OWN_DEFAULT,
     FlagParser,
     Settings,
@@ -31,16 +31,6 @@ from dschat.utils.settings import (
     new_parser,
     same_flag,
 )
-
-__all__ = [
-    "OWN_DEFAULT", "REPORT_TO_CHOICES", "SCHEDULER_CHOICES", "BatchPaddingSettings", "DataSettings",
-    "DeepSpeedConfigSettings", "DeepSpeedSettings", "EvalIntervalSettings", "EvalStepsSettings", "FlagParser",
-    "HealthSettings", "HeldOutSettings", "LoRASettings", "LoggingSettings", "ModelSettings", "PadMaskSettings",
-    "PrintLossSettings", "RewardEndingSettings", "RewardIndexSettings", "SFTOnlyDataSettings", "SamplingSettings",
-    "ScheduleSettings", "SequenceLengthSettings", "Settings", "TokenizerSettings", "TrainBatchSettings",
-    "TrainStageSettings", "ZeroSettings", "check_path_exists", "check_positive", "finite_float", "flag",
-    "new_parser", "same_flag", "trackers",
-]
 
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
 SCHEDULER_CHOICES = (
@@ -504,5 +494,3 @@ class TrainStageSettings(DataSettings, BatchPaddingSettings, PadMaskSettings, Se
                          DeepSpeedConfigSettings, LoRASettings, LoggingSettings, EvalIntervalSettings):
     """The groups every stage built by `dschat.utils.build` offers (steps 1, 2 and 3b)."""
 
-
-__all__ += ["GREEDY", "HEALTH_GROUP", "HELD_OUT_GROUP", "LORA_MODULE_HELP", "SAMPLING_FIELDS", "FlagParser"]

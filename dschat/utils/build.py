@@ -17,30 +17,22 @@ from dschat.utils import startup
 from dschat.utils.args import TrainStageSettings
 from dschat.utils.data.prompt_datasets import create_prompt_dataset
 from dschat.utils.dist import get_local_rank, get_world_size
-from dschat.utils.ds_utils import (
-    get_train_ds_config,
-    merge_ds_config,
-    set_batch_sizes,
-)
+from dschat.utils.ds_utils import get_eval_ds_config, get_train_ds_config, merge_ds_config, set_batch_sizes
 from dschat.utils.errors import UserError
-from dschat.utils.model_card import card_files, push_to_hub
+from dschat.utils.model_card import push_to_hub
 from dschat.utils.module.lora import (
     convert_linear_layer_to_lora,
-    convert_lora_to_linear_layer,
     make_model_gradient_checkpointing_compatible,
     only_optimize_lora_parameters,
     resolve_lora_module_name,
 )
+from dschat.utils.optim import create_optimizer, get_optimizer_grouped_parameters
 from dschat.utils.output_dir import prepare_output_dir
+from dschat.utils.printing import print_rank_0
+from dschat.utils.saving import save_causal_lm, save_stage_model
+from dschat.utils.seeding import set_random_seed
+from dschat.utils.tokenizer import load_hf_tokenizer
 from dschat.utils.trainer import count_updates
-from dschat.utils.utils import (
-    create_optimizer,
-    get_optimizer_grouped_parameters,
-    load_hf_tokenizer,
-    print_rank_0,
-    save_causal_lm,
-    set_random_seed,
-)
 
 # transformers, deepspeed and dschat.utils.model.model_utils (which imports transformers) are imported
 # inside the functions that need them: they take seconds to load, and a stage's `--help` or a bad flag
@@ -113,12 +105,6 @@ def set_gradient_checkpointing(model: torch.nn.Module, enabled: bool = True) -> 
     getattr(model, f"{prefix}_{'enable' if enabled else 'disable'}")()
 
 
-def fuse_lora(model: torch.nn.Module) -> None:
-    """Fold LoRA weights into their base Linear layers before saving (no-op without LoRA)."""
-    if any("lora_" in name for name, _ in model.named_parameters()):
-        convert_lora_to_linear_layer(model)
-
-
 @startup.timed("deepspeed_init")
 def initialize_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate: float, weight_decay: float,
                       lora_learning_rate: float, lr_scheduler_type: str, num_warmup_steps: int,
@@ -140,15 +126,46 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate:
     return engine
 
 
+# --------------------------------------------------------------------------------------------- frozen engines
+
+
+def frozen_ds_config(dtype: str, *, offload: bool, zero_stage: int, micro_batch_size: int) -> dict:
+    """The DeepSpeed config of a forward-only engine (a reference, reward, EMA or sampling model): partitioned
+    (ZeRO-3) when the model it serves beside is (`zero_stage` 3), else a full replica on every rank (stages 1-2
+    partition optimizer state only, which a frozen model has none of); batch sizes consistent with the world."""
+    config = get_eval_ds_config(offload=offload, dtype=dtype, stage=3 if zero_stage == 3 else 0)
+    return set_batch_sizes(config, micro_batch_size, 1, get_world_size())
+
+
 @startup.timed("deepspeed_init")
 def initialize_frozen_engine(model: torch.nn.Module, ds_config: dict):
-    """A forward-only DeepSpeed engine (reference, reward, EMA models)."""
+    """A forward-only DeepSpeed engine (reference, reward, EMA, sampling models)."""
     import deepspeed
 
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+def frozen_causal_lm(path: str, tokenizer, ds_config: dict):
+    """A frozen engine of the causal LM at `path` (a reference policy, a sampling model)."""
+    from transformers import AutoModelForCausalLM
+
+    from dschat.utils.model.model_utils import create_hf_model
+
+    return initialize_frozen_engine(create_hf_model(AutoModelForCausalLM, path, tokenizer, ds_config), ds_config)
+
+
+def frozen_reward_model(path: str, tokenizer, ds_config: dict, num_padding_at_beginning: int, *,
+                        dropout: float | None = None, compute_fp32_loss: bool = False):
+    """A frozen engine of the step-2 reward model at `path` (ours or DeepSpeed-Chat's layout)."""
+    from dschat.utils.model.model_utils import create_critic_model
+
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    model = create_critic_model(path, tokenizer, ds_config, num_padding_at_beginning, rlhf_training=True,
+                                dropout=dropout, zero_stage=zero_stage, compute_fp32_loss=compute_fp32_loss)
+    return initialize_frozen_engine(model, ds_config)
 
 
 # --------------------------------------------------------------------------------------------- a trained stage
@@ -209,12 +226,12 @@ def initialize_trained_engine(settings: TrainStageSettings, model: torch.nn.Modu
 
 def save_trained_model(settings: TrainStageSettings, engine, tokenizer, what: str, card_title: str,
                        save: Callable[..., None] = save_causal_lm, extra_files: dict | None = None) -> None:
-    """Fold LoRA in, write the model, tokenizer and model card into --output_dir, push it if asked.
-    `save` is the writer (`save_causal_lm` or `save_reward_model`); `what` names the model in the log."""
+    """The final model of a stage into --output_dir (`save_stage_model`: LoRA folded, weights, tokenizer, card),
+    then pushed if asked. `save` is the layout (`save_causal_lm` or `save_reward_model`); `what` names the
+    model in the log."""
     if not settings.output_dir:
         return
     print_rank_0(f"saving {what} to {settings.output_dir} ...")
-    fuse_lora(engine.module)
-    save(engine.module, tokenizer, settings.output_dir,
-         extra_files={**(extra_files or {}), **card_files(settings, card_title, settings.model_name_or_path, engine)})
+    save_stage_model(settings, engine, tokenizer, settings.output_dir, card_title, settings.model_name_or_path,
+                     save=save, extra_files=extra_files)
     push_to_hub(settings, settings.output_dir)

@@ -22,7 +22,7 @@ from huggingface_hub import HfApi
 
 from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
-from dschat.utils.utils import atomic_write_text
+from dschat.utils.files import atomic_write_text, read_jsonl
 
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.jsonl"
@@ -48,11 +48,7 @@ def last_metrics(output_dir: str | os.PathLike) -> dict[str, dict]:
     last: dict[str, dict] = {}
     if not path.is_file():
         return last
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
+    for record in read_jsonl(path, skip_unreadable=True):  # a killed run may leave a torn last line
         if isinstance(record, dict) and "phase" in record:
             last[record["phase"]] = record
     return last

@@ -29,10 +29,20 @@ from dschat.utils.checkpoint import (
     maybe_inject_kill,
     save_training_state,
 )
-from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0, release_shm_segment
+from dschat.utils.device import to_device
+from dschat.utils.dist import (
+    all_reduce,
+    any_rank_true,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_rank_0,
+    release_shm_segment,
+)
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_text, jsonl_lines
 from dschat.utils.model.masks import training_attention_mask
-from dschat.utils.utils import atomic_write_text, print_rank_0, to_device
+from dschat.utils.printing import print_rank_0
 
 # --------------------------------------------------------------------------------------------- sampling
 
@@ -179,12 +189,8 @@ class MetricLogger:
         if not (self.rank0 and self.path and self.path.exists()):
             return
         kept = []
-        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
+        for number, line, record in jsonl_lines(self.path.read_text(encoding="utf-8", errors="replace")):
+            if isinstance(record, ValueError):
                 print(f"warning: {self.path}: dropping unreadable line {number} (torn write): {line[:80]!r}",
                       flush=True)
                 continue
@@ -230,10 +236,7 @@ def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
         return {}
     keys = sorted(sums)
     stacked = torch.stack([sums[k].detach().float().reshape(()) for k in keys]) / max(1, count)
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        torch.distributed.all_reduce(stacked)
-        stacked /= get_world_size()
-    return dict(zip(keys, stacked.tolist()))
+    return dict(zip(keys, all_reduce(stacked, "mean").tolist()))
 
 
 # --------------------------------------------------------------------------------------------- trainer

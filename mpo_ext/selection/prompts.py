@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from dschat.utils.data import data_utils
 from dschat.utils.errors import UserError
-from dschat.utils.utils import print_rank_0
+from dschat.utils.printing import print_rank_0
 
 
 def load_items(settings, tokenizer) -> tuple[list[dict], dict[str, int]]:

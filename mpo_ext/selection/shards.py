@@ -22,9 +22,11 @@ import torch
 
 from dschat.rlhf.generation import Generator, answer_mask, decode_continuations
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_json, read_jsonl
 from dschat.utils.fingerprint import model_signature
 from dschat.utils.inference import RewardScorer, pad_with_mask
-from dschat.utils.utils import atomic_write_json, print_rank_0, set_random_seed
+from dschat.utils.printing import print_rank_0
+from dschat.utils.seeding import set_random_seed
 from mpo_ext.selection.gaps import pair_from_samples
 from mpo_ext.selection.settings import SelectionSettings
 
@@ -103,7 +105,7 @@ def read_shards(output_dir: Path, num_shards: int) -> list[dict]:
         if not path.is_file():
             raise UserError(f"{path}: missing after all ranks finished; --output_dir must be on storage shared by "
                             "all nodes")
-        records.extend(json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        records.extend(read_jsonl(path, hint="; pass --rebuild_shards to discard the shards"))
     return sorted(records, key=lambda r: r["index"])
 
 

@@ -13,22 +13,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from dschat.rlhf.generation import Generator, hybrid_engine_unavailable_reason
 from dschat.utils import startup
-from dschat.utils.build import initialize_frozen_engine
+from dschat.utils.build import (
+    frozen_causal_lm,
+    frozen_ds_config,
+    frozen_reward_model,
+    initialize_frozen_engine,
+)
 from dschat.utils.checkpoint import maybe_inject_kill
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.ds_utils import get_eval_ds_config, get_train_ds_config, set_batch_sizes
+from dschat.utils.dist import barrier, broadcast_object, get_rank, get_world_size, is_rank_0
+from dschat.utils.ds_utils import get_train_ds_config, set_batch_sizes
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_json, atomic_write_jsonl
 from dschat.utils.inference import RewardScorer
-from dschat.utils.model.model_utils import create_critic_model, create_hf_model
+from dschat.utils.model.model_utils import create_hf_model
 from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
 from dschat.utils.output_dir import prepare_output_dir
-from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, load_hf_tokenizer, print_rank_0
+from dschat.utils.printing import print_rank_0
+from dschat.utils.tokenizer import load_hf_tokenizer
 from mpo_ext import plots
 from mpo_ext.selection.gaps import (
     accuracy_by_gap_bucket,
@@ -57,8 +63,10 @@ from mpo_ext.selection.shards import (
 
 def build_actor(settings: SelectionSettings, tokenizer, ds_config: dict):
     """Frozen SFT engine for sampling; a Hybrid Engine only where DeepSpeed can run one."""
+    if not settings.enable_hybrid_engine:
+        return frozen_causal_lm(settings.sft_model_name_or_path, tokenizer, ds_config)
     model = create_hf_model(AutoModelForCausalLM, settings.sft_model_name_or_path, tokenizer, ds_config)
-    if settings.enable_hybrid_engine and hybrid_engine_unavailable_reason(model) is None:
+    if hybrid_engine_unavailable_reason(model) is None:
         import deepspeed  # only for the Hybrid Engine request: a plain run never needs it at import time
 
         config = get_train_ds_config(offload=False, dtype=settings.resolved_dtype, stage=settings.zero_stage,
@@ -75,10 +83,9 @@ def build_actor(settings: SelectionSettings, tokenizer, ds_config: dict):
     return initialize_frozen_engine(model, ds_config)
 
 
-def build_reward(settings, tokenizer, ds_config: dict):
-    model = create_critic_model(settings.reward_model_name_or_path, tokenizer, ds_config,
-                                settings.num_padding_at_beginning, rlhf_training=True, zero_stage=settings.zero_stage)
-    return initialize_frozen_engine(model, ds_config)
+def build_reward(settings: SelectionSettings, tokenizer, ds_config: dict):
+    return frozen_reward_model(settings.reward_model_name_or_path, tokenizer, ds_config,
+                               settings.num_padding_at_beginning)
 
 
 def reward_tokenizer(settings, fallback):
@@ -93,14 +100,6 @@ def reward_tokenizer(settings, fallback):
 
 
 # --------------------------------------------------------------------------------------------- shards
-
-
-def broadcast_object(obj: Any) -> Any:
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
 
 
 def run_shards(settings: SelectionSettings, worker: ShardWorker, shards: list[range], mine: list[int], all_assignments: list[list[int]],
@@ -234,9 +233,8 @@ def run(settings: SelectionSettings) -> dict | None:
                  f"{len(pending)} to do on {world} rank(s)")
     worker_stats: dict[str, Any] = {}
     if pending:
-        stage = 3 if settings.zero_stage == 3 else 0
-        ds_config = set_batch_sizes(get_eval_ds_config(offload=settings.offload, dtype=settings.resolved_dtype,
-                                                       stage=stage), settings.per_device_eval_batch_size, 1, world)
+        ds_config = frozen_ds_config(settings.resolved_dtype, offload=settings.offload, zero_stage=settings.zero_stage,
+                                     micro_batch_size=settings.per_device_eval_batch_size)
         generator = None
         if settings.samples_answers:
             actor = build_actor(settings, sft_tokenizer, ds_config)

@@ -39,7 +39,7 @@ from dschat.utils.data.cache import (
 from dschat.utils.data.raw_datasets import PromptRawDataset
 from dschat.utils.data.splits import get_shuffle_idx, parse_data_split, phase_rows
 from dschat.utils.errors import UserError
-from dschat.utils.utils import print_rank_0
+from dschat.utils.printing import print_rank_0
 
 # --------------------------------------------------------------------------------------------- dataset lookup
 
