@@ -234,7 +234,8 @@ def prepare_assets(workdir: Path, models: list[str] | None = None) -> dict[str, 
 
     from dschat.utils.data.data_utils import create_prompt_dataset
     from dschat.utils.model.reward_model import RewardModel
-    from dschat.utils.utils import load_hf_tokenizer, save_reward_model
+    from dschat.utils.saving import save_reward_model
+    from dschat.utils.tokenizer import load_hf_tokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
     for filename, count in DATA_FILES.values():

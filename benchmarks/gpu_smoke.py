@@ -18,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dschat.utils.files import read_jsonl  # noqa: E402
 from mpo_ext.bootstrap import build_default_assets  # noqa: E402
 
 SMALL_MODEL = {"hidden_size": 512, "num_layers": 8, "num_heads": 8}
@@ -33,7 +34,7 @@ def build_assets(root: str) -> None:
 def report(step3_dir: str) -> int:
     out = Path(step3_dir)
     info = json.loads((out / "run_info.json").read_text())
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_jsonl(out / "metrics.jsonl", skip_unreadable=True)
     log = (out / "training.log").read_text(errors="replace") if (out / "training.log").exists() else ""
     he_lines = [line.strip() for line in log.splitlines()
                 if "--enable_hybrid_engine:" in line or "parity check passed" in line]

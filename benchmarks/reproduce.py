@@ -43,7 +43,7 @@ for _path in (REPO, REPO / "benchmarks"):
 from common import cpu_model  # noqa: E402
 
 from dschat.utils.errors import UserError, run_main  # noqa: E402
-from dschat.utils.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from dschat.utils.files import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
 from mpo_ext.pipeline import PipelineConfig, Stage, build_plan, dump_config, load_config, run_plan  # noqa: E402
 from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS, any_gold_reward  # noqa: E402
 
@@ -229,8 +229,7 @@ def rm_gold_agreement(sel: Path) -> dict[str, float | None]:
     def accuracy(files: list[Path]) -> float | None:
         agree = total = 0
         for path in files:
-            for line in path.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line)
+            for rec in read_jsonl(path):
                 gc, gr = any_gold_reward(rec["prompt"], rec["chosen"]), any_gold_reward(rec["prompt"], rec["rejected"])
                 if gc != gr:
                     total += 1

@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine_info  # noqa: E402
 from dschat.rlhf.generation import Generator  # noqa: E402
+from dschat.utils.args import SamplingSettings  # noqa: E402
 from dschat.utils.inference import RewardScorer, reward_layout  # noqa: E402
-from dschat.utils.utils import set_random_seed  # noqa: E402
+from dschat.utils.seeding import set_random_seed  # noqa: E402
 from mpo_ext.selection import ShardWorker, derive_seed  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"
@@ -48,7 +49,7 @@ def build_models(workdir: Path, hidden: int, layers: int):
     from transformers import AutoModel, AutoModelForCausalLM
 
     from dschat.utils.model.reward_model import RewardModel
-    from dschat.utils.utils import load_hf_tokenizer
+    from dschat.utils.tokenizer import load_hf_tokenizer
     from mpo_ext import synthetic
     from mpo_ext.bootstrap import build_tiny_model
 
@@ -110,8 +111,8 @@ def plain_loop(batches, items, tokenizer, actor, reward, args, n: int) -> list[l
 def ours(batches, items, tokenizer, actor, reward, args, n: int) -> list[list[str]]:
     worker_args = Namespace(seed=args.seed, per_device_generation_batch_size=args.batch,
                             per_device_eval_batch_size=args.batch * n, num_samples=n)
-    generator = Generator(actor, tokenizer, max_new_tokens=args.answer_len, do_sample=True, temperature=1.0,
-                          top_p=1.0, top_k=0)
+    generator = Generator(actor, tokenizer, max_new_tokens=args.answer_len,
+                          sampling=SamplingSettings(do_sample=True, temperature=1.0, top_p=1.0, top_k=0))
     scorer = RewardScorer(reward, tokenizer, tokenizer.eos_token, max_seq_len=args.prompt_len + args.answer_len,
                           batch_size=worker_args.per_device_eval_batch_size, share_prompts=True)
     worker = ShardWorker(worker_args, items, tokenizer, scorer, generator)

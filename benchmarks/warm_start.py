@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dschat.utils.files import read_jsonl  # noqa: E402
 from dschat.utils.startup import LAUNCH_ENV, PREFIX  # noqa: E402
 from mpo_ext.pipeline import build_plan, load_config, start_stage  # noqa: E402
 
@@ -45,7 +46,7 @@ def stable_bytes(path: Path) -> bytes:
     """A file's bytes without timings (metrics.jsonl and the model card carry them) or the inputs' mtimes
     (the fingerprint in DPO's reference_logps.pt)."""
     if path.name == "metrics.jsonl":
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = read_jsonl(path)
         return json.dumps([{k: v for k, v in r.items() if not timing(k)} for r in records]).encode()
     if path.name == "README.md":
         return "".join(x for x in path.read_text(encoding="utf-8").splitlines(True) if not timing(x.strip("| "))).encode()

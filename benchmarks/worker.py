@@ -150,7 +150,7 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from dschat.utils.dist import init_distributed
-    from dschat.utils.trainer import ResumableSampler, groups_by_length, sample_lengths
+    from dschat.utils.trainer import ResumableSampler, sample_lengths
 
     module = _our_module(cfg["task"])
     tokens = load_tokens(workdir)
@@ -189,7 +189,7 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
     # length grouping they are regrouped every pass (an epoch of N samples); otherwise in the same order.
     loader = trainer.train_loader
     n = cfg["samples_per_window"]
-    lengths = sample_lengths(loader.dataset)[:n] if groups_by_length(args) else None
+    lengths = sample_lengths(loader.dataset)[:n] if args.groups_by_length else None
     world = torch.distributed.get_world_size()
     sampler = ResumableSampler(n, shuffle=lengths is not None, seed=0, rank=torch.distributed.get_rank(),
                                world_size=world, lengths=lengths, batch_size=bs)
@@ -505,11 +505,9 @@ def run_gen(cfg: dict, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from dschat.rlhf.generation import Generator, answer_lengths, pad_after_eos
-    from dschat.utils.build import initialize_frozen_engine
+    from dschat.utils.build import frozen_causal_lm, frozen_ds_config
     from dschat.utils.dist import init_distributed
-    from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
-    from dschat.utils.model.model_utils import create_hf_model
-    from dschat.utils.utils import load_hf_tokenizer
+    from dschat.utils.tokenizer import load_hf_tokenizer
 
     tokens = load_tokens(workdir)
     path = str(model_dir(workdir, cfg["model"]))
@@ -529,10 +527,8 @@ def run_gen(cfg: dict, workdir: Path) -> dict:
                 return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                       do_sample=False, pad_token_id=pad, eos_token_id=eos)
     else:
-        ds_config = set_batch_sizes(get_eval_ds_config(offload=False, dtype="fp32", stage=zero_stage),
-                                    cfg["batch_size"], 1, world)
-        engine = initialize_frozen_engine(create_hf_model(AutoModelForCausalLM, path, tokenizer, ds_config),
-                                          ds_config)
+        ds_config = frozen_ds_config("fp32", offload=False, zero_stage=zero_stage, micro_batch_size=cfg["batch_size"])
+        engine = frozen_causal_lm(path, tokenizer, ds_config)
         if cfg["impl"] == "ours":
             generator = Generator(engine, tokenizer, max_new_tokens=new_tokens, zero_stage=zero_stage)
 
@@ -590,10 +586,10 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
     t0 = now()
     loop = ppo.build(args)
     build_seconds = now() - t0
-    trainer = loop.trainer
+    updater = loop.updater
     phases: list[dict[str, float]] = []
-    generate_experience, train_rlhf = trainer.generate_experience, trainer.train_rlhf
-    generate = trainer.generator.generate
+    generate_experience, train_rlhf = updater.generate_experience, updater.train_rlhf
+    generate = updater.generator.generate
     gen_clock: dict[str, float] = {}
 
     def timed_generate(prompts, mask):
@@ -619,8 +615,8 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
         phases[-1]["cpu_training"] = time.process_time() - c
         return out
 
-    trainer.generator.generate = timed_generate
-    trainer.generate_experience, trainer.train_rlhf = timed_experience, timed_train
+    updater.generator.generate = timed_generate
+    updater.generate_experience, updater.train_rlhf = timed_experience, timed_train
     start = now()
     loop.train()
     wall = now() - start

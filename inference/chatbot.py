@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from dschat.utils.args import new_parser
 from dschat.utils.errors import UserError, run_main
 from dschat.utils.model.model_utils import create_hf_model
-from dschat.utils.utils import load_hf_tokenizer
+from dschat.utils.tokenizer import load_hf_tokenizer
 
 PROMPT_FORMATS = {
     # The project's (and HH-RLHF's) format, which our SFT/RM/PPO models are trained on.

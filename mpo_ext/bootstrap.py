@@ -27,8 +27,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dschat.utils.files import atomic_write_text
 from dschat.utils.output_dir import staged_output
-from dschat.utils.utils import atomic_write_text
 from mpo_ext import synthetic
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"

@@ -8,7 +8,6 @@ Imports no training code.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dschat.utils.errors import UserError
+from dschat.utils.files import read_jsonl
 from dschat.utils.progress_records import is_metric_record
 from mpo_ext.plots import pyplot, save_figure
 
@@ -28,16 +28,8 @@ SEARCH_DEPTH = 3
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Metric records of one metrics.jsonl; unreadable lines (a run killed mid-write) and progress records
     (`dschat.utils.progress_records`) are skipped."""
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int | float) and is_metric_record(record):
-                records.append(record)
-    return records
+    return [record for record in read_jsonl(path, skip_unreadable=True)
+            if isinstance(record, dict) and isinstance(record.get("step"), int | float) and is_metric_record(record)]
 
 
 def metric_series(records: Iterable[Mapping]) -> dict[tuple[str, str], tuple[list[float], list[float]]]:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
     create_causal_lm,
-    initialize_frozen_engine,
+    frozen_causal_lm,
+    frozen_ds_config,
     initialize_trained_engine,
     save_trained_model,
     stage_datasets,
@@ -40,18 +42,27 @@ from dschat.utils.build import (
 )
 from dschat.utils.data.collators import DataCollatorReward
 from dschat.utils.data.raw_datasets import read_data_text
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
+from dschat.utils.device import to_device
+from dschat.utils.dist import (
+    all_gather,
+    all_reduce,
+    barrier,
+    get_accelerator,
+    get_rank,
+    get_world_size,
+    is_rank_0,
+)
 from dschat.utils.errors import UserError, run_main
+from dschat.utils.files import atomic_write, atomic_write_json
 from dschat.utils.fingerprint import model_signature
 from dschat.utils.inference import RewardScorer, pad_with_mask
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
-from dschat.utils.model_card import card_files
-from dschat.utils.module.lora import lora_disabled, lora_fused
+from dschat.utils.module.lora import lora_disabled
 from dschat.utils.output_dir import publish_directory
+from dschat.utils.printing import print_rank_0
+from dschat.utils.saving import save_stage_model
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
-from dschat.utils.utils import atomic_write, atomic_write_json, print_rank_0, save_causal_lm, to_device
 
 REFERENCE_FILE = "reference_logps.pt"
 EVAL_MAX_NEW_TOKENS = 64  # answer budget of the held-out generation checks
@@ -255,12 +266,8 @@ def compute_reference_table(model, dataset: Dataset, collate_fn, batch_size: int
         chosen, rejected = split_pairs(policy_log_probs(model, batch, pad_mask))
         values[start:start + len(chunk)] = torch.stack([chosen, rejected], dim=1).float()
     indices = torch.tensor(mine, dtype=torch.long, device=device)
-    if world_size > 1 and torch.distributed.is_initialized():
-        all_values = [torch.zeros_like(values) for _ in range(world_size)]
-        all_indices = [torch.zeros_like(indices) for _ in range(world_size)]
-        torch.distributed.all_gather(all_values, values)
-        torch.distributed.all_gather(all_indices, indices)
-        values, indices = torch.cat(all_values), torch.cat(all_indices)
+    if world_size > 1:
+        values, indices = all_gather(values), all_gather(indices)
     table = torch.zeros(n, 2, dtype=torch.float32)
     table[indices.cpu()] = values.cpu()
     return table
@@ -308,31 +315,32 @@ class DPOTrainer(Trainer):
     name = "step3b_dpo"
     rows_per_sample = 2
 
-    def __init__(self, args, engine, train_dataset: Dataset, eval_dataset: Dataset | None, collate_fn,
+    def __init__(self, settings, engine, train_dataset: Dataset, eval_dataset: Dataset | None, collate_fn,
                  tokenizer, reference):
-        super().__init__(args, engine, IndexedDataset(train_dataset),
+        super().__init__(settings, engine, IndexedDataset(train_dataset),
                          IndexedDataset(eval_dataset) if eval_dataset is not None else None,
                          IndexedCollator(collate_fn), tokenizer)
         self.reference = reference
-        self.monitor = health.HealthMonitor("step3b_dpo", health.thresholds_from_args(args))
-        self.best = health.KeepBest(f"eval/{args.best_metric}")
+        self.monitor = health.HealthMonitor("step3b_dpo", settings.health_thresholds)
+        self.best = health.KeepBest(f"eval/{settings.best_metric}")
         self.evaluator: HeldOutEvaluator | None = None
         held_out = held_out_prompts(eval_dataset if eval_dataset is not None and len(eval_dataset)
-                                    else train_dataset, args.eval_prompts, tokenizer.pad_token_id)
+                                    else train_dataset, settings.eval_prompts, tokenizer.pad_token_id)
         if held_out is not None:
-            scorer = (RewardScorer.from_path(args.reward_model_name_or_path, self.device, max_seq_len=args.max_seq_len)
-                      if args.reward_model_name_or_path else None)
-            gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
+            scorer = (RewardScorer.from_path(settings.reward_model_name_or_path, self.device,
+                                             max_seq_len=settings.max_seq_len)
+                      if settings.reward_model_name_or_path else None)
+            gold = health.load_gold_reward(settings.gold_reward) if settings.gold_reward else None
             self.evaluator = HeldOutEvaluator(*held_out, tokenizer, scorer=scorer, gold=gold,
-                                              batch_size=args.per_device_eval_batch_size)
+                                              batch_size=settings.per_device_eval_batch_size)
 
     def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
-        policy = policy_log_probs(self.engine, batch, self.args.pad_mask)
+        policy = policy_log_probs(self.engine, batch, self.settings.pad_mask)
         ref = self.reference.log_probs(batch, split)
         policy_chosen, policy_rejected = split_pairs(policy)
         ref_chosen, ref_rejected = split_pairs(ref.to(policy.dtype))
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.args.beta, self.args.label_smoothing)
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.settings.beta, self.settings.label_smoothing)
         metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         if split == "eval":  # per token, so the trend reads the same whatever the answer lengths
             tokens = response_mask(batch["attention_mask"], batch["prompt_lengths"])[:, 1:].sum(dim=1).float()
@@ -353,7 +361,7 @@ class DPOTrainer(Trainer):
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for i, batch in enumerate(self.eval_loader):
-            if self.args.eval_iters and i >= self.args.eval_iters:
+            if self.settings.eval_iters and i >= self.settings.eval_iters:
                 break
             metrics = self._metrics(to_device(batch, self.device), "eval")
             for key, value in metrics.items():
@@ -369,28 +377,26 @@ class DPOTrainer(Trainer):
         (`HeldOutEvaluator`, the evaluation PPO runs too)."""
         if self.evaluator is None:
             return {}
-        room = self.args.max_seq_len - self.evaluator.prompt_ids.shape[1]
+        room = self.settings.max_seq_len - self.evaluator.prompt_ids.shape[1]
         generator = Generator(self.engine, self.tokenizer, max_new_tokens=max(1, min(EVAL_MAX_NEW_TOKENS, room)),
-                              zero_stage=self.args.zero_stage)
+                              zero_stage=self.settings.zero_stage)
         metrics = self.evaluator.evaluate(self.engine, generator)
         self.engine.train()
         return metrics
 
     def after_eval(self, metrics: dict[str, float]) -> None:
         """Health warnings (and --stop_on_collapse), then keep-best bookkeeping."""
-        health.check_health(self.monitor, self.global_step, metrics, self.args.output_dir, self.args.stop_on_collapse,
+        health.check_health(self.monitor, self.global_step, metrics, self.settings.output_dir, self.settings.stop_on_collapse,
                             self.save_state)
         improved = self.best.consider(self.global_step, metrics, healthy=not self.monitor.active)
-        if improved and self.args.keep_best and self.args.output_dir:
+        if improved and self.settings.keep_best and self.settings.output_dir:
             print_rank_0(f"--keep_best: new best held-out {self.best.metric} {self.best.best_score:.4f} at step "
                          f"{self.global_step}; saving it to {self._best_dir()}")
-            with lora_fused(self.engine.module):
-                save_causal_lm(self.engine.module, self.tokenizer, self._best_dir(),
-                               extra_files=card_files(self.args, "step3b DPO (best evaluated step)",
-                                                      self.args.model_name_or_path, self.engine))
+            save_stage_model(self.settings, self.engine, self.tokenizer, self._best_dir(),
+                             "step3b DPO (best evaluated step)", self.settings.model_name_or_path)
 
     def _best_dir(self) -> Path:
-        return Path(self.args.output_dir) / "best_model"
+        return Path(self.settings.output_dir) / "best_model"
 
     def extra_state(self) -> dict:
         return {"health_baseline": self.monitor.baseline, "keep_best": self.best.state_dict()}
@@ -400,17 +406,17 @@ class DPOTrainer(Trainer):
         self.best.load_state_dict(state.get("keep_best", {}))
 
     def save_model(self) -> None:
-        if not self.args.output_dir:
+        if not self.settings.output_dir:
             return
-        health.write_health(self.args.output_dir, self.monitor)
-        if self.args.keep_best and self.best.best_step is not None and self._best_dir().is_dir():
+        health.write_health(self.settings.output_dir, self.monitor)
+        if self.settings.keep_best and self.best.best_step is not None and self._best_dir().is_dir():
             self._keep_best_model()
             return
-        save_trained_model(self.args, self.engine, self.tokenizer, "the DPO model", "step3b DPO")
+        save_trained_model(self.settings, self.engine, self.tokenizer, "the DPO model", "step3b DPO")
 
     def _keep_best_model(self) -> None:
         """The output directory's model files become the best evaluated step's; best.json says which and why."""
-        out, best = Path(self.args.output_dir), self._best_dir()
+        out, best = Path(self.settings.output_dir), self._best_dir()
         record = self.best.record(self.global_step, "best")
         if is_rank_0():
             publish_directory(best, out)  # keeps the run's logs, metrics and states
@@ -422,50 +428,66 @@ class DPOTrainer(Trainer):
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def build_parser():
-    parser = flags.new_parser(
-        "Step 3b of two-stage MPO: DPO on the easy pairs from step2.5_select (DeepSpeed-Chat DPO flags).")
-    flags.add_data_args(parser)
-    flags.add_model_args(parser)
-    group = parser.add_argument_group("dpo")
-    group.add_argument("--beta", type=float, default=0.1, help="DPO temperature (weight of the implicit KL).")
-    group.add_argument("--label_smoothing", type=float, default=0.0,
-                       help="Conservative DPO: assumed probability that a preference label is flipped.")
-    group.add_argument("--reference_model_name_or_path", type=str, default=None,
-                       help="Reference policy (default: --model_name_or_path, i.e. the SFT model)." + flags.OWN_DEFAULT)
-    group.add_argument("--offload_reference_model", action="store_true",
-                       help="ZeRO-offload the reference model's parameters to CPU.")
-    group.add_argument("--precompute_ref_log_probs", action="store_true",
-                       help="Score train+eval pairs with the reference once before training, store the table in "
-                            "--output_dir and free the reference (no second model resident while training).")
-    flags.add_optim_args(parser, learning_rate=1e-3)
-    flags.add_deepspeed_args(parser)
-    flags.add_lora_args(parser)
-    flags.add_logging_args(parser, tensorboard_path="step3b_tensorboard")
-    flags.add_eval_args(parser, eval_interval=0, eval_iters=100)
-    health.add_health_args(parser)
-    best = health.add_keep_best_args(parser, eval_steps_dest="eval_interval")
-    best.add_argument("--reward_model_name_or_path", type=str, default=None,
-                      help="Step-2 reward model scoring the held-out answers at each eval (eval/reward).")
-    return parser
+@dataclass(frozen=True, kw_only=True)
+class DPOFlagSettings(flags.Settings):
+    flag_group = "dpo"
+
+    beta: float = flags.flag(0.1, "DPO temperature (weight of the implicit KL).")
+    label_smoothing: float = flags.flag(0.0, "Conservative DPO: assumed probability that a preference label is "
+                                             "flipped.")
+    reference_model_name_or_path: str | None = flags.flag(
+        None, "Reference policy (default: --model_name_or_path, i.e. the SFT model).", own_default=True)
+    offload_reference_model: bool = flags.flag(False, "ZeRO-offload the reference model's parameters to CPU.")
+    precompute_ref_log_probs: bool = flags.flag(
+        False, "Score train+eval pairs with the reference once before training, store the table in --output_dir "
+               "and free the reference (no second model resident while training).")
+
+    def _check(self) -> None:
+        if self.beta <= 0:
+            raise UserError(f"--beta {self.beta}: must be positive")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label_smoothing {self.label_smoothing}: must be in [0, 0.5)")
+        flags.check_path_exists("--reference_model_name_or_path", self.reference_model_name_or_path,
+                                "model directory")
 
 
-def parse_args(argv: list[str] | None = None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    flags.validate_common(args)
-    health.check_health_args(args)
-    flags.check_path_exists("--reward_model_name_or_path", args.reward_model_name_or_path, "model directory")
-    if args.keep_best and args.best_metric == "reward" and not args.reward_model_name_or_path:
-        raise UserError("--keep_best --best_metric reward needs --reward_model_name_or_path (or use "
-                        "--best_metric gold with --gold_reward)")
-    if args.beta <= 0:
-        raise UserError(f"--beta {args.beta}: must be positive")
-    if not 0.0 <= args.label_smoothing < 0.5:
-        raise UserError(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
-    flags.check_path_exists("--reference_model_name_or_path", args.reference_model_name_or_path, "model directory")
-    check_pair_files(args.data_path)
-    return args
+@dataclass(frozen=True, kw_only=True)
+class HeldOutRewardSettings(flags.Settings):
+    flag_group = flags.HELD_OUT_GROUP
+
+    reward_model_name_or_path: str | None = flags.flag(
+        None, "Step-2 reward model scoring the held-out answers at each eval (eval/reward).")
+
+    def _check(self) -> None:
+        flags.check_path_exists("--reward_model_name_or_path", self.reward_model_name_or_path, "model directory")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOSettings(flags.TrainStageSettings, DPOFlagSettings, flags.PrintLossSettings, flags.HealthSettings,
+                  flags.HeldOutSettings, HeldOutRewardSettings):
+    """Every setting of step 3b (DeepSpeed-Chat's DPO flags; --eval_steps is --eval_interval's alias)."""
+
+    description = "Step 3b of two-stage MPO: DPO on the easy pairs from step2.5_select (DeepSpeed-Chat DPO flags)."
+
+    learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=1e-3)
+    tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step3b_tensorboard")
+    eval_interval: int = flags.same_flag(flags.EvalIntervalSettings, "eval_interval", aliases=("--eval_steps",),
+                                         help="Evaluate every N optimizer steps (0: only before training and after "
+                                              "each epoch); --eval_steps is the same setting.")
+
+    @property
+    def reference_path(self) -> str:
+        return self.reference_model_name_or_path or self.model_name_or_path
+
+    def _check(self) -> None:
+        if self.keep_best and self.best_metric == "reward" and not self.reward_model_name_or_path:
+            raise UserError("--keep_best --best_metric reward needs --reward_model_name_or_path (or use "
+                            "--best_metric gold with --gold_reward)")
+        check_pair_files(self.data_path)
+
+
+build_parser = DPOSettings.build_parser
+parse_args = DPOSettings.parse_args
 
 
 def check_pair_files(data_paths: list[str]) -> None:
@@ -484,17 +506,6 @@ def _has_content(path: Path) -> bool:
     return any(line.strip() and line.strip() not in ("[]", "{}") for line in read_data_text(path).splitlines())
 
 
-def _build_frozen(path: str, tokenizer, ds_config: dict):
-    """A frozen forward-only engine of the causal LM at `path` (the reference policy)."""
-    # transformers (and model_utils, which imports it) take seconds: deferred so --help and flag errors answer first
-    from transformers import AutoModelForCausalLM
-
-    from dschat.utils.model.model_utils import create_hf_model
-
-    model = create_hf_model(AutoModelForCausalLM, path, tokenizer, ds_config)
-    return initialize_frozen_engine(model, ds_config)
-
-
 def _release(engine) -> None:
     """Tear a frozen engine down; the caller then drops its last reference and collects (an engine sits in
     reference cycles, so a `gc.collect()` while the caller still holds it frees nothing)."""
@@ -510,38 +521,35 @@ def _collect() -> None:
         torch.cuda.empty_cache()
 
 
-def reference_fingerprint(args, reference_path: str, train_data: Dataset, eval_data: Dataset | None) -> dict:
+def reference_fingerprint(settings: DPOSettings, reference_path: str, train_data: Dataset, eval_data: Dataset | None) -> dict:
     return {
         "reference": model_signature(reference_path),
-        "dtype": args.dtype,
-        "max_seq_len": args.max_seq_len,
+        "dtype": settings.resolved_dtype,
+        "max_seq_len": settings.max_seq_len,
         "train": [len(train_data), dataset_fingerprint(train_data)],
         "eval": [len(eval_data) if eval_data is not None else 0, dataset_fingerprint(eval_data)],
     }
 
 
-def precomputed_reference(args, reference_path: str, tokenizer, eval_config: dict, train_data, eval_data,
+def precomputed_reference(settings: DPOSettings, reference_path: str, tokenizer, eval_config: dict, train_data, eval_data,
                           collator) -> PrecomputedReference:
     """Load the stored table when it matches this run, else compute it (then store it) and free the model."""
-    fingerprint = reference_fingerprint(args, reference_path, train_data, eval_data)
-    path = Path(args.output_dir) / REFERENCE_FILE if args.output_dir else None
+    fingerprint = reference_fingerprint(settings, reference_path, train_data, eval_data)
+    path = Path(settings.output_dir) / REFERENCE_FILE if settings.output_dir else None
     tables = load_reference_tables(path, fingerprint) if path is not None else None
-    from deepspeed.accelerator import get_accelerator  # deepspeed takes seconds to import: only when building
-
     found = torch.tensor([1.0 if tables is not None else 0.0], device=get_accelerator().current_device_name())
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)  # every rank must agree
+    all_reduce(found, "min")  # every rank must agree
     if found.item() > 0:
         print_rank_0(f"Loaded precomputed reference log-probs from {path}")
         return PrecomputedReference(tables)
     print_rank_0(f"Precomputing reference log-probs with {reference_path} "
                  f"({len(train_data)} train + {len(eval_data) if eval_data is not None else 0} eval pairs) ...")
-    engine = _build_frozen(reference_path, tokenizer, eval_config)
-    batch_size = args.per_device_eval_batch_size
+    engine = frozen_causal_lm(reference_path, tokenizer, eval_config)
+    batch_size = settings.per_device_eval_batch_size
     tables = {"train": compute_reference_table(engine, train_data, collator, batch_size, engine.device,
-                                               pad_mask=args.pad_mask)}
+                                               pad_mask=settings.pad_mask)}
     tables["eval"] = (compute_reference_table(engine, eval_data, collator, batch_size, engine.device,
-                                              pad_mask=args.pad_mask)
+                                              pad_mask=settings.pad_mask)
                       if eval_data is not None and len(eval_data) else torch.zeros(0, 2))
     _release(engine)
     del engine
@@ -552,30 +560,29 @@ def precomputed_reference(args, reference_path: str, tokenizer, eval_config: dic
     return PrecomputedReference(tables)
 
 
-def build(args) -> DPOTrainer:
-    tokenizer, ds_config = start_training_stage(args, tb_name="step3b_dpo")
-    eval_config = get_eval_ds_config(offload=args.offload_reference_model, dtype=args.dtype,
-                                     stage=3 if args.zero_stage == 3 else 0)
-    eval_config = set_batch_sizes(eval_config, args.per_device_eval_batch_size, 1, get_world_size())
-    train_data, eval_data = stage_datasets(args, tokenizer, 2)
-    collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
-                                  padding=args.padding)
-    reference_path = args.reference_model_name_or_path or args.model_name_or_path
-    base_is_reference = (args.lora_dim > 0 and args.only_optimize_lora
-                         and os.path.realpath(reference_path) == os.path.realpath(args.model_name_or_path))
+def build(settings: DPOSettings) -> DPOTrainer:
+    tokenizer, ds_config = start_training_stage(settings, tb_name="step3b_dpo")
+    eval_config = frozen_ds_config(settings.resolved_dtype, offload=settings.offload_reference_model,
+                                   zero_stage=settings.zero_stage, micro_batch_size=settings.per_device_eval_batch_size)
+    train_data, eval_data = stage_datasets(settings, tokenizer, 2)
+    collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=settings.max_seq_len,
+                                  padding=settings.padding)
+    reference_path = settings.reference_path
+    base_is_reference = (settings.lora_dim > 0 and settings.only_optimize_lora
+                         and os.path.realpath(reference_path) == os.path.realpath(settings.model_name_or_path))
     reference = None
-    if args.precompute_ref_log_probs:
-        reference = precomputed_reference(args, reference_path, tokenizer, eval_config, train_data, eval_data,
+    if settings.precompute_ref_log_probs:
+        reference = precomputed_reference(settings, reference_path, tokenizer, eval_config, train_data, eval_data,
                                           collator)
     elif not base_is_reference:
-        reference = ResidentReference(_build_frozen(reference_path, tokenizer, eval_config), args.pad_mask)
+        reference = ResidentReference(frozen_causal_lm(reference_path, tokenizer, eval_config), settings.pad_mask)
 
-    model = create_causal_lm(args, tokenizer, ds_config)
-    engine = initialize_trained_engine(args, model, ds_config, len(train_data))
+    model = create_causal_lm(settings, tokenizer, ds_config)
+    engine = initialize_trained_engine(settings, model, ds_config, len(train_data))
     if reference is None:
         print_rank_0("Reference log-probs: the policy's own base weights with LoRA switched off (no second model)")
-        reference = BaseWeightsReference(engine, args.pad_mask)
-    return DPOTrainer(args, engine, train_data, eval_data, collator, tokenizer, reference)
+        reference = BaseWeightsReference(engine, settings.pad_mask)
+    return DPOTrainer(settings, engine, train_data, eval_data, collator, tokenizer, reference)
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ answers gathered on rank 0); `compare` and `plot-curves` are single-process tool
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -18,18 +17,18 @@ from typing import Any
 
 import click
 
-from dschat.utils import args as flags
-from dschat.utils.data.raw_datasets import parse_column_map
 from dschat.utils.dist import init_distributed, is_rank_0
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
+from dschat.utils.files import atomic_write_json, atomic_write_jsonl
 from dschat.utils.output_dir import prepare_output_dir
-from dschat.utils.utils import atomic_write_json, atomic_write_jsonl
+from dschat.utils.settings import FlagSpec, Settings
+from mpo_ext.eval_settings import EvalSettings
+
+GENERATION_EXCLUDED = ("model", "output_dir")  # `mpo compare` has its own --model and --output_dir
 
 # The modules that load models (mpo_ext.evaluation, dschat.utils.inference, mpo_ext.judge, mpo_ext.curves)
 # import transformers or matplotlib: they are imported inside the commands that use them, so `mpo --help`
 # and the light commands answer without loading them.
-
-SAMPLING_OPTIONS = ("do_sample", *(flag.name for flag in flags.SAMPLING_FLAGS))
 
 
 def _user_errors(func: Callable) -> Callable:
@@ -58,71 +57,38 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
-def sampling_click_options() -> list[Callable]:
-    """click options for the shared sampling flags (`dschat.utils.args.SAMPLING_FLAGS`): the same names,
-    defaults and accepted values as PPO's and selection's argparse flags, checked as click parses."""
-    options = []
-    for flag in flags.SAMPLING_FLAGS:
-        if flag.type is int:
-            kind = click.IntRange(min=int(flag.low), max=flag.high, min_open=flag.low_open)
-        else:
-            kind = FiniteFloatRange(min=flag.low, max=flag.high, min_open=flag.low_open)
-        options.append(click.option(f"--{flag.name}", type=kind, default=flag.default, show_default=True,
-                                    help=flag.help + flags.WITH_DO_SAMPLE))
-    return options
+def click_option(spec: FlagSpec) -> Callable:
+    """The click option of one settings field: its name, default, help, accepted values (choices, ranges),
+    `multiple` for a list, `--x/--no_x` for a switch with a negative; as the argparse flags are generated."""
+    meta = spec.meta
+    common: dict[str, Any] = {"help": meta["help"], "hidden": meta["hidden"]}
+    if spec.required:
+        common["required"] = True
+    else:
+        common.update(default=tuple(spec.default()) if spec.is_list else spec.default(), show_default=True)
+    if spec.kind is bool and not spec.is_list:
+        names = f"{spec.option}/{meta['negative']}" if meta["negative"] else spec.option
+        return click.option(names, spec.name, is_flag=True, **common)
+    if meta["choices"] is not None:
+        kind: Any = click.Choice([str(c) for c in meta["choices"]])
+    elif spec.kind in (int, float) and spec.range_text() is not None:
+        bounds = {"min": meta["low"], "max": meta["high"], "min_open": meta["low_open"], "max_open": meta["high_open"]}
+        kind = click.IntRange(**bounds) if spec.kind is int else FiniteFloatRange(**bounds)
+    else:
+        kind = FiniteFloatRange() if spec.kind is float else spec.kind
+    return click.option(spec.option, *meta["aliases"], spec.name, type=kind, multiple=spec.is_list, **common)
 
 
-def _generation_options(func: Callable) -> Callable:
-    """Decoding and data flags shared by `eval` and `compare --model`."""
-    options = [
-        click.option("--reward_model", type=str, default=None,
-                     help="Step-2 reward model output directory (scores every answer)."),
-        click.option("--data_path", type=str, multiple=True,
-                     help="Dataset name or local file/directory; its eval/test split gives the prompts "
-                          "(a local file without one: all its prompts). Repeat it to evaluate on several "
-                          "datasets together."),
-        click.option("--data_keys", type=str, default=None,
-                     help="Column mapping for local files and hub datasets, NAME=COLUMN comma-separated "
-                          "(e.g. prompt=question), as in the training stages."),
-        click.option("--num_prompts", type=click.IntRange(min=1), default=None,
-                     help="Evaluate a seeded random subset of this many prompts (default: all)."),
-        click.option("--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True,
-                     help="Maximum new tokens per answer."),
-        click.option("--do_sample/--greedy", default=False, show_default=True,
-                     help="Sample (with --temperature/--top_p/--top_k) or decode greedily."),
-        *sampling_click_options(),
-        click.option("--seed", type=int, default=1234, show_default=True,
-                     help="Fixes the prompt subset, the sampling and the bootstrap."),
-        click.option("--batch_size", type=click.IntRange(min=1), default=16, show_default=True,
-                     help="Prompts per generation/scoring batch (per rank)."),
-        click.option("--max_prompt_seq_len", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Longer prompts keep their last tokens."),
-        click.option("--max_seq_len", type=click.IntRange(min=2), default=512, show_default=True,
-                     help="Longest prompt+answer the reward model reads."),
-        click.option("--num_padding_at_beginning", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="As in step 2 (OPT: 1, Llama: 0)."),
-        click.option("--reward_end_text", type=str, default=None,
-                     help="Text appended to an answer before the reward model reads it: `eos` or a literal "
-                          "such as `<|endoftext|>` (default: the ending recorded with the reward model; "
-                          "`<|endoftext|>` for a DeepSpeed-Chat step-2 output)."),
-        click.option("--device", type=str, default="auto", show_default=True,
-                     help="auto (this rank's GPU, else cpu), cpu, cuda, cuda:1, ..."),
-        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-                     show_default=True, help="auto: bf16 on GPU, fp32 on CPU."),
-        click.option("--gold", type=click.Choice(["auto", "synthetic", "none"]), default="auto", show_default=True,
-                     help="Also score with the synthetic task's gold reward (auto: when the data's "
-                          "manifest.json says it is the synthetic task)."),
-        click.option("--num_bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
-                     help="Bootstrap resamples for the confidence intervals."),
-        click.option("--confidence", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True),
-                     default=0.95, show_default=True, help="Level of the bootstrap intervals."),
-        click.option("--data_output_path", type=str, default=None,
-                     help="Scratch directory of the data loaders (default: ~/.cache/dschat/data_files)."),
-        click.option("--local_rank", type=int, default=-1, hidden=True, help="Set by the deepspeed launcher."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+def settings_options(settings_type: type[Settings], exclude: tuple[str, ...] = ()) -> Callable:
+    """Decorator: a click option per field of `settings_type` (but `exclude`), in definition order."""
+
+    def decorate(func: Callable) -> Callable:
+        for spec in reversed(settings_type.flag_specs()):
+            if spec.name not in exclude:
+                func = click_option(spec)(func)
+        return func
+
+    return decorate
 
 
 def _maybe_init_distributed(local_rank: int) -> None:
@@ -131,43 +97,25 @@ def _maybe_init_distributed(local_rank: int) -> None:
         init_distributed(local_rank)
 
 
-def _run_evaluation(models: list[tuple[str, str]], output_dir: str, opts: dict) -> list[dict]:
-    from mpo_ext.evaluation import Decoding, evaluate
+def _run_evaluation(settings: EvalSettings) -> list[dict]:
+    from mpo_ext.evaluation import evaluate
 
-    if not opts["reward_model"]:
-        raise UserError("--reward_model is required (a step-2 reward model output directory)")
-    if not opts["data_path"]:
-        raise UserError("--data_path is required (the dataset whose held-out prompts are used)")
-    if not Path(opts["reward_model"]).is_dir() and opts["reward_model"].startswith((".", "/", "~")):
-        raise UserError(f"--reward_model {opts['reward_model']}: no such directory")
-    _maybe_init_distributed(opts["local_rank"])
-    sampling = flags.sampling_settings(**{name: opts[name] for name in SAMPLING_OPTIONS})
-    decoding = Decoding(max_new_tokens=opts["max_new_tokens"], **dataclasses.asdict(sampling),
-                        seed=opts["seed"], batch_size=opts["batch_size"],
-                        max_prompt_seq_len=opts["max_prompt_seq_len"])
-    return evaluate(models, opts["reward_model"], opts["data_path"], output_dir, decoding=decoding,
-                    num_prompts=opts["num_prompts"], num_padding_at_beginning=opts["num_padding_at_beginning"],
-                    device=opts["device"], dtype=opts["dtype"], max_seq_len=opts["max_seq_len"], gold=opts["gold"],
-                    num_resamples=opts["num_bootstrap"], confidence=opts["confidence"],
-                    data_output_path=opts["data_output_path"], reward_end_text=opts["reward_end_text"],
-                    column_map=parse_column_map(opts["data_keys"]))
+    settings.require_inputs()
+    if not Path(settings.reward_model).is_dir() and settings.reward_model.startswith((".", "/", "~")):
+        raise UserError(f"--reward_model {settings.reward_model}: no such directory")
+    _maybe_init_distributed(settings.local_rank)
+    return evaluate(settings)
 
 
 # --------------------------------------------------------------------------------------------- eval
 
 
-@click.command("eval")
-@click.option("--model", "model_specs", multiple=True, required=True,
-              help="NAME=PATH of a causal LM to evaluate (repeat: --model sft=... --model mpo=...).")
-@_generation_options
-@click.option("--output_dir", type=str, required=True,
-              help="Writes generations/NAME.jsonl and table.json here.")
+@click.command("eval", help=EvalSettings.description)
+@settings_options(EvalSettings)
 @_user_errors
-def eval_command(model_specs: tuple[str, ...], output_dir: str, **opts: Any) -> None:
+def eval_command(**values: Any) -> None:
     """Mean reward-model score (with bootstrap CI) of each model on the same held-out prompts."""
-    from mpo_ext.evaluation import parse_model_specs
-
-    _run_evaluation(parse_model_specs(model_specs), output_dir, opts)
+    _run_evaluation(EvalSettings.from_mapping(values))
 
 
 # --------------------------------------------------------------------------------------------- compare
@@ -187,7 +135,7 @@ def _display_names(paths: list[Path]) -> list[str]:
 @click.option("--model", "model_specs", multiple=True,
               help="Instead of two generations files: two NAME=PATH models to generate with first "
                    "(needs --reward_model, --data_path and --output_dir).")
-@_generation_options
+@settings_options(EvalSettings, exclude=GENERATION_EXCLUDED)
 @click.option("--tie_margin", type=FiniteFloatRange(min=0.0), default=0.0, show_default=True,
               help="Reward differences within +-this are ties.")
 @click.option("--judge_url", type=str, default=None,
@@ -232,7 +180,7 @@ def compare_command(generations: tuple[str, ...], model_specs: tuple[str, ...], 
             raise UserError(f"--model: compare needs exactly two models, got {len(models)}")
         if not output_dir:
             raise UserError("--output_dir is required with --model (the generations are written there)")
-        _run_evaluation(models, output_dir, opts)
+        _run_evaluation(EvalSettings.from_mapping({**opts, "model": model_specs, "output_dir": output_dir}))
         if not is_rank_0():
             return
         paths = [Path(output_dir) / GENERATIONS_DIR / f"{name}.jsonl" for name, _ in models]

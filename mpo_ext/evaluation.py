@@ -18,7 +18,6 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,9 @@ import torch
 from dschat.rlhf.generation import Generator, answer_lengths, decode_answers
 from dschat.utils.data.data_utils import get_raw_dataset
 from dschat.utils.data.raw_datasets import read_data_text
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
+from dschat.utils.dist import all_gather_objects, barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_json, atomic_write_jsonl, parse_jsonl
 from dschat.utils.inference import (
     RewardScorer,
     load_policy,
@@ -39,9 +39,10 @@ from dschat.utils.inference import (
 )
 from dschat.utils.model_card import set_card_section
 from dschat.utils.output_dir import prepare_output_dir
+from dschat.utils.tokenizer import load_hf_tokenizer
 from dschat.utils.trainer import MetricLogger
-from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, load_hf_tokenizer
 from mpo_ext import synthetic
+from mpo_ext.eval_settings import EvalSettings
 
 GENERATIONS_DIR = "generations"
 TABLE_FILE = "table.json"
@@ -140,10 +141,7 @@ def batch_seed(seed: int, batch_number: int) -> int:
 
 def gather_records(records: list[dict]) -> list[dict]:
     """All ranks' records on every rank (identity in a single process), ordered by "index"."""
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        parts: list[list[dict] | None] = [None] * get_world_size()
-        torch.distributed.all_gather_object(parts, records)
-        records = [r for part in parts for r in (part or [])]
+    records = [r for part in all_gather_objects(records) for r in (part or [])]
     return sorted(records, key=lambda r: r["index"])
 
 
@@ -262,38 +260,23 @@ def encode_prompt(tokenizer, prompt: str, max_len: int) -> list[int]:
     return ids[len(ids) - max_len:]
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """Fixed decoding settings shared by every evaluated model."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 1234
-    batch_size: int = 16
-    max_prompt_seq_len: int = 256
-
-
-def make_generator(model, tokenizer, decoding: Decoding):
+def make_generator(model, tokenizer, settings: EvalSettings):
     """The project's Generator (KV cache, eos handling) for a plain, replicated model."""
-    return Generator(model, tokenizer, max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
-                     temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
+    return Generator(model, tokenizer, max_new_tokens=settings.max_new_tokens, sampling=settings.sampling)
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence[str], decoding: Decoding, device: torch.device,
+def generate_answers(model, tokenizer, prompts: Sequence[str], settings: EvalSettings, device: torch.device,
                      rank: int = 0, world_size: int = 1, on_batch: Callable[[int], None] | None = None) -> list[dict]:
     """This rank's share of answers: [{"index", "answer", "length"}] (length in answer tokens); `on_batch` is
     told the size of each batch done (progress)."""
-    generator = make_generator(model, tokenizer, decoding)
+    generator = make_generator(model, tokenizer, settings)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[dict] = []
-    for number, indices in rank_batches(len(prompts), decoding.batch_size, rank, world_size):
-        rows = [encode_prompt(tokenizer, prompts[i], decoding.max_prompt_seq_len) for i in indices]
+    for number, indices in rank_batches(len(prompts), settings.batch_size, rank, world_size):
+        rows = [encode_prompt(tokenizer, prompts[i], settings.max_prompt_seq_len) for i in indices]
         ids, mask = pad_with_mask(rows, max(len(r) for r in rows), pad, left=True)
-        torch.manual_seed(batch_seed(decoding.seed, number))
+        torch.manual_seed(batch_seed(settings.seed, number))
         sequences = generator.generate(ids.to(device), mask.to(device)).cpu()
         width = ids.shape[1]
         texts = decode_answers(tokenizer, sequences, width)
@@ -348,7 +331,7 @@ def _log(message: str) -> None:
         print(f"[eval] {message}", flush=True)
 
 
-def generate_for_models(models: Sequence[tuple[str, str]], prompts: Sequence[str], decoding: Decoding,
+def generate_for_models(models: Sequence[tuple[str, str]], prompts: Sequence[str], settings: EvalSettings,
                         device: torch.device, dtype: torch.dtype,
                         progress: MetricLogger | None = None) -> dict[str, list[dict]]:
     """This rank's answers for every model; one model in memory at a time. `progress` gets the answers
@@ -365,7 +348,7 @@ def generate_for_models(models: Sequence[tuple[str, str]], prompts: Sequence[str
     for name, path in models:
         start = time.time()
         model, tokenizer = load_policy(path, device, dtype)
-        answers[name] = generate_answers(model, tokenizer, prompts, decoding, device, rank, world, on_batch=count)
+        answers[name] = generate_answers(model, tokenizer, prompts, settings, device, rank, world, on_batch=count)
         del model
         n_tokens = sum(a["length"] for a in answers[name])
         elapsed = time.time() - start
@@ -390,57 +373,54 @@ def score_records(scorer: RewardScorer, prompts: Sequence[str], answers: Sequenc
     return records
 
 
-def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: str | Sequence[str], output_dir: str, *,
-             decoding: Decoding, num_prompts: int | None = None, num_padding_at_beginning: int = 0,
-             device: str = "auto", dtype: str = "auto", max_seq_len: int = 512, gold: str = "auto",
-             num_resamples: int = 1000, confidence: float = 0.95,
-             data_output_path: str | None = None, reward_end_text: str | None = None,
-             column_map: dict[str, str] | None = None) -> list[dict]:
+def evaluate(settings: EvalSettings) -> list[dict]:
     """Generate, score and summarise; rank 0 writes generations/NAME.jsonl and table.json.
 
     Every rank returns the same rows. Files are written one by one atomically; table.json comes last
     and is removed first, so its presence means the whole evaluation finished.
     """
-    if not models:
-        raise UserError("--model: give at least one NAME=PATH")
-    out = prepare_output_dir(output_dir)
+    settings.require_inputs()
+    models = parse_model_specs(settings.model)
+    out = prepare_output_dir(settings.output_dir)
     if is_rank_0():
         (out / TABLE_FILE).unlink(missing_ok=True)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_torch_dtype(dtype, torch_device)
+    torch_device = resolve_device(settings.device)
+    torch_dtype = resolve_torch_dtype(settings.dtype, torch_device)
+    data_paths = as_path_list(settings.data_path)
     # The chain's models share the SFT tokenizer; the first one renders conversational prompts.
-    prompts = load_eval_prompts(data_path, num_prompts, decoding.seed, data_output_path,
-                                tokenizer=load_hf_tokenizer(models[0][1]), column_map=column_map)
-    gold_fn = find_gold_reward(data_path, gold)
-    data_paths = as_path_list(data_path)
+    prompts = load_eval_prompts(data_paths, settings.num_prompts, settings.seed, settings.data_output_path,
+                                tokenizer=load_hf_tokenizer(models[0][1]), column_map=settings.column_map)
+    gold_fn = find_gold_reward(data_paths, settings.gold)
     _log(f"{len(prompts)} held-out prompts from {', '.join(data_paths)}; {len(models)} model(s); "
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")
 
     progress = MetricLogger(str(out), None, "eval")  # the pipeline's heartbeat reads these records
     progress.start(0, len(models) * len(prompts), unit="answers", task="generating")
-    answers = generate_for_models(models, prompts, decoding, torch_device, torch_dtype, progress)
-    scorer = RewardScorer.from_path(reward_model, torch_device, torch_dtype, num_padding_at_beginning, max_seq_len,
-                                    decoding.batch_size, end_text=reward_end_text)
+    answers = generate_for_models(models, prompts, settings, torch_device, torch_dtype, progress)
+    scorer = RewardScorer.from_path(settings.reward_model, torch_device, torch_dtype,
+                                    settings.num_padding_at_beginning, settings.max_seq_len, settings.batch_size,
+                                    end_text=settings.reward_end_text)
     progress.start(0, len(models) * len(prompts), unit="answers", task="scoring")
     rows = []
     for number, (name, _) in enumerate(models, start=1):
         records = gather_records(score_records(scorer, prompts, answers[name], gold_fn))
         progress.progress(number * len(prompts))
-        row = summarize_model(name, records, decoding.seed, num_resamples, confidence)
+        row = summarize_model(name, records, settings.seed, settings.num_bootstrap, settings.confidence)
         rows.append(row)
         if is_rank_0():
             atomic_write_jsonl(out / GENERATIONS_DIR / f"{name}.jsonl", records)
     if is_rank_0():
-        settings = {"data_path": data_paths[0] if len(data_paths) == 1 else data_paths, "reward_model": reward_model, "models": dict(models),
-                    "num_prompts": len(prompts), "decoding": asdict(decoding), "dtype": str(torch_dtype),
-                    "confidence": confidence, "num_resamples": num_resamples, "world_size": get_world_size(),
-                    "reward_ending": scorer.ending}
-        atomic_write_json(out / TABLE_FILE, {"rows": rows, "settings": settings})
-        table_text = format_table(rows, confidence)
+        recorded = {"data_path": data_paths[0] if len(data_paths) == 1 else data_paths,
+                    "reward_model": settings.reward_model, "models": dict(models), "num_prompts": len(prompts),
+                    "decoding": settings.decoding_record(), "dtype": str(torch_dtype),
+                    "confidence": settings.confidence, "num_resamples": settings.num_bootstrap,
+                    "world_size": get_world_size(), "reward_ending": scorer.ending}
+        atomic_write_json(out / TABLE_FILE, {"rows": rows, "settings": recorded})
+        table_text = format_table(rows, settings.confidence)
         print(table_text, flush=True)
         for _, path in models:  # each evaluated model's card gets the table it is part of
             set_card_section(path, "Evaluation (mpo eval)", f"Data: `{', '.join(data_paths)}`, reward model: "
-                             f"`{reward_model}`, {len(prompts)} prompts.\n\n```\n{table_text}\n```")
+                             f"`{settings.reward_model}`, {len(prompts)} prompts.\n\n```\n{table_text}\n```")
         _log(f"wrote {out / TABLE_FILE} and {out / GENERATIONS_DIR}/")
     barrier()
     return rows
@@ -454,17 +434,10 @@ def read_generations(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: no such generations file; pass DIR/generations/NAME.jsonl from `mpo eval`")
-    records = []
-    for lineno, line in enumerate(read_data_text(p).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{p}:{lineno}: invalid JSON line ({err})") from err
+    records = parse_jsonl(read_data_text(p), p)
+    for number, record in enumerate(records, start=1):
         if not isinstance(record, dict) or "prompt" not in record or "answer" not in record:
-            raise UserError(f"{p}:{lineno}: each record needs 'prompt' and 'answer' keys")
-        records.append(record)
+            raise UserError(f"{p}: record {number}: each record needs 'prompt' and 'answer' keys")
     if not records:
         raise UserError(f"{p}: contains no records")
     return records

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dschat.utils.utils import atomic_write
+from dschat.utils.files import atomic_write
 
 
 def pyplot():

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dschat.utils.utils import atomic_write_text
+from dschat.utils.files import atomic_write_text
 
 SYNTHETIC_TASK_NAME = "mpo-synthetic"
 

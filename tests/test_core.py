@@ -20,7 +20,6 @@ from dschat.utils.trainer import (
     ResumableSampler,
     check_data_order,
     count_updates,
-    groups_by_length,
 )
 from dschat.utils.utils import atomic_write_json
 
@@ -136,11 +135,11 @@ def test_length_grouping_is_seeded_per_epoch_and_resumable():
 
 def test_group_by_length_and_pad_mask_flags():
     args = sft_step.parse_args(["--model_name_or_path", "m"])
-    assert args.group_by_length and args.pad_mask == "auto" and groups_by_length(args)
+    assert args.group_by_length and args.pad_mask == "auto" and args.groups_by_length
     args = sft_step.parse_args(["--model_name_or_path", "m", "--no_group_by_length", "--pad_mask", "always"])
-    assert not args.group_by_length and args.pad_mask == "always" and not groups_by_length(args)
+    assert not args.group_by_length and args.pad_mask == "always" and not args.groups_by_length
     args = sft_step.parse_args(["--model_name_or_path", "m", "--padding", "max_length"])
-    assert not groups_by_length(args)  # every batch is max_seq_len wide anyway
+    assert not args.groups_by_length  # every batch is max_seq_len wide anyway
     # PPO rollouts are left-padded and always keep their mask: the flag is not offered rather than ignored
     from dschat.steps import ppo as ppo_step
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from argparse import Namespace
 
 import click
 import pytest
@@ -78,7 +77,7 @@ def test_report_to_choices():
 def test_card_carries_run_numbers_and_selection_manifest(tmp_path):
     select_dir = tmp_path / "select"
     select_dir.mkdir()
-    (select_dir / "easy.jsonl").write_text("{}\n")
+    (select_dir / "easy.jsonl").write_text('{"prompt": "p", "chosen": " a", "rejected": " b"}\n')
     (select_dir / "manifest.json").write_text(json.dumps({
         "stage": "step2.5_select", "threshold": 1.0, "counts": {"pairs": 10, "easy": 6, "hard": 4}}))
     out = tmp_path / "dpo"
@@ -87,13 +86,14 @@ def test_card_carries_run_numbers_and_selection_manifest(tmp_path):
         json.dumps({"step": 1, "phase": "train", "loss": 0.7}) + "\n"
         + json.dumps({"step": 2, "phase": "train", "loss": 0.5}) + "\n"
         + json.dumps({"step": 2, "phase": "eval", "rewards/accuracies": 0.75}) + "\n" + '{"step": 3, "ph')
-    args = Namespace(output_dir=str(out), data_path=[str(select_dir / "easy.jsonl")], beta=0.1, local_rank=0,
-                     learning_rate=5e-7)
-    card = model_card.card_files(args, "step3b DPO", "/models/sft")["README.md"]
+    settings = dpo.DPOSettings.from_mapping({"output_dir": str(out), "data_path": [str(select_dir / "easy.jsonl")],
+                                             "model_name_or_path": "models/sft", "beta": 0.1, "local_rank": 0,
+                                             "learning_rate": 5e-7})
+    card = model_card.card_files(settings, "step3b DPO", "/models/sft")["README.md"]
     assert "step3b DPO" in card and "`/models/sft`" in card
     assert "| loss | 0.5 |" in card and "| rewards/accuracies | 0.75 |" in card  # last records; torn line skipped
     assert "| threshold | 1.0 |" in card and "| count: easy | 6 |" in card and "| count: hard | 4 |" in card
-    assert "| beta | 0.1 |" in card and "local_rank" not in card
+    assert "| beta | 0.1 |" in card and "local_rank" not in card and "| dtype | fp32 |" in card  # resolved
     (out / "README.md").write_text(card)
     model_card.set_card_section(out, "Evaluation (mpo eval)", "table one")
     model_card.set_card_section(out, "Evaluation (mpo eval)", "table two")
@@ -108,7 +108,8 @@ def test_push_to_hub_offline_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError) as err:
-        model_card.push_to_hub(Namespace(push_to_hub=True, hub_model_id="someone/tiny"), tmp_path)
+        model_card.push_to_hub(sft.SFTSettings(model_name_or_path="m", output_dir=str(tmp_path), push_to_hub=True,
+                                               hub_model_id="someone/tiny"), tmp_path)
     message = str(err.value)
     assert "--push_to_hub" in message and "someone/tiny" in message and "saved locally" in message
     with pytest.raises(UserError, match="--push_to_hub needs --output_dir"):

@@ -280,22 +280,23 @@ def test_eval_bad_input_is_one_line_error(tiny_assets, tmp_path):
 # --------------------------------------------------------------------------------------------- sampling flags
 
 
-def _flag_defaults(parse, argv: list[str]) -> dict:
-    from dschat.utils.args import SAMPLING_FLAGS
+SAMPLED = ("temperature", "top_p", "top_k")
 
-    args = parse(argv)
-    return {flag.name: getattr(args, flag.name) for flag in SAMPLING_FLAGS}
+
+def _flag_defaults(parse, argv: list[str]) -> dict:
+    settings = parse(argv)
+    return {name: getattr(settings, name) for name in SAMPLED}
 
 
 def test_sampling_flags_are_one_group_in_ppo_select_and_eval(tmp_path):
     """PPO, select and `mpo eval` define --temperature/--top_p/--top_k from one spec: same names and
     defaults everywhere, and the same values refused (eval at click parse time, the others at validation)."""
     from dschat.steps import ppo
-    from dschat.utils.args import SAMPLING_FLAGS
+    from dschat.utils.args import SamplingSettings
     from mpo_ext import selection
     from mpo_ext.eval_cli import eval_command
 
-    defaults = {flag.name: flag.default for flag in SAMPLING_FLAGS}
+    defaults = {name: getattr(SamplingSettings(), name) for name in SAMPLED}
     assert defaults == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
     ppo_argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
     select_argv = ["--sft_model_name_or_path", "s", "--reward_model_name_or_path", "r", "--output_dir", str(tmp_path)]
@@ -322,16 +323,28 @@ def test_sampling_flags_are_one_group_in_ppo_select_and_eval(tmp_path):
 
 
 def test_sampling_settings_are_validated_once():
-    from dschat.utils.args import SamplingSettings, sampling_settings
+    """One sampling type for PPO rollouts, selection samples and `mpo eval` (what a Generator takes)."""
+    from dschat.steps import ppo
+    from dschat.utils.args import SamplingSettings
+    from mpo_ext import selection
+    from mpo_ext.eval_settings import EvalSettings
 
-    settings = sampling_settings(do_sample=True, temperature=0.7, top_p=0.9, top_k=40)
-    assert settings == SamplingSettings(do_sample=True, temperature=0.7, top_p=0.9, top_k=40)
+    settings = SamplingSettings(do_sample=True, temperature=0.7, top_p=0.9, top_k=40)
     with pytest.raises(AttributeError):
         settings.temperature = 1.0  # frozen: a stage cannot change what it was given
-    assert sampling_settings(do_sample=False, temperature=0.0, top_p=1.0, top_k=0).temperature == 0.0
+    assert SamplingSettings(do_sample=False, temperature=0.0, top_p=1.0, top_k=0).temperature == 0.0
     for bad in ({"temperature": float("nan")}, {"top_p": float("nan")}, {"top_k": -3}, {"temperature": -1.0}):
         with pytest.raises(UserError, match=f"--{next(iter(bad))} "):
-            sampling_settings(**{"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, **bad})
+            SamplingSettings(**{"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, **bad})
+    ppo_settings = ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+                                   "--do_sample", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "40"])
+    select_settings = selection.parse_args(["--sft_model_name_or_path", "s", "--reward_model_name_or_path", "r",
+                                            "--output_dir", "o", "--temperature", "0.7", "--top_p", "0.9",
+                                            "--top_k", "40"])
+    eval_settings = EvalSettings.from_mapping({"model": ["a=x"], "output_dir": "o", "do_sample": True,
+                                               "temperature": 0.7, "top_p": 0.9, "top_k": 40})
+    assert ppo_settings.sampling == select_settings.sampling == eval_settings.sampling == settings
+    assert type(ppo_settings.sampling) is SamplingSettings
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -119,8 +118,7 @@ def test_column_mapping_flags_and_save_to_disk(tmp_path, chat_tok):
     records = [{"question": [user(f"q{i}")], "good": [bot(f"y{i}")], "bad": [bot(f"n{i}")], "chosen": "x"}
                for i in range(6)]
     f = write(tmp_path / "mapped.jsonl", records)
-    a = Namespace(data_keys="prompt=question,chosen=good", prompt_key=None, chosen_key=None, rejected_key="bad")
-    mapping = flags.column_map(a)
+    mapping = flags.DataSettings(data_keys="prompt=question,chosen=good", rejected_key="bad").column_map
     assert mapping == {"prompt": "question", "chosen": "good", "rejected": "bad"}
     raw = du.get_raw_dataset(f, "", 1, -1, tokenizer=chat_tok, column_map=mapping)
     assert raw.get_prompt_and_rejected(raw.get_train_data()[0]) == rendered_prompt("q0") + "n0<|im_end|>"
@@ -159,11 +157,11 @@ def test_hub_id_goes_through_load_dataset(tmp_path, chat_tok, monkeypatch):
 def test_select_and_dpo_build_the_same_texts(tmp_path, chat_tok):
     """select scores (prompt, answer) exactly as the RM trained on them; its easy.jsonl feeds DPO unchanged."""
     f = write(tmp_path / "conv.jsonl", [explicit(i) for i in range(6)])
-    args = Namespace(data_path=[f], data_output_path=str(tmp_path / "c"), seed=1, data_split=None, data_phase=3,
-                     pair_source="dataset", max_prompt_seq_len=64, max_answer_seq_len=64, max_prompts=0, local_rank=-1,
-                     data_keys=None,
-                     prompt_key=None, chosen_key=None, rejected_key=None)
-    items, _ = selection.load_items(args, chat_tok)
+    settings = selection.SelectionSettings.from_mapping(
+        {"data_path": [f], "data_output_path": str(tmp_path / "c"), "seed": 1, "data_phase": 3,
+         "pair_source": "dataset", "max_prompt_seq_len": 64, "max_answer_seq_len": 64, "reward_model_name_or_path": "r",
+         "output_dir": str(tmp_path / "o")})
+    items, _ = selection.load_items(settings, chat_tok)
     item = next(it for it in items if it["prompt"] == rendered_prompt("q2"))
     assert item["chosen"] == "good 2<|im_end|>"
     scorer = RewardScorer(None, chat_tok, chat_tok.eos_token, max_seq_len=64, batch_size=4)

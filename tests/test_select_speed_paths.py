@@ -11,6 +11,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from dschat.rlhf.generation import Generator, shared_prefill_generate
+from dschat.utils.args import SamplingSettings
 from dschat.utils.inference import RewardScorer, reward_layout, reward_layouts
 from mpo_ext.selection import ShardWorker, best_worst_indices, pair_from_samples
 
@@ -102,7 +103,8 @@ def test_four_samples_pair_best_with_worst(tinystories_dir, tmp_path):
     items = [{"prompt": f"Once upon a time there was a {w}.", "index": i}
              for i, w in enumerate(["cat", "little girl", "big red ball", "dog", "tree"])]
     args = Namespace(seed=3, per_device_generation_batch_size=2, per_device_eval_batch_size=6, num_samples=4)
-    generator = Generator(actor, tokenizer, max_new_tokens=10, do_sample=True, temperature=1.0, top_k=0)
+    generator = Generator(actor, tokenizer, max_new_tokens=10,
+                          sampling=SamplingSettings(do_sample=True, temperature=1.0, top_k=0))
     scorer = RewardScorer(reward, tokenizer, tokenizer.eos_token, max_seq_len=64,
                           batch_size=args.per_device_eval_batch_size, share_prompts=True)
     worker = ShardWorker(args, items, tokenizer, scorer, generator)

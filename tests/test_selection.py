@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -121,12 +120,12 @@ def test_threshold_and_easy_fraction_are_exclusive(capsys):
         selection.parse_args([*base, "--threshold", "1", "--easy_fraction", "0.5"])
     with pytest.raises(UserError, match="human label"):
         selection.parse_args([*base, "--label_policy", "human"])
-    args = selection.parse_args(base)
-    assert args.threshold is None  # the checks return the settings; args stays as parsed
-    assert selection.validate_args(args).threshold == 1.0 == selection.SplitSettings.from_args(args).threshold
+    settings = selection.parse_args(base)
+    assert settings.threshold is None  # the flag as given; the split derived from it holds the default theta
+    assert settings.split.threshold == 1.0
     with pytest.raises(UserError, match="--gap_bucket_edges 0,x"):
         selection.parse_args([*base, "--gap_bucket_edges", "0,x"])
-    assert selection.validate_args(selection.parse_args([*base, "--gap_bucket_edges", "2,0"])).gap_edges == (0.0, 2.0)
+    assert selection.parse_args([*base, "--gap_bucket_edges", "2,0"]).split.gap_edges == (0.0, 2.0)
 
 
 def test_recorded_sampling_settings_are_the_sampling_flags():
@@ -136,13 +135,13 @@ def test_recorded_sampling_settings_are_the_sampling_flags():
 
     base = ["--reward_model_name_or_path", "rm", "--sft_model_name_or_path", "sft", "--output_dir", "o",
             "--temperature", "0.7", "--num_samples", "3"]
-    args = selection.parse_args(base)
+    settings = selection.parse_args(base)
     group, = [g for g in selection.build_parser()._action_groups if g.title == "sampling"]
     flags_in_group = {action.dest for action in group._group_actions}
     assert flags_in_group == {f.name for f in dataclasses.fields(selection.AnswerSamplingSettings)}
-    recorded = selection.AnswerSamplingSettings.from_args(args).record()
+    recorded = settings.sampling_record()
     assert recorded["temperature"] == 0.7 and recorded["num_samples"] == 3
-    assert recorded == {name: getattr(args, name) for name in flags_in_group}
+    assert recorded == {name: getattr(settings, name) for name in flags_in_group}
 
 
 def test_shards_of_a_different_run_are_refused_unless_rebuilt(tmp_path):
@@ -164,13 +163,13 @@ def _raw_records(n: int, seed: int = 0) -> list[dict]:
             for i in range(n)]
 
 
-def _split_args(**overrides) -> Namespace:
+def _split_args(**overrides) -> selection.SelectionSettings:
     base = dict(threshold=None, easy_fraction=None, label_policy="reward_model", pair_source="dataset",
                 gap_bucket_edges="0,1,2,3", sft_model_name_or_path=None, reward_model_name_or_path="rm",
                 seed=1, max_prompt_seq_len=8, max_answer_seq_len=8, temperature=1.0, top_p=1.0, top_k=0,
-                num_samples=2, per_device_generation_batch_size=2)
+                num_samples=2, per_device_generation_batch_size=2, output_dir="unused")
     base.update(overrides)
-    return Namespace(**base)
+    return selection.SelectionSettings.from_mapping(base)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

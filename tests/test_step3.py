@@ -7,7 +7,6 @@ several behaviours at once to keep the file within a few minutes on two cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -339,14 +338,17 @@ def test_bad_input_is_one_line_exit_2(assets, tmp_path, capsys, overrides, messa
 
 
 def test_flags_module_records_every_flag_of_its_groups(capsys):
-    """The flags live in ppo_args (ppo re-exports parse_args for upstream-style scripts); run_info's
-    settings are derived from the argument groups, so a flag added to one is recorded without a list."""
+    """The settings live in ppo_args (ppo re-exports parse_args for upstream-style scripts); run_info's
+    settings are derived from the flag groups, so a flag added to one is recorded without a list."""
+    from dataclasses import dataclass
+
     from dschat.steps import ppo, ppo_args
     from dschat.utils import args as flags
 
-    assert ppo.parse_args is ppo_args.parse_args
-    args = ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--dtype", "fp32"])
-    recorded = ppo_args.recorded_settings(args)
+    assert ppo.parse_args == ppo_args.parse_args
+    settings = ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+                               "--dtype", "fp32"])
+    recorded = ppo_args.recorded_settings(settings)
     before = ("init_kl_coef", "kl_target", "kl_horizon", "clip_reward_value", "cliprange", "cliprange_value",
               "gamma", "lam", "normalize_reward", "whiten_advantages", "enable_ema", "ema_beta", "do_sample",
               "temperature", "top_p", "top_k", "max_prompt_seq_len", "max_answer_seq_len",
@@ -354,17 +356,17 @@ def test_flags_module_records_every_flag_of_its_groups(capsys):
               "ppo_epochs", "actor_learning_rate", "critic_learning_rate", "actor_zero_stage",
               "critic_zero_stage", "dtype")  # the hand-kept list run_info used to record
     assert set(before) <= set(recorded) and recorded["dtype"] == "fp32"
-    parser = ppo_args.build_parser()
     for title in ppo_args.RECORDED_GROUPS:
-        for dest in parser.group_dests(title):
-            assert recorded[dest] == getattr(args, dest)
+        for name in ppo_args.PPOSettings.group_names(title):
+            assert recorded[name] == getattr(settings, name)
     assert "per_device_mini_train_batch_size" not in recorded  # deprecated aliases set no value of their own
 
-    parser = flags.new_parser("t")
-    group = parser.add_argument_group("g")
-    group.add_argument("--new_flag", type=int, default=3)
-    group.add_argument("--old_name", dest="new_flag", type=int, default=argparse.SUPPRESS)
-    assert parser.group_dests("g") == ("new_flag",)
+    @dataclass(frozen=True, kw_only=True)
+    class Grouped(flags.Settings):
+        flag_group = "g"
+        new_flag: int = flags.flag(3, "A new flag.", deprecated=("--old_name",))
+
+    assert Grouped.group_names("g") == ("new_flag",) and Grouped.parse_args(["--old_name", "4"]).new_flag == 4
 
     with pytest.raises(SystemExit):
         ppo.parse_args(["--help"])
@@ -382,14 +384,14 @@ def test_upstream_ppo_trainer_names_still_import():
     assert not issubclass(ppo_trainer.PPOUpdater, ResumableRun)
 
 
-def test_validate_args_leaves_args_as_parsed():
-    """The dtype-dependent --compute_fp32_loss default is returned by the check and filled in by parse_args."""
+def test_fp32_loss_default_is_derived_not_written_back():
+    """The dtype-dependent --compute_fp32_loss default is a derived value: the flag keeps what was given."""
     from dschat.steps import ppo_args
 
     argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--dtype", "bf16"]
-    raw = ppo_args.build_parser().parse_args(argv)
-    assert ppo_args.validate_args(raw) == {"compute_fp32_loss": True} and raw.compute_fp32_loss is None
-    assert ppo_args.parse_args(argv).compute_fp32_loss is True
+    settings = ppo_args.parse_args(argv)
+    assert settings.compute_fp32_loss is None and settings.fp32_loss is True
+    assert settings.record()["compute_fp32_loss"] is True  # what a run records is what it used
 
 
 def test_critic_with_wrong_layout_exits_2(assets, run_ds, tmp_path):

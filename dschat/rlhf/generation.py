@@ -18,8 +18,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from dschat.utils.dist import any_rank_true, get_world_size, on_cpu
-from dschat.utils.utils import print_rank_0
+from dschat.utils.args import GREEDY, SamplingSettings
+from dschat.utils.dist import all_reduce, any_rank_true, get_world_size, on_cpu
+from dschat.utils.printing import print_rank_0
 
 PATH_HYBRID = "hybrid_engine"
 PATH_HF = "hf_generate"
@@ -210,9 +211,7 @@ def should_gather(module: torch.nn.Module, device: torch.device, fraction: float
     memory over ranks is used.
     """
     need = full_parameter_bytes(module)
-    free = torch.tensor([float(_free_memory_bytes(device))], device=device)
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+    free = all_reduce(torch.tensor([float(_free_memory_bytes(device))], device=device), "min")
     return need <= fraction * float(free.item())
 
 
@@ -253,18 +252,14 @@ class Generator:
     first eos is pad. `attention_mask(sequences, prompt_mask)` is the rows' mask (`rollout_attention_mask`).
     """
 
-    def __init__(self, engine_or_model, tokenizer, *, max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, zero_stage: int = 0,
-                 enable_hybrid_engine: bool = False, gather_params: bool | None = None,
+    def __init__(self, engine_or_model, tokenizer, *, max_new_tokens: int, sampling: SamplingSettings = GREEDY,
+                 zero_stage: int = 0, enable_hybrid_engine: bool = False, gather_params: bool | None = None,
                  check_hybrid_parity: bool = True):
         self.engine = engine_or_model
         self.module = _unwrap(engine_or_model)
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.do_sample = do_sample
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
+        self.sampling = sampling  # greedy, or sampling with temperature / top-p / top-k
         self.zero_stage = zero_stage
         self.gather_params = gather_params
         self.check_hybrid_parity = check_hybrid_parity
@@ -298,11 +293,11 @@ class Generator:
         return self.zero_stage == 3 and get_world_size() > 1
 
     def generation_config(self, do_sample: bool | None = None):
-        sample = self.do_sample if do_sample is None else do_sample
+        sample = self.sampling.do_sample if do_sample is None else do_sample
         kwargs = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1,
                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True)
         if sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+            kwargs.update(temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=self.sampling.top_k)
         else:
             # Explicit values (transformers' own defaults, which its validator treats as "unset") so a
             # checkpoint's generation_config cannot leak sampling settings into greedy decoding.

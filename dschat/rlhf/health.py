@@ -24,7 +24,6 @@ The functions on tensors and token lists are pure and unit-tested against hand-c
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 from collections.abc import Callable, Sequence
@@ -35,7 +34,8 @@ import torch
 
 from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
-from dschat.utils.utils import atomic_write_json, print_rank_0
+from dschat.utils.files import atomic_write_json
+from dschat.utils.printing import print_rank_0
 
 HEALTH_FILE = "health.json"
 BEST_FILE = "best.json"
@@ -107,7 +107,8 @@ def generation_health(answers: Sequence[Sequence[int]], max_new_tokens: int) -> 
 
 @dataclass
 class HealthThresholds:
-    """When a signal counts as unhealthy (0 disables a check). Defaults are documented in `add_health_args`."""
+    """When a signal counts as unhealthy (0 disables a check); the defaults of the `--health_*` flags
+    (`dschat.utils.args.HealthSettings`, whose `health_thresholds` builds this)."""
 
     min_entropy_ratio: float = 0.2      # health/entropy below this fraction of its first value
     max_kl: float = 25.0                # objective/kl (nats per answer) above this
@@ -230,74 +231,7 @@ def check_health(monitor: HealthMonitor, step: int, metrics: dict[str, float], o
     raise SystemExit(COLLAPSE_EXIT_CODE)
 
 
-def add_health_args(parser) -> None:
-    """One flag group for every stage that trains a policy (PPO, DPO)."""
-    d = HealthThresholds()
-    group = parser.add_argument_group(
-        "health guards (warn when training destroys the policy; 0 disables a check)")
-    group.add_argument("--health_min_entropy_ratio", type=float, default=d.min_entropy_ratio,
-                       help="Warn when the mean per-token entropy of the answers falls below this fraction of "
-                            "its first measured value (entropy collapse).")
-    group.add_argument("--health_max_kl", type=float, default=d.max_kl,
-                       help="Warn when the KL to the reference exceeds this many nats per answer (PPO).")
-    group.add_argument("--health_max_degenerate_share", type=float, default=d.max_degenerate_share,
-                       help="Warn when more than this share of the answers are empty or repeat at least half "
-                            "of their bigrams.")
-    group.add_argument("--health_max_logp_drop", type=float, default=d.max_logp_drop,
-                       help="DPO: warn when the held-out chosen and rejected log-probs per token have both "
-                            "fallen by more than this (nats) since the first eval (likelihood displacement).")
-    group.add_argument("--stop_on_collapse", action="store_true",
-                       help=f"On a health warning, save a training state and stop with exit status "
-                            f"{COLLAPSE_EXIT_CODE} instead of only warning.")
-
-
-def thresholds_from_args(args) -> HealthThresholds:
-    return HealthThresholds(min_entropy_ratio=args.health_min_entropy_ratio, max_kl=args.health_max_kl,
-                            max_degenerate_share=args.health_max_degenerate_share,
-                            max_logp_drop=args.health_max_logp_drop)
-
-
-def check_health_args(args) -> None:
-    for name in ("health_min_entropy_ratio", "health_max_kl", "health_max_degenerate_share", "health_max_logp_drop"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
-            raise UserError(f"--{name} {value}: must be a finite number >= 0 (0 disables the check)")
-    for name in ("eval_steps", "eval_prompts"):
-        if getattr(args, name, 0) < 0:
-            raise UserError(f"--{name} {getattr(args, name)}: must be >= 0")
-    if getattr(args, "keep_best", False) and not getattr(args, "eval_prompts", 0):
-        raise UserError("--keep_best needs held-out evaluations: set --eval_prompts above 0")
-    if getattr(args, "best_metric", "reward") == "gold" and not getattr(args, "gold_reward", None):
-        raise UserError("--best_metric gold needs --gold_reward MODULE:FUNCTION")
-    if getattr(args, "gold_reward", None):
-        load_gold_reward(args.gold_reward)
-
-
 # --------------------------------------------------------------------------------------------- keep the best
-
-
-def add_keep_best_args(parser, *, eval_steps_dest: str = "eval_steps"):
-    """Held-out evaluation flags; `eval_steps_dest` lets a stage whose evaluation cadence already has a flag
-    (DPO's --eval_interval) take --eval_steps as its alias. Returns the group for stage-specific flags."""
-    group = parser.add_argument_group("held-out evaluation and keeping the best model")
-    group.add_argument("--eval_steps", dest=eval_steps_dest, type=int, default=argparse.SUPPRESS
-                       if eval_steps_dest != "eval_steps" else 0,
-                       help="Every N steps, answer held-out prompts greedily and score them with the reward "
-                            "model (and --gold_reward); 0: never." if eval_steps_dest == "eval_steps"
-                       else f"An alias of --{eval_steps_dest} (the same setting).")
-    group.add_argument("--eval_prompts", type=int, default=16,
-                       help="Held-out prompts answered at each evaluation for the generation checks and the "
-                            "held-out score (0: none).")
-    group.add_argument("--gold_reward", type=str, default=None,
-                       help="MODULE:FUNCTION(prompt, answer) -> float, a known true reward also reported at "
-                            "each evaluation (e.g. mpo_ext.synthetic:gold_reward on the embedded task).")
-    group.add_argument("--keep_best", action="store_true",
-                       help="Make the saved result the evaluated step with the best held-out score instead of "
-                            "the last step; best.json beside it records which step was kept and why.")
-    group.add_argument("--best_metric", choices=("reward", "gold"), default="reward",
-                       help="Held-out score that decides the best step: the reward model's mean, or the gold "
-                            "reward's mean (needs --gold_reward).")
-    return group
 
 
 def load_gold_reward(spec: str) -> Callable[[str, str], float]:

@@ -49,11 +49,11 @@ from dschat.rlhf.ppo_math import (
     whiten,
     zero_after,
 )
-from dschat.utils.dist import get_world_size
+from dschat.utils.dist import all_reduce
 from dschat.utils.inference import RewardScorer
 from dschat.utils.model.masks import position_ids_from_mask
 from dschat.utils.model.reward_model import ending_text
-from dschat.utils.utils import print_rank_0
+from dschat.utils.printing import print_rank_0
 
 
 def _accepts_position_ids(module: torch.nn.Module) -> bool:
@@ -61,19 +61,12 @@ def _accepts_position_ids(module: torch.nn.Module) -> bool:
     return "position_ids" in params
 
 
-def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        values = values.clone()
-        torch.distributed.all_reduce(values)
-    return values
-
-
 class PPOUpdater:
     """One PPO iteration on the step-3 engines: `generate_experience(prompts, mask, step)` -> `Experience`
     (rollouts, log-probs, values, `sequence_rewards`); `train_rlhf(exp)` -> (actor loss, critic loss).
     Not a `Trainer`: `dschat.steps.ppo.PPOLoop` drives it."""
 
-    def __init__(self, rlhf_engine, args):
+    def __init__(self, rlhf_engine, settings):
         self.rlhf_engine = rlhf_engine
         self.actor_model = rlhf_engine.actor
         self.critic_model = rlhf_engine.critic
@@ -86,31 +79,30 @@ class PPOUpdater:
                                           ending=rlhf_engine.reward_ending)
         self.actor_ema = rlhf_engine.actor_ema
         self.tokenizer = rlhf_engine.tokenizer
-        self.args = args
-        self.max_answer_seq_len = args.max_answer_seq_len
+        self.settings = settings
+        self.max_answer_seq_len = settings.max_answer_seq_len
         self.pad_token_id = self.tokenizer.pad_token_id
         self.end_of_conversation_token_id = self.tokenizer.eos_token_id
-        self.z3_enabled = args.actor_zero_stage == 3
-        self.compute_fp32_loss = args.compute_fp32_loss
+        self.z3_enabled = settings.actor_zero_stage == 3
+        self.compute_fp32_loss = settings.fp32_loss
 
         # PPO constants (upstream hard-coded them; flags here with the same defaults).
-        if args.kl_target:
-            self.kl_controller = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
+        if settings.kl_target:
+            self.kl_controller = AdaptiveKLController(settings.init_kl_coef, settings.kl_target, settings.kl_horizon)
         else:
-            self.kl_controller = FixedKLController(args.init_kl_coef)
-        self.clip_reward_value = args.clip_reward_value
-        self.cliprange = args.cliprange
-        self.cliprange_value = args.cliprange_value
-        self.gamma = args.gamma
-        self.lam = args.lam
-        self.reward_stats = RunningMeanStd() if args.normalize_reward else None
-        self.whiten_advantages = args.whiten_advantages
+            self.kl_controller = FixedKLController(settings.init_kl_coef)
+        self.clip_reward_value = settings.clip_reward_value
+        self.cliprange = settings.cliprange
+        self.cliprange_value = settings.cliprange_value
+        self.gamma = settings.gamma
+        self.lam = settings.lam
+        self.reward_stats = RunningMeanStd() if settings.normalize_reward else None
+        self.whiten_advantages = settings.whiten_advantages
 
         self.generator = Generator(
-            self.actor_model, self.tokenizer, max_new_tokens=args.max_answer_seq_len, do_sample=args.do_sample,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, zero_stage=args.actor_zero_stage,
-            enable_hybrid_engine=args.enable_hybrid_engine,
-            gather_params=False if args.unpin_actor_parameters else None,
+            self.actor_model, self.tokenizer, max_new_tokens=settings.max_answer_seq_len, sampling=settings.sampling,
+            zero_stage=settings.actor_zero_stage, enable_hybrid_engine=settings.enable_hybrid_engine,
+            gather_params=False if settings.unpin_actor_parameters else None,
         )
         self._actor_position_ids = _accepts_position_ids(self.actor_model.module)
         self._ref_position_ids = _accepts_position_ids(self.ref_model.module)
@@ -131,8 +123,8 @@ class PPOUpdater:
         return engine(seq, **kwargs).logits
 
     def _print_answers(self, prompts: torch.Tensor, seq: torch.Tensor, step: int) -> None:
-        args = self.args
-        if not args.print_answers or step % max(1, args.print_answers_interval) != 0:
+        settings = self.settings
+        if not settings.print_answers or step % max(1, settings.print_answers_interval) != 0:
             return
         width = prompts.shape[1]
         for prompt, answer in zip(decode_prompts(self.tokenizer, prompts), decode_answers(self.tokenizer, seq, width)):
@@ -163,8 +155,7 @@ class PPOUpdater:
         if self.reward_stats is None:
             return scores
         s = scores.detach().float()
-        moments = _sum_over_ranks(torch.stack([s.sum(), (s * s).sum(), torch.tensor(float(s.numel()),
-                                                                                     device=s.device)]))
+        moments = all_reduce(torch.stack([s.sum(), (s * s).sum(), torch.tensor(float(s.numel()), device=s.device)]))
         total, total_sq, count = moments.tolist()
         mean = total / max(count, 1.0)
         self.reward_stats.update_from_moments(mean, max(total_sq / max(count, 1.0) - mean * mean, 0.0), count)
@@ -242,7 +233,7 @@ class PPOUpdater:
         a_loss, clipfrac, approx_kl = actor_loss(new_logprobs[:, start:], log_probs[:, start:], advantages, mask,
                                                  self.cliprange)
         self.actor_model.backward(a_loss)
-        if not self.args.align_overflow:
+        if not self.settings.align_overflow:
             self.actor_model.step()
 
         new_values = self.critic_model.forward_value(seq, attention_mask, return_value_only=True, use_cache=False)[:, :-1]
@@ -253,7 +244,7 @@ class PPOUpdater:
         c_loss, v_clipfrac = critic_loss(new_values[:, start:], old_values_c[:, start:], returns_c, mask,
                                          self.cliprange_value)
         self.critic_model.backward(c_loss)
-        if self.args.align_overflow:
+        if self.settings.align_overflow:
             self._align_overflow()
             self.actor_model.step()
         self.critic_model.step()

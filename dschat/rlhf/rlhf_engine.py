@@ -10,8 +10,9 @@ for a reason:
   exactly like the actor, so `moving_average` updates each rank's partition in place under ZeRO-3;
 - the reference model may come from another checkpoint (`--reference_model_name_or_path`, e.g. the
   DPO model in MPO) instead of always the actor's initial weights;
-- frozen engines get batch sizes consistent with the world size (upstream's fixed 32/4 pair fails on
-  world sizes that do not divide 8).
+- frozen engines (`dschat.utils.build.frozen_ds_config`, the one config of every forward-only engine) get
+  batch sizes consistent with the world size (upstream's fixed 32/4 pair fails on world sizes that do not
+  divide 8).
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ import torch
 from dschat.rlhf.generation import hybrid_engine_unavailable_reason, warn_once
 from dschat.utils.build import (
     apply_lora,
+    frozen_causal_lm,
+    frozen_ds_config,
+    frozen_reward_model,
     initialize_engine,
     initialize_frozen_engine,
     set_gradient_checkpointing,
     train_ds_config,
 )
-from dschat.utils.dist import get_world_size, on_cpu
-from dschat.utils.ds_utils import get_eval_ds_config, set_batch_sizes
+from dschat.utils.dist import on_cpu
 from dschat.utils.model.reward_model import ending_token_ids, resolve_reward_ending
-from dschat.utils.utils import print_rank_0
+from dschat.utils.printing import print_rank_0
 
 
 def log_init(model_name: str, start_time: float | None = None) -> float:
@@ -44,43 +47,34 @@ def log_init(model_name: str, start_time: float | None = None) -> float:
     return duration
 
 
-def frozen_ds_config(args, *, offload: bool, stage: int, dtype: str | None = None) -> dict:
-    config = get_eval_ds_config(offload=offload, dtype=dtype or args.dtype, stage=stage)
-    return set_batch_sizes(config, args.per_device_training_batch_size, 1, get_world_size())
-
-
-def actor_gradient_accumulation_steps(args) -> int:
+def actor_gradient_accumulation_steps(settings) -> int:
     """The actor steps twice per mini-batch with unsupervised mixing (PPO + pretraining loss)."""
-    return args.gradient_accumulation_steps * (2 if unsupervised_enabled(args) else 1)
-
-
-def unsupervised_enabled(args) -> bool:
-    return bool(args.unsupervised_dataset_name and args.unsupervised_dataset_config_name)
+    return settings.gradient_accumulation_steps * (2 if settings.unsupervised_enabled else 1)
 
 
 class DeepSpeedRLHFEngine:
     """Holds `actor`, `ref`, `actor_ema` (None unless --enable_ema), `critic`, `reward` engines."""
 
-    def __init__(self, actor_model_name_or_path: str, critic_model_name_or_path: str, tokenizer, args,
+    def __init__(self, actor_model_name_or_path: str, critic_model_name_or_path: str, tokenizer, settings,
                  num_total_iters: int):
-        self.args = args
+        self.settings = settings
         self.num_total_iters = num_total_iters
         self.tokenizer = tokenizer
         self.hybrid_engine_active = False
         self.hybrid_engine_reason: str | None = None
-        reference_path = args.reference_model_name_or_path or actor_model_name_or_path
+        reference_path = settings.reference_model_name_or_path or actor_model_name_or_path
 
         self.actor = self._init_actor(actor_model_name_or_path)
         self.ref = self._init_ref(reference_path)
-        self.actor_ema = self._init_ema(actor_model_name_or_path) if args.enable_ema else None
+        self.actor_ema = self._init_ema(actor_model_name_or_path) if settings.enable_ema else None
         self.critic = self._init_critic(critic_model_name_or_path)
         self.reward = self._init_reward(critic_model_name_or_path)
         # the ending the reward model was trained with; rollouts get it in place of their eos when it differs
-        self.reward_ending = resolve_reward_ending(critic_model_name_or_path, args.reward_end_text)
+        self.reward_ending = resolve_reward_ending(critic_model_name_or_path, settings.reward_end_text)
         self.reward_ending_ids = ending_token_ids(tokenizer, self.reward_ending)
         print_rank_0(f"reward model ending: {self.reward_ending!r}"
                      + (f" (appended to each answer as ids {self.reward_ending_ids})" if self.reward_ending_ids else ""))
-        if args.critic_gradient_checkpointing:
+        if settings.critic_gradient_checkpointing:
             set_gradient_checkpointing(self.critic.module)
 
     # ---- models
@@ -96,26 +90,26 @@ class DeepSpeedRLHFEngine:
     def _init_actor(self, path: str):
         from dschat.utils.model.model_utils import causal_lm_model_to_fp32_loss
 
-        args = self.args
+        settings = self.settings
         start = log_init("Actor")
         ds_config = train_ds_config(
-            args, zero_stage=args.actor_zero_stage, micro_batch_size=args.per_device_training_batch_size,
-            gradient_accumulation_steps=actor_gradient_accumulation_steps(args), tb_name="step3_actor",
-            enable_hybrid_engine=False, inference_tp_size=args.inference_tp_size,
-            release_inference_cache=args.release_inference_cache,
-            pin_parameters=not args.unpin_actor_parameters,
-            tp_gather_partition_size=args.tp_gather_partition_size,
-            max_out_tokens=args.max_prompt_seq_len + args.max_answer_seq_len,
-            enable_mixed_precision_lora=args.enable_mixed_precision_lora,
+            settings, zero_stage=settings.actor_zero_stage, micro_batch_size=settings.per_device_training_batch_size,
+            gradient_accumulation_steps=actor_gradient_accumulation_steps(settings), tb_name="step3_actor",
+            enable_hybrid_engine=False, inference_tp_size=settings.inference_tp_size,
+            release_inference_cache=settings.release_inference_cache,
+            pin_parameters=not settings.unpin_actor_parameters,
+            tp_gather_partition_size=settings.tp_gather_partition_size,
+            max_out_tokens=settings.max_prompt_seq_len + settings.max_answer_seq_len,
+            enable_mixed_precision_lora=settings.enable_mixed_precision_lora,
         )
-        if args.enable_mixed_precision_lora and not on_cpu():
+        if settings.enable_mixed_precision_lora and not on_cpu():
             ds_config["zero_optimization"]["zero_hpz_partition_size"] = torch.cuda.device_count()
-        model = self._causal_lm(path, ds_config, args.actor_dropout)
-        if args.compute_fp32_loss:
+        model = self._causal_lm(path, ds_config, settings.actor_dropout)
+        if settings.fp32_loss:
             causal_lm_model_to_fp32_loss(model)
-        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, args.only_optimize_lora,
+        model = apply_lora(model, settings.actor_lora_dim, settings.actor_lora_module_name, settings.only_optimize_lora,
                            flag="--actor_lora_module_name")
-        if args.enable_hybrid_engine:
+        if settings.enable_hybrid_engine:
             reason = hybrid_engine_unavailable_reason(model)
             if reason is None:
                 ds_config["hybrid_engine"]["enabled"] = True
@@ -125,73 +119,71 @@ class DeepSpeedRLHFEngine:
                 warn_once(f"--enable_hybrid_engine: {reason}; generating with Hugging Face generate "
                           "(KV cache on) instead")
         engine = initialize_engine(
-            model, ds_config, learning_rate=args.actor_learning_rate, weight_decay=args.actor_weight_decay,
-            lora_learning_rate=args.actor_lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
-            num_warmup_steps=args.num_warmup_steps, num_training_steps=self.num_total_iters, offload=args.offload,
+            model, ds_config, learning_rate=settings.actor_learning_rate, weight_decay=settings.actor_weight_decay,
+            lora_learning_rate=settings.actor_lora_learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
+            num_warmup_steps=settings.num_warmup_steps, num_training_steps=self.num_total_iters, offload=settings.offload,
         )
         log_init("Actor", start)
         return engine
 
     def _init_ref(self, path: str):
-        args = self.args
+        settings = self.settings
         start = log_init("Ref")
-        stage = 3 if args.actor_zero_stage == 3 else 0
-        ds_config = frozen_ds_config(args, offload=args.offload_reference_model, stage=stage)
-        model = self._causal_lm(path, ds_config, None)
-        engine = initialize_frozen_engine(model, ds_config)
+        ds_config = frozen_ds_config(settings.resolved_dtype, offload=settings.offload_reference_model,
+                                     zero_stage=settings.actor_zero_stage,
+                                     micro_batch_size=settings.per_device_training_batch_size)
+        engine = frozen_causal_lm(path, self.tokenizer, ds_config)
         log_init("Ref", start)
         return engine
 
     def _init_ema(self, path: str):
         """Same architecture (incl. LoRA layers) and partitioning as the actor, fp32 weights."""
-        args = self.args
+        settings = self.settings
         start = log_init("EMA")
-        stage = 3 if args.actor_zero_stage == 3 else 0
-        ds_config = frozen_ds_config(args, offload=args.offload_reference_model, stage=stage, dtype="fp32")
+        ds_config = frozen_ds_config("fp32", offload=settings.offload_reference_model,
+                                     zero_stage=settings.actor_zero_stage,
+                                     micro_batch_size=settings.per_device_training_batch_size)
         # No persistent (always gathered) parameters: `moving_average` updates the partitions, which a
         # persistent parameter's full copy would not see.
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         model = self._causal_lm(path, ds_config, None)
-        model = apply_lora(model, args.actor_lora_dim, args.actor_lora_module_name, False,
+        model = apply_lora(model, settings.actor_lora_dim, settings.actor_lora_module_name, False,
                            flag="--actor_lora_module_name")
         engine = initialize_frozen_engine(model, ds_config)
         log_init("EMA", start)
         return engine
 
-    def _reward_model(self, path: str, ds_config: dict, zero_stage: int):
-        from dschat.utils.model.model_utils import create_critic_model
-
-        args = self.args
-        return create_critic_model(path, self.tokenizer, ds_config, args.num_padding_at_beginning,
-                                   rlhf_training=True, dropout=args.critic_dropout, zero_stage=zero_stage,
-                                   compute_fp32_loss=args.compute_fp32_loss)
-
     def _init_critic(self, path: str):
-        args = self.args
+        settings = self.settings
         start = log_init("Critic")
         ds_config = train_ds_config(
-            args, zero_stage=args.critic_zero_stage, micro_batch_size=args.per_device_training_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, tb_name="step3_critic",
+            settings, zero_stage=settings.critic_zero_stage, micro_batch_size=settings.per_device_training_batch_size,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps, tb_name="step3_critic",
         )
-        model = self._reward_model(path, ds_config, args.critic_zero_stage)
+        from dschat.utils.model.model_utils import create_critic_model
+
+        model = create_critic_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
+                                    rlhf_training=True, dropout=settings.critic_dropout,
+                                    zero_stage=settings.critic_zero_stage, compute_fp32_loss=settings.fp32_loss)
         # The value head always trains (upstream froze it with --only_optimize_lora, leaving a random
         # projection of the LoRA features as the value estimate).
-        model = apply_lora(model, args.critic_lora_dim, args.critic_lora_module_name, args.only_optimize_lora,
+        model = apply_lora(model, settings.critic_lora_dim, settings.critic_lora_module_name, settings.only_optimize_lora,
                            force_optimize=["v_head.weight"], flag="--critic_lora_module_name")
         engine = initialize_engine(
-            model, ds_config, learning_rate=args.critic_learning_rate, weight_decay=args.critic_weight_decay,
-            lora_learning_rate=args.critic_lora_learning_rate, lr_scheduler_type=args.lr_scheduler_type,
-            num_warmup_steps=args.num_warmup_steps, num_training_steps=self.num_total_iters, offload=args.offload,
+            model, ds_config, learning_rate=settings.critic_learning_rate, weight_decay=settings.critic_weight_decay,
+            lora_learning_rate=settings.critic_lora_learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
+            num_warmup_steps=settings.num_warmup_steps, num_training_steps=self.num_total_iters, offload=settings.offload,
         )
         log_init("Critic", start)
         return engine
 
     def _init_reward(self, path: str):
-        args = self.args
+        settings = self.settings
         start = log_init("Reward")
-        stage = 3 if args.critic_zero_stage == 3 else 0
-        ds_config = frozen_ds_config(args, offload=args.offload_reward_model, stage=stage)
-        model = self._reward_model(path, ds_config, stage)
-        engine = initialize_frozen_engine(model, ds_config)
+        ds_config = frozen_ds_config(settings.resolved_dtype, offload=settings.offload_reward_model,
+                                     zero_stage=settings.critic_zero_stage,
+                                     micro_batch_size=settings.per_device_training_batch_size)
+        engine = frozen_reward_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
+                                     dropout=settings.critic_dropout, compute_fp32_loss=settings.fp32_loss)
         log_init("Reward", start)
         return engine

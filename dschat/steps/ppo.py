@@ -1,7 +1,7 @@
 """Step 3: PPO fine-tuning of the actor against the step-2 reward model (DeepSpeed-Chat compatible).
 
-The flags live in `dschat.steps.ppo_args` (`parse_args` is re-exported here, where upstream-style scripts
-import it). `build(args)` returns a `PPOLoop` whose `train()` runs the generate -> score -> update cycle
+The settings (`PPOSettings`, its flags) live in `dschat.steps.ppo_args` (`parse_args` is re-exported here,
+where upstream-style scripts import it). `build(settings)` returns a `PPOLoop` whose `train()` runs the generate -> score -> update cycle
 and whose `save_model()` writes `actor/`, `critic/` and `actor_ema/`.
 """
 
@@ -23,127 +23,119 @@ from dschat.rlhf.experience import Experience
 from dschat.rlhf.generation import Generator
 from dschat.rlhf.held_out import HeldOutEvaluator
 from dschat.rlhf.ppo_trainer import PPOUpdater, PPOUpdaterUnsupervised
-from dschat.rlhf.rlhf_engine import DeepSpeedRLHFEngine, unsupervised_enabled
+from dschat.rlhf.rlhf_engine import DeepSpeedRLHFEngine
 from dschat.steps import train_main
-from dschat.steps.ppo_args import parse_args, recorded_settings, validate_args
-from dschat.utils import args as flags
+from dschat.steps.ppo_args import PPOSettings, parse_args, recorded_settings
 from dschat.utils import startup
 from dschat.utils.build import (
     build_tokenizer,
     check_context_length,
     end_of_text,
-    fuse_lora,
     set_gradient_checkpointing,
 )
 from dschat.utils.data.collators import DataCollatorRLHF, MiniDataset
 from dschat.utils.data.prompt_datasets import create_prompt_dataset, get_unsupervised_data
-from dschat.utils.dist import barrier, get_local_rank, get_world_size, is_rank_0
+from dschat.utils.device import to_device
+from dschat.utils.dist import all_reduce, barrier, get_local_rank, is_rank_0
+from dschat.utils.ema import ExponentialMovingAverage, moving_average
 from dschat.utils.errors import UserError, run_main
-from dschat.utils.model_card import card_files, push_to_hub
-from dschat.utils.module.lora import lora_fused
+from dschat.utils.files import atomic_write_json
+from dschat.utils.model_card import push_to_hub
 from dschat.utils.output_dir import prepare_output_dir, publish_directory
+from dschat.utils.printing import print_rank_0
+from dschat.utils.saving import save_reward_model, save_stage_model
+from dschat.utils.seeding import set_random_seed
 from dschat.utils.trainer import (
     MetricLogger,
     ResumableRun,
-    groups_by_length,
     make_loader,
     reduce_mean_metrics,
 )
-from dschat.utils.utils import (
-    ExponentialMovingAverage,
-    atomic_write_json,
-    is_zero3,
-    moving_average,
-    print_rank_0,
-    save_causal_lm,
-    save_reward_model,
-    set_random_seed,
-    to_device,
-)
+from dschat.utils.zero import is_zero3
 
-__all__ = ["PPOLoop", "build", "main", "parse_args", "prepare", "validate_args"]
+__all__ = ["PPOLoop", "PPOSettings", "build", "main", "parse_args", "prepare"]
 
 
-def check_actor_positions(args) -> None:
+def check_actor_positions(settings) -> None:
     """prompt + answer must fit the actor's position table (else generation indexes past it)."""
-    check_context_length(args.actor_model_name_or_path, "--actor_model_name_or_path",
-                         args.max_prompt_seq_len + args.max_answer_seq_len, "--max_prompt_seq_len + --max_answer_seq_len")
+    check_context_length(settings.actor_model_name_or_path, "--actor_model_name_or_path",
+                         settings.max_prompt_seq_len + settings.max_answer_seq_len, "--max_prompt_seq_len + --max_answer_seq_len")
 
 
 # --------------------------------------------------------------------------------------------- build
 
 
-def prepare(args):
+def prepare(settings):
     """Everything before the engines: checks, seed, tokenizer, prompt (and unsupervised) datasets."""
-    check_actor_positions(args)
-    if args.seed is None:
+    check_actor_positions(settings)
+    if settings.seed is None:
         print_rank_0("warning: --seed is not set (upstream step-3 default); steps 1-2 used 1234, so the phase-3 "
                      "split may overlap their prompts and the run is not reproducible; pass --seed 1234")
-    set_random_seed(args.seed)
-    tokenizer = build_tokenizer(args, args.actor_model_name_or_path)
+    set_random_seed(settings.seed)
+    tokenizer = build_tokenizer(settings, settings.actor_model_name_or_path)
     prompts, held_out = create_prompt_dataset(
-        get_local_rank(), args.data_path, args.data_split, args.data_output_path, 3, args.seed, tokenizer,
-        args.max_prompt_seq_len, end_of_conversation_token=end_of_text(args, tokenizer),
-        rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
+        get_local_rank(), settings.data_path, settings.data_split, settings.data_output_path, 3, settings.seed, tokenizer,
+        settings.max_prompt_seq_len, end_of_conversation_token=end_of_text(settings, tokenizer),
+        rebuild=settings.rebuild_data_cache, column_map=settings.column_map,
     )
     if len(prompts) == 0:
-        raise UserError(f"--data_path {' '.join(args.data_path)}: no prompts of at most --max_prompt_seq_len "
-                        f"{args.max_prompt_seq_len} tokens")
+        raise UserError(f"--data_path {' '.join(settings.data_path)}: no prompts of at most --max_prompt_seq_len "
+                        f"{settings.max_prompt_seq_len} tokens")
     unsup = None
-    if unsupervised_enabled(args):
-        unsup = get_unsupervised_data(args, tokenizer)
+    if settings.unsupervised_enabled:
+        unsup = get_unsupervised_data(settings, tokenizer)
         if hasattr(unsup, "keys") and "train" in unsup.keys():  # upstream returned the whole DatasetDict
             unsup = unsup["train"]
     return tokenizer, prompts, unsup, held_out
 
 
-def count_total_iters(args, num_prompt_batches: int, num_unsup_batches: int | None) -> int:
+def count_total_iters(settings, num_prompt_batches: int, num_unsup_batches: int | None) -> int:
     """Optimizer steps for the LR schedules (upstream's formula, capped by --max_steps)."""
     batches = min(num_prompt_batches, num_unsup_batches) if num_unsup_batches is not None else num_prompt_batches
-    per_batch = (args.per_device_generation_batch_size / args.per_device_training_batch_size
-                 * args.ppo_epochs / args.gradient_accumulation_steps)
-    total = int(args.num_train_epochs * batches * per_batch)
-    if args.max_steps:
-        total = min(total, math.ceil(args.max_steps * args.generation_batches * per_batch))
+    per_batch = (settings.per_device_generation_batch_size / settings.per_device_training_batch_size
+                 * settings.ppo_epochs / settings.gradient_accumulation_steps)
+    total = int(settings.num_train_epochs * batches * per_batch)
+    if settings.max_steps:
+        total = min(total, math.ceil(settings.max_steps * settings.generation_batches * per_batch))
     return max(1, total)
 
 
-def build(args) -> PPOLoop:
-    prepare_output_dir(args.output_dir)
-    tokenizer, prompts, unsup, held_out = prepare(args)
-    seed = args.seed or 0
-    prompt_loader = make_loader(prompts, args.per_device_generation_batch_size,
-                                DataCollatorRLHF(args.max_prompt_seq_len, pad_token_id=tokenizer.pad_token_id,
-                                                 padding=args.padding),
-                                shuffle=True, seed=seed, group_lengths=groups_by_length(args))
+def build(settings) -> PPOLoop:
+    prepare_output_dir(settings.output_dir)
+    tokenizer, prompts, unsup, held_out = prepare(settings)
+    seed = settings.seed or 0
+    prompt_loader = make_loader(prompts, settings.per_device_generation_batch_size,
+                                DataCollatorRLHF(settings.max_prompt_seq_len, pad_token_id=tokenizer.pad_token_id,
+                                                 padding=settings.padding),
+                                shuffle=True, seed=seed, group_lengths=settings.groups_by_length)
     unsup_loader = None
     if unsup is not None:
         # transformers takes seconds to import (it is not otherwise needed before the engines are built)
         from transformers import default_data_collator
 
-        unsup_loader = make_loader(unsup, args.per_device_generation_batch_size, default_data_collator,
+        unsup_loader = make_loader(unsup, settings.per_device_generation_batch_size, default_data_collator,
                                    shuffle=True, seed=seed)
-    num_total_iters = count_total_iters(args, len(prompt_loader), len(unsup_loader) if unsup_loader else None)
-    engine = DeepSpeedRLHFEngine(args.actor_model_name_or_path, args.critic_model_name_or_path, tokenizer, args,
+    num_total_iters = count_total_iters(settings, len(prompt_loader), len(unsup_loader) if unsup_loader else None)
+    engine = DeepSpeedRLHFEngine(settings.actor_model_name_or_path, settings.critic_model_name_or_path, tokenizer, settings,
                                  num_total_iters)
-    updater = (PPOUpdaterUnsupervised if unsupervised_enabled(args) else PPOUpdater)(engine, args)
-    loop = PPOLoop(args, engine, updater, prompt_loader, unsup_loader, tokenizer, num_total_iters)
-    if args.eval_steps and args.eval_prompts:
-        batch = held_out_prompt_batch(args, held_out, prompts, tokenizer)
-        gold = health.load_gold_reward(args.gold_reward) if args.gold_reward else None
+    updater = (PPOUpdaterUnsupervised if settings.unsupervised_enabled else PPOUpdater)(engine, settings)
+    loop = PPOLoop(settings, engine, updater, prompt_loader, unsup_loader, tokenizer, num_total_iters)
+    if settings.eval_steps and settings.eval_prompts:
+        batch = held_out_prompt_batch(settings, held_out, prompts, tokenizer)
+        gold = health.load_gold_reward(settings.gold_reward) if settings.gold_reward else None
         loop.evaluator = HeldOutEvaluator(batch["prompt"], batch["prompt_att_mask"], tokenizer,
                                           scorer=updater.reward_scorer, gold=gold,
-                                          batch_size=args.per_device_generation_batch_size)
+                                          batch_size=settings.per_device_generation_batch_size)
     return loop
 
 
-def held_out_prompt_batch(args, held_out, train_prompts, tokenizer) -> dict[str, torch.Tensor]:
+def held_out_prompt_batch(settings, held_out, train_prompts, tokenizer) -> dict[str, torch.Tensor]:
     """The first --eval_prompts prompts of the phase-3 eval split (else of the training prompts), left-padded."""
     dataset = held_out if held_out is not None and len(held_out) else train_prompts
-    count = min(args.eval_prompts, len(dataset))
+    count = min(settings.eval_prompts, len(dataset))
     source = "eval-split" if dataset is held_out else "training (the data has no eval split)"
-    print_rank_0(f"Held-out evaluation every {args.eval_steps} steps on {count} {source} prompts")
-    collate = DataCollatorRLHF(args.max_prompt_seq_len, pad_token_id=tokenizer.pad_token_id, padding="longest")
+    print_rank_0(f"Held-out evaluation every {settings.eval_steps} steps on {count} {source} prompts")
+    collate = DataCollatorRLHF(settings.max_prompt_seq_len, pad_token_id=tokenizer.pad_token_id, padding="longest")
     return collate([dataset[i] for i in range(count)])
 
 
@@ -160,17 +152,17 @@ class PPOLoop(ResumableRun):
 
     name = "step3"
 
-    def __init__(self, args, rlhf_engine, trainer, prompt_loader: DataLoader, unsup_loader: DataLoader | None,
+    def __init__(self, settings, rlhf_engine, updater, prompt_loader: DataLoader, unsup_loader: DataLoader | None,
                  tokenizer, num_total_iters: int):
-        self.args = args
+        self.settings = settings
         self.rlhf_engine = rlhf_engine
-        self.trainer = trainer  # a PPOUpdater (upstream: DeepSpeedPPOTrainer): one PPO iteration, not a loop
+        self.updater = updater  # a PPOUpdater (upstream: DeepSpeedPPOTrainer): one PPO iteration, not a loop
         self.prompt_loader = prompt_loader
         self.unsup_loader = unsup_loader
         self.tokenizer = tokenizer
         self.num_total_iters = num_total_iters
         self.device = rlhf_engine.actor.device
-        self.logger = MetricLogger.from_args(args, "step3")
+        self.logger = MetricLogger.from_settings(settings, "step3")
         self.reward_ema = ExponentialMovingAverage(0.9)
         self.global_step = 0          # PPO updates done
         self.epoch = 0
@@ -178,8 +170,8 @@ class PPOLoop(ResumableRun):
         self.non_overflow_steps = 0
         self._stop_requested = False
         self._round: dict[str, torch.Tensor] = {}
-        self.monitor = health.HealthMonitor("step3", health.thresholds_from_args(args))
-        self.best = health.KeepBest(f"eval/{args.best_metric}")
+        self.monitor = health.HealthMonitor("step3", settings.health_thresholds)
+        self.best = health.KeepBest(f"eval/{settings.best_metric}")
         self.evaluator: HeldOutEvaluator | None = None
 
     # ---- state
@@ -219,10 +211,10 @@ class PPOLoop(ResumableRun):
                 target.copy_(value.to(device=target.device, dtype=target.dtype).view_as(target))
 
     def extra_state(self) -> dict:
-        trainer = self.trainer
+        updater = self.updater
         return {
-            "kl_controller": trainer.kl_controller.state_dict(),
-            "reward_normalizer": trainer.reward_stats.state_dict() if trainer.reward_stats else None,
+            "kl_controller": updater.kl_controller.state_dict(),
+            "reward_normalizer": updater.reward_stats.state_dict() if updater.reward_stats else None,
             "reward_ema": self.reward_ema.ema,
             "non_overflow_steps": self.non_overflow_steps,
             "health_baseline": self.monitor.baseline,
@@ -230,11 +222,11 @@ class PPOLoop(ResumableRun):
         }
 
     def load_extra_state(self, state: dict) -> None:
-        trainer = self.trainer
+        updater = self.updater
         if state.get("kl_controller"):
-            trainer.kl_controller.load_state_dict(state["kl_controller"])
-        if state.get("reward_normalizer") and trainer.reward_stats is not None:
-            trainer.reward_stats.load_state_dict(state["reward_normalizer"])
+            updater.kl_controller.load_state_dict(state["kl_controller"])
+        if state.get("reward_normalizer") and updater.reward_stats is not None:
+            updater.reward_stats.load_state_dict(state["reward_normalizer"])
         self.reward_ema.ema = state.get("reward_ema")
         self.non_overflow_steps = int(state.get("non_overflow_steps", self.global_step))
         self.monitor.baseline.update(state.get("health_baseline", {}))
@@ -242,20 +234,20 @@ class PPOLoop(ResumableRun):
 
     # ---- loop
     def _done(self) -> bool:
-        args = self.args
-        if args.max_steps and self.global_step >= args.max_steps:
+        settings = self.settings
+        if settings.max_steps and self.global_step >= settings.max_steps:
             return True
-        return bool(args.enable_test_mode and args.test_stop_step and self.non_overflow_steps >= args.test_stop_step)
+        return bool(settings.enable_test_mode and settings.test_stop_step and self.non_overflow_steps >= settings.test_stop_step)
 
     def _total_steps(self) -> int:
         """PPO updates this run makes: one per --generation_batches prompt batches, capped by --max_steps."""
-        total = self.args.num_train_epochs * self._batches_per_epoch() // self.args.generation_batches
-        return min(total, self.args.max_steps) if self.args.max_steps else total
+        total = self.settings.num_train_epochs * self._batches_per_epoch() // self.settings.generation_batches
+        return min(total, self.settings.max_steps) if self.settings.max_steps else total
 
     def _batches_per_epoch(self) -> int:
-        n = math.ceil(self.prompt_loader.sampler.num_samples / self.args.per_device_generation_batch_size)
+        n = math.ceil(self.prompt_loader.sampler.num_samples / self.settings.per_device_generation_batch_size)
         if self.unsup_loader is not None:
-            n = min(n, math.ceil(self.unsup_loader.sampler.num_samples / self.args.per_device_generation_batch_size))
+            n = min(n, math.ceil(self.unsup_loader.sampler.num_samples / self.settings.per_device_generation_batch_size))
         return n
 
     def train(self) -> None:
@@ -264,8 +256,8 @@ class PPOLoop(ResumableRun):
             with self.sigterm_saves_state():
                 self._maybe_resume()
                 print_rank_0(f"***** Running training (total_iters={self.num_total_iters}) *****")
-                per_epoch = self._batches_per_epoch() // self.args.generation_batches
-                self.logger.start(self.global_step, self._total_steps(), epochs=self.args.num_train_epochs,
+                per_epoch = self._batches_per_epoch() // self.settings.generation_batches
+                self.logger.start(self.global_step, self._total_steps(), epochs=self.settings.num_train_epochs,
                                   steps_per_epoch=per_epoch)
                 if self.global_step == 0:
                     self._maybe_evaluate()
@@ -275,27 +267,27 @@ class PPOLoop(ResumableRun):
         barrier()
 
     def _run_epochs(self) -> None:
-        args = self.args
-        exp_buffer = MiniDataset(args.generation_batches, args.per_device_training_batch_size)
-        unsup_buffer = MiniDataset(args.generation_batches, args.per_device_training_batch_size)
-        while self.epoch < args.num_train_epochs and not self._done():
+        settings = self.settings
+        exp_buffer = MiniDataset(settings.generation_batches, settings.per_device_training_batch_size)
+        unsup_buffer = MiniDataset(settings.generation_batches, settings.per_device_training_batch_size)
+        while self.epoch < settings.num_train_epochs and not self._done():
             per_epoch = self._batches_per_epoch()
-            start = self.step_in_epoch * args.per_device_generation_batch_size
+            start = self.step_in_epoch * settings.per_device_generation_batch_size
             self.prompt_loader.sampler.set_epoch(self.epoch, start=start)
             unsup_iter = repeat(None)
             if self.unsup_loader is not None:
                 self.unsup_loader.sampler.set_epoch(self.epoch, start=start)
                 unsup_iter = iter(self.unsup_loader)
-            print_rank_0(f"Beginning of Epoch {self.epoch + 1}/{args.num_train_epochs}, "
+            print_rank_0(f"Beginning of Epoch {self.epoch + 1}/{settings.num_train_epochs}, "
                          f"Total Generation Batches {per_epoch}")
-            bar = tqdm(total=math.ceil(per_epoch / args.generation_batches),
-                       initial=self.step_in_epoch // args.generation_batches, disable=not is_rank_0(),
-                       desc=f"step3 epoch {self.epoch + 1}/{args.num_train_epochs}", dynamic_ncols=True)
+            bar = tqdm(total=math.ceil(per_epoch / settings.generation_batches),
+                       initial=self.step_in_epoch // settings.generation_batches, disable=not is_rank_0(),
+                       desc=f"step3 epoch {self.epoch + 1}/{settings.num_train_epochs}", dynamic_ncols=True)
             for batch_prompt, batch_unsup in zip(self.prompt_loader, unsup_iter):
                 if self.step_in_epoch >= per_epoch:
                     break
                 batch_prompt = to_device(batch_prompt, self.device)
-                exp = self.trainer.generate_experience(batch_prompt["prompt"], batch_prompt["prompt_att_mask"],
+                exp = self.updater.generate_experience(batch_prompt["prompt"], batch_prompt["prompt_att_mask"],
                                                        self.epoch * per_epoch + self.step_in_epoch)
                 self._accumulate_experience(exp)
                 self.step_in_epoch += 1
@@ -336,46 +328,46 @@ class PPOLoop(ResumableRun):
             self._round[key] = self._round.get(key, torch.zeros((), device=self.device)) + value.to(self.device)
         self._round["gen_time"] = self._round.get("gen_time", torch.zeros((), device=self.device)) + \
             exp.generate_time.to(self.device)
-        answers = dict(self.trainer.last_health)  # every rollout of the batch, also those dropped as too short
+        answers = dict(self.updater.last_health)  # every rollout of the batch, also those dropped as too short
         rows = answers.pop("rows", 0.0)
         for key, value in {"health_rows": 1.0, **answers}.items():
             weighted = torch.tensor(value * rows if key != "health_rows" else rows, device=self.device)
             self._round[key] = self._round.get(key, torch.zeros((), device=self.device)) + weighted
 
     def _train_round(self, exp_batches: list, unsup_batches: list) -> None:
-        args = self.args
+        settings = self.settings
         engine = self.rlhf_engine
         start = time.time()
-        if args.actor_gradient_checkpointing:
+        if settings.actor_gradient_checkpointing:
             set_gradient_checkpointing(engine.actor.module, True)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         count = 0
-        for _ in range(args.ppo_epochs):
+        for _ in range(settings.ppo_epochs):
             for exp, unsup in zip(exp_batches, unsup_batches):
-                actor_loss, critic_loss = self.trainer.train_rlhf(exp)
+                actor_loss, critic_loss = self.updater.train_rlhf(exp)
                 startup.report()  # first optimizer step (once)
                 sums["loss/policy"] += actor_loss.detach().float()
                 sums["loss/value"] += critic_loss.detach().float()
-                for key, value in self.trainer.last_train_stats.items():
+                for key, value in self.updater.last_train_stats.items():
                     sums[key] += value.to(self.device)
                 if unsup is not None:
-                    sums["loss/unsupervised"] += self.trainer.train_unsupervised(unsup, args.unsup_coef).detach().float()
+                    sums["loss/unsupervised"] += self.updater.train_unsupervised(unsup, settings.unsup_coef).detach().float()
                 if engine.actor_ema is not None:
-                    moving_average(engine.actor.module, engine.actor_ema.module, beta=args.ema_beta,
-                                   zero_stage=args.actor_zero_stage)
+                    moving_average(engine.actor.module, engine.actor_ema.module, beta=settings.ema_beta,
+                                   zero_stage=settings.actor_zero_stage)
                 count += 1
             random.shuffle(exp_batches)
             random.shuffle(unsup_batches)
-        if args.actor_gradient_checkpointing:
+        if settings.actor_gradient_checkpointing:
             set_gradient_checkpointing(engine.actor.module, False)
         train_time = time.time() - start
         self.global_step += 1
-        if not self.trainer.overflowed():
+        if not self.updater.overflowed():
             self.non_overflow_steps += 1
         metrics = reduce_mean_metrics(dict(sums), count)
         metrics.update(self._round_metrics(train_time))
         self._round = {}
-        self.trainer.kl_controller.update(metrics["objective/kl"], int(metrics.pop("_samples")))
+        self.updater.kl_controller.update(metrics["objective/kl"], int(metrics.pop("_samples")))
         self._log(metrics)
         self._check_health(metrics)
 
@@ -386,15 +378,14 @@ class PPOLoop(ResumableRun):
                 "health_rows", *health_keys)
         totals = torch.stack([self._round[k].float().reshape(()) for k in keys])
         times = torch.tensor([float(self._round["gen_time"]), train_time], device=self.device)
-        if torch.distributed.is_initialized() and get_world_size() > 1:
-            torch.distributed.all_reduce(totals)
-            torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
+        all_reduce(totals)
+        all_reduce(times, "max")
         count, r_sum, r_sq, kl_sum, ent_sum, len_sum, tokens, rows, *health_sums = totals.tolist()
         n = max(count, 1.0)
         mean = r_sum / n
         kl = kl_sum / n
         gen_time, train_time = times.tolist()
-        kl_coef = self.trainer.kl_ctl
+        kl_coef = self.updater.kl_ctl
         return {
             "reward/mean": mean,
             "reward/std": math.sqrt(max(r_sq / n - mean * mean, 0.0) * n / max(n - 1.0, 1.0)),
@@ -414,13 +405,13 @@ class PPOLoop(ResumableRun):
         }
 
     def _log(self, metrics: dict[str, float]) -> None:
-        args = self.args
+        settings = self.settings
         metrics["reward/ema"] = self.reward_ema.update(metrics["reward/mean"])
         metrics["epoch"] = self.epoch + self.step_in_epoch / max(1, self._batches_per_epoch())
         self.logger.log(self.global_step, "train", metrics, echo=False)
-        if self.global_step % max(1, args.log_interval) == 0 or self._done():
+        if self.global_step % max(1, settings.log_interval) == 0 or self._done():
             unsup = metrics.get("loss/unsupervised", 0.0)
-            print_rank_0(f"Epoch: {self.epoch} | Step: {self.global_step} | PPO Epoch: {args.ppo_epochs} | "
+            print_rank_0(f"Epoch: {self.epoch} | Step: {self.global_step} | PPO Epoch: {settings.ppo_epochs} | "
                          f"Actor Loss: {metrics['loss/policy']:.6f} | Critic Loss: {metrics['loss/value']:.6f} | "
                          f"Unsupervised Loss: {unsup:.6f}")
             print_rank_0(f"Average reward score: {metrics['reward/mean']:.6f} | "
@@ -428,96 +419,89 @@ class PPOLoop(ResumableRun):
             print_rank_0(f"KL: {metrics['objective/kl']:.4f} (coef {metrics['objective/kl_coef']:.4g}) | "
                          f"answer length {metrics['answer_length']:.1f} | generation "
                          f"{metrics['time/generation']:.2f}s ({metrics['tokens_per_second/generation']:.1f} tok/s, "
-                         f"{self.trainer.generator.path}) | training {metrics['time/training']:.2f}s")
+                         f"{self.updater.generator.path}) | training {metrics['time/training']:.2f}s")
 
     # ---- health and held-out evaluation
     def _check_health(self, metrics: dict[str, float]) -> None:
         """Warn on unhealthy signals; with --stop_on_collapse save a state and exit (COLLAPSE_EXIT_CODE)."""
-        health.check_health(self.monitor, self.global_step, metrics, self.args.output_dir, self.args.stop_on_collapse,
+        health.check_health(self.monitor, self.global_step, metrics, self.settings.output_dir, self.settings.stop_on_collapse,
                             self.save_state)
 
     def _maybe_evaluate(self) -> None:
         """Every --eval_steps steps (and before the first): greedy answers to the held-out prompts, scored by the
         same reader as the rollouts (`HeldOutEvaluator`, shared with DPO)."""
-        args = self.args
-        if self.evaluator is None or self.global_step % args.eval_steps != 0:
+        settings = self.settings
+        if self.evaluator is None or self.global_step % settings.eval_steps != 0:
             return
-        trainer = self.trainer
-        generator = Generator(trainer.actor_model, self.tokenizer, max_new_tokens=args.max_answer_seq_len,
-                              zero_stage=args.actor_zero_stage, gather_params=False if args.unpin_actor_parameters else None)
-        trainer.eval()
-        metrics = self.evaluator.evaluate(trainer.actor_model, generator)
-        trainer.train()
+        updater = self.updater
+        generator = Generator(updater.actor_model, self.tokenizer, max_new_tokens=settings.max_answer_seq_len,
+                              zero_stage=settings.actor_zero_stage,
+                              gather_params=False if settings.unpin_actor_parameters else None)
+        updater.eval()
+        metrics = self.evaluator.evaluate(updater.actor_model, generator)
+        updater.train()
         self.logger.log(self.global_step, "eval", metrics)
-        if self.best.consider(self.global_step, metrics, healthy=not self.monitor.active) and args.keep_best:
+        if self.best.consider(self.global_step, metrics, healthy=not self.monitor.active) and settings.keep_best:
             self._save_best_actor()
 
     def _best_dir(self) -> Path:
-        return Path(self.args.output_dir) / "best_actor"
+        return Path(self.settings.output_dir) / "best_actor"
 
     def _save_best_actor(self) -> None:
-        if not self.args.output_dir:
+        if not self.settings.output_dir:
             return
         print_rank_0(f"--keep_best: new best held-out {self.best.metric} {self.best.best_score:.4f} at step "
                      f"{self.global_step}; saving the actor to {self._best_dir()}")
-        with lora_fused(self.rlhf_engine.actor.module):
-            save_causal_lm(self.rlhf_engine.actor.module, self.tokenizer, self._best_dir(),
-                           extra_files=card_files(self.args, "step3 PPO actor (best evaluated step)",
-                                                  self.args.actor_model_name_or_path, self.rlhf_engine.actor))
+        save_stage_model(self.settings, self.rlhf_engine.actor, self.tokenizer, self._best_dir(),
+                         "step3 PPO actor (best evaluated step)", self.settings.actor_model_name_or_path)
 
     # ---- outputs
     def _write_run_info(self, final: bool) -> None:
-        args = self.args
-        if not (args.output_dir and is_rank_0()):
+        settings = self.settings
+        if not (settings.output_dir and is_rank_0()):
             return
         info = {
-            "actor_model_name_or_path": _resolved(args.actor_model_name_or_path),
-            "reference_model_name_or_path": _resolved(args.reference_model_name_or_path or args.actor_model_name_or_path),
-            "critic_model_name_or_path": _resolved(args.critic_model_name_or_path),
-            "reward_model_name_or_path": _resolved(args.critic_model_name_or_path),
-            "data_path": [_resolved(p) for p in args.data_path],
-            "data_split": args.data_split,
-            "unsupervised_dataset_name": args.unsupervised_dataset_name,
-            "seed": args.seed,
-            "ppo": recorded_settings(args),
-            "generation_path": self.trainer.generator.path,
-            "hybrid_engine_requested": args.enable_hybrid_engine,
+            "actor_model_name_or_path": _resolved(settings.actor_model_name_or_path),
+            "reference_model_name_or_path": _resolved(settings.reference_model_name_or_path or settings.actor_model_name_or_path),
+            "critic_model_name_or_path": _resolved(settings.critic_model_name_or_path),
+            "reward_model_name_or_path": _resolved(settings.critic_model_name_or_path),
+            "data_path": [_resolved(p) for p in settings.data_path],
+            "data_split": settings.data_split,
+            "unsupervised_dataset_name": settings.unsupervised_dataset_name,
+            "seed": settings.seed,
+            "ppo": recorded_settings(settings),
+            "generation_path": self.updater.generator.path,
+            "hybrid_engine_requested": settings.enable_hybrid_engine,
             "global_step": self.global_step,
-            "final_kl_coef": self.trainer.kl_ctl,
+            "final_kl_coef": self.updater.kl_ctl,
             "health": self.monitor.summary()["status"],
-            "kept_step": self.best.best_step if args.keep_best else self.global_step,
+            "kept_step": self.best.best_step if settings.keep_best else self.global_step,
             "complete": final,
         }
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.output_dir) / "run_info.json", info)
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(settings.output_dir) / "run_info.json", info)
 
     def save_model(self) -> None:
         """`actor/` and `actor_ema/` in Hugging Face layout, `critic/` in the reward-model layout."""
-        args = self.args
-        if not args.output_dir:
+        settings = self.settings
+        if not settings.output_dir:
             return
         engine = self.rlhf_engine
-        out = Path(args.output_dir)
+        out = Path(settings.output_dir)
         print_rank_0(f"saving the final models to {out} ...")
-        fuse_lora(engine.actor.module)
-        if args.keep_best and self.best.best_step is not None:
+        if settings.keep_best and self.best.best_step is not None:
             self._keep_best_actor(out / "actor")
         else:
-            save_causal_lm(engine.actor.module, self.tokenizer, out / "actor",
-                           extra_files=card_files(args, "step3 PPO actor", args.actor_model_name_or_path,
-                                                  engine.actor))
-        fuse_lora(engine.critic.module)
-        save_reward_model(engine.critic.module, self.tokenizer, out / "critic",
-                          extra_files=card_files(args, "step3 PPO critic", args.critic_model_name_or_path,
-                                                       engine.critic))
+            save_stage_model(settings, engine.actor, self.tokenizer, out / "actor", "step3 PPO actor",
+                             settings.actor_model_name_or_path)
+        save_stage_model(settings, engine.critic, self.tokenizer, out / "critic", "step3 PPO critic",
+                         settings.critic_model_name_or_path, save=save_reward_model)
         if engine.actor_ema is not None:
-            fuse_lora(engine.actor_ema.module)
-            save_causal_lm(engine.actor_ema.module, self.tokenizer, out / "actor_ema",
-                           extra_files=card_files(args, "step3 PPO actor (EMA)", args.actor_model_name_or_path,
-                                                      engine.actor_ema))
-        health.write_health(args.output_dir, self.monitor)
+            save_stage_model(settings, engine.actor_ema, self.tokenizer, out / "actor_ema", "step3 PPO actor (EMA)",
+                             settings.actor_model_name_or_path)
+        health.write_health(settings.output_dir, self.monitor)
         self._write_run_info(final=True)
-        push_to_hub(args, out / "actor")
+        push_to_hub(settings, out / "actor")
 
     def _keep_best_actor(self, dest: Path) -> None:
         """actor/ becomes the best evaluated step's actor; best.json beside it says which step and why."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dschat.steps import train_main
@@ -14,37 +16,30 @@ from dschat.utils.build import (
     start_training_stage,
 )
 from dschat.utils.data.collators import DataCollatorReward
+from dschat.utils.dist import get_all_reduce_mean
 from dschat.utils.errors import run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
+from dschat.utils.printing import print_rank_0
+from dschat.utils.saving import save_reward_model
 from dschat.utils.trainer import Trainer
-from dschat.utils.utils import get_all_reduce_mean, print_rank_0, save_reward_model
 
 
-def build_parser():
-    parser = flags.new_parser("Step 2: reward model fine-tuning (DeepSpeed-Chat compatible flags).")
-    flags.add_data_args(parser)
-    flags.add_model_args(parser)
-    parser.add_argument("--num_padding_at_beginning", type=int, default=1,
-                        help="Positions at the start of every sequence never taken for its end (OPT: 1, Llama "
-                             "and our tiny model: 0). The score is read at the last real token, or the one before "
-                             "it when that is an eos that is also the pad, as in PPO and selection.")
-    parser.add_argument("--reward_loss", choices=("end", "divergence"), default="end",
-                        help="'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token loss "
-                             "over the differing suffix.")
-    flags.add_optim_args(parser, learning_rate=5e-5)
-    flags.add_deepspeed_args(parser)
-    flags.add_lora_args(parser)
-    flags.add_logging_args(parser, tensorboard_path="step2_tensorboard", print_loss=False)
-    flags.add_eval_args(parser, eval_interval=0, eval_iters=100)
-    return parser
+@dataclass(frozen=True, kw_only=True)
+class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings):
+    """Every setting of step 2 (its flags, DeepSpeed-Chat's names and defaults)."""
+
+    description = "Step 2: reward model fine-tuning (DeepSpeed-Chat compatible flags)."
+    flag_group = "reward model"
+
+    reward_loss: str = flags.flag("end", "'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token "
+                                         "loss over the differing suffix.", choices=("end", "divergence"))
+    learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=5e-5)
+    tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step2_tensorboard")
 
 
-def parse_args(argv: list[str] | None = None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    flags.validate_common(args)
-    return args
+build_parser = RewardSettings.build_parser
+parse_args = RewardSettings.parse_args
 
 
 class RewardTrainer(Trainer):
@@ -71,7 +66,7 @@ class RewardTrainer(Trainer):
         sums = torch.zeros(4, device=self.device)
         count = 0
         for i, batch in enumerate(self.eval_loader):
-            if self.args.eval_iters and i >= self.args.eval_iters:
+            if self.settings.eval_iters and i >= self.settings.eval_iters:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
@@ -87,24 +82,24 @@ class RewardTrainer(Trainer):
                 "rewards/margins": chosen - rejected}
 
     def save_model(self) -> None:
-        record = reward_ending_record(end_of_text(self.args, self.tokenizer), self.tokenizer)
-        save_trained_model(self.args, self.engine, self.tokenizer, "the reward model", "step2 reward model",
+        record = reward_ending_record(end_of_text(self.settings, self.tokenizer), self.tokenizer)
+        save_trained_model(self.settings, self.engine, self.tokenizer, "the reward model", "step2 reward model",
                            save=save_reward_model, extra_files={REWARD_ENDING_FILE: record})
 
 
-def build(args) -> RewardTrainer:
+def build(settings) -> RewardTrainer:
     # model_utils imports transformers (seconds): deferred so --help and flag errors answer first
     from dschat.utils.model.model_utils import create_critic_model
 
-    tokenizer, ds_config = start_training_stage(args, tb_name="step2_model")
-    train_data, eval_data = stage_datasets(args, tokenizer, 2)
-    model = create_critic_model(args.model_name_or_path, tokenizer, ds_config, args.num_padding_at_beginning,
-                                dropout=args.dropout, zero_stage=args.zero_stage,
-                                compute_fp32_loss=args.compute_fp32_loss, loss_type=args.reward_loss)
-    engine = initialize_trained_engine(args, model, ds_config, len(train_data), force_optimize=["v_head.weight"])
-    collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=args.max_seq_len,
-                                  padding=args.padding)
-    return RewardTrainer(args, engine, train_data, eval_data, collator, tokenizer)
+    tokenizer, ds_config = start_training_stage(settings, tb_name="step2_model")
+    train_data, eval_data = stage_datasets(settings, tokenizer, 2)
+    model = create_critic_model(settings.model_name_or_path, tokenizer, ds_config, settings.num_padding_at_beginning,
+                                dropout=settings.dropout, zero_stage=settings.zero_stage,
+                                compute_fp32_loss=settings.compute_fp32_loss, loss_type=settings.reward_loss)
+    engine = initialize_trained_engine(settings, model, ds_config, len(train_data), force_optimize=["v_head.weight"])
+    collator = DataCollatorReward(pad_token_id=tokenizer.pad_token_id, max_seq_len=settings.max_seq_len,
+                                  padding=settings.padding)
+    return RewardTrainer(settings, engine, train_data, eval_data, collator, tokenizer)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -16,28 +17,24 @@ from dschat.utils.build import (
     start_training_stage,
 )
 from dschat.utils.data.collators import DataCollatorSFT
+from dschat.utils.dist import get_all_reduce_mean
 from dschat.utils.errors import run_main
 from dschat.utils.trainer import Trainer
-from dschat.utils.utils import get_all_reduce_mean
 
 
-def build_parser():
-    parser = flags.new_parser("Step 1: supervised fine-tuning (DeepSpeed-Chat compatible flags).")
-    flags.add_data_args(parser, sft_only=True)
-    flags.add_model_args(parser)
-    flags.add_optim_args(parser, learning_rate=1e-3)
-    flags.add_deepspeed_args(parser)
-    flags.add_lora_args(parser)
-    flags.add_logging_args(parser, tensorboard_path="step1_tensorboard")
-    flags.add_eval_args(parser, eval_interval=0, eval_iters=0)
-    return parser
+@dataclass(frozen=True, kw_only=True)
+class SFTSettings(flags.TrainStageSettings, flags.SFTOnlyDataSettings, flags.PrintLossSettings):
+    """Every setting of step 1 (its flags, DeepSpeed-Chat's names and defaults)."""
+
+    description = "Step 1: supervised fine-tuning (DeepSpeed-Chat compatible flags)."
+
+    learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=1e-3)
+    tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step1_tensorboard")
+    eval_iters: int = flags.same_flag(flags.EvalIntervalSettings, "eval_iters", default=0)
 
 
-def parse_args(argv: list[str] | None = None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    flags.validate_common(args)
-    return args
+build_parser = SFTSettings.build_parser
+parse_args = SFTSettings.parse_args
 
 
 class SFTTrainer(Trainer):
@@ -55,7 +52,7 @@ class SFTTrainer(Trainer):
         self.engine.eval()
         total, count = torch.zeros((), device=self.device), 0
         for i, batch in enumerate(self.eval_loader):
-            if self.args.eval_iters and i >= self.args.eval_iters:
+            if self.settings.eval_iters and i >= self.settings.eval_iters:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
@@ -66,16 +63,16 @@ class SFTTrainer(Trainer):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def save_model(self) -> None:
-        save_trained_model(self.args, self.engine, self.tokenizer, "the final model", "step1 SFT")
+        save_trained_model(self.settings, self.engine, self.tokenizer, "the final model", "step1 SFT")
 
 
-def build(args) -> SFTTrainer:
-    tokenizer, ds_config = start_training_stage(args, tb_name="step1_model")
-    train_data, eval_data = stage_datasets(args, tokenizer, 1, sft_only_data_path=args.sft_only_data_path)
-    model = create_causal_lm(args, tokenizer, ds_config)
-    engine = initialize_trained_engine(args, model, ds_config, len(train_data))
-    collator = DataCollatorSFT(tokenizer.pad_token_id, args.max_seq_len, padding=args.padding)
-    return SFTTrainer(args, engine, train_data, eval_data, collator, tokenizer)
+def build(settings) -> SFTTrainer:
+    tokenizer, ds_config = start_training_stage(settings, tb_name="step1_model")
+    train_data, eval_data = stage_datasets(settings, tokenizer, 1, sft_only_data_path=settings.sft_only_data_path)
+    model = create_causal_lm(settings, tokenizer, ds_config)
+    engine = initialize_trained_engine(settings, model, ds_config, len(train_data))
+    collator = DataCollatorSFT(tokenizer.pad_token_id, settings.max_seq_len, padding=settings.padding)
+    return SFTTrainer(settings, engine, train_data, eval_data, collator, tokenizer)
 
 
 def main() -> None:

@@ -1,22 +1,36 @@
-"""One definition of each flag group, shared by every entry point.
+"""One definition of each flag group, shared by every entry point: frozen settings dataclasses.
 
-Flag names, types and defaults follow DeepSpeed-Chat (per step where upstream differs), so users'
-scripts run unchanged; the additions are documented in each flag's help.
+Each group is a frozen dataclass of `dschat.utils.settings.Settings` whose fields are its flags (help,
+aliases and choices in field metadata); a stage's settings type inherits the groups it offers (steps 1-2:
+`dschat.steps.sft.SFTSettings`, `dschat.steps.reward.RewardSettings`; step 3: `dschat.steps.ppo_args`),
+and its parser is generated from them. A group checks its own flags at construction (`_check`, UserError
+naming the flag). Flag names, types and defaults follow DeepSpeed-Chat (per step where upstream differs),
+so users' scripts run unchanged; the additions are documented in each flag's help.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
-import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from dschat.rlhf.health import HealthThresholds, load_gold_reward
 from dschat.utils.data.raw_datasets import parse_column_map
-from dschat.utils.ds_utils import load_user_ds_config
+from dschat.utils.ds_utils import load_user_ds_config, resolve_dtype
 from dschat.utils.errors import UserError
+from dschat.utils.settings import (  # noqa: F401 - the settings machinery, re-exported for the flag modules
+    OWN_DEFAULT,
+    FlagParser,
+    Settings,
+    check_positive,
+    finite_float,
+    flag,
+    new_parser,
+    same_flag,
+)
 
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
 SCHEDULER_CHOICES = (
@@ -24,354 +38,459 @@ SCHEDULER_CHOICES = (
 )
 
 
-def finite_float(text: str) -> float:
-    """A float flag's value; nan and inf are refused (a nan threshold or learning rate would run
-    and silently produce garbage)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
+def check_path_exists(flag_name: str, path: str | None, kind: str = "path") -> None:
+    """A path that looks local (./x, /x, ~/x or a/b whose parent exists) must exist."""
+    if path is None:
+        return
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).parent.exists()
+    if looks_local and not Path(path).expanduser().exists():
+        raise UserError(f"{flag_name} {path}: {kind} does not exist; check the path")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line and exit code 2 (argparse's own code), and reads
-    every `type=float` flag as a finite float."""
-
-    def __init__(self, *args, **kwargs):
-        self._dests_by_group: dict[str, list[str]] = {}  # before argparse adds its own groups
-        super().__init__(*args, **kwargs)
-        self.register("type", float, finite_float)
-
-    def add_argument_group(self, *args, **kwargs):
-        """A group that remembers its flags (`group_dests`), so what a run records can be derived from it."""
-        group = super().add_argument_group(*args, **kwargs)
-        dests = self._dests_by_group.setdefault(group.title, [])
-        add = group.add_argument
-
-        def add_argument(*names, **options):
-            action = add(*names, **options)
-            if action.default is not argparse.SUPPRESS and action.dest not in dests:  # not aliases, not --help
-                dests.append(action.dest)
-            return action
-
-        group.add_argument = add_argument
-        return group
-
-    def group_dests(self, title: str) -> tuple[str, ...]:
-        """The destinations of the flags of the argument group `title`, in definition order."""
-        if title not in self._dests_by_group:
-            raise KeyError(f"no argument group {title!r}")
-        return tuple(self._dests_by_group[title])
-
-    def flag_names(self) -> frozenset[str]:
-        """The flags this parser takes, without dashes: what a pipeline config section may set for the step.
-        Like `group_dests`, leaves out what has no default of its own (--help, deprecated aliases)."""
-        return frozenset(option.lstrip("-") for option, action in self._option_string_actions.items()
-                         if option.startswith("--") and action.default is not argparse.SUPPRESS)
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+# --------------------------------------------------------------------------------------------- data
 
 
-# Ends a help text that states its own default: ArgumentDefaultsHelpFormatter then appends no
-# "(default: None)" (it skips helps that mention %(default); this one renders as nothing).
-OWN_DEFAULT = "%(default).0s"
+@dataclass(frozen=True, kw_only=True)
+class DataSettings(Settings):
+    """Where the training text comes from and how it is cached."""
+
+    flag_group = "data"
+
+    data_path: list[str] = flag(
+        ["Dahoas/rm-static"],
+        "Dataset names (DeepSpeed-Chat's), `local/jsonfile`, local files/directories "
+        "(.json/.jsonl/.jsonl.gz/.parquet/.csv or a save_to_disk folder) or other hub ids (datasets.load_dataset), "
+        "in DeepSpeed-Chat's or TRL's standard layouts (plain or conversational prompt/chosen/rejected, "
+        "prompt/completion, messages) or HH dialogues. Several are blended.")
+    data_keys: str | None = flag(
+        None, "Column mapping for local files and hub datasets: comma-separated NAME=COLUMN, NAME one of prompt, "
+              "chosen, rejected, completion, messages (e.g. prompt=question,chosen=good,rejected=bad).")
+    prompt_key: str | None = flag(None, "The data's column holding the prompt (same as --data_keys prompt=COLUMN).")
+    chosen_key: str | None = flag(None, "The data's column holding the chosen (same as --data_keys chosen=COLUMN).")
+    rejected_key: str | None = flag(
+        None, "The data's column holding the rejected (same as --data_keys rejected=COLUMN).")
+    data_split: str | None = flag(
+        None, "Comma proportions for phases 1,2,3 (default 2,4,4 for named datasets; a local file or directory "
+              "goes wholly to the running phase unless this is given).")
+    data_output_path: str | None = flag(
+        None, "Where split indices and tokenised caches go (node-local or shared storage); a directory of your "
+              "own, created 0700 (default: $XDG_CACHE_HOME/dschat/data_files, i.e. ~/.cache/dschat/data_files). "
+              "One that another user owns or others can write is refused.", own_default=True)
+    rebuild_data_cache: bool = flag(False, "Rebuild the tokenised cache even if a matching one exists.")
+    end_of_conversation_token: str | None = flag(
+        None, "Text appended to every training sample (default: the tokenizer's eos token, the same ending for "
+              "SFT, RM and PPO).", own_default=True)
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        """{standard column: the data's column} from --data_keys and --prompt_key/--chosen_key/--rejected_key."""
+        return parse_column_map(self.data_keys, prompt=self.prompt_key, chosen=self.chosen_key,
+                                rejected=self.rejected_key)
+
+    def _check(self) -> None:
+        self.column_map  # noqa: B018 - a malformed --data_keys fails here, before any model is loaded
 
 
-def new_parser(description: str) -> argparse.ArgumentParser:
-    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+@dataclass(frozen=True, kw_only=True)
+class SFTOnlyDataSettings(Settings):
+    flag_group = "data"
+
+    sft_only_data_path: list[str] = flag([], "Datasets used only in SFT (split 10,0,0).")
 
 
-def add_data_args(parser, *, sft_only: bool = False,
-                  max_seq_len: int | None = 512, padding: bool = True, pad_mask: bool = True) -> None:
-    """Data flags; `padding` (with length grouping) and `pad_mask` only where the entry point uses them."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--data_path", nargs="*", default=["Dahoas/rm-static"],
-                       help="Dataset names (DeepSpeed-Chat's), `local/jsonfile`, local files/directories "
-                            "(.json/.jsonl/.jsonl.gz/.parquet/.csv or a save_to_disk folder) or other hub ids "
-                            "(datasets.load_dataset), in DeepSpeed-Chat's or TRL's standard layouts (plain or "
-                            "conversational prompt/chosen/rejected, prompt/completion, messages) or HH dialogues. "
-                            "Several are blended.")
-    group.add_argument("--data_keys", type=str, default=None,
-                       help="Column mapping for local files and hub datasets: comma-separated NAME=COLUMN, NAME "
-                            "one of prompt, chosen, rejected, completion, messages (e.g. "
-                            "prompt=question,chosen=good,rejected=bad).")
-    for name in ("prompt", "chosen", "rejected"):
-        group.add_argument(f"--{name}_key", type=str, default=None,
-                           help=f"The data's column holding the {name} (same as --data_keys {name}=COLUMN).")
-    group.add_argument("--data_split", type=str, default=None,
-                       help="Comma proportions for phases 1,2,3 (default 2,4,4 for named datasets; a local "
-                            "file or directory goes wholly to the running phase unless this is given).")
-    if sft_only:
-        group.add_argument("--sft_only_data_path", nargs="*", default=[],
-                           help="Datasets used only in SFT (split 10,0,0).")
-    group.add_argument("--data_output_path", type=str, default=None,
-                       help="Where split indices and tokenised caches go (node-local or shared storage); a "
-                            "directory of your own, created 0700 (default: $XDG_CACHE_HOME/dschat/data_files, "
-                            "i.e. ~/.cache/dschat/data_files). One that another user owns or others can write "
-                            "is refused." + OWN_DEFAULT)
-    group.add_argument("--rebuild_data_cache", action="store_true",
-                       help="Rebuild the tokenised cache even if a matching one exists.")
-    if padding:
-        group.add_argument("--padding", choices=("longest", "max_length"), default="longest",
-                           help="Pad each batch to its longest row (multiple of 8) or, as upstream, to the max "
-                                "length.")
-        group.add_argument("--group_by_length", dest="group_by_length", action="store_true", default=True,
-                           help="Batch training samples of similar length together (shuffled megabatches sorted "
-                                "by length), so that little of each padded batch is padding; on by default with "
-                                "--padding longest.")
-        group.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
-                           default=argparse.SUPPRESS, help="Plain shuffled batches, as upstream.")
-    if pad_mask:
-        group.add_argument("--pad_mask", choices=("auto", "always"), default="auto",
-                           help="auto: right-padded training batches run without an attention mask (the causal "
-                                "mask already hides trailing pads from real tokens, and attention takes its causal "
-                                "fast path); always: pass the padding mask as upstream.")
-    if max_seq_len is not None:
-        group.add_argument("--max_seq_len", type=int, default=max_seq_len,
-                           help="Truncate sequences to this many tokens.")
-    group.add_argument("--end_of_conversation_token", type=str, default=None,
-                       help="Text appended to every training sample (default: the tokenizer's eos token, "
-                            "the same ending for SFT, RM and PPO)." + OWN_DEFAULT)
+@dataclass(frozen=True, kw_only=True)
+class BatchPaddingSettings(Settings):
+    """How training batches are padded and grouped (stages whose batches the collators pad)."""
+
+    flag_group = "data"
+
+    padding: str = flag("longest", "Pad each batch to its longest row (multiple of 8) or, as upstream, to the "
+                                   "max length.", choices=("longest", "max_length"))
+    group_by_length: bool = flag(
+        True, "Batch training samples of similar length together (shuffled megabatches sorted by length), so that "
+              "little of each padded batch is padding; on by default with --padding longest.",
+        negative="--no_group_by_length", negative_help="Plain shuffled batches, as upstream.")
+
+    @property
+    def groups_by_length(self) -> bool:
+        """Length grouping in effect: asked for, and batches padded to their longest row."""
+        return self.group_by_length and self.padding == "longest"
 
 
-def add_model_args(parser, *, required: bool = True) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model_name_or_path", type=str, required=required,
-                       help="Hugging Face hub id or local directory.")
-    group.add_argument("--dropout", type=float, default=None, help="Override dropout in the model config.")
-    group.add_argument("--gradient_checkpointing", action="store_true", help="Enable HF gradient checkpointing.")
-    group.add_argument("--compute_fp32_loss", action="store_true", help="Compute the loss on fp32 logits.")
-    group.add_argument("--add_eot_token", action="store_true",
-                       help="Add --eot_token to the tokenizer as a special token.")
-    group.add_argument("--eot_token", type=str, default="<|endoftext|>", help="The special token --add_eot_token adds.")
+@dataclass(frozen=True, kw_only=True)
+class PadMaskSettings(Settings):
+    flag_group = "data"
+
+    pad_mask: str = flag(
+        "auto", "auto: right-padded training batches run without an attention mask (the causal mask already "
+                "hides trailing pads from real tokens, and attention takes its causal fast path); always: pass "
+                "the padding mask as upstream.", choices=("auto", "always"))
 
 
-def add_reward_ending_arg(group) -> None:
-    """`--reward_end_text`: the ending a reward model scores answers with (one definition for select and PPO)."""
-    group.add_argument("--reward_end_text", type=str, default=None,
-                       help="Text appended to an answer before the reward model reads it: `eos` (the eos token) "
-                            "or a literal such as `<|endoftext|>` (default: the ending recorded with the reward "
-                            "model by step 2; `<|endoftext|>` for a DeepSpeed-Chat step-2 output without a record)." + OWN_DEFAULT)
+@dataclass(frozen=True, kw_only=True)
+class SequenceLengthSettings(Settings):
+    flag_group = "data"
+
+    max_seq_len: int = flag(512, "Truncate sequences to this many tokens.")
+
+    def _check(self) -> None:
+        if self.max_seq_len < 2:
+            raise UserError(f"--max_seq_len {self.max_seq_len}: too short to hold one prompt token and one answer "
+                            "token (nothing to learn from); use at least 2, typically 512")
 
 
-def add_optim_args(parser, *, learning_rate: float, num_warmup_steps: int = 0, weight_decay: float = 0.0,
-                   batch_flags: bool = True,
-                   max_steps_help: str = "Stop after this many optimizer steps (0: run all epochs).") -> None:
-    group = parser.add_argument_group("optimisation")
-    if batch_flags:
-        group.add_argument("--per_device_train_batch_size", type=int, default=16,
-                           help="Training samples per rank and micro-step.")
-        group.add_argument("--per_device_eval_batch_size", type=int, default=16, help="Evaluation samples per rank.")
-        group.add_argument("--learning_rate", type=float, default=learning_rate, help="Peak learning rate.")
-        group.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW weight decay.")
-    group.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the training data.")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="Micro-steps per optimizer step.")
-    group.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULER_CHOICES,
-                       help="Learning-rate schedule (transformers' get_scheduler).")
-    group.add_argument("--num_warmup_steps", type=int, default=num_warmup_steps, help="Warm-up optimizer steps.")
-    group.add_argument("--max_steps", type=int, default=0, help=max_steps_help)
+# --------------------------------------------------------------------------------------------- models
 
 
-def add_deepspeed_args(parser, *, zero_flags: bool = True) -> None:
-    group = parser.add_argument_group("deepspeed")
-    group.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
-    group.add_argument("--offload", action="store_true", help="ZeRO offload of parameters and optimizer to CPU.")
-    group.add_argument("--dtype", type=str, default=None, choices=("fp16", "bf16", "fp32"),
-                       help="Training precision (default: fp16 on GPU as upstream, fp32 on CPU)." + OWN_DEFAULT)
-    if zero_flags:
-        group.add_argument("--zero_stage", type=int, default=0, choices=(0, 1, 2, 3),
-                           help="ZeRO stage (0: plain data parallel; 3: parameters partitioned).")
-    import deepspeed
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings(Settings):
+    """The trained model of steps 1, 2 and 3b."""
 
-    deepspeed.add_config_arguments(parser)
-    for action in parser._actions:
-        if "--deepspeed_config" in action.option_strings:
-            action.help = ("A DeepSpeed JSON config merged over the one built from the flags: its keys replace the "
-                           "built-in defaults and add sections; keys the flags set (batch sizes, ZeRO stage, "
-                           "offload, precision) must agree with them or be \"auto\".")
+    flag_group = "model"
+
+    model_name_or_path: str = flag(help="Hugging Face hub id or local directory.")
+    dropout: float | None = flag(None, "Override dropout in the model config.")
+    gradient_checkpointing: bool = flag(False, "Enable HF gradient checkpointing.")
+    compute_fp32_loss: bool = flag(False, "Compute the loss on fp32 logits.")
+
+    def _check(self) -> None:
+        check_path_exists("--model_name_or_path", self.model_name_or_path, "model directory")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerSettings(Settings):
+    flag_group = "model"
+
+    add_eot_token: bool = flag(False, "Add --eot_token to the tokenizer as a special token.")
+    eot_token: str = flag("<|endoftext|>", "The special token --add_eot_token adds.")
+
+    @property
+    def added_special_token(self) -> str | None:
+        """The special token to add to the tokenizer (None: none)."""
+        return self.eot_token if self.add_eot_token else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardEndingSettings(Settings):
+    """`--reward_end_text`: the ending a reward model scores answers with (selection and PPO)."""
+
+    flag_group = "models"
+
+    reward_end_text: str | None = flag(
+        None, "Text appended to an answer before the reward model reads it: `eos` (the eos token) or a literal "
+              "such as `<|endoftext|>` (default: the ending recorded with the reward model by step 2; "
+              "`<|endoftext|>` for a DeepSpeed-Chat step-2 output without a record).", own_default=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardIndexSettings(Settings):
+    """Where a reward model reads a sequence's score (steps 2, 2.5 and 3 alike)."""
+
+    flag_group = "models"
+
+    num_padding_at_beginning: int = flag(
+        1, "Positions at the start of every sequence never taken for its end (OPT: 1, Llama and our tiny model: "
+           "0); the score is read at the token before the first pad after them, in step 2, PPO and selection.")
+
+    def _check(self) -> None:
+        if self.num_padding_at_beginning < 0:
+            raise UserError(f"--num_padding_at_beginning {self.num_padding_at_beginning}: must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------- optimisation
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainBatchSettings(Settings):
+    flag_group = "optimisation"
+
+    per_device_train_batch_size: int = flag(16, "Training samples per rank and micro-step.")
+    per_device_eval_batch_size: int = flag(16, "Evaluation samples per rank.")
+    learning_rate: float = flag(1e-3, "Peak learning rate.")
+    weight_decay: float = flag(0.0, "AdamW weight decay.")
+
+    def _check(self) -> None:
+        check_positive(self, "per_device_train_batch_size", "per_device_eval_batch_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleSettings(Settings):
+    flag_group = "optimisation"
+
+    num_train_epochs: int = flag(1, "Passes over the training data.")
+    gradient_accumulation_steps: int = flag(1, "Micro-steps per optimizer step.")
+    lr_scheduler_type: str = flag("cosine", "Learning-rate schedule (transformers' get_scheduler).",
+                                  choices=SCHEDULER_CHOICES)
+    num_warmup_steps: int = flag(0, "Warm-up optimizer steps.")
+    max_steps: int = flag(0, "Stop after this many optimizer steps (0: run all epochs).")
+
+    def _check(self) -> None:
+        check_positive(self, "gradient_accumulation_steps")
+        if self.num_train_epochs < 0:
+            raise UserError(f"--num_train_epochs {self.num_train_epochs}: must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------- DeepSpeed
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedSettings(Settings):
+    flag_group = "deepspeed"
+
+    local_rank: int = flag(-1, "Set by the launcher.")
+    offload: bool = flag(False, "ZeRO offload of parameters and optimizer to CPU.")
+    dtype: str | None = flag(None, "Training precision (default: fp16 on GPU as upstream, fp32 on CPU).",
+                             choices=("fp16", "bf16", "fp32"), own_default=True)
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The precision the engines run in (--dtype, or the device's default; fp16 on CPU is a UserError)."""
+        return resolve_dtype(self.dtype)
+
+    def derived(self) -> dict[str, Any]:
+        return {**super().derived(), "dtype": self.resolved_dtype}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroSettings(Settings):
+    flag_group = "deepspeed"
+
+    zero_stage: int = flag(0, "ZeRO stage (0: plain data parallel; 3: parameters partitioned).",
+                           choices=(0, 1, 2, 3))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedConfigSettings(Settings):
+    """DeepSpeed's own command-line flags (`deepspeed.add_config_arguments`), as fields."""
+
+    flag_group = "DeepSpeed"
+    flag_group_description = "DeepSpeed configurations"
+
+    deepspeed: bool = flag(False, "Enable DeepSpeed (helper flag for user code, no impact on DeepSpeed backend)")
+    deepspeed_config: str | None = flag(
+        None, "A DeepSpeed JSON config merged over the one built from the flags: its keys replace the built-in "
+              "defaults and add sections; keys the flags set (batch sizes, ZeRO stage, offload, precision) must "
+              "agree with them or be \"auto\".")
+    deepscale: bool = flag(False, "Deprecated enable DeepSpeed (helper flag for user code, no impact on DeepSpeed "
+                                  "backend)")
+    deepscale_config: str | None = flag(None, "Deprecated DeepSpeed json configuration file.")
+
+    @property
+    def user_ds_config(self) -> dict | None:
+        """The --deepspeed_config file's JSON object (None without one)."""
+        return load_user_ds_config(self.deepspeed_config) if self.deepspeed_config else None
+
+    def _check(self) -> None:
+        self.user_ds_config  # noqa: B018 - unreadable or not JSON: one line now, not after loading models
+
+
+# --------------------------------------------------------------------------------------------- LoRA
 
 
 LORA_MODULE_HELP = ("Substring selecting the Linear layers to wrap (default: the decoder blocks of the "
                     "architecture: `decoder.layers.` for OPT as upstream, `layers.` for Llama/Mistral/Qwen, "
-                    "`.h.` for Falcon/BLOOM); a name matching no layer is an error." + OWN_DEFAULT)
+                    "`.h.` for Falcon/BLOOM); a name matching no layer is an error.")
 
 
-def add_lora_args(parser) -> None:
-    group = parser.add_argument_group("lora")
-    group.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; > 0 enables LoRA.")
-    group.add_argument("--lora_module_name", type=str, default=None, help=LORA_MODULE_HELP)
-    group.add_argument("--only_optimize_lora", action="store_true", help="Train only the LoRA parameters.")
-    group.add_argument("--lora_learning_rate", type=float, default=5e-4, help="Learning rate of the LoRA parameters.")
+@dataclass(frozen=True, kw_only=True)
+class LoRASettings(Settings):
+    flag_group = "lora"
+
+    lora_dim: int = flag(0, "LoRA rank; > 0 enables LoRA.")
+    lora_module_name: str | None = flag(None, LORA_MODULE_HELP, own_default=True)
+    only_optimize_lora: bool = flag(False, "Train only the LoRA parameters.")
+    lora_learning_rate: float = flag(5e-4, "Learning rate of the LoRA parameters.")
+
+    def _check(self) -> None:
+        if self.only_optimize_lora and self.lora_dim <= 0:
+            raise UserError("--only_optimize_lora needs --lora_dim > 0")
 
 
-def add_logging_args(parser, *, tensorboard_path: str, print_loss: bool = True) -> None:
-    group = parser.add_argument_group("logging and checkpoints")
-    group.add_argument("--output_dir", type=str, default=None, help="Where to save; nothing is saved if omitted.")
-    group.add_argument("--seed", type=int, default=1234, help="Seed of the data split, shuffling and initialisation.")
-    group.add_argument("--enable_tensorboard", action="store_true",
-                       help="TensorBoard scalars (upstream's flag: --report_to tensorboard plus DeepSpeed's own "
-                            "monitor).")
-    group.add_argument("--tensorboard_path", type=str, default=tensorboard_path,
-                       help="Directory for TensorBoard logs.")
-    group.add_argument("--report_to", nargs="+", choices=REPORT_TO_CHOICES, default=["none"],
-                       help="Experiment trackers for the metrics (metrics.jsonl is always written): tensorboard "
-                            "(under --tensorboard_path), wandb (pip install 'dschat-mpo[wandb]'; WANDB_PROJECT, "
-                            "WANDB_MODE=offline etc. as wandb reads them), or none.")
-    if print_loss:
-        group.add_argument("--print_loss", action="store_true", help="Every rank prints its loss each step.")
-    group.add_argument("--log_interval", type=int, default=10, help="Optimizer steps between log lines.")
-    group.add_argument("--save_steps", type=int, default=0,
-                       help="Write a full resumable training state every N optimizer steps (and each epoch end).")
-    group.add_argument("--push_to_hub", action="store_true",
-                       help="Upload the final model (with its README.md model card) to the Hugging Face hub "
-                            "(token from HF_TOKEN or huggingface-cli login).")
-    group.add_argument("--hub_model_id", type=str, default=None,
-                       help="Hub repository for --push_to_hub (default: the --output_dir folder name)." + OWN_DEFAULT)
-    group.add_argument("--hub_private_repo", action="store_true", help="Create the hub repository as private.")
-    group.add_argument("--save_total_limit", type=int, default=2, help="Keep only the newest K training states.")
-    group.add_argument("--resume", action="store_true",
-                       help="Continue from the newest complete training state in --output_dir.")
+# --------------------------------------------------------------------------------------------- logging
 
 
-def add_eval_args(parser, *, eval_interval: int = 0, eval_iters: int = 100) -> None:
-    group = parser.add_argument_group("evaluation")
-    group.add_argument("--eval_interval", type=int, default=eval_interval,
-                       help="Evaluate every N optimizer steps (0: only before training and after each epoch).")
-    group.add_argument("--eval_iters", type=int, default=eval_iters, help="At most this many eval batches.")
+@dataclass(frozen=True, kw_only=True)
+class LoggingSettings(Settings):
+    flag_group = "logging and checkpoints"
+
+    output_dir: str | None = flag(None, "Where to save; nothing is saved if omitted.")
+    seed: int | None = flag(1234, "Seed of the data split, shuffling and initialisation.")
+    enable_tensorboard: bool = flag(False, "TensorBoard scalars (upstream's flag: --report_to tensorboard plus "
+                                           "DeepSpeed's own monitor).")
+    tensorboard_path: str = flag("tensorboard", "Directory for TensorBoard logs.")
+    report_to: list[str] = flag(
+        ["none"], "Experiment trackers for the metrics (metrics.jsonl is always written): tensorboard (under "
+                  "--tensorboard_path), wandb (pip install 'dschat-mpo[wandb]'; WANDB_PROJECT, WANDB_MODE=offline "
+                  "etc. as wandb reads them), or none.", nargs="+", choices=REPORT_TO_CHOICES)
+    log_interval: int = flag(10, "Optimizer steps between log lines.")
+    save_steps: int = flag(0, "Write a full resumable training state every N optimizer steps (and each epoch end).")
+    push_to_hub: bool = flag(False, "Upload the final model (with its README.md model card) to the Hugging Face "
+                                    "hub (token from HF_TOKEN or huggingface-cli login).")
+    hub_model_id: str | None = flag(None, "Hub repository for --push_to_hub (default: the --output_dir folder "
+                                          "name).", own_default=True)
+    hub_private_repo: bool = flag(False, "Create the hub repository as private.")
+    save_total_limit: int = flag(2, "Keep only the newest K training states.")
+    resume: bool = flag(False, "Continue from the newest complete training state in --output_dir.")
+
+    @property
+    def trackers(self) -> list[str]:
+        return trackers(self)
+
+    def _check(self) -> None:
+        report_to = self.report_to or []
+        if "none" in report_to and len(report_to) > 1:
+            raise UserError(f"--report_to {' '.join(report_to)}: 'none' excludes the others; give one or the other")
+        if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+            raise UserError("--report_to wandb: the wandb package is not installed; pip install 'dschat-mpo[wandb]' "
+                            "(or wandb), or drop wandb from --report_to")
+        if self.push_to_hub and not self.output_dir:
+            raise UserError("--push_to_hub needs --output_dir (the model is saved there first, then uploaded)")
+        if self.resume and not self.output_dir:
+            raise UserError("--resume needs --output_dir (the states live under OUTPUT_DIR/checkpoints)")
+
+
+def trackers(settings: LoggingSettings) -> list[str]:
+    """The trackers a run reports to: --report_to, plus tensorboard with upstream's --enable_tensorboard."""
+    chosen = [t for t in settings.report_to or [] if t != "none"]
+    if settings.enable_tensorboard and "tensorboard" not in chosen:
+        chosen.append("tensorboard")
+    return chosen
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrintLossSettings(Settings):
+    flag_group = "logging and checkpoints"
+
+    print_loss: bool = flag(False, "Every rank prints its loss each step.")
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalIntervalSettings(Settings):
+    """Evaluation of the loss on the eval split (steps 1, 2 and 3b)."""
+
+    flag_group = "evaluation"
+
+    eval_interval: int = flag(0, "Evaluate every N optimizer steps (0: only before training and after each epoch).")
+    eval_iters: int = flag(100, "At most this many eval batches.")
 
 
 # --------------------------------------------------------------------------------------------- sampling
 
 
-@dataclass(frozen=True)
-class SamplingFlag:
-    """One decoding flag: name, type, default, help, and the values it accepts (above `low`, at most `high`)."""
+@dataclass(frozen=True, kw_only=True)
+class SamplingSettings(Settings):
+    """The one decoding type: greedy, or sampling with temperature / top-p / top-k. It is the sampling flag
+    group of PPO and `mpo eval`, the settings selection samples with (`SelectionSettings.sampling`), and what
+    `dschat.rlhf.generation.Generator` takes. Greedy decoding reads none of the other values."""
 
-    name: str
-    type: type
-    default: float
-    help: str
-    low: float
-    low_open: bool = False
-    high: float | None = None
+    flag_group = "sampling"
 
-    def accepts(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        return above and (self.high is None or value <= self.high)  # nan fails every comparison
+    do_sample: bool = flag(False, "Sample instead of greedy decoding.")
+    temperature: float = flag(1.0, "Sampling temperature. Used with --do_sample.", low=0.0, low_open=True,
+                              when="do_sample")
+    top_p: float = flag(1.0, "Nucleus sampling mass. Used with --do_sample.", low=0.0, low_open=True, high=1.0)
+    top_k: int = flag(0, "Sample among the k most likely tokens; 0 disables top-k filtering. Used with --do_sample.",
+                      low=0)
 
-    def range_text(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
-
-
-# The one definition of the decoding flags of PPO rollouts, selection samples and `mpo eval`: argparse
-# (`add_sampling_args`) and click (`mpo_ext.eval_cli`) options are both generated from it.
-SAMPLING_FLAGS = (
-    SamplingFlag("temperature", float, 1.0, "Sampling temperature.", low=0.0, low_open=True),
-    SamplingFlag("top_p", float, 1.0, "Nucleus sampling mass.", low=0.0, low_open=True, high=1.0),
-    SamplingFlag("top_k", int, 0, "Sample among the k most likely tokens; 0 disables top-k filtering.", low=0),
-)
-DO_SAMPLE_HELP = "Sample instead of greedy decoding."
-WITH_DO_SAMPLE = " Used with --do_sample."
+    @property
+    def sampling(self) -> SamplingSettings:
+        """The decoding settings alone (what a Generator takes), whatever settings type holds them."""
+        return SamplingSettings(**{name: getattr(self, name) for name in SAMPLING_FIELDS})
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Validated decoding settings (`sampling_settings`); greedy decoding reads none of the others."""
-
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
+GREEDY = SamplingSettings()
 
 
-def add_sampling_args(container, *, with_do_sample: bool) -> None:
-    """The sampling flags on a parser or argument group; `with_do_sample` adds the --do_sample switch
-    (off: greedy, as upstream's step 3), without it the entry point always samples."""
-    if with_do_sample:
-        container.add_argument("--do_sample", action="store_true", help=DO_SAMPLE_HELP)
-    for flag in SAMPLING_FLAGS:
-        container.add_argument(f"--{flag.name}", type=flag.type, default=flag.default,
-                               help=flag.help + (WITH_DO_SAMPLE if with_do_sample else ""))
+# --------------------------------------------------------------------------------------------- health
 
 
-def sampling_settings(*, do_sample: bool, temperature: float, top_p: float, top_k: int) -> SamplingSettings:
-    """The settings, or a UserError naming the flag; the temperature is checked only when sampling."""
-    settings = SamplingSettings(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k)
-    for flag in SAMPLING_FLAGS:
-        value = getattr(settings, flag.name)
-        if (do_sample or flag.name != "temperature") and not flag.accepts(value):
-            raise UserError(f"--{flag.name} {value}: must be {flag.range_text()}")
-    return settings
+HEALTH_GROUP = "health guards (warn when training destroys the policy; 0 disables a check)"
+HELD_OUT_GROUP = "held-out evaluation and keeping the best model"
+_THRESHOLDS = HealthThresholds()
 
 
-def sampling_from_args(args, *, do_sample: bool | None = None) -> SamplingSettings:
-    """`sampling_settings` of parsed flags; `do_sample` for an entry point without the switch."""
-    return sampling_settings(do_sample=args.do_sample if do_sample is None else do_sample,
-                             **{flag.name: getattr(args, flag.name) for flag in SAMPLING_FLAGS})
+@dataclass(frozen=True, kw_only=True)
+class HealthSettings(Settings):
+    """When a stage that trains a policy (PPO, DPO) warns that training destroys it."""
+
+    flag_group = HEALTH_GROUP
+
+    health_min_entropy_ratio: float = flag(
+        _THRESHOLDS.min_entropy_ratio, "Warn when the mean per-token entropy of the answers falls below this "
+                                       "fraction of its first measured value (entropy collapse).")
+    health_max_kl: float = flag(_THRESHOLDS.max_kl, "Warn when the KL to the reference exceeds this many nats per "
+                                                   "answer (PPO).")
+    health_max_degenerate_share: float = flag(
+        _THRESHOLDS.max_degenerate_share, "Warn when more than this share of the answers are empty or repeat at "
+                                          "least half of their bigrams.")
+    health_max_logp_drop: float = flag(
+        _THRESHOLDS.max_logp_drop, "DPO: warn when the held-out chosen and rejected log-probs per token have both "
+                                   "fallen by more than this (nats) since the first eval (likelihood displacement).")
+    stop_on_collapse: bool = flag(False, "On a health warning, save a training state and stop with exit status 3 "
+                                         "instead of only warning.")
+
+    @property
+    def health_thresholds(self) -> HealthThresholds:
+        return HealthThresholds(min_entropy_ratio=self.health_min_entropy_ratio, max_kl=self.health_max_kl,
+                                max_degenerate_share=self.health_max_degenerate_share,
+                                max_logp_drop=self.health_max_logp_drop)
+
+    def _check(self) -> None:
+        for name in HealthSettings.group_names(HEALTH_GROUP):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and value < 0:  # nan/inf never parse (finite floats)
+                raise UserError(f"--{name} {value}: must be a finite number >= 0 (0 disables the check)")
 
 
-def trackers(args) -> list[str]:
-    """The trackers a run reports to: --report_to, plus tensorboard with upstream's --enable_tensorboard."""
-    chosen = [t for t in getattr(args, "report_to", None) or [] if t != "none"]
-    if getattr(args, "enable_tensorboard", False) and "tensorboard" not in chosen:
-        chosen.append("tensorboard")
-    return chosen
+@dataclass(frozen=True, kw_only=True)
+class HeldOutSettings(Settings):
+    """Greedy answers to held-out prompts at each evaluation, and keeping the best evaluated step."""
+
+    flag_group = HELD_OUT_GROUP
+
+    eval_prompts: int = flag(16, "Held-out prompts answered at each evaluation for the generation checks and the "
+                                 "held-out score (0: none).")
+    gold_reward: str | None = flag(None, "MODULE:FUNCTION(prompt, answer) -> float, a known true reward also "
+                                         "reported at each evaluation (e.g. mpo_ext.synthetic:gold_reward on the "
+                                         "embedded task).")
+    keep_best: bool = flag(False, "Make the saved result the evaluated step with the best held-out score instead "
+                                  "of the last step; best.json beside it records which step was kept and why.")
+    best_metric: str = flag("reward", "Held-out score that decides the best step: the reward model's mean, or the "
+                                      "gold reward's mean (needs --gold_reward).", choices=("reward", "gold"))
+
+    def _check(self) -> None:
+        if self.eval_prompts < 0:
+            raise UserError(f"--eval_prompts {self.eval_prompts}: must be >= 0")
+        if self.keep_best and not self.eval_prompts:
+            raise UserError("--keep_best needs held-out evaluations: set --eval_prompts above 0")
+        if self.best_metric == "gold" and not self.gold_reward:
+            raise UserError("--best_metric gold needs --gold_reward MODULE:FUNCTION")
+        if self.gold_reward:
+            load_gold_reward(self.gold_reward)
 
 
-def check_trackers(args) -> None:
-    report_to = getattr(args, "report_to", None) or []
-    if "none" in report_to and len(report_to) > 1:
-        raise UserError(f"--report_to {' '.join(report_to)}: 'none' excludes the others; give one or the other")
-    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
-        raise UserError("--report_to wandb: the wandb package is not installed; pip install 'dschat-mpo[wandb]' "
-                        "(or wandb), or drop wandb from --report_to")
+@dataclass(frozen=True, kw_only=True)
+class EvalStepsSettings(Settings):
+    flag_group = HELD_OUT_GROUP
+
+    eval_steps: int = flag(0, "Every N steps, answer held-out prompts greedily and score them with the reward "
+                              "model (and --gold_reward); 0: never.")
+
+    def _check(self) -> None:
+        if self.eval_steps < 0:
+            raise UserError(f"--eval_steps {self.eval_steps}: must be >= 0")
 
 
-def column_map(args) -> dict[str, str]:
-    """{standard column: the data's column} from --data_keys and --prompt_key/--chosen_key/--rejected_key."""
-    return parse_column_map(getattr(args, "data_keys", None), prompt=getattr(args, "prompt_key", None),
-                            chosen=getattr(args, "chosen_key", None), rejected=getattr(args, "rejected_key", None))
+# --------------------------------------------------------------------------------------------- a trained stage
 
 
-def check_path_exists(flag: str, path: str | None, kind: str = "path") -> None:
-    if path is None:
-        return
-    looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).parent.exists()
-    if looks_local and not Path(path).expanduser().exists():
-        raise UserError(f"{flag} {path}: {kind} does not exist; check the path")
+@dataclass(frozen=True, kw_only=True)
+class TrainStageSettings(DataSettings, BatchPaddingSettings, PadMaskSettings, SequenceLengthSettings, ModelSettings,
+                         TokenizerSettings, TrainBatchSettings, ScheduleSettings, DeepSpeedSettings, ZeroSettings,
+                         DeepSpeedConfigSettings, LoRASettings, LoggingSettings, EvalIntervalSettings):
+    """The groups every stage built by `dschat.utils.build` offers (steps 1, 2 and 3b)."""
 
-
-def check_positive(args, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} {value}: must be positive")
-
-
-def validate_common(args) -> None:
-    """Checks every training entry point shares; raises UserError naming the flag."""
-    check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size",
-                   "gradient_accumulation_steps")
-    if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 2:
-        raise UserError(f"--max_seq_len {args.max_seq_len}: too short to hold one prompt token and one answer "
-                        "token (nothing to learn from); use at least 2, typically 512")
-    column_map(args)  # a malformed --data_keys fails here, before any model is loaded
-    check_trackers(args)
-    if getattr(args, "num_train_epochs", 1) < 0:
-        raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
-    if getattr(args, "deepspeed_config", None):
-        load_user_ds_config(args.deepspeed_config)  # unreadable or not JSON: one line now, not after loading
-    lora_dims = {name: value for name, value in vars(args).items() if name.endswith("lora_dim")}
-    if getattr(args, "only_optimize_lora", False) and not any(v > 0 for v in lora_dims.values()):
-        raise UserError(f"--only_optimize_lora needs {' or '.join('--' + n for n in sorted(lora_dims))} > 0")
-    if getattr(args, "push_to_hub", False) and not getattr(args, "output_dir", None):
-        raise UserError("--push_to_hub needs --output_dir (the model is saved there first, then uploaded)")
-    if getattr(args, "resume", False) and not getattr(args, "output_dir", None):
-        raise UserError("--resume needs --output_dir (the states live under OUTPUT_DIR/checkpoints)")
-    model_path = getattr(args, "model_name_or_path", None)
-    check_path_exists("--model_name_or_path", model_path, "model directory")

@@ -25,7 +25,8 @@ import torch
 
 from dschat.utils.dist import barrier, get_rank, is_rank_0
 from dschat.utils.errors import UserError
-from dschat.utils.utils import atomic_write, atomic_write_json, get_rng_state, set_rng_state
+from dschat.utils.files import atomic_write, atomic_write_json
+from dschat.utils.seeding import get_rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

@@ -6,7 +6,8 @@ This project saves through `save_causal_lm` / `save_reward_model` instead, so th
 place, and `dschat.utils.utils` hands them out under their upstream path (its module `__getattr__`): such
 a script keeps importing and saving unchanged. `tests/test_compat.py` runs that import line.
 
-Owns: upstream-only names. Imports `dschat.utils.utils`; nothing in `dschat/` or `mpo_ext/` imports this.
+Owns: upstream-only names. Imports the savers' homes (`files`, `saving`, `zero`); nothing in `dschat/` or
+`mpo_ext/` imports this.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from dschat.utils.utils import atomic_write, gather_full_state_dict, save_causal_lm, save_reward_model
+from dschat.utils.files import atomic_write
+from dschat.utils.saving import save_causal_lm, save_reward_model
+from dschat.utils.zero import gather_full_state_dict
 
 UPSTREAM_UTILS_NAMES = ("save_hf_format", "save_zero_three_model")
 

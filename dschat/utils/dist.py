@@ -1,8 +1,9 @@
 """Process-group set-up that works the same under the deepspeed launcher, torchrun and plain python.
 
 Owns joining the process group (`init_distributed`), the rank helpers every module uses (`get_rank`,
-`is_rank_0`, `barrier`, `any_rank_true`), the accelerator handle and the clean-up of DeepSpeed's CPU
-shared-memory segments. Imports torch and `dschat.utils.startup` only: it sits under every other module.
+`is_rank_0`, `barrier`), the one home of collectives (`all_reduce`, `all_gather`, `all_gather_objects`,
+`broadcast_object`, `any_rank_true`: identity in one process), the accelerator handle and the clean-up of
+DeepSpeed's CPU shared-memory segments. Imports torch and `dschat.utils.startup` only: it sits under every other module.
 DeepSpeed is imported on first use, because the light commands (`mpo --help`, the pipeline driver,
 output-directory checks) import this module and never need it.
 """
@@ -146,15 +147,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank_true(flag: bool) -> bool:
-    """True on every rank if the flag is set on at least one rank (e.g. a SIGTERM seen by one rank)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=get_accelerator().current_device_name())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
-
-
 def get_accelerator():
     """DeepSpeed's accelerator (CPU, CUDA, ...): the device, seeding and communication backend of this run."""
     import deepspeed.accelerator  # lazy: see the module docstring
@@ -164,3 +156,65 @@ def get_accelerator():
 
 def on_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
+
+
+# --------------------------------------------------------------------------------------------- collectives
+# The one home of collectives: each is the identity in a single process and the same call on every rank
+# otherwise, so callers never test the world size themselves.
+
+
+def is_distributed() -> bool:
+    """More than one rank in an initialised process group (collectives have work to do)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+_REDUCE_OPS = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`tensor` reduced over the ranks in place ("sum", "mean", "max" or "min") and returned."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
+        if op == "mean":
+            tensor /= dist.get_world_size()
+    return tensor
+
+
+def get_all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all ranks (upstream's name; `tensor` holds the sum afterwards, as upstream)."""
+    return all_reduce(tensor, "sum") / get_world_size()
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` (same shape on each), concatenated along dim 0 in rank order."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order."""
+    if not is_distributed():
+        return [obj]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s picklable `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank_true(flag: bool) -> bool:
+    """True on every rank if the flag is set on at least one rank (e.g. a SIGTERM seen by one rank)."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=get_accelerator().current_device_name())
+    return bool(all_reduce(tensor, "max").item() > 0)

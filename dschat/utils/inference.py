@@ -19,7 +19,7 @@ from dschat.utils.data.raw_datasets import join_prompt_response
 from dschat.utils.errors import UserError
 from dschat.utils.model.model_utils import create_critic_model, create_hf_model
 from dschat.utils.model.reward_model import ending_text, ending_token_ids, resolve_reward_ending
-from dschat.utils.utils import load_hf_tokenizer
+from dschat.utils.tokenizer import load_hf_tokenizer
 
 
 def require_finite_scores(scores: torch.Tensor | Sequence[float], reward_model: str) -> None:

@@ -6,7 +6,8 @@ about how that data was made (e.g. a selection step's threshold and split counts
 sections (`set_card_section`), e.g. an evaluation table.
 
 Owns the card's text and the hub upload (`push_to_hub`). Imports `huggingface_hub` and
-`dschat.utils.{dist,errors,utils}` only; callers pass what the card says (no step or trainer imported).
+`dschat.utils.{dist,errors,files,progress_records}` only; callers pass what the card says (no step or trainer
+imported).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from huggingface_hub import HfApi
 
 from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_text, read_jsonl
 from dschat.utils.progress_records import is_metric_record
-from dschat.utils.utils import atomic_write_text
 
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.jsonl"
@@ -49,11 +50,7 @@ def last_metrics(output_dir: str | os.PathLike) -> dict[str, dict]:
     last: dict[str, dict] = {}
     if not path.is_file():
         return last
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
+    for record in read_jsonl(path, skip_unreadable=True):  # a killed run may leave a torn last line
         if isinstance(record, dict) and "phase" in record and is_metric_record(record):
             last[record["phase"]] = record
     return last
@@ -109,12 +106,12 @@ def render_card(stage: str, settings: Mapping[str, Any], metrics_dir: str | os.P
     return "\n".join(parts)
 
 
-def card_files(args, stage: str, base_model: str | None, engine: Any = None) -> dict[str, str]:
-    """`extra_files` for the save helpers: {"README.md": card} from the run's flags, its --output_dir and the
-    DeepSpeed engine's own config."""
-    paths = list(getattr(args, "data_path", None) or [])
+def card_files(settings, stage: str, base_model: str | None, engine: Any = None) -> dict[str, str]:
+    """`extra_files` for the save helpers: {"README.md": card} from the run's settings (`record()`), its
+    --output_dir and the DeepSpeed engine's own config."""
     ds_config = getattr(getattr(engine, "_config", None), "_param_dict", None)
-    return {CARD_FILE: render_card(stage, vars(args), args.output_dir, base_model, paths, ds_config)}
+    return {CARD_FILE: render_card(stage, settings.record(), settings.output_dir, base_model,
+                                   list(settings.data_path), ds_config)}
 
 
 def set_card_section(model_dir: str | os.PathLike, title: str, body: str) -> None:
@@ -132,18 +129,18 @@ def set_card_section(model_dir: str | os.PathLike, title: str, body: str) -> Non
         print(f"warning: could not update the model card {path} ({err.strerror or err})", flush=True)
 
 
-def hub_repo_id(args, output_dir: str | os.PathLike) -> str:
-    return getattr(args, "hub_model_id", None) or Path(output_dir).resolve().name
+def hub_repo_id(settings, output_dir: str | os.PathLike) -> str:
+    return settings.hub_model_id or Path(output_dir).resolve().name
 
 
-def push_to_hub(args, output_dir: str | os.PathLike) -> None:
+def push_to_hub(settings, output_dir: str | os.PathLike) -> None:
     """Upload a saved model directory with huggingface_hub when --push_to_hub is set (rank 0 only)."""
-    if not getattr(args, "push_to_hub", False) or not is_rank_0():
+    if not settings.push_to_hub or not is_rank_0():
         return
-    repo_id = hub_repo_id(args, output_dir)
+    repo_id = hub_repo_id(settings, output_dir)
     try:
         api = HfApi()  # the token comes from HF_TOKEN or `huggingface-cli login`
-        api.create_repo(repo_id, exist_ok=True, private=getattr(args, "hub_private_repo", False))
+        api.create_repo(repo_id, exist_ok=True, private=settings.hub_private_repo)
         api.upload_folder(repo_id=repo_id, folder_path=str(output_dir),
                           ignore_patterns=["checkpoints/*", "*.lock", ".tmp-*"],
                           commit_message=f"Upload {Path(output_dir).name} (dschat-mpo)")

@@ -22,18 +22,28 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from dschat.utils import startup
-from dschat.utils.args import trackers
+from dschat.utils.args import LoggingSettings, PrintLossSettings
 from dschat.utils.checkpoint import (
     find_latest_state,
     load_training_state,
     maybe_inject_kill,
     save_training_state,
 )
-from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0, release_shm_segment
+from dschat.utils.device import to_device
+from dschat.utils.dist import (
+    all_reduce,
+    any_rank_true,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_rank_0,
+    release_shm_segment,
+)
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_text, jsonl_lines
 from dschat.utils.model.masks import training_attention_mask
+from dschat.utils.printing import print_rank_0
 from dschat.utils.progress_records import progress_record, start_record
-from dschat.utils.utils import atomic_write_text, print_rank_0, to_device
 
 # --------------------------------------------------------------------------------------------- sampling
 
@@ -128,11 +138,6 @@ def make_loader(dataset: Dataset, batch_size: int, collate_fn, shuffle: bool, se
                       generator=torch.Generator().manual_seed(seed))
 
 
-def groups_by_length(args) -> bool:
-    """Length grouping only pays off when batches are padded to their longest row."""
-    return args.group_by_length and args.padding == "longest"
-
-
 def count_updates(num_samples: int, per_device_batch_size: int, gradient_accumulation_steps: int,
                   num_epochs: int, max_steps: int = 0, world_size: int | None = None) -> int:
     """Optimizer steps a run will take (the LR schedule needs it before the engine exists)."""
@@ -169,12 +174,12 @@ class MetricLogger:
                                         dir=output_dir or None, config=wandb_config)
 
     @classmethod
-    def from_args(cls, args, name: str) -> MetricLogger:
-        """The logger a stage's flags ask for (--report_to, and upstream's --enable_tensorboard)."""
-        chosen = trackers(args)
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-        return cls(args.output_dir, args.tensorboard_path if "tensorboard" in chosen else None, name,
-                   wandb_config=config if "wandb" in chosen else None)
+    def from_settings(cls, settings: LoggingSettings, name: str) -> MetricLogger:
+        """The logger a stage's settings ask for (--report_to, and upstream's --enable_tensorboard); a wandb
+        run's config is the settings' record."""
+        chosen = settings.trackers
+        return cls(settings.output_dir, settings.tensorboard_path if "tensorboard" in chosen else None, name,
+                   wandb_config=settings.record() if "wandb" in chosen else None)
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after a resumed state, so the file reads like one uninterrupted run.
@@ -185,12 +190,8 @@ class MetricLogger:
         if not (self.rank0 and self.path and self.path.exists()):
             return
         kept = []
-        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
+        for number, line, record in jsonl_lines(self.path.read_text(encoding="utf-8", errors="replace")):
+            if isinstance(record, ValueError):
                 print(f"warning: {self.path}: dropping unreadable line {number} (torn write): {line[:80]!r}",
                       flush=True)
                 continue
@@ -249,10 +250,7 @@ def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
         return {}
     keys = sorted(sums)
     stacked = torch.stack([sums[k].detach().float().reshape(()) for k in keys]) / max(1, count)
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        torch.distributed.all_reduce(stacked)
-        stacked /= get_world_size()
-    return dict(zip(keys, stacked.tolist()))
+    return dict(zip(keys, all_reduce(stacked, "mean").tolist()))
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -287,7 +285,7 @@ def check_data_order(saved: dict | None, current: dict, state_dir) -> None:
 class ResumableRun:
     """State bookkeeping every training loop shares: position counters, full-state save/resume, SIGTERM.
 
-    Subclasses set `args`, `logger` and the counters, and describe what goes into a state through
+    Subclasses set `settings`, `logger` and the counters, and describe what goes into a state through
     `engines()`, `extra_state()` / `load_extra_state()` (JSON) and `rank_state()` / `load_rank_state()`
     (per-rank tensors).
     """
@@ -326,15 +324,15 @@ class ResumableRun:
         records them and `--resume` refuses a mismatch."""
         order = self.order_loader().sampler.order_settings()
         order[self.batch_size_flag] = order.pop("batch_size")
-        order["gradient_accumulation_steps"] = self.args.gradient_accumulation_steps
+        order["gradient_accumulation_steps"] = self.settings.gradient_accumulation_steps
         return order
 
     def _maybe_resume(self) -> None:
-        if not self.args.resume:
+        if not self.settings.resume:
             return
-        state_dir = find_latest_state(self.args.output_dir)
+        state_dir = find_latest_state(self.settings.output_dir)
         if state_dir is None:
-            print_rank_0(f"--resume: no complete training state under {self.args.output_dir}/checkpoints; "
+            print_rank_0(f"--resume: no complete training state under {self.settings.output_dir}/checkpoints; "
                          "starting from scratch")
             return
         state, per_rank = load_training_state(state_dir, self.engines())
@@ -349,12 +347,12 @@ class ResumableRun:
                      f"{self.step_in_epoch} batches into the epoch)")
 
     def save_state(self) -> None:
-        if not self.args.output_dir:
+        if not self.settings.output_dir:
             return
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state(),
                  "data_order": self.data_order()}
-        path = save_training_state(self.args.output_dir, self.global_step, self.engines(), state,
-                                   save_total_limit=self.args.save_total_limit, rank_state=self.rank_state())
+        path = save_training_state(self.settings.output_dir, self.global_step, self.engines(), state,
+                                   save_total_limit=self.settings.save_total_limit, rank_state=self.rank_state())
         print_rank_0(f"Saved training state to {path}")
 
     def _on_stop_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal API
@@ -376,7 +374,7 @@ class ResumableRun:
 
     def after_step(self) -> None:
         """Periodic state, crash-test hook, and a clean exit after SIGTERM/SIGINT on any rank."""
-        if self.args.save_steps and self.global_step % self.args.save_steps == 0:
+        if self.settings.save_steps and self.global_step % self.settings.save_steps == 0:
             self.save_state()
         maybe_inject_kill("after_step", self.global_step)
         if any_rank_true(self._stop_requested):
@@ -393,17 +391,17 @@ class Trainer(ResumableRun):
     name = "train"
     rows_per_sample = 1  # pairwise trainers (RM, DPO) see chosen and rejected rows: 2
 
-    def __init__(self, args, engine, train_dataset: Dataset, eval_dataset: Dataset | None, collate_fn,
+    def __init__(self, settings, engine, train_dataset: Dataset, eval_dataset: Dataset | None, collate_fn,
                  tokenizer=None):
-        self.args = args
+        self.settings = settings
         self.engine = engine
         self.tokenizer = tokenizer
         self.device = engine.device
-        self.train_loader = make_loader(train_dataset, args.per_device_train_batch_size, collate_fn,
-                                        shuffle=True, seed=args.seed or 0, group_lengths=groups_by_length(args))
-        self.eval_loader = (make_loader(eval_dataset, args.per_device_eval_batch_size, collate_fn,
+        self.train_loader = make_loader(train_dataset, settings.per_device_train_batch_size, collate_fn,
+                                        shuffle=True, seed=settings.seed or 0, group_lengths=settings.groups_by_length)
+        self.eval_loader = (make_loader(eval_dataset, settings.per_device_eval_batch_size, collate_fn,
                                         shuffle=False, seed=0) if eval_dataset is not None and len(eval_dataset) else None)
-        self.logger = MetricLogger.from_args(args, self.name)
+        self.logger = MetricLogger.from_settings(settings, self.name)
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -411,7 +409,7 @@ class Trainer(ResumableRun):
 
     def model_attention_mask(self, batch: dict) -> torch.Tensor | None:
         """The attention mask to pass with a (right-padded) training batch; see `training_attention_mask`."""
-        return training_attention_mask(batch["attention_mask"], self.args.pad_mask)
+        return training_attention_mask(batch["attention_mask"], self.settings.pad_mask)
 
     # ---- hooks for subclasses
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -432,12 +430,12 @@ class Trainer(ResumableRun):
     # ---- the loop
     @property
     def updates_per_epoch(self) -> int:
-        return count_updates(self.train_loader.sampler.dataset_len, self.args.per_device_train_batch_size,
-                             self.args.gradient_accumulation_steps, 1)
+        return count_updates(self.train_loader.sampler.dataset_len, self.settings.per_device_train_batch_size,
+                             self.settings.gradient_accumulation_steps, 1)
 
     def total_updates(self) -> int:
-        return count_updates(self.train_loader.sampler.dataset_len, self.args.per_device_train_batch_size,
-                             self.args.gradient_accumulation_steps, self.args.num_train_epochs, self.args.max_steps)
+        return count_updates(self.train_loader.sampler.dataset_len, self.settings.per_device_train_batch_size,
+                             self.settings.gradient_accumulation_steps, self.settings.num_train_epochs, self.settings.max_steps)
 
     def after_eval(self, metrics: dict[str, float]) -> None:
         """Hook after each logged evaluation (health checks, keeping the best model)."""
@@ -455,7 +453,7 @@ class Trainer(ResumableRun):
             total = self.total_updates()
             print_rank_0(f"***** Running training ({self.name}): {len(self.train_loader.sampler) * get_world_size()} "
                          f"samples, {total} optimizer steps *****")
-            self.logger.start(self.global_step, total, epochs=self.args.num_train_epochs,
+            self.logger.start(self.global_step, total, epochs=self.settings.num_train_epochs,
                               steps_per_epoch=self.updates_per_epoch)
             if self.global_step == 0 and self.step_in_epoch == 0:
                 self._log_eval()
@@ -463,15 +461,15 @@ class Trainer(ResumableRun):
         self.logger.close()
 
     def _run_epochs(self, total: int) -> None:
-        args = self.args
-        gas = args.gradient_accumulation_steps
+        settings = self.settings
+        gas = settings.gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         micro_count, samples, tokens, window_start = 0, 0, torch.zeros((), device=self.device), time.time()
-        while self.epoch < args.num_train_epochs and self.global_step < total:
+        while self.epoch < settings.num_train_epochs and self.global_step < total:
             sampler = self.train_loader.sampler
-            sampler.set_epoch(self.epoch, start=self.step_in_epoch * args.per_device_train_batch_size)
+            sampler.set_epoch(self.epoch, start=self.step_in_epoch * settings.per_device_train_batch_size)
             bar = tqdm(total=self.updates_per_epoch, initial=self.step_in_epoch // gas, disable=not is_rank_0(),
-                       desc=f"{self.name} epoch {self.epoch + 1}/{args.num_train_epochs}", dynamic_ncols=True)
+                       desc=f"{self.name} epoch {self.epoch + 1}/{settings.num_train_epochs}", dynamic_ncols=True)
             for batch in self.train_loader:
                 batch = to_device(batch, self.device)
                 self.engine.train()
@@ -486,7 +484,7 @@ class Trainer(ResumableRun):
                 samples += int(batch["input_ids"].shape[0]) // self.rows_per_sample if "input_ids" in batch else 0
                 if "attention_mask" in batch:
                     tokens += batch["attention_mask"].sum()
-                if getattr(args, "print_loss", False):  # not a flag of step 2
+                if isinstance(settings, PrintLossSettings) and settings.print_loss:  # not a flag of step 2
                     print(f"Epoch: {self.epoch}, Step: {self.step_in_epoch}, Rank: {get_rank()}, "
                           f"loss = {metrics['loss'].item()}", flush=True)
                 if not boundary:
@@ -494,7 +492,7 @@ class Trainer(ResumableRun):
                 self.global_step += 1
                 startup.report()  # first optimizer step: print where start-up time went (once)
                 bar.update(1)
-                if self.global_step % args.log_interval == 0 or self.global_step == total:
+                if self.global_step % settings.log_interval == 0 or self.global_step == total:
                     elapsed = max(time.time() - window_start, 1e-9)
                     logged = reduce_mean_metrics(dict(sums), micro_count)
                     logged["lr"] = self.engine.get_lr()[0]
@@ -505,7 +503,7 @@ class Trainer(ResumableRun):
                     bar.set_postfix(loss=f"{logged['loss']:.4f}")
                     sums.clear()
                     micro_count, samples, tokens, window_start = 0, 0, torch.zeros((), device=self.device), time.time()
-                if args.eval_interval and self.global_step % args.eval_interval == 0:
+                if settings.eval_interval and self.global_step % settings.eval_interval == 0:
                     self._log_eval()
                 self.after_step()
                 if self.global_step >= total:
@@ -514,8 +512,8 @@ class Trainer(ResumableRun):
             if self.step_in_epoch >= len(self.train_loader):
                 self.epoch += 1
                 self.step_in_epoch = 0
-                print_rank_0(f"***** Evaluating, Epoch {self.epoch}/{args.num_train_epochs} *****")
+                print_rank_0(f"***** Evaluating, Epoch {self.epoch}/{settings.num_train_epochs} *****")
                 self._log_eval()
-                if args.save_steps and self.epoch < args.num_train_epochs and self.global_step < total:
+                if settings.save_steps and self.epoch < settings.num_train_epochs and self.global_step < total:
                     self.save_state()
         barrier()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib
 import itertools
 import math
 import re
@@ -43,6 +44,9 @@ CONFIG_PACKAGE = "mpo_ext.configs"
 PRESET_ALIASES = {"llama2-7b": "llama2-7b-hh"}
 MAX_CONFIG_BYTES = 1 << 20
 MAX_BASE_DEPTH = 16
+#: Home of `check_split`, selection's one rule for theta and the easy fraction (the `mpo:` keys follow it too).
+#: Step code, so imported when a config is checked, like the stages' own section checks, never at import time.
+SPLIT_RULE_MODULE = "mpo_ext.selection.settings"
 
 
 @dataclass
@@ -370,12 +374,9 @@ def validate(config: PipelineConfig) -> None:
         raise UserError(f"config key mpo.reference: {mpo.reference!r}; choose dpo (MPO) or sft (ablation)")
     if mpo.order not in ("mpo", "reverse"):
         raise UserError(f"config key mpo.order: {mpo.order!r}; choose mpo or reverse")
-    if (mpo.threshold is None) == (mpo.easy_fraction is None):
-        raise UserError("config keys mpo.threshold / mpo.easy_fraction: set exactly one (the other null)")
-    if mpo.threshold is not None and mpo.threshold < 0:
-        raise UserError(f"config key mpo.threshold: {mpo.threshold}; a reward gap threshold must be >= 0")
-    if mpo.easy_fraction is not None and not 0.0 <= mpo.easy_fraction <= 1.0:
-        raise UserError(f"config key mpo.easy_fraction: {mpo.easy_fraction}; must be in [0, 1]")
+    check_split = importlib.import_module(SPLIT_RULE_MODULE).check_split
+    check_split(mpo.threshold, mpo.easy_fraction, threshold_key="config key mpo.threshold",
+                easy_fraction_key="config key mpo.easy_fraction", require_one=True)
     if config.launcher.num_gpus < 1:
         raise UserError(f"config key launcher.num_gpus: {config.launcher.num_gpus}; must be >= 1")
     if config.progress_interval <= 0:

@@ -12,12 +12,12 @@ prompt depend only on --seed, the prompt's index and the (deterministic) batch i
 which rank ran it, so any number of ranks gives the same shards. Shards hold raw scored pairs; theta,
 --easy_fraction and --label_policy are applied afterwards, so re-splitting reuses them.
 
-The package, by job: `gaps` (pure math), `prompts` (which prompts), `settings` (typed settings from the
-flags), `shards` (units of work, their files, the worker), `stage` (models, driver, outputs), `cli`
+The package, by job: `gaps` (pure math), `prompts` (which prompts), `settings` (the typed settings:
+the flags), `shards` (units of work, their files, the worker), `stage` (models, driver, outputs), `cli`
 (flags and `main`). This file only re-exports their public names; it must not hold logic.
 """
 
-from mpo_ext.selection.cli import build_parser, main, parse_args, validate_args
+from mpo_ext.selection.cli import build_parser, main, parse_args
 from mpo_ext.selection.gaps import (
     DEFAULT_GAP_EDGES,
     DEFAULT_THRESHOLD,
@@ -39,7 +39,9 @@ from mpo_ext.selection.settings import (
     PAIR_SOURCES,
     AnswerSamplingSettings,
     ScoringSettings,
+    SelectionSettings,
     SplitSettings,
+    check_split,
 )
 from mpo_ext.selection.shards import (
     ShardWorker,
@@ -56,10 +58,10 @@ from mpo_ext.selection.stage import merge_shards_and_write_outputs, run, write_s
 
 __all__ = [
     "DEFAULT_GAP_EDGES", "DEFAULT_THRESHOLD", "LABEL_POLICIES", "PAIR_RULE", "PAIR_SOURCES", "AnswerSamplingSettings",
-    "ScoringSettings", "ShardWorker", "SplitSettings", "accuracy_by_gap_bucket", "assign_shards",
+    "ScoringSettings", "SelectionSettings", "ShardWorker", "SplitSettings", "accuracy_by_gap_bucket", "assign_shards",
     "balanced_threshold", "best_worst_indices", "derive_seed", "gap_summary", "human_agreement", "items_hash",
     "length_sorted_batches", "load_items", "main", "merge_shards_and_write_outputs", "orient_record",
     "pair_from_samples", "parse_args", "prepare_shard_dir", "prompt_lengths", "read_shards", "run",
     "shard_fingerprint", "shard_path", "shard_ranges", "split_by_gap", "split_warnings", "threshold_for_fraction",
-    "build_parser", "validate_args", "write_split_outputs",
+    "build_parser", "check_split", "write_split_outputs",
 ]

@@ -11,28 +11,27 @@ import hashlib
 import json
 from collections.abc import Sequence
 
-from dschat.utils import args as flags
 from dschat.utils.data import data_utils
 from dschat.utils.errors import UserError
-from dschat.utils.utils import print_rank_0
+from dschat.utils.printing import print_rank_0
 
 
-def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
+def load_items(settings, tokenizer) -> tuple[list[dict], dict[str, int]]:
     """Prompt items of the chosen phase slice, in the order step 3 would see them.
 
     The data module's own phase slicing (`phase_rows`) and blending, on raw text (the output files need
     text, not token ids). Prompts longer than --max_prompt_seq_len tokens are dropped, as step 3 drops them; with
     --pair_source dataset, samples without both answers are skipped.
     """
-    local_rank = data_utils.resolve_local_rank(args.local_rank)
-    need_pairs = args.pair_source == "dataset"
+    local_rank = data_utils.resolve_local_rank(settings.local_rank)
+    need_pairs = settings.pair_source == "dataset"
     parts: list[list[dict]] = []
     stats = {"skipped": 0, "filtered": 0, "answers_truncated": 0}
-    for name in args.data_path:
+    for name in settings.data_path:
         data_utils.check_data_path(name)
-        raw = data_utils.get_raw_dataset(name, args.data_output_path, args.seed, local_rank, tokenizer=tokenizer,
-                                         column_map=flags.column_map(args))
-        rows, _ = data_utils.phase_rows(raw, args.data_split, args.data_phase, args.seed, args.data_output_path,
+        raw = data_utils.get_raw_dataset(name, settings.data_output_path, settings.seed, local_rank, tokenizer=tokenizer,
+                                         column_map=settings.column_map)
+        rows, _ = data_utils.phase_rows(raw, settings.data_split, settings.data_phase, settings.seed, settings.data_output_path,
                                         local_rank)
         items = []
         for sample in rows:
@@ -44,29 +43,29 @@ def load_items(args, tokenizer) -> tuple[list[dict], dict[str, int]]:
                 continue
             items.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         lengths = prompt_lengths(tokenizer, [it["prompt"] for it in items])
-        kept = [(it, n) for it, n in zip(items, lengths) if 0 < n <= args.max_prompt_seq_len]
+        kept = [(it, n) for it, n in zip(items, lengths) if 0 < n <= settings.max_prompt_seq_len]
         stats["filtered"] += len(items) - len(kept)
         if need_pairs:  # dataset answers longer than the room left after the prompt are cut when scored
             answer_lengths = prompt_lengths(tokenizer, [it[k] for it, _ in kept for k in ("chosen", "rejected")])
-            room = args.max_prompt_seq_len + args.max_answer_seq_len
+            room = settings.max_prompt_seq_len + settings.max_answer_seq_len
             stats["answers_truncated"] += sum(n + max(answer_lengths[2 * i:2 * i + 2]) > room
                                               for i, (_, n) in enumerate(kept))
         parts.append([it for it, _ in kept])
     merged = [it for part in parts for it in part]
     if len(parts) > 1:
-        merged = [merged[i] for i in data_utils.get_shuffle_idx(args.seed, len(merged)).tolist()]
-    if args.max_prompts:
-        merged = merged[:args.max_prompts]
+        merged = [merged[i] for i in data_utils.get_shuffle_idx(settings.seed, len(merged)).tolist()]
+    if settings.max_prompts:
+        merged = merged[:settings.max_prompts]
     if not merged:
-        raise UserError(f"--data_path {' '.join(args.data_path)}: no usable prompts in phase {args.data_phase} "
-                        f"(skipped {stats['skipped']}, longer than --max_prompt_seq_len {args.max_prompt_seq_len}: "
+        raise UserError(f"--data_path {' '.join(settings.data_path)}: no usable prompts in phase {settings.data_phase} "
+                        f"(skipped {stats['skipped']}, longer than --max_prompt_seq_len {settings.max_prompt_seq_len}: "
                         f"{stats['filtered']}); check --data_split/--data_phase and the prompt length limit")
     for i, item in enumerate(merged):
         item["index"] = i
     if stats["answers_truncated"]:
         print_rank_0(f"warning: {stats['answers_truncated']} pair(s) have an answer longer than "
-                     f"--max_prompt_seq_len + --max_answer_seq_len ({args.max_prompt_seq_len} + "
-                     f"{args.max_answer_seq_len}) tokens with their prompt; it is cut when scored (raise "
+                     f"--max_prompt_seq_len + --max_answer_seq_len ({settings.max_prompt_seq_len} + "
+                     f"{settings.max_answer_seq_len}) tokens with their prompt; it is cut when scored (raise "
                      "--max_answer_seq_len to score it whole)")
     return merged, stats
 

@@ -22,11 +22,13 @@ import torch
 
 from dschat.rlhf.generation import Generator, answer_extent, decode_continuations
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_json, read_jsonl
 from dschat.utils.fingerprint import model_signature
 from dschat.utils.inference import RewardScorer, pad_with_mask
-from dschat.utils.utils import atomic_write_json, print_rank_0, set_random_seed
+from dschat.utils.printing import print_rank_0
+from dschat.utils.seeding import set_random_seed
 from mpo_ext.selection.gaps import pair_from_samples
-from mpo_ext.selection.settings import AnswerSamplingSettings, ScoringSettings
+from mpo_ext.selection.settings import SelectionSettings
 
 SHARD_DIR = "shards"
 SHARD_CONFIG = "config.json"
@@ -58,16 +60,18 @@ def length_sorted_batches(indices: Sequence[int], lengths: Sequence[int], batch_
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def shard_fingerprint(args, items_digest: str, num_items: int) -> dict:
-    """What a shard's records depend on, derived from the settings objects: a shard made under another
-    fingerprint is refused or rebuilt (`prepare_shard_dir`)."""
-    scoring = ScoringSettings.from_args(args)
+def shard_fingerprint(settings: SelectionSettings, items_digest: str, num_items: int) -> dict:
+    """What a shard's records depend on, derived from the settings: a shard made under another fingerprint
+    is refused or rebuilt (`prepare_shard_dir`). The keys and values are those of the records this stage
+    has always written (scoring settings, models, items, the "sampling" flag group), so shards of an earlier
+    run stay valid."""
+    scoring = settings.scoring
     return {
         **scoring.record(),
-        "sft_model": model_signature(args.sft_model_name_or_path) if scoring.pair_source == "samples" else None,
-        "reward_model": model_signature(args.reward_model_name_or_path),
+        "sft_model": model_signature(settings.sft_model_name_or_path) if settings.samples_answers else None,
+        "reward_model": model_signature(settings.reward_model_name_or_path),
         "items": [num_items, items_digest],
-        "sampling": AnswerSamplingSettings.from_args(args).record(),
+        "sampling": settings.sampling_record(),
     }
 
 
@@ -101,16 +105,16 @@ def read_shards(output_dir: Path, num_shards: int) -> list[dict]:
         if not path.is_file():
             raise UserError(f"{path}: missing after all ranks finished; --output_dir must be on storage shared by "
                             "all nodes")
-        records.extend(json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        records.extend(read_jsonl(path, hint="; pass --rebuild_shards to discard the shards"))
     return sorted(records, key=lambda r: r["index"])
 
 
 class ShardWorker:
     """Generates and scores one shard at a time (both answers of a prompt come from one batch)."""
 
-    def __init__(self, args, items: list[dict], prompt_tokenizer, scorer: RewardScorer,
+    def __init__(self, settings: SelectionSettings, items: list[dict], prompt_tokenizer, scorer: RewardScorer,
                  generator: Generator | None = None, lockstep: bool = False):
-        self.args = args
+        self.settings = settings
         self.items = items
         self.tokenizer = prompt_tokenizer
         self.scorer = scorer
@@ -120,14 +124,14 @@ class ShardWorker:
                            if generator is not None else None)
         self.lengths = ([len(x) for x in self.prompt_ids] if self.prompt_ids is not None
                         else [len(it["prompt"]) for it in items])
-        self.num_samples = args.num_samples if generator is not None else 2
-        self.score_calls = math.ceil(self.num_samples * args.per_device_generation_batch_size
-                                     / args.per_device_eval_batch_size)
+        self.num_samples = settings.num_samples if generator is not None else 2
+        self.score_calls = math.ceil(self.num_samples * settings.per_device_generation_batch_size
+                                     / settings.per_device_eval_batch_size)
         self.answer_tokens = 0
         self.generate_seconds = 0.0
 
     def batches(self, shard: range) -> list[list[int]]:
-        return length_sorted_batches(list(shard), self.lengths, self.args.per_device_generation_batch_size)
+        return length_sorted_batches(list(shard), self.lengths, self.settings.per_device_generation_batch_size)
 
     def run_batch(self, batch: list[int]) -> list[dict]:
         calls = self.score_calls if self.lockstep else None
@@ -167,7 +171,7 @@ class ShardWorker:
         ids, mask = pad_with_mask(rows, width, pad, left=True)
         device = getattr(self.generator.engine, "device", torch.device("cpu"))
         n = self.num_samples
-        set_random_seed(derive_seed(self.args.seed, min(batch)))
+        set_random_seed(derive_seed(self.settings.seed, min(batch)))
         start = time.time()
         sequences = self.generator.generate(ids.to(device), mask.to(device), num_samples=n).cpu()
         self.generate_seconds += time.time() - start

@@ -13,23 +13,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from dschat.rlhf.generation import Generator, hybrid_engine_unavailable_reason
 from dschat.utils import startup
-from dschat.utils.build import initialize_frozen_engine
+from dschat.utils.build import (
+    frozen_causal_lm,
+    frozen_ds_config,
+    frozen_reward_model,
+    initialize_frozen_engine,
+)
 from dschat.utils.checkpoint import maybe_inject_kill
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
-from dschat.utils.ds_utils import get_eval_ds_config, get_train_ds_config, resolve_dtype, set_batch_sizes
+from dschat.utils.dist import barrier, broadcast_object, get_rank, get_world_size, is_rank_0
+from dschat.utils.ds_utils import get_train_ds_config, set_batch_sizes
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_json, atomic_write_jsonl
 from dschat.utils.inference import RewardScorer
-from dschat.utils.model.model_utils import create_critic_model, create_hf_model
+from dschat.utils.model.model_utils import create_hf_model
 from dschat.utils.model.reward_model import ending_text, resolve_reward_ending
 from dschat.utils.output_dir import prepare_output_dir
+from dschat.utils.printing import print_rank_0
+from dschat.utils.tokenizer import load_hf_tokenizer
 from dschat.utils.trainer import MetricLogger
-from dschat.utils.utils import atomic_write_json, atomic_write_jsonl, load_hf_tokenizer, print_rank_0
 from mpo_ext import plots
 from mpo_ext.selection.gaps import (
     accuracy_by_gap_bucket,
@@ -42,7 +48,7 @@ from mpo_ext.selection.gaps import (
     threshold_for_fraction,
 )
 from mpo_ext.selection.prompts import items_hash, load_items
-from mpo_ext.selection.settings import PAIR_RULE, AnswerSamplingSettings, SplitSettings
+from mpo_ext.selection.settings import PAIR_RULE, SelectionSettings
 from mpo_ext.selection.shards import (
     ShardWorker,
     assign_shards,
@@ -56,15 +62,18 @@ from mpo_ext.selection.shards import (
 # --------------------------------------------------------------------------------------------- models
 
 
-def build_actor(args, tokenizer, ds_config: dict):
+def build_actor(settings: SelectionSettings, tokenizer, ds_config: dict):
     """Frozen SFT engine for sampling; a Hybrid Engine only where DeepSpeed can run one."""
-    model = create_hf_model(AutoModelForCausalLM, args.sft_model_name_or_path, tokenizer, ds_config)
-    if args.enable_hybrid_engine and hybrid_engine_unavailable_reason(model) is None:
+    if not settings.enable_hybrid_engine:
+        return frozen_causal_lm(settings.sft_model_name_or_path, tokenizer, ds_config)
+    model = create_hf_model(AutoModelForCausalLM, settings.sft_model_name_or_path, tokenizer, ds_config)
+    if hybrid_engine_unavailable_reason(model) is None:
         import deepspeed  # only for the Hybrid Engine request: a plain run never needs it at import time
 
-        config = get_train_ds_config(offload=False, dtype=args.dtype, stage=args.zero_stage, enable_hybrid_engine=True,
-                                     max_out_tokens=args.max_prompt_seq_len + args.max_answer_seq_len)
-        config = set_batch_sizes(config, args.per_device_generation_batch_size, 1, get_world_size())
+        config = get_train_ds_config(offload=False, dtype=settings.resolved_dtype, stage=settings.zero_stage,
+                                     enable_hybrid_engine=True,
+                                     max_out_tokens=settings.max_prompt_seq_len + settings.max_answer_seq_len)
+        config = set_batch_sizes(config, settings.per_device_generation_batch_size, 1, get_world_size())
         model.requires_grad_(False)
         try:
             engine, *_ = deepspeed.initialize(model=model, config=config)
@@ -75,35 +84,26 @@ def build_actor(args, tokenizer, ds_config: dict):
     return initialize_frozen_engine(model, ds_config)
 
 
-def build_reward(args, tokenizer, ds_config: dict):
-    model = create_critic_model(args.reward_model_name_or_path, tokenizer, ds_config, args.num_padding_at_beginning,
-                                rlhf_training=True, zero_stage=args.zero_stage)
-    return initialize_frozen_engine(model, ds_config)
+def build_reward(settings: SelectionSettings, tokenizer, ds_config: dict):
+    return frozen_reward_model(settings.reward_model_name_or_path, tokenizer, ds_config,
+                               settings.num_padding_at_beginning)
 
 
-def reward_tokenizer(args, fallback):
+def reward_tokenizer(settings, fallback):
     """The reward model's own tokenizer; upstream step-2 outputs may lack one, then the SFT tokenizer."""
     try:
-        return load_hf_tokenizer(args.reward_model_name_or_path)
+        return load_hf_tokenizer(settings.reward_model_name_or_path)
     except UserError:
         if fallback is None:
             raise
-        print_rank_0(f"warning: no tokenizer in {args.reward_model_name_or_path}; scoring with the SFT tokenizer")
+        print_rank_0(f"warning: no tokenizer in {settings.reward_model_name_or_path}; scoring with the SFT tokenizer")
         return fallback
 
 
 # --------------------------------------------------------------------------------------------- shards
 
 
-def broadcast_object(obj: Any) -> Any:
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], all_assignments: list[list[int]],
+def run_shards(settings: SelectionSettings, worker: ShardWorker, shards: list[range], mine: list[int], all_assignments: list[list[int]],
                output_dir: Path) -> int:
     """Process this rank's shards; returns the number of prompts done. Under lockstep every rank runs as
     many batches as the busiest one."""
@@ -141,10 +141,10 @@ def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], 
 # --------------------------------------------------------------------------------------------- outputs
 
 
-def write_split_outputs(args, raw_records: list[dict], output_dir: Path, extra_manifest: dict) -> dict:
+def write_split_outputs(settings: SelectionSettings, raw_records: list[dict], output_dir: Path, extra_manifest: dict) -> dict:
     """Apply the label policy and theta to the scored pairs; write easy/hard, the figures and (last) the
     manifest. Rank 0 only."""
-    split = SplitSettings.from_args(args)
+    split = settings.split
 
     manifest_path = output_dir / "manifest.json"
     manifest_path.unlink(missing_ok=True)  # the manifest marks a complete output: drop a stale one first
@@ -167,7 +167,7 @@ def write_split_outputs(args, raw_records: list[dict], output_dir: Path, extra_m
     for message in warnings:
         print_rank_0(f"warning: {message}")
     plots.plot_reward_gap_histogram(gaps, theta, output_dir / "reward_gap_hist.png",
-                                    title=f"Reward gaps ({args.pair_source}, {len(kept)} pairs)")
+                                    title=f"Reward gaps ({settings.pair_source}, {len(kept)} pairs)")
     files = ["easy.jsonl", "hard.jsonl", "reward_gap_hist.png"]
     accuracy = None
     human_gaps, agrees = human_agreement(raw_records)
@@ -192,14 +192,14 @@ def write_split_outputs(args, raw_records: list[dict], output_dir: Path, extra_m
         "fractions": {"easy": len(easy) / total if total else 0.0, "hard": len(hard) / total if total else 0.0},
         "gap": gap_summary(gaps),
         "rm_accuracy_vs_human": accuracy["overall_accuracy"] if accuracy else None,
-        "pair_source": args.pair_source,
+        "pair_source": settings.pair_source,
         "pair_rule": PAIR_RULE,
-        "num_samples": args.num_samples if args.pair_source == "samples" else 2,
+        "num_samples": settings.num_samples if settings.samples_answers else 2,
         "label_policy": split.label_policy,
-        "models": {"sft": args.sft_model_name_or_path if args.pair_source == "samples" else None,
-                   "reward": args.reward_model_name_or_path},
-        "seed": args.seed,
-        "sampling": AnswerSamplingSettings.from_args(args).record(),
+        "models": {"sft": settings.sft_model_name_or_path if settings.samples_answers else None,
+                   "reward": settings.reward_model_name_or_path},
+        "seed": settings.seed,
+        "sampling": settings.sampling_record(),
         "warnings": warnings,
         "files": files,
         **extra_manifest,
@@ -214,21 +214,20 @@ def write_split_outputs(args, raw_records: list[dict], output_dir: Path, extra_m
 # --------------------------------------------------------------------------------------------- driver
 
 
-def run(args) -> dict | None:
+def run(settings: SelectionSettings) -> dict | None:
     """The whole stage (call on every rank after init_distributed); returns the manifest on rank 0."""
-    args.dtype = resolve_dtype(args.dtype)
     rank, world = get_rank(), get_world_size()
-    output_dir = prepare_output_dir(args.output_dir)
-    sft_tokenizer = load_hf_tokenizer(args.sft_model_name_or_path) if args.pair_source == "samples" else None
-    rm_tokenizer = reward_tokenizer(args, sft_tokenizer)
-    items, load_stats = load_items(args, sft_tokenizer or rm_tokenizer)
+    output_dir = prepare_output_dir(settings.output_dir)
+    sft_tokenizer = load_hf_tokenizer(settings.sft_model_name_or_path) if settings.samples_answers else None
+    rm_tokenizer = reward_tokenizer(settings, sft_tokenizer)
+    items, load_stats = load_items(settings, sft_tokenizer or rm_tokenizer)
     digest = items_hash(items)
-    shards = shard_ranges(len(items), args.shard_size)
-    fingerprint = shard_fingerprint(args, digest, len(items))
+    shards = shard_ranges(len(items), settings.shard_size)
+    fingerprint = shard_fingerprint(settings, digest, len(items))
     error = None
     if is_rank_0():
         try:
-            prepare_shard_dir(output_dir, fingerprint, args.rebuild_shards)
+            prepare_shard_dir(output_dir, fingerprint, settings.rebuild_shards)
         except UserError as err:
             error = str(err)
     pending = broadcast_object(
@@ -237,30 +236,29 @@ def run(args) -> dict | None:
     if error:
         raise UserError(error)
     done_before = len(shards) - len(pending)
-    print_rank_0(f"{len(items)} prompts in {len(shards)} shards of {args.shard_size}; {done_before} already done, "
+    print_rank_0(f"{len(items)} prompts in {len(shards)} shards of {settings.shard_size}; {done_before} already done, "
                  f"{len(pending)} to do on {world} rank(s)")
     worker_stats: dict[str, Any] = {}
     if pending:
-        stage = 3 if args.zero_stage == 3 else 0
-        ds_config = set_batch_sizes(get_eval_ds_config(offload=args.offload, dtype=args.dtype, stage=stage),
-                                    args.per_device_eval_batch_size, 1, world)
+        ds_config = frozen_ds_config(settings.resolved_dtype, offload=settings.offload, zero_stage=settings.zero_stage,
+                                     micro_batch_size=settings.per_device_eval_batch_size)
         generator = None
-        if args.pair_source == "samples":
-            actor = build_actor(args, sft_tokenizer, ds_config)
-            generator = Generator(actor, sft_tokenizer, max_new_tokens=args.max_answer_seq_len, do_sample=True,
-                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                  zero_stage=args.zero_stage, enable_hybrid_engine=args.enable_hybrid_engine)
-        reward = build_reward(args, rm_tokenizer, ds_config)
-        ending = resolve_reward_ending(args.reward_model_name_or_path,
-                                       args.reward_end_text or args.end_of_conversation_token)
+        if settings.samples_answers:
+            actor = build_actor(settings, sft_tokenizer, ds_config)
+            generator = Generator(actor, sft_tokenizer, max_new_tokens=settings.max_answer_seq_len,
+                                  sampling=settings.sampling, zero_stage=settings.zero_stage,
+                                  enable_hybrid_engine=settings.enable_hybrid_engine)
+        reward = build_reward(settings, rm_tokenizer, ds_config)
+        ending = resolve_reward_ending(settings.reward_model_name_or_path,
+                                       settings.reward_end_text or settings.end_of_conversation_token)
         scorer = RewardScorer(reward, rm_tokenizer, ending_text(ending, rm_tokenizer), ending=ending,
-                              max_seq_len=args.max_prompt_seq_len + args.max_answer_seq_len,
-                              batch_size=args.per_device_eval_batch_size, share_prompts=True)
-        worker = ShardWorker(args, items, sft_tokenizer or rm_tokenizer, scorer, generator,
-                             lockstep=args.zero_stage == 3 and world > 1)
+                              max_seq_len=settings.max_prompt_seq_len + settings.max_answer_seq_len,
+                              batch_size=settings.per_device_eval_batch_size, share_prompts=True)
+        worker = ShardWorker(settings, items, sft_tokenizer or rm_tokenizer, scorer, generator,
+                             lockstep=settings.zero_stage == 3 and world > 1)
         assignments = [assign_shards(pending, r, world) for r in range(world)]
         start = time.time()
-        done = run_shards(args, worker, shards, assignments[rank], assignments, output_dir)
+        done = run_shards(settings, worker, shards, assignments[rank], assignments, output_dir)
         elapsed = time.time() - start
         worker_stats = {"prompts_this_run": sum(len(shards[s]) for s in pending),
                         "seconds": round(elapsed, 2),
@@ -270,7 +268,7 @@ def run(args) -> dict | None:
     manifest, error = None, None
     if is_rank_0():
         try:
-            manifest = merge_shards_and_write_outputs(args, output_dir, shards, digest, load_stats, done_before,
+            manifest = merge_shards_and_write_outputs(settings, output_dir, shards, digest, load_stats, done_before,
                                                       worker_stats)
         except UserError as err:
             error = str(err)
@@ -280,16 +278,17 @@ def run(args) -> dict | None:
     return manifest
 
 
-def merge_shards_and_write_outputs(args, output_dir: Path, shards: list[range], digest: str, load_stats: dict,
+def merge_shards_and_write_outputs(settings: SelectionSettings, output_dir: Path, shards: list[range], digest: str, load_stats: dict,
                                    done_before: int, worker_stats: dict) -> dict:
     """Rank 0: read every shard back (all ranks' work) and write the outputs with what this run was."""
     raw_records = read_shards(output_dir, len(shards))
     extra = {
-        "data": {"data_path": args.data_path, "data_split": args.data_split, "data_phase": args.data_phase,
-                 "max_prompts": args.max_prompts, "hash": digest, **load_stats},
-        "shards": {"size": args.shard_size, "count": len(shards), "done_before_this_run": done_before},
+        "data": {"data_path": settings.data_path, "data_split": settings.data_split,
+                 "data_phase": settings.data_phase,
+                 "max_prompts": settings.max_prompts, "hash": digest, **load_stats},
+        "shards": {"size": settings.shard_size, "count": len(shards), "done_before_this_run": done_before},
         "world_size": get_world_size(),
-        "dtype": args.dtype,
+        "dtype": settings.resolved_dtype,
         "run": worker_stats,
     }
-    return write_split_outputs(args, raw_records, output_dir, extra)
+    return write_split_outputs(settings, raw_records, output_dir, extra)

@@ -19,8 +19,8 @@ except ImportError:  # running from a source checkout without `pip install`
 
 from dschat.utils.args import OWN_DEFAULT, new_parser
 from dschat.utils.errors import UserError, run_main
+from dschat.utils.files import atomic_write_json
 from dschat.utils.inference import RewardScorer, resolve_device
-from dschat.utils.utils import atomic_write_json
 
 # (prompt, better answer, worse answer): written for this project.
 BUILTIN_PAIRS: tuple[tuple[str, str, str], ...] = (

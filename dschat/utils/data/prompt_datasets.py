@@ -39,7 +39,7 @@ from dschat.utils.data.cache import (
 from dschat.utils.data.raw_datasets import PromptRawDataset
 from dschat.utils.data.splits import get_shuffle_idx, parse_data_split, phase_rows
 from dschat.utils.errors import UserError
-from dschat.utils.utils import print_rank_0
+from dschat.utils.printing import print_rank_0
 
 # --------------------------------------------------------------------------------------------- dataset lookup
 
@@ -368,12 +368,12 @@ def load_cached_dataset(path: Path) -> PromptDataset:
 
 
 
-def get_unsupervised_data(args, tokenizer):
+def get_unsupervised_data(settings, tokenizer):
     """Step-3 pretraining mix: `train` split tokenised and chunked into blocks of prompt+answer length."""
     import datasets  # lazy: importing `datasets` costs seconds, and only runs with --unsupervised_dataset_name need it
 
-    name = args.unsupervised_dataset_name
-    config = getattr(args, "unsupervised_dataset_config_name", None)
+    name = settings.unsupervised_dataset_name
+    config = settings.unsupervised_dataset_config_name
     if raw_datasets.is_save_to_disk_dir(name):
         raw = datasets.load_from_disk(name)
     else:
@@ -381,8 +381,8 @@ def get_unsupervised_data(args, tokenizer):
     train = raw["train"] if isinstance(raw, Mapping) else raw
     columns = list(train.column_names)
     text_column = "text" if "text" in columns else columns[0]
-    block_size = int(args.max_prompt_seq_len) + int(args.max_answer_seq_len)
-    workers = getattr(args, "preprocessing_num_workers", None)
+    block_size = int(settings.max_prompt_seq_len) + int(settings.max_answer_seq_len)
+    workers = settings.preprocessing_num_workers
     num_proc = workers if workers and workers > 1 else None
 
     def tokenize(examples):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dschat.utils.errors import UserError
+from dschat.utils.files import parse_jsonl
 
 Sample = Mapping[str, Any]
 Splits = Mapping[str, Any]
@@ -148,15 +149,7 @@ def _read_json_records(path: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: invalid JSON ({err}); expected a JSON array or JSON lines") from err
         return list(data)
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: invalid JSON line ({err}); expected JSON lines or a JSON array") from err
-    return records
+    return parse_jsonl(text, path, hint="; expected JSON lines or a JSON array")
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:

@@ -23,7 +23,7 @@ from dschat.utils.data import raw_datasets
 from dschat.utils.data.cache import CACHE_FILE_MODE, data_cache_dir
 from dschat.utils.data.raw_datasets import PromptRawDataset
 from dschat.utils.errors import UserError
-from dschat.utils.utils import atomic_write
+from dschat.utils.files import atomic_write
 
 DEFAULT_DATA_SPLIT = "2,4,4"
 TRAIN_EVAL_SPLIT = "9,1"

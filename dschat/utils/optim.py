@@ -1,0 +1,54 @@
+"""Optimizer parameter groups (upstream's three) and the optimizer for the accelerator.
+
+DeepSpeed's optimizers are imported where used (they JIT-build kernels on first import).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from dschat.utils.dist import on_cpu
+
+_NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight")
+
+
+def get_optimizer_grouped_parameters(
+    model: torch.nn.Module,
+    weight_decay: float,
+    lora_lr: float = 5e-4,
+    no_decay_name_list: Iterable[str] = _NO_DECAY,
+    lora_name_list: Iterable[str] = ("lora_right_weight", "lora_left_weight"),
+) -> list[dict]:
+    """Upstream's three parameter groups: decayed, LoRA (own LR), and no-decay; empty groups dropped."""
+    no_decay, lora = tuple(no_decay_name_list), tuple(lora_name_list)
+    decayed, lora_params, undecayed = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if any(n in name for n in no_decay):
+            undecayed.append(param)
+        elif any(n in name for n in lora):
+            lora_params.append(param)
+        else:
+            decayed.append(param)
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": lora_params, "weight_decay": weight_decay, "lr": lora_lr},
+        {"params": undecayed, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def create_optimizer(param_groups: list[dict], lr: float, offload: bool = False, betas=(0.9, 0.95)):
+    """FusedAdam on GPU, DeepSpeedCPUAdam with ZeRO offload, torch AdamW on the CPU accelerator."""
+    if on_cpu():
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: see the module docstring
+
+        return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas)
+    from deepspeed.ops.adam import FusedAdam  # lazy: see the module docstring
+
+    return FusedAdam(param_groups, lr=lr, betas=betas)

@@ -1,0 +1,83 @@
+"""Saving a model: in Hugging Face layout (causal LMs) or upstream's reward-model layout, and the one
+"save a stage's model" step every stage uses (fold LoRA in, write weights, tokenizer and model card).
+
+Owns `save_stage_model` (SFT, RM, DPO and PPO's actor, critic, EMA and best-step copies all go through it)
+and the two layouts: `save_causal_lm` (safetensors, config, generation config, full tokenizer) and
+`save_reward_model` (`pytorch_model.bin` with `rwtransformer.*` + `v_head.weight`, so DeepSpeed-Chat loads
+it). All are collective under ZeRO-3 (call on every rank); rank 0 writes through `staged_output`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dschat.utils.dist import barrier, is_rank_0
+from dschat.utils.files import atomic_write_text
+from dschat.utils.model_card import card_files
+from dschat.utils.module.lora import lora_fused
+from dschat.utils.output_dir import staged_output
+from dschat.utils.zero import gather_full_state_dict
+
+
+def save_stage_model(settings, engine: Any, tokenizer, output_dir: str | os.PathLike, card_title: str,
+                     base_model: str | None, save: Callable[..., None] | None = None,
+                     extra_files: dict[str, str] | None = None) -> None:
+    """Write a stage's model: LoRA folded into the weights for the write (and unfolded after, so training can
+    go on), weights and tokenizer in `save`'s layout (default `save_causal_lm`), and a README.md model card
+    derived from `settings` beside them (`extra_files` too). Collective under ZeRO-3."""
+    module = getattr(engine, "module", engine)
+    files = {**(extra_files or {}), **card_files(settings, card_title, base_model, engine)}
+    with lora_fused(module):
+        (save or save_causal_lm)(module, tokenizer, output_dir, extra_files=files)
+
+
+def save_causal_lm(model: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None) -> None:
+    """Save a causal LM in Hugging Face layout (safetensors, config, generation config, full tokenizer).
+
+    Collective under ZeRO-3: call on every rank. Rank 0 writes through `staged_output` (staged inside
+    `output_dir`, config.json moved in last).
+    """
+    module = getattr(model, "module", model)
+    state = gather_full_state_dict(module)
+    if is_rank_0():
+        with staged_output(output_dir, markers=("config.json",)) as tmp:
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            _save_tokenizer(tokenizer, tmp, module)
+            for name, content in (extra_files or {}).items():
+                atomic_write_text(tmp / name, content)
+    barrier()
+
+
+def save_reward_model(model: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None) -> None:
+    """Save a reward/critic model in upstream's layout: `pytorch_model.bin` with `rwtransformer.*` +
+    `v_head.weight`, plus the base config and the full tokenizer, so both projects load it."""
+    module = getattr(model, "module", model)
+    state = gather_full_state_dict(module)
+    if is_rank_0():
+        with staged_output(output_dir, markers=("pytorch_model.bin", "config.json")) as tmp:
+            torch.save(state, tmp / "pytorch_model.bin")
+            config = module.rwtransformer.config
+            config.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp, module.rwtransformer)
+            for name, content in (extra_files or {}).items():
+                atomic_write_text(tmp / name, content)
+    barrier()
+
+
+def _save_tokenizer(tokenizer, directory: Path, model: torch.nn.Module) -> None:
+    """The full tokenizer, plus the slow tokenizer's files (`tokenizer.model`, `vocab.json`/`merges.txt`)
+    when it was loaded from them: upstream's savers call `save_vocabulary`, which needs them."""
+    tokenizer.save_pretrained(directory)
+    for attribute in ("vocab_file", "merges_file"):
+        source = getattr(tokenizer, attribute, None) or tokenizer.init_kwargs.get(attribute)
+        if isinstance(source, str) and os.path.isfile(source) and not (directory / Path(source).name).exists():
+            shutil.copyfile(source, directory / Path(source).name)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and not (directory / "generation_config.json").exists():
+        generation_config.save_pretrained(directory)
