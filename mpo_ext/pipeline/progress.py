@@ -10,13 +10,13 @@ passes through a filter (warnings once per run, errors, evaluations, resume and 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import time
 from pathlib import Path
 
+from dschat.utils.files import parse_jsonl
 from dschat.utils.progress_records import PROGRESS_PHASE, START_PHASE
 
 METRICS_FILE = "metrics.jsonl"
@@ -65,15 +65,9 @@ class MetricsTail:
             return []
         self.offset += len(chunk)
         *lines, self.pending = (self.pending + chunk).split(b"\n")
-        out = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-                out.append(record)
-        return out
+        text = b"\n".join(lines).decode("utf-8", errors="replace")  # a line cut by a kill is skipped, not fatal
+        return [record for record in parse_jsonl(text, self.path, skip_unreadable=True)
+                if isinstance(record, dict) and isinstance(record.get("step"), (int, float))]
 
 
 class StageProgress:
