@@ -19,7 +19,7 @@ from mpo_ext.pipeline import STAGES, build_plan, load_config
 from mpo_ext.pipeline.config import local_path_error
 from mpo_ext.pipeline.plan import Stage
 from mpo_ext.pipeline.runner import check_reward_models
-from mpo_ext.pipeline.stages import PIPELINE_FLAGS, ParserFlags
+from mpo_ext.pipeline.stages import PIPELINE_FLAGS, SettingsFlags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +82,10 @@ def test_registry_describes_every_stage_once():
         if spec.flags is not None:  # the hook knows the stage's flags, the pipeline's own ones included
             names = spec.flags.names()
             assert names and {"output_dir"} <= names and not (names & {"help"}), spec.name
-        if isinstance(spec.flags, ParserFlags):
-            assert spec.module.split(".")[:2] == spec.flags.module.split(".")[:2]
+        if spec.flags is not None:  # every stage with flags is checked through its typed settings
+            assert isinstance(spec.flags, SettingsFlags), spec.name
+            if spec.module:
+                assert spec.module.split(".")[:2] == spec.flags.settings_type.__module__.split(".")[:2]
     assert [s.name for s in STAGES if s.resumable] == ["sft", "rm", "dpo", "ppo"]
     assert "learning_rate" not in PIPELINE_FLAGS
 
@@ -174,6 +176,22 @@ def test_common_goes_to_the_stages_that_have_the_flag(tmp_path):
     assert "per_device_train_batch_size" not in plan["select"].flags and "label_smoothing" not in plan["sft"].flags
     # PPO's --per_device_train_batch_size is a deprecated alias of its generation batch: not PPO's flag
     assert "--per_device_train_batch_size" not in plan["ppo"].command and "--weight_decay" not in plan["ppo"].command
+
+
+def test_sections_are_checked_by_the_stage_settings_and_false_switches_reach_the_command(tmp_path):
+    """Sections go through each stage's settings type (`from_mapping`): values of the wrong type, outside a
+    range or refused by the stage's own checks are one line naming the stage; `false` for a switch that is on
+    by default (or decided by other flags) reaches the stage as its `--no_x` option, not as nothing."""
+    _one_line_error(_pipeline("--preset", "smoke", "--set", "dpo.beta=-1", "--print_config"),
+                    "config section dpo", "--beta -1")
+    _one_line_error(_pipeline("--preset", "smoke", "--set", "sft.zero_stage=many", "--print_config"),
+                    "config section sft", "zero_stage", "not a int")
+    _one_line_error(_pipeline("--preset", "smoke", "--set", "ppo.no_compute_fp32_loss=true", "--print_config"),
+                    "did you mean compute_fp32_loss?")
+    plan = {s.name: s for s in build_plan(load_config(
+        "smoke", ["ppo.compute_fp32_loss=false", "sft.group_by_length=false", "eval.do_sample=false"]), tmp_path)}
+    assert "--no_compute_fp32_loss" in plan["ppo"].command and "--no_group_by_length" in plan["sft"].command
+    assert "--greedy" not in plan["eval"].command and "--do_sample" not in plan["eval"].command  # off by default
 
 
 def test_local_paths_are_checked_at_load_time(tmp_path, monkeypatch):

@@ -159,7 +159,8 @@ def _assign_identities(plan: list[Stage], config: PipelineConfig, out: Path, giv
                     "launcher": launcher if spec.module else None}
         stage.identity = _identity(settings)
         stage.output = out / f"{spec.directory}-{stage.identity[:8]}"
-        args = [token(a, True) for a in tokens] + flags_to_args(stage.flags)
+        args = [token(a, True) for a in tokens] + (spec.flags.command_args(stage.flags) if spec.flags is not None
+                                                   else flags_to_args(stage.flags))
         if spec.data_cache:
             args += ["--data_output_path", cache]
         args += [spec.output_flag, str(stage.output)]

@@ -11,7 +11,8 @@ those (one flag, several values) or `(name, Ref)` (eval's `--model name=path`). 
 stage's identity hashes, so their order and spelling are part of every existing run's identity: change
 a wiring function only where the stage's result changes.
 
-Imports no model or training code; a section's flag checks import the step module when first used.
+Imports no model or training code; a section's flag checks import the stages' settings types
+(`mpo_ext.stage_settings`, which imports the step modules) when first used.
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-
-import click
-
-from dschat.utils.errors import UserError
 
 if typing.TYPE_CHECKING:  # the config module imports this one
     from mpo_ext.pipeline.config import PipelineConfig
@@ -44,6 +41,8 @@ class Ref:
 
 #: What a stage's flag checks see in place of an upstream output that does not exist yet.
 PENDING = "pending-upstream-output"
+#: The stage name -> settings type registry (imported by a section check when first used: it imports step code).
+SETTINGS_REGISTRY = "mpo_ext.stage_settings"
 
 WiringValue = str | Ref | list | tuple
 Wiring = list[tuple[str, WiringValue]]
@@ -94,15 +93,18 @@ def flags_to_args(flags: Mapping[str, object], repeat_lists: bool = False) -> li
 class StageFlags(typing.Protocol):
     """How a stage's config section is checked, one hook per stage.
 
-    Today the hook is the step's own argparse parser (`ParserFlags`) or click command (`ClickFlags`); once
-    each step has a typed settings type, it is that type (`names` = its fields, `check` = building it from
-    the mapping). The pipeline calls it at config load time, before anything runs."""
+    Every stage with flags has a typed settings type, so the hook is `SettingsFlags` (`names` = the options of
+    the parser generated from its fields, `check` = building it from the mapping). The pipeline calls it at
+    config load time, before anything runs."""
 
     def names(self) -> frozenset[str]:
         """Every flag the stage takes (without dashes): the keys its section (and `common`) may set."""
 
     def check(self, values: Mapping[str, object]) -> None:
         """Check a whole command line given as {flag: value} (wiring included); UserError naming the flag."""
+
+    def command_args(self, values: Mapping[str, object]) -> list[str]:
+        """The stage's command-line arguments for checked section values {flag: value}."""
 
 
 @contextlib.contextmanager
@@ -122,62 +124,46 @@ def _quiet_deepspeed_logs():
         logger.removeFilter(errors_only)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.replace("error:", "").replace("(see --help)", "").split()) or "bad flags"
-
-
 @dataclass(frozen=True)
-class ParserFlags:
-    """A step whose module has `build_parser()` (the flags) and `parse_args(argv)` (parse and check)."""
+class SettingsFlags:
+    """A stage with a typed settings type (`mpo_ext.stage_settings.STAGE_SETTINGS[stage]`, fields = flags): the
+    section's keys are the type's option names (its fields and their aliases; deprecated names and the
+    `--no_x` of a switch left out, as a parser's `flag_names()` leaves them), and the check builds the settings
+    from the mapping (`Settings.from_mapping`: the values' types, choices and ranges, then the checks the
+    stage's settings run when it starts). UserError naming the flag."""
 
-    module: str
+    stage: str
 
     @cached_property
-    def _module(self):
+    def settings_type(self):
         with _quiet_deepspeed_logs():
-            return importlib.import_module(self.module)
+            return importlib.import_module(SETTINGS_REGISTRY).STAGE_SETTINGS[self.stage]
 
     @cached_property
     def _names(self) -> frozenset[str]:
         with _quiet_deepspeed_logs():
-            return self._module.build_parser().flag_names()
+            return self.settings_type.build_parser().flag_names()
 
     def names(self) -> frozenset[str]:
         return self._names
 
     def check(self, values: Mapping[str, object]) -> None:
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), _quiet_deepspeed_logs():
-                self._module.parse_args(flags_to_args(values))
-        except SystemExit:
-            raise UserError(_one_line(err.getvalue())) from None
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_deepspeed_logs():
+            self.settings_type.from_mapping(values)
 
-
-@dataclass(frozen=True)
-class ClickFlags:
-    """A stage run as an `mpo` click command (`mpo eval`): its options are the flags."""
-
-    module: str
-    command: str
-
-    @cached_property
-    def _command(self) -> click.Command:
-        return getattr(importlib.import_module(self.module), self.command)
-
-    @cached_property
-    def _names(self) -> frozenset[str]:
-        return frozenset(opt.lstrip("-") for param in self._command.params for opt in param.opts
-                         if opt.startswith("--"))
-
-    def names(self) -> frozenset[str]:
-        return self._names
-
-    def check(self, values: Mapping[str, object]) -> None:
-        try:
-            self._command.make_context(self._command.name, flags_to_args(values, repeat_lists=True))
-        except click.ClickException as err:
-            raise UserError(_one_line(err.format_message())) from None
+    def command_args(self, values: Mapping[str, object]) -> list[str]:
+        """`flags_to_args`, except that `false` for a switch not off by default (`group_by_length`, PPO's
+        `compute_fp32_loss`) becomes its `--no_x` option: leaving the flag out would leave it on."""
+        index = self.settings_type.option_index()
+        specs = {spec.name: spec for spec in self.settings_type.flag_specs()}
+        args: list[str] = []
+        for key, value in values.items():
+            spec = specs.get(index.get(key, ""))
+            if value is False and spec is not None and spec.meta["negative"] and spec.default() is not False:
+                args.append(spec.meta["negative"])
+            else:
+                args += flags_to_args({key: value})
+        return args
 
 
 # ------------------------------------------------------------------------------------------ the registry
@@ -271,21 +257,21 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("assets", "assets", "tiny-llama/config.json", _assets_wiring, command="assets", output_flag="--root",
               data_cache=False, enabled=lambda config: config.assets is not None,
               summary="The embedded synthetic task and tiny Llama (`mpo assets`)."),
-    StageSpec("sft", "step1_sft", "config.json", _sft_wiring, ParserFlags("dschat.steps.sft"),
+    StageSpec("sft", "step1_sft", "config.json", _sft_wiring, SettingsFlags("sft"),
               module="dschat.steps.sft", resumable=True, takes_common=True,
               summary="Step 1: supervised fine-tuning of models.sft on data.path."),
-    StageSpec("rm", "step2_rm", "config.json", _rm_wiring, ParserFlags("dschat.steps.reward"),
+    StageSpec("rm", "step2_rm", "config.json", _rm_wiring, SettingsFlags("rm"),
               module="dschat.steps.reward", resumable=True, takes_common=True, reward_model=True,
               summary="Step 2: the Bradley-Terry reward model from models.reward."),
-    StageSpec("select", "step2.5_select", "manifest.json", _select_wiring, ParserFlags("mpo_ext.selection.cli"),
+    StageSpec("select", "step2.5_select", "manifest.json", _select_wiring, SettingsFlags("select"),
               module="mpo_ext.selection", takes_common=True,
               summary="Step 2.5: two SFT samples per prompt scored by the RM, split at theta into easy and hard."),
-    StageSpec("dpo", "step3b_dpo", "config.json", _dpo_wiring, ParserFlags("mpo_ext.dpo"), module="mpo_ext.dpo",
+    StageSpec("dpo", "step3b_dpo", "config.json", _dpo_wiring, SettingsFlags("dpo"), module="mpo_ext.dpo",
               resumable=True, takes_common=True, summary="Step 3b: DPO on the easy pairs."),
-    StageSpec("ppo", "step3_ppo", "actor/config.json", _ppo_wiring, ParserFlags("dschat.steps.ppo_args"),
+    StageSpec("ppo", "step3_ppo", "actor/config.json", _ppo_wiring, SettingsFlags("ppo"),
               module="dschat.steps.ppo", resumable=True, takes_common=True,
               summary="Step 3: PPO on the hard prompts, KL against the DPO model."),
-    StageSpec("eval", "eval", "table.json", _eval_wiring, ClickFlags("mpo_ext.eval_cli", "eval_command"),
+    StageSpec("eval", "eval", "table.json", _eval_wiring, SettingsFlags("eval"),
               command="eval", summary="The evaluation table (`mpo eval`) of the chain's models."),
 )
 
