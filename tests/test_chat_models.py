@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dschat.utils.data.collators import DataCollatorReward
 from dschat.utils.dist import init_distributed
-from dschat.utils.utils import load_hf_tokenizer
+from dschat.utils.tokenizer import load_hf_tokenizer
 from mpo_ext import synthetic
 
 # --------------------------------------------------------------------------------------------- the twin model
@@ -162,14 +162,14 @@ def ppo_updater(twin):
     prompts = twin["root"] / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": twin["prompt"]}) + "\n")
     init_distributed()
-    args = ppo.parse_args([
+    settings = ppo.parse_args([
         "--actor_model_name_or_path", str(twin["model_dir"]), "--critic_model_name_or_path", str(twin["critic"]),
         "--data_path", str(prompts), "--data_output_path", str(twin["root"] / "cache"),
         "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2",
         "--max_prompt_seq_len", "32", "--max_answer_seq_len", "6", "--num_padding_at_beginning", "0",
         "--seed", "1", "--output_dir", str(twin["root"] / "ppo"),
     ])
-    return ppo.build(args).trainer
+    return ppo.build(settings).updater
 
 
 def test_ppo_experience_attends_to_an_eos_inside_the_prompt(twin, ppo_updater):
@@ -262,17 +262,17 @@ def template_runs(assets, tmp_path_factory) -> dict:
 
     init_distributed()
     for kind in ("plain", "chat"):
-        args = reward.parse_args([
+        settings = reward.parse_args([
             "--data_path", str(root / kind), "--model_name_or_path", str(model), "--num_padding_at_beginning", "0",
             "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--max_seq_len", "64",
             "--learning_rate", "3e-3", "--num_train_epochs", "1", "--num_warmup_steps", "0",
             "--data_output_path", str(root / "cache"), "--output_dir", str(root / f"rm-{kind}"),
         ])
-        run = reward.build(args)
+        run = reward.build(settings)
         run.train()
         run.save_model()
         rows = [json.loads(line) for line in (root / f"rm-{kind}" / "metrics.jsonl").read_text().splitlines()]
-        runs[kind] = {"evals": [r for r in rows if r["phase"] == "eval"], "args": args, "dir": root / f"rm-{kind}"}
+        runs[kind] = {"evals": [r for r in rows if r["phase"] == "eval"], "settings": settings, "dir": root / f"rm-{kind}"}
     return runs
 
 
@@ -289,10 +289,10 @@ def test_chat_template_reward_index_lands_on_each_answers_end(template_runs):
     from dschat.utils.model.model_utils import create_critic_model
 
     run = template_runs["chat"]
-    args, tok = run["args"], load_hf_tokenizer(str(run["dir"]))
+    settings, tok = run["settings"], load_hf_tokenizer(str(run["dir"]))
     assert tok.eos_token == tok.pad_token == "<|im_end|>"
-    _, held_out = create_prompt_dataset(0, args.data_path, args.data_split, args.data_output_path, 2, args.seed, tok,
-                                        args.max_seq_len, end_of_conversation_token=tok.eos_token)
+    _, held_out = create_prompt_dataset(0, settings.data_path, settings.data_split, settings.data_output_path, 2,
+                                        settings.seed, tok, settings.max_seq_len, end_of_conversation_token=tok.eos_token)
     batch = DataCollatorReward(pad_token_id=tok.pad_token_id, max_seq_len=64)([held_out[i] for i in range(16)])
     model = create_critic_model(str(run["dir"]), tok, None, 0, rlhf_training=True).eval()
     ids, mask = batch["input_ids"], batch["attention_mask"]
