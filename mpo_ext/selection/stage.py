@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -21,7 +20,7 @@ from dschat.rlhf.generation import Generator, hybrid_engine_unavailable_reason
 from dschat.utils import startup
 from dschat.utils.build import initialize_frozen_engine
 from dschat.utils.checkpoint import maybe_inject_kill
-from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
+from dschat.utils.dist import barrier, broadcast_object, get_rank, get_world_size, is_rank_0
 from dschat.utils.ds_utils import get_eval_ds_config, get_train_ds_config, resolve_dtype, set_batch_sizes
 from dschat.utils.errors import UserError
 from dschat.utils.inference import RewardScorer
@@ -45,6 +44,7 @@ from mpo_ext.selection.settings import PAIR_RULE, AnswerSamplingSettings, SplitS
 from mpo_ext.selection.shards import (
     ShardWorker,
     assign_shards,
+    discard_empty_shard_dir,
     prepare_shard_dir,
     read_shards,
     shard_fingerprint,
@@ -92,14 +92,6 @@ def reward_tokenizer(args, fallback):
 
 
 # --------------------------------------------------------------------------------------------- shards
-
-
-def broadcast_object(obj: Any) -> Any:
-    if torch.distributed.is_initialized() and get_world_size() > 1:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
 
 
 def run_shards(args, worker: ShardWorker, shards: list[range], mine: list[int], all_assignments: list[list[int]],
@@ -253,7 +245,12 @@ def run(args) -> dict | None:
                              lockstep=args.zero_stage == 3 and world > 1)
         assignments = [assign_shards(pending, r, world) for r in range(world)]
         start = time.time()
-        done = run_shards(args, worker, shards, assignments[rank], assignments, output_dir)
+        try:
+            done = run_shards(args, worker, shards, assignments[rank], assignments, output_dir)
+        except UserError:  # e.g. a reward model giving NaN at its first batch: leave nothing behind
+            if is_rank_0() and not done_before:
+                discard_empty_shard_dir(output_dir)
+            raise
         elapsed = time.time() - start
         worker_stats = {"prompts_this_run": sum(len(shards[s]) for s in pending),
                         "seconds": round(elapsed, 2),
