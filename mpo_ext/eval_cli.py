@@ -91,7 +91,7 @@ def _generation_options(func: Callable) -> Callable:
         click.option("--do_sample/--greedy", default=False, show_default=True,
                      help="Sample (with --temperature/--top_p/--top_k) or decode greedily."),
         *sampling_click_options(),
-        click.option("--seed", type=int, default=1234, show_default=True,
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1234, show_default=True,
                      help="Fixes the prompt subset, the sampling and the bootstrap."),
         click.option("--batch_size", type=click.IntRange(min=1), default=16, show_default=True,
                      help="Prompts per generation/scoring batch (per rank)."),

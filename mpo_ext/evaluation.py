@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 from dschat.rlhf.generation import Generator, answer_lengths, decode_answers
+from dschat.utils.build import check_context_length
 from dschat.utils.data.data_utils import get_raw_dataset
 from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
+from dschat.utils.fingerprint import check_weight_files
 from dschat.utils.inference import (
     RewardScorer,
     load_policy,
@@ -163,6 +165,7 @@ def parse_model_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
             raise UserError(f"--model {spec}: empty path; use NAME=PATH")
         if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
             raise UserError(f"--model {spec}: {path} does not exist")
+        check_weight_files(path, f"--model {name}")
         out.append((name, path))
     names = [n for n, _ in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -390,6 +393,8 @@ def evaluate(models: Sequence[tuple[str, str]], reward_model: str, data_path: st
     """
     if not models:
         raise UserError("--model: give at least one NAME=PATH")
+    for name, path in models:  # a huge --max_new_tokens would generate for ever past the position table
+        check_context_length(path, f"--model {name}", decoding.max_new_tokens, "--max_new_tokens")
     out = prepare_output_dir(output_dir)
     if is_rank_0():
         (out / TABLE_FILE).unlink(missing_ok=True)

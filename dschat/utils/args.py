@@ -17,6 +17,7 @@ from pathlib import Path
 from dschat.utils.data.raw_datasets import parse_column_map
 from dschat.utils.ds_utils import load_user_ds_config
 from dschat.utils.errors import UserError
+from dschat.utils.fingerprint import check_weight_files
 
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
 SCHEDULER_CHOICES = (
@@ -338,6 +339,8 @@ def check_path_exists(flag: str, path: str | None, kind: str = "path") -> None:
     looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).parent.exists()
     if looks_local and not Path(path).expanduser().exists():
         raise UserError(f"{flag} {path}: {kind} does not exist; check the path")
+    if kind == "model directory":
+        check_weight_files(path, flag)
 
 
 def check_positive(args, *names: str) -> None:
@@ -347,10 +350,30 @@ def check_positive(args, *names: str) -> None:
             raise UserError(f"--{name} {value}: must be positive")
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
+
+
+def check_seed(args) -> None:
+    """--seed must be one every generator takes (numpy refuses negatives and values of 2**32 and up)."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed {seed}: must be between 0 and {SEED_MAX}")
+
+
+def check_non_negative(args, *names: str) -> None:
+    """Counts where 0 means "off" or "no limit" (--max_steps, --save_steps, ...): a negative value is a typo."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise UserError(f"--{name} {value}: must be >= 0 (0 turns it off)")
+
+
 def validate_common(args) -> None:
     """Checks every training entry point shares; raises UserError naming the flag."""
     check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size",
-                   "gradient_accumulation_steps")
+                   "gradient_accumulation_steps", "log_interval")
+    check_non_negative(args, "max_steps", "save_steps", "eval_interval", "eval_iters", "num_warmup_steps")
+    check_seed(args)
     if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 2:
         raise UserError(f"--max_seq_len {args.max_seq_len}: too short to hold one prompt token and one answer "
                         "token (nothing to learn from); use at least 2, typically 512")

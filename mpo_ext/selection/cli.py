@@ -95,6 +95,7 @@ def validate_args(args) -> SplitSettings:
                          "max_prompt_seq_len", "max_answer_seq_len")
     if args.max_prompts < 0:
         raise UserError(f"--max_prompts {args.max_prompts}: must be >= 0")
+    flags.check_seed(args)
     if getattr(args, "deepspeed_config", None):
         raise UserError("--deepspeed_config: the DeepSpeed config is built from the flags here; drop it")
     flags.check_path_exists("--sft_model_name_or_path", args.sft_model_name_or_path, "model directory")
