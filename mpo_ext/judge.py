@@ -16,7 +16,7 @@ backtracking regex over whitespace or digit runs), and a reply nested too deep f
 unreadable reply, not a traceback.
 
 Owns the judge client, its prompt, the reply parser, the verdict cache and the summary `mpo compare`
-prints. Imports the standard library and `dschat.utils.{errors,output_dir}` only: no model code.
+prints. Imports the standard library and `dschat.utils.{errors,safe_paths}` only: no torch, no model code.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dschat.utils.errors import UserError
-from dschat.utils.output_dir import open_append
+from dschat.utils.safe_paths import open_append
 
 # Bump when the wording below changes: it is part of the cache key, so old verdicts are not reused.
 PROMPT_VERSION = "mpo-judge-v1"
