@@ -346,7 +346,9 @@ def add_keep_best_args(parser, *, eval_steps_dest: str = "eval_steps"):
                             "held-out score (0: none).")
     group.add_argument("--gold_reward", type=str, default=None,
                        help="MODULE:FUNCTION(prompt, answer) -> float, a known true reward also reported at "
-                            "each evaluation (e.g. mpo_ext.synthetic:gold_reward on the embedded task).")
+                            "each evaluation (e.g. mpo_ext.synthetic:gold_reward on the embedded task). The "
+                            "module is imported and the function called: it runs that code, so name only code "
+                            "you trust (also the gold_reward key of a pipeline config).")
     group.add_argument("--keep_best", action="store_true",
                        help="Make the saved result the evaluated step with the best held-out score instead of "
                             "the last step; best.json beside it records which step was kept and why.")
