@@ -4,7 +4,7 @@ Owns joining the process group (`init_distributed`), the rank helpers every modu
 `is_rank_0`, `barrier`, `any_rank_true`, `broadcast_object`), the accelerator handle and the clean-up of
 DeepSpeed's CPU shared-memory segments. A one-process CPU run neither builds nor loads DeepSpeed's comm op;
 a multi-rank one builds it once per environment (`dschat.utils.op_build`). Imports torch and
-`dschat.utils.{startup,op_build}` only: it sits under every other module.
+`dschat.utils.{startup,op_build,errors,safe_paths}` only: it sits under every other module.
 DeepSpeed is imported on first use, because the light commands (`mpo --help`, the pipeline driver,
 output-directory checks) import this module and never need it.
 """
@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dschat.utils import op_build, startup
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
+from dschat.utils.safe_paths import processes_using
 
 
 def _free_port() -> int:
@@ -124,29 +125,6 @@ def _loopback_interface() -> str:
 SHM_ORPHAN_MIN_AGE_S = 60.0
 
 
-def _segment_owners(path: Path) -> set[int]:
-    """Pids of processes that have `path` mapped or open (via /proc; our own processes are visible).
-
-    Open counts as much as mapped: DeepSpeed creates a segment (shm_open), fills it with write() and only
-    then maps it, so during start-up its creator holds it open without a mapping.
-    """
-    owners = set()
-    target = str(path)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if target in (proc / "maps").read_text(errors="replace"):
-                owners.add(int(proc.name))
-                continue
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) == target:
-                        owners.add(int(proc.name))
-                        break
-    return owners
-
-
 def remove_orphaned_shm_segments(min_age_s: float = SHM_ORPHAN_MIN_AGE_S) -> list[Path]:
     """Remove our uid's DeepSpeed shm segments that no live process maps or holds open and that nobody wrote
     for `min_age_s` (left by SIGKILLed runs).
@@ -162,7 +140,10 @@ def remove_orphaned_shm_segments(min_age_s: float = SHM_ORPHAN_MIN_AGE_S) -> lis
     for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
         with contextlib.suppress(OSError):
             info = path.stat()
-            if info.st_uid == os.getuid() and now - info.st_mtime >= min_age_s and not _segment_owners(path):
+            # Open counts as much as mapped: DeepSpeed creates a segment (shm_open), fills it with write() and
+            # only then maps it, so during start-up its creator holds it open without a mapping.
+            if info.st_uid == os.getuid() and now - info.st_mtime >= min_age_s \
+                    and not processes_using(path, mapped=True):
                 path.unlink()
                 removed.append(path)
     return removed

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from dschat.utils.errors import UserError
-from dschat.utils.safe_paths import ensure_private_dir, user_cache_root
+from dschat.utils.safe_paths import ensure_private_dir, processes_using, user_cache_root
 
 CPU_COMM_BUILDER = "ShareMemCommBuilder"
 CPU_COMM_OP = "deepspeed_shm_comm"
@@ -91,25 +91,6 @@ def without_cpu_comm_op(accelerator):
             accelerator.create_op_builder = own
 
 
-def _holders(path: Path) -> set[int] | None:
-    """Pids of the processes that have `path` open (via /proc; only our own are visible unless root);
-    None where /proc cannot tell."""
-    proc = Path("/proc")
-    if not (proc / "self" / "fd").is_dir():
-        return None
-    target, found = str(path), set()
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in (entry / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) == target:
-                        found.add(int(entry.name))
-                        break
-    return found
-
-
 def check_build_lock(build_root: Path, op: str = CPU_COMM_OP, announce: bool = True) -> None:
     """Before DeepSpeed builds (or waits to load) `op` under `build_root`: a stale lock is a UserError naming it
     and the fix; a live builder, or a build this environment has not done yet, is said on the console
@@ -130,12 +111,12 @@ def check_build_lock(build_root: Path, op: str = CPU_COMM_OP, announce: bool = T
             print(f"waiting on {lock} (uid {owner}): another user's build of DeepSpeed's op; if none is running, "
                   "that user must remove it", flush=True)
         return
-    holders = _holders(lock)
+    holders = processes_using(lock)
     if holders == set():
         time.sleep(_RECHECK_S)
         if not lock.exists():
             return
-        holders = _holders(lock)
+        holders = processes_using(lock)
         if holders == set():
             raise UserError(f"{lock}: the lock of DeepSpeed's op build was left by a build that was killed (no "
                             f"process holds it), so this run would wait on it forever; remove it (`rm {lock}`) "

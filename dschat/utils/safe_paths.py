@@ -10,7 +10,9 @@ symlink. So:
   group or others (output directories, pipeline roots, caches);
 - `ensure_private_dir`: a cache directory, created 0700 and checked the same way;
 - `user_cache_root`: `$XDG_CACHE_HOME/dschat`, below which per-user data, keys and build caches live;
-- `open_append`: appends (metrics, logs, caches) never follow a symlink and only go to a regular file.
+- `open_append`: appends (metrics, logs, caches) never follow a symlink and only go to a regular file;
+- `processes_using`: which live processes hold a file open (or mapped), to tell a stale lock or segment from
+  one in use.
 
 Standard library and `dschat.utils.errors` only: every module, the light commands and the process-group
 set-up included, can use it.
@@ -18,6 +20,7 @@ set-up included, can use it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -101,3 +104,25 @@ def open_append(path: str | os.PathLike, encoding: str = "utf-8"):
         raise UserError(f"{path}: is not a regular file; remove it and run again")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "a", encoding=encoding)
+
+
+def processes_using(path: str | os.PathLike, mapped: bool = False) -> set[int] | None:
+    """Pids of the processes that hold `path` open (and, with `mapped`, that have it mapped), read from /proc;
+    only our own processes are visible unless we are root. None where /proc cannot tell."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    target, found = str(path), set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if mapped and target in (entry / "maps").read_text(errors="replace"):
+                found.add(int(entry.name))
+                continue
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == target:
+                        found.add(int(entry.name))
+                        break
+    return found
