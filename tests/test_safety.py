@@ -211,7 +211,7 @@ def _mount_tmpfs(where: Path) -> str | None:
     where.mkdir()
     if os.geteuid() != 0:
         return "mounting a tmpfs needs root"
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True,
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(where)], capture_output=True,
                           text=True, check=False)
     return None if proc.returncode == 0 else f"mount -t tmpfs failed: {proc.stderr.strip()}"
 
