@@ -68,12 +68,13 @@ def check_dir_is_yours(path: str | os.PathLike, flag: str) -> os.stat_result:
     return info
 
 
-def ensure_private_dir(path: str | os.PathLike, flag: str) -> Path:
-    """A directory only we can write (caches we later load): created 0700; refused (`check_dir_is_yours`)
-    when another user owns it or group/others may write it, since anything planted there would be trusted."""
+def ensure_private_dir(path: str | os.PathLike, flag: str, mode: int = 0o700) -> Path:
+    """A directory only we can write (caches we later load, run roots we resume from): created with `mode`
+    (0700 by default); refused (`check_dir_is_yours`) when another user owns it or group/others may write it,
+    since anything planted there would be trusted."""
     directory = Path(path).expanduser()
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=mode & ~0o022, parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{flag} {path}: cannot create it ({err.strerror}); choose a writable directory") from None
     check_dir_is_yours(directory, flag)
