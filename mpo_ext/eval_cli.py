@@ -142,7 +142,11 @@ def _display_names(paths: list[Path]) -> list[str]:
               help="OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) for an LLM judge.")
 @click.option("--judge_model", type=str, default=None, help="Model name sent to the judge endpoint.")
 @click.option("--judge_api_key_env", type=str, default="OPENAI_API_KEY", show_default=True,
-              help="Environment variable holding the judge API key (unset: no Authorization header).")
+              help="Environment variable holding the judge API key (unset: no Authorization header). The key "
+                   "is sent over https only, unless --judge_send_key_over_http.")
+@click.option("--judge_send_key_over_http", is_flag=True, default=False,
+              help="Also send the API key to a plain http --judge_url (anyone on the path, or another local user "
+                   "listening on that port, can read it).")
 @click.option("--judge_rate_limit", type=FiniteFloatRange(min=0.0), default=1.0, show_default=True,
               help="Requests per second (0: unlimited).")
 @click.option("--judge_max_retries", type=click.IntRange(min=0), default=5, show_default=True,
@@ -163,7 +167,7 @@ def _display_names(paths: list[Path]) -> list[str]:
 @_user_errors
 def compare_command(generations: tuple[str, ...], model_specs: tuple[str, ...], tie_margin: float,
                     judge_url: str | None, judge_model: str | None, judge_api_key_env: str,
-                    judge_rate_limit: float, judge_max_retries: int, judge_backoff: float, judge_timeout: float,
+                    judge_send_key_over_http: bool, judge_rate_limit: float, judge_max_retries: int, judge_backoff: float, judge_timeout: float,
                     judge_max_tokens: int, judge_tie_margin: float, judge_limit: int | None,
                     judge_cache: str | None, output_dir: str | None, **opts: Any) -> None:
     """Win/tie/lose of A against B by reward-model score, optionally also by an LLM judge."""
@@ -195,6 +199,8 @@ def compare_command(generations: tuple[str, ...], model_specs: tuple[str, ...], 
     judge = _judge_settings(judge_url, judge_model, judge_api_key_env, judge_rate_limit, judge_max_retries,
                             judge_backoff, judge_timeout, judge_max_tokens, judge_tie_margin, judge_limit,
                             judge_cache, output_dir, paths[0])
+    if judge:
+        judge["send_key_over_http"] = judge_send_key_over_http
     compare_files(paths, names, tie_margin=tie_margin, reward_model=opts["reward_model"] if rescore else None,
                   opts=opts, output_dir=output_dir, judge=judge)
 
@@ -275,7 +281,7 @@ def run_judge(pairs: list[tuple[dict, dict]], details: list[dict], settings: dic
     client = JudgeClient(settings["url"], settings["model"], api_key=api_key_from_env(settings["key_env"]),
                          rate_limit=settings["rate"], max_retries=settings["retries"], backoff=settings["backoff"],
                          timeout=settings["timeout"], max_tokens=settings["max_tokens"],
-                         cache_path=settings["cache"])
+                         cache_path=settings["cache"], send_key_over_http=settings.get("send_key_over_http", False))
     limit = settings["limit"] or len(pairs)
     verdicts = []
     for i, ((x, y), detail) in enumerate(zip(pairs[:limit], details[:limit]), start=1):

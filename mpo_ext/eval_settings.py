@@ -47,7 +47,7 @@ class DecodingSettings(flags.Settings):
     flag_group = DECODING_GROUP
 
     max_new_tokens: int = flag(128, "Maximum new tokens per answer.", low=1)
-    seed: int = flag(1234, "Fixes the prompt subset, the sampling and the bootstrap.")
+    seed: int = flag(1234, "Fixes the prompt subset, the sampling and the bootstrap.", low=0, high=flags.SEED_MAX)
     batch_size: int = flag(16, "Prompts per generation/scoring batch (per rank).", low=1)
     max_prompt_seq_len: int = flag(256, "Longer prompts keep their last tokens.", low=1)
 

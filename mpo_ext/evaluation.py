@@ -25,11 +25,13 @@ import numpy as np
 import torch
 
 from dschat.rlhf.generation import Generator, answer_lengths, decode_answers
+from dschat.utils.build import check_context_length
 from dschat.utils.data.data_utils import get_raw_dataset
 from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.dist import all_gather_objects, barrier, get_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.files import atomic_write_json, atomic_write_jsonl, parse_jsonl
+from dschat.utils.fingerprint import check_weight_files
 from dschat.utils.inference import (
     RewardScorer,
     load_policy,
@@ -162,6 +164,7 @@ def parse_model_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
             raise UserError(f"--model {spec}: empty path; use NAME=PATH")
         if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
             raise UserError(f"--model {spec}: {path} does not exist")
+        check_weight_files(path, f"--model {name}")
         out.append((name, path))
     names = [n for n, _ in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -381,6 +384,8 @@ def evaluate(settings: EvalSettings) -> list[dict]:
     """
     settings.require_inputs()
     models = parse_model_specs(settings.model)
+    for name, path in models:  # a huge --max_new_tokens would generate for ever past the position table
+        check_context_length(path, f"--model {name}", settings.max_new_tokens, "--max_new_tokens")
     out = prepare_output_dir(settings.output_dir)
     if is_rank_0():
         (out / TABLE_FILE).unlink(missing_ok=True)

@@ -7,12 +7,16 @@ function, every verdict is cached on disk (a re-run costs nothing), requests are
 retried with exponential backoff, and an unreachable endpoint is a one-line UserError.
 
 The endpoint is untrusted: the API key goes to the `--judge_url` origin only (redirects are refused, so
-the key never follows one to another host or from https to http), error bodies are never printed (a
-server that echoes the request would print the key), and each request has one total deadline, so a
-server that trickles its reply cannot hold a run forever.
+the key never follows one to another host or from https to http) and only over https unless asked
+(`send_key_over_http`: over plain http anyone on the path, or another local user listening on a loopback
+port, reads it); error bodies are never printed (a server that echoes the request would print the key);
+each request has one total deadline, so a server that trickles its reply cannot hold a run forever; a
+reply is read up to `MAX_REPLY_BYTES` and no further; the parser runs in time linear in the reply (no
+backtracking regex over whitespace or digit runs), and a reply nested too deep for `json` is an
+unreadable reply, not a traceback.
 
 Owns the judge client, its prompt, the reply parser, the verdict cache and the summary `mpo compare`
-prints. Imports the standard library and `dschat.utils.errors` only: no torch, no model code.
+prints. Imports the standard library and `dschat.utils.{errors,safe_paths}` only: no torch, no model code.
 """
 
 from __future__ import annotations
@@ -33,11 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dschat.utils.errors import UserError
+from dschat.utils.safe_paths import open_append
 
 # Bump when the wording below changes: it is part of the cache key, so old verdicts are not reused.
 PROMPT_VERSION = "mpo-judge-v1"
 MAX_SCORE = 10.0
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# A chat completion of a few hundred tokens is a few KB; a reply beyond this is not one, and is not read.
+MAX_REPLY_BYTES = 4 << 20
 
 SYSTEM_PROMPT = (
     "You review replies written by AI assistants. You are fair, you read carefully, and you are not "
@@ -72,17 +79,27 @@ def build_messages(prompt: str, first: str, second: str) -> list[dict[str, str]]
 
 # --------------------------------------------------------------------------------------------- parsing
 
+# Every pattern below runs in time linear in the reply: whitespace runs are squeezed to one character first
+# (so adjacent `\s*` cannot split a long run in many ways), "x/10" matches start only where a number starts,
+# and the other patterns are anchored at a "score" word or a line start.
 _NUMBER = r"(-?\d+(?:\.\d+)?)"
-_OUT_OF_TEN = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", re.IGNORECASE)
-_SCORES_LINE = re.compile(r"scores?\s*[:=]?\s*\**\s*\[?\s*" + _NUMBER + r"\s*(?:,|;|/|\s|and)\s*" + _NUMBER,
+_OUT_OF_TEN = re.compile(r"(?<!\d)(\d+(?:\.\d+)?)\s?(?:/|out\sof)\s?10\b", re.IGNORECASE)
+_SCORES_LINE = re.compile(r"scores?\s?[:=]?\s?\**\s?\[?\s?" + _NUMBER + r"\s?(?:,|;|/|\s|and)\s?" + _NUMBER,
                           re.IGNORECASE)
-_ONLY_TWO_NUMBERS = re.compile(r"^\W*" + _NUMBER + r"\s*[,;\s]\s*" + _NUMBER + r"\W*$")
+_ONLY_TWO_NUMBERS = re.compile(r"^\W*" + _NUMBER + r"\s?[,;\s]\s?" + _NUMBER + r"\W*$")
+_WHITESPACE_RUN = re.compile(r"\s+")
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 
 
 def _in_range(a: float, b: float) -> tuple[float, float] | None:
     if all(0.0 <= v <= MAX_SCORE and math.isfinite(v) for v in (a, b)):
         return a, b
     return None
+
+
+def _squeeze_whitespace(text: str) -> str:
+    """Each whitespace run becomes one newline (if it held a line break) or one space."""
+    return _WHITESPACE_RUN.sub(lambda m: "\n" if _LINE_BREAKS.intersection(m.group()) else " ", text)
 
 
 def parse_scores(reply: str | None) -> tuple[float, float] | None:
@@ -95,12 +112,12 @@ def parse_scores(reply: str | None) -> tuple[float, float] | None:
     """
     if not reply or not isinstance(reply, str):
         return None
-    text = _OUT_OF_TEN.sub(r"\1", reply)
+    text = _OUT_OF_TEN.sub(r"\1", _squeeze_whitespace(reply))
     matches = _SCORES_LINE.findall(text)
     if matches:
         a, b = matches[-1]
         return _in_range(float(a), float(b))
-    for line in reversed([ln for ln in text.splitlines() if ln.strip()]):
+    for line in reversed([ln for ln in text.split("\n") if ln.strip()]):
         found = _ONLY_TWO_NUMBERS.match(line.strip())
         if found:
             return _in_range(float(found.group(1)), float(found.group(2)))
@@ -219,7 +236,7 @@ class VerdictCache:
                     else:
                         self.entries[record["key"]] = record
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8"):
+            with open_append(self.path):
                 pass
         except OSError as err:
             raise UserError(f"--judge_cache {self.path}: cannot be read and appended to ({err.strerror}); "
@@ -237,7 +254,7 @@ class VerdictCache:
         self.entries[key] = record
         if self.path:
             try:
-                with open(self.path, "a", encoding="utf-8") as fh:
+                with open_append(self.path) as fh:
                     fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                     fh.flush()
             except OSError as err:
@@ -250,7 +267,7 @@ def _cache_record(line: bytes) -> dict | None:
     """The verdict stored on one cache line, or None when the line is not one (any shape error)."""
     try:
         record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(record, dict) or not isinstance(record.get("key"), str):
         return None
@@ -283,6 +300,7 @@ class JudgeClient:
     max_tokens: int = 512
     temperature: float = 0.0
     cache_path: str | os.PathLike | None = None
+    send_key_over_http: bool = False
     sleep: Callable[[float], None] = time.sleep
     requests_sent: int = 0
     cache: VerdictCache = field(init=False)
@@ -294,6 +312,12 @@ class JudgeClient:
         if self.max_retries < 0:
             raise UserError(f"--judge_max_retries {self.max_retries}: must be >= 0")
         self.endpoint = chat_completions_url(self.url)
+        self.key_withheld = bool(self.api_key) and self.url.startswith("http://") and not self.send_key_over_http
+        if self.key_withheld:
+            print(f"warning: --judge_url {self.url}: plain http, so the API key is not sent (anyone on the path, or "
+                  "another local user listening on that port, could read it); use https, or pass "
+                  "--judge_send_key_over_http to send it anyway", file=sys.stderr, flush=True)
+            self.api_key = None
         self.cache = VerdictCache(self.cache_path)
         self.limiter = RateLimiter(self.rate_limit, sleep=self.sleep)
 
@@ -326,13 +350,20 @@ class JudgeClient:
             try:
                 payload = self._post_once(body)
                 return _reply_text(payload)
+            except JudgeReplyTooLarge as err:
+                raise UserError(f"--judge_url {self.endpoint}: {err}; that is not a chat completion: check the "
+                                "endpoint (or lower --judge_max_tokens)") from None
             except JudgeHTTPStatus as err:
                 if 300 <= err.status < 400:
                     raise UserError(f"--judge_url {self.endpoint}: the server answered {err} (a redirect); "
                                     "redirects are not followed so the API key stays with this address: "
                                     "pass the final address as --judge_url") from None
                 if err.status not in RETRY_STATUS:
-                    hint = " (check the API key environment variable)" if err.status in (401, 403) else ""
+                    hint = ""
+                    if err.status in (401, 403):
+                        hint = (" (the API key was not sent over plain http: use https or pass "
+                                "--judge_send_key_over_http)" if self.key_withheld
+                                else " (check the API key environment variable)")
                     raise UserError(f"--judge_url {self.endpoint}: {err}{hint}") from None
                 last, unreachable = str(err), False
                 retry_after = err.retry_after
@@ -341,7 +372,7 @@ class JudgeClient:
                 last, unreachable = _http_failure(err), False
             except OSError as err:  # refused, reset, DNS, TLS, deadline passed
                 last, unreachable = f"{type(err).__name__}: {err}", True
-            except (ValueError, KeyError, IndexError, TypeError) as err:
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError) as err:
                 last, unreachable = f"unreadable reply ({type(err).__name__})", False
             if attempt < self.max_retries:
                 self.sleep(backoff_delay(attempt, self.backoff, self.max_backoff, retry_after))
@@ -392,6 +423,24 @@ class JudgeHTTPStatus(Exception):
         super().__init__(f"HTTP {status} {phrase}".rstrip())
 
 
+class JudgeReplyTooLarge(Exception):
+    """A reply body over `MAX_REPLY_BYTES` (announced or actually sent); never read further."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the reply is larger than {limit // (1 << 20)} MiB")
+
+
+def _read_capped(response: http.client.HTTPResponse, limit: int) -> bytes:
+    if response.length is not None:  # a Content-Length: refuse a large one unread, else read it all (a short
+        if response.length > limit:  # body is then IncompleteRead)
+            raise JudgeReplyTooLarge(limit)
+        return response.read()
+    data = response.read(limit + 1)  # chunked or until close: never more than the cap
+    if len(data) > limit:
+        raise JudgeReplyTooLarge(limit)
+    return data
+
+
 def _http_failure(err: http.client.HTTPException) -> str:
     if isinstance(err, http.client.IncompleteRead):
         return f"truncated reply: {len(err.partial)} bytes of {len(err.partial) + (err.expected or 0)}"
@@ -402,7 +451,8 @@ def post_with_deadline(url: str, body: bytes, headers: dict[str, str], timeout: 
                        ) -> tuple[int, float | None, bytes]:
     """POST `body` to `url`; (status, Retry-After seconds, body bytes) within `timeout` seconds in total.
 
-    A plain http.client connection, so no redirect is ever followed (the caller refuses 3xx). The
+    A plain http.client connection, so no redirect is ever followed (the caller refuses 3xx). At most
+    `MAX_REPLY_BYTES` of the body are read (`JudgeReplyTooLarge` beyond). The
     socket timeout alone bounds each read, not the request: a watchdog shuts the socket down when the
     deadline passes, which ends any read in progress, and the request fails with TimeoutError.
     """
@@ -431,7 +481,7 @@ def post_with_deadline(url: str, body: bytes, headers: dict[str, str], timeout: 
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         conn.request("POST", target, body=body, headers=headers)
         response = conn.getresponse()
-        data = response.read()
+        data = _read_capped(response, MAX_REPLY_BYTES)
         if expired.is_set():
             raise TimeoutError
         return response.status, _retry_after_seconds(response.getheader("Retry-After")), data

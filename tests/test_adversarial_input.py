@@ -6,6 +6,7 @@ output written or damaged."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,7 @@ def test_select_refuses_a_nan_reward_model_before_writing(assets, reward_models,
     assert "Traceback" not in proc.stderr
     assert {name: (out / name).read_text() for name in before} == before
     assert not list((out / "shards").glob("shard-*.jsonl"))  # no shard of NaN scores to resume from
+    assert not (out / "shards").exists()  # nor a shard fingerprint (config.json) of a run that wrote nothing
 
 
 def test_eval_refuses_a_nan_reward_model(assets, reward_models, tmp_path):
@@ -126,4 +128,28 @@ def test_ppo_refuses_a_nan_reward_model_at_its_first_batch(assets, reward_models
     errors = [line[line.index("error:"):] for line in proc.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1 and str(reward_models["nan"]) in errors[0] and "NaN" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert not (out / "actor").exists()
+    assert not (out / "actor").exists() and not (out / "run_info.json").exists()
+
+
+TEMPLATE_PROBE = """
+import sys
+from transformers import AutoTokenizer
+from dschat.utils.data.raw_datasets import ChatRenderer
+from dschat.utils.errors import run_main
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+tokenizer.chat_template = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                           "{{ messages[0]['content'] }}")
+run_main(lambda: ChatRenderer(tokenizer).prompt([{"role": "user", "content": "hi"}]))
+"""
+
+
+def test_a_chat_template_that_loops_for_hours_is_one_line(assets):
+    """Nested range(100000) loops in a tokenizer's template rendered for hours; now a budget per rendering
+    (1 s here, DSCHAT_TEMPLATE_BUDGET_S) ends it with one line. A child process, so that a regression fails
+    by its generous timeout instead of hanging the suite."""
+    proc = run_command([sys.executable, "-c", TEMPLATE_PROBE, str(assets["model_dir"])], timeout=300,
+                       env={"DSCHAT_TEMPLATE_BUDGET_S": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "chat template took more than 1 s" in errors[0] and "Traceback" not in proc.stderr

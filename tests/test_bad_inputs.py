@@ -48,10 +48,23 @@ def fixtures(assets, tmp_path_factory, tinystories_dir):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
         if (tinystories_dir / name).exists():
             shutil.copy(tinystories_dir / name, mismatched / name)
+    # A model copy whose weights file was cut short (a full disk, an interrupted copy).
+    truncated = root / "truncated-model"
+    shutil.copytree(assets["model_dir"], truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    deep = root / "deep.json"  # valid JSON nested 100k deep
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    ds_configs = {}
+    for name, config in {"bfloat16": {"bfloat16": {"enabled": True}}, "fp16_true": {"fp16": True},
+                         "zero_scalar": {"zero_optimization": 2}}.items():
+        ds_configs[name] = root / f"ds_{name}.json"
+        ds_configs[name].write_text(json.dumps(config))
     return {
         "data": assets["data_dir"], "model": assets["model_dir"], "wrong_keys": str(wrong_keys),
         "empty": str(empty), "unreadable": str(unreadable), "mismatched": str(mismatched),
-        "latin1": str(latin1), "torn_gz": str(torn_gz),
+        "latin1": str(latin1), "torn_gz": str(torn_gz), "truncated": str(truncated), "deep": str(deep),
+        **{f"ds_{name}": str(path) for name, path in ds_configs.items()},
         "cache": str(root / "cache"), "out": root / "out",
     }
 
@@ -119,6 +132,21 @@ def _cases(f: dict) -> list[tuple[str, str, list[str], str]]:
                                              "--critic_model_name_or_path", m, "--inference_tp_size", "2", *lens, *c,
                                              *out],
          "--inference_tp_size"),
+        # issue 22: counts, seeds, damaged files and DeepSpeed configs that got around the guards
+        *[(f"step1{flag[1:]}-{value}", "step1", ["--data_path", d, *base1, flag, value], f"{flag} {value}")
+          for flag, value in (("--max_steps", "-5"), ("--save_steps", "-1"), ("--log_interval", "0"),
+                              ("--seed", "-1"), ("--seed", str(2**64)))],
+        ("select-seed--1", "select", ["--data_path", d, "--sft_model_name_or_path", m, "--reward_model_name_or_path",
+                                      m, "--seed", "-1", *c, *out], "--seed -1"),
+        ("step1-truncated-safetensors", "step1", ["--data_path", d, "--model_name_or_path", f["truncated"],
+                                                  "--max_seq_len", "64", *c, *out], "model.safetensors"),
+        ("step1-deep-json", "step1", ["--data_path", f["deep"], *base1], "deep.json"),
+        ("step1-ds-config-bfloat16", "step1", ["--data_path", d, "--deepspeed_config", f["ds_bfloat16"], *base1],
+         "--dtype"),
+        ("step1-ds-config-fp16-true", "step1", ["--data_path", d, "--deepspeed_config", f["ds_fp16_true"], *base1],
+         "fp16 must be a JSON object"),
+        ("step1-ds-config-zero-scalar", "step1", ["--data_path", d, "--deepspeed_config", f["ds_zero_scalar"],
+                                                  *base1], "zero_optimization must be a JSON object"),
     ]
 
 
@@ -131,6 +159,9 @@ CASE_IDS = [
     "select-threshold-and-fraction", "select-threshold-nan", "select-threshold-inf", "select-threshold--3",
     "select-easy_fraction-nan", "select-easy_fraction-1.5", "dpo-beta-nan", "dpo-empty-easy-split", "step3-critic-without-value-head", "step3-too-long",
     "step3-tp-without-zero3",
+    "step1-max_steps--5", "step1-save_steps--1", "step1-log_interval-0", "step1-seed--1", f"step1-seed-{2**64}",
+    "select-seed--1", "step1-truncated-safetensors", "step1-deep-json", "step1-ds-config-bfloat16",
+    "step1-ds-config-fp16-true", "step1-ds-config-zero-scalar",
 ]
 
 
@@ -164,6 +195,15 @@ def test_mpo_cli_bad_inputs(fixtures, tmp_path):
     result = runner.invoke(main, ["eval", "--model", "sft=/nonexistent/model", "--reward_model", fixtures["model"],
                                   "--data_path", fixtures["data"], "--output_dir", str(tmp_path / "e")])
     assert result.exit_code == 2 and "/nonexistent/model" in result.output, result.output
+    # A huge --max_new_tokens would generate for ever: bounded by the model's position table, before anything runs.
+    result = runner.invoke(main, ["eval", "--model", f"sft={fixtures['model']}", "--reward_model", fixtures["model"],
+                                  "--data_path", fixtures["data"], "--max_new_tokens", str(10**12),
+                                  "--output_dir", str(tmp_path / "e2")])
+    assert result.exit_code == 2 and "--max_new_tokens" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "e2").exists()
+    result = runner.invoke(main, ["eval", "--model", f"sft={fixtures['truncated']}", "--reward_model",
+                                  fixtures["model"], "--data_path", fixtures["data"], "--output_dir", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "model.safetensors" in result.output, result.output
     for theta in ("nan", "inf", "-3"):
         result = runner.invoke(main, ["pipeline", "--threshold", theta, "--output_dir", str(tmp_path / "p"), "--dry_run"])
         assert result.exit_code == 2 and "--threshold" in result.output, result.output

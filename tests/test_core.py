@@ -225,13 +225,17 @@ def test_publish_directory_moves_a_kept_best_model_into_its_output(tmp_path):
     assert [p.name for p in actor.iterdir()] == ["model.safetensors"] and not best_actor.exists()
 
 
-def test_only_complete_states_are_found(tmp_path):
+def test_only_complete_states_are_found(tmp_path, monkeypatch):
+    from dschat.utils.checkpoint import sign_state
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # this test's own signing key
     root = tmp_path / "checkpoints"
     for step, complete in ((5, True), (10, True), (15, False)):
         d = root / f"step-{step}"
         d.mkdir(parents=True)
         if complete:
             atomic_write_json(d / STATE_FILE, {"global_step": step})
+            sign_state(d, {"stage": "t", "engines": []})
     (root / ".tmp-step-20").mkdir()
     assert [p.name for p in list_complete_states(tmp_path)] == ["step-5", "step-10"]
     assert find_latest_state(tmp_path).name == "step-10"

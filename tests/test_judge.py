@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -195,7 +196,7 @@ def _client(url: str, cache: Path | None, **kw) -> JudgeClient:
 def test_round_trip_with_retry_and_cache(judge_server, tmp_path):
     cache = tmp_path / "cache.jsonl"
     judge_server.fail_next = 1
-    client = _client(judge_server.url, cache, api_key="sk-test")
+    client = _client(judge_server.url, cache, api_key="sk-test", send_key_over_http=True)
     verdict = client.judge_pair("\n\nHuman: Name fruits.\n\nAssistant:", " apple, pear, plum, fig.", " apple.")
     # a: 4 words, b: 1 word; the +1 position bias cancels over both orders.
     assert (verdict.score_a, verdict.score_b) == (4.5, 1.5)
@@ -267,8 +268,8 @@ def test_compare_cli_with_judge_and_cache(judge_server, tmp_path, monkeypatch):
     _write_generations(b, [" one", " x y z w", " same"], [0.2, 0.1, 0.5])
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-cli")
     args = [str(a), str(b), "--tie_margin", "0.15", "--judge_url", judge_server.url, "--judge_model", "judge-test",
-            "--judge_api_key_env", "MY_JUDGE_KEY", "--judge_rate_limit", "0", "--judge_backoff", "0",
-            "--output_dir", str(tmp_path / "cmp")]
+            "--judge_api_key_env", "MY_JUDGE_KEY", "--judge_send_key_over_http", "--judge_rate_limit", "0",
+            "--judge_backoff", "0", "--output_dir", str(tmp_path / "cmp")]
     result = CliRunner().invoke(compare_command, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
@@ -354,13 +355,34 @@ class _Hostile(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif mode == "huge_length":  # announces 1 GiB, then streams it
+            self._stream(1 << 30, length=True)
+        elif mode == "huge_stream":  # no length: streams until the client hangs up
+            self._stream(1 << 30, length=False)
+        elif mode == "deep":  # valid JSON nested 200k deep
+            self._body(b"[" * 200_000 + b"]" * 200_000)
         else:
-            body = _ok_reply()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._body(_ok_reply())
         self.close_connection = True
+
+    def _body(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _stream(self, total: int, length: bool) -> None:
+        self.send_response(200)
+        if length:
+            self.send_header("Content-Length", str(total))
+        self.end_headers()
+        block = b'{"choices": [{"message": {"content": "SCORES: 1' + b" " * (1 << 20)
+        try:
+            while self.server.bytes_sent < total:
+                self.wfile.write(block)
+                self.server.bytes_sent += len(block)
+        except OSError:  # the client hung up: what a capped reader does
+            pass
 
     def log_message(self, *args) -> None:
         pass
@@ -373,7 +395,7 @@ def hostile():
     def start(*modes: str, location: str = "") -> ThreadingHTTPServer:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
         server.daemon_threads = True
-        server.modes, server.location, server.requests = list(modes), location, []
+        server.modes, server.location, server.requests, server.bytes_sent = list(modes), location, [], 0
         server.stopping = threading.Event()
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -392,7 +414,7 @@ def test_redirect_is_refused_and_key_stays(hostile, tmp_path):
     redirector = hostile("redirect", location=elsewhere.url + "/chat/completions")
     cache = tmp_path / "cache.jsonl"
     with pytest.raises(UserError, match="redirect") as err:
-        _client(redirector.url, cache, api_key=KEY, max_retries=3).judge_pair("p", "a", "b")
+        _client(redirector.url, cache, api_key=KEY, max_retries=3, send_key_over_http=True).judge_pair("p", "a", "b")
     assert elsewhere.requests == []  # neither the key nor the request followed the redirect
     assert redirector.requests == [f"Bearer {KEY}"]  # refused at once: a redirect is not retried
     assert KEY not in str(err.value)
@@ -409,7 +431,7 @@ def test_error_body_and_reason_are_never_shown(hostile, tmp_path):
     env = {"MY_JUDGE_KEY": KEY}
     result = CliRunner().invoke(compare_command, [
         str(a), str(b), "--judge_url", server.url, "--judge_model", "m", "--judge_api_key_env", "MY_JUDGE_KEY",
-        "--judge_rate_limit", "0", "--output_dir", str(tmp_path / "cmp")], env=env)
+        "--judge_send_key_over_http", "--judge_rate_limit", "0", "--output_dir", str(tmp_path / "cmp")], env=env)
     assert result.exit_code == 2, result.output
     assert server.requests == [f"Bearer {KEY}"]  # the server did receive the key, and echoed it back
     assert KEY not in result.output and "you sent" not in result.output
@@ -489,3 +511,60 @@ def test_read_only_cache_is_one_line_before_any_request(hostile, tmp_path):
     assert result.exit_code == 2, result.output
     assert "--judge_cache" in result.output and str(cache) in result.output and "Traceback" not in result.output
     assert server.requests == []
+
+
+# --------------------------------------------------------------------------------------------- hostile replies
+
+
+PARSE_PROBE = r"""
+import sys
+from mpo_ext.judge import parse_scores
+cases = ["SCORES: 1" + " " * 200_000, "Scores: 7" + " \t" * 100_000 + "x", "score: " + "1" * 200_000 + "x",
+         "1" * 200_000, ("7" + " " * 2_000 + "x\n") * 100, "score" + "*" * 200_000, "8 out" + " " * 200_000,
+         "SCORES: 7" + " " * 100_000 + "3"]
+print([parse_scores(c) for c in cases])
+"""
+
+
+def test_replies_made_to_stall_the_parser_parse_at_once():
+    """Quadratic (or worse) regexes took 20 s on 8 KB of spaces after "SCORES: 1"; these 200 KB replies would
+    take hours. Run in a child so a regression fails by its generous timeout instead of hanging the suite."""
+    from conftest import run_command
+
+    proc = run_command([sys.executable, "-c", PARSE_PROBE], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[None, None, None, None, None, None, None, (7.0, 3.0)]"
+
+
+@pytest.mark.parametrize("mode", ["huge_length", "huge_stream"])
+def test_huge_reply_is_not_read_whole(hostile, mode):
+    server = hostile(mode)
+    with pytest.raises(UserError, match="larger than 4 MiB") as err:
+        _client(server.url, None, max_retries=3).judge_pair("p", "a", "b")
+    assert len(server.requests) == 1  # not retried: the same endpoint would send the same
+    assert "Traceback" not in str(err.value)
+    # The client stopped reading at the cap and hung up: the server could not push the whole GiB.
+    assert server.bytes_sent < (256 << 20), server.bytes_sent
+
+
+def test_deeply_nested_reply_is_an_unreadable_reply_not_a_traceback(hostile):
+    server = hostile("deep")
+    with pytest.raises(UserError, match=r"failed after 2 attempt.*unreadable reply \(RecursionError\)"):
+        _client(server.url, None, max_retries=1).judge_pair("p", "a", "b")
+
+
+def test_api_key_goes_over_plain_http_only_when_asked(hostile, capsys):
+    server = hostile("ok")
+    _client(server.url, None, api_key=KEY).judge_pair("p", "a", "b")
+    assert server.requests == [None, None]  # no Authorization header over http
+    err = capsys.readouterr().err
+    assert "plain http, so the API key is not sent" in err and "--judge_send_key_over_http" in err and KEY not in err
+    _client(server.url, None, api_key=KEY, send_key_over_http=True).judge_pair("p", "x", "y")
+    assert server.requests[2:] == [f"Bearer {KEY}"] * 2
+
+
+def test_key_withheld_over_http_is_named_in_the_401_line(hostile, tmp_path):
+    server = hostile("echo_401")
+    with pytest.raises(UserError, match="not sent over plain http"):
+        _client(server.url, None, api_key=KEY).judge_pair("p", "a", "b")
+    assert server.requests == [None]

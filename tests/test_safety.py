@@ -211,7 +211,7 @@ def _mount_tmpfs(where: Path) -> str | None:
     where.mkdir()
     if os.geteuid() != 0:
         return "mounting a tmpfs needs root"
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True,
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(where)], capture_output=True,
                           text=True, check=False)
     return None if proc.returncode == 0 else f"mount -t tmpfs failed: {proc.stderr.strip()}"
 
@@ -270,18 +270,164 @@ def test_sigint_saves_a_state_and_resume_survives_a_torn_metrics_line(assets, tm
     assert [r["step"] for r in rows if r["phase"] == "train"] == [1, 2, 3, 4]
 
 
-def test_planted_training_state_is_never_executed(assets, tmp_path, run_ds):
+def test_planted_training_state_is_never_executed(assets, tmp_path, run_ds, monkeypatch):
+    """The issue's attack: a pickle payload planted in DeepSpeed's engine file of a state, then `--resume`
+    (which the pipeline adds by itself). The payload would create `marker`; it must never run."""
+    from dschat.utils.checkpoint import SIGNATURE_FILE, sign_state
+
+    xdg = tmp_path / "xdg"  # this test's own signing key, shared with the runs it starts
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    env = {"XDG_CACHE_HOME": str(xdg)}
     out, cache, marker = tmp_path / "run", tmp_path / "cache", tmp_path / PAYLOAD_MARKER
     flags = _sft_flags(assets, out, cache, steps=2, extra=["--save_steps", "2"])
-    proc = run_ds(STEP1, flags, num_ranks=0)
+    proc = run_ds(STEP1, flags, num_ranks=0, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = out / "checkpoints/step-2"
-    assert (state / "rank_state_0.pt").exists()
+    engine_file = state / "model/mp_rank_00_model_states.pt"
+    assert engine_file.exists() and (state / "rank_state_0.pt").exists() and (state / SIGNATURE_FILE).exists()
     torch.load(state / "rank_state_0.pt", weights_only=True)  # what we write loads without unpickling code
-    _plant_pickle(state / "rank_state_0.pt", marker)
-    proc = run_ds(STEP1, flags + ["--resume"], num_ranks=0)
-    assert "rank_state_0.pt" in _one_error_line(proc)
+    identity = json.loads((state / SIGNATURE_FILE).read_text())["identity"]
+
+    # 1. Planted: the state no longer verifies, so it is never read; the run starts afresh (exit 0).
+    for path in (engine_file, state / "rank_state_0.pt"):
+        _plant_pickle(path, marker)
+    proc = run_ds(STEP1, flags + ["--resume"], num_ranks=0, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not resuming from" in proc.stdout and "changed after it was written" in proc.stdout, proc.stdout[-3000:]
+    assert "starting from scratch" in proc.stdout
     assert not marker.exists(), "a planted training state ran code"
+
+    # 2. Even a payload in a state that verifies (signed with this user's key): the cheap sample-order check
+    # runs before any engine file is read ...
+    _plant_pickle(engine_file, marker)
+    sign_state(state, identity)
+    other_seed = _sft_flags(assets, out, cache, steps=2, extra=["--save_steps", "2", "--seed", "7"])
+    proc = run_ds(STEP1, other_seed + ["--resume"], num_ranks=0, env=env)
+    assert "--seed 1234 (now --seed 7)" in _one_error_line(proc)
+    assert not marker.exists(), "the engine state was read before the sample-order check"
+    # 3. ... and DeepSpeed's engine files are read weights-only.
+    proc = run_ds(STEP1, flags + ["--resume"], num_ranks=0, env=env)
+    assert "mp_rank_00_model_states.pt" in _one_error_line(proc)
+    assert not marker.exists(), "DeepSpeed's engine file was unpickled"
+
+
+def _fake_state(run: Path, step: int = 3) -> Path:
+    state = run / "checkpoints" / f"step-{step}"
+    (state / "model").mkdir(parents=True)
+    (state / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (state / "model/mp_rank_00_model_states.pt").write_bytes(b"weights")
+    return state
+
+
+def test_only_states_signed_with_your_key_and_unchanged_verify(tmp_path, monkeypatch):
+    from dschat.utils import checkpoint as ck
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "me"))
+    identity = {"stage": "step1", "engines": ["model"]}
+    run = tmp_path / "run"
+    state = _fake_state(run)
+    assert "no state_signature.json" in ck.verify_state(state)  # another user's, a copy, or an older version's
+    assert ck.find_latest_state(run, identity) is None
+    ck.sign_state(state, identity)
+    key = tmp_path / "me/dschat/state-signing.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert ck.verify_state(state, identity) is None and ck.find_latest_state(run, identity) == state
+    assert "not of" in ck.verify_state(state, {"stage": "step2", "engines": ["model"]})
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "someone-else"))  # another user's key
+    assert "does not verify with your key" in ck.verify_state(state)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "me"))
+
+    weights = state / "model/mp_rank_00_model_states.pt"
+    weights.write_bytes(b"planted")
+    assert "changed after it was written" in ck.verify_state(state)
+    weights.write_bytes(b"weights")
+    assert ck.verify_state(state) is None
+    (state / "extra.pt").write_bytes(b"x")
+    assert "differ from the signed ones" in ck.verify_state(state)
+    (state / "extra.pt").unlink()
+    (state / "link.pt").symlink_to(weights)
+    assert "not a regular file" in ck.verify_state(state)
+    (state / "link.pt").unlink()
+    signature = json.loads((state / ck.SIGNATURE_FILE).read_text())
+    signature["files"]["model/mp_rank_00_model_states.pt"] = "0" * 64  # a hash edited to match a planted file
+    (state / ck.SIGNATURE_FILE).write_text(json.dumps(signature))
+    assert "does not verify with your key" in ck.verify_state(state)
+
+    key.chmod(0o644)  # a key others can read could sign their planted states
+    with pytest.raises(UserError, match="only you can read"):
+        ck.signing_key()
+
+
+# --------------------------------------------------------------------------------------------- directories
+
+
+def test_output_dir_another_user_prepared_is_refused(tmp_path):
+    from dschat.utils.output_dir import prepare_output_dir, release_run_lock
+
+    shared = tmp_path / "run"
+    shared.mkdir()
+    shared.chmod(0o777)  # e.g. /tmp/run made by anyone
+    with pytest.raises(UserError, match=r"--output_dir .*writable by group or others.*chmod go-w"):
+        prepare_output_dir(shared)
+    assert list(shared.iterdir()) == []  # not even a lock file
+    if os.geteuid() == 0:  # only root can give a directory away
+        shared.chmod(0o755)
+        os.chown(shared, 65534, 65534)
+        with pytest.raises(UserError, match="not by you"):
+            prepare_output_dir(shared)
+    old = os.umask(0o002)  # a group-writable umask: the directory we create still is not
+    try:
+        created = prepare_output_dir(tmp_path / "new" / "run")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(created.stat().st_mode) & 0o022 == 0
+    release_run_lock(created)
+
+
+def test_appends_never_follow_a_planted_symlink_or_block_on_a_fifo(tmp_path):
+    from dschat.utils.safe_paths import open_append
+    from dschat.utils.trainer import MetricLogger
+    from mpo_ext.judge import VerdictCache
+
+    victim = tmp_path / "victim"
+    victim.write_text("secret\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(UserError, match="metrics.jsonl: is a symbolic link"):
+        MetricLogger(str(run), None, "t").log(1, "train", {"loss": 1.0}, echo=False)
+    (tmp_path / "judge_cache.jsonl").symlink_to(victim)
+    with pytest.raises(UserError, match="judge_cache.jsonl: is a symbolic link"):
+        VerdictCache(tmp_path / "judge_cache.jsonl")
+    assert victim.read_text() == "secret\n"
+    os.mkfifo(tmp_path / "fifo")  # open() for writing would block until someone reads
+    with pytest.raises(UserError, match="not a regular file"):
+        open_append(tmp_path / "fifo")
+
+
+def test_a_fresh_run_starts_a_new_metrics_file(tmp_path):
+    from dschat.utils.args import LoggingSettings
+    from dschat.utils.trainer import MetricLogger, ResumableRun
+
+    stale = '{"step": 7, "phase": "train", "loss": 9.0}\n'  # a killed run's last records
+    (tmp_path / "metrics.jsonl").write_text(stale)
+    run = ResumableRun()
+    run.settings = LoggingSettings(resume=False, output_dir=str(tmp_path))
+    run.logger = MetricLogger(str(tmp_path), None, "t")
+    run._maybe_resume()
+    run.logger.log(1, "train", {"loss": 1.0}, echo=False)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (tmp_path / "metrics.previous.jsonl").read_text() == stale
+
+
+def test_a_diverged_run_stops_without_publishing_a_model(assets, tmp_path, run_ds):
+    out = tmp_path / "run"
+    proc = run_ds(STEP1, _sft_flags(assets, out, tmp_path / "cache", steps=3, extra=["--learning_rate", "1e308"]),
+                  num_ranks=0)
+    line = _one_error_line(proc)
+    assert "training diverged" in line and "--learning_rate" in line
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
 
 
 # --------------------------------------------------------------------------------------------- process group
@@ -294,6 +440,7 @@ from dschat.utils.dist import init_distributed
 orphan = Path(sys.argv[1])
 init_distributed(-1)
 print("orphan_exists", orphan.exists())
+print("own_segment", Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{os.environ['MASTER_PORT']}_0").exists())
 links = []
 for fd in os.listdir("/proc/self/fd"):
     try:
@@ -309,19 +456,115 @@ for table in ("/proc/net/tcp", "/proc/net/tcp6"):
 """
 
 
-def test_single_process_listens_on_loopback_only_and_clears_orphaned_segments(tmp_path):
+def _stale_build_lock(root: Path) -> Path:
+    """torch's build lock for DeepSpeed's CPU comm op, as a build killed half way leaves it."""
+    lock = root / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    return lock
+
+
+def test_single_process_needs_no_comm_op_listens_on_loopback_only_and_clears_orphaned_segments(tmp_path):
+    """One rank builds, loads and maps nothing of DeepSpeed's CPU comm op: a stale build lock (which made every
+    run wait forever) is not even looked at, no compiler runs, and no /dev/shm segment is made."""
     from conftest import run_command
 
     if not Path("/proc/net/tcp").exists() or not Path("/dev/shm").is_dir():
         pytest.skip("needs Linux /proc and /dev/shm")
+    extensions = tmp_path / "torch_extensions"
+    lock = _stale_build_lock(extensions)
     orphan = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1_{os.getpid()}")
-    orphan.write_bytes(b"\0" * 4096)  # a segment whose process is gone: nobody maps it
+    orphan.write_bytes(b"\0" * 4096)  # a segment whose process is gone: nobody maps or holds it ...
+    os.utime(orphan, (time.time() - 3600,) * 2)  # ... and nobody wrote it for an hour
     try:
-        proc = run_command([sys.executable, "-c", PROBE, str(orphan)], timeout=600)
+        proc = run_command([sys.executable, "-c", PROBE, str(orphan)], timeout=300,
+                           env={"TORCH_EXTENSIONS_DIR": str(extensions)})
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "orphan_exists False" in proc.stdout
+        assert "orphan_exists False" in proc.stdout and "own_segment False" in proc.stdout, proc.stdout[-2000:]
         addresses = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("listening")]
         loopback = {"0100007F", "00000000000000000000000001000000"}
         assert all(a in loopback for a in addresses), f"listening beyond loopback: {addresses}"
+        assert sorted(p.name for p in lock.parent.iterdir()) == ["lock"]  # nothing built
     finally:
         orphan.unlink(missing_ok=True)
+
+
+def test_a_starting_run_never_removes_a_segment_another_run_is_creating(tmp_path):
+    """DeepSpeed creates its segment, fills it with write() and only then maps it; a run starting meanwhile
+    took it for an orphan and removed it, and the first run died with SIGSEGV. Held open = in use."""
+    from dschat.utils.dist import remove_orphaned_shm_segments
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("needs /dev/shm")
+    segment = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_2_{os.getpid()}")
+    try:
+        with open(segment, "wb") as being_created:  # open, not mapped, just written: another run's start-up
+            being_created.write(b"\0" * 4096)
+            being_created.flush()
+            assert segment not in remove_orphaned_shm_segments()
+            os.utime(segment, (time.time() - 3600,) * 2)
+            assert segment not in remove_orphaned_shm_segments() and segment.exists()  # open, however old
+        assert segment not in remove_orphaned_shm_segments(min_age_s=3600 * 24)  # closed, but written recently
+        assert segment in remove_orphaned_shm_segments() and not segment.exists()  # closed and old: an orphan
+    finally:
+        segment.unlink(missing_ok=True)
+
+
+LAUNCHED_PROBE = """
+from dschat.utils.errors import run_main
+
+
+def main():
+    import torch
+    import torch.distributed as dist
+
+    from dschat.utils.dist import init_distributed
+
+    init_distributed()
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    print("world", dist.get_world_size(), "sum", total.item(), flush=True)
+
+
+run_main(main)
+"""
+
+
+def test_a_stale_op_build_lock_is_one_line_not_a_silent_wait(tmp_path, run_ds):
+    """Two ranks on CPU do need DeepSpeed's comm op; a lock left by a killed build made every later run
+    sleep forever without a word. Now it is named, with the fix, before anything waits on it."""
+    lock = _stale_build_lock(tmp_path / "torch_extensions")
+    script = tmp_path / "probe.py"
+    script.write_text(LAUNCHED_PROBE)
+    proc = run_ds(script, [], num_ranks=2, timeout=600, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")})
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert str(lock) in errors[0] and f"rm {lock}" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_ops_build_once_per_environment_and_the_wait_is_named(tmp_path, capsys):
+    from conftest import run_command
+
+    from dschat.utils import op_build
+
+    show = "from dschat.utils.op_build import use_per_environment_build_dir as f; print(f())"
+    xdg = tmp_path / "xdg"
+    proc = run_command([sys.executable, "-c", show], env={"XDG_CACHE_HOME": str(xdg), "TORCH_EXTENSIONS_DIR": ""})
+    built_under = Path(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and built_under.parent == xdg / "dschat/torch_extensions", proc.stdout
+    assert built_under.name.startswith(f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-")
+    assert stat.S_IMODE(built_under.stat().st_mode) == 0o700
+    proc = run_command([sys.executable, "-c", show], env={"XDG_CACHE_HOME": str(xdg), "TORCH_EXTENSIONS_DIR": "/x"})
+    assert proc.stdout.strip().splitlines()[-1] == "/x"  # the user's own choice stands
+
+    op_build.check_build_lock(tmp_path / "fresh")  # nothing built yet: the wait is announced
+    assert "building DeepSpeed's CPU communication op once for this environment" in capsys.readouterr().out
+    built = tmp_path / "built" / "deepspeed_shm_comm"
+    built.mkdir(parents=True)
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+    op_build.check_build_lock(tmp_path / "built")
+    assert capsys.readouterr().out == ""
+    lock = built / "lock"
+    with open(lock, "w"):  # a live build holds its lock open: named and waited for
+        op_build.check_build_lock(tmp_path / "built")
+    assert f"waiting for pid {os.getpid()}" in capsys.readouterr().out

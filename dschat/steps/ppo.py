@@ -251,7 +251,6 @@ class PPOLoop(ResumableRun):
         return n
 
     def train(self) -> None:
-        self._write_run_info(final=False)
         try:
             with self.sigterm_saves_state():
                 self._maybe_resume()
@@ -270,6 +269,7 @@ class PPOLoop(ResumableRun):
         settings = self.settings
         exp_buffer = MiniDataset(settings.generation_batches, settings.per_device_training_batch_size)
         unsup_buffer = MiniDataset(settings.generation_batches, settings.per_device_training_batch_size)
+        run_info_written = False  # written after the first update: a run refused at its first batch leaves none
         while self.epoch < settings.num_train_epochs and not self._done():
             per_epoch = self._batches_per_epoch()
             start = self.step_in_epoch * settings.per_device_generation_batch_size
@@ -300,6 +300,9 @@ class PPOLoop(ResumableRun):
                 if unsup_batches is None:
                     unsup_batches = [None] * len(exp_batches)
                 self._train_round(exp_batches, unsup_batches)
+                if not run_info_written:
+                    self._write_run_info(final=False)
+                    run_info_written = True
                 bar.update(1)
                 self._maybe_evaluate()
                 self.after_step()

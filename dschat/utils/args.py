@@ -21,6 +21,7 @@ from dschat.rlhf.health import HealthThresholds, load_gold_reward
 from dschat.utils.data.raw_datasets import parse_column_map
 from dschat.utils.ds_utils import load_user_ds_config, resolve_dtype
 from dschat.utils.errors import UserError
+from dschat.utils.fingerprint import check_weight_files
 from dschat.utils.settings import (  # noqa: F401 - the settings machinery, re-exported for the flag modules
     OWN_DEFAULT,
     FlagParser,
@@ -38,13 +39,19 @@ SCHEDULER_CHOICES = (
 )
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range (it refuses negatives and 2**32 up); torch and random accept it too
+
+
 def check_path_exists(flag_name: str, path: str | None, kind: str = "path") -> None:
-    """A path that looks local (./x, /x, ~/x or a/b whose parent exists) must exist."""
+    """A path that looks local (./x, /x, ~/x or a/b whose parent exists) must exist; a model directory's
+    safetensors files must be whole (a truncated copy is one line naming the file, before anything loads)."""
     if path is None:
         return
     looks_local = path.startswith((".", "/", "~")) or os.sep in path and Path(path).parent.exists()
     if looks_local and not Path(path).expanduser().exists():
         raise UserError(f"{flag_name} {path}: {kind} does not exist; check the path")
+    if kind == "model directory":
+        check_weight_files(path, flag_name)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -221,8 +228,8 @@ class ScheduleSettings(Settings):
     gradient_accumulation_steps: int = flag(1, "Micro-steps per optimizer step.")
     lr_scheduler_type: str = flag("cosine", "Learning-rate schedule (transformers' get_scheduler).",
                                   choices=SCHEDULER_CHOICES)
-    num_warmup_steps: int = flag(0, "Warm-up optimizer steps.")
-    max_steps: int = flag(0, "Stop after this many optimizer steps (0: run all epochs).")
+    num_warmup_steps: int = flag(0, "Warm-up optimizer steps.", low=0)
+    max_steps: int = flag(0, "Stop after this many optimizer steps (0: run all epochs).", low=0)
 
     def _check(self) -> None:
         check_positive(self, "gradient_accumulation_steps")
@@ -314,7 +321,7 @@ class LoggingSettings(Settings):
     flag_group = "logging and checkpoints"
 
     output_dir: str | None = flag(None, "Where to save; nothing is saved if omitted.")
-    seed: int | None = flag(1234, "Seed of the data split, shuffling and initialisation.")
+    seed: int | None = flag(1234, "Seed of the data split, shuffling and initialisation.", low=0, high=SEED_MAX)
     enable_tensorboard: bool = flag(False, "TensorBoard scalars (upstream's flag: --report_to tensorboard plus "
                                            "DeepSpeed's own monitor).")
     tensorboard_path: str = flag("tensorboard", "Directory for TensorBoard logs.")
@@ -322,8 +329,9 @@ class LoggingSettings(Settings):
         ["none"], "Experiment trackers for the metrics (metrics.jsonl is always written): tensorboard (under "
                   "--tensorboard_path), wandb (pip install 'dschat-mpo[wandb]'; WANDB_PROJECT, WANDB_MODE=offline "
                   "etc. as wandb reads them), or none.", nargs="+", choices=REPORT_TO_CHOICES)
-    log_interval: int = flag(10, "Optimizer steps between log lines.")
-    save_steps: int = flag(0, "Write a full resumable training state every N optimizer steps (and each epoch end).")
+    log_interval: int = flag(10, "Optimizer steps between log lines.", low=1)
+    save_steps: int = flag(0, "Write a full resumable training state every N optimizer steps (and each epoch end).",
+                           low=0)
     push_to_hub: bool = flag(False, "Upload the final model (with its README.md model card) to the Hugging Face "
                                     "hub (token from HF_TOKEN or huggingface-cli login).")
     hub_model_id: str | None = flag(None, "Hub repository for --push_to_hub (default: the --output_dir folder "
@@ -373,8 +381,9 @@ class EvalIntervalSettings(Settings):
 
     flag_group = "evaluation"
 
-    eval_interval: int = flag(0, "Evaluate every N optimizer steps (0: only before training and after each epoch).")
-    eval_iters: int = flag(100, "At most this many eval batches.")
+    eval_interval: int = flag(0, "Evaluate every N optimizer steps (0: only before training and after each epoch).",
+                              low=0)
+    eval_iters: int = flag(100, "At most this many eval batches.", low=0)
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -456,7 +465,9 @@ class HeldOutSettings(Settings):
                                  "held-out score (0: none).")
     gold_reward: str | None = flag(None, "MODULE:FUNCTION(prompt, answer) -> float, a known true reward also "
                                          "reported at each evaluation (e.g. mpo_ext.synthetic:gold_reward on the "
-                                         "embedded task).")
+                                         "embedded task). The module is imported and the function called: it runs "
+                                         "that code, so name only code you trust (also the gold_reward key of a "
+                                         "pipeline config).")
     keep_best: bool = flag(False, "Make the saved result the evaluated step with the best held-out score instead "
                                   "of the last step; best.json beside it records which step was kept and why.")
     best_metric: str = flag("reward", "Held-out score that decides the best step: the reward model's mean, or the "

@@ -3,7 +3,9 @@
 Owns joining the process group (`init_distributed`), the rank helpers every module uses (`get_rank`,
 `is_rank_0`, `barrier`), the one home of collectives (`all_reduce`, `all_gather`, `all_gather_objects`,
 `broadcast_object`, `any_rank_true`: identity in one process), the accelerator handle and the clean-up of
-DeepSpeed's CPU shared-memory segments. Imports torch and `dschat.utils.startup` only: it sits under every other module.
+DeepSpeed's CPU shared-memory segments. A one-process CPU run neither builds nor loads DeepSpeed's comm op;
+a multi-rank one builds it once per environment (`dschat.utils.op_build`). Imports torch and
+`dschat.utils.{startup,op_build,errors,safe_paths}` only: it sits under every other module.
 DeepSpeed is imported on first use, because the light commands (`mpo --help`, the pipeline driver,
 output-directory checks) import this module and never need it.
 """
@@ -14,13 +16,16 @@ import atexit
 import contextlib
 import os
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from dschat.utils import startup
+from dschat.utils import op_build, startup
+from dschat.utils.errors import EXIT_USER_ERROR, UserError
+from dschat.utils.safe_paths import processes_using
 
 
 def _free_port() -> int:
@@ -69,7 +74,10 @@ def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
     if not dist.is_initialized():
         accelerator = get_accelerator()
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if accelerator.device_name() == "cpu":
+        cpu = accelerator.device_name() == "cpu"
+        one_rank = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        build_root = op_build.use_per_environment_build_dir()
+        if cpu:
             remove_orphaned_shm_segments()
         timeout = timedelta(minutes=timeout_minutes)
         if single_process:
@@ -78,12 +86,30 @@ def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
             dist.init_process_group(backend=accelerator.communication_backend_name(), store=dist.HashStore(),
                                     rank=0, world_size=1, timeout=timeout)
-        deepspeed.init_distributed(timeout=timeout)
-        if accelerator.device_name() == "cpu":
+        if cpu and one_rank:
+            # One rank reduces with nobody: no comm op, no C++ build, no /dev/shm segment.
+            with op_build.without_cpu_comm_op(accelerator):
+                deepspeed.init_distributed(timeout=timeout)
+        else:
+            if cpu:
+                _check_build_lock_on_every_rank(build_root)
+            deepspeed.init_distributed(timeout=timeout)
+        if cpu and not one_rank:
             # DeepSpeed's CPU shm allreduce never unlinks its ~64 MB /dev/shm segment; /dev/shm is RAM, so
             # every finished run would leak memory until the machine runs out.
             atexit.register(release_shm_segment)
     return dist.get_rank()
+
+
+def _check_build_lock_on_every_rank(build_root: Path) -> None:
+    """Every rank would wait on a stale build lock: local rank 0 says so in one line, the others just stop."""
+    speaker = get_local_rank() == 0
+    try:
+        op_build.check_build_lock(build_root, announce=speaker)
+    except UserError:
+        if speaker:
+            raise
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def release_shm_segment() -> None:
@@ -97,30 +123,28 @@ def _loopback_interface() -> str:
     return "lo" if "lo" in names or not names else names[0]
 
 
-def _segment_owners(path: Path) -> set[int]:
-    """Pids of processes that have `path` open or mapped (via /proc; our own processes are visible)."""
-    owners = set()
-    target = str(path)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if target in (proc / "maps").read_text(errors="replace"):
-                owners.add(int(proc.name))
-    return owners
+SHM_ORPHAN_MIN_AGE_S = 60.0
 
 
-def remove_orphaned_shm_segments() -> list[Path]:
-    """Remove our uid's DeepSpeed shm segments that no live process maps (left by SIGKILLed runs).
+def remove_orphaned_shm_segments(min_age_s: float = SHM_ORPHAN_MIN_AGE_S) -> list[Path]:
+    """Remove our uid's DeepSpeed shm segments that no live process maps or holds open and that nobody wrote
+    for `min_age_s` (left by SIGKILLed runs).
 
-    Where /proc cannot be read, nothing is removed.
+    A run starting beside another must never take the other's segment: removing it between its creation
+    and its mapping made DeepSpeed map nothing and the other run die with SIGSEGV. Where /proc cannot be
+    read, nothing is removed.
     """
     if not (SHM_DIR.is_dir() and Path("/proc/self/maps").exists()):
         return []
     removed = []
+    now = time.time()
     for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
         with contextlib.suppress(OSError):
-            if path.stat().st_uid == os.getuid() and not _segment_owners(path):
+            info = path.stat()
+            # Open counts as much as mapped: DeepSpeed creates a segment (shm_open), fills it with write() and
+            # only then maps it, so during start-up its creator holds it open without a mapping.
+            if info.st_uid == os.getuid() and now - info.st_mtime >= min_age_s \
+                    and not processes_using(path, mapped=True):
                 path.unlink()
                 removed.append(path)
     return removed

@@ -137,8 +137,16 @@ FLAG_CONTROLLED_KEYS = {
     "zero_optimization.offload_optimizer.device": "--offload",
     "fp16.enabled": "--dtype",
     "bf16.enabled": "--dtype",
+    "torch_autocast.enabled": "--dtype (this project does not train under torch autocast)",
+    "amp.enabled": "--dtype (apex AMP is not used)",
     "hybrid_engine.enabled": "--enable_hybrid_engine",
 }
+# Sections holding flag-controlled keys: the file must give each as a JSON object (or "auto"), as DeepSpeed
+# expects; `"fp16": true` or `"zero_optimization": 2` would otherwise replace our section and fail inside it.
+SECTIONS = ("zero_optimization", "zero_optimization.offload_param", "zero_optimization.offload_optimizer", "fp16",
+            "bf16", "torch_autocast", "amp", "hybrid_engine")
+# DeepSpeed reads "bfloat16" when "bf16" is absent (its old name).
+SECTION_ALIASES = {"bfloat16": "bf16"}
 
 
 def load_user_ds_config(path: str) -> dict:
@@ -148,10 +156,11 @@ def load_user_ds_config(path: str) -> dict:
             config = json.load(fh)
     except OSError as err:
         raise UserError(f"--deepspeed_config {path}: cannot read it ({err.strerror or err}); check the path") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise UserError(f"--deepspeed_config {path}: not valid JSON ({err}); fix the file") from err
     if not isinstance(config, dict):
         raise UserError(f"--deepspeed_config {path}: expected a JSON object with DeepSpeed's config keys")
+    check_user_ds_config(config, path)  # a malformed section: one line at parse time, before any model loads
     return config
 
 
@@ -164,10 +173,42 @@ def _leaf(config: dict, dotted: str, default=None):
     return node
 
 
+def _precision(config: dict) -> str:
+    """The precision DeepSpeed will train in under `config` (its own reading order, aliases included)."""
+    if _leaf(config, "fp16.enabled") is True:
+        return "fp16"
+    bf16 = config.get("bf16", config.get("bfloat16"))
+    if isinstance(bf16, dict) and bf16.get("enabled") is True:
+        return "bf16"
+    if _leaf(config, "torch_autocast.enabled") is True or _leaf(config, "amp.enabled") is True:
+        return "autocast"
+    return "fp32"
+
+
+def check_user_ds_config(user: dict, source: str) -> dict:
+    """The user's config with DeepSpeed's old section names under their current ones, or one line when a
+    section the flags control is not a JSON object."""
+    user = dict(user)
+    for old, new in SECTION_ALIASES.items():
+        if old in user:
+            if new in user and user[new] != user[old]:
+                raise UserError(f"--deepspeed_config {source}: has both {new!r} and its old name {old!r} with "
+                                f"different values; keep only {new!r}")
+            user[new] = user.pop(old)
+    for dotted in SECTIONS:
+        value = _leaf(user, dotted)
+        if value is not None and value != "auto" and not isinstance(value, dict):
+            raise UserError(f"--deepspeed_config {source}: {dotted} must be a JSON object (e.g. {{\"enabled\": "
+                            f"false}} or {{\"stage\": 2}}), not {json.dumps(value)}; fix the file")
+    return user
+
+
 def merge_ds_config(built: dict, user: dict, source: str) -> dict:
     """`user` merged over `built`: the file's keys replace our built-in defaults and add sections of its own
     (e.g. gradient_clipping, bucket sizes, the flops profiler); keys the flags control must agree with them
-    (one line naming the key and the flag otherwise). "auto" values defer to the flags."""
+    (one line naming the key and the flag otherwise). "auto" values defer to the flags. The merged config
+    must train in the precision the flags chose, whatever the file calls its sections."""
+    user = check_user_ds_config(user, source)
     for dotted, flag in FLAG_CONTROLLED_KEYS.items():
         wanted = _leaf(user, dotted)
         if wanted is None or wanted == "auto":
@@ -185,4 +226,8 @@ def merge_ds_config(built: dict, user: dict, source: str) -> dict:
             out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
         return out
 
-    return merge(built, user)
+    merged = merge(built, user)
+    if _precision(merged) != _precision(built):
+        raise UserError(f"--deepspeed_config {source}: makes DeepSpeed train in {_precision(merged)} while --dtype "
+                        f"gives {_precision(built)}; set the precision with --dtype only")
+    return merged

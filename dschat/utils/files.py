@@ -63,7 +63,8 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def jsonl_lines(text: str) -> Iterator[tuple[int, str, Any]]:
-    """(line number, line, parsed value or the `json.JSONDecodeError`) of every non-blank line."""
+    """(line number, line, parsed value or the `json.JSONDecodeError`) of every non-blank line. A line nested
+    too deep for the parser (`[[[[...`, a RecursionError) is a JSONDecodeError like any unreadable line."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -71,6 +72,8 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str, Any]]:
             yield number, line, json.loads(line)
         except json.JSONDecodeError as err:
             yield number, line, err
+        except RecursionError:
+            yield number, line, json.JSONDecodeError("nested too deep to read", line, 0)
 
 
 def parse_jsonl(text: str, source: str | os.PathLike, *, skip_unreadable: bool = False,

@@ -9,12 +9,14 @@ Every stage that takes an `--output_dir` calls `prepare_output_dir` first and sa
   stale and taken over); the second refuses with one line.
 - Mount points and symlinks to other disks: new outputs are staged inside the target itself, so every
   rename stays on the target's filesystem, and a symlinked output directory stays a symlink.
-- Cache directories another local user could plant files in: refused unless owned by us and not
-  group/world-writable; created 0700.
+- Directories another local user could plant files in (a run directory prepared in /tmp): an output
+  directory must be owned by us and not writable by group or others (`dschat.utils.safe_paths.
+  check_dir_is_yours`, the one test of "is this directory safely mine", shared with caches and the
+  pipeline root); output directories we create get no group/other write bit whatever the umask.
 
 Owns the one output-directory helper (`prepare_output_dir`), the run lock and staged publishing
-(`staged_output`, `publish_staged`). Imports the standard library and `dschat.utils.{dist,errors}` only,
-so every module, the light `mpo` commands included, can use it.
+(`staged_output`, `publish_staged`). Imports the standard library and `dschat.utils.{dist,errors,safe_paths}`
+only, so every module, the light `mpo` commands included, can use it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from pathlib import Path
 
 from dschat.utils.dist import any_rank_true, is_rank_0
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
+from dschat.utils.safe_paths import (  # noqa: F401 - ensure_private_dir: its older home, still importable here
+    check_dir_is_yours,
+    current_umask,
+    default_file_mode,
+    ensure_private_dir,
+)
 
 LOCK_FILE = ".dschat-run.lock"
 STAGING_PREFIX = ".staging-"
@@ -41,17 +49,6 @@ _held_locks: dict[Path, int] = {}  # resolved directory -> fd holding its flock
 
 
 # --------------------------------------------------------------------------------------------- modes
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def default_file_mode() -> int:
-    """0644 under the usual umask 022: what `open()` would give a new file."""
-    return 0o666 & ~current_umask()
 
 
 def default_dir_mode() -> int:
@@ -96,6 +93,8 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Pat
     if target.is_symlink() and not target.exists():
         raise UserError(f"{flag} {path}: is a symlink to a missing directory ({os.readlink(target)}); create the "
                         f"target or choose another {flag}")
+    if target.exists():
+        check_dir_is_yours(target, flag)
     existing = target
     while not existing.exists():
         existing = existing.parent
@@ -180,6 +179,16 @@ def release_run_lock(directory: str | os.PathLike) -> None:
     os.close(fd)
 
 
+def make_dir_yours(path: Path) -> None:
+    """Create `path` (and missing parents) without group/other write on it, whatever the umask: a
+    directory created group-writable (umask 002) would be refused by `check_dir_is_yours`."""
+    if not path.exists():
+        path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # a symlink whose target appeared meanwhile stays as is
+            if not path.is_symlink() and os.stat(path).st_uid == os.geteuid():
+                os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & ~0o022)
+
+
 def prepare_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir", lock: bool = True) -> Path | None:
     """Check, create and lock a run's output directory; call before loading models.
 
@@ -194,7 +203,8 @@ def prepare_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir
     error = None
     if is_rank_0():
         try:
-            target.mkdir(parents=True, exist_ok=True)
+            make_dir_yours(target)
+            check_dir_is_yours(target, flag)  # also when another user created it since the check above
             if lock:
                 acquire_run_lock(target, flag)
                 for leftover in target.glob(f"{STAGING_PREFIX}*"):
@@ -274,27 +284,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------- private dirs
-
-
-def ensure_private_dir(path: str | os.PathLike, flag: str, mode: int = 0o700) -> Path:
-    """A directory only we can write (caches we later load, run roots we resume from): created with `mode`
-    (0700 by default); refused when another user owns it or group/others may write it, since anything
-    planted there would be trusted."""
-    directory = Path(path).expanduser()
-    try:
-        directory.mkdir(mode=mode, parents=True, exist_ok=True)
-        info = os.stat(directory)
-    except OSError as err:
-        raise UserError(f"{flag} {path}: cannot create it ({err.strerror}); choose a writable directory") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise UserError(f"{flag} {path}: exists and is not a directory; choose another {flag}")
-    if info.st_uid != os.geteuid():
-        raise UserError(f"{flag} {path}: owned by uid {info.st_uid}, not by you (uid {os.geteuid()}); files "
-                        f"another user can plant there would be loaded: use a directory of your own")
-    if info.st_mode & 0o022:
-        raise UserError(f"{flag} {path}: writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
-                        f"run `chmod go-w {path}` or use a directory of your own")
-    return directory

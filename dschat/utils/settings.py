@@ -138,6 +138,13 @@ def _unwrap(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
+def _number_text(value: float | None) -> str | None:
+    """A range bound as text: an int in full (a seed's 4294967295), a float short (0.5, 1e-08)."""
+    if value is None:
+        return None
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _converter(kind: type):
     return finite_float if kind is float else kind
 
@@ -210,14 +217,14 @@ class FlagSpec:
 
     def range_text(self) -> str | None:
         """The accepted values as text (">= 0", "in (0, 1]"), None when the flag has no range."""
-        low, high, meta = self.meta["low"], self.meta["high"], self.meta
+        low, high, meta = _number_text(self.meta["low"]), _number_text(self.meta["high"]), self.meta
         if low is None and high is None:
             return None
         if high is None:
-            return f"{'>' if meta['low_open'] else '>='} {low:g}"
+            return f"{'>' if meta['low_open'] else '>='} {low}"
         if low is None:
-            return f"{'<' if meta['high_open'] else '<='} {high:g}"
-        return f"in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+            return f"{'<' if meta['high_open'] else '<='} {high}"
+        return f"in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
 
     def in_range(self, value: Any) -> bool:
         low, high, meta = self.meta["low"], self.meta["high"], self.meta

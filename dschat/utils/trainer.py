@@ -27,7 +27,9 @@ from dschat.utils.checkpoint import (
     find_latest_state,
     load_training_state,
     maybe_inject_kill,
+    read_trainer_state,
     save_training_state,
+    state_identity,
 )
 from dschat.utils.device import to_device
 from dschat.utils.dist import (
@@ -44,6 +46,7 @@ from dschat.utils.files import atomic_write_text, jsonl_lines
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.printing import print_rank_0
 from dschat.utils.progress_records import progress_record, start_record
+from dschat.utils.safe_paths import open_append
 
 # --------------------------------------------------------------------------------------------- sampling
 
@@ -181,6 +184,15 @@ class MetricLogger:
         return cls(settings.output_dir, settings.tensorboard_path if "tensorboard" in chosen else None, name,
                    wandb_config=settings.record() if "wandb" in chosen else None)
 
+    def start_fresh(self) -> None:
+        """A run that does not resume starts a new metrics file: an earlier run's records (a killed run's
+        steps) are moved aside to `metrics.previous.jsonl` (replacing an older one), never appended to."""
+        if not (self.rank0 and self.path) or not os.path.lexists(self.path):
+            return
+        previous = self.path.with_name("metrics.previous.jsonl")
+        os.replace(self.path, previous)
+        print(f"note: {self.path} held an earlier run's metrics; moved to {previous.name}", flush=True)
+
     def truncate_after(self, step: int) -> None:
         """Drop records logged after a resumed state, so the file reads like one uninterrupted run.
 
@@ -202,7 +214,7 @@ class MetricLogger:
     def _append(self, record: dict) -> None:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
+            with open_append(self.path) as fh:
                 fh.write(json.dumps(record) + "\n")
 
     def start(self, step: int, total_steps: int, unit: str = "steps", **fields) -> None:
@@ -257,6 +269,27 @@ def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DIVERGED_FIX = ("no model was saved; lower --learning_rate (or raise --num_warmup_steps), check the data for "
+                "broken rows, or resume from an earlier state with --resume")
+
+
+def check_finite_loss(loss: float, step: int, lr: float) -> None:
+    """Stop a diverged run (the same value on every rank: the loss is averaged over them) before it saves a
+    model full of NaN. Called at every logged step; the last step is always logged."""
+    if not math.isfinite(loss):
+        raise UserError(f"training diverged: the training loss is {loss} at optimizer step {step} (learning rate "
+                        f"{lr:g}); {DIVERGED_FIX}")
+
+
+def check_finite_weights(module: torch.nn.Module, step: int) -> None:
+    """Every rank checks its own weights (its ZeRO-3 partition), all stop together, before the model is saved."""
+    bad = next((name for name, param in module.named_parameters()
+                if not torch.isfinite(getattr(param, "ds_tensor", param.data)).all()), None)
+    if any_rank_true(bad is not None):
+        raise UserError(f"training diverged: the weights hold NaN or inf after optimizer step {step}"
+                        f"{f' ({bad})' if bad else ''}; {DIVERGED_FIX}")
+
+
 def check_data_order(saved: dict | None, current: dict, state_dir) -> None:
     """One clear error when a state is resumed under settings that change the sample order.
 
@@ -327,16 +360,25 @@ class ResumableRun:
         order["gradient_accumulation_steps"] = self.settings.gradient_accumulation_steps
         return order
 
+    def state_identity(self) -> dict:
+        """What this run's states are states of (signed into each; a state of another stage is not resumed)."""
+        return state_identity(self.name, self.engines())
+
     def _maybe_resume(self) -> None:
+        """Resume from the newest state this user's runs wrote (verified before anything of it is loaded);
+        the cheap checks (sample order) run before the engine files are read. A run that does not resume
+        starts a new metrics file."""
         if not self.settings.resume:
+            self.logger.start_fresh()
             return
-        state_dir = find_latest_state(self.settings.output_dir)
+        state_dir = find_latest_state(self.settings.output_dir, self.state_identity())
         if state_dir is None:
-            print_rank_0(f"--resume: no complete training state under {self.settings.output_dir}/checkpoints; "
+            print_rank_0(f"--resume: no resumable training state under {self.settings.output_dir}/checkpoints; "
                          "starting from scratch")
+            self.logger.start_fresh()
             return
+        check_data_order(read_trainer_state(state_dir).get("data_order"), self.data_order(), state_dir)
         state, per_rank = load_training_state(state_dir, self.engines())
-        check_data_order(state.get("data_order"), self.data_order(), state_dir)
         self.load_rank_state(per_rank)
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
@@ -352,7 +394,8 @@ class ResumableRun:
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "extra": self.extra_state(),
                  "data_order": self.data_order()}
         path = save_training_state(self.settings.output_dir, self.global_step, self.engines(), state,
-                                   save_total_limit=self.settings.save_total_limit, rank_state=self.rank_state())
+                                   save_total_limit=self.settings.save_total_limit, rank_state=self.rank_state(),
+                                   identity=self.state_identity())
         print_rank_0(f"Saved training state to {path}")
 
     def _on_stop_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal API
@@ -458,6 +501,7 @@ class Trainer(ResumableRun):
             if self.global_step == 0 and self.step_in_epoch == 0:
                 self._log_eval()
             self._run_epochs(total)
+            check_finite_weights(self.engine.module, self.global_step)
         self.logger.close()
 
     def _run_epochs(self, total: int) -> None:
@@ -500,6 +544,11 @@ class Trainer(ResumableRun):
                     logged["tokens_per_second"] = float(tokens) * get_world_size() / elapsed
                     logged["epoch"] = self.epoch + self.step_in_epoch / max(1, len(self.train_loader))
                     self.logger.log(self.global_step, "train", logged, echo=False)
+                    try:
+                        check_finite_loss(logged["loss"], self.global_step, logged["lr"])
+                    except UserError:
+                        bar.close()  # end the progress line: the error gets a line of its own
+                        raise
                     bar.set_postfix(loss=f"{logged['loss']:.4f}")
                     sums.clear()
                     micro_count, samples, tokens, window_start = 0, 0, torch.zeros((), device=self.device), time.time()

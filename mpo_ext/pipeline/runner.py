@@ -31,7 +31,8 @@ import mpo_ext
 from dschat.rlhf.health import COLLAPSE_EXIT_CODE, HEALTH_FILE
 from dschat.utils.checkpoint import find_latest_state
 from dschat.utils.errors import UserError
-from dschat.utils.output_dir import LOCK_FILE, ensure_private_dir, held_run_lock
+from dschat.utils.output_dir import LOCK_FILE, held_run_lock
+from dschat.utils.safe_paths import ensure_private_dir, open_append
 from dschat.utils.utils import atomic_write_json
 from dschat.utils.warm_start import launch as warm_launch
 from dschat.utils.warm_start import module_command as warm_start_module
@@ -101,7 +102,8 @@ def print_dry_run(plan: Sequence[Stage], steps: Sequence[str]) -> None:
 
 def prepare_root(out: Path) -> None:
     """The run root must be ours alone, as the data cache must: its stages resume from the states found in
-    it, so a root another user owns or that group/others may write is refused (created 0755 if missing)."""
+    it, so a root another user owns or that group/others may write is refused (created 0755 if missing;
+    `safe_paths.check_dir_is_yours`, the one such check, as for output directories and caches)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out}: is a file, not a directory; choose another --output_dir")
     ensure_private_dir(out, "--output_dir", mode=0o755)
@@ -329,7 +331,7 @@ def run_stage(command: list[str], log_path: Path, cwd: Path, interval: float, co
     every `interval` seconds. On Ctrl-C (which the terminal sends to the stage too) or SIGTERM (forwarded
     to it), wait for the stage to save its state and exit, then raise `Interrupted`."""
     lines: queue.Queue = queue.Queue()
-    with open(log_path, "a", encoding="utf-8", buffering=1) as log:
+    with open_append(log_path, buffering=1) as log:
         log.write(f"$ {shlex.join(command)}\n")
         proc = start_stage(command, cwd, warm_start)
         reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True)

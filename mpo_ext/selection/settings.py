@@ -169,7 +169,7 @@ class SelectionOutputSettings(flags.Settings):
     enable_hybrid_engine: bool = flag(False, "Generate with the DeepSpeed Hybrid Engine where it works (GPU, "
                                              "supported model).")
     output_dir: str = flag(help="Where easy.jsonl, hard.jsonl, manifest.json, the plots and shards/ go (required).")
-    seed: int = flag(1234, "Seed of the data split and of the sampling.")
+    seed: int = same_flag(flags.LoggingSettings, "seed", help="Seed of the data split and of the sampling.")
 
     def _check(self) -> None:
         flags.check_positive(self, "per_device_eval_batch_size", "shard_size")

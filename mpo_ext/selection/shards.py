@@ -98,6 +98,14 @@ def prepare_shard_dir(output_dir: Path, fingerprint: dict, rebuild: bool) -> Non
     atomic_write_json(config, fingerprint)
 
 
+def discard_empty_shard_dir(output_dir: Path) -> None:
+    """Remove `shards/` (its fingerprint) when the run that created it wrote no shard: a failed first run
+    leaves no trace."""
+    root = output_dir / SHARD_DIR
+    if root.is_dir() and not any(root.glob("shard-*.jsonl")):
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def read_shards(output_dir: Path, num_shards: int) -> list[dict]:
     records: list[dict] = []
     for shard_id in range(num_shards):

@@ -52,6 +52,7 @@ from mpo_ext.selection.settings import PAIR_RULE, SelectionSettings
 from mpo_ext.selection.shards import (
     ShardWorker,
     assign_shards,
+    discard_empty_shard_dir,
     prepare_shard_dir,
     read_shards,
     shard_fingerprint,
@@ -258,7 +259,12 @@ def run(settings: SelectionSettings) -> dict | None:
                              lockstep=settings.zero_stage == 3 and world > 1)
         assignments = [assign_shards(pending, r, world) for r in range(world)]
         start = time.time()
-        done = run_shards(settings, worker, shards, assignments[rank], assignments, output_dir)
+        try:
+            done = run_shards(settings, worker, shards, assignments[rank], assignments, output_dir)
+        except UserError:  # e.g. a reward model giving NaN at its first batch: leave nothing behind
+            if is_rank_0() and not done_before:
+                discard_empty_shard_dir(output_dir)
+            raise
         elapsed = time.time() - start
         worker_stats = {"prompts_this_run": sum(len(shards[s]) for s in pending),
                         "seconds": round(elapsed, 2),

@@ -26,7 +26,7 @@ import torch
 from dschat.utils.data import raw_datasets
 from dschat.utils.errors import UserError
 from dschat.utils.files import atomic_write_bytes, atomic_write_text
-from dschat.utils.output_dir import ensure_private_dir
+from dschat.utils.safe_paths import ensure_private_dir
 
 try:
     import fcntl

@@ -24,6 +24,7 @@ from typing import Any
 
 from dschat.utils.errors import UserError
 from dschat.utils.files import parse_jsonl
+from dschat.utils.limits import template_render_budget, time_budget
 
 Sample = Mapping[str, Any]
 Splits = Mapping[str, Any]
@@ -146,7 +147,7 @@ def _read_json_records(path: Path) -> list[dict]:
     if stripped.startswith("["):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deep to read
             raise UserError(f"{path}: invalid JSON ({err}); expected a JSON array or JSON lines") from err
         return list(data)
     return parse_jsonl(text, path, hint="; expected JSON lines or a JSON array")
@@ -953,8 +954,11 @@ class ChatRenderer:
         return self.tokenizer is not None
 
     def _template(self, messages: Sequence[Mapping[str, Any]], generation_prompt: bool) -> str:
-        text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+        with time_budget(template_render_budget(), "rendering one conversation with the tokenizer's chat template",
+                         "the template loops far too long (nested range() loops?); fix or remove the "
+                         "tokenizer's chat_template"):
+            text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
         if self.strip_bos and text.startswith(self.strip_bos):
             text = text[len(self.strip_bos):]
         return text
