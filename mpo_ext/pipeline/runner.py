@@ -31,9 +31,9 @@ import mpo_ext
 from dschat.rlhf.health import COLLAPSE_EXIT_CODE, HEALTH_FILE
 from dschat.utils.checkpoint import find_latest_state
 from dschat.utils.errors import UserError
+from dschat.utils.files import atomic_write_json
 from dschat.utils.output_dir import LOCK_FILE, held_run_lock
 from dschat.utils.safe_paths import ensure_private_dir, open_append
-from dschat.utils.utils import atomic_write_json
 from dschat.utils.warm_start import launch as warm_launch
 from dschat.utils.warm_start import module_command as warm_start_module
 from mpo_ext.pipeline.config import PipelineConfig
