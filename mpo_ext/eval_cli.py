@@ -84,6 +84,10 @@ def _generation_options(func: Callable) -> Callable:
         click.option("--data_keys", type=str, default=None,
                      help="Column mapping for local files and hub datasets, NAME=COLUMN comma-separated "
                           "(e.g. prompt=question), as in the training stages."),
+        click.option("--chat_format", type=click.Choice(flags.CHAT_FORMATS), default="auto", show_default=True,
+                     help="Which prompts go through the first model's chat template, as in the training stages "
+                          "(auto: conversational data and HH dialogues; template: DeepSpeed-Chat's named datasets "
+                          "too; raw: none)."),
         click.option("--num_prompts", type=click.IntRange(min=1), default=None,
                      help="Evaluate a seeded random subset of this many prompts (default: all)."),
         click.option("--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True,
@@ -150,7 +154,7 @@ def _run_evaluation(models: list[tuple[str, str]], output_dir: str, opts: dict) 
                     device=opts["device"], dtype=opts["dtype"], max_seq_len=opts["max_seq_len"], gold=opts["gold"],
                     num_resamples=opts["num_bootstrap"], confidence=opts["confidence"],
                     data_output_path=opts["data_output_path"], reward_end_text=opts["reward_end_text"],
-                    column_map=parse_column_map(opts["data_keys"]))
+                    column_map=parse_column_map(opts["data_keys"]), chat_format=opts["chat_format"])
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -82,7 +82,8 @@ def prepare(args):
     prompts, held_out = create_prompt_dataset(
         get_local_rank(), args.data_path, args.data_split, args.data_output_path, 3, args.seed, tokenizer,
         args.max_prompt_seq_len, end_of_conversation_token=end_of_text(args, tokenizer),
-        rebuild=args.rebuild_data_cache, column_map=flags.column_map(args),
+        rebuild=args.rebuild_data_cache, column_map=flags.column_map(args), chat_format=args.chat_format,
+        keep_truncated=args.keep_truncated,
     )
     if len(prompts) == 0:
         raise UserError(f"--data_path {' '.join(args.data_path)}: no prompts of at most --max_prompt_seq_len "

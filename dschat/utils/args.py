@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dschat.utils.data.raw_datasets import parse_column_map
+from dschat.utils.data.raw_datasets import CHAT_FORMATS, parse_column_map
 from dschat.utils.ds_utils import load_user_ds_config
 from dschat.utils.errors import UserError
 
@@ -128,6 +128,20 @@ def add_data_args(parser, *, sft_only: bool = False,
     group.add_argument("--end_of_conversation_token", type=str, default=None,
                        help="Text appended to every training sample (default: the tokenizer's eos token, "
                             "the same ending for SFT, RM and PPO)." + OWN_DEFAULT)
+    group.add_argument("--chat_format", choices=CHAT_FORMATS, default="auto",
+                       help="Which texts go through the tokenizer's chat template (when it has one): auto: "
+                            "conversational data and HH-RLHF dialogues (Anthropic/hh-rlhf, local {chosen, rejected} "
+                            "dialogue files), while DeepSpeed-Chat's named datasets (Dahoas/rm-static, ...) keep "
+                            "upstream's text; template: those too; raw: none (HH dialogues as written, "
+                            "conversations as HH turns). Local files of plain prompt/chosen/rejected strings (e.g. "
+                            "selection's easy/hard pairs) are used as written. Selection and evaluation render "
+                            "prompts the same way.")
+    group.add_argument("--keep_truncated", action="store_true",
+                       help="Keep what the length limits cut: rows whose answer --max_seq_len cuts away entirely, "
+                            "pairs where it does so to either side or leaves both sides identical (kept as "
+                            "upstream did), and prompts longer than --max_prompt_seq_len (step 3 and selection: "
+                            "cut to their last tokens). By default they are dropped; either way they are counted "
+                            "(console, metrics.jsonl, model card, selection manifest).")
 
 
 def add_model_args(parser, *, required: bool = True) -> None:

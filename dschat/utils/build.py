@@ -176,7 +176,7 @@ def stage_datasets(args, tokenizer, phase: int, **extra):
     return create_prompt_dataset(
         get_local_rank(), args.data_path, args.data_split, args.data_output_path, phase, args.seed, tokenizer,
         args.max_seq_len, end_of_conversation_token=end_of_text(args, tokenizer), rebuild=args.rebuild_data_cache,
-        column_map=flags.column_map(args), **extra,
+        column_map=flags.column_map(args), chat_format=args.chat_format, keep_truncated=args.keep_truncated, **extra,
     )
 
 

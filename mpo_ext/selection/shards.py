@@ -116,7 +116,9 @@ class ShardWorker:
         self.scorer = scorer
         self.generator = generator
         self.lockstep = lockstep
-        self.prompt_ids = (prompt_tokenizer([it["prompt"] for it in items])["input_ids"]
+        # A prompt over --max_prompt_seq_len is here only under --keep_truncated: the sampler sees its end.
+        self.prompt_ids = ([ids[-args.max_prompt_seq_len:] for ids in
+                            prompt_tokenizer([it["prompt"] for it in items])["input_ids"]]
                            if generator is not None else None)
         self.lengths = ([len(x) for x in self.prompt_ids] if self.prompt_ids is not None
                         else [len(it["prompt"]) for it in items])

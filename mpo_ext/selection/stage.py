@@ -279,7 +279,8 @@ def merge_shards_and_write_outputs(args, output_dir: Path, shards: list[range], 
     raw_records = read_shards(output_dir, len(shards))
     extra = {
         "data": {"data_path": args.data_path, "data_split": args.data_split, "data_phase": args.data_phase,
-                 "max_prompts": args.max_prompts, "hash": digest, **load_stats},
+                 "max_prompts": args.max_prompts, "chat_format": args.chat_format,
+                 "keep_truncated": args.keep_truncated, "hash": digest, **load_stats},
         "shards": {"size": args.shard_size, "count": len(shards), "done_before_this_run": done_before},
         "world_size": get_world_size(),
         "dtype": args.dtype,
