@@ -13,6 +13,13 @@ make that visible while it happens:
 - `health/truncated_share`: share of answers that hit the length limit without ending.
 - DPO: `health/logps_chosen_per_token` / `..._rejected_...` at each eval; both falling far below
   their first value is likelihood displacement.
+- Reward model (step 2): `health/reward_accuracy`, `health/reward_margin` (held-out pairwise accuracy and
+  mean margin) and `health/reward_identical_share` (share of held-out pairs whose chosen and rejected
+  scores are equal). Signals `reward_at_chance` (from the second evaluation on, the first being before
+  training: accuracy at or below a coin's allowance, or accuracy and margin no better than before training)
+  and `reward_identical` (the reward is read where the two answers are the same, e.g. a turn-end token
+  inside the prompt). The pipeline will not start selection from a reward model whose health.json says
+  `unhealthy` with one of them.
 
 `HealthMonitor` compares them with documented thresholds and prints one warning line per signal when
 it crosses; `health_summary()` is what a run writes to `OUTPUT/health.json`. `KeepBest` tracks the
@@ -44,6 +51,9 @@ BEST_FILE = "best.json"
 # Exit status of a run stopped by --stop_on_collapse (2 is a user error, 143 SIGTERM).
 COLLAPSE_EXIT_CODE = 3
 DEGENERATE_REPEAT_SHARE = 0.5
+# Step 2's defaults: a coin's 0.5 plus an allowance for the noise of a small held-out set, and half the pairs.
+REWARD_MIN_ACCURACY = 0.55
+REWARD_MAX_IDENTICAL_SHARE = 0.5
 
 
 # --------------------------------------------------------------------------------------------- pure signals
@@ -122,6 +132,48 @@ class HealthThresholds:
     max_kl: float = 25.0                # objective/kl (nats per answer) above this
     max_degenerate_share: float = 0.5   # health/degenerate_share above this
     max_logp_drop: float = 1.0          # DPO: chosen AND rejected per-token log-probs fell by more (nats)
+    rm_min_accuracy: float = 0.0        # step 2: held-out accuracy at or below this is at chance (0.55 there)
+    rm_max_identical_share: float = 0.0  # step 2: this share of held-out pairs scored equal or more (0.5 there)
+
+
+REWARD_BASELINE_KEYS = ("health/reward_accuracy", "health/reward_margin")
+# Signals of a reward model that learned nothing: `mpo pipeline` refuses to select with one flagged so.
+REWARD_SIGNALS = ("reward_at_chance", "reward_identical")
+
+
+def reward_model_problems(t: HealthThresholds, metrics: dict[str, float], baseline: dict[str, float] | None
+                          ) -> list[tuple[str, float, float, str]]:
+    """(signal, value, threshold, message) of a reward model's held-out evaluation. `baseline` holds the first
+    evaluation's values (before training) and is None at that first evaluation: at-chance is judged only
+    after training began, identical scores at every evaluation (they are a reading error, not a lack of
+    training)."""
+    found = []
+    accuracy, margin = metrics.get("health/reward_accuracy"), metrics.get("health/reward_margin")
+    if t.rm_min_accuracy and accuracy is not None and margin is not None and baseline is not None:
+        first_accuracy = baseline.get("health/reward_accuracy", accuracy)
+        first_margin = baseline.get("health/reward_margin", margin)
+        coin = accuracy <= t.rm_min_accuracy
+        no_gain = accuracy <= first_accuracy and margin <= first_margin
+        if coin or no_gain:
+            why = (f"at or below {t.rm_min_accuracy:g}" if coin else
+                   f"no better than before training ({first_accuracy:.3f}, margin {first_margin:.4g})")
+            found.append(("reward_at_chance", accuracy, t.rm_min_accuracy,
+                          f"the reward model is at chance: held-out accuracy {accuracy:.3f}, mean margin "
+                          f"{margin:.4g}, {why}; it learned nothing a selection could use (check that the reward "
+                          "is read at each answer's end, the learning rate, and that the pairs differ)"))
+    identical = metrics.get("health/reward_identical_share")
+    if t.rm_max_identical_share and identical is not None and identical >= t.rm_max_identical_share:
+        found.append(("reward_identical", identical, t.rm_max_identical_share,
+                      f"chosen and rejected get the same score in {identical:.0%} of held-out pairs (limit "
+                      f"{t.rm_max_identical_share:.0%}): the reward is read where the two answers are the same, "
+                      "e.g. at a turn-end token inside the prompt"))
+    return found
+
+
+def identical_share(chosen: torch.Tensor, rejected: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Share of pairs whose two scores are equal up to `rtol` of their size (float scalar)."""
+    scale = torch.maximum(chosen.abs(), rejected.abs()).clamp(min=1.0)
+    return ((chosen - rejected).abs() <= rtol * scale).float().mean()
 
 
 @dataclass
@@ -149,9 +201,12 @@ class HealthMonitor:
     def _problems(self, metrics: dict[str, float]) -> list[tuple[str, float, float, str]]:
         t = self.thresholds
         found = []
-        for key in ("health/entropy", "health/logps_chosen_per_token", "health/logps_rejected_per_token"):
+        reward_judged = "health/reward_accuracy" in self.baseline  # the first evaluation is the baseline
+        for key in ("health/entropy", "health/logps_chosen_per_token", "health/logps_rejected_per_token",
+                    *REWARD_BASELINE_KEYS):
             if key in metrics and key not in self.baseline:
                 self.baseline[key] = metrics[key]
+        found += reward_model_problems(t, metrics, self.baseline if reward_judged else None)
         entropy = metrics.get("health/entropy")
         first = self.baseline.get("health/entropy")
         if t.min_entropy_ratio and entropy is not None and first and first > 0:
@@ -258,6 +313,36 @@ def add_health_args(parser) -> None:
     group.add_argument("--stop_on_collapse", action="store_true",
                        help=f"On a health warning, save a training state and stop with exit status "
                             f"{COLLAPSE_EXIT_CODE} instead of only warning.")
+
+
+def add_reward_health_args(parser) -> None:
+    """Step 2's health flags: when a reward model counts as having learned nothing, and --stop_on_collapse."""
+    group = parser.add_argument_group(
+        "health guards (warn when the reward model learns nothing; 0 disables a check)")
+    group.add_argument("--health_rm_min_accuracy", type=float, default=REWARD_MIN_ACCURACY,
+                       help="From the second evaluation on (the first is before training), warn (reward_at_chance) "
+                            "when the held-out accuracy is at or below this, or when accuracy and mean margin are "
+                            "no better than before training.")
+    group.add_argument("--health_rm_max_identical_share", type=float, default=REWARD_MAX_IDENTICAL_SHARE,
+                       help="Warn (reward_identical) when at least this share of held-out pairs get the same score "
+                            "for chosen and rejected (the reward is read where the two are the same).")
+    group.add_argument("--stop_on_collapse", action="store_true",
+                       help=f"On a health warning, save a training state and stop with exit status "
+                            f"{COLLAPSE_EXIT_CODE} instead of only warning (as in DPO and PPO).")
+
+
+def reward_thresholds_from_args(args) -> HealthThresholds:
+    """Step 2 checks only the reward-model signals (the policy checks are off: there is no policy)."""
+    return HealthThresholds(min_entropy_ratio=0.0, max_kl=0.0, max_degenerate_share=0.0, max_logp_drop=0.0,
+                            rm_min_accuracy=args.health_rm_min_accuracy,
+                            rm_max_identical_share=args.health_rm_max_identical_share)
+
+
+def check_reward_health_args(args) -> None:
+    for name in ("health_rm_min_accuracy", "health_rm_max_identical_share"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or not 0 <= value <= 1:
+            raise UserError(f"--{name} {value}: must be a share between 0 and 1 (0 disables the check)")
 
 
 def thresholds_from_args(args) -> HealthThresholds:

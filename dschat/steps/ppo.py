@@ -34,7 +34,7 @@ from dschat.utils.build import (
     set_gradient_checkpointing,
 )
 from dschat.utils.data.collators import DataCollatorRLHF, MiniDataset
-from dschat.utils.data.prompt_datasets import create_prompt_dataset, get_unsupervised_data
+from dschat.utils.data.prompt_datasets import create_prompt_dataset, data_record, get_unsupervised_data
 from dschat.utils.dist import barrier, get_local_rank, get_world_size, is_rank_0
 from dschat.utils.errors import UserError, run_main
 from dschat.utils.model_card import card_files, push_to_hub
@@ -44,6 +44,7 @@ from dschat.utils.trainer import (
     MetricLogger,
     ResumableRun,
     groups_by_length,
+    log_data_record,
     make_loader,
     reduce_mean_metrics,
 )
@@ -176,6 +177,7 @@ class PPOLoop(ResumableRun):
         self.monitor = health.HealthMonitor("step3", health.thresholds_from_args(args))
         self.best = health.KeepBest(f"eval/{args.best_metric}")
         self.held_out: dict[str, torch.Tensor] | None = None
+        self.data_record = data_record(prompt_loader.dataset)  # what the prompt build dropped (logged at step 0)
 
     # ---- state
     def _ema_partitioned(self) -> bool:
@@ -255,6 +257,7 @@ class PPOLoop(ResumableRun):
                 self._maybe_resume()
                 print_rank_0(f"***** Running training (total_iters={self.num_total_iters}) *****")
                 if self.global_step == 0:
+                    log_data_record(self.logger, self.data_record, self.args)
                     self._maybe_evaluate()
                 self._run_epochs()
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dschat.rlhf import health
 from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
@@ -37,14 +38,23 @@ def parse_args(argv: list[str] | None = None):
     flags.add_lora_args(parser)
     flags.add_logging_args(parser, tensorboard_path="step2_tensorboard", print_loss=False)
     flags.add_eval_args(parser, eval_interval=0, eval_iters=100)
+    health.add_reward_health_args(parser)
     args = parser.parse_args(argv)
     flags.validate_common(args)
+    health.check_reward_health_args(args)
     return args
 
 
 class RewardTrainer(Trainer):
+    """Bradley-Terry training; each evaluation also feeds the reward-model health checks (`health.json`:
+    a reward model that learned nothing is flagged before selection builds on it)."""
+
     name = "step2_model"
     rows_per_sample = 2
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.monitor = health.HealthMonitor("step2_model", health.reward_thresholds_from_args(self.args))
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
@@ -63,7 +73,7 @@ class RewardTrainer(Trainer):
         if self.eval_loader is None:
             return {}
         self.engine.eval()
-        sums = torch.zeros(4, device=self.device)
+        sums = torch.zeros(5, device=self.device)
         count = 0
         for i, batch in enumerate(self.eval_loader):
             if self.args.eval_iters and i >= self.args.eval_iters:
@@ -73,15 +83,30 @@ class RewardTrainer(Trainer):
                               use_cache=False)
             chosen, rejected = out["chosen_mean_scores"].float(), out["rejected_mean_scores"].float()
             sums += torch.stack([out["loss"].float(), pairwise_accuracy(chosen, rejected), chosen.mean(),
-                                 rejected.mean()])
+                                 rejected.mean(), health.identical_share(chosen, rejected)])
             count += 1
-        loss, acc, chosen, rejected = get_all_reduce_mean(sums / max(1, count)).tolist()
+        loss, acc, chosen, rejected, identical = get_all_reduce_mean(sums / max(1, count)).tolist()
         print_rank_0(f"chosen_last_scores (higher is better) : {chosen}, rejected_last_scores (lower is better) : "
                      f"{rejected}, acc (higher is better) : {acc}")
         return {"loss": loss, "accuracy": acc, "rewards/chosen": chosen, "rewards/rejected": rejected,
-                "rewards/margins": chosen - rejected}
+                "rewards/margins": chosen - rejected, "identical_share": identical}
+
+    def after_eval(self, metrics: dict[str, float]) -> None:
+        """The reward-model health checks on the held-out numbers (every rank sees the same reduced ones);
+        --stop_on_collapse stops with a saved state and exit status 3."""
+        signals = {"health/reward_accuracy": metrics["accuracy"], "health/reward_margin": metrics["rewards/margins"],
+                   "health/reward_identical_share": metrics["identical_share"]}
+        health.check_health(self.monitor, self.global_step, signals, self.args.output_dir,
+                            self.args.stop_on_collapse, self.save_state)
+
+    def extra_state(self) -> dict:
+        return {"health_baseline": self.monitor.baseline}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.monitor.baseline.update(state.get("health_baseline", {}))
 
     def save_model(self) -> None:
+        health.write_health(self.args.output_dir, self.monitor)
         record = reward_ending_record(end_of_text(self.args, self.tokenizer), self.tokenizer)
         save_trained_model(self.args, self.engine, self.tokenizer, "the reward model", "step2 reward model",
                            save=save_reward_model, extra_files={REWARD_ENDING_FILE: record})

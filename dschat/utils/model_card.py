@@ -27,6 +27,11 @@ from dschat.utils.utils import atomic_write_text
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.json"
+DATA_PHASE = "data"  # the training loops' step-0 record of what the data build kept and left out
+DATA_NOTE = ("Per split: `rows` trained on; `skipped`: samples without a usable prompt or answer; `truncated`: "
+             "answers the length limit cut away entirely; `identical`: pairs whose two sides were the same tokens "
+             "after truncation; `prompt_too_long`: prompts over the prompt limit. These were left out unless "
+             "`keep_truncated` is 1.")
 # Settings that say where a process runs, not how the model was made.
 _RUNTIME_SETTINGS = ("local_rank", "deepspeed", "deepscale", "deepscale_config", "print_loss")
 
@@ -79,6 +84,10 @@ def _manifest_rows(manifest: Mapping[str, Any]) -> list[tuple[str, Any]]:
             rows.append((key, manifest[key]))
     for key, value in (manifest.get("counts") or {}).items():
         rows.append((f"count: {key}", value))
+    data = manifest.get("data") or {}
+    for key in ("skipped", "prompt_too_long", "answers_truncated", "keep_truncated", "chat_format"):
+        if data.get(key) is not None:
+            rows.append((f"data: {key}", data[key]))
     return rows
 
 
@@ -96,6 +105,10 @@ def render_card(stage: str, settings: Mapping[str, Any], metrics_dir: str | os.P
     ]
     for path, manifest in data_manifests(data_paths).items():
         parts += [f"## How `{path}` was made", "", table(_manifest_rows(manifest), ("field", "value")), ""]
+    data = metrics.pop(DATA_PHASE, None)
+    if data is not None:
+        parts += ["## Data: rows used and left out", "", DATA_NOTE, "",
+                  table([(k, v) for k, v in data.items() if k not in ("phase", "step")], ("count", "value")), ""]
     for phase, record in metrics.items():
         rows = [(k, v) for k, v in record.items() if k != "phase"]
         parts += [f"## Final {phase} metrics", "", table(rows, ("metric", "value")), ""]

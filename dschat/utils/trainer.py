@@ -29,6 +29,7 @@ from dschat.utils.checkpoint import (
     maybe_inject_kill,
     save_training_state,
 )
+from dschat.utils.data.prompt_datasets import data_record
 from dschat.utils.dist import any_rank_true, barrier, get_rank, get_world_size, is_rank_0, release_shm_segment
 from dschat.utils.errors import UserError
 from dschat.utils.model.masks import training_attention_mask
@@ -200,7 +201,8 @@ class MetricLogger:
     def log(self, step: int, phase: str, metrics: dict[str, float], echo: bool = True) -> None:
         if not self.rank0:
             return
-        record = {"step": step, "phase": phase, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        record = {"step": step, "phase": phase,
+                  **{k: int(v) if isinstance(v, int) else round(float(v), 6) for k, v in metrics.items()}}
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
@@ -227,6 +229,14 @@ class MetricLogger:
 def _fmt(value: float) -> str:
     value = float(value)
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def log_data_record(logger: MetricLogger, record: dict[str, int], args) -> None:
+    """The run's "data" record at step 0 (metrics.jsonl, hence the model card): rows per split and what the
+    data build left out or cut (`dschat.utils.data.prompt_datasets.data_record`), with --keep_truncated."""
+    if record:
+        logger.log(0, "data", {**record, "keep_truncated": int(bool(getattr(args, "keep_truncated", False)))},
+                   echo=False)
 
 
 def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
@@ -390,6 +400,7 @@ class Trainer(ResumableRun):
         self.eval_loader = (make_loader(eval_dataset, args.per_device_eval_batch_size, collate_fn,
                                         shuffle=False, seed=0) if eval_dataset is not None and len(eval_dataset) else None)
         self.logger = MetricLogger.from_args(args, self.name)
+        self.data_record = data_record(train_dataset, eval_dataset)
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -442,6 +453,7 @@ class Trainer(ResumableRun):
             print_rank_0(f"***** Running training ({self.name}): {len(self.train_loader.sampler) * get_world_size()} "
                          f"samples, {total} optimizer steps *****")
             if self.global_step == 0 and self.step_in_epoch == 0:
+                log_data_record(self.logger, self.data_record, self.args)
                 self._log_eval()
             self._run_epochs(total)
         self.logger.close()
