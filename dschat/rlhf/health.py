@@ -310,6 +310,11 @@ def add_health_args(parser) -> None:
     group.add_argument("--health_max_logp_drop", type=float, default=d.max_logp_drop,
                        help="DPO: warn when the held-out chosen and rejected log-probs per token have both "
                             "fallen by more than this (nats) since the first eval (likelihood displacement).")
+    add_stop_on_collapse_arg(group)
+
+
+def add_stop_on_collapse_arg(group) -> None:
+    """`--stop_on_collapse`, one definition for every stage with health checks (PPO, DPO, the reward model)."""
     group.add_argument("--stop_on_collapse", action="store_true",
                        help=f"On a health warning, save a training state and stop with exit status "
                             f"{COLLAPSE_EXIT_CODE} instead of only warning.")
@@ -326,9 +331,7 @@ def add_reward_health_args(parser) -> None:
     group.add_argument("--health_rm_max_identical_share", type=float, default=REWARD_MAX_IDENTICAL_SHARE,
                        help="Warn (reward_identical) when at least this share of held-out pairs get the same score "
                             "for chosen and rejected (the reward is read where the two are the same).")
-    group.add_argument("--stop_on_collapse", action="store_true",
-                       help=f"On a health warning, save a training state and stop with exit status "
-                            f"{COLLAPSE_EXIT_CODE} instead of only warning (as in DPO and PPO).")
+    add_stop_on_collapse_arg(group)
 
 
 def reward_thresholds_from_args(args) -> HealthThresholds:
