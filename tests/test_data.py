@@ -650,7 +650,7 @@ def test_cache_key_covers_row_and_text_settings(tiny_tokenizer):
     assert len(formats) == 3
 
 
-def test_selection_counts_long_prompts_and_keeps_them_on_request(tmp_path, tiny_tokenizer):
+def test_selection_counts_long_prompts_and_keeps_them_on_request(tmp_path, tiny_tokenizer, tiny_llama_dir):
     records = [pcr(i) for i in range(6)] + [dict(pcr(99), prompt="\n\nHuman: " + "very long " * 50 + "?"
                                                  "\n\nAssistant:")] * 3
     f = write_jsonl(tmp_path / "mixed.jsonl", records)
@@ -659,5 +659,16 @@ def test_selection_counts_long_prompts_and_keeps_them_on_request(tmp_path, tiny_
             "--data_output_path", str(tmp_path / "c")]
     items, stats = load_items(parse_args(base), tiny_tokenizer)
     assert len(items) == 6 and stats["prompt_too_long"] == 3
-    items, stats = load_items(parse_args([*base, "--keep_truncated"]), tiny_tokenizer)
+    args = parse_args([*base, "--keep_truncated"])
+    items, stats = load_items(args, tiny_tokenizer)
     assert len(items) == 9 and stats["prompt_too_long"] == 3
+    # the sampler then sees the end of a long prompt (the turn its answer follows), within the budget
+    from transformers import AutoModelForCausalLM
+
+    from dschat.rlhf.generation import Generator
+    from mpo_ext.selection import ShardWorker
+
+    generator = Generator(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tiny_tokenizer, max_new_tokens=4)
+    worker = ShardWorker(args, items, tiny_tokenizer, None, generator, max_prompt_tokens=args.max_prompt_seq_len)
+    long_ids = tiny_tokenizer(records[-1]["prompt"])["input_ids"]
+    assert max(worker.lengths) == 24 and long_ids[-24:] in worker.prompt_ids

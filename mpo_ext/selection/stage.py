@@ -250,7 +250,7 @@ def run(args) -> dict | None:
                               max_seq_len=args.max_prompt_seq_len + args.max_answer_seq_len,
                               batch_size=args.per_device_eval_batch_size, share_prompts=True)
         worker = ShardWorker(args, items, sft_tokenizer or rm_tokenizer, scorer, generator,
-                             lockstep=args.zero_stage == 3 and world > 1)
+                             lockstep=args.zero_stage == 3 and world > 1, max_prompt_tokens=args.max_prompt_seq_len)
         assignments = [assign_shards(pending, r, world) for r in range(world)]
         start = time.time()
         done = run_shards(args, worker, shards, assignments[rank], assignments, output_dir)
