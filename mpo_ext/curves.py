@@ -22,6 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 NON_METRIC_KEYS = frozenset({"step", "phase", "epoch", "time", "timestamp"})
 MAX_PANELS = 48
 SEARCH_DEPTH = 3
+DATA_PHASE = "data"  # the training loops' step-0 record of the data build's counts: numbers, not a curve
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -46,6 +47,8 @@ def metric_series(records: Iterable[Mapping]) -> dict[tuple[str, str], tuple[lis
     series: dict[tuple[str, str], dict[float, float]] = {}
     for record in records:
         phase = str(record.get("phase", "train"))
+        if phase == DATA_PHASE:
+            continue
         for key, value in record.items():
             if key in NON_METRIC_KEYS or isinstance(value, bool) or not isinstance(value, int | float):
                 continue

@@ -57,7 +57,9 @@ def base_args(assets: dict[str, Path], output_dir: Path, **overrides) -> list[st
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The metric records (not the step-0 "data" record of what the prompt build left out)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("phase") != "data"]
 
 
 def load_safetensors(directory: Path) -> dict[str, torch.Tensor]:
