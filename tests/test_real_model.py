@@ -60,8 +60,17 @@ def test_missing_package_is_one_line_with_the_install_command():
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> Path:
+    """`mpo assets --model smollm2`: the converted folder (idempotent: a second call only checks it)."""
+    from click.testing import CliRunner
+
+    from mpo_ext.cli import main
+
     root = os.environ.get("DSCHAT_REAL_MODEL_ROOT") or tmp_path_factory.mktemp("real_model")
-    return Path(bootstrap.build_smollm2(root)["model_dir"])
+    result = CliRunner().invoke(main, ["assets", "--model", "smollm2", "--root", str(root)])
+    assert result.exit_code == 0, result.output[-3000:]
+    model_dir = Path(root) / bootstrap.SMOLLM2_DIR
+    assert f"model_dir: {model_dir}" in result.output
+    return model_dir
 
 
 @pytest.fixture(scope="module")
