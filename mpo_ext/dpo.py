@@ -160,6 +160,7 @@ class IndexedDataset(Dataset):
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
+        self.filter_counts = getattr(dataset, "filter_counts", None)  # what the data build dropped (logged)
 
     def __len__(self) -> int:
         return len(self.dataset)

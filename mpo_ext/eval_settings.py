@@ -29,6 +29,10 @@ class EvalInputSettings(flags.Settings):
                                     "datasets together.")
     data_keys: str | None = flag(None, "Column mapping for local files and hub datasets, NAME=COLUMN comma-separated "
                                        "(e.g. prompt=question), as in the training stages.")
+    chat_format: str = same_flag(flags.DataSettings, "chat_format",
+                                 help="Which prompts go through the first model's chat template, as in the training "
+                                      "stages (auto: conversational data and HH dialogues; template: DeepSpeed-Chat's "
+                                      "named datasets too; raw: none).")
     num_prompts: int | None = flag(None, "Evaluate a seeded random subset of this many prompts (default: all).",
                                    low=1)
     data_output_path: str | None = flag(None, "Scratch directory of the data loaders (default: "

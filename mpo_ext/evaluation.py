@@ -173,17 +173,20 @@ def parse_model_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _open_raw_dataset(data_path: str, seed: int, data_output_path: str, tokenizer=None, column_map=None):
-    return get_raw_dataset(data_path, data_output_path, seed, -1, tokenizer=tokenizer, column_map=column_map)
+def _open_raw_dataset(data_path: str, seed: int, data_output_path: str, tokenizer=None, column_map=None,
+                      chat_format: str = "auto"):
+    return get_raw_dataset(data_path, data_output_path, seed, -1, tokenizer=tokenizer, column_map=column_map,
+                           chat_format=chat_format)
 
 
 def load_eval_prompts(data_path: str | Sequence[str], num_prompts: int | None = None, seed: int = 1234,
                       data_output_path: str | None = None, tokenizer=None,
-                      column_map: dict[str, str] | None = None) -> list[str]:
+                      column_map: dict[str, str] | None = None, chat_format: str = "auto") -> list[str]:
     """Held-out prompts of one or more datasets: each one's eval/test split (a local file without one: all
     its prompts), in the order given (e.g. HH's helpful-base and harmless-base test sets together).
 
-    Conversational data is rendered with `tokenizer`'s chat template, as the training stages saw it.
+    Conversational data and HH dialogues are rendered with `tokenizer`'s chat template as `chat_format`
+    (--chat_format) says, as the training stages saw them.
 
     Duplicates are dropped (keeping first occurrence) so a prompt is not counted twice; with
     `num_prompts` a seeded random subset is taken, kept in dataset order.
@@ -191,7 +194,7 @@ def load_eval_prompts(data_path: str | Sequence[str], num_prompts: int | None = 
     seen: set[str] = set()
     prompts: list[str] = []
     for path in as_path_list(data_path):
-        raw = _open_raw_dataset(path, seed, data_output_path, tokenizer, column_map)
+        raw = _open_raw_dataset(path, seed, data_output_path, tokenizer, column_map, chat_format)
         data = raw.get_eval_data()
         if data is None:
             if not raw.is_local_path:
@@ -394,7 +397,8 @@ def evaluate(settings: EvalSettings) -> list[dict]:
     data_paths = as_path_list(settings.data_path)
     # The chain's models share the SFT tokenizer; the first one renders conversational prompts.
     prompts = load_eval_prompts(data_paths, settings.num_prompts, settings.seed, settings.data_output_path,
-                                tokenizer=load_hf_tokenizer(models[0][1]), column_map=settings.column_map)
+                                tokenizer=load_hf_tokenizer(models[0][1]), column_map=settings.column_map,
+                                chat_format=settings.chat_format)
     gold_fn = find_gold_reward(data_paths, settings.gold)
     _log(f"{len(prompts)} held-out prompts from {', '.join(data_paths)}; {len(models)} model(s); "
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")

@@ -293,7 +293,7 @@ def test_local_directory_with_train_and_test(tmp_path, tiny_tokenizer):
 
 
 def test_hh_file_autodetected_empty_answers_skipped(tmp_path, tiny_tokenizer, hh_file, capsys):
-    train, evals = build(tiny_tokenizer, [str(hh_file)], 1, tmp_path / "out", max_seq_len=32)
+    train, evals = build(tiny_tokenizer, [str(hh_file)], 1, tmp_path / "out", max_seq_len=32, keep_truncated=True)
     out = capsys.readouterr().out
     assert len(train) + len(evals) == 60 - len(HH_EMPTY_CHOSEN)  # the unshared-prompt pair's chosen side is kept
     assert "skipped=" in out and "for train_phase=1 size=" in out
@@ -303,7 +303,8 @@ def test_hh_file_autodetected_empty_answers_skipped(tmp_path, tiny_tokenizer, hh
 
 @pytest.mark.shared_data
 def test_real_hh_file_autodetected_empty_answers_skipped(tmp_path, tiny_tokenizer, shared_path, capsys):
-    train, evals = build(tiny_tokenizer, [str(shared_path(HH_TEST))], 1, tmp_path / "out", max_seq_len=32)
+    train, evals = build(tiny_tokenizer, [str(shared_path(HH_TEST))], 1, tmp_path / "out", max_seq_len=32,
+                         keep_truncated=True)
     out = capsys.readouterr().out
     assert len(train) + len(evals) == 2312 - 4
     assert "skipped=" in out and "for train_phase=1 size=" in out
@@ -379,8 +380,11 @@ def test_phase1_items_and_sft_collator(tmp_path, tiny_tokenizer, pair_file):
 
 
 def test_truncation_to_max_seq_len(tmp_path, tiny_tokenizer, pair_file):
-    train, _ = build(tiny_tokenizer, [str(pair_file)], 1, tmp_path / "out", max_seq_len=6)
-    assert max(len(train[i]["input_ids"]) for i in range(len(train))) == 6
+    train, _ = build(tiny_tokenizer, [str(pair_file)], 1, tmp_path / "out", max_seq_len=6, keep_truncated=True)
+    assert max(len(train[i]["input_ids"]) for i in range(len(train))) == 6  # upstream's right truncation
+    # By default a row the limit leaves no answer token of is dropped, and the error says why and what to do.
+    with pytest.raises(UserError, match="27 were dropped because the length limit \\(6\\).*--keep_truncated"):
+        build(tiny_tokenizer, [str(pair_file)], 1, tmp_path / "out", max_seq_len=6)
 
 
 def test_phase2_items_and_reward_collator(tmp_path, tiny_tokenizer, pair_file):
@@ -429,7 +433,9 @@ def test_phase3_filters_long_prompts(tmp_path, tiny_tokenizer, capsys):
     f = write_jsonl(tmp_path / "mixed.jsonl", records)
     train, evals = build(tiny_tokenizer, [str(f)], 3, tmp_path / "out", max_seq_len=48)
     assert len(train) + len(evals) == 10
-    assert "filtered=" in capsys.readouterr().out
+    assert train.filter_counts["prompt_too_long"] + evals.filter_counts["prompt_too_long"] == 10
+    out = capsys.readouterr().out
+    assert "prompt_too_long=" in out and "10 prompts longer than --max_prompt_seq_len 48" in out
 
 
 def test_blending_and_sft_only(tmp_path, tiny_tokenizer):
@@ -579,3 +585,90 @@ def test_get_unsupervised_data(tmp_path, tiny_tokenizer, monkeypatch):
     assert len(ds) == total // 16 and all(len(r["input_ids"]) == 16 for r in ds)
     assert ds[0]["labels"] == ds[0]["input_ids"]
 
+
+
+# --------------------------------------------------------------------------------------------- what the limit cuts
+
+
+def cut_records(tok, max_seq_len: int) -> list[dict]:
+    """24 pairs: 8 fit, 8 whose prompt alone fills `max_seq_len` (nothing of either answer is left), 8 whose
+    answers differ only after the limit (both sides are the same tokens once cut)."""
+    fill = "\n\nHuman: " + " ".join(f"word{k}" for k in range(max_seq_len)) + "?\n\nAssistant:"
+    assert len(tok(fill)["input_ids"]) > max_seq_len
+    records = [pcr(i) for i in range(8)]
+    records += [dict(pcr(100 + i), prompt=fill + f" {i}") for i in range(8)]
+    same_start = " the same long opening words" * 6
+    records += [dict(pcr(200 + i), chosen=same_start + " then good", rejected=same_start + " then bad")
+                for i in range(8)]
+    return records
+
+
+def test_fully_truncated_pairs_and_rows_are_dropped_and_counted(tmp_path, tiny_tokenizer, capsys):
+    """The issue's case: a prompt that fills --max_seq_len leaves no answer; such a pair gives log-probs 0 and
+    loss log 2 for nothing. Dropped and counted per split (also on a cache hit), kept with --keep_truncated."""
+    tok, limit = tiny_tokenizer, 40
+    f = write_jsonl(tmp_path / "cut.jsonl", cut_records(tok, limit))
+    for _ in range(2):  # built, then read back from the cache with the same counts
+        train, evals = build(tok, [str(f)], 2, tmp_path / "out", max_seq_len=limit, data_split="0,10,0")
+        counts = {k: train.filter_counts[k] + evals.filter_counts[k] for k in du.FILTER_REASONS}
+        assert counts == {"skipped": 0, "truncated": 8, "identical": 8, "prompt_too_long": 0}
+        assert len(train) + len(evals) == 8
+        out = capsys.readouterr().out
+        assert "8 pairs with an answer that --max_seq_len 40 cuts away entirely" in out and "dropped (--keep_truncated" in out
+    for c, r, plen in ((train[i][0], train[i][2], int(train[i][4])) for i in range(len(train))):
+        assert len(c) > plen and len(r) > plen and not torch.equal(c, r)
+    kept, kept_eval = build(tok, [str(f)], 2, tmp_path / "out", max_seq_len=limit, data_split="0,10,0",
+                            keep_truncated=True)
+    assert len(kept) + len(kept_eval) == 24 and kept.filter_counts["truncated"] + kept_eval.filter_counts[
+        "truncated"] == 8  # upstream's rows, still counted
+    assert "kept as --keep_truncated asks" in capsys.readouterr().out
+    sft, sft_eval = build(tok, [str(f)], 1, tmp_path / "out", max_seq_len=limit, data_split="10,0,0")
+    assert sft.filter_counts["truncated"] + sft_eval.filter_counts["truncated"] == 8  # SFT: the row's own answer
+    assert len(sft) + len(sft_eval) == 16
+    record = du.data_record(sft, sft_eval)
+    assert record["train_rows"] == len(sft) and record["train_truncated"] + record["eval_truncated"] == 8
+
+
+def test_long_prompts_phase3_dropped_or_cut_from_the_left(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    records = [pcr(i) for i in range(6)] + [dict(pcr(99), prompt="\n\nHuman: " + "very long " * 50 + "end?"
+                                                 "\n\nAssistant:")] * 4
+    f = write_jsonl(tmp_path / "mixed.jsonl", records)
+    dropped, _ = build(tok, [str(f)], 3, tmp_path / "out", max_seq_len=24)
+    assert len(dropped) == 6 and dropped.filter_counts["prompt_too_long"] == 4
+    kept, _ = build(tok, [str(f)], 3, tmp_path / "out", max_seq_len=24, keep_truncated=True)
+    assert len(kept) == 10 and kept.filter_counts["prompt_too_long"] == 4
+    long_ids = tok(records[-1]["prompt"])["input_ids"]
+    assert [p.tolist() for p in kept.prompt_dataset].count(long_ids[-24:]) == 4  # the turn the answer follows
+
+
+def test_cache_key_covers_row_and_text_settings(tiny_tokenizer):
+    key = du.data_cache_key(["x"], None, 2, 1, tiny_tokenizer, 64, "</s>")
+    assert du.data_cache_key(["x"], None, 2, 1, tiny_tokenizer, 64, "</s>", keep_truncated=True) != key
+    formats = {du.data_cache_key(["x"], None, 2, 1, tiny_tokenizer, 64, "</s>",
+                                 text_format=du.text_format(tiny_tokenizer, None, fmt)) for fmt in rd.CHAT_FORMATS}
+    assert len(formats) == 3
+
+
+def test_selection_counts_long_prompts_and_keeps_them_on_request(tmp_path, tiny_tokenizer, tiny_llama_dir):
+    records = [pcr(i) for i in range(6)] + [dict(pcr(99), prompt="\n\nHuman: " + "very long " * 50 + "?"
+                                                 "\n\nAssistant:")] * 3
+    f = write_jsonl(tmp_path / "mixed.jsonl", records)
+    base = ["--data_path", str(f), "--sft_model_name_or_path", "sft", "--reward_model_name_or_path", "rm",
+            "--output_dir", str(tmp_path / "sel"), "--max_prompt_seq_len", "24",
+            "--data_output_path", str(tmp_path / "c")]
+    items, stats = load_items(parse_args(base), tiny_tokenizer)
+    assert len(items) == 6 and stats["prompt_too_long"] == 3
+    args = parse_args([*base, "--keep_truncated"])
+    items, stats = load_items(args, tiny_tokenizer)
+    assert len(items) == 9 and stats["prompt_too_long"] == 3
+    # the sampler then sees the end of a long prompt (the turn its answer follows), within the budget
+    from transformers import AutoModelForCausalLM
+
+    from dschat.rlhf.generation import Generator
+    from mpo_ext.selection import ShardWorker
+
+    generator = Generator(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tiny_tokenizer, max_new_tokens=4)
+    worker = ShardWorker(args, items, tiny_tokenizer, None, generator, max_prompt_tokens=args.max_prompt_seq_len)
+    long_ids = tiny_tokenizer(records[-1]["prompt"])["input_ids"]
+    assert max(worker.lengths) == 24 and long_ids[-24:] in worker.prompt_ids

@@ -79,11 +79,13 @@ def test_card_carries_run_numbers_and_selection_manifest(tmp_path):
     select_dir.mkdir()
     (select_dir / "easy.jsonl").write_text('{"prompt": "p", "chosen": " a", "rejected": " b"}\n')
     (select_dir / "manifest.json").write_text(json.dumps({
-        "stage": "step2.5_select", "threshold": 1.0, "counts": {"pairs": 10, "easy": 6, "hard": 4}}))
+        "stage": "step2.5_select", "threshold": 1.0, "counts": {"pairs": 10, "easy": 6, "hard": 4},
+        "data": {"prompt_too_long": 3, "keep_truncated": False}}))
     out = tmp_path / "dpo"
     out.mkdir()
     (out / "metrics.jsonl").write_text(
-        json.dumps({"step": 1, "phase": "train", "loss": 0.7}) + "\n"
+        json.dumps({"step": 0, "phase": "data", "train_rows": 9, "train_truncated": 17, "keep_truncated": 0}) + "\n"
+        + json.dumps({"step": 1, "phase": "train", "loss": 0.7}) + "\n"
         + json.dumps({"step": 2, "phase": "train", "loss": 0.5}) + "\n"
         + json.dumps({"step": 2, "phase": "eval", "rewards/accuracies": 0.75}) + "\n" + '{"step": 3, "ph')
     settings = dpo.DPOSettings.from_mapping({"output_dir": str(out), "data_path": [str(select_dir / "easy.jsonl")],
@@ -94,6 +96,9 @@ def test_card_carries_run_numbers_and_selection_manifest(tmp_path):
     assert "| loss | 0.5 |" in card and "| rewards/accuracies | 0.75 |" in card  # last records; torn line skipped
     assert "| threshold | 1.0 |" in card and "| count: easy | 6 |" in card and "| count: hard | 4 |" in card
     assert "| beta | 0.1 |" in card and "local_rank" not in card and "| dtype | fp32 |" in card  # resolved
+    # what the data build dropped, here and in the selection that made the data
+    assert "## Data: rows used and left out" in card and "| train_truncated | 17 |" in card
+    assert "| data: prompt_too_long | 3 |" in card and "## Final data metrics" not in card
     (out / "README.md").write_text(card)
     model_card.set_card_section(out, "Evaluation (mpo eval)", "table one")
     model_card.set_card_section(out, "Evaluation (mpo eval)", "table two")

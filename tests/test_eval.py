@@ -381,8 +381,9 @@ def test_plot_curves(tmp_path):
 
     for stage, base in (("step3b_dpo", 0.7), ("step3_ppo", 1.2)):
         (tmp_path / "run" / stage).mkdir(parents=True)
-        lines = [{"step": s, "phase": "train", "loss": base / (s + 1), "objective/kl": 0.01 * s,
-                  "rewards/margins": 0.1 * s} for s in range(1, 6)]
+        lines = [{"step": 0, "phase": "data", "train_rows": 40, "train_truncated": 3}]  # counts, not curves
+        lines += [{"step": s, "phase": "train", "loss": base / (s + 1), "objective/kl": 0.01 * s,
+                   "rewards/margins": 0.1 * s} for s in range(1, 6)]
         lines += [{"step": 5, "phase": "eval", "loss": base / 7}, {"step": 3, "phase": "train", "loss": 0.5}]
         text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 6, "pha'  # torn last line
         (tmp_path / "run" / stage / "metrics.jsonl").write_text(text)

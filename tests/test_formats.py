@@ -104,10 +104,10 @@ def test_sft_layouts_prompt_completion_and_messages(tmp_path, chat_tok):
     assert raw.get_prompt(sample) == head + rendered_prompt("q2")
     assert raw.get_prompt_and_chosen(sample) == head + rendered_prompt("q2") + "a2<|im_end|>"
     for path in (plain, conv, msgs):
-        train, _ = du.create_prompt_dataset(-1, path, None, str(tmp_path / "c"), 1, 1, chat_tok, 64)
+        train, _ = du.create_prompt_dataset(-1, path, None, str(tmp_path / "c"), 1, 1, chat_tok, 256)
         assert len(train) == 9  # a local file goes wholly to phase 1, split 9:1 train/eval
         with pytest.raises(UserError, match="no usable samples for phase 2"):
-            du.create_prompt_dataset(-1, path, None, str(tmp_path / "c"), 2, 1, chat_tok, 64)
+            du.create_prompt_dataset(-1, path, None, str(tmp_path / "c"), 2, 1, chat_tok, 256)
 
 
 def test_column_mapping_flags_and_save_to_disk(tmp_path, chat_tok):
@@ -237,3 +237,71 @@ def test_eval_prompts_are_rendered_like_training(tmp_path, chat_tok):
     prompts = load_eval_prompts(f, data_output_path=str(tmp_path / "c"), tokenizer=chat_tok,
                                 column_map={"prompt": "question"})
     assert prompts == [rendered_prompt(f"q{i}") for i in range(4)]
+
+
+# --------------------------------------------------------------------------------------------- HH dialogues as chat
+
+
+def test_hh_text_to_messages():
+    assert rd.hh_messages("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:") == [
+        user("hi"), bot("hello"), user("and?")]
+    assert rd.hh_messages(" Human: what is 2+2? Assistant:") == [user("what is 2+2?")]  # upstream's single turn
+    assert rd.hh_messages("\n\nHuman: a\n\nHuman: b\n\nAssistant:") == [user("a\n\nb")]  # roles alternate
+    assert rd.hh_messages("SUBREDDIT: r/x POST: text TL;DR:") == [user("SUBREDDIT: r/x POST: text TL;DR:")]
+    assert rd.hh_turns([user("q"), bot("a")]) + rd.ASSISTANT_MARKER == "\n\nHuman: q\n\nAssistant: a\n\nAssistant:"
+
+
+def test_hh_dialogues_render_through_the_template_and_raw_text_on_request(tmp_path, chat_tok, tiny_tokenizer, hh_file):
+    """Anthropic/hh-rlhf-style dialogues with a chat model: the conversation through its template (prompt with
+    the generation prompt, answer = the rest); --chat_format raw keeps the text; training rows, selection and
+    evaluation prompts agree."""
+    from mpo_ext.evaluation import load_eval_prompts
+
+    raw_adapter = du.get_raw_dataset(str(hh_file), "", 1, -1, tokenizer=chat_tok, chat_format="raw")
+    chat = du.get_raw_dataset(str(hh_file), "", 1, -1, tokenizer=chat_tok)
+    sample = raw_adapter.get_train_data()[4]
+    hh_prompt = raw_adapter.get_prompt(sample)
+    assert hh_prompt.startswith("\n\nHuman:") and hh_prompt.endswith("\n\nAssistant:")
+    messages = rd.hh_messages(hh_prompt)
+    assert chat.get_prompt(sample) == chat_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.get_chosen(sample) == raw_adapter.get_chosen(sample).strip() + "<|im_end|>"
+    assert "Human:" not in chat.get_prompt(sample) and chat.get_prompt(sample).endswith("<|im_start|>assistant\n")
+    assert chat.get_prompt_and_chosen(sample) == chat.get_prompt(sample) + chat.get_chosen(sample)
+    # The tokenised rows hold the rendered conversation; the reward model's prompt length covers its prompt.
+    pairs, _ = du.create_prompt_dataset(-1, str(hh_file), "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 512)
+    rendered = {tuple(chat_tok(chat.get_prompt(s))["input_ids"]) for s in chat.get_train_data()}
+    c_ids, _, _, _, plen = pairs[0]
+    assert tuple(c_ids[: int(plen)].tolist()) in rendered and c_ids[-1].item() == chat_tok.eos_token_id
+    raw_pairs, _ = du.create_prompt_dataset(-1, str(hh_file), "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 512,
+                                            chat_format="raw")
+    assert "\n\nHuman:" in chat_tok.decode(raw_pairs[0][0]) and "\n\nHuman:" not in chat_tok.decode(c_ids)
+    # Selection (step 3's prompts) and evaluation render prompts the same way.
+    settings = selection.SelectionSettings.from_mapping(
+        {"data_path": [str(hh_file)], "data_output_path": str(tmp_path / "c"), "seed": 1, "data_phase": 3,
+         "pair_source": "samples", "sft_model_name_or_path": "s", "max_prompt_seq_len": 512, "max_answer_seq_len": 8,
+         "reward_model_name_or_path": "r", "output_dir": str(tmp_path / "o"), "chat_format": "auto"})
+    items, _ = selection.load_items(settings, chat_tok)
+    train_prompts = {chat.get_prompt(s) for s in chat.get_train_data()}
+    assert items and {it["prompt"] for it in items} <= train_prompts
+    assert set(load_eval_prompts(str(hh_file), data_output_path=str(tmp_path / "c"), tokenizer=chat_tok)) <= train_prompts
+    # Without a template (the tiny tokenizer) HH dialogues stay as they are, whatever the setting.
+    assert du.get_raw_dataset(str(hh_file), "", 1, -1, tokenizer=tiny_tokenizer).get_prompt(sample) == hh_prompt
+
+
+def test_named_datasets_keep_upstream_text_unless_template_is_asked(tmp_path, chat_tok, tiny_tokenizer):
+    sample = {"prompt": "\n\nHuman: hi\n\nAssistant: hey\n\nHuman: tell me a joke\n\nAssistant:",
+              "chosen": " a joke", "rejected": " no"}
+    upstream = rd.DahoasRmstaticDataset.for_samples()
+    assert rd.apply_chat_format(upstream, chat_tok, "auto") is upstream  # upstream recipes see upstream's tokens
+    templated = rd.apply_chat_format(upstream, chat_tok, "template")
+    want = chat_tok.apply_chat_template([user("hi"), bot("hey"), user("tell me a joke")], tokenize=False,
+                                        add_generation_prompt=True)
+    assert templated.get_prompt(sample) == want and templated.get_chosen(sample) == "a joke<|im_end|>"
+    # Plain prompt/chosen/rejected files are used as written (selection's pairs are already rendered).
+    f = write(tmp_path / "pairs.jsonl", [{"prompt": want, "chosen": "a joke<|im_end|>", "rejected": "no"}] * 3)
+    assert du.get_raw_dataset(f, "", 1, -1, tokenizer=chat_tok, chat_format="template").get_prompt(
+        {"prompt": want}) == want
+    with pytest.raises(UserError, match="--chat_format template: the tokenizer has no chat template"):
+        rd.apply_chat_format(upstream, tiny_tokenizer, "template")
+    with pytest.raises(UserError, match="--chat_format nope"):
+        rd.chat_renderer(chat_tok, "nope")

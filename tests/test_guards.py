@@ -18,6 +18,7 @@ from dschat.rlhf.health import (
     KeepBest,
     distinct_n,
     generation_health,
+    identical_share,
     is_degenerate,
     load_gold_reward,
     mean_gold,
@@ -111,6 +112,45 @@ def test_monitor_likelihood_displacement_needs_both_log_probs_falling():
     new = monitor.observe(2, {"health/logps_chosen_per_token": -3.5, "health/logps_rejected_per_token": -4.5})
     assert [w.signal for w in new] == ["health/logps_chosen_per_token"]
     assert "likelihood displacement" in new[0].message and "1.5" in new[0].message
+
+
+def rm_eval(accuracy: float, margin: float, identical: float = 0.0) -> dict[str, float]:
+    return {"health/reward_accuracy": accuracy, "health/reward_margin": margin,
+            "health/reward_identical_share": identical}
+
+
+def test_reward_model_at_chance_is_judged_after_the_first_evaluation():
+    def monitor():
+        return HealthMonitor("step2_model", HealthThresholds(min_entropy_ratio=0, max_kl=0, max_degenerate_share=0,
+                                                             max_logp_drop=0, rm_min_accuracy=0.55,
+                                                             rm_max_identical_share=0.5))
+
+    untrained = monitor()  # learning rate 0: every evaluation repeats the first, whatever it happens to be
+    assert untrained.observe(0, rm_eval(0.62, 0.03)) == []  # before training: the baseline, not judged
+    new = untrained.observe(10, rm_eval(0.62, 0.03))
+    assert [w.signal for w in new] == ["reward_at_chance"] and "no better than before training" in new[0].message
+    assert untrained.summary()["status"] == "unhealthy" and untrained.summary()["active"] == ["reward_at_chance"]
+    coin = monitor()
+    coin.observe(0, rm_eval(0.40, -0.1))
+    assert [w.signal for w in coin.observe(5, rm_eval(0.52, 0.2))] == ["reward_at_chance"]  # a coin, even if better
+    trained = monitor()
+    trained.observe(0, rm_eval(0.50, 0.0))
+    assert trained.observe(5, rm_eval(0.58, 0.1)) == [] and trained.observe(9, rm_eval(0.8, 0.9)) == []
+    assert trained.summary()["status"] == "ok"
+    # The SmolLM2 failure: the score read at a token the two answers share is the same for both, at once.
+    reading = monitor()
+    new = reading.observe(0, rm_eval(0.0, 0.0, identical=1.0))
+    assert [w.signal for w in new] == ["reward_identical"] and "same score in 100%" in new[0].message
+    # off when set to 0; policy stages never see these signals
+    off = HealthMonitor("x", HealthThresholds())
+    off.observe(0, rm_eval(0.5, 0.0, 1.0))
+    assert off.observe(1, rm_eval(0.5, 0.0, 1.0)) == []
+
+
+def test_identical_share_by_hand():
+    chosen = torch.tensor([1.0, 2.0, -3.0, 1e6])
+    rejected = torch.tensor([1.0, 2.5, -3.0, 1e6 + 1.0])  # equal, different, equal, equal up to rounding
+    assert identical_share(chosen, rejected).item() == pytest.approx(0.75)
 
 
 def test_keep_best_keeps_the_first_of_equal_scores_and_ignores_nan():

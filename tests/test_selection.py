@@ -263,7 +263,7 @@ def test_two_ranks_equal_one_killed_and_resumed_rank(select_assets, tinystories_
     two = tmp_path / "two_ranks"
     _check(run_ds(SELECT, _select_args(select_assets, tinystories_dir, two), num_ranks=2, env=QUIET))
     manifest = json.loads((two / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["data"]["filtered"] == 0
+    assert manifest["world_size"] == 2 and manifest["data"]["prompt_too_long"] == 0
     assert manifest["counts"]["prompts"] == 40  # every record: a local file without eval split, as step 3 reads it
     assert manifest["shards"]["count"] == 5
     easy, hard = _read_jsonl(two / "easy.jsonl"), _read_jsonl(two / "hard.jsonl")

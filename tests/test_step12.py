@@ -22,9 +22,12 @@ def _train_losses(output_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if r["phase"] == "train"]
 
 
+def _rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _eval_rows(output_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["phase"] == "eval"]
+    return [r for r in _rows(output_dir) if r["phase"] == "eval"]
 
 
 def _assert_ok(proc):
@@ -92,6 +95,12 @@ def test_reward_model_beats_chance_and_keeps_upstream_layout(rm_one_rank, tiny_r
     # points with the batch order (0.68-0.75 seen with and without length grouping), so no tighter bound.
     assert evals[-1]["accuracy"] > 0.65 and evals[-1]["accuracy"] > evals[0]["accuracy"], evals
     assert "acc (higher is better)" in proc.stdout
+    # A reward model that learned passes its health check; what the data build dropped is on record.
+    report = json.loads((rm_dir / "health.json").read_text())
+    assert report["status"] == "ok" and report["warnings"] == [] and report["checks"] == len(evals)
+    assert "HEALTH WARNING" not in proc.stdout
+    data = next(r for r in _rows(rm_dir) if r["phase"] == "data")
+    assert data["train_rows"] > 0 and data["train_truncated"] == 0 and data["keep_truncated"] == 0
     state = torch.load(rm_dir / "pytorch_model.bin", weights_only=True)
     assert "v_head.weight" in state and all(k == "v_head.weight" or k.startswith("rwtransformer.") for k in state)
     assert "v_head.bias" not in state
@@ -102,6 +111,29 @@ def test_reward_model_beats_chance_and_keeps_upstream_layout(rm_one_rank, tiny_r
 
     assert json.loads((rm_dir / REWARD_ENDING_FILE).read_text())["end_text"] == "eos"
     assert resolve_reward_ending(str(rm_dir)) == "eos"
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["warns", "stops"])
+def test_reward_model_that_learns_nothing_is_flagged(stop, easy_pairs, sft_one_rank, tmp_path, run_ds):
+    """Learning rate 0: the head stays as initialised, so held-out accuracy and margin stay where they were
+    before training. health.json says so (the pipeline's contract); --stop_on_collapse stops with exit 3."""
+    out = tmp_path / "rm"
+    proc = run_ds(STEP2, [
+        "--data_path", str(easy_pairs), "--model_name_or_path", str(sft_one_rank[0]),
+        "--num_padding_at_beginning", "0", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size",
+        "32", "--max_seq_len", "64", "--learning_rate", "0", "--max_steps", "2", "--eval_interval", "2",
+        "--eval_iters", "2", "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(out),
+        *(["--stop_on_collapse"] if stop else []),
+    ], num_ranks=0)
+    assert proc.returncode == (3 if stop else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "health.json").read_text())
+    assert report["status"] == ("stopped" if stop else "unhealthy") and report["active"] == ["reward_at_chance"]
+    (warning,) = report["warnings"]
+    assert warning["signal"] == "reward_at_chance" and warning["step"] == 2
+    assert "HEALTH WARNING [step2_model] step 2: reward_at_chance" in proc.stdout
+    assert (out / "pytorch_model.bin").exists() != stop  # a stopped run leaves a state, not a model
+    if stop:
+        assert (out / "checkpoints").is_dir()
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def base_args(assets: dict[str, Path], output_dir: Path, **overrides) -> list[st
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The metric records (not the progress records the pipeline's heartbeat reads)."""
+    """The metric records (not the progress records the pipeline's heartbeat reads, nor the step-0 "data" record)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if is_metric_record(r)]
 

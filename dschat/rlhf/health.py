@@ -13,6 +13,13 @@ make that visible while it happens:
 - `health/truncated_share`: share of answers that hit the length limit without ending.
 - DPO: `health/logps_chosen_per_token` / `..._rejected_...` at each eval; both falling far below
   their first value is likelihood displacement.
+- Reward model (step 2): `health/reward_accuracy`, `health/reward_margin` (held-out pairwise accuracy and
+  mean margin) and `health/reward_identical_share` (share of held-out pairs whose chosen and rejected
+  scores are equal). Signals `reward_at_chance` (from the second evaluation on, the first being before
+  training: accuracy at or below a coin's allowance, or accuracy and margin no better than before training)
+  and `reward_identical` (the reward is read where the two answers are the same, e.g. a turn-end token
+  inside the prompt). The pipeline will not start selection from a reward model whose health.json says
+  `unhealthy` with one of them.
 
 `HealthMonitor` compares them with documented thresholds and prints one warning line per signal when
 it crosses; `health_summary()` is what a run writes to `OUTPUT/health.json`. `KeepBest` tracks the
@@ -42,6 +49,9 @@ BEST_FILE = "best.json"
 # Exit status of a run stopped by --stop_on_collapse (2 is a user error, 143 SIGTERM).
 COLLAPSE_EXIT_CODE = 3
 DEGENERATE_REPEAT_SHARE = 0.5
+# Step 2's defaults: a coin's 0.5 plus an allowance for the noise of a small held-out set, and half the pairs.
+REWARD_MIN_ACCURACY = 0.55
+REWARD_MAX_IDENTICAL_SHARE = 0.5
 
 
 # --------------------------------------------------------------------------------------------- pure signals
@@ -108,12 +118,56 @@ def generation_health(answers: Sequence[Sequence[int]], max_new_tokens: int) -> 
 @dataclass
 class HealthThresholds:
     """When a signal counts as unhealthy (0 disables a check); the defaults of the `--health_*` flags
-    (`dschat.utils.args.HealthSettings`, whose `health_thresholds` builds this)."""
+    (`dschat.utils.args.HealthSettings`, whose `health_thresholds` builds this; step 2's
+    `RewardHealthSettings.health_thresholds` sets only the `rm_*` ones, to REWARD_MIN_ACCURACY and
+    REWARD_MAX_IDENTICAL_SHARE by default)."""
 
     min_entropy_ratio: float = 0.2      # health/entropy below this fraction of its first value
     max_kl: float = 25.0                # objective/kl (nats per answer) above this
     max_degenerate_share: float = 0.5   # health/degenerate_share above this
     max_logp_drop: float = 1.0          # DPO: chosen AND rejected per-token log-probs fell by more (nats)
+    rm_min_accuracy: float = 0.0        # step 2: held-out accuracy at or below this is at chance (0.55 there)
+    rm_max_identical_share: float = 0.0  # step 2: this share of held-out pairs scored equal or more (0.5 there)
+
+
+REWARD_BASELINE_KEYS = ("health/reward_accuracy", "health/reward_margin")
+# Signals of a reward model that learned nothing: `mpo pipeline` refuses to select with one flagged so.
+REWARD_SIGNALS = ("reward_at_chance", "reward_identical")
+
+
+def reward_model_problems(t: HealthThresholds, metrics: dict[str, float], baseline: dict[str, float] | None
+                          ) -> list[tuple[str, float, float, str]]:
+    """(signal, value, threshold, message) of a reward model's held-out evaluation. `baseline` holds the first
+    evaluation's values (before training) and is None at that first evaluation: at-chance is judged only
+    after training began, identical scores at every evaluation (they are a reading error, not a lack of
+    training)."""
+    found = []
+    accuracy, margin = metrics.get("health/reward_accuracy"), metrics.get("health/reward_margin")
+    if t.rm_min_accuracy and accuracy is not None and margin is not None and baseline is not None:
+        first_accuracy = baseline.get("health/reward_accuracy", accuracy)
+        first_margin = baseline.get("health/reward_margin", margin)
+        coin = accuracy <= t.rm_min_accuracy
+        no_gain = accuracy <= first_accuracy and margin <= first_margin
+        if coin or no_gain:
+            why = (f"at or below {t.rm_min_accuracy:g}" if coin else
+                   f"no better than before training ({first_accuracy:.3f}, margin {first_margin:.4g})")
+            found.append(("reward_at_chance", accuracy, t.rm_min_accuracy,
+                          f"the reward model is at chance: held-out accuracy {accuracy:.3f}, mean margin "
+                          f"{margin:.4g}, {why}; it learned nothing a selection could use (check that the reward "
+                          "is read at each answer's end, the learning rate, and that the pairs differ)"))
+    identical = metrics.get("health/reward_identical_share")
+    if t.rm_max_identical_share and identical is not None and identical >= t.rm_max_identical_share:
+        found.append(("reward_identical", identical, t.rm_max_identical_share,
+                      f"chosen and rejected get the same score in {identical:.0%} of held-out pairs (limit "
+                      f"{t.rm_max_identical_share:.0%}): the reward is read where the two answers are the same, "
+                      "e.g. at a turn-end token inside the prompt"))
+    return found
+
+
+def identical_share(chosen: torch.Tensor, rejected: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Share of pairs whose two scores are equal up to `rtol` of their size (float scalar)."""
+    scale = torch.maximum(chosen.abs(), rejected.abs()).clamp(min=1.0)
+    return ((chosen - rejected).abs() <= rtol * scale).float().mean()
 
 
 @dataclass
@@ -141,9 +195,12 @@ class HealthMonitor:
     def _problems(self, metrics: dict[str, float]) -> list[tuple[str, float, float, str]]:
         t = self.thresholds
         found = []
-        for key in ("health/entropy", "health/logps_chosen_per_token", "health/logps_rejected_per_token"):
+        reward_judged = "health/reward_accuracy" in self.baseline  # the first evaluation is the baseline
+        for key in ("health/entropy", "health/logps_chosen_per_token", "health/logps_rejected_per_token",
+                    *REWARD_BASELINE_KEYS):
             if key in metrics and key not in self.baseline:
                 self.baseline[key] = metrics[key]
+        found += reward_model_problems(t, metrics, self.baseline if reward_judged else None)
         entropy = metrics.get("health/entropy")
         first = self.baseline.get("health/entropy")
         if t.min_entropy_ratio and entropy is not None and first and first > 0:

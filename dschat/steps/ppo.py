@@ -34,7 +34,7 @@ from dschat.utils.build import (
     set_gradient_checkpointing,
 )
 from dschat.utils.data.collators import DataCollatorRLHF, MiniDataset
-from dschat.utils.data.prompt_datasets import create_prompt_dataset, get_unsupervised_data
+from dschat.utils.data.prompt_datasets import create_prompt_dataset, data_record, get_unsupervised_data
 from dschat.utils.device import to_device
 from dschat.utils.dist import all_reduce, barrier, get_local_rank, is_rank_0
 from dschat.utils.ema import ExponentialMovingAverage, moving_average
@@ -48,6 +48,7 @@ from dschat.utils.seeding import set_random_seed
 from dschat.utils.trainer import (
     MetricLogger,
     ResumableRun,
+    log_data_record,
     make_loader,
     reduce_mean_metrics,
 )
@@ -76,7 +77,8 @@ def prepare(settings):
     prompts, held_out = create_prompt_dataset(
         get_local_rank(), settings.data_path, settings.data_split, settings.data_output_path, 3, settings.seed, tokenizer,
         settings.max_prompt_seq_len, end_of_conversation_token=end_of_text(settings, tokenizer),
-        rebuild=settings.rebuild_data_cache, column_map=settings.column_map,
+        rebuild=settings.rebuild_data_cache, column_map=settings.column_map, chat_format=settings.chat_format,
+        keep_truncated=settings.keep_truncated,
     )
     if len(prompts) == 0:
         raise UserError(f"--data_path {' '.join(settings.data_path)}: no prompts of at most --max_prompt_seq_len "
@@ -173,6 +175,7 @@ class PPOLoop(ResumableRun):
         self.monitor = health.HealthMonitor("step3", settings.health_thresholds)
         self.best = health.KeepBest(f"eval/{settings.best_metric}")
         self.evaluator: HeldOutEvaluator | None = None
+        self.data_record = data_record(prompt_loader.dataset)  # what the prompt build dropped (logged at step 0)
 
     # ---- state
     def _ema_partitioned(self) -> bool:
@@ -259,6 +262,7 @@ class PPOLoop(ResumableRun):
                 self.logger.start(self.global_step, self._total_steps(), epochs=self.settings.num_train_epochs,
                                   steps_per_epoch=per_epoch)
                 if self.global_step == 0:
+                    log_data_record(self.logger, self.data_record, self.settings)
                     self._maybe_evaluate()
                 self._run_epochs()
         finally:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dschat.rlhf import health
 from dschat.steps import train_main
 from dschat.utils import args as flags
 from dschat.utils.build import (
@@ -26,7 +27,7 @@ from dschat.utils.trainer import Trainer
 
 
 @dataclass(frozen=True, kw_only=True)
-class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings):
+class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings, flags.RewardHealthSettings):
     """Every setting of step 2 (its flags, DeepSpeed-Chat's names and defaults)."""
 
     description = "Step 2: reward model fine-tuning (DeepSpeed-Chat compatible flags)."
@@ -43,8 +44,17 @@ parse_args = RewardSettings.parse_args
 
 
 class RewardTrainer(Trainer):
+    """Bradley-Terry training; each evaluation also feeds the reward-model health checks (`health.json`:
+    a reward model that learned nothing is flagged before selection builds on it). The scores it judges are
+    the model's own `chosen_mean_scores`/`rejected_mean_scores`, read by the one reward reader
+    (`RewardModel.read_end_scores`)."""
+
     name = "step2_model"
     rows_per_sample = 2
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.monitor = health.HealthMonitor("step2_model", self.settings.health_thresholds)
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.engine(input_ids=batch["input_ids"], attention_mask=self.model_attention_mask(batch),
@@ -63,7 +73,7 @@ class RewardTrainer(Trainer):
         if self.eval_loader is None:
             return {}
         self.engine.eval()
-        sums = torch.zeros(4, device=self.device)
+        sums = torch.zeros(5, device=self.device)
         count = 0
         for i, batch in enumerate(self.eval_loader):
             if self.settings.eval_iters and i >= self.settings.eval_iters:
@@ -73,15 +83,30 @@ class RewardTrainer(Trainer):
                               sequence_mask=batch["attention_mask"], use_cache=False)
             chosen, rejected = out["chosen_mean_scores"].float(), out["rejected_mean_scores"].float()
             sums += torch.stack([out["loss"].float(), pairwise_accuracy(chosen, rejected), chosen.mean(),
-                                 rejected.mean()])
+                                 rejected.mean(), health.identical_share(chosen, rejected)])
             count += 1
-        loss, acc, chosen, rejected = get_all_reduce_mean(sums / max(1, count)).tolist()
+        loss, acc, chosen, rejected, identical = get_all_reduce_mean(sums / max(1, count)).tolist()
         print_rank_0(f"chosen_last_scores (higher is better) : {chosen}, rejected_last_scores (lower is better) : "
                      f"{rejected}, acc (higher is better) : {acc}")
         return {"loss": loss, "accuracy": acc, "rewards/chosen": chosen, "rewards/rejected": rejected,
-                "rewards/margins": chosen - rejected}
+                "rewards/margins": chosen - rejected, "identical_share": identical}
+
+    def after_eval(self, metrics: dict[str, float]) -> None:
+        """The reward-model health checks on the held-out numbers (every rank sees the same reduced ones);
+        --stop_on_collapse stops with a saved state and exit status 3."""
+        signals = {"health/reward_accuracy": metrics["accuracy"], "health/reward_margin": metrics["rewards/margins"],
+                   "health/reward_identical_share": metrics["identical_share"]}
+        health.check_health(self.monitor, self.global_step, signals, self.settings.output_dir,
+                            self.settings.stop_on_collapse, self.save_state)
+
+    def extra_state(self) -> dict:
+        return {"health_baseline": self.monitor.baseline}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.monitor.baseline.update(state.get("health_baseline", {}))
 
     def save_model(self) -> None:
+        health.write_health(self.settings.output_dir, self.monitor)
         record = reward_ending_record(end_of_text(self.settings, self.tokenizer), self.tokenizer)
         save_trained_model(self.settings, self.engine, self.tokenizer, "the reward model", "step2 reward model",
                            save=save_reward_model, extra_files={REWARD_ENDING_FILE: record})

@@ -17,8 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dschat.rlhf.health import HealthThresholds, load_gold_reward
-from dschat.utils.data.raw_datasets import parse_column_map
+from dschat.rlhf.health import (
+    REWARD_MAX_IDENTICAL_SHARE,
+    REWARD_MIN_ACCURACY,
+    HealthThresholds,
+    load_gold_reward,
+)
+from dschat.utils.data.raw_datasets import CHAT_FORMATS, parse_column_map
 from dschat.utils.ds_utils import load_user_ds_config, resolve_dtype
 from dschat.utils.errors import UserError
 from dschat.utils.fingerprint import check_weight_files
@@ -87,6 +92,18 @@ class DataSettings(Settings):
     end_of_conversation_token: str | None = flag(
         None, "Text appended to every training sample (default: the tokenizer's eos token, the same ending for "
               "SFT, RM and PPO).", own_default=True)
+    chat_format: str = flag(
+        "auto", "Which texts go through the tokenizer's chat template (when it has one): auto: conversational data "
+                "and HH-RLHF dialogues (Anthropic/hh-rlhf, local {chosen, rejected} dialogue files), while "
+                "DeepSpeed-Chat's named datasets (Dahoas/rm-static, ...) keep upstream's text; template: those "
+                "too; raw: none (HH dialogues as written, conversations as HH turns). Local files of plain "
+                "prompt/chosen/rejected strings (e.g. selection's easy/hard pairs) are used as written. Selection "
+                "and evaluation render prompts the same way.", choices=CHAT_FORMATS)
+    keep_truncated: bool = flag(
+        False, "Keep what the length limits cut: rows whose answer --max_seq_len cuts away entirely, pairs where it "
+               "does so to either side or leaves both sides identical (kept as upstream did), and prompts longer "
+               "than --max_prompt_seq_len (step 3 and selection: cut to their last tokens). By default they are "
+               "dropped; either way they are counted (console, metrics.jsonl, model card, selection manifest).")
 
     @property
     def column_map(self) -> dict[str, str]:
@@ -418,6 +435,7 @@ GREEDY = SamplingSettings()
 
 
 HEALTH_GROUP = "health guards (warn when training destroys the policy; 0 disables a check)"
+REWARD_HEALTH_GROUP = "health guards (warn when the reward model learns nothing; 0 disables a check)"
 HELD_OUT_GROUP = "held-out evaluation and keeping the best model"
 _THRESHOLDS = HealthThresholds()
 
@@ -453,6 +471,30 @@ class HealthSettings(Settings):
             value = getattr(self, name)
             if not isinstance(value, bool) and value < 0:  # nan/inf never parse (finite floats)
                 raise UserError(f"--{name} {value}: must be a finite number >= 0 (0 disables the check)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardHealthSettings(Settings):
+    """When step 2 flags a reward model that learned nothing (health.json, which `mpo pipeline` reads before
+    selecting with it). The policy checks are off there: there is no policy."""
+
+    flag_group = REWARD_HEALTH_GROUP
+
+    health_rm_min_accuracy: float = flag(
+        REWARD_MIN_ACCURACY, "From the second evaluation on (the first is before training), warn (reward_at_chance) "
+                             "when the held-out accuracy is at or below this, or when accuracy and mean margin are "
+                             "no better than before training.", low=0.0, high=1.0)
+    health_rm_max_identical_share: float = flag(
+        REWARD_MAX_IDENTICAL_SHARE, "Warn (reward_identical) when at least this share of held-out pairs get the "
+                                    "same score for chosen and rejected (the reward is read where the two are the "
+                                    "same).", low=0.0, high=1.0)
+    stop_on_collapse: bool = same_flag(HealthSettings, "stop_on_collapse")
+
+    @property
+    def health_thresholds(self) -> HealthThresholds:
+        return HealthThresholds(min_entropy_ratio=0.0, max_kl=0.0, max_degenerate_share=0.0, max_logp_drop=0.0,
+                                rm_min_accuracy=self.health_rm_min_accuracy,
+                                rm_max_identical_share=self.health_rm_max_identical_share)
 
 
 @dataclass(frozen=True, kw_only=True)

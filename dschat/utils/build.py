@@ -190,7 +190,8 @@ def stage_datasets(settings: TrainStageSettings, tokenizer, phase: int, **extra)
     return create_prompt_dataset(
         get_local_rank(), settings.data_path, settings.data_split, settings.data_output_path, phase, settings.seed,
         tokenizer, settings.max_seq_len, end_of_conversation_token=end_of_text(settings, tokenizer),
-        rebuild=settings.rebuild_data_cache, column_map=settings.column_map, **extra,
+        rebuild=settings.rebuild_data_cache, column_map=settings.column_map, chat_format=settings.chat_format,
+        keep_truncated=settings.keep_truncated, **extra,
     )
 
 

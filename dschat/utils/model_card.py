@@ -24,11 +24,15 @@ from huggingface_hub import HfApi
 from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.files import atomic_write_text, read_jsonl
-from dschat.utils.progress_records import is_metric_record
+from dschat.utils.progress_records import is_data_record, is_metric_record
 
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.json"
+DATA_NOTE = ("Per split: `rows` trained on; `skipped`: samples without a usable prompt or answer; `truncated`: "
+             "answers the length limit cut away entirely; `identical`: pairs whose two sides were the same tokens "
+             "after truncation; `prompt_too_long`: prompts over the prompt limit. These were left out unless "
+             "`keep_truncated` is 1.")
 # Settings that say where a process runs, not how the model was made.
 _RUNTIME_SETTINGS = ("local_rank", "deepspeed", "deepscale", "deepscale_config", "print_loss")
 
@@ -44,16 +48,22 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _records(output_dir: str | os.PathLike) -> list[dict]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    # a killed run may leave a torn last line
+    return [r for r in read_jsonl(path, skip_unreadable=True) if isinstance(r, dict) and "phase" in r]
+
+
 def last_metrics(output_dir: str | os.PathLike) -> dict[str, dict]:
     """The last record of each phase ("train", "eval", ...) in OUTPUT/metrics.jsonl."""
-    path = Path(output_dir) / METRICS_FILE
-    last: dict[str, dict] = {}
-    if not path.is_file():
-        return last
-    for record in read_jsonl(path, skip_unreadable=True):  # a killed run may leave a torn last line
-        if isinstance(record, dict) and "phase" in record and is_metric_record(record):
-            last[record["phase"]] = record
-    return last
+    return {record["phase"]: record for record in _records(output_dir) if is_metric_record(record)}
+
+
+def data_counts(output_dir: str | os.PathLike) -> dict | None:
+    """The run's step-0 "data" record (rows per split and what the data build left out), None without one."""
+    return next((record for record in reversed(_records(output_dir)) if is_data_record(record)), None)
 
 
 def data_manifests(data_paths: Sequence[str]) -> dict[str, dict]:
@@ -77,6 +87,10 @@ def _manifest_rows(manifest: Mapping[str, Any]) -> list[tuple[str, Any]]:
             rows.append((key, manifest[key]))
     for key, value in (manifest.get("counts") or {}).items():
         rows.append((f"count: {key}", value))
+    data = manifest.get("data") or {}
+    for key in ("skipped", "prompt_too_long", "answers_truncated", "keep_truncated", "chat_format"):
+        if data.get(key) is not None:
+            rows.append((f"data: {key}", data[key]))
     return rows
 
 
@@ -94,6 +108,10 @@ def render_card(stage: str, settings: Mapping[str, Any], metrics_dir: str | os.P
     ]
     for path, manifest in data_manifests(data_paths).items():
         parts += [f"## How `{path}` was made", "", table(_manifest_rows(manifest), ("field", "value")), ""]
+    data = data_counts(metrics_dir)
+    if data is not None:
+        parts += ["## Data: rows used and left out", "", DATA_NOTE, "",
+                  table([(k, v) for k, v in data.items() if k not in ("phase", "step")], ("count", "value")), ""]
     for phase, record in metrics.items():
         rows = [(k, v) for k, v in record.items() if k != "phase"]
         parts += [f"## Final {phase} metrics", "", table(rows, ("metric", "value")), ""]

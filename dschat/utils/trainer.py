@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from dschat.utils import startup
-from dschat.utils.args import LoggingSettings, PrintLossSettings
+from dschat.utils.args import DataSettings, LoggingSettings, PrintLossSettings
 from dschat.utils.checkpoint import (
     find_latest_state,
     load_training_state,
@@ -31,6 +31,7 @@ from dschat.utils.checkpoint import (
     save_training_state,
     state_identity,
 )
+from dschat.utils.data.prompt_datasets import data_record
 from dschat.utils.device import to_device
 from dschat.utils.dist import (
     all_reduce,
@@ -45,7 +46,7 @@ from dschat.utils.errors import UserError
 from dschat.utils.files import atomic_write_text, jsonl_lines
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.printing import print_rank_0
-from dschat.utils.progress_records import progress_record, start_record
+from dschat.utils.progress_records import data_counts_record, progress_record, start_record
 from dschat.utils.safe_paths import open_append
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -228,6 +229,12 @@ class MetricLogger:
         if self.rank0:
             self._append(progress_record(step, **fields))
 
+    def data_counts(self, counts: Mapping[str, int]) -> None:
+        """The step-0 "data" record: rows per split and what the data build left out. Counts, not metrics:
+        trackers and curves do not see it, the model card shows it."""
+        if self.rank0 and counts:
+            self._append(data_counts_record(0, counts))
+
     def log(self, step: int, phase: str, metrics: dict[str, float], echo: bool = True) -> None:
         if not self.rank0:
             return
@@ -254,6 +261,13 @@ class MetricLogger:
 def _fmt(value: float) -> str:
     value = float(value)
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def log_data_record(logger: MetricLogger, record: dict[str, int], settings: DataSettings) -> None:
+    """The run's "data" record at step 0 (metrics.jsonl, hence the model card): rows per split and what the
+    data build left out or cut (`dschat.utils.data.prompt_datasets.data_record`), with --keep_truncated."""
+    if record:
+        logger.data_counts({**record, "keep_truncated": int(settings.keep_truncated)})
 
 
 def reduce_mean_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
@@ -445,6 +459,7 @@ class Trainer(ResumableRun):
         self.eval_loader = (make_loader(eval_dataset, settings.per_device_eval_batch_size, collate_fn,
                                         shuffle=False, seed=0) if eval_dataset is not None and len(eval_dataset) else None)
         self.logger = MetricLogger.from_settings(settings, self.name)
+        self.data_record = data_record(train_dataset, eval_dataset)
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -499,6 +514,7 @@ class Trainer(ResumableRun):
             self.logger.start(self.global_step, total, epochs=self.settings.num_train_epochs,
                               steps_per_epoch=self.updates_per_epoch)
             if self.global_step == 0 and self.step_in_epoch == 0:
+                log_data_record(self.logger, self.data_record, self.settings)
                 self._log_eval()
             self._run_epochs(total)
             check_finite_weights(self.engine.module, self.global_step)

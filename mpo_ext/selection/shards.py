@@ -121,14 +121,18 @@ class ShardWorker:
     """Generates and scores one shard at a time (both answers of a prompt come from one batch)."""
 
     def __init__(self, settings: SelectionSettings, items: list[dict], prompt_tokenizer, scorer: RewardScorer,
-                 generator: Generator | None = None, lockstep: bool = False):
+                 generator: Generator | None = None, lockstep: bool = False,
+                 max_prompt_tokens: int | None = None):
         self.settings = settings
         self.items = items
         self.tokenizer = prompt_tokenizer
         self.scorer = scorer
         self.generator = generator
         self.lockstep = lockstep
-        self.prompt_ids = (prompt_tokenizer([it["prompt"] for it in items])["input_ids"]
+        # A prompt over `max_prompt_tokens` (--max_prompt_seq_len) is here only under --keep_truncated: the
+        # sampler sees its end.
+        self.prompt_ids = ([ids[-max_prompt_tokens:] if max_prompt_tokens else ids for ids in
+                            prompt_tokenizer([it["prompt"] for it in items])["input_ids"]]
                            if generator is not None else None)
         self.lengths = ([len(x) for x in self.prompt_ids] if self.prompt_ids is not None
                         else [len(it["prompt"]) for it in items])

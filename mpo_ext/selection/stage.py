@@ -256,7 +256,8 @@ def run(settings: SelectionSettings) -> dict | None:
                               max_seq_len=settings.max_prompt_seq_len + settings.max_answer_seq_len,
                               batch_size=settings.per_device_eval_batch_size, share_prompts=True)
         worker = ShardWorker(settings, items, sft_tokenizer or rm_tokenizer, scorer, generator,
-                             lockstep=settings.zero_stage == 3 and world > 1)
+                             lockstep=settings.zero_stage == 3 and world > 1,
+                             max_prompt_tokens=settings.max_prompt_seq_len)
         assignments = [assign_shards(pending, r, world) for r in range(world)]
         start = time.time()
         try:
@@ -290,8 +291,9 @@ def merge_shards_and_write_outputs(settings: SelectionSettings, output_dir: Path
     raw_records = read_shards(output_dir, len(shards))
     extra = {
         "data": {"data_path": settings.data_path, "data_split": settings.data_split,
-                 "data_phase": settings.data_phase,
-                 "max_prompts": settings.max_prompts, "hash": digest, **load_stats},
+                 "data_phase": settings.data_phase, "max_prompts": settings.max_prompts,
+                 "chat_format": settings.chat_format, "keep_truncated": settings.keep_truncated, "hash": digest,
+                 **load_stats},
         "shards": {"size": settings.shard_size, "count": len(shards), "done_before_this_run": done_before},
         "world_size": get_world_size(),
         "dtype": settings.resolved_dtype,

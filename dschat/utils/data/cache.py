@@ -33,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX: file_lock is a no-op there
     fcntl = None
 
-DATA_CACHE_VERSION = 2  # bump when the cached layout or the way texts are built changes
+DATA_CACHE_VERSION = 3  # bump when the cached layout or the way texts are built changes
 CACHE_WAIT_TIMEOUT_ENV = "DSCHAT_DATA_CACHE_TIMEOUT"
 DEFAULT_CACHE_WAIT_S = 3600.0
 FULL_HASH_LIMIT = 64 << 20
@@ -120,9 +120,11 @@ def tokenizer_fingerprint(tokenizer, end_of_conversation_token: str) -> dict[str
 
 def data_cache_key(data_path: Sequence[str], data_split: str | None, train_phase: int, seed: int | None,
                    tokenizer, max_seq_len: int, end_of_conversation_token: str,
-                   sft_only_data_path: Sequence[str] = (), text_format: Mapping[str, Any] | None = None) -> str:
+                   sft_only_data_path: Sequence[str] = (), text_format: Mapping[str, Any] | None = None,
+                   keep_truncated: bool = False) -> str:
     payload = {
         "text_format": dict(text_format or {}),
+        "keep_truncated": bool(keep_truncated),
         "version": DATA_CACHE_VERSION,
         "data_path": list(data_path),
         "data_split": data_split,
@@ -137,10 +139,11 @@ def data_cache_key(data_path: Sequence[str], data_split: str | None, train_phase
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def text_format(tokenizer, column_map: Mapping[str, str] | None) -> dict[str, Any]:
-    """What else decides the texts: the column mapping and the chat template that renders messages."""
+def text_format(tokenizer, column_map: Mapping[str, str] | None, chat_format: str = "auto") -> dict[str, Any]:
+    """What else decides the texts: the column mapping, the chat template that renders messages and
+    --chat_format (which sources it renders)."""
     return {"column_map": dict(sorted((column_map or {}).items())),
-            "chat_template": getattr(tokenizer, "chat_template", None)}
+            "chat_template": getattr(tokenizer, "chat_template", None), "chat_format": chat_format}
 
 
 def data_cache_files(output_path: str | os.PathLike, key: str) -> tuple[Path, Path]:

@@ -49,15 +49,19 @@ from dschat.utils.data.collators import (
     round_up,
 )
 from dschat.utils.data.prompt_datasets import (
+    FILTER_REASONS,
     PromptDataset,
+    answer_token_count,
     check_data_path,
     create_dataset,
     create_dataset_split,
     create_prompt_dataset,
+    data_record,
     get_raw_dataset,
     get_unsupervised_data,
     load_cached_dataset,
     looks_like_path,
+    report_filtered,
     unknown_dataset_error,
 )
 from dschat.utils.data.splits import (
@@ -78,13 +82,14 @@ from dschat.utils.data.splits import (
 
 __all__ = [
     "CACHE_FILE_MODE", "CACHE_WAIT_TIMEOUT_ENV", "DATA_CACHE_VERSION", "DEFAULT_CACHE_WAIT_S", "DEFAULT_DATA_SPLIT",
-    "EDGE_HASH_BYTES", "FULL_HASH_LIMIT", "MARKER_SLACK_S", "TRAIN_EVAL_SPLIT",
+    "EDGE_HASH_BYTES", "FILTER_REASONS", "FULL_HASH_LIMIT", "MARKER_SLACK_S", "TRAIN_EVAL_SPLIT",
     "DataCollatorRLHF", "DataCollatorReward", "DataCollatorSFT", "MiniDataset", "PromptDataset",
-    "batch_width", "build_once", "cache_wait_timeout", "check_data_path", "create_dataset", "create_dataset_split",
-    "create_prompt_dataset", "data_cache_dir", "data_cache_files", "data_cache_key", "default_data_cache_dir",
+    "answer_token_count", "batch_width", "build_once", "cache_wait_timeout", "check_data_path", "create_dataset", "create_dataset_split",
+    "create_prompt_dataset", "data_cache_dir", "data_cache_files", "data_cache_key", "data_record", "default_data_cache_dir",
     "effective_data_split", "file_fingerprint", "file_lock", "get_raw_dataset", "get_raw_dataset_split_index",
     "get_shuffle_idx", "get_unsupervised_data", "is_local_source", "load_cached_dataset", "looks_like_path",
-    "pad_rows", "parse_data_split", "path_fingerprint", "phase_only_split", "phase_rows", "resolve_local_rank",
+    "pad_rows", "parse_data_split", "path_fingerprint", "phase_only_split", "phase_rows", "report_filtered",
+    "resolve_local_rank",
     "round_up", "source_fingerprint", "split_boundaries", "split_index_file", "split_parts", "take_rows",
     "text_format", "tokenizer_fingerprint", "unknown_dataset_error", "wait_for_files",
 ]

@@ -30,6 +30,8 @@ Sample = Mapping[str, Any]
 Splits = Mapping[str, Any]
 
 ASSISTANT_MARKER = "\n\nAssistant:"
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+SINGLE_TURN = re.compile(r"\s*Human:\s?(.*)\sAssistant:\s*", re.S)
 TLDR_MARKER = "TL;DR:"
 LOCAL_DATA_EXTENSIONS = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv")
 EVAL_SPLIT_PREFIXES = ("test", "eval", "validation", "valid", "dev")
@@ -934,6 +936,29 @@ def hh_turns(messages: Sequence[Mapping[str, Any]]) -> str:
                    for m in messages)
 
 
+def hh_messages(text: str) -> list[dict[str, str]]:
+    """The messages of an HH-turn text, the inverse of `hh_turns`: "\\n\\nHuman: q\\n\\nAssistant: a..." and
+    upstream's single-turn " Human: q Assistant:". A trailing empty assistant turn (the HH generation prompt)
+    is dropped and consecutive turns of one role are joined, so strict templates see alternating roles; a
+    text without HH markers is one user message."""
+    pieces = HH_TURN.split(text)
+    if len(pieces) == 1:
+        single = SINGLE_TURN.fullmatch(text)
+        return [{"role": "user", "content": (single.group(1) if single else text).strip()}]
+    messages: list[dict[str, str]] = []
+    if pieces[0].strip():  # a preamble before the first turn belongs to the user
+        messages.append({"role": "user", "content": pieces[0].strip()})
+    for speaker, content in zip(pieces[1::2], pieces[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] = f"{messages[-1]['content']}\n\n{content.strip()}".strip()
+        else:
+            messages.append({"role": role, "content": content.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
 class ChatRenderer:
     """Prompt and answer texts of a conversation: the tokenizer's chat template, else HH turns."""
 
@@ -1146,3 +1171,88 @@ def open_standard_source(name: str, output_path: str, seed: int, local_rank: int
     if isinstance(adapter, StandardLayoutDataset):
         adapter.bind_tokenizer(tokenizer)
     return adapter
+
+
+# --------------------------------------------------------------------------------------------- chat formats
+#
+# `--chat_format` decides which texts go through the tokenizer's chat template (when it has one):
+#   auto      conversational data (the standard layouts' messages) and HH-RLHF dialogues (`Anthropic/hh-rlhf`,
+#             local files of {chosen, rejected} dialogues): what a chat model is trained on. DeepSpeed-Chat's
+#             named datasets (Dahoas/rm-static, ...) keep upstream's fixed texts, so upstream recipes and
+#             checkpoints see the tokens they always saw.
+#   template  DeepSpeed-Chat's named datasets too (their HH or single-turn prompts become messages, see
+#             `hh_messages`). Local files of plain prompt/chosen/rejected strings are taken as already formatted
+#             in every mode: selection writes its easy/hard pairs that way, already rendered.
+#   raw       no template: HH dialogues keep their text, conversations are written as HH turns.
+# The tokenised-data cache key holds the setting (`cache.text_format`).
+
+CHAT_FORMATS = ("auto", "template", "raw")
+
+
+class ChatTemplateView(PromptRawDataset):
+    """Another adapter's samples rendered as conversations through a chat template.
+
+    The adapter's prompt text becomes messages (`hh_messages`) and each answer one assistant turn; the texts
+    are `ChatRenderer`'s (prompt with the generation prompt, answer = the rest, without the final eos).
+    Which samples and splits exist stays the adapter's (`inner`).
+    """
+
+    def __init__(self, inner: PromptRawDataset, renderer: ChatRenderer) -> None:  # no loading: `inner` has the data
+        self.inner = inner
+        self.renderer = renderer
+        for name in ("output_path", "seed", "local_rank", "dataset_name", "dataset_name_clean", "raw_datasets",
+                     "is_local_path", "train_split", "eval_splits"):
+            setattr(self, name, getattr(inner, name))
+
+    def get_train_data(self) -> Any:
+        return self.inner.get_train_data()
+
+    def get_eval_data(self) -> Any | None:
+        return self.inner.get_eval_data()
+
+    def _prompt_messages(self, sample: Sample) -> list[dict[str, str]] | None:
+        text = self.inner.get_prompt(sample)
+        return None if text is None or is_blank(text) else hh_messages(text)
+
+    def get_prompt(self, sample: Sample) -> str | None:
+        messages = self._prompt_messages(sample)
+        return None if messages is None else self.renderer.prompt(messages)
+
+    def _answer(self, sample: Sample, text: str | None) -> str | None:
+        messages = self._prompt_messages(sample)
+        if messages is None or text is None or is_blank(text):
+            return None
+        return self.renderer.answer(messages, [{"role": "assistant", "content": text.strip()}])
+
+    def get_chosen(self, sample: Sample) -> str | None:
+        return self._answer(sample, self.inner.get_chosen(sample))
+
+    def get_rejected(self, sample: Sample) -> str | None:
+        return self._answer(sample, self.inner.get_rejected(sample))
+
+
+def chat_renderer(tokenizer: Any, chat_format: str = "auto") -> ChatRenderer:
+    """The renderer `--chat_format` gives for `tokenizer` (UserError for a bad value, or `template` without one)."""
+    if chat_format not in CHAT_FORMATS:
+        raise UserError(f"--chat_format {chat_format}: expected one of {', '.join(CHAT_FORMATS)}")
+    renderer = ChatRenderer(None if chat_format == "raw" else tokenizer)
+    if chat_format == "template" and tokenizer is not None and not renderer.uses_template:
+        raise UserError("--chat_format template: the tokenizer has no chat template; use --chat_format auto (HH "
+                        "turns for conversations) or a model whose tokenizer has one")
+    return renderer
+
+
+def apply_chat_format(adapter: PromptRawDataset, tokenizer: Any, chat_format: str = "auto") -> PromptRawDataset:
+    """The adapter whose texts follow `--chat_format` for `tokenizer` (see CHAT_FORMATS above)."""
+    renderer = chat_renderer(tokenizer, chat_format)
+    if isinstance(adapter, StandardLayoutDataset):  # renders its own messages; plain strings stay as they are
+        adapter.renderer = renderer
+        return adapter
+    named = type(adapter) in {cls for _, cls in DATASET_ADAPTERS}
+    wrap = isinstance(adapter, HHDialogueDataset) or (chat_format == "template" and named)
+    return ChatTemplateView(adapter, renderer) if wrap and renderer.uses_template else adapter
+
+
+def underlying_adapter(adapter: PromptRawDataset) -> PromptRawDataset:
+    """The adapter that reads the samples (below a `ChatTemplateView`)."""
+    return adapter.inner if isinstance(adapter, ChatTemplateView) else adapter

@@ -102,7 +102,7 @@ def phase_only_split(train_phase: int) -> str:
 
 def is_local_source(raw: PromptRawDataset) -> bool:
     """Local files/dirs, including a local copy whose path contains a known name; `local/jsonfile` is a name."""
-    if isinstance(raw, raw_datasets.LocalJsonFileDataset):
+    if isinstance(raw_datasets.underlying_adapter(raw), raw_datasets.LocalJsonFileDataset):
         return False
     return raw.is_local_path or os.path.exists(raw.dataset_name)
 
