@@ -88,6 +88,15 @@ def test_jsonl_reader_strict_and_torn(tmp_path):
         read_jsonl(tmp_path / "latin1.jsonl")
 
 
+def test_a_line_nested_too_deep_is_an_unreadable_line():
+    """json raises RecursionError, not JSONDecodeError, on a line nested 100k deep: the one reader takes it for
+    an invalid line as well (strict: one UserError naming the line; a log: the line is skipped)."""
+    text = '{"step": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n"
+    with pytest.raises(UserError, match=r"deep.jsonl:2: invalid JSON line \(nested too deep to read"):
+        parse_jsonl(text, "deep.jsonl")
+    assert parse_jsonl(text, "deep.jsonl", skip_unreadable=True) == [{"step": 1}]
+
+
 def test_torn_selection_shard_is_one_line_not_a_traceback(tmp_path):
     """A shard left torn (a disk filled mid-copy) is refused naming the file, line and the fix."""
     from mpo_ext import selection

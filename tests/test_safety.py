@@ -404,6 +404,20 @@ def test_appends_never_follow_a_planted_symlink_or_block_on_a_fifo(tmp_path):
     os.mkfifo(tmp_path / "fifo")  # open() for writing would block until someone reads
     with pytest.raises(UserError, match="not a regular file"):
         open_append(tmp_path / "fifo")
+    # the progress records (start/progress/data) and the pipeline's stage log append the same way
+    with pytest.raises(UserError, match="metrics.jsonl: is a symbolic link"):
+        MetricLogger(str(run), None, "t").start(0, 10)
+    with pytest.raises(UserError, match="metrics.jsonl: is a symbolic link"):
+        MetricLogger(str(run), None, "t").data_counts({"train_rows": 3})
+    from mpo_ext.pipeline.progress import ConsoleFilter, StageProgress
+    from mpo_ext.pipeline.runner import run_stage
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "sft.log").symlink_to(victim)
+    with pytest.raises(UserError, match="sft.log: is a symbolic link"):
+        run_stage([sys.executable, "-c", "print('x')"], tmp_path / "logs" / "sft.log", tmp_path, 60.0,
+                  ConsoleFilter(), StageProgress("sft", tmp_path / "metrics.jsonl"))
+    assert victim.read_text() == "secret\n"
 
 
 def test_a_fresh_run_starts_a_new_metrics_file(tmp_path):
