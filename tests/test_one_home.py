@@ -50,7 +50,8 @@ def test_collectives_on_two_gloo_ranks_and_in_one_process(tmp_path):
         assert out["max"] == 1.0 and out["min"] == 0.0
         assert out["gather"] == [0, 10, 1, 11] and out["objects"] == [{"rank": 0}, {"rank": 1}]
         assert out["broadcast"] == "from 0" and out["any"] is True and out["none"] is False
-    assert not dist.is_initialized()
+    # An earlier test in this process may have joined a one-rank group: both must give the identity.
+    assert not dist.is_initialized() or dist.get_world_size() == 1
     single = torch.tensor([2.0])
     assert collectives.all_reduce(single, "mean") is single and single.item() == 2.0
     assert collectives.all_gather_objects("x") == ["x"] and collectives.broadcast_object(5) == 5

@@ -94,11 +94,24 @@ def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
             if cpu:
                 _check_build_lock_on_every_rank(build_root)
             deepspeed.init_distributed(timeout=timeout)
-        if cpu and not one_rank:
-            # DeepSpeed's CPU shm allreduce never unlinks its ~64 MB /dev/shm segment; /dev/shm is RAM, so
-            # every finished run would leak memory until the machine runs out.
-            atexit.register(release_shm_segment)
+        if not one_rank:
+            atexit.register(leave_process_group, release_shm=cpu)
     return dist.get_rank()
+
+
+def leave_process_group(release_shm: bool = False) -> None:
+    """At exit of a multi-rank run: unlink DeepSpeed's CPU shm segment, then destroy the process group.
+
+    DeepSpeed's CPU shm allreduce never unlinks its ~64 MB /dev/shm segment; /dev/shm is RAM, so every finished
+    run would leak memory until the machine runs out. A gloo group left to the interpreter's teardown was
+    destroyed while its worker threads still ran, and a rank that had finished its work aborted ("terminate
+    called without an active exception", exit -6) after the stage had written everything.
+    """
+    if release_shm:
+        release_shm_segment()
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):  # leaving must never turn a finished run into a failed one
+            dist.destroy_process_group()
 
 
 def _check_build_lock_on_every_rank(build_root: Path) -> None:
