@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import one_line_error
+from conftest import one_line_error as _one_line_error
 
 from dschat.utils.errors import UserError
 from mpo_ext.cli import main
@@ -116,9 +116,9 @@ def test_alias_bomb_is_refused_before_it_expands(tmp_path):
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("base: smoke\ncommon:\n" + "".join(f"  {line}\n" for line in levels))
-    one_line_error(_pipeline("--config", str(bomb), "--print_config"), "bomb.yaml:4", "aliases")
+    _one_line_error(_pipeline("--config", str(bomb), "--print_config"), "bomb.yaml:4", "aliases")
     set_bomb = "[" + ", ".join(["&a [1, 1]"] + ["*a"] * 9) + "]"
-    one_line_error(_pipeline("--preset", "smoke", "--set", f"common.x={set_bomb}", "--print_config"),
+    _one_line_error(_pipeline("--preset", "smoke", "--set", f"common.x={set_bomb}", "--print_config"),
                     "--set common.x", "aliases")
 
 
@@ -126,21 +126,21 @@ def test_base_cycles_are_named_and_yaml_errors_name_the_file(tmp_path):
     (tmp_path / "sub").mkdir()
     me = tmp_path / "self.yaml"
     me.write_text("base: sub/../self.yaml\nname: me\n")
-    one_line_error(_pipeline("--config", str(me), "--print_config"), "cycle", "self.yaml -> ")
+    _one_line_error(_pipeline("--config", str(me), "--print_config"), "cycle", "self.yaml -> ")
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: ./a.yaml\n")
-    text = one_line_error(_pipeline("--config", str(tmp_path / "a.yaml"), "--print_config"), "cycle")
+    text = _one_line_error(_pipeline("--config", str(tmp_path / "a.yaml"), "--print_config"), "cycle")
     assert "a.yaml" in text and "b.yaml" in text
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: ok\ndpo: {beta: [0.1\n")
-    text = one_line_error(_pipeline("--config", str(broken), "--print_config"), "broken.yaml:3", "not valid YAML")
+    text = _one_line_error(_pipeline("--config", str(broken), "--print_config"), "broken.yaml:3", "not valid YAML")
     assert "unicode string" not in text
     huge = tmp_path / "huge.yaml"
     huge.write_text("name: x\n" + "#" * (2 << 20) + "\n")
-    one_line_error(_pipeline("--config", str(huge), "--print_config"), "huge.yaml", "at most")
+    _one_line_error(_pipeline("--config", str(huge), "--print_config"), "huge.yaml", "at most")
     deep = tmp_path / "deep.yaml"
     deep.write_text("name: " + "[" * 5000 + "]" * 5000 + "\n")
-    one_line_error(_pipeline("--config", str(deep), "--print_config"), "deep.yaml")
+    _one_line_error(_pipeline("--config", str(deep), "--print_config"), "deep.yaml")
 
 
 # --------------------------------------------------------------------------------------------- failing early
@@ -155,7 +155,7 @@ def test_base_cycles_are_named_and_yaml_errors_name_the_file(tmp_path):
     ("common.bogus_flag=3", "common.bogus_flag"),
 ])
 def test_print_config_refuses_misspelled_keys_with_a_suggestion(setting, named):
-    one_line_error(_pipeline("--preset", "smoke", "--set", setting, "--print_config"), named)
+    _one_line_error(_pipeline("--preset", "smoke", "--set", setting, "--print_config"), named)
 
 
 def test_common_goes_to_the_stages_that_have_the_flag(tmp_path):
@@ -173,11 +173,11 @@ def test_local_paths_are_checked_at_load_time(tmp_path, monkeypatch):
     data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     typo = str(tmp_path / "pairs.jsonll")
     for flag in ("--print_config", "--dry_run"):
-        one_line_error(_pipeline("--preset", "smoke", "--set", f"data.path=[{typo}]", flag),
+        _one_line_error(_pipeline("--preset", "smoke", "--set", f"data.path=[{typo}]", flag),
                         "data.path", typo, f"did you mean {data}?")
-    one_line_error(_pipeline("--preset", "smoke", "--set", f"models.sft={tmp_path / 'no-model'}", "--print_config"),
+    _one_line_error(_pipeline("--preset", "smoke", "--set", f"models.sft={tmp_path / 'no-model'}", "--print_config"),
                     "models.sft", "no such file or directory")
-    one_line_error(_pipeline("--preset", "smoke", "--set", f"launcher.hostfile={tmp_path / 'hosts'}",
+    _one_line_error(_pipeline("--preset", "smoke", "--set", f"launcher.hostfile={tmp_path / 'hosts'}",
                               "--print_config"), "launcher.hostfile")
     monkeypatch.chdir(tmp_path)
     assert local_path_error("tmp-not-here/x", 2) is None  # reads as a hub id: org/name
@@ -212,10 +212,10 @@ def test_dry_run_says_what_each_stage_would_do(tmp_path):
 
 
 def test_steps_and_single_stage_commands(tmp_path):
-    one_line_error(_pipeline("--preset", "smoke", "--steps", "sft,slect", "--dry_run"), "slect", "did you mean select?")
+    _one_line_error(_pipeline("--preset", "smoke", "--steps", "sft,slect", "--dry_run"), "slect", "did you mean select?")
     out = tmp_path / "run"
     needs = CliRunner().invoke(main, ["dpo", "--preset", "smoke", "--output_dir", str(out)])
-    one_line_error(needs, "stage dpo needs", "sft", "--input")
+    _one_line_error(needs, "stage dpo needs", "sft", "--input")
     select_dir, sft_dir = tmp_path / "my_select", tmp_path / "my_sft"
     select_dir.mkdir()
     sft_dir.mkdir()
@@ -228,7 +228,7 @@ def test_steps_and_single_stage_commands(tmp_path):
     (sft_dir / "config.json").write_text("{}")
     missing = CliRunner().invoke(main, ["dpo", "--preset", "smoke", "--output_dir", str(out), "--input",
                                         f"select={select_dir}", "--input", f"sft={sft_dir}"])
-    one_line_error(missing, f"--input select={select_dir}", "no manifest.json there")
+    _one_line_error(missing, f"--input select={select_dir}", "no manifest.json there")
     assert not out.exists()
     assert "--input" in CliRunner().invoke(main, ["ppo", "--help"]).output
 
@@ -240,13 +240,13 @@ def test_a_root_others_can_write_or_another_user_owns_is_refused(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    one_line_error(_pipeline("--preset", "smoke", "--output_dir", str(shared)), "writable by group or others")
+    _one_line_error(_pipeline("--preset", "smoke", "--output_dir", str(shared)), "writable by group or others")
     assert list(shared.iterdir()) == []
     if os.geteuid() == 0:  # only root can give a directory to another user
         foreign = tmp_path / "foreign"
         foreign.mkdir()
         os.chown(foreign, 65534, 65534)
-        one_line_error(_pipeline("--preset", "smoke", "--output_dir", str(foreign)), "owned by uid 65534")
+        _one_line_error(_pipeline("--preset", "smoke", "--output_dir", str(foreign)), "owned by uid 65534")
         assert list(foreign.iterdir()) == []
 
 
