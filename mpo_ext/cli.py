@@ -107,6 +107,9 @@ def _config_options(func):
         click.option("--num_gpus", "--num_ranks", "num_gpus", type=int, default=None,
                      help="Shortcut for --set launcher.num_gpus=N (processes per node)."),
         click.option("--hostfile", default=None, help="Shortcut for --set launcher.hostfile=FILE (several nodes)."),
+        click.option("--node_rank", type=click.IntRange(min=0), default=None,
+                     help="launcher.mode per_node: this node's rank (0 keeps the books, the others follow it); "
+                          "default $SLURM_NODEID. Start `mpo pipeline` with the same config on every node."),
         click.option("--allow_unhealthy_reward_model", is_flag=True, default=False,
                      help="Start stages from a reward model whose health.json says unhealthy (it learned nothing); "
                           "--set mpo.allow_unhealthy_reward_model=true."),
@@ -138,19 +141,19 @@ def _load_config(config_source, preset, overrides, output_dir, threshold, refere
 
 
 def _run(config: pipeline.PipelineConfig, steps: tuple[str, ...], print_config: bool, dry_run: bool, force: bool,
-         given: dict[str, Path] | None = None) -> None:
+         node_rank: int | None, given: dict[str, Path] | None = None) -> None:
     if print_config:
         click.echo(pipeline.dump_config(config), nl=False)
         return
     dry_run = dry_run or os.environ.get("DRY_RUN", "") not in ("", "0")
-    pipeline.run_pipeline(config, steps, force=force, dry_run=dry_run, given=given)
+    pipeline.run_pipeline(config, steps, force=force, dry_run=dry_run, given=given, node_rank=node_rank)
 
 
 @main.command("pipeline")
 @_config_options
 @click.option("--steps", default=",".join(pipeline.STAGE_NAMES), show_default=True,
               help="Comma list of stages to run (the others must be complete already).")
-def pipeline_command(steps, print_config, dry_run, force, **options) -> None:
+def pipeline_command(steps, print_config, dry_run, force, node_rank, **options) -> None:
     """Run the MPO chain from one config, re-running exactly the stages whose settings or inputs changed.
 
     Each stage writes OUTPUT_DIR/<stage>-<identity>: another theta, reference or order writes beside the
@@ -161,7 +164,7 @@ def pipeline_command(steps, print_config, dry_run, force, **options) -> None:
     if unknown:
         raise UserError(f"--steps {steps}: unknown stage(s) {', '.join(unknown)}"
                         f"{did_you_mean(unknown[0], pipeline.STAGE_NAMES)}; choose from {', '.join(pipeline.STAGE_NAMES)}")
-    _run(_load_config(**options), wanted, print_config, dry_run, force)
+    _run(_load_config(**options), wanted, print_config, dry_run, force, node_rank)
 
 
 def _given_outputs(inputs: tuple[str, ...]) -> dict[str, Path]:
@@ -186,8 +189,8 @@ def _stage_command(spec: pipeline.StageSpec) -> click.Command:
     @click.option("--input", "inputs", multiple=True, metavar="STAGE=PATH",
                   help="Use this finished output of an upstream stage (e.g. --input select=DIR) instead of the run "
                        "directory's (repeatable).")
-    def command(inputs, print_config, dry_run, force, **options) -> None:
-        _run(_load_config(**options), (spec.name,), print_config, dry_run, force, _given_outputs(inputs))
+    def command(inputs, print_config, dry_run, force, node_rank, **options) -> None:
+        _run(_load_config(**options), (spec.name,), print_config, dry_run, force, node_rank, _given_outputs(inputs))
 
     return command
 

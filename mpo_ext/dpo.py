@@ -400,10 +400,10 @@ class DPOTrainer(Trainer):
         return Path(self.settings.output_dir) / "best_model"
 
     def extra_state(self) -> dict:
-        return {"health_baseline": self.monitor.baseline, "keep_best": self.best.state_dict()}
+        return {"health": self.monitor.state_dict(), "keep_best": self.best.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.monitor.baseline.update(state.get("health_baseline", {}))
+        self.monitor.load_state_dict(state.get("health") or {"baseline": state.get("health_baseline", {})})
         self.best.load_state_dict(state.get("keep_best", {}))
 
     def save_model(self) -> None:

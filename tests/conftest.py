@@ -267,6 +267,16 @@ def easy_pairs(tmp_path_factory) -> Path:
     return root
 
 
+def one_line_error(result, *named: str) -> str:
+    """A click result that failed as bad input: exit code 2, one line, no traceback, naming each of `named`."""
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert len(text.splitlines()) == 1 and "Traceback" not in text, text
+    for part in named:
+        assert part in text, text
+    return text
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -103,6 +103,21 @@ def test_monitor_warns_once_per_crossing_and_names_the_signal_and_step():
     assert off.observe(2, {"health/entropy": 0.0, "objective/kl": 1e9, "health/degenerate_share": 1.0}) == []
 
 
+def test_monitor_state_survives_a_resume():
+    """A resumed run's health.json keeps the warnings, checks and active signals of the run before it."""
+    monitor = HealthMonitor("step3", HealthThresholds(min_entropy_ratio=0.2, max_kl=25.0))
+    monitor.observe(1, {"health/entropy": 2.0, "objective/kl": 1.0})
+    monitor.observe(2, {"health/entropy": 0.3, "objective/kl": 1.0})
+    saved = json.loads(json.dumps(monitor.state_dict()))  # as a training state stores it
+    resumed = HealthMonitor("step3", HealthThresholds(min_entropy_ratio=0.2, max_kl=25.0))
+    resumed.load_state_dict(saved)
+    assert resumed.summary() == monitor.summary()
+    assert resumed.observe(3, {"health/entropy": 0.3}) == []  # still the same crossing: no second warning
+    old = HealthMonitor("step3", HealthThresholds())
+    old.load_state_dict({"baseline": {"health/entropy": 2.0}})  # a state saved before warnings were kept
+    assert old.summary()["baseline"] == {"health/entropy": 2.0} and old.summary()["checks"] == 0
+
+
 def test_monitor_likelihood_displacement_needs_both_log_probs_falling():
     monitor = HealthMonitor("dpo", HealthThresholds(max_logp_drop=1.0))
     first = {"health/logps_chosen_per_token": -2.0, "health/logps_rejected_per_token": -3.0}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import one_line_error as _one_line_error
 
 from dschat.utils.errors import UserError
 from mpo_ext.cli import main
@@ -54,15 +55,6 @@ PINNED_IDENTITIES = {
 
 def _pipeline(*args: str):
     return CliRunner().invoke(main, ["pipeline", *args])
-
-
-def _one_line_error(result, *named: str) -> str:
-    assert result.exit_code == 2, result.output
-    text = result.output.strip()
-    assert len(text.splitlines()) == 1 and "Traceback" not in text, text
-    for part in named:
-        assert part in text, text
-    return text
 
 
 @pytest.mark.parametrize("case", list(PINNED_IDENTITIES), ids=" ".join)

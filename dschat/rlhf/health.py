@@ -240,6 +240,22 @@ class HealthMonitor:
         self.warnings.extend(new)
         return new
 
+    def state_dict(self) -> dict:
+        """What a resumed run carries on from (saved with every training state): without it, a resumed run's
+        health.json would forget the warnings and checks made before the interruption."""
+        return {"baseline": dict(self.baseline), "warnings": [asdict(w) for w in self.warnings],
+                "active": sorted(self.active), "last": dict(self.last), "last_step": self.last_step,
+                "checks": self.checks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """`state_dict()`'s output, or a training state of an earlier version (`{"baseline": ...}` only)."""
+        self.baseline.update(state.get("baseline", {}))
+        self.warnings = [HealthWarning(**w) for w in state.get("warnings", [])]
+        self.active = set(state.get("active", []))
+        self.last = dict(state.get("last", {}))
+        self.last_step = int(state.get("last_step", 0))
+        self.checks = int(state.get("checks", 0))
+
     def format(self, warning: HealthWarning) -> str:
         return f"HEALTH WARNING [{self.stage}] step {warning.step}: {warning.signal}: {warning.message}"
 

@@ -220,7 +220,7 @@ class PPOLoop(ResumableRun):
             "reward_normalizer": updater.reward_stats.state_dict() if updater.reward_stats else None,
             "reward_ema": self.reward_ema.ema,
             "non_overflow_steps": self.non_overflow_steps,
-            "health_baseline": self.monitor.baseline,
+            "health": self.monitor.state_dict(),
             "keep_best": self.best.state_dict(),
         }
 
@@ -232,7 +232,7 @@ class PPOLoop(ResumableRun):
             updater.reward_stats.load_state_dict(state["reward_normalizer"])
         self.reward_ema.ema = state.get("reward_ema")
         self.non_overflow_steps = int(state.get("non_overflow_steps", self.global_step))
-        self.monitor.baseline.update(state.get("health_baseline", {}))
+        self.monitor.load_state_dict(state.get("health") or {"baseline": state.get("health_baseline", {})})
         self.best.load_state_dict(state.get("keep_best", {}))
 
     # ---- loop

@@ -11,7 +11,9 @@ A stage is complete only when its completion record (`stage.json`, written last,
 cleanly) carries that identity; a stage that died half-way is re-run with `--resume`.
 
 The driver (`runner.py`) launches each step as its own process in a locked run root; the console shows
-a heartbeat read from each stage's metrics.jsonl (`progress.py`); `report.py` prints what was made.
+a heartbeat read from each stage's metrics.jsonl (`progress.py`); `report.py` prints what was made. On
+several nodes started one launch per node (`launcher.mode: per_node`), node 0 runs the driver and the other
+nodes follow the stages it announces (`nodes.py`).
 The package imports no model or training-loop code; a step module is imported only to check its flags.
 """
 

@@ -29,6 +29,7 @@ import yaml
 
 from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.errors import UserError
+from mpo_ext.pipeline.nodes import MODES, PER_NODE_FLAGS, read_hostfile
 from mpo_ext.pipeline.stages import (
     FLAG_SECTIONS,
     PENDING,
@@ -77,18 +78,28 @@ class DataConfig:
 
 @dataclass
 class LauncherConfig:
-    """DeepSpeed's launcher: `deepspeed --num_gpus N` on one node, or `--hostfile` for several.
+    """DeepSpeed's launcher: `deepspeed --num_gpus N` on one node, or several nodes (`hostfile`, `num_nodes`).
+
+    Several nodes start in one of two ways (`mode`, see `mpo_ext/pipeline/nodes.py`): `ssh` (DeepSpeed's
+    default): `mpo pipeline` runs on one node and the launcher starts the ranks of every host of `hostfile`
+    over ssh (pdsh), or through the backend `extra: [--launcher, openmpi|slurm|...]` names; `per_node`: a
+    scheduler starts `mpo pipeline --node_rank R` on every node (e.g. `srun`; R defaults to $SLURM_NODEID),
+    each node launches its own ranks (`deepspeed --no_ssh --node_rank R`), node 0 keeps the books and the
+    other nodes follow it. Neither the mode nor the rendezvous address changes a stage's identity.
 
     `warm_start` (one-rank stages only, those run as `python -m MODULE`): start each stage as a fork of one
     server that imported torch, transformers, DeepSpeed and the step modules once per pipeline run
     (`dschat/utils/warm_start.py`), instead of a fresh interpreter that imports them again (~10 CPU-s per
     stage). Same outputs and stage identities either way; false = a fresh interpreter per stage."""
 
-    num_gpus: int = 1
-    hostfile: str | None = None
-    num_nodes: int | None = None
+    num_gpus: int = 1  #: ranks per node (per_node without a hostfile: the slots of every node)
+    hostfile: str | None = None  #: DeepSpeed hostfile (`host slots=N` lines); per_node: optional
+    num_nodes: int | None = None  #: nodes to use (the first of the hostfile); per_node without a hostfile: required
     extra: list[str] = field(default_factory=list)  #: more launcher arguments, e.g. [--include, "localhost:0,1"]
     warm_start: bool = True  #: one-rank stages fork from a pre-imported server (false: fresh `python -m`)
+    mode: str = "ssh"  #: ssh: one launcher on this node starts every node; per_node: one `mpo pipeline` per node
+    master_addr: str | None = None  #: node 0's address as the other nodes reach it (per_node default: its hostname)
+    master_port: int | None = None  #: rendezvous port (per_node default: a free port node 0 picks for each stage)
 
 
 @dataclass
@@ -377,8 +388,7 @@ def validate(config: PipelineConfig) -> None:
     check_split = importlib.import_module(SPLIT_RULE_MODULE).check_split
     check_split(mpo.threshold, mpo.easy_fraction, threshold_key="config key mpo.threshold",
                 easy_fraction_key="config key mpo.easy_fraction", require_one=True)
-    if config.launcher.num_gpus < 1:
-        raise UserError(f"config key launcher.num_gpus: {config.launcher.num_gpus}; must be >= 1")
+    check_launcher(config.launcher)
     if config.progress_interval <= 0:
         raise UserError(f"config key progress_interval: {config.progress_interval}; must be > 0 seconds")
     if not config.data.path:
@@ -387,6 +397,37 @@ def validate(config: PipelineConfig) -> None:
         raise UserError(f"config key assets.task: {config.assets.task!r}; choose one of {', '.join(TASKS)}")
     check_inputs(config)
     check_sections(config)
+
+
+def check_launcher(launcher: LauncherConfig) -> None:
+    """Placement: ranks, nodes, the hostfile and, for several nodes, how they start (`nodes.py`)."""
+    if launcher.num_gpus < 1:
+        raise UserError(f"config key launcher.num_gpus: {launcher.num_gpus}; must be >= 1")
+    if launcher.mode not in MODES:
+        raise UserError(f"config key launcher.mode: {launcher.mode!r}; choose ssh (one launcher starts every node) "
+                        "or per_node (one `mpo pipeline --node_rank R` per node)")
+    if launcher.num_nodes is not None and launcher.num_nodes < 1:
+        raise UserError(f"config key launcher.num_nodes: {launcher.num_nodes}; must be >= 1")
+    if launcher.master_port is not None and not 0 < launcher.master_port < 65536:
+        raise UserError(f"config key launcher.master_port: {launcher.master_port}; a TCP port is 1..65535")
+    hostfile = launcher.hostfile
+    if hostfile and not Path(hostfile).expanduser().is_file():
+        raise UserError(f"config key launcher.hostfile: {hostfile}: no such file{_closest_path(hostfile)}")
+    hosts = read_hostfile(hostfile) if hostfile else None
+    if hosts and launcher.num_nodes and launcher.num_nodes > len(hosts):
+        raise UserError(f"config key launcher.num_nodes: {launcher.num_nodes}; {hostfile} lists {len(hosts)} host(s)")
+    if launcher.mode == "ssh":
+        if (launcher.num_nodes or 1) > 1 and not hostfile:
+            raise UserError(f"config key launcher.num_nodes: {launcher.num_nodes} nodes need launcher.hostfile (the "
+                            "hosts the launcher starts over ssh), or launcher.mode: per_node")
+        return
+    if hosts is None and not launcher.num_nodes:
+        raise UserError("config key launcher.num_nodes: launcher.mode per_node needs the number of nodes "
+                        "(launcher.num_nodes, or a launcher.hostfile listing them)")
+    clash = [arg for arg in launcher.extra if arg.split("=", 1)[0] in PER_NODE_FLAGS]
+    if clash:
+        raise UserError(f"config key launcher.extra: {clash[0]} is set by the pipeline in per_node mode (from "
+                        "launcher.hostfile/num_nodes/num_gpus/master_addr/master_port and --node_rank); remove it")
 
 
 def _inputs(config: PipelineConfig) -> list[tuple[str, str, int]]:
@@ -412,9 +453,6 @@ def check_inputs(config: PipelineConfig) -> None:
         problem = local_path_error(value, hub_parts)
         if problem:
             raise UserError(f"config key {key}: {problem}")
-    hostfile = config.launcher.hostfile
-    if hostfile and not Path(hostfile).expanduser().is_file():
-        raise UserError(f"config key launcher.hostfile: {hostfile}: no such file{_closest_path(hostfile)}")
 
 
 _HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dschat.utils.errors import UserError
 from mpo_ext.pipeline.config import LauncherConfig, PipelineConfig, stage_flags
+from mpo_ext.pipeline.nodes import hostfile_for
 from mpo_ext.pipeline.stages import (
     NO_RESULT_FLAGS,
     STAGE_BY_NAME,
@@ -167,7 +168,7 @@ def _assign_identities(plan: list[Stage], config: PipelineConfig, out: Path, giv
         if spec.module and single_process(config.launcher):
             stage.command = [sys.executable, "-m", spec.module, *args]  # no launcher processes to start
         elif spec.module:
-            stage.command = [*launcher_prefix(config.launcher), "--module", spec.module, *args]
+            stage.command = [*launcher_prefix(config.launcher, out), "--module", spec.module, *args]
         else:
             stage.command = [sys.executable, "-m", "mpo_ext.cli", spec.command, *args]
 
@@ -184,17 +185,22 @@ def _file_digest(path: str | None) -> str | None:
 def single_process(launcher: LauncherConfig) -> bool:
     """One rank on this node with no launcher arguments: plain `python -m` does the same job without the
     launcher's two extra processes (each imports torch and DeepSpeed: ~10 CPU-seconds per stage)."""
-    return launcher.num_gpus == 1 and not launcher.hostfile and not launcher.num_nodes and not launcher.extra
+    return (launcher.mode == "ssh" and launcher.num_gpus == 1 and not launcher.hostfile and not launcher.num_nodes
+            and not launcher.extra)
 
 
-def launcher_prefix(launcher: LauncherConfig) -> list[str]:
-    """`deepspeed` with the placement flags (the runner adds a free rendezvous port on one node)."""
+def launcher_prefix(launcher: LauncherConfig, out: Path) -> list[str]:
+    """`deepspeed` with the placement flags (the runner adds a free rendezvous port on one node). In per_node
+    mode this is every node's command before its node placement (`nodes.node_command`)."""
     cmd = ["deepspeed"]
-    if launcher.hostfile:
-        cmd += ["--hostfile", str(Path(launcher.hostfile).expanduser().absolute())]
+    if launcher.hostfile or launcher.mode == "per_node":
+        cmd += ["--hostfile", str(hostfile_for(launcher, out))]
         cmd += ["--num_nodes", str(launcher.num_nodes)] if launcher.num_nodes else []
     else:
         cmd += ["--num_gpus", str(launcher.num_gpus)]
+    if launcher.mode == "ssh":
+        cmd += ["--master_addr", launcher.master_addr] if launcher.master_addr else []
+        cmd += ["--master_port", str(launcher.master_port)] if launcher.master_port else []
     return cmd + list(launcher.extra)
 
 

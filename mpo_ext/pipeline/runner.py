@@ -7,11 +7,13 @@ names another identity; a stage that died with saved states is re-run with `--re
 reward model's health.json says "unhealthy" does not start unless `mpo.allow_unhealthy_reward_model`.
 While a stage runs, the console shows its heartbeat (`progress.py`) and the lines a person should see;
 the full output goes to OUT/logs/<stage dir>.log. Ctrl-C (or SIGTERM) lets the stage save its state,
-then says where it is and how to resume.
+then says where it is and how to resume. In `launcher.mode: per_node` node 0 runs exactly this and announces
+each stage to the other nodes, which run their share of it and keep no books (`nodes.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +38,18 @@ from dschat.utils.output_dir import LOCK_FILE, held_run_lock
 from dschat.utils.safe_paths import ensure_private_dir, open_append
 from dschat.utils.warm_start import launch as warm_launch
 from dschat.utils.warm_start import module_command as warm_start_module
-from mpo_ext.pipeline.config import PipelineConfig
+from mpo_ext.pipeline.config import LauncherConfig, PipelineConfig
+from mpo_ext.pipeline.nodes import (
+    HeadRecord,
+    dry_run_lines,
+    follow_head,
+    head_run,
+    node_command,
+    node_count,
+    per_node_header,
+    resolve_node_rank,
+    write_generated_hostfile,
+)
 from mpo_ext.pipeline.plan import COMPLETION_RECORD, Stage, build_plan, stage_status
 from mpo_ext.pipeline.progress import METRICS_FILE, ConsoleFilter, StageProgress, clock
 from mpo_ext.pipeline.report import health_signals, print_final_report, read_health, save_config, stage_health
@@ -48,6 +61,7 @@ from mpo_ext.pipeline.stages import STAGE_NAMES, STAGES
 #: module, and runpy warns in every stage if a copy of it was preloaded.
 WARM_PRELOAD = ("torch", "transformers", "deepspeed", "transformers.models.llama.modeling_llama",
                 *(spec.module for spec in STAGES if spec.module))
+WATCH_INTERVAL_S = 2.0  #: how often a per_node share checks whether node 0 gave its stage up
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -64,31 +78,65 @@ class _Terminated(BaseException):
 
 
 def run_pipeline(config: PipelineConfig, steps: Sequence[str] = STAGE_NAMES, *, force: bool = False,
-                 dry_run: bool = False, given: Mapping[str, Path] | None = None) -> dict | None:
-    """`mpo pipeline` (and `mpo STAGE`) after the config is loaded: plan, then print it or run it."""
+                 dry_run: bool = False, given: Mapping[str, Path] | None = None,
+                 node_rank: int | None = None) -> dict | None:
+    """`mpo pipeline` (and `mpo STAGE`) after the config is loaded: plan, then print it or run it.
+
+    In `launcher.mode: per_node` every node runs this: node 0 runs the plan as on one node and publishes
+    each stage it starts (`nodes.HeadRecord`); the other nodes follow it (`nodes.follow_head`)."""
     out = config.root()
     plan = build_plan(config, out, given)
+    if node_rank is not None or not dry_run:
+        node_rank = resolve_node_rank(node_rank, config.launcher)
     if dry_run:
-        print_dry_run(plan, steps)
+        print_dry_run(plan, steps, config.launcher)
         return None
     check_upstream(plan, steps, config, out)
     prepare_root(out)
+    if node_rank:
+        return _follow(plan, out, config, steps, node_rank)
+    head = HeadRecord(out, config.launcher, free_port) if node_rank == 0 else None
     with held_run_lock(out):
         claim_output_dir(out, config, force)
         save_config(out, config)
-        try:
-            summary = run_plan(plan, out, config, steps=steps)
-        except Interrupted as stop:
-            print(f"[pipeline] {stop}", flush=True)
-            raise SystemExit(128 + stop.signum) from None
+        with head_run(head):
+            if head is not None:
+                write_generated_hostfile(config.launcher, out)
+            try:
+                summary = run_plan(plan, out, config, steps=steps, head=head)
+            except Interrupted as stop:
+                print(f"[pipeline] {stop}", flush=True)
+                raise SystemExit(128 + stop.signum) from None
     print_final_report(plan, out)
     return summary
 
 
-def print_dry_run(plan: Sequence[Stage], steps: Sequence[str]) -> None:
-    """Each stage of `steps`, what a run would do with it (reuse, resume, run) and the command it would run;
-    and whether the stages they read (not in `steps`) are done."""
+def _follow(plan: list[Stage], out: Path, config: PipelineConfig, steps: Sequence[str], node_rank: int) -> None:
+    """A node other than 0 (per_node mode): its share of each stage node 0 starts; no books of its own."""
+    console = ConsoleFilter()
+
+    def run_share(stage: Stage, command: list[str], watch) -> int:
+        log_path = out / "logs" / f"{stage.output.name}.node{node_rank}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[pipeline node {node_rank}] ---=== {stage.name} -> {stage.output} ===--- (log: {log_path})",
+              flush=True)
+        progress = StageProgress(stage.name, stage.output / METRICS_FILE)
+        return run_stage(command, log_path, out, config.progress_interval, console, progress, watch=watch)
+
+    try:
+        print(f"[pipeline node {node_rank}] {follow_head(out, plan, steps, node_rank, run_share)}", flush=True)
+    except Interrupted as stop:
+        print(f"[pipeline node {node_rank}] {stop}", flush=True)
+        raise SystemExit(128 + stop.signum) from None
+
+
+def print_dry_run(plan: Sequence[Stage], steps: Sequence[str], launcher: LauncherConfig | None = None) -> None:
+    """Each stage of `steps`, what a run would do with it (reuse, resume, run) and the command it would run
+    (in per_node mode: each node's command); and whether the stages they read (not in `steps`) are done."""
     read = {ref.stage for stage in plan if stage.name in steps for ref in stage.inputs}
+    per_node = launcher is not None and launcher.mode == "per_node"
+    if per_node:
+        print(per_node_header(launcher), flush=True)
     for stage in plan:
         if stage.name not in steps:
             if stage.name in read:
@@ -97,7 +145,12 @@ def print_dry_run(plan: Sequence[Stage], steps: Sequence[str]) -> None:
             continue
         status = stage_status(stage)
         print(f"# {stage.name} -> {stage.output} ({status})", flush=True)
-        print(f"{stage.shell()}\n" if stage.command else "", flush=True)
+        if per_node and stage.module:
+            print("\n".join(dry_run_lines(stage, launcher, node_count(launcher))) + "\n", flush=True)
+        elif per_node and stage.command:
+            print(f"#   node 0 only:\n{stage.shell()}\n", flush=True)
+        else:
+            print(f"{stage.shell()}\n" if stage.command else "", flush=True)
 
 
 def prepare_root(out: Path) -> None:
@@ -140,16 +193,18 @@ def claim_output_dir(out: Path, config: PipelineConfig, force: bool) -> None:
 
 
 def run_plan(plan: list[Stage], out: Path, config: PipelineConfig, *, steps: Sequence[str] = STAGE_NAMES,
-             dry_run: bool = False) -> dict:
-    """Run every stage in `steps` whose completion record is missing or stale; write OUT/summary.json."""
+             dry_run: bool = False, head: HeadRecord | None = None) -> dict:
+    """Run every stage in `steps` whose completion record is missing or stale; write OUT/summary.json.
+    `head`: node 0 of a per_node run announces each stage there."""
     if dry_run:
-        print_dry_run(plan, steps)
+        print_dry_run(plan, steps, config.launcher)
         return {"config": config.name, "stages": []}
     with held_run_lock(out):
-        return _run_stages(plan, out, config, steps)
+        return _run_stages(plan, out, config, steps, head)
 
 
-def _run_stages(plan: list[Stage], out: Path, config: PipelineConfig, steps: Sequence[str]) -> dict:
+def _run_stages(plan: list[Stage], out: Path, config: PipelineConfig, steps: Sequence[str],
+                head: HeadRecord | None = None) -> dict:
     summary = {"config": config.name, "stages": []}
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -170,7 +225,7 @@ def _run_stages(plan: list[Stage], out: Path, config: PipelineConfig, steps: Seq
             _note_health(stage, entry)
             continue
         check_reward_models(stage, by_name, config)
-        _run_one(stage, out, config, console, entry, summary)
+        _run_one(stage, out, config, console, entry, summary, head)
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -214,11 +269,13 @@ def check_reward_models(stage: Stage, by_name: Mapping[str, Stage], config: Pipe
 
 
 def _run_one(stage: Stage, out: Path, config: PipelineConfig, console: ConsoleFilter, entry: dict,
-             summary: dict) -> None:
+             summary: dict, head: HeadRecord | None = None) -> None:
     command = list(stage.command)
     resumed = stage.can_resume()
     if resumed:
         command.append("--resume")
+    if head is not None and stage.module:  # node 0 of a per_node run: tell the other nodes, then run its share
+        command = node_command(command, 0, *head.stage_started(stage, resumed))
     log_path = out / "logs" / f"{stage.output.name}.log"
     print(f"[pipeline] ---=== {stage.name}{' (resuming)' if resumed else ''} -> {stage.output} ===--- "
           f"(log: {log_path})", flush=True)
@@ -248,6 +305,8 @@ def _run_one(stage: Stage, out: Path, config: PipelineConfig, console: ConsoleFi
     if not stage.has_product():
         raise UserError(f"stage {stage.name} exited cleanly but wrote no {stage.spec.product}; see {log_path}")
     write_completion_record(stage, config, command, elapsed)
+    if head is not None and stage.module:
+        head.stage_ended(ok=True)
     progress.poll()
     where = progress.summary() if progress.start is not None else ""  # stages that log no progress (assets)
     print(f"[pipeline] ---=== {stage.name} finished in {clock(elapsed)}{f' ({where})' if where else ''} ===---",
@@ -298,13 +357,17 @@ def _job_env() -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port free on this node now (probed on loopback; nothing stays bound)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _with_free_port(command: list[str]) -> list[str]:
     if command[:1] != ["deepspeed"] or any(c.startswith(("--master_port", "--hostfile")) for c in command):
         return command
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [command[0], "--master_port", str(port), *command[1:]]
+    return [command[0], "--master_port", str(free_port()), *command[1:]]
 
 
 def start_stage(command: list[str], cwd: Path, warm_start: bool):
@@ -321,15 +384,41 @@ def start_stage(command: list[str], cwd: Path, warm_start: bool):
                             errors="replace", env=env, cwd=cwd, bufsize=1)
 
 
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a stage's process and everything it started (launcher, per-node launcher, ranks).
+
+    Every process is stopped (SIGSTOP) before any is killed, so none can start a child that would outlive
+    the kill (a launcher half-way through spawning its rank)."""
+    import psutil  # lazy: only a per_node share that node 0 gave up needs it (a DeepSpeed dependency)
+
+    stopped: dict[int, psutil.Process] = {}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        pending = [psutil.Process(pid)]
+        while pending:
+            for process in pending:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.suspend()
+                    stopped[process.pid] = process
+            pending = []
+            for process in list(stopped.values()):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    pending += [child for child in process.children() if child.pid not in stopped]
+    for process in stopped.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
 def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 - signal API
     raise _Terminated
 
 
 def run_stage(command: list[str], log_path: Path, cwd: Path, interval: float, console: ConsoleFilter,
-              progress: StageProgress, warm_start: bool = False) -> int:
+              progress: StageProgress, warm_start: bool = False, watch: Callable[[], str | None] | None = None) -> int:
     """Run one stage to its end: its output to the log (line by line) and through `console`, a heartbeat
     every `interval` seconds. On Ctrl-C (which the terminal sends to the stage too) or SIGTERM (forwarded
-    to it), wait for the stage to save its state and exit, then raise `Interrupted`."""
+    to it), wait for the stage to save its state and exit, then raise `Interrupted`. `watch` (a node's
+    share of a per_node stage) is asked every few seconds; when it gives a reason, the stage's processes
+    are killed (node 0 has given the stage up: there is nothing left to save on this node)."""
     lines: queue.Queue = queue.Queue()
     with open_append(log_path, buffering=1) as log:
         log.write(f"$ {shlex.join(command)}\n")
@@ -341,7 +430,7 @@ def run_stage(command: list[str], log_path: Path, cwd: Path, interval: float, co
         start = time.time()
         try:
             try:
-                return _pump(proc, lines, log, console, progress, interval, start)
+                return _pump(proc, lines, log, console, progress, interval, start, watch)
             except KeyboardInterrupt:
                 signum = signal.SIGINT
             except _Terminated:
@@ -360,9 +449,16 @@ def run_stage(command: list[str], log_path: Path, cwd: Path, interval: float, co
 
 
 def _pump(proc, lines: queue.Queue, log, console: ConsoleFilter, progress: StageProgress, interval: float,
-          start: float) -> int:
-    last_beat = time.time()
+          start: float, watch: Callable[[], str | None] | None = None) -> int:
+    last_beat = last_watch = time.time()
     while True:
+        if watch is not None and time.time() - last_watch >= WATCH_INTERVAL_S:
+            last_watch = time.time()
+            reason = watch()
+            if reason:
+                print(f"[pipeline] {progress.stage}: {reason}; stopping this node's share", flush=True)
+                kill_process_tree(proc.pid)
+                watch = None
         try:
             line = lines.get(timeout=min(interval, 1.0))
         except queue.Empty:
