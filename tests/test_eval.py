@@ -25,10 +25,12 @@ from mpo_ext.evaluation import (
     batch_seed,
     bootstrap_ci,
     encode_prompt,
+    eval_prompts,
     format_table,
     global_batches,
     load_eval_prompts,
     pair_by_prompt,
+    paired_difference,
     parse_model_specs,
     percentile_indices,
     rank_batches,
@@ -99,13 +101,51 @@ def test_win_tie_lose_hand_computed():
 
 
 def test_summarize_model_and_table():
-    records = [{"reward": r, "length": n, "gold": g} for r, n, g in [(1.0, 4, 0.5), (3.0, 6, None), (2.0, 5, 1.5)]]
+    records = [{"index": i, "reward": r, "length": n, "gold": g}
+               for i, (r, n, g) in enumerate([(1.0, 4, 0.5), (3.0, 6, None), (2.0, 5, 1.5)])]
     row = summarize_model("mpo", records, seed=1, num_resamples=200)
     assert row["mean_reward"] == pytest.approx(2.0) and row["mean_length"] == pytest.approx(5.0)
     assert row["n"] == 3 and row["gold_n"] == 2 and row["gold_mean"] == pytest.approx(1.0)
     assert row["ci_low"] <= 2.0 <= row["ci_high"]
     table = format_table([row])
     assert table.splitlines()[0].startswith("| model") and "| mpo | 2.000 [" in table
+
+
+def test_paired_difference_by_hand():
+    # differences 1, 1, 1: every resample's mean is 1
+    assert paired_difference([2.0, 3.0, 4.0], [1.0, 2.0, 3.0], seed=0) == {"mean": 1.0, "ci_low": 1.0, "ci_high": 1.0,
+                                                                          "n": 3}
+    # the same prompts: the big spread between prompts (0, 10, 20) shared by both models does not widen it
+    diff = paired_difference([0.5, 10.5, 20.5, 0.5], [0.0, 10.0, 20.0, 0.0], seed=3)
+    assert diff["mean"] == pytest.approx(0.5) and diff["ci_low"] == diff["ci_high"] == pytest.approx(0.5)
+    # differences 0 and 1 with B=1000 at 95%: the extremes of the resampled means, 0 and 1
+    assert paired_difference([1.0, 1.0], [1.0, 0.0], seed=0) == {"mean": 0.5, "ci_low": 0.0, "ci_high": 1.0, "n": 2}
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0], seed=0)
+
+
+def test_degenerate_answers_show_in_the_table_beside_a_higher_reward():
+    """The issue's case: a collapsed model answering ",,,,,,,,,,,," to every prompt scores higher on the reward
+    model than SFT; the table must show it is degenerate, short and repetitive, and its paired difference."""
+    from dschat.rlhf.health import is_degenerate
+
+    sft = [{"index": i, "reward": -2.0 + 0.1 * i, "length": 5, "tokens": [10 + i, 20, 30 + i, 40, 50],
+            "degenerate": False} for i in range(4)]
+    commas = [{"index": i, "reward": 3.3 + 0.1 * i, "length": 1, "tokens": [99], "degenerate": is_degenerate(
+        [99], text=",,,,,,,,,,,,")} for i in range(4)]
+    first = summarize_model("sft", sft, seed=1, num_resamples=100)
+    ppo = summarize_model("ppo", commas, seed=1, num_resamples=100, baseline=sft)
+    assert first["degenerate_share"] == 0.0 and ppo["degenerate_share"] == 1.0
+    assert ppo["reward_delta"] == pytest.approx(5.3) and ppo["reward_delta_ci_low"] == pytest.approx(5.3)
+    assert ppo["distinct_1"] == pytest.approx(0.25) and ppo["distinct_2"] == 0.0  # one token, four times
+    assert first["distinct_1"] == pytest.approx(11 / 20) and first["distinct_2"] == pytest.approx(13 / 16)
+    assert "reward_delta" not in first
+    table = format_table([first, ppo]).splitlines()
+    assert table[0] == ("| model | RM reward [95% CI] | \u0394 RM reward vs sft [95% CI] | degenerate | mean length | "
+                        "distinct-1 / 2 | n |")
+    assert table[2].startswith("| sft | -1.850 [") and table[2].endswith(" | - | 0% | 5.0 | 0.55 / 0.81 | 4 |")
+    assert table[3].startswith("| ppo | 3.450 [") and "| +5.300 [+5.300, +5.300] | 100% | 1.0 | 0.25 / 0.00 | 4 |" \
+        in table[3]
 
 
 def test_batches_are_independent_of_world_size():
@@ -179,6 +219,19 @@ def test_load_eval_prompts_uses_test_split(tiny_assets):
     subset = load_eval_prompts(str(tiny_assets["data"]), num_prompts=5, seed=3)
     assert subset == load_eval_prompts(str(tiny_assets["data"]), num_prompts=5, seed=3)
     assert len(subset) == 5 and [p for p in prompts if p in subset] == subset  # dataset order kept
+
+
+def test_eval_prompts_say_whether_they_are_held_out(tiny_assets, tmp_path):
+    """A dataset's test split is held out; a local file without an eval split gives the very prompts the stages
+    trained on, and the evaluation says "training prompts" then."""
+    held = eval_prompts(str(tiny_assets["data"]))
+    assert held.held_out and held.describe() == f"{len(held.prompts)} held-out prompts"
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "chosen": " y",
+                                              "rejected": " n"}) + "\n" for i in range(3)))
+    mixed = eval_prompts([str(tiny_assets["data"]), str(train_file)], data_output_path=str(tmp_path / "cache"))
+    assert not mixed.held_out and mixed.training_sources == (str(train_file),)
+    assert mixed.describe() == f"{len(mixed.prompts)} training prompts (the data has no eval split)"
 
 
 def test_load_eval_prompts_joins_several_datasets_in_order(tmp_path):
@@ -264,6 +317,44 @@ def test_eval_writes_table_and_generations_reproducibly(tiny_assets, tmp_path):
     expected = win_tie_lose([r["reward"] for r in mpo], [r["reward"] for r in sft], 0.05)
     assert {k: summary["reward_model"][k] for k in ("win", "tie", "lose")} == \
         {k: expected[k] for k in ("win", "tie", "lose")}
+
+
+def test_eval_adds_a_markdown_table_per_eval_run_to_each_model_card(tiny_assets, tmp_path):
+    """Each evaluated model's card gets the table as markdown (no code fence), one section per eval run: a
+    second `mpo eval` adds its own beside the first; on a file without an eval split it says "training prompts"."""
+    from mpo_ext.eval_cli import eval_command
+
+    model = tmp_path / "models" / "sft"
+    shutil.copytree(tiny_assets["policy_a"], model)
+    (model / "README.md").write_text("---\nlibrary_name: transformers\n---\n# sft model\n\n## Settings\n\nx\n")
+    train_file = tmp_path / "prompts.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in load_eval_prompts(str(tiny_assets["data"]))[:6]))
+    common = ["--model", f"sft={model}", "--model", f"mpo={tiny_assets['policy_b']}", "--reward_model",
+              str(tiny_assets["rm"]), "--max_new_tokens", "4", "--num_bootstrap", "50", "--batch_size", "8"]
+    first = CliRunner().invoke(eval_command, [*common, "--data_path", str(tiny_assets["data"]), "--num_prompts", "6",
+                                              "--output_dir", str(tmp_path / "eval-a")])
+    assert first.exit_code == 0, first.output
+    assert "Scores on 6 held-out prompts:" in first.output and "| \u0394 RM reward vs sft [95% CI] |" in first.output
+    second = CliRunner().invoke(eval_command, [*common, "--data_path", str(train_file), "--data_output_path",
+                                               str(tmp_path / "cache"), "--output_dir", str(tmp_path / "eval-b")])
+    assert second.exit_code == 0, second.output
+    assert "Scores on 6 training prompts (the data has no eval split):" in second.output
+    assert "has no eval split, so its prompts are the ones the stages trained on" in second.output
+    table = json.loads((tmp_path / "eval-b" / "table.json").read_text())
+    assert table["settings"]["held_out"] is False and table["settings"]["baseline"] == "sft"
+    for row in table["rows"]:
+        records = [json.loads(x) for x in (tmp_path / "eval-b/generations" / f"{row['name']}.jsonl").read_text().splitlines()]
+        assert row["degenerate_share"] == sum(r["degenerate"] for r in records) / len(records)
+        assert 0 < row["distinct_1"] <= 1 and "tokens" not in records[0]
+    assert "reward_delta" in table["rows"][1] and "reward_delta" not in table["rows"][0]
+    card = (model / "README.md").read_text()
+    assert card.count("## Evaluation: ") == 2 and "```" not in card.split("## Settings")[1]
+    assert "## Evaluation: eval-a (mpo eval)" in card and "## Evaluation: eval-b (mpo eval)" in card
+    assert "6 held-out prompts of `data`" in card and "6 training prompts" in card
+    assert "| model | RM reward [95% CI] |" in card and str(tmp_path) not in card
+    again = CliRunner().invoke(eval_command, [*common, "--data_path", str(tiny_assets["data"]), "--num_prompts", "6",
+                                              "--output_dir", str(tmp_path / "eval-a")])
+    assert again.exit_code == 0 and (model / "README.md").read_text().count("## Evaluation: ") == 2  # replaced
 
 
 def test_eval_bad_input_is_one_line_error(tiny_assets, tmp_path):
