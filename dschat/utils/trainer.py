@@ -291,6 +291,7 @@ class ResumableRun:
     """
 
     global_step = 0     # optimizer (or PPO) steps done
+    _evaluated_at: int | None = None  # the step the last evaluation saw
     epoch = 0
     step_in_epoch = 0   # batches consumed in the current epoch
     _stop_requested = False
@@ -442,10 +443,19 @@ class Trainer(ResumableRun):
 
     @startup.timed("initial_eval")  # counted only before the first step
     def _log_eval(self) -> None:
+        self._evaluated_at = self.global_step
         metrics = self.evaluate()
         if metrics:
             self.logger.log(self.global_step, "eval", metrics)
             self.after_eval(metrics)
+
+    def _final_eval(self) -> None:
+        """An evaluation of the model as it is saved: where --max_steps (or a stop) ended the run between the
+        evaluations the schedule makes, the last logged eval, the model card's "final eval metrics" and the
+        health verdict would otherwise describe an earlier model."""
+        if self._evaluated_at != self.global_step:
+            print_rank_0(f"***** Evaluating the final model (step {self.global_step}) *****")
+            self._log_eval()
 
     def train(self) -> None:
         with self.sigterm_saves_state():
@@ -458,6 +468,7 @@ class Trainer(ResumableRun):
             if self.global_step == 0 and self.step_in_epoch == 0:
                 self._log_eval()
             self._run_epochs(total)
+            self._final_eval()
         self.logger.close()
 
     def _run_epochs(self, total: int) -> None:
