@@ -75,31 +75,72 @@ def test_report_to_choices():
 
 
 def test_card_carries_run_numbers_and_selection_manifest(tmp_path):
-    select_dir = tmp_path / "select"
+    """A DPO card in a pipeline run: hub metadata (base model and license from the SFT card it descends from),
+    the run's last numbers, the selection's manifest, a usage snippet, versions, and no absolute path."""
+    from huggingface_hub import ModelCard
+
+    (tmp_path / "pipeline.json").write_text("{}")  # the run root
+    select_dir = tmp_path / "step2.5_select-1234abcd"
     select_dir.mkdir()
     (select_dir / "easy.jsonl").write_text('{"prompt": "p", "chosen": " a", "rejected": " b"}\n')
     (select_dir / "manifest.json").write_text(json.dumps({
         "stage": "step2.5_select", "threshold": 1.0, "counts": {"pairs": 10, "easy": 6, "hard": 4}}))
-    out = tmp_path / "dpo"
+    sft_dir = tmp_path / "step1_sft-0000aaaa"
+    sft_dir.mkdir()
+    (sft_dir / "README.md").write_text("---\nbase_model: org/base-7b\nlicense: apache-2.0\n---\n# sft\n")
+    out = tmp_path / "step3b_dpo-5678abcd"
     out.mkdir()
     (out / "metrics.jsonl").write_text(
         json.dumps({"step": 1, "phase": "train", "loss": 0.7}) + "\n"
         + json.dumps({"step": 2, "phase": "train", "loss": 0.5}) + "\n"
         + json.dumps({"step": 2, "phase": "eval", "rewards/accuracies": 0.75}) + "\n" + '{"step": 3, "ph')
     settings = dpo.DPOSettings.from_mapping({"output_dir": str(out), "data_path": [str(select_dir / "easy.jsonl")],
-                                             "model_name_or_path": "models/sft", "beta": 0.1, "local_rank": 0,
+                                             "model_name_or_path": str(sft_dir), "beta": 0.1, "local_rank": 0,
                                              "learning_rate": 5e-7})
-    card = model_card.card_files(settings, "step3b DPO", "/models/sft")["README.md"]
-    assert "step3b DPO" in card and "`/models/sft`" in card
+    card = model_card.card_files(settings, "step3b DPO", str(sft_dir))["README.md"]
+    meta = ModelCard(card).data.to_dict()
+    assert meta["base_model"] == "org/base-7b" and meta["license"] == "apache-2.0"
+    assert meta["library_name"] == "transformers" and {"dschat-mpo", "dpo"} <= set(meta["tags"])
+    assert all(re.fullmatch(r"[a-z0-9-]+", tag) for tag in meta["tags"])  # valid hub tags
+    assert "step3b DPO" in card and "| initialised from | `step1_sft-0000aaaa` |" in card
+    assert "| DPO reference (the implicit KL is taken against it) | `step1_sft-0000aaaa` |" in card
     assert "| loss | 0.5 |" in card and "| rewards/accuracies | 0.75 |" in card  # last records; torn line skipped
     assert "| threshold | 1.0 |" in card and "| count: easy | 6 |" in card and "| count: hard | 4 |" in card
     assert "| beta | 0.1 |" in card and "local_rank" not in card and "| dtype | fp32 |" in card  # resolved
+    assert 'AutoModelForCausalLM.from_pretrained("step3b_dpo-5678abcd")' in card and "| transformers |" in card
+    assert str(tmp_path) not in card  # paths relative to the run root
     (out / "README.md").write_text(card)
     model_card.set_card_section(out, "Evaluation (mpo eval)", "table one")
     model_card.set_card_section(out, "Evaluation (mpo eval)", "table two")
     text = (out / "README.md").read_text()
     assert "table two" in text and "table one" not in text and text.count("## Evaluation (mpo eval)") == 1
-    assert "## Settings" in text
+    # keyed sections (one per eval run) live side by side; a re-run of the same key replaces its own
+    model_card.set_card_section(out, "Evaluation: eval-1", "run one", key="/runs/a/eval-1")
+    model_card.set_card_section(out, "Evaluation: eval-1", "run two", key="/runs/b/eval-1")
+    model_card.set_card_section(out, "Evaluation: eval-1", "run one again", key="/runs/a/eval-1")
+    text = (out / "README.md").read_text()
+    assert "run one again" in text and "run two" in text and "run one\n" not in text
+    assert "## Settings" in text and "table two" in text and "/runs/a" not in text
+
+
+def test_ppo_and_reward_model_cards_name_what_they_were_measured_against(tmp_path):
+    """PPO's card names its reward model and its KL reference; a reward model's usage is the reward scorer."""
+    (tmp_path / "pipeline.json").write_text("{}")
+    for name in ("dpo", "rm", "select"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "select" / "hard.jsonl").write_text('{"prompt": "p"}\n')
+    settings = ppo.PPOSettings.from_mapping({
+        "output_dir": str(tmp_path / "ppo"), "data_path": [str(tmp_path / "select" / "hard.jsonl")],
+        "actor_model_name_or_path": str(tmp_path / "dpo"), "critic_model_name_or_path": str(tmp_path / "rm"),
+        "reference_model_name_or_path": str(tmp_path / "dpo")})
+    card = model_card.card_files(settings, "step3 PPO actor", str(tmp_path / "dpo"),
+                                 model_dir=tmp_path / "ppo" / "actor")["README.md"]
+    assert "| reward model (and critic initialisation) | `rm` |" in card and "| KL reference | `dpo` |" in card
+    assert "reward model `rm`" in card and "KL penalty was taken against `dpo`" in card
+    assert 'from_pretrained("ppo/actor")' in card and str(tmp_path) not in card
+    critic = model_card.card_files(settings, "step3 PPO critic", str(tmp_path / "rm"), reward_layout=True,
+                                   model_dir=tmp_path / "ppo" / "critic")["README.md"]
+    assert 'RewardScorer.from_path("ppo/critic"' in critic and "pipeline_tag" not in critic
 
 
 def test_push_to_hub_offline_is_one_clear_line(tmp_path, monkeypatch):
