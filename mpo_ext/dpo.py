@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -465,15 +465,14 @@ class HeldOutRewardSettings(flags.Settings):
 @dataclass(frozen=True, kw_only=True)
 class DPOSettings(flags.TrainStageSettings, DPOFlagSettings, flags.PrintLossSettings, flags.HealthSettings,
                   flags.HeldOutSettings, HeldOutRewardSettings):
-    """Every setting of step 3b (DeepSpeed-Chat's DPO flags; --eval_steps is --eval_interval's alias)."""
+    """Every setting of step 3b (DeepSpeed-Chat's DPO flags; --eval_steps is --eval_interval's alias, as in steps 1
+    and 2)."""
 
     description = "Step 3b of two-stage MPO: DPO on the easy pairs from step2.5_select (DeepSpeed-Chat DPO flags)."
+    run_label: ClassVar[str] = "step3b_dpo"  # names its tracker runs (the pipeline's directory name)
 
     learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=1e-3)
     tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step3b_tensorboard")
-    eval_interval: int = flags.same_flag(flags.EvalIntervalSettings, "eval_interval", aliases=("--eval_steps",),
-                                         help="Evaluate every N optimizer steps (0: only before training and after "
-                                              "each epoch); --eval_steps is the same setting.")
 
     @property
     def reference_path(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import click
 import pytest
@@ -52,23 +53,41 @@ def test_unreadable_ds_config_is_refused_at_parse_time(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text("{not json")
     with pytest.raises(UserError, match="--deepspeed_config .*not valid JSON"):
-        sft.parse_args(["--model_name_or_path", "m", "--deepspeed_config", str(bad)])
+        sft.parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--deepspeed_config", str(bad)])
 
 
 # --------------------------------------------------------------------------------------------- trackers
 
 
 def test_report_to_choices():
-    args = sft.parse_args(["--model_name_or_path", "m", "--enable_tensorboard"])
+    args = sft.parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--enable_tensorboard"])
     assert flags.trackers(args) == ["tensorboard"] and args.report_to == ["none"]
-    args = sft.parse_args(["--model_name_or_path", "m", "--report_to", "wandb", "tensorboard"])
+    args = sft.parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--report_to", "wandb", "tensorboard"])
     assert flags.trackers(args) == ["wandb", "tensorboard"]
     with pytest.raises(UserError, match="'none' excludes"):
-        sft.parse_args(["--model_name_or_path", "m", "--report_to", "none", "wandb"])
+        sft.parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--report_to", "none", "wandb"])
     for parse in (reward.parse_args, dpo.parse_args):
-        assert "report_to" in vars(parse(["--model_name_or_path", "m", "--report_to", "tensorboard"]))
-    assert ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+        assert "report_to" in vars(parse(["--output_dir", "out", "--model_name_or_path", "m", "--report_to", "tensorboard"]))
+    assert ppo.parse_args(["--output_dir", "out", "--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
                            "--report_to", "tensorboard"]).report_to == ["tensorboard"]
+
+
+def test_tracker_runs_are_named_by_stage_and_identity(tmp_path):
+    """The pipeline's stage folder names a run (stage and the pipeline's identity); else the stage and a hash of the
+    settings that change the result: logging and checkpoint cadence do not, a learning rate does."""
+    from dschat.utils.trainer import tracker_dir, tracker_run_name
+
+    def settings(out: str, *extra: str):
+        return dpo.parse_args(["--model_name_or_path", "m", "--output_dir", out, *extra])
+
+    assert tracker_run_name(settings(str(tmp_path / "step3b_dpo-1a2b3c4d")), "x") == "step3b_dpo-1a2b3c4d"
+    name = tracker_run_name(settings(str(tmp_path / "mine")), "step3b_dpo")
+    assert re.fullmatch(r"step3b_dpo-[0-9a-f]{8}", name)
+    assert tracker_run_name(settings(str(tmp_path / "other"), "--log_interval", "3", "--report_to", "tensorboard",
+                                     "--save_steps", "5"), "step3b_dpo") == name
+    assert tracker_run_name(settings(str(tmp_path / "mine"), "--learning_rate", "0.1"), "step3b_dpo") != name
+    assert tracker_dir(str(tmp_path / "runs" / "sft")) == (tmp_path / "runs").resolve()  # beside the model folder
+    assert sft.SFTSettings.run_label == "step1_sft" and ppo.PPOSettings.run_label == "step3_ppo"
 
 
 # --------------------------------------------------------------------------------------------- model cards
@@ -153,7 +172,7 @@ def test_push_to_hub_offline_is_one_clear_line(tmp_path, monkeypatch):
                                                hub_model_id="someone/tiny"), tmp_path)
     message = str(err.value)
     assert "--push_to_hub" in message and "someone/tiny" in message and "saved locally" in message
-    with pytest.raises(UserError, match="--push_to_hub needs --output_dir"):
+    with pytest.raises(SystemExit):  # --output_dir is required (the model is saved there first, then uploaded)
         sft.parse_args(["--model_name_or_path", "m", "--push_to_hub"])
 
 
@@ -209,3 +228,69 @@ def test_every_mpo_option_has_help_and_shows_its_default():
             if isinstance(param, click.Option) and not param.hidden and isinstance(param.default, (str, int, float)) \
                     and not isinstance(param.default, bool):
                 assert "[default: " in param.get_help_record(ctx)[1], (name, param.opts)
+
+
+# --------------------------------------------------------------------------------------------- TRL's names
+
+
+def test_trl_names_are_aliases_of_ours_everywhere(tmp_path):
+    """TRL's names set our settings on the command line and in a pipeline section alike (aliases in the fields'
+    metadata); --warmup_ratio is an alternative to --num_warmup_steps, not a second warm-up."""
+    from mpo_ext.stage_settings import stage_settings
+
+    trl = sft.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--max_length", "64", "--logging_steps", "5",
+                          "--eval_steps", "7", "--resume_from_checkpoint", "--warmup_ratio", "0.1", "--lora_r", "4",
+                          "--dataset_name", "Anthropic/hh-rlhf", "--logging_dir", "tb"])
+    assert (trl.max_seq_len, trl.log_interval, trl.eval_interval, trl.resume, trl.lora_dim, trl.tensorboard_path) == \
+        (64, 5, 7, True, 4, "tb") and trl.data_path == ["Anthropic/hh-rlhf"]
+    assert trl.warmup_steps(95) == 10 and sft.parse_args(["--model_name_or_path", "m", "--output_dir", "o",
+                                                          "--num_warmup_steps", "3"]).warmup_steps(95) == 3
+    with pytest.raises(UserError, match="--warmup_ratio 0.1 --num_warmup_steps 3: two ways"):
+        sft.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--warmup_ratio", "0.1", "--num_warmup_steps", "3"])
+    ppo_trl = stage_settings("ppo", {"actor_model_name_or_path": "a", "critic_model_name_or_path": "c",
+                                     "output_dir": "o", "max_prompt_length": 32, "response_length": 16,
+                                     "kl_coef": 0.05, "num_ppo_epochs": 2, "warmup_ratio": 0.2})
+    assert (ppo_trl.max_prompt_seq_len, ppo_trl.max_answer_seq_len, ppo_trl.init_kl_coef, ppo_trl.ppo_epochs) == \
+        (32, 16, 0.05, 2) and ppo_trl.warmup_steps(10) == 2  # PPO's own default warm-up (100) gives way
+    assert stage_settings("select", {"sft_model_name_or_path": "s", "reward_model_name_or_path": "r", "output_dir": "o",
+                                     "max_prompt_length": 24, "max_new_tokens": 8}).max_answer_seq_len == 8
+    assert {"max_length", "logging_steps", "warmup_ratio", "resume_from_checkpoint"} <= sft.build_parser().flag_names()
+
+
+def test_ppo_per_device_train_batch_size_is_the_generation_batch_with_one_warning(capsys):
+    """Upstream's pre-#698 step-3 name still works (its scripts run unchanged), with one warning naming the
+    flag it sets; in a pipeline section it is refused, since there it would mean the training batch."""
+    from mpo_ext.stage_settings import stage_settings
+
+    settings = ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--output_dir",
+                               "o", "--per_device_train_batch_size", "4"])
+    assert settings.per_device_generation_batch_size == 4 and settings.per_device_training_batch_size == 16
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "per_device_train_batch_size" in line]
+    assert warnings == ["warning: --per_device_train_batch_size is deprecated; use --per_device_generation_batch_size"]
+    from mpo_ext.pipeline.stages import SettingsFlags
+
+    assert "per_device_train_batch_size" not in SettingsFlags("ppo").names()  # a config's ppo section refuses it
+    assert stage_settings("sft", {"model_name_or_path": "m", "output_dir": "o",
+                                  "per_device_train_batch_size": 4}).per_device_train_batch_size == 4
+
+
+def test_own_data_through_a_word_level_tokenizer_warns_once(assets, hh_file, tmp_path, run_ds):
+    """The tiny preset's 129-word tokenizer on one's own data: one warning line with the share of unknown tokens
+    and the fix, before training (the synthetic task it was built for gives none)."""
+    from dschat.utils.data.prompt_datasets import create_prompt_dataset, warn_unknown_tokens
+    from dschat.utils.tokenizer import load_hf_tokenizer
+
+    step1 = Path(__file__).resolve().parents[1] / "training/step1_supervised_finetuning/main.py"
+    out = tmp_path / "sft"
+    proc = run_ds(step1, ["--model_name_or_path", assets["model_dir"], "--data_path", str(hh_file),
+                          "--max_length", "64", "--per_device_train_batch_size", "8", "--max_steps", "1",
+                          "--logging_steps", "1", "--data_output_path", str(tmp_path / "cache"),
+                          "--output_dir", str(out)], num_ranks=0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "unknown token" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and str(hh_file) in lines[0], lines
+    share = int(re.search(r"warning: (\d+)% of the tokens", lines[0]).group(1))
+    assert share > 20 and "use a real tokenizer and model" in lines[0]
+    tok = load_hf_tokenizer(assets["model_dir"])
+    train, _ = create_prompt_dataset(0, [assets["data_dir"]], "1,0,0", str(tmp_path / "cache"), 1, 1234, tok, 64)
+    assert warn_unknown_tokens(train, tok, [assets["data_dir"]]) == 0.0  # the synthetic task: every word known

@@ -389,7 +389,7 @@ def test_sampling_flags_are_one_group_in_ppo_select_and_eval(tmp_path):
 
     defaults = {name: getattr(SamplingSettings(), name) for name in SAMPLED}
     assert defaults == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
-    ppo_argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
+    ppo_argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--output_dir", "out"]
     select_argv = ["--sft_model_name_or_path", "s", "--reward_model_name_or_path", "r", "--output_dir", str(tmp_path)]
     assert _flag_defaults(ppo.parse_args, ppo_argv) == defaults
     assert _flag_defaults(selection.parse_args, select_argv) == defaults
@@ -427,7 +427,7 @@ def test_sampling_settings_are_validated_once():
     for bad in ({"temperature": float("nan")}, {"top_p": float("nan")}, {"top_k": -3}, {"temperature": -1.0}):
         with pytest.raises(UserError, match=f"--{next(iter(bad))} "):
             SamplingSettings(**{"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, **bad})
-    ppo_settings = ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+    ppo_settings = ppo.parse_args(["--output_dir", "out", "--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
                                    "--do_sample", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "40"])
     select_settings = selection.parse_args(["--sft_model_name_or_path", "s", "--reward_model_name_or_path", "r",
                                             "--output_dir", "o", "--temperature", "0.7", "--top_p", "0.9",

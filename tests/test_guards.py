@@ -364,11 +364,12 @@ def test_guard_flags_bad_input_names_the_flag(tinystories_dir, tmp_path, extra, 
     from dschat.steps import ppo
     from mpo_ext.dpo import parse_args as dpo_parse_args
 
-    base = ["--actor_model_name_or_path", str(tinystories_dir), "--critic_model_name_or_path", str(tinystories_dir)]
+    base = ["--actor_model_name_or_path", str(tinystories_dir), "--critic_model_name_or_path", str(tinystories_dir),
+            "--output_dir", str(tmp_path / "out")]
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         ppo.parse_args(base + extra)
     if "--eval_steps" not in extra and extra != ["--keep_best"]:
         with pytest.raises(UserError, match=message):
-            dpo_parse_args(["--model_name_or_path", str(tinystories_dir), *extra])
+            dpo_parse_args(["--output_dir", "out", "--model_name_or_path", str(tinystories_dir), *extra])
     with pytest.raises(UserError, match="--keep_best --best_metric reward needs --reward_model_name_or_path"):
-        dpo_parse_args(["--model_name_or_path", str(tinystories_dir), "--keep_best"])
+        dpo_parse_args(["--output_dir", "out", "--model_name_or_path", str(tinystories_dir), "--keep_best"])

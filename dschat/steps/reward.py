@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -31,6 +32,7 @@ class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings):
 
     description = "Step 2: reward model fine-tuning (DeepSpeed-Chat compatible flags)."
     flag_group = "reward model"
+    run_label: ClassVar[str] = "step2_rm"  # names its tracker runs (the pipeline's directory name)
 
     reward_loss: str = flags.flag("end", "'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token "
                                          "loss over the differing suffix.", choices=("end", "divergence"))

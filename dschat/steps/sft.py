@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,7 @@ class SFTSettings(flags.TrainStageSettings, flags.SFTOnlyDataSettings, flags.Pri
     """Every setting of step 1 (its flags, DeepSpeed-Chat's names and defaults)."""
 
     description = "Step 1: supervised fine-tuning (DeepSpeed-Chat compatible flags)."
+    run_label: ClassVar[str] = "step1_sft"  # names its tracker runs (the pipeline's directory name)
 
     learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=1e-3)
     tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step1_tensorboard")
