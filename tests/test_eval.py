@@ -466,42 +466,77 @@ def test_eval_two_ranks_gives_the_single_rank_numbers(tiny_assets, tmp_path):
 # --------------------------------------------------------------------------------------------- curves
 
 
-def test_plot_curves(tmp_path):
-    from mpo_ext.curves import find_metrics_files, metric_series, plot_training_curves
-    from mpo_ext.eval_cli import plot_curves_command
+def _write_stage_metrics(folder: Path, records: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(x) + "\n" for x in records) + '{"step": 6, "pha'  # torn last line
+    (folder / "metrics.jsonl").write_text(text)
 
-    for stage, base in (("step3b_dpo", 0.7), ("step3_ppo", 1.2)):
-        (tmp_path / "run" / stage).mkdir(parents=True)
-        lines = [{"step": s, "phase": "train", "loss": base / (s + 1), "objective/kl": 0.01 * s,
-                  "rewards/margins": 0.1 * s} for s in range(1, 6)]
-        lines += [{"step": 5, "phase": "eval", "loss": base / 7}, {"step": 3, "phase": "train", "loss": 0.5}]
-        text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 6, "pha'  # torn last line
-        (tmp_path / "run" / stage / "metrics.jsonl").write_text(text)
-    files = find_metrics_files([str(tmp_path / "run")])
-    assert set(files) == {"step3b_dpo", "step3_ppo"}
-    series = metric_series(json.loads(x) for x in files["step3_ppo"].read_text().splitlines()[:-1])
-    steps, values = series[("loss", "train")]
+
+def _pipeline_run(root: Path, scale: float) -> Path:
+    """A pipeline run dir as `mpo pipeline` leaves it: stage folders with metrics, and select/eval without any
+    training metrics (their progress records only)."""
+    sft = [{"step": s, "phase": "train", "loss": scale / s, "lr": 0.1} for s in range(1, 6)]
+    rm = [{"step": s, "phase": "train", "loss": scale / s, "accuracy": 0.5 + 0.05 * s, "rewards/margins": 0.1 * s}
+          for s in range(1, 6)] + [{"step": 5, "phase": "eval", "loss": 0.4, "accuracy": 0.7}]
+    dpo = [{"step": s, "phase": "train", "loss": scale / (s + 1), "rewards/accuracies": 0.6, "rewards/margins": 0.1 * s,
+            "logps/chosen": -3.0} for s in range(1, 6)]
+    dpo += [{"step": 0, "phase": "eval", "loss": 0.69, "eval/reward": 0.1}, {"step": 5, "phase": "eval", "loss": 0.5,
+                                                                             "eval/reward": 0.4}]
+    ppo = [{"step": s, "phase": "train", "loss/policy": 0.1, "reward/mean": scale * s, "objective/kl": 0.01 * s,
+            "health/entropy": 1.0} for s in range(1, 6)] + [{"step": 3, "phase": "train", "reward/mean": 0.5}]
+    for name, records in (("step1_sft-00000001", sft), ("step2_rm-00000002", rm), ("step3b_dpo-00000003", dpo),
+                          ("step3_ppo-00000004", ppo)):
+        _write_stage_metrics(root / name, records)
+    for name in ("step2.5_select-00000005", "eval-00000006"):
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.jsonl").write_text(json.dumps({"step": 0, "phase": "start", "total_steps": 4,
+                                                               "unit": "prompts"}) + "\n")
+    return root
+
+
+def test_plot_curves_shows_key_panels_per_stage_in_pipeline_order(tmp_path):
+    from mpo_ext.curves import collect_panels, find_metrics_files, metric_series, plot_training_curves
+
+    run = _pipeline_run(tmp_path / "run", 1.0)
+    files = find_metrics_files([str(run)])
+    series = metric_series(json.loads(x) for x in (run / "step3_ppo-00000004/metrics.jsonl").read_text().splitlines()[:-1])
+    steps, values = series[("reward/mean", "train")]
     assert steps == [1, 2, 3, 4, 5] and values[2] == 0.5  # a re-logged step keeps its last value
     plot = plot_training_curves(files, tmp_path / "curves.png")
     assert plot.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plot.left_out
-    # one panel per metric and stage: DPO's and PPO's losses never share one
-    assert {"step3b_dpo: loss", "step3_ppo: loss", "step3_ppo: eval/loss"} <= set(plot.panels)
-    assert len(plot.panels) == 2 * 4
-    many = {f"run{i}": files["step3_ppo"] for i in range(13)}  # 13 runs x 4 panels > MAX_PANELS
-    plot = plot_training_curves(many, tmp_path / "many.png")
-    assert len(plot.panels) == 48 and sorted(plot.left_out) == ["run12: eval/loss", "run12: loss",
-                                                                "run12: objective/kl", "run12: rewards/margins"]
-    said = CliRunner().invoke(plot_curves_command, [*(f"{k}={v}" for k, v in many.items()), "--output",
-                                                    str(tmp_path / "many_cli.png")])
-    assert said.exit_code == 0 and "left out 4 panels" in said.output and "run12: loss" in said.output, said.output
-    result = CliRunner().invoke(plot_curves_command, [f"dpo={tmp_path / 'run' / 'step3b_dpo'}",
-                                                      str(tmp_path / "run" / "step3_ppo" / "metrics.jsonl"),
-                                                      "--output", str(tmp_path / "cli.png"), "--metric", "loss",
-                                                      "--metric", "eval/loss"])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "cli.png").stat().st_size > 1000
+    # a few key panels per stage, in pipeline order; DPO is there; no single-dot panel of select or eval
+    assert plot.panels == ["SFT: loss", "reward model: loss", "reward model: accuracy", "reward model: rewards/margins",
+                           "DPO: loss", "DPO: rewards/accuracies", "DPO: rewards/margins", "DPO: eval/reward",
+                           "PPO: loss/policy", "PPO: reward/mean", "PPO: objective/kl"]
+    dpo_loss = collect_panels(files)["dpo"]["loss"]  # training loss and its evaluations in one panel
+    assert [(line.is_eval, line.steps) for line in dpo_loss] == [(False, [1, 2, 3, 4, 5]), (True, [0.0, 5.0])]
+
+
+def test_plot_curves_overlays_runs_on_the_same_axes(tmp_path):
+    from mpo_ext.curves import collect_panels, find_metrics_files, plot_training_curves
+    from mpo_ext.eval_cli import plot_curves_command
+
+    a, b = _pipeline_run(tmp_path / "a", 1.0), _pipeline_run(tmp_path / "b", 2.0)
+    files = find_metrics_files([f"theta1={a}", f"theta2={b}"])
+    panels = collect_panels(files)
+    lines = panels["ppo"]["reward/mean"]
+    assert [(line.label, line.run_index) for line in lines] == [("theta1", 0), ("theta2", 1)]  # one axes, two runs
+    assert lines[1].values[0] == 2 * lines[0].values[0]
+    plot = plot_training_curves(files, tmp_path / "both.png")
+    assert len(plot.panels) == 11  # the same panels as one run: overlaid, not side by side
+    said = CliRunner().invoke(plot_curves_command, [f"theta1={a}", f"theta2={b}", "--output", str(tmp_path / "cli.png"),
+                                                    "--metric", "loss", "--metric", "objective/kl"])
+    assert said.exit_code == 0, said.output
+    assert "2 run(s) (theta1, theta2)" in said.output and "7 panels" not in said.output
+    picked = collect_panels(files, ["loss", "objective/kl"])
+    assert {stage: list(p) for stage, p in picked.items()} == {"sft": ["loss"], "rm": ["loss"], "dpo": ["loss"],
+                                                                "ppo": ["objective/kl"]}
+    one_stage = find_metrics_files([str(a / "step3b_dpo-00000003"), f"other={b / 'step3b_dpo-00000003'}"])
+    assert list(collect_panels(one_stage)) == ["dpo"]
     bad = CliRunner().invoke(plot_curves_command, [str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "no such run directory" in bad.output
+    missing = CliRunner().invoke(plot_curves_command, [str(a), "--metric", "nope"])
+    assert missing.exit_code == 2 and "--metric nope: not logged" in missing.output
 
 
 # --------------------------------------------------------------------------------------------- upstream tools
