@@ -17,7 +17,6 @@ from typing import Any
 
 import click
 
-from dschat.utils.dist import init_distributed, is_rank_0
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
 from dschat.utils.files import atomic_write_json, atomic_write_jsonl
 from dschat.utils.output_dir import prepare_output_dir
@@ -94,6 +93,8 @@ def settings_options(settings_type: type[Settings], exclude: tuple[str, ...] = (
 def _maybe_init_distributed(local_rank: int) -> None:
     """Join the process group only when a launcher started several ranks."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from dschat.utils.dist import init_distributed  # torch: not for `mpo --help`
+
         init_distributed(local_rank)
 
 
@@ -181,6 +182,8 @@ def compare_command(generations: tuple[str, ...], model_specs: tuple[str, ...], 
         if not output_dir:
             raise UserError("--output_dir is required with --model (the generations are written there)")
         _run_evaluation(EvalSettings.from_mapping({**opts, "model": model_specs, "output_dir": output_dir}))
+        from dschat.utils.dist import is_rank_0
+
         if not is_rank_0():
             return
         paths = [Path(output_dir) / GENERATIONS_DIR / f"{name}.jsonl" for name, _ in models]

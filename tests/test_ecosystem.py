@@ -219,6 +219,28 @@ def test_every_flag_has_help_and_one_default(parse, capsys):
         assert "required" in blocks["--output_dir"]
 
 
+@pytest.mark.parametrize("main_py", ["training/step1_supervised_finetuning/main.py",
+                                     "training/step2_reward_model_finetuning/main.py",
+                                     "training/step3_rlhf_finetuning/main.py", "step3b_dpo/main.py"])
+def test_a_steps_help_imports_neither_torch_nor_deepspeed(main_py):
+    """A step's --help (and a bad flag) is answered from its settings module alone: no torch, no DeepSpeed (whose
+    import printed its accelerator warning), no models."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    script = Path(__file__).resolve().parents[1] / main_py
+    probe = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], "
+             "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('heavy:', sorted(m for m in ('torch', "
+             "'deepspeed', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe, str(script)], capture_output=True, text=True, env=child_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--output_dir OUTPUT_DIR" in proc.stdout and "heavy: []" in proc.stdout, proc.stdout[-500:]
+    assert "WARNING" not in proc.stdout + proc.stderr
+
+
 def test_every_mpo_option_has_help_and_shows_its_default():
     for name, command in mpo_main.commands.items():
         ctx = click.Context(command, parent=click.Context(mpo_main, show_default=True), info_name=name)

@@ -32,12 +32,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.files import atomic_write_json
-from dschat.utils.printing import print_rank_0
+
+# torch and the rank helpers are imported where used: the flag groups (dschat.utils.args) import this module for
+# its thresholds, and a step's --help must not wait for torch.
 
 HEALTH_FILE = "health.json"
 BEST_FILE = "best.json"
@@ -108,18 +107,18 @@ def is_degenerate(tokens: Sequence[int], n: int = 2, limit: float = DEGENERATE_R
     return total > 0 and repeated / total >= limit
 
 
-def truncated_share(lengths: torch.Tensor, max_new_tokens: int) -> float:
-    """Share of answers that used the whole length budget (they were cut, not ended)."""
-    if lengths.numel() == 0:
-        return 0.0
-    return float((lengths >= max_new_tokens).float().mean())
+def truncated_share(lengths: Sequence[int], max_new_tokens: int) -> float:
+    """Share of answers that used the whole length budget (they were cut, not ended); `lengths` a list or a
+    1-D tensor of answer lengths."""
+    values = [int(n) for n in lengths]
+    return sum(n >= max_new_tokens for n in values) / len(values) if values else 0.0
 
 
 def generation_health(answers: Sequence[Sequence[int]], max_new_tokens: int,
                       texts: Sequence[str] | None = None) -> dict[str, float]:
     """The answer-text signals of one batch of answers (token ids, and their decoded `texts` where known, so a
     run the tokenizer merged into one token still counts as degenerate), under their logged names."""
-    lengths = torch.tensor([len(a) for a in answers], dtype=torch.long)
+    lengths = [len(a) for a in answers]
     return {
         "health/distinct_1": distinct_n(answers, 1),
         "health/distinct_2": distinct_n(answers, 2),
@@ -240,6 +239,8 @@ class HealthMonitor:
 
 def write_health(output_dir: str | None, monitor: HealthMonitor, stopped: bool = False) -> None:
     """OUTPUT/health.json (rank 0): what the pipeline and a reader check after a stage."""
+    from dschat.utils.dist import is_rank_0
+
     if output_dir and is_rank_0():
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(output_dir) / HEALTH_FILE, monitor.summary(stopped))
@@ -250,6 +251,8 @@ def check_health(monitor: HealthMonitor, step: int, metrics: dict[str, float], o
     """Print a warning line per newly crossed threshold and record health.json; with `stop_on_collapse`,
     save a training state and exit with COLLAPSE_EXIT_CODE. Every rank calls it with the same (reduced)
     metrics, so every rank decides alike and the state save stays collective."""
+    from dschat.utils.printing import print_rank_0
+
     new = monitor.observe(step, metrics)
     for warning in new:
         print_rank_0(monitor.format(warning))

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 from dschat.utils import args as flags
 from dschat.utils.args import flag, same_flag
 from dschat.utils.errors import UserError
-from dschat.utils.printing import print_rank_0
 
 BATCH_GROUP = "batches and lengths"
 OPTIM_GROUP = "actor / critic optimisation"
@@ -42,6 +41,8 @@ class UnsupervisedMixSettings(flags.Settings):
 
     def _check(self) -> None:
         if bool(self.unsupervised_dataset_name) != bool(self.unsupervised_dataset_config_name):
+            from dschat.utils.printing import print_rank_0  # torch: only when there is something to say
+
             print_rank_0("warning: the unsupervised mix needs both --unsupervised_dataset_name and "
                          "--unsupervised_dataset_config_name; it stays off")
 

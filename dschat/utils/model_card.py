@@ -14,9 +14,10 @@ Paths never appear absolute: a local path is written relative to the run root (t
 holding `pipeline.json`, else the folder holding the stage's output) or, outside it, as its name; hub ids
 as they are.
 
-Owns the card's text and the hub upload (`push_to_hub`). Imports `dschat.utils.{dist,errors,files,
-progress_records}` only (huggingface_hub where it is used: it takes a second to import); callers pass what
-the card says (no step or trainer imported).
+Owns the card's text, the framework versions a run records (`framework_versions`, also `mpo --version`'s) and
+the hub upload (`push_to_hub`). Imports `dschat.utils.{errors,files,progress_records}` only (huggingface_hub
+and the rank helpers where they are used: they take seconds to import); callers pass what the card says (no
+step or trainer imported).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.files import atomic_write_text, read_jsonl
 from dschat.utils.progress_records import is_metric_record
@@ -364,6 +364,8 @@ def hub_repo_id(settings, output_dir: str | os.PathLike) -> str:
 
 def push_to_hub(settings, output_dir: str | os.PathLike) -> None:
     """Upload a saved model directory with huggingface_hub when --push_to_hub is set (rank 0 only)."""
+    from dschat.utils.dist import is_rank_0  # torch: `mpo --version` reads this module's versions
+
     if not settings.push_to_hub or not is_rank_0():
         return
     from huggingface_hub import HfApi  # imported where used: a second of imports

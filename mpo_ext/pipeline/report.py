@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dschat.rlhf.health import HEALTH_FILE
-from dschat.utils.utils import atomic_write_text
+from dschat.utils.files import atomic_write_text
 from mpo_ext.eval_table import format_table, prompts_phrase
 from mpo_ext.pipeline.config import PipelineConfig, dump_config
 from mpo_ext.pipeline.plan import Stage
