@@ -187,16 +187,15 @@ def collect_panels(files: Sequence[MetricsFile], metrics: Sequence[str] | None =
         wanted = list(metrics) if metrics else list(KEY_PANELS.get(stage, KEY_PANELS[""]))
         for metrics_file, series in entries:
             several = sum(1 for other, _ in entries if other.run == metrics_file.run) > 1
-            base = metrics_file.run if len(runs) > 1 else metrics_file.label
-            label = f"{base}: {metrics_file.label}" if several and len(runs) > 1 else base
+            parts = ([metrics_file.run] if len(runs) > 1 else []) + ([metrics_file.label] if several else [])
+            label = ": ".join(parts)  # empty for one run's one stage: its lines are just "train" and "eval"
             for (metric, phase), (steps, values) in series.items():
                 name = quantity(metric, phase)
                 if name in wanted or panel_name(metric, phase) in wanted:
                     title = name if name in wanted else panel_name(metric, phase)
                     is_eval = phase != "train" or metric.startswith("eval/")
                     panels.setdefault(stage, {}).setdefault(title, []).append(
-                        Line(label + (" (eval)" if is_eval else ""), runs.index(metrics_file.run), steps, values,
-                             is_eval))
+                        Line(_line_label(label, is_eval), runs.index(metrics_file.run), steps, values, is_eval))
         if stage in panels:
             panels[stage] = {t: panels[stage][t] for t in wanted if t in panels[stage]}
     return panels
@@ -242,6 +241,12 @@ def plot_training_curves(metrics_files: Sequence[MetricsFile] | Mapping[str, str
     out = Path(out_png)
     save_figure(fig, out, dpi=100, fmt="png", tight=False)
     return CurvesPlot(out, [_panel_title(*k) for k in shown], [_panel_title(*k) for k in rest])
+
+
+def _line_label(run: str, is_eval: bool) -> str:
+    if not run:
+        return "eval" if is_eval else "train"
+    return f"{run} (eval)" if is_eval else run
 
 
 def _panel_title(stage: str, title: str) -> str:
