@@ -126,7 +126,7 @@ def card_metadata(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / CARD_FILE
     try:
         return (metadata_load(path) or {}) if path.is_file() else {}
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a base model's own card, whatever it holds, must not stop a save
         return {}
 
 
