@@ -163,7 +163,7 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
         "--padding", cfg["padding"], "--num_train_epochs", str(-(-total_steps(cfg) // steps_per_window(cfg))),
         "--max_steps", str(total_steps(cfg)),
         "--learning_rate", str(LEARNING_RATE), "--lr_scheduler_type", "constant", "--zero_stage", "0",
-        "--dtype", "fp32",
+        "--dtype", "fp32", "--output_dir", str(workdir / f"ours_out_{os.getpid()}"),
     ]
     if cfg["task"] == "rm":
         argv += ["--num_padding_at_beginning", "0"]
@@ -579,7 +579,7 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
         "--max_answer_seq_len", str(cfg["max_new_tokens"]),
         "--num_padding_at_beginning", "0", "--actor_learning_rate", "1e-5", "--critic_learning_rate", "1e-5",
         "--num_warmup_steps", "0", "--seed", str(SEED), "--dtype", "fp32",
-        "--max_steps", str(cfg["warmup_steps"] + cfg["windows"]),
+        "--max_steps", str(cfg["warmup_steps"] + cfg["windows"]), "--output_dir", str(workdir / f"ppo_out_{os.getpid()}"),
     ]
     args = ppo.parse_args(argv)
     init_distributed(args.local_rank)

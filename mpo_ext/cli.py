@@ -12,12 +12,12 @@ Not to be confused with TRL's `loss_type=[...]` "MPO", which is InternVL's loss 
 from __future__ import annotations
 
 import os
-from importlib import metadata
 from pathlib import Path
 
 import click
 
 from dschat.utils.errors import UserError
+from dschat.utils.model_card import framework_versions
 from mpo_ext import __version__, eval_cli, pipeline
 from mpo_ext.pipeline.config import did_you_mean
 
@@ -45,13 +45,8 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 
 def library_versions() -> str:
     """Installed versions of the libraries a run depends on (read from metadata: nothing heavy imported)."""
-    found = []
-    for name in ("torch", "deepspeed", "transformers", "datasets"):
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} not installed")
-    return ", ".join(found)
+    versions = framework_versions()
+    return ", ".join(f"{name} {versions[name]}" for name in ("torch", "deepspeed", "transformers", "datasets"))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

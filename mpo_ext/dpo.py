@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from dschat.rlhf import health
 from dschat.rlhf.generation import Generator
 from dschat.rlhf.held_out import HeldOutEvaluator
 from dschat.steps import train_main
-from dschat.utils import args as flags
 from dschat.utils.build import (
     create_causal_lm,
     frozen_causal_lm,
@@ -41,7 +39,6 @@ from dschat.utils.build import (
     start_training_stage,
 )
 from dschat.utils.data.collators import DataCollatorReward
-from dschat.utils.data.raw_datasets import read_data_text
 from dschat.utils.device import to_device
 from dschat.utils.dist import (
     all_gather,
@@ -52,7 +49,7 @@ from dschat.utils.dist import (
     get_world_size,
     is_rank_0,
 )
-from dschat.utils.errors import UserError, run_main
+from dschat.utils.errors import run_main
 from dschat.utils.files import atomic_write, atomic_write_json
 from dschat.utils.fingerprint import model_signature
 from dschat.utils.inference import RewardScorer, pad_with_mask
@@ -63,6 +60,14 @@ from dschat.utils.output_dir import publish_directory
 from dschat.utils.printing import print_rank_0
 from dschat.utils.saving import save_stage_model
 from dschat.utils.trainer import Trainer, reduce_mean_metrics, sample_lengths
+from mpo_ext.dpo_args import (  # noqa: F401 - the step's settings, parser and pair-file check, importable from here
+    DPOFlagSettings,
+    DPOSettings,
+    HeldOutRewardSettings,
+    build_parser,
+    check_pair_files,
+    parse_args,
+)
 
 REFERENCE_FILE = "reference_logps.pt"
 EVAL_MAX_NEW_TOKENS = 64  # answer budget of the held-out generation checks
@@ -427,84 +432,6 @@ class DPOTrainer(Trainer):
 
 
 # --------------------------------------------------------------------------------------------- entry point
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPOFlagSettings(flags.Settings):
-    flag_group = "dpo"
-
-    beta: float = flags.flag(0.1, "DPO temperature (weight of the implicit KL).")
-    label_smoothing: float = flags.flag(0.0, "Conservative DPO: assumed probability that a preference label is "
-                                             "flipped.")
-    reference_model_name_or_path: str | None = flags.flag(
-        None, "Reference policy (default: --model_name_or_path, i.e. the SFT model).", own_default=True)
-    offload_reference_model: bool = flags.flag(False, "ZeRO-offload the reference model's parameters to CPU.")
-    precompute_ref_log_probs: bool = flags.flag(
-        False, "Score train+eval pairs with the reference once before training, store the table in --output_dir "
-               "and free the reference (no second model resident while training).")
-
-    def _check(self) -> None:
-        if self.beta <= 0:
-            raise UserError(f"--beta {self.beta}: must be positive")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise UserError(f"--label_smoothing {self.label_smoothing}: must be in [0, 0.5)")
-        flags.check_path_exists("--reference_model_name_or_path", self.reference_model_name_or_path,
-                                "model directory")
-
-
-@dataclass(frozen=True, kw_only=True)
-class HeldOutRewardSettings(flags.Settings):
-    flag_group = flags.HELD_OUT_GROUP
-
-    reward_model_name_or_path: str | None = flags.flag(
-        None, "Step-2 reward model scoring the held-out answers at each eval (eval/reward).")
-
-    def _check(self) -> None:
-        flags.check_path_exists("--reward_model_name_or_path", self.reward_model_name_or_path, "model directory")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPOSettings(flags.TrainStageSettings, DPOFlagSettings, flags.PrintLossSettings, flags.HealthSettings,
-                  flags.HeldOutSettings, HeldOutRewardSettings):
-    """Every setting of step 3b (DeepSpeed-Chat's DPO flags; --eval_steps is --eval_interval's alias)."""
-
-    description = "Step 3b of two-stage MPO: DPO on the easy pairs from step2.5_select (DeepSpeed-Chat DPO flags)."
-
-    learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=1e-3)
-    tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step3b_tensorboard")
-    eval_interval: int = flags.same_flag(flags.EvalIntervalSettings, "eval_interval", aliases=("--eval_steps",),
-                                         help="Evaluate every N optimizer steps (0: only before training and after "
-                                              "each epoch); --eval_steps is the same setting.")
-
-    @property
-    def reference_path(self) -> str:
-        return self.reference_model_name_or_path or self.model_name_or_path
-
-    def _check(self) -> None:
-        if self.keep_best and self.best_metric == "reward" and not self.reward_model_name_or_path:
-            raise UserError("--keep_best --best_metric reward needs --reward_model_name_or_path (or use "
-                            "--best_metric gold with --gold_reward)")
-        check_pair_files(self.data_path)
-
-
-build_parser = DPOSettings.build_parser
-parse_args = DPOSettings.parse_args
-
-
-def check_pair_files(data_paths: list[str]) -> None:
-    """Fail early and clearly on an empty local pair file (e.g. a threshold that left no easy pairs)."""
-    for path in data_paths:
-        p = Path(path)
-        if p.is_file() and p.suffix in (".jsonl", ".json") and not _has_content(p):
-            hint = ""
-            if (p.parent / "manifest.json").is_file():
-                hint = (f" (a step2.5_select output: see {p.parent / 'manifest.json'}; rerun the selection with a "
-                        "lower --threshold or with --easy_fraction)")
-            raise UserError(f"--data_path {path}: the file holds no preference pairs{hint}")
-
-
-def _has_content(path: Path) -> bool:
-    return any(line.strip() and line.strip() not in ("[]", "{}") for line in read_data_text(path).splitlines())
 
 
 def _release(engine) -> None:

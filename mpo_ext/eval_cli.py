@@ -17,7 +17,6 @@ from typing import Any
 
 import click
 
-from dschat.utils.dist import init_distributed, is_rank_0
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
 from dschat.utils.files import atomic_write_json, atomic_write_jsonl
 from dschat.utils.output_dir import prepare_output_dir
@@ -94,6 +93,8 @@ def settings_options(settings_type: type[Settings], exclude: tuple[str, ...] = (
 def _maybe_init_distributed(local_rank: int) -> None:
     """Join the process group only when a launcher started several ranks."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from dschat.utils.dist import init_distributed  # torch: not for `mpo --help`
+
         init_distributed(local_rank)
 
 
@@ -185,6 +186,8 @@ def compare_command(generations: tuple[str, ...], model_specs: tuple[str, ...], 
         if not output_dir:
             raise UserError("--output_dir is required with --model (the generations are written there)")
         _run_evaluation(EvalSettings.from_mapping({**opts, "model": model_specs, "output_dir": output_dir}))
+        from dschat.utils.dist import is_rank_0
+
         if not is_rank_0():
             return
         paths = [Path(output_dir) / GENERATIONS_DIR / f"{name}.jsonl" for name, _ in models]
@@ -318,23 +321,26 @@ def _fmt_pct(value: float | None) -> str:
 @click.option("--output", "output", type=str, default="training_curves.png", show_default=True,
               help="PNG to write.")
 @click.option("--metric", "metrics", multiple=True,
-              help="Only these panels (repeatable), e.g. loss, objective/kl, eval/loss.")
+              help="Instead of each stage's key panels, these (repeatable), e.g. loss, objective/kl, eval/reward.")
 @_user_errors
 def plot_curves_command(run_dirs: tuple[str, ...], output: str, metrics: tuple[str, ...]) -> None:
-    """Training curves (loss, rewards, KL, ...) of one or more runs or pipeline stages from metrics.jsonl.
+    """Training curves of one or more runs from metrics.jsonl: a row per stage in pipeline order (SFT, reward
+    model, DPO, PPO) with its key panels (loss, what it optimises, KL, held-out reward); several runs are
+    overlaid on the same axes, a colour each.
 
-    RUN_DIRS: training output dirs, metrics.jsonl files or a pipeline dir (its stage dirs are found);
+    RUN_DIRS: pipeline dirs (their stage dirs are found), training output dirs or metrics.jsonl files;
     NAME=DIR names a run.
     """
     from mpo_ext.curves import find_metrics_files, plot_training_curves
 
     files = find_metrics_files(run_dirs)
     plot = plot_training_curves(files, output, metrics or None)
-    click.echo(f"[plot-curves] {len(files)} run(s): {', '.join(files)}; {len(plot.panels)} panels (one per metric "
-               f"and run) -> {plot.path}")
+    runs = list(dict.fromkeys(f.run for f in files))
+    click.echo(f"[plot-curves] {len(runs)} run(s) ({', '.join(runs)}), {len(files)} metrics files: "
+               f"{len(plot.panels)} panels -> {plot.path}")
     if plot.left_out:
         click.echo(f"[plot-curves] left out {len(plot.left_out)} panels beyond {len(plot.panels)} (choose with "
-                   f"--metric or plot fewer runs): {', '.join(plot.left_out)}")
+                   f"--metric): {', '.join(plot.left_out)}")
 
 
 @click.group("mpo-eval")

@@ -53,14 +53,16 @@ class DecodingSettings(flags.Settings):
     max_new_tokens: int = flag(128, "Maximum new tokens per answer.", low=1)
     seed: int = flag(1234, "Fixes the prompt subset, the sampling and the bootstrap.", low=0, high=flags.SEED_MAX)
     batch_size: int = flag(16, "Prompts per generation/scoring batch (per rank).", low=1)
-    max_prompt_seq_len: int = flag(256, "Longer prompts keep their last tokens.", low=1)
+    max_prompt_seq_len: int = flag(256, "Longer prompts keep their last tokens (TRL: --max_prompt_length).", low=1,
+                                   aliases=("--max_prompt_length",))
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalScoringSettings(flags.Settings):
     flag_group = "scoring and statistics"
 
-    max_seq_len: int = flag(512, "Longest prompt+answer the reward model reads.", low=2)
+    max_seq_len: int = flag(512, "Longest prompt+answer the reward model reads (TRL: --max_length).", low=2,
+                            aliases=("--max_length",))
     num_padding_at_beginning: int = flag(0, "As in step 2 (OPT: 1, Llama: 0).", low=0)
     reward_end_text: str | None = same_flag(flags.RewardEndingSettings, "reward_end_text")
     device: str = flag("auto", "auto (this rank's GPU, else cpu), cpu, cuda, cuda:1, ...")

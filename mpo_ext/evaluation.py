@@ -13,18 +13,19 @@ The statistics are pure functions (unit-tested by hand).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dschat.rlhf.generation import Generator, answer_lengths, decode_answers
+from dschat.rlhf.generation import Generator, answer_token_lists, decode_answers
+from dschat.rlhf.health import distinct_n, is_degenerate
 from dschat.utils.build import check_context_length
 from dschat.utils.data.data_utils import get_raw_dataset
 from dschat.utils.data.raw_datasets import read_data_text
@@ -39,87 +40,27 @@ from dschat.utils.inference import (
     resolve_device,
     resolve_torch_dtype,
 )
-from dschat.utils.model_card import set_card_section
+from dschat.utils.model_card import card_path, set_card_section
 from dschat.utils.output_dir import prepare_output_dir
 from dschat.utils.tokenizer import load_hf_tokenizer
 from dschat.utils.trainer import MetricLogger
 from mpo_ext import synthetic
 from mpo_ext.eval_settings import EvalSettings
+from mpo_ext.eval_table import (  # noqa: F401 - the statistics' names, also importable from here
+    SCORES,
+    bootstrap_ci,
+    format_table,
+    mean_with_ci,
+    paired_difference,
+    percentile_indices,
+    prompts_phrase,
+    score_fields,
+    win_tie_lose,
+)
 
 GENERATIONS_DIR = "generations"
 TABLE_FILE = "table.json"
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-
-# --------------------------------------------------------------------------------------------- statistics
-
-
-def percentile_indices(num_resamples: int, confidence: float) -> tuple[int, int]:
-    """Indices into the sorted bootstrap means that bound the central `confidence` mass.
-
-    floor(alpha/2 * B) values lie strictly below the lower index and the same number strictly above
-    the upper one, so the interval is symmetric in rank by construction (B=1000, 95%: 25 and 974).
-    """
-    if num_resamples < 1:
-        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    tail = (1.0 - confidence) / 2.0
-    low = int(math.floor(tail * num_resamples + 1e-9))
-    low = min(low, (num_resamples - 1) // 2)
-    return low, num_resamples - 1 - low
-
-
-def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, num_resamples: int = 1000,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean; same inputs and seed give the same interval."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 1 or x.size == 0:
-        raise ValueError("bootstrap_ci needs a non-empty 1-D sequence of numbers")
-    rng = np.random.default_rng(seed)
-    means = np.empty(num_resamples, dtype=np.float64)
-    chunk = max(1, 2_000_000 // x.size)  # bound the index matrix at ~16 MB
-    for start in range(0, num_resamples, chunk):
-        stop = min(num_resamples, start + chunk)
-        idx = rng.integers(0, x.size, size=(stop - start, x.size))
-        means[start:stop] = x[idx].mean(axis=1)
-    means.sort()
-    low, high = percentile_indices(num_resamples, confidence)
-    return float(means[low]), float(means[high])
-
-
-def mean_with_ci(values: Sequence[float], seed: int, num_resamples: int = 1000,
-                 confidence: float = 0.95) -> dict[str, float]:
-    """{"mean", "ci_low", "ci_high"} for a list of scores."""
-    low, high = bootstrap_ci(values, confidence, num_resamples, seed)
-    return {"mean": float(np.mean(np.asarray(values, dtype=np.float64))), "ci_low": low, "ci_high": high}
-
-
-def win_tie_lose(scores_a: Sequence[float], scores_b: Sequence[float], tie_margin: float = 0.0) -> dict[str, Any]:
-    """Paired outcome counts for a against b: win if a - b > margin, lose if a - b < -margin, else tie.
-
-    The margin is in reward units; a reward model is only trusted to order answers whose scores
-    differ clearly, so a small margin keeps coin-flip differences out of the win column.
-    """
-    if len(scores_a) != len(scores_b):
-        raise ValueError(f"need paired scores, got {len(scores_a)} and {len(scores_b)}")
-    if tie_margin < 0:
-        raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
-    win = tie = lose = 0
-    for a, b in zip(scores_a, scores_b):
-        diff = float(a) - float(b)
-        if diff > tie_margin:
-            win += 1
-        elif diff < -tie_margin:
-            lose += 1
-        else:
-            tie += 1
-    n = win + tie + lose
-    return {
-        "win": win, "tie": tie, "lose": lose, "n": n, "tie_margin": tie_margin,
-        "win_rate": win / n if n else None, "tie_rate": tie / n if n else None,
-        "lose_rate": lose / n if n else None,
-    }
-
 
 # --------------------------------------------------------------------------------------------- sharding
 
@@ -179,11 +120,25 @@ def _open_raw_dataset(data_path: str, seed: int, data_output_path: str, tokenize
                            chat_format=chat_format)
 
 
-def load_eval_prompts(data_path: str | Sequence[str], num_prompts: int | None = None, seed: int = 1234,
-                      data_output_path: str | None = None, tokenizer=None,
-                      column_map: dict[str, str] | None = None, chat_format: str = "auto") -> list[str]:
+@dataclass(frozen=True)
+class EvalPrompts:
+    """The prompts an evaluation asks every model, and whether they are held out: each dataset's eval/test split
+    (True), or, for a local file without one, all its prompts, the very ones the training stages saw (False)."""
+
+    prompts: list[str]
+    held_out: bool
+    training_sources: tuple[str, ...] = ()  # the data paths that gave training prompts
+
+    def describe(self) -> str:
+        return prompts_phrase(len(self.prompts), self.held_out)
+
+
+def eval_prompts(data_path: str | Sequence[str], num_prompts: int | None = None, seed: int = 1234,
+                 data_output_path: str | None = None, tokenizer=None,
+                 column_map: dict[str, str] | None = None, chat_format: str = "auto") -> EvalPrompts:
     """Held-out prompts of one or more datasets: each one's eval/test split (a local file without one: all
-    its prompts), in the order given (e.g. HH's helpful-base and harmless-base test sets together).
+    its prompts, which then are not held out), in the order given (e.g. HH's helpful-base and harmless-base
+    test sets together).
 
     Conversational data and HH dialogues are rendered with `tokenizer`'s chat template as `chat_format`
     (--chat_format) says, as the training stages saw them.
@@ -193,6 +148,7 @@ def load_eval_prompts(data_path: str | Sequence[str], num_prompts: int | None = 
     """
     seen: set[str] = set()
     prompts: list[str] = []
+    training: list[str] = []
     for path in as_path_list(data_path):
         raw = _open_raw_dataset(path, seed, data_output_path, tokenizer, column_map, chat_format)
         data = raw.get_eval_data()
@@ -201,6 +157,7 @@ def load_eval_prompts(data_path: str | Sequence[str], num_prompts: int | None = 
                 raise UserError(f"--data_path {path}: the dataset has no eval/test split; pass a local file "
                                 "of held-out prompts instead")
             data = raw.get_train_data()
+            training.append(path)
         found = len(prompts)
         for sample in data:
             prompt = raw.get_prompt(sample)
@@ -212,7 +169,14 @@ def load_eval_prompts(data_path: str | Sequence[str], num_prompts: int | None = 
     if num_prompts is not None and 0 < num_prompts < len(prompts):
         keep = sorted(random.Random(seed).sample(range(len(prompts)), num_prompts))
         prompts = [prompts[i] for i in keep]
-    return prompts
+    return EvalPrompts(prompts, held_out=not training, training_sources=tuple(training))
+
+
+def load_eval_prompts(data_path: str | Sequence[str], num_prompts: int | None = None, seed: int = 1234,
+                      data_output_path: str | None = None, tokenizer=None,
+                      column_map: dict[str, str] | None = None, chat_format: str = "auto") -> list[str]:
+    """The prompts of `eval_prompts` alone."""
+    return eval_prompts(data_path, num_prompts, seed, data_output_path, tokenizer, column_map, chat_format).prompts
 
 
 def as_path_list(data_path: str | Sequence[str]) -> list[str]:
@@ -274,8 +238,9 @@ def make_generator(model, tokenizer, settings: EvalSettings):
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], settings: EvalSettings, device: torch.device,
                      rank: int = 0, world_size: int = 1, on_batch: Callable[[int], None] | None = None) -> list[dict]:
-    """This rank's share of answers: [{"index", "answer", "length"}] (length in answer tokens); `on_batch` is
-    told the size of each batch done (progress)."""
+    """This rank's share of answers: [{"index", "answer", "length", "degenerate", "tokens"}] (length in answer
+    tokens; "tokens", the answer's ids, stays in memory for distinct-n); `on_batch` is told the size of each
+    batch done (progress)."""
     generator = make_generator(model, tokenizer, settings)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[dict] = []
@@ -286,8 +251,9 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], settings: EvalSet
         sequences = generator.generate(ids.to(device), mask.to(device)).cpu()
         width = ids.shape[1]
         texts = decode_answers(tokenizer, sequences, width)
-        lengths = answer_lengths(sequences, width, generator.eos_token_id).tolist()
-        out.extend({"index": i, "answer": t, "length": int(n)} for i, t, n in zip(indices, texts, lengths))
+        tokens = answer_token_lists(sequences, width, generator.eos_token_id)
+        out.extend({"index": i, "answer": t, "length": len(a), "degenerate": is_degenerate(a, text=t), "tokens": a}
+                   for i, t, a in zip(indices, texts, tokens))
         if on_batch is not None:
             on_batch(len(indices))
     return out
@@ -297,39 +263,20 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], settings: EvalSet
 
 
 def summarize_model(name: str, records: Sequence[dict], seed: int, num_resamples: int = 1000,
-                    confidence: float = 0.95) -> dict[str, Any]:
-    """One Table-3 row from a model's scored generations."""
-    rewards = [r["reward"] for r in records]
-    stats = mean_with_ci(rewards, seed, num_resamples, confidence)
-    row: dict[str, Any] = {
-        "name": name,
-        "mean_reward": stats["mean"],
-        "ci_low": stats["ci_low"],
-        "ci_high": stats["ci_high"],
-        "mean_length": float(np.mean([r["length"] for r in records])) if records else 0.0,
-        "n": len(records),
-    }
-    golds = [r["gold"] for r in records if r.get("gold") is not None]
-    if golds:
-        g = mean_with_ci(golds, seed, num_resamples, confidence)
-        row.update(gold_mean=g["mean"], gold_ci_low=g["ci_low"], gold_ci_high=g["ci_high"], gold_n=len(golds))
+                    confidence: float = 0.95, baseline: Sequence[dict] | None = None) -> dict[str, Any]:
+    """One Table-3 row from a model's scored generations: each score of `SCORES` with its interval (and, given
+    the first model's records as `baseline`, the paired difference to it), the share of degenerate answers,
+    the mean length in tokens and distinct-1/2 over the answers' tokens (where the records carry them)."""
+    row: dict[str, Any] = {"name": name, "n": len(records)}
+    for score in SCORES:
+        row.update(score_fields(score, records, baseline, seed, num_resamples, confidence))
+    row["mean_length"] = float(np.mean([r["length"] for r in records])) if records else 0.0
+    if records and all("degenerate" in r for r in records):
+        row["degenerate_share"] = sum(bool(r["degenerate"]) for r in records) / len(records)
+    if records and all("tokens" in r for r in records):
+        answers = [r["tokens"] for r in records]
+        row.update(distinct_1=distinct_n(answers, 1), distinct_2=distinct_n(answers, 2))
     return row
-
-
-def format_table(rows: Sequence[dict], confidence: float = 0.95) -> str:
-    """Markdown table in the layout of the paper's Table 3 (plus interval, gold and length columns)."""
-    has_gold = any(r.get("gold_mean") is not None for r in rows)
-    pct = f"{confidence:.0%}"
-    header = ["model", f"RM reward [{pct} CI]"] + ([f"gold [{pct} CI]"] if has_gold else []) + ["mean length", "n"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        cells = [r["name"], f"{r['mean_reward']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"]
-        if has_gold:
-            cells.append(f"{r['gold_mean']:.3f} [{r['gold_ci_low']:.3f}, {r['gold_ci_high']:.3f}]"
-                         if r.get("gold_mean") is not None else "-")
-        cells += [f"{r['mean_length']:.1f}", str(r["n"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _log(message: str) -> None:
@@ -365,22 +312,28 @@ def generate_for_models(models: Sequence[tuple[str, str]], prompts: Sequence[str
 
 def score_records(scorer: RewardScorer, prompts: Sequence[str], answers: Sequence[dict],
                   gold: Callable[[str, str], float] | None) -> list[dict]:
-    """Generation records with reward (and gold) filled in."""
+    """Generation records with reward (and gold) filled in (and the answer's flags and tokens kept)."""
     texts = [a["answer"] for a in answers]
     rewards = scorer.score([prompts[a["index"]] for a in answers], texts) if answers else []
     records = []
     for a, reward in zip(answers, rewards):
         prompt = prompts[a["index"]]
         record = {"index": a["index"], "prompt": prompt, "answer": a["answer"], "reward": reward,
-                  "length": a["length"]}
+                  "length": a["length"], "degenerate": a["degenerate"], "tokens": a["tokens"]}
         if gold is not None:
             record["gold"] = safe_gold(gold, prompt, a["answer"])
         records.append(record)
     return records
 
 
+def file_record(record: dict) -> dict:
+    """A generation record as generations/NAME.jsonl keeps it (the answer's token ids stay in memory)."""
+    return {k: v for k, v in record.items() if k != "tokens"}
+
+
 def evaluate(settings: EvalSettings) -> list[dict]:
-    """Generate, score and summarise; rank 0 writes generations/NAME.jsonl and table.json.
+    """Generate, score and summarise; rank 0 writes generations/NAME.jsonl and table.json, and adds the table to
+    each evaluated model's card.
 
     Every rank returns the same rows. Files are written one by one atomically; table.json comes last
     and is removed first, so its presence means the whole evaluation finished.
@@ -396,12 +349,16 @@ def evaluate(settings: EvalSettings) -> list[dict]:
     torch_dtype = resolve_torch_dtype(settings.dtype, torch_device)
     data_paths = as_path_list(settings.data_path)
     # The chain's models share the SFT tokenizer; the first one renders conversational prompts.
-    prompts = load_eval_prompts(data_paths, settings.num_prompts, settings.seed, settings.data_output_path,
-                                tokenizer=load_hf_tokenizer(models[0][1]), column_map=settings.column_map,
-                                chat_format=settings.chat_format)
+    chosen = eval_prompts(data_paths, settings.num_prompts, settings.seed, settings.data_output_path,
+                          tokenizer=load_hf_tokenizer(models[0][1]), column_map=settings.column_map,
+                          chat_format=settings.chat_format)
+    prompts = chosen.prompts
     gold_fn = find_gold_reward(data_paths, settings.gold)
-    _log(f"{len(prompts)} held-out prompts from {', '.join(data_paths)}; {len(models)} model(s); "
+    _log(f"{chosen.describe()} from {', '.join(data_paths)}; {len(models)} model(s); "
          f"gold reward: {'yes' if gold_fn else 'no'}; world size {get_world_size()}")
+    if chosen.training_sources:
+        _log(f"note: {', '.join(chosen.training_sources)} has no eval split, so its prompts are the ones the stages "
+             "trained on (not held out); pass a file of held-out prompts, or data with a test split")
 
     progress = MetricLogger(str(out), None, "eval")  # the pipeline's heartbeat reads these records
     progress.start(0, len(models) * len(prompts), unit="answers", task="generating")
@@ -411,28 +368,48 @@ def evaluate(settings: EvalSettings) -> list[dict]:
                                     end_text=settings.reward_end_text)
     progress.start(0, len(models) * len(prompts), unit="answers", task="scoring")
     rows = []
+    baseline = None
     for number, (name, _) in enumerate(models, start=1):
         records = gather_records(score_records(scorer, prompts, answers[name], gold_fn))
         progress.progress(number * len(prompts))
-        row = summarize_model(name, records, settings.seed, settings.num_bootstrap, settings.confidence)
-        rows.append(row)
+        rows.append(summarize_model(name, records, settings.seed, settings.num_bootstrap, settings.confidence,
+                                    baseline=baseline))
+        baseline = records if baseline is None else baseline
         if is_rank_0():
-            atomic_write_jsonl(out / GENERATIONS_DIR / f"{name}.jsonl", records)
+            atomic_write_jsonl(out / GENERATIONS_DIR / f"{name}.jsonl", [file_record(r) for r in records])
     if is_rank_0():
         recorded = {"data_path": data_paths[0] if len(data_paths) == 1 else data_paths,
                     "reward_model": settings.reward_model, "models": dict(models), "num_prompts": len(prompts),
-                    "decoding": settings.decoding_record(), "dtype": str(torch_dtype),
+                    "held_out": chosen.held_out, "training_prompts_from": list(chosen.training_sources),
+                    "baseline": models[0][0], "decoding": settings.decoding_record(), "dtype": str(torch_dtype),
                     "confidence": settings.confidence, "num_resamples": settings.num_bootstrap,
                     "world_size": get_world_size(), "reward_ending": scorer.ending}
         atomic_write_json(out / TABLE_FILE, {"rows": rows, "settings": recorded})
         table_text = format_table(rows, settings.confidence)
-        print(table_text, flush=True)
+        print(f"Scores on {chosen.describe()}:\n{table_text}", flush=True)
         for _, path in models:  # each evaluated model's card gets the table it is part of
-            set_card_section(path, "Evaluation (mpo eval)", f"Data: `{', '.join(data_paths)}`, reward model: "
-                             f"`{settings.reward_model}`, {len(prompts)} prompts.\n\n```\n{table_text}\n```")
+            add_card_table(path, out, table_text, chosen, data_paths, settings)
         _log(f"wrote {out / TABLE_FILE} and {out / GENERATIONS_DIR}/")
     barrier()
     return rows
+
+
+def add_card_table(model_dir: str, eval_dir: Path, table_text: str, chosen: EvalPrompts, data_paths: Sequence[str],
+                   settings: EvalSettings) -> None:
+    """The evaluation's section in a model's card, one per eval run (keyed by its output directory): a later
+    `mpo eval` of the same model adds its own section beside this one, a re-run of the same eval replaces it.
+    Paths are written relative to the run root the model sits in (or as names), never as absolute paths."""
+    def where(path: str | os.PathLike) -> str:
+        return f"`{card_path(path, model_dir)}`"
+
+    decoding = (f"sampled (temperature {settings.temperature:g}, top-p {settings.top_p:g}, top-k {settings.top_k})"
+                if settings.do_sample else "greedy")
+    body = (f"Eval run {where(eval_dir)}: {chosen.describe()} of {', '.join(where(p) for p in data_paths)}, scored by "
+            f"the reward model {where(settings.reward_model)}; {decoding} answers of at most {settings.max_new_tokens} "
+            f"tokens, seed {settings.seed}. Differences are paired, per prompt, against the first model.\n\n"
+            f"{table_text}")
+    set_card_section(model_dir, f"Evaluation: {Path(eval_dir).name} (mpo eval)", body,
+                     key=f"mpo-eval:{Path(eval_dir).resolve()}")
 
 
 # --------------------------------------------------------------------------------------------- files

@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from dschat.steps.ppo_args import PPOSettings
-from dschat.steps.reward import RewardSettings
-from dschat.steps.sft import SFTSettings
+from dschat.steps.reward_args import RewardSettings
+from dschat.steps.sft_args import SFTSettings
 from dschat.utils.errors import UserError
 from dschat.utils.settings import Settings
-from mpo_ext.dpo import DPOSettings
+from mpo_ext.dpo_args import DPOSettings
 from mpo_ext.eval_settings import EvalSettings
 from mpo_ext.selection.settings import SelectionSettings
 

@@ -12,8 +12,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dschat.utils.errors import run_main
-from mpo_ext.dpo import main
+from dschat.steps import run_step
 
-if __name__ == "__main__":
-    run_main(main)
+if __name__ == "__main__":  # the flags are parsed before torch is imported: --help answers at once
+    run_step("mpo_ext.dpo_args", "mpo_ext.dpo")

@@ -25,7 +25,7 @@ from dschat.utils.utils import atomic_write_json
 
 
 def test_step1_flag_defaults_match_upstream():
-    args = sft_step.parse_args(["--model_name_or_path", "facebook/opt-125m"])
+    args = sft_step.parse_args(["--output_dir", "out", "--model_name_or_path", "facebook/opt-125m"])
     assert args.data_path == ["Dahoas/rm-static"]
     assert args.data_output_path is None  # upstream: /tmp/data_files/ (world-writable); ours: a per-user cache
     assert args.per_device_train_batch_size == 16 and args.per_device_eval_batch_size == 16
@@ -39,7 +39,7 @@ def test_step1_flag_defaults_match_upstream():
 
 
 def test_step2_flag_defaults_match_upstream():
-    args = reward_step.parse_args(["--model_name_or_path", "facebook/opt-350m", "--deepspeed"])
+    args = reward_step.parse_args(["--output_dir", "out", "--model_name_or_path", "facebook/opt-350m", "--deepspeed"])
     assert args.learning_rate == 5e-5 and args.num_padding_at_beginning == 1
     assert args.eval_interval == 0 and args.eval_iters == 100
     assert args.tensorboard_path == "step2_tensorboard"
@@ -47,7 +47,7 @@ def test_step2_flag_defaults_match_upstream():
 
 def test_bad_flag_is_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
-        sft_step.parse_args(["--model_name_or_path", "x", "--zero_stage", "7"])
+        sft_step.parse_args(["--output_dir", "out", "--model_name_or_path", "x", "--zero_stage", "7"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--zero_stage" in err[0]
@@ -55,11 +55,13 @@ def test_bad_flag_is_one_line_exit_2(capsys):
 
 def test_conflicting_and_missing_flags_raise_user_error(tmp_path):
     with pytest.raises(UserError, match="--only_optimize_lora"):
-        sft_step.parse_args(["--model_name_or_path", "m", "--only_optimize_lora"])
+        sft_step.parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--only_optimize_lora"])
     with pytest.raises(UserError, match="--model_name_or_path"):
-        sft_step.parse_args(["--model_name_or_path", str(tmp_path / "missing")])
-    with pytest.raises(UserError, match="--resume needs --output_dir"):
+        sft_step.parse_args(["--output_dir", "out", "--model_name_or_path", str(tmp_path / "missing")])
+    # a training stage saves what it trains: --output_dir is required (upstream's scripts always pass it)
+    with pytest.raises(SystemExit) as exit_info:
         sft_step.parse_args(["--model_name_or_path", "m", "--resume"])
+    assert exit_info.value.code == 2
 
 
 def test_dtype_resolution_on_cpu():
@@ -134,16 +136,16 @@ def test_length_grouping_is_seeded_per_epoch_and_resumable():
 
 
 def test_group_by_length_and_pad_mask_flags():
-    args = sft_step.parse_args(["--model_name_or_path", "m"])
+    args = sft_step.parse_args(["--output_dir", "out", "--model_name_or_path", "m"])
     assert args.group_by_length and args.pad_mask == "auto" and args.groups_by_length
-    args = sft_step.parse_args(["--model_name_or_path", "m", "--no_group_by_length", "--pad_mask", "always"])
+    args = sft_step.parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--no_group_by_length", "--pad_mask", "always"])
     assert not args.group_by_length and args.pad_mask == "always" and not args.groups_by_length
-    args = sft_step.parse_args(["--model_name_or_path", "m", "--padding", "max_length"])
+    args = sft_step.parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--padding", "max_length"])
     assert not args.groups_by_length  # every batch is max_seq_len wide anyway
     # PPO rollouts are left-padded and always keep their mask: the flag is not offered rather than ignored
     from dschat.steps import ppo as ppo_step
 
-    ppo_flags = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
+    ppo_flags = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--output_dir", "out"]
     assert ppo_step.parse_args(ppo_flags).group_by_length
     with pytest.raises(SystemExit):
         ppo_step.parse_args(ppo_flags + ["--pad_mask", "always"])

@@ -106,13 +106,13 @@ def test_empty_pair_file_is_a_clear_error(tmp_path):
 def test_dpo_flags_keep_upstream_defaults():
     from mpo_ext.dpo import parse_args
 
-    args = parse_args(["--model_name_or_path", "m"])
+    args = parse_args(["--output_dir", "out", "--model_name_or_path", "m"])
     assert (args.beta, args.label_smoothing, args.learning_rate, args.tensorboard_path) == (
         0.1, 0.0, 1e-3, "step3b_tensorboard")
     assert args.reference_model_name_or_path is None and not args.precompute_ref_log_probs
     assert not args.offload_reference_model and args.data_path == ["Dahoas/rm-static"]
     with pytest.raises(UserError, match="--label_smoothing"):
-        parse_args(["--model_name_or_path", "m", "--label_smoothing", "0.5"])
+        parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--label_smoothing", "0.5"])
 
 
 # --------------------------------------------------------------------------------------------- reference

@@ -127,7 +127,8 @@ def test_token_log_probs_fp32_on_bf16_logits():
 def test_ppo_compute_fp32_loss_defaults_on_for_half_precision(tmp_path):
     from dschat.steps.ppo import parse_args
 
-    base = ["--actor_model_name_or_path", str(tmp_path), "--critic_model_name_or_path", str(tmp_path)]
+    base = ["--actor_model_name_or_path", str(tmp_path), "--critic_model_name_or_path", str(tmp_path),
+            "--output_dir", str(tmp_path / "out")]
     assert parse_args(base + ["--dtype", "bf16"]).fp32_loss is True
     assert parse_args(base + ["--dtype", "fp32"]).fp32_loss is False
     assert parse_args(base + ["--dtype", "bf16", "--no_compute_fp32_loss"]).fp32_loss is False

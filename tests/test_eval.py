@@ -25,10 +25,12 @@ from mpo_ext.evaluation import (
     batch_seed,
     bootstrap_ci,
     encode_prompt,
+    eval_prompts,
     format_table,
     global_batches,
     load_eval_prompts,
     pair_by_prompt,
+    paired_difference,
     parse_model_specs,
     percentile_indices,
     rank_batches,
@@ -99,13 +101,51 @@ def test_win_tie_lose_hand_computed():
 
 
 def test_summarize_model_and_table():
-    records = [{"reward": r, "length": n, "gold": g} for r, n, g in [(1.0, 4, 0.5), (3.0, 6, None), (2.0, 5, 1.5)]]
+    records = [{"index": i, "reward": r, "length": n, "gold": g}
+               for i, (r, n, g) in enumerate([(1.0, 4, 0.5), (3.0, 6, None), (2.0, 5, 1.5)])]
     row = summarize_model("mpo", records, seed=1, num_resamples=200)
     assert row["mean_reward"] == pytest.approx(2.0) and row["mean_length"] == pytest.approx(5.0)
     assert row["n"] == 3 and row["gold_n"] == 2 and row["gold_mean"] == pytest.approx(1.0)
     assert row["ci_low"] <= 2.0 <= row["ci_high"]
     table = format_table([row])
     assert table.splitlines()[0].startswith("| model") and "| mpo | 2.000 [" in table
+
+
+def test_paired_difference_by_hand():
+    # differences 1, 1, 1: every resample's mean is 1
+    assert paired_difference([2.0, 3.0, 4.0], [1.0, 2.0, 3.0], seed=0) == {"mean": 1.0, "ci_low": 1.0, "ci_high": 1.0,
+                                                                          "n": 3}
+    # the same prompts: the big spread between prompts (0, 10, 20) shared by both models does not widen it
+    diff = paired_difference([0.5, 10.5, 20.5, 0.5], [0.0, 10.0, 20.0, 0.0], seed=3)
+    assert diff["mean"] == pytest.approx(0.5) and diff["ci_low"] == diff["ci_high"] == pytest.approx(0.5)
+    # differences 0 and 1 with B=1000 at 95%: the extremes of the resampled means, 0 and 1
+    assert paired_difference([1.0, 1.0], [1.0, 0.0], seed=0) == {"mean": 0.5, "ci_low": 0.0, "ci_high": 1.0, "n": 2}
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0], seed=0)
+
+
+def test_degenerate_answers_show_in_the_table_beside_a_higher_reward():
+    """The issue's case: a collapsed model answering ",,,,,,,,,,,," to every prompt scores higher on the reward
+    model than SFT; the table must show it is degenerate, short and repetitive, and its paired difference."""
+    from dschat.rlhf.health import is_degenerate
+
+    sft = [{"index": i, "reward": -2.0 + 0.1 * i, "length": 5, "tokens": [10 + i, 20, 30 + i, 40, 50],
+            "degenerate": False} for i in range(4)]
+    commas = [{"index": i, "reward": 3.3 + 0.1 * i, "length": 1, "tokens": [99], "degenerate": is_degenerate(
+        [99], text=",,,,,,,,,,,,")} for i in range(4)]
+    first = summarize_model("sft", sft, seed=1, num_resamples=100)
+    ppo = summarize_model("ppo", commas, seed=1, num_resamples=100, baseline=sft)
+    assert first["degenerate_share"] == 0.0 and ppo["degenerate_share"] == 1.0
+    assert ppo["reward_delta"] == pytest.approx(5.3) and ppo["reward_delta_ci_low"] == pytest.approx(5.3)
+    assert ppo["distinct_1"] == pytest.approx(0.25) and ppo["distinct_2"] == 0.0  # one token, four times
+    assert first["distinct_1"] == pytest.approx(11 / 20) and first["distinct_2"] == pytest.approx(13 / 16)
+    assert "reward_delta" not in first
+    table = format_table([first, ppo]).splitlines()
+    assert table[0] == ("| model | RM reward [95% CI] | \u0394 RM reward vs sft [95% CI] | degenerate | mean length | "
+                        "distinct-1 / 2 | n |")
+    assert table[2].startswith("| sft | -1.850 [") and table[2].endswith(" | - | 0% | 5.0 | 0.55 / 0.81 | 4 |")
+    assert table[3].startswith("| ppo | 3.450 [") and "| +5.300 [+5.300, +5.300] | 100% | 1.0 | 0.25 / 0.00 | 4 |" \
+        in table[3]
 
 
 def test_batches_are_independent_of_world_size():
@@ -179,6 +219,19 @@ def test_load_eval_prompts_uses_test_split(tiny_assets):
     subset = load_eval_prompts(str(tiny_assets["data"]), num_prompts=5, seed=3)
     assert subset == load_eval_prompts(str(tiny_assets["data"]), num_prompts=5, seed=3)
     assert len(subset) == 5 and [p for p in prompts if p in subset] == subset  # dataset order kept
+
+
+def test_eval_prompts_say_whether_they_are_held_out(tiny_assets, tmp_path):
+    """A dataset's test split is held out; a local file without an eval split gives the very prompts the stages
+    trained on, and the evaluation says "training prompts" then."""
+    held = eval_prompts(str(tiny_assets["data"]))
+    assert held.held_out and held.describe() == f"{len(held.prompts)} held-out prompts"
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "chosen": " y",
+                                              "rejected": " n"}) + "\n" for i in range(3)))
+    mixed = eval_prompts([str(tiny_assets["data"]), str(train_file)], data_output_path=str(tmp_path / "cache"))
+    assert not mixed.held_out and mixed.training_sources == (str(train_file),)
+    assert mixed.describe() == f"{len(mixed.prompts)} training prompts (the data has no eval split)"
 
 
 def test_load_eval_prompts_joins_several_datasets_in_order(tmp_path):
@@ -266,6 +319,44 @@ def test_eval_writes_table_and_generations_reproducibly(tiny_assets, tmp_path):
         {k: expected[k] for k in ("win", "tie", "lose")}
 
 
+def test_eval_adds_a_markdown_table_per_eval_run_to_each_model_card(tiny_assets, tmp_path):
+    """Each evaluated model's card gets the table as markdown (no code fence), one section per eval run: a
+    second `mpo eval` adds its own beside the first; on a file without an eval split it says "training prompts"."""
+    from mpo_ext.eval_cli import eval_command
+
+    model = tmp_path / "models" / "sft"
+    shutil.copytree(tiny_assets["policy_a"], model)
+    (model / "README.md").write_text("---\nlibrary_name: transformers\n---\n# sft model\n\n## Settings\n\nx\n")
+    train_file = tmp_path / "prompts.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in load_eval_prompts(str(tiny_assets["data"]))[:6]))
+    common = ["--model", f"sft={model}", "--model", f"mpo={tiny_assets['policy_b']}", "--reward_model",
+              str(tiny_assets["rm"]), "--max_new_tokens", "4", "--num_bootstrap", "50", "--batch_size", "8"]
+    first = CliRunner().invoke(eval_command, [*common, "--data_path", str(tiny_assets["data"]), "--num_prompts", "6",
+                                              "--output_dir", str(tmp_path / "eval-a")])
+    assert first.exit_code == 0, first.output
+    assert "Scores on 6 held-out prompts:" in first.output and "| \u0394 RM reward vs sft [95% CI] |" in first.output
+    second = CliRunner().invoke(eval_command, [*common, "--data_path", str(train_file), "--data_output_path",
+                                               str(tmp_path / "cache"), "--output_dir", str(tmp_path / "eval-b")])
+    assert second.exit_code == 0, second.output
+    assert "Scores on 6 training prompts (the data has no eval split):" in second.output
+    assert "has no eval split, so its prompts are the ones the stages trained on" in second.output
+    table = json.loads((tmp_path / "eval-b" / "table.json").read_text())
+    assert table["settings"]["held_out"] is False and table["settings"]["baseline"] == "sft"
+    for row in table["rows"]:
+        records = [json.loads(x) for x in (tmp_path / "eval-b/generations" / f"{row['name']}.jsonl").read_text().splitlines()]
+        assert row["degenerate_share"] == sum(r["degenerate"] for r in records) / len(records)
+        assert 0 < row["distinct_1"] <= 1 and "tokens" not in records[0]
+    assert "reward_delta" in table["rows"][1] and "reward_delta" not in table["rows"][0]
+    card = (model / "README.md").read_text()
+    assert card.count("## Evaluation: ") == 2 and "```" not in card.split("## Settings")[1]
+    assert "## Evaluation: eval-a (mpo eval)" in card and "## Evaluation: eval-b (mpo eval)" in card
+    assert "6 held-out prompts of `data`" in card and "6 training prompts" in card
+    assert "| model | RM reward [95% CI] |" in card and str(tmp_path) not in card
+    again = CliRunner().invoke(eval_command, [*common, "--data_path", str(tiny_assets["data"]), "--num_prompts", "6",
+                                              "--output_dir", str(tmp_path / "eval-a")])
+    assert again.exit_code == 0 and (model / "README.md").read_text().count("## Evaluation: ") == 2  # replaced
+
+
 def test_eval_bad_input_is_one_line_error(tiny_assets, tmp_path):
     from mpo_ext.eval_cli import eval_command
 
@@ -298,7 +389,7 @@ def test_sampling_flags_are_one_group_in_ppo_select_and_eval(tmp_path):
 
     defaults = {name: getattr(SamplingSettings(), name) for name in SAMPLED}
     assert defaults == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
-    ppo_argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c"]
+    ppo_argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--output_dir", "out"]
     select_argv = ["--sft_model_name_or_path", "s", "--reward_model_name_or_path", "r", "--output_dir", str(tmp_path)]
     assert _flag_defaults(ppo.parse_args, ppo_argv) == defaults
     assert _flag_defaults(selection.parse_args, select_argv) == defaults
@@ -336,7 +427,7 @@ def test_sampling_settings_are_validated_once():
     for bad in ({"temperature": float("nan")}, {"top_p": float("nan")}, {"top_k": -3}, {"temperature": -1.0}):
         with pytest.raises(UserError, match=f"--{next(iter(bad))} "):
             SamplingSettings(**{"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, **bad})
-    ppo_settings = ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+    ppo_settings = ppo.parse_args(["--output_dir", "out", "--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
                                    "--do_sample", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "40"])
     select_settings = selection.parse_args(["--sft_model_name_or_path", "s", "--reward_model_name_or_path", "r",
                                             "--output_dir", "o", "--temperature", "0.7", "--top_p", "0.9",
@@ -375,43 +466,78 @@ def test_eval_two_ranks_gives_the_single_rank_numbers(tiny_assets, tmp_path):
 # --------------------------------------------------------------------------------------------- curves
 
 
-def test_plot_curves(tmp_path):
-    from mpo_ext.curves import find_metrics_files, metric_series, plot_training_curves
-    from mpo_ext.eval_cli import plot_curves_command
+def _write_stage_metrics(folder: Path, records: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(x) + "\n" for x in records) + '{"step": 6, "pha'  # torn last line
+    (folder / "metrics.jsonl").write_text(text)
 
-    for stage, base in (("step3b_dpo", 0.7), ("step3_ppo", 1.2)):
-        (tmp_path / "run" / stage).mkdir(parents=True)
-        lines = [{"step": 0, "phase": "data", "train_rows": 40, "train_truncated": 3}]  # counts, not curves
-        lines += [{"step": s, "phase": "train", "loss": base / (s + 1), "objective/kl": 0.01 * s,
-                   "rewards/margins": 0.1 * s} for s in range(1, 6)]
-        lines += [{"step": 5, "phase": "eval", "loss": base / 7}, {"step": 3, "phase": "train", "loss": 0.5}]
-        text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 6, "pha'  # torn last line
-        (tmp_path / "run" / stage / "metrics.jsonl").write_text(text)
-    files = find_metrics_files([str(tmp_path / "run")])
-    assert set(files) == {"step3b_dpo", "step3_ppo"}
-    series = metric_series(json.loads(x) for x in files["step3_ppo"].read_text().splitlines()[:-1])
-    steps, values = series[("loss", "train")]
+
+def _pipeline_run(root: Path, scale: float) -> Path:
+    """A pipeline run dir as `mpo pipeline` leaves it: stage folders with metrics, and select/eval without any
+    training metrics (their progress records only)."""
+    sft = [{"step": s, "phase": "train", "loss": scale / s, "lr": 0.1} for s in range(1, 6)]
+    rm = [{"step": s, "phase": "train", "loss": scale / s, "accuracy": 0.5 + 0.05 * s, "rewards/margins": 0.1 * s}
+          for s in range(1, 6)] + [{"step": 5, "phase": "eval", "loss": 0.4, "accuracy": 0.7}]
+    dpo = [{"step": s, "phase": "train", "loss": scale / (s + 1), "rewards/accuracies": 0.6, "rewards/margins": 0.1 * s,
+            "logps/chosen": -3.0} for s in range(1, 6)]
+    dpo += [{"step": 0, "phase": "eval", "loss": 0.69, "eval/reward": 0.1}, {"step": 5, "phase": "eval", "loss": 0.5,
+                                                                             "eval/reward": 0.4}]
+    ppo = [{"step": s, "phase": "train", "loss/policy": 0.1, "reward/mean": scale * s, "objective/kl": 0.01 * s,
+            "health/entropy": 1.0} for s in range(1, 6)] + [{"step": 3, "phase": "train", "reward/mean": 0.5}]
+    ppo.insert(0, {"step": 0, "phase": "data", "train_rows": 40, "train_truncated": 3})  # counts, not curves
+    for name, records in (("step1_sft-00000001", sft), ("step2_rm-00000002", rm), ("step3b_dpo-00000003", dpo),
+                          ("step3_ppo-00000004", ppo)):
+        _write_stage_metrics(root / name, records)
+    for name in ("step2.5_select-00000005", "eval-00000006"):
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.jsonl").write_text(json.dumps({"step": 0, "phase": "start", "total_steps": 4,
+                                                               "unit": "prompts"}) + "\n")
+    return root
+
+
+def test_plot_curves_shows_key_panels_per_stage_in_pipeline_order(tmp_path):
+    from mpo_ext.curves import collect_panels, find_metrics_files, metric_series, plot_training_curves
+
+    run = _pipeline_run(tmp_path / "run", 1.0)
+    files = find_metrics_files([str(run)])
+    series = metric_series(json.loads(x) for x in (run / "step3_ppo-00000004/metrics.jsonl").read_text().splitlines()[:-1])
+    steps, values = series[("reward/mean", "train")]
     assert steps == [1, 2, 3, 4, 5] and values[2] == 0.5  # a re-logged step keeps its last value
     plot = plot_training_curves(files, tmp_path / "curves.png")
     assert plot.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plot.left_out
-    # one panel per metric and stage: DPO's and PPO's losses never share one
-    assert {"step3b_dpo: loss", "step3_ppo: loss", "step3_ppo: eval/loss"} <= set(plot.panels)
-    assert len(plot.panels) == 2 * 4
-    many = {f"run{i}": files["step3_ppo"] for i in range(13)}  # 13 runs x 4 panels > MAX_PANELS
-    plot = plot_training_curves(many, tmp_path / "many.png")
-    assert len(plot.panels) == 48 and sorted(plot.left_out) == ["run12: eval/loss", "run12: loss",
-                                                                "run12: objective/kl", "run12: rewards/margins"]
-    said = CliRunner().invoke(plot_curves_command, [*(f"{k}={v}" for k, v in many.items()), "--output",
-                                                    str(tmp_path / "many_cli.png")])
-    assert said.exit_code == 0 and "left out 4 panels" in said.output and "run12: loss" in said.output, said.output
-    result = CliRunner().invoke(plot_curves_command, [f"dpo={tmp_path / 'run' / 'step3b_dpo'}",
-                                                      str(tmp_path / "run" / "step3_ppo" / "metrics.jsonl"),
-                                                      "--output", str(tmp_path / "cli.png"), "--metric", "loss",
-                                                      "--metric", "eval/loss"])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "cli.png").stat().st_size > 1000
+    # a few key panels per stage, in pipeline order; DPO is there; no single-dot panel of select or eval
+    assert plot.panels == ["SFT: loss", "reward model: loss", "reward model: accuracy", "reward model: rewards/margins",
+                           "DPO: loss", "DPO: rewards/accuracies", "DPO: rewards/margins", "DPO: eval/reward",
+                           "PPO: loss/policy", "PPO: reward/mean", "PPO: objective/kl"]
+    dpo_loss = collect_panels(files)["dpo"]["loss"]  # training loss and its evaluations in one panel
+    assert [(line.is_eval, line.steps) for line in dpo_loss] == [(False, [1, 2, 3, 4, 5]), (True, [0.0, 5.0])]
+
+
+def test_plot_curves_overlays_runs_on_the_same_axes(tmp_path):
+    from mpo_ext.curves import collect_panels, find_metrics_files, plot_training_curves
+    from mpo_ext.eval_cli import plot_curves_command
+
+    a, b = _pipeline_run(tmp_path / "a", 1.0), _pipeline_run(tmp_path / "b", 2.0)
+    files = find_metrics_files([f"theta1={a}", f"theta2={b}"])
+    panels = collect_panels(files)
+    lines = panels["ppo"]["reward/mean"]
+    assert [(line.label, line.run_index) for line in lines] == [("theta1", 0), ("theta2", 1)]  # one axes, two runs
+    assert lines[1].values[0] == 2 * lines[0].values[0]
+    plot = plot_training_curves(files, tmp_path / "both.png")
+    assert len(plot.panels) == 11  # the same panels as one run: overlaid, not side by side
+    said = CliRunner().invoke(plot_curves_command, [f"theta1={a}", f"theta2={b}", "--output", str(tmp_path / "cli.png"),
+                                                    "--metric", "loss", "--metric", "objective/kl"])
+    assert said.exit_code == 0, said.output
+    assert "2 run(s) (theta1, theta2)" in said.output and "7 panels" not in said.output
+    picked = collect_panels(files, ["loss", "objective/kl"])
+    assert {stage: list(p) for stage, p in picked.items()} == {"sft": ["loss"], "rm": ["loss"], "dpo": ["loss"],
+                                                                "ppo": ["objective/kl"]}
+    one_stage = find_metrics_files([str(a / "step3b_dpo-00000003"), f"other={b / 'step3b_dpo-00000003'}"])
+    assert list(collect_panels(one_stage)) == ["dpo"]
     bad = CliRunner().invoke(plot_curves_command, [str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "no such run directory" in bad.output
+    missing = CliRunner().invoke(plot_curves_command, [str(a), "--metric", "nope"])
+    assert missing.exit_code == 2 and "--metric nope: not logged" in missing.output
 
 
 # --------------------------------------------------------------------------------------------- upstream tools

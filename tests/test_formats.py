@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -211,12 +212,16 @@ def test_sft_run_on_conversational_data_with_trackers_card_and_ds_config(tmp_pat
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = proc.stdout + proc.stderr
     assert "for train_phase=1 size=36" in log and "skipped" not in log
-    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
-    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    # tracker runs are named by stage and identity, and kept beside the model folder, not in it
+    (tb_run,) = (tmp_path / "tb").iterdir()
+    assert re.fullmatch(r"step1_sft-[0-9a-f]{8}", tb_run.name) and list(tb_run.glob("events.out.tfevents.*"))
+    (wandb_run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(wandb_run.glob("run-*.wandb")) and not (out / "wandb").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last_train = [r for r in rows if r["phase"] == "train"][-1]
     card = (out / "README.md").read_text()
-    assert "step1 SFT" in card and str(model) in card and data in card
+    assert "step1 SFT" in card and "| initialised from | `chat-model` |" in card and "| data | `conv.jsonl` |" in card
+    assert str(tmp_path) not in card and "tokenizer.apply_chat_template(messages" in card  # its usage: the template
     assert f"| loss | {last_train['loss']} |" in card and "| learning_rate | 0.003 |" in card
     engine_config = json.loads(card.split("```json")[1].split("```")[0])  # written from the engine's config
     assert engine_config["gradient_clipping"] == 0.25 and engine_config["zero_optimization"]["reduce_bucket_size"] == 12345

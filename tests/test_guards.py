@@ -16,6 +16,8 @@ from dschat.rlhf.health import (
     HealthMonitor,
     HealthThresholds,
     KeepBest,
+    cycle_period,
+    degenerate_share,
     distinct_n,
     generation_health,
     identical_share,
@@ -66,6 +68,37 @@ def test_repeat_share_and_degenerate_by_hand():
     assert is_degenerate([]) and is_degenerate([7, 7, 7, 7])   # (7,7) x3: 2 of 3 repeat
     assert is_degenerate([apple, comma] * 3)                   # "apple, apple, apple,": 3 of 5
     assert not is_degenerate([1, 2, 3, 4]) and not is_degenerate([1])
+
+
+def test_cycle_period_by_hand():
+    assert cycle_period([7, 7, 7]) == 1
+    assert cycle_period([1, 2, 1, 2, 1]) == 2            # a cut last repetition still has period 2
+    assert cycle_period([1, 2, 3, 1, 2, 3, 1]) == 3
+    assert cycle_period([1, 2, 3, 4, 5]) is None          # no period of at most 4 items
+    assert cycle_period([1, 2, 3, 4, 5], max_period=5) == 5  # a sequence is trivially its own period
+    assert cycle_period([1, 2, 2]) == 3 and cycle_period([]) is None
+
+
+def test_one_repeated_token_or_a_tiny_cycle_is_degenerate():
+    """The PPO collapse of the issue: ",,,,,,,,,,,," to every prompt. Each form it can take in tokens counts."""
+    comma, apple, banana, cherry, period, yes = 12, 11, 13, 14, 15, 16
+    assert is_degenerate([comma] * 12)                       # one token, repeated
+    assert is_degenerate([comma] * 3)                        # three times is enough
+    assert not is_degenerate([comma] * 2)                    # twice is not (e.g. "no no")
+    assert is_degenerate([apple, comma] * 3)                 # a cycle of two, three times
+    assert is_degenerate([1, 2, 3] * 3) and not is_degenerate([1, 2, 3] * 2)
+    assert is_degenerate([1, 2, 3, 4] * 3)                   # a cycle of four
+    assert not is_degenerate([1, 2, 3, 4, 5] * 2)            # five is no longer "tiny" (and 4 of 9 bigrams repeat)
+    # a merged run: the tokenizer made ",,,,,,,,,,,," one token, or a few; the text shows the cycle
+    assert is_degenerate([99], text=",,,,,,,,,,,,") and is_degenerate([98, 97], text=" ,,,, ,,,,,,,,")
+    assert is_degenerate([96], text="hahaha") and not is_degenerate([96], text="haha")
+    assert is_degenerate([95], text="   ")                    # only whitespace is empty
+    # real answers are not
+    assert not is_degenerate([apple, comma, banana, comma, cherry, period], text="apple, banana, cherry.")
+    assert not is_degenerate([yes], text="Yes.") and not is_degenerate([1], text="1000")
+    assert not is_degenerate([1, 2, 1, 3, 1, 4], text="a b a c a d")
+    assert degenerate_share([[comma] * 5, [1, 2, 3], [99]], [",,,,,", "a b c", ",,,,,,,,"]) == pytest.approx(2 / 3)
+    assert degenerate_share([]) == 0.0
 
 
 def test_truncated_share_and_batch_summary_by_hand():
@@ -279,7 +312,7 @@ def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup,
     from dschat.utils.utils import load_hf_tokenizer
 
     out = tmp_path / "ppo_best"
-    argv = _ppo_argv(ppo_setup, out, "--actor_learning_rate", "1e-3", "--max_steps", "3", "--eval_steps", "1",
+    argv = _ppo_argv(ppo_setup, out, "--actor_learning_rate", "1e-3", "--max_steps", "3", "--eval_steps", "2",
                      "--eval_prompts", "4", "--keep_best")
     proc = run_ds(PPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
     log = proc.stdout + proc.stderr
@@ -288,7 +321,7 @@ def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup,
     health = json.loads((out / "health.json").read_text())
     assert health["status"] == "ok" and health["warnings"] == [] and health["checks"] == 3
     evals = _records(out, "eval")
-    assert [e["step"] for e in evals] == [0, 1, 2, 3]
+    assert [e["step"] for e in evals] == [0, 2, 3]  # every 2 steps, and the last step (--max_steps 3) too
     best = json.loads((out / "best.json").read_text())
     assert best["best_step"] == _best_healthy(evals, "eval/reward", health)
     assert best["best_score"] == pytest.approx(max(e["eval/reward"] for e in evals), abs=1e-5)
@@ -345,13 +378,19 @@ def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(easy_pairs, tinystori
 
     out = tmp_path / "dpo_best"
     argv = _dpo_argv(easy_pairs, tinystories_dir, out, "--learning_rate", "2e-3", "--eval_steps", "2",
-                     "--max_steps", "6", "--keep_best", "--best_metric", "gold")
+                     "--max_steps", "5", "--keep_best", "--best_metric", "gold")
     proc = run_ds(DPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     health = json.loads((out / "health.json").read_text())
     evals = _records(out, "eval")
-    assert [e["step"] for e in evals][:4] == [0, 2, 4, 6]
+    # --max_steps 5 stops between two evaluations: the last step is evaluated too, so the health verdict and the
+    # card's final eval metrics describe the trained model
+    assert [e["step"] for e in evals] == [0, 2, 4, 5]
+    assert health["last_step"] == 5 and health["checks"] == 4
+    best = json.loads((out / "best.json").read_text())
+    card = (out / "README.md").read_text()  # the kept step's card: its final eval is that step's
+    assert f"## Final eval metrics\n\n| metric | value |\n|---|---|\n| step | {best['best_step']} |" in card
     best = json.loads((out / "best.json").read_text())
     assert best["best_step"] == _best_healthy(evals, "eval/gold", health)
     assert (out / "model.safetensors").is_file() and not (out / "best_model").exists()
@@ -380,11 +419,12 @@ def test_guard_flags_bad_input_names_the_flag(tinystories_dir, tmp_path, extra, 
     from dschat.steps import ppo
     from mpo_ext.dpo import parse_args as dpo_parse_args
 
-    base = ["--actor_model_name_or_path", str(tinystories_dir), "--critic_model_name_or_path", str(tinystories_dir)]
+    base = ["--actor_model_name_or_path", str(tinystories_dir), "--critic_model_name_or_path", str(tinystories_dir),
+            "--output_dir", str(tmp_path / "out")]
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         ppo.parse_args(base + extra)
     if "--eval_steps" not in extra and extra != ["--keep_best"]:
         with pytest.raises(UserError, match=message):
-            dpo_parse_args(["--model_name_or_path", str(tinystories_dir), *extra])
+            dpo_parse_args(["--output_dir", "out", "--model_name_or_path", str(tinystories_dir), *extra])
     with pytest.raises(UserError, match="--keep_best --best_metric reward needs --reward_model_name_or_path"):
-        dpo_parse_args(["--model_name_or_path", str(tinystories_dir), "--keep_best"])
+        dpo_parse_args(["--output_dir", "out", "--model_name_or_path", str(tinystories_dir), "--keep_best"])

@@ -178,7 +178,7 @@ def test_chain_on_own_config_resumes_reruns_what_changed_and_keeps_ablations_bes
     # Each stage moves the policy: the answers (and so their rewards) differ from the SFT model's.
     assert abs(rows["dpo"]["mean_reward"] - rows["sft"]["mean_reward"]) > 1e-3, rows
     assert abs(rows["mpo"]["mean_reward"] - rows["dpo"]["mean_reward"]) > 1e-3, rows
-    assert "Mean reward on held-out prompts" in resumed.output and str(ppo_dir) in resumed.output
+    assert "Scores on " in resumed.output and "| model | RM reward" in resumed.output and str(ppo_dir) in resumed.output
 
     # The same PPO uninterrupted (another run dir holding copies of the upstream stages) ends at the same actor.
     other = tmp_path / "other"

@@ -15,11 +15,11 @@ from mpo_ext.stage_settings import STAGE_SETTINGS, stage_settings
 
 # The fewest values each stage needs (its required flags).
 REQUIRED = {
-    "sft": {"model_name_or_path": "m"},
-    "rm": {"model_name_or_path": "m"},
+    "sft": {"model_name_or_path": "m", "output_dir": "o"},
+    "rm": {"model_name_or_path": "m", "output_dir": "o"},
     "select": {"reward_model_name_or_path": "r", "sft_model_name_or_path": "s", "output_dir": "o"},
-    "dpo": {"model_name_or_path": "m"},
-    "ppo": {"actor_model_name_or_path": "a", "critic_model_name_or_path": "c"},
+    "dpo": {"model_name_or_path": "m", "output_dir": "o"},
+    "ppo": {"actor_model_name_or_path": "a", "critic_model_name_or_path": "c", "output_dir": "o"},
     "eval": {"model": ["sft=m"], "output_dir": "o"},
 }
 
@@ -105,14 +105,15 @@ def test_from_mapping_builds_the_parsed_settings():
 
     section = {"zero_stage": 3, "offload": True, "dtype": "bf16", "learning_rate": "5e-5", "data_path": "d.jsonl",
                "report_to": ["tensorboard"], "group_by_length": False, "gradient_checkpointing": True}
-    built = stage_settings("sft", {**section, "model_name_or_path": "m"})
-    parsed = SFTSettings.parse_args(["--model_name_or_path", "m", "--zero_stage", "3", "--offload", "--dtype", "bf16",
+    built = stage_settings("sft", {**section, "model_name_or_path": "m", "output_dir": "o"})
+    parsed = SFTSettings.parse_args(["--output_dir", "o", "--model_name_or_path", "m", "--zero_stage", "3", "--offload",
+                                     "--dtype", "bf16",
                                      "--learning_rate", "5e-5", "--data_path", "d.jsonl", "--report_to",
                                      "tensorboard", "--no_group_by_length", "--gradient_checkpointing"])
     assert built == parsed and built.learning_rate == 5e-5 and built.data_path == ["d.jsonl"]
-    assert stage_settings("sft", {"model_name_or_path": "m", "dtype": None}).dtype is None  # null: the default
+    assert stage_settings("sft", {"model_name_or_path": "m", "output_dir": "o", "dtype": None}).dtype is None  # null: the default
     # aliases are accepted under their own names
-    assert stage_settings("dpo", {"model_name_or_path": "m", "eval_steps": 5}).eval_interval == 5
+    assert stage_settings("dpo", {"model_name_or_path": "m", "output_dir": "o", "eval_steps": 5}).eval_interval == 5
     assert stage_settings("select", {"reward_model_name_or_path": "r", "sampling_model_name_or_path": "s",
                                      "output_dir": "o"}).sft_model_name_or_path == "s"
 
@@ -177,9 +178,9 @@ def test_flag_groups_compose_flat():
     from dschat.steps.sft import SFTSettings
 
     assert issubclass(SFTSettings, flags.TrainStageSettings) and issubclass(PPOSettings, flags.SamplingSettings)
-    sft = SFTSettings.parse_args(["--model_name_or_path", "m", "--learning_rate", "0.01"])
+    sft = SFTSettings.parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--learning_rate", "0.01"])
     assert sft.learning_rate == 0.01 and sft.tensorboard_path == "step1_tensorboard" and sft.eval_iters == 0
     assert SFTSettings.group_names("lora") == ("lora_dim", "lora_module_name", "only_optimize_lora",
                                                "lora_learning_rate")
     with pytest.raises(UserError, match="--only_optimize_lora needs --lora_dim > 0"):
-        SFTSettings.from_mapping({"model_name_or_path": "m", "only_optimize_lora": True})
+        SFTSettings.from_mapping({"model_name_or_path": "m", "output_dir": "o", "only_optimize_lora": True})

@@ -346,7 +346,7 @@ def test_flags_module_records_every_flag_of_its_groups(capsys):
     from dschat.utils import args as flags
 
     assert ppo.parse_args == ppo_args.parse_args
-    settings = ppo.parse_args(["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+    settings = ppo.parse_args(["--output_dir", "out", "--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
                                "--dtype", "fp32"])
     recorded = ppo_args.recorded_settings(settings)
     before = ("init_kl_coef", "kl_target", "kl_horizon", "clip_reward_value", "cliprange", "cliprange_value",

@@ -9,7 +9,9 @@ make that visible while it happens:
 - `health/distinct_1`, `health/distinct_2`: distinct n-grams / all n-grams over a batch of answers.
 - `health/repeat_share`: share of answer bigrams that already occurred earlier in the same answer
   ("apple, apple, apple" and ",,,," score high; a list of distinct items scores 0).
-- `health/degenerate_share`: share of answers that are empty or repeat at least half their bigrams.
+- `health/degenerate_share`: share of degenerate answers (`is_degenerate`): empty, one token or a tiny cycle
+  repeated (",,,,", "no no no", also when the tokenizer merged the run into one token: the text is checked
+  too), or repeating at least half their bigrams.
 - `health/truncated_share`: share of answers that hit the length limit without ending.
 - DPO: `health/logps_chosen_per_token` / `..._rejected_...` at each eval; both falling far below
   their first value is likelihood displacement.
@@ -36,13 +38,16 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from dschat.utils.dist import is_rank_0
 from dschat.utils.errors import UserError
 from dschat.utils.files import atomic_write_json
-from dschat.utils.printing import print_rank_0
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the rank helpers are imported where used: the flag groups (dschat.utils.args) import this module for
+# its thresholds, and a step's --help must not wait for torch.
 
 HEALTH_FILE = "health.json"
 BEST_FILE = "best.json"
@@ -52,6 +57,10 @@ DEGENERATE_REPEAT_SHARE = 0.5
 # Step 2's defaults: a coin's 0.5 plus an allowance for the noise of a small held-out set, and half the pairs.
 REWARD_MIN_ACCURACY = 0.55
 REWARD_MAX_IDENTICAL_SHARE = 0.5
+
+# A degenerate cycle: a unit of at most this many tokens (or characters) repeated at least this many times.
+DEGENERATE_MAX_PERIOD = 4
+DEGENERATE_MIN_REPEATS = 3
 
 
 # --------------------------------------------------------------------------------------------- pure signals
@@ -85,31 +94,59 @@ def repeat_share(answers: Sequence[Sequence[int]], n: int = 2) -> float:
     return sum(r for r, _ in counts) / total if total else 0.0
 
 
-def is_degenerate(tokens: Sequence[int], n: int = 2, limit: float = DEGENERATE_REPEAT_SHARE) -> bool:
-    """Empty, or at least `limit` of its n-grams repeat earlier ones."""
-    if not tokens:
+def cycle_period(units: Sequence, max_period: int = DEGENERATE_MAX_PERIOD) -> int | None:
+    """The smallest period p <= `max_period` of a sequence: every item equals the one p places before it, so the
+    sequence is its first p items repeated (the last repetition may be cut). None when no such p exists."""
+    for period in range(1, min(max_period, len(units)) + 1):
+        if all(units[i] == units[i - period] for i in range(period, len(units))):
+            return period
+    return None
+
+
+def is_degenerate(tokens: Sequence[int], n: int = 2, limit: float = DEGENERATE_REPEAT_SHARE, *,
+                  text: str | None = None, max_period: int = DEGENERATE_MAX_PERIOD,
+                  min_repeats: int = DEGENERATE_MIN_REPEATS) -> bool:
+    """Whether an answer says nothing: it is empty (no tokens, or `text` only whitespace); or it is one token or
+    a tiny cycle of at most `max_period` tokens repeated at least `min_repeats` times (",,,,", "no no no"); or
+    its text without whitespace is such a cycle of characters (a run the tokenizer merged into one or two
+    tokens: ",,,,,,,,,,,," as a single token); or at least `limit` of its n-grams repeat earlier ones (a loop
+    after a normal start)."""
+    if not tokens or (text is not None and not text.strip()):
         return True
+    candidates = [list(tokens)] + ([[c for c in text if not c.isspace()]] if text is not None else [])
+    for units in candidates:
+        period = cycle_period(units, max_period)
+        if period is not None and len(units) >= min_repeats * period:
+            return True
     repeated, total = repeated_ngrams(tokens, n)
     return total > 0 and repeated / total >= limit
 
 
-def truncated_share(lengths: torch.Tensor, max_new_tokens: int) -> float:
-    """Share of answers that used the whole length budget (they were cut, not ended)."""
-    if lengths.numel() == 0:
-        return 0.0
-    return float((lengths >= max_new_tokens).float().mean())
+def truncated_share(lengths: Sequence[int], max_new_tokens: int) -> float:
+    """Share of answers that used the whole length budget (they were cut, not ended); `lengths` a list or a
+    1-D tensor of answer lengths."""
+    values = [int(n) for n in lengths]
+    return sum(n >= max_new_tokens for n in values) / len(values) if values else 0.0
 
 
-def generation_health(answers: Sequence[Sequence[int]], max_new_tokens: int) -> dict[str, float]:
-    """The answer-text signals of one batch of answers (token ids), under their logged names."""
-    lengths = torch.tensor([len(a) for a in answers], dtype=torch.long)
+def generation_health(answers: Sequence[Sequence[int]], max_new_tokens: int,
+                      texts: Sequence[str] | None = None) -> dict[str, float]:
+    """The answer-text signals of one batch of answers (token ids, and their decoded `texts` where known, so a
+    run the tokenizer merged into one token still counts as degenerate), under their logged names."""
+    lengths = [len(a) for a in answers]
     return {
         "health/distinct_1": distinct_n(answers, 1),
         "health/distinct_2": distinct_n(answers, 2),
         "health/repeat_share": repeat_share(answers, 2),
-        "health/degenerate_share": sum(is_degenerate(a) for a in answers) / max(1, len(answers)),
+        "health/degenerate_share": degenerate_share(answers, texts),
         "health/truncated_share": truncated_share(lengths, max_new_tokens),
     }
+
+
+def degenerate_share(answers: Sequence[Sequence[int]], texts: Sequence[str | None] | None = None) -> float:
+    """Share of `is_degenerate` answers (0 for no answers)."""
+    texts = list(texts) if texts is not None else [None] * len(answers)
+    return sum(is_degenerate(a, text=t) for a, t in zip(answers, texts)) / max(1, len(answers))
 
 
 # --------------------------------------------------------------------------------------------- thresholds
@@ -166,6 +203,8 @@ def reward_model_problems(t: HealthThresholds, metrics: dict[str, float], baseli
 
 def identical_share(chosen: torch.Tensor, rejected: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     """Share of pairs whose two scores are equal up to `rtol` of their size (float scalar)."""
+    import torch  # see the note at the imports
+
     scale = torch.maximum(chosen.abs(), rejected.abs()).clamp(min=1.0)
     return ((chosen - rejected).abs() <= rtol * scale).float().mean()
 
@@ -216,8 +255,8 @@ class HealthMonitor:
         degenerate = metrics.get("health/degenerate_share")
         if t.max_degenerate_share and degenerate is not None and degenerate > t.max_degenerate_share:
             found.append(("health/degenerate_share", degenerate, t.max_degenerate_share,
-                          f"{degenerate:.0%} of the answers are empty or repetitive (limit "
-                          f"{t.max_degenerate_share:.0%})"))
+                          f"{degenerate:.0%} of the answers are degenerate (empty, one token or a tiny cycle "
+                          f"repeated, or repeating half their bigrams; limit {t.max_degenerate_share:.0%})"))
         drops = [self.baseline[k] - metrics[k] for k in ("health/logps_chosen_per_token",
                                                           "health/logps_rejected_per_token")
                  if k in metrics and k in self.baseline]
@@ -280,6 +319,8 @@ class HealthMonitor:
 
 def write_health(output_dir: str | None, monitor: HealthMonitor, stopped: bool = False) -> None:
     """OUTPUT/health.json (rank 0): what the pipeline and a reader check after a stage."""
+    from dschat.utils.dist import is_rank_0
+
     if output_dir and is_rank_0():
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(output_dir) / HEALTH_FILE, monitor.summary(stopped))
@@ -290,6 +331,8 @@ def check_health(monitor: HealthMonitor, step: int, metrics: dict[str, float], o
     """Print a warning line per newly crossed threshold and record health.json; with `stop_on_collapse`,
     save a training state and exit with COLLAPSE_EXIT_CODE. Every rank calls it with the same (reduced)
     metrics, so every rank decides alike and the state save stays collective."""
+    from dschat.utils.printing import print_rank_0
+
     new = monitor.observe(step, metrics)
     for warning in new:
         print_rank_0(monitor.format(warning))

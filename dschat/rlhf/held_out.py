@@ -106,7 +106,8 @@ class HeldOutEvaluator:
                 rewards += rollout_rewards(self.scorer, self.tokenizer, seq, attention, width,
                                            self._same_vocabulary).tolist()
         module.train(was_training)
-        metrics = generation_health(answers_ids, generator.max_new_tokens)
+        texts = self.tokenizer.batch_decode(answers_ids, skip_special_tokens=True)
+        metrics = generation_health(answers_ids, generator.max_new_tokens, texts)
         metrics["health/entropy"] = entropy_sum / max(token_count, 1.0)
         metrics["eval/answer_length"] = sum(len(a) for a in answers_ids) / max(1, len(answers_ids))
         if rewards:

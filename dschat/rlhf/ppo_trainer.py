@@ -137,7 +137,8 @@ class PPOUpdater:
         self._print_answers(prompts, seq, step)
         width = prompts.shape[1]
         answers = answer_token_lists(seq, width, self.end_of_conversation_token_id)
-        self.last_health = {**generation_health(answers, self.max_answer_seq_len), "rows": float(len(answers))}
+        texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        self.last_health = {**generation_health(answers, self.max_answer_seq_len, texts), "rows": float(len(answers))}
         keep = self.generator.attention_mask(seq, mask)[:, width:].sum(dim=1) > 1
         if not bool(keep.all()):
             print_rank_0(f"Dropping {int((~keep).sum())} too short generated answer(s) (<= 1 token)")

@@ -121,7 +121,7 @@ class DeepSpeedRLHFEngine:
         engine = initialize_engine(
             model, ds_config, learning_rate=settings.actor_learning_rate, weight_decay=settings.actor_weight_decay,
             lora_learning_rate=settings.actor_lora_learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
-            num_warmup_steps=settings.num_warmup_steps, num_training_steps=self.num_total_iters, offload=settings.offload,
+            num_warmup_steps=settings.warmup_steps(self.num_total_iters), num_training_steps=self.num_total_iters, offload=settings.offload,
         )
         log_init("Actor", start)
         return engine
@@ -172,7 +172,7 @@ class DeepSpeedRLHFEngine:
         engine = initialize_engine(
             model, ds_config, learning_rate=settings.critic_learning_rate, weight_decay=settings.critic_weight_decay,
             lora_learning_rate=settings.critic_lora_learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
-            num_warmup_steps=settings.num_warmup_steps, num_training_steps=self.num_total_iters, offload=settings.offload,
+            num_warmup_steps=settings.warmup_steps(self.num_total_iters), num_training_steps=self.num_total_iters, offload=settings.offload,
         )
         log_init("Critic", start)
         return engine

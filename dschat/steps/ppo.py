@@ -265,6 +265,7 @@ class PPOLoop(ResumableRun):
                     log_data_record(self.logger, self.data_record, self.settings)
                     self._maybe_evaluate()
                 self._run_epochs()
+                self._maybe_evaluate(final=True)
         finally:
             self.logger.close()
         barrier()
@@ -434,12 +435,20 @@ class PPOLoop(ResumableRun):
         health.check_health(self.monitor, self.global_step, metrics, self.settings.output_dir, self.settings.stop_on_collapse,
                             self.save_state)
 
-    def _maybe_evaluate(self) -> None:
+    def _maybe_evaluate(self, final: bool = False) -> None:
         """Every --eval_steps steps (and before the first): greedy answers to the held-out prompts, scored by the
-        same reader as the rollouts (`HeldOutEvaluator`, shared with DPO)."""
+        same reader as the rollouts (`HeldOutEvaluator`, shared with DPO). `final`: at the last step when the
+        schedule did not just evaluate it (--max_steps between two evaluations), so the last eval, keep-best and
+        the card describe the model that is saved."""
         settings = self.settings
-        if self.evaluator is None or self.global_step % settings.eval_steps != 0:
+        if self.evaluator is None:
             return
+        if final:
+            if self._evaluated_at == self.global_step:
+                return
+        elif self.global_step % settings.eval_steps != 0:
+            return
+        self._evaluated_at = self.global_step
         updater = self.updater
         generator = Generator(updater.actor_model, self.tokenizer, max_new_tokens=settings.max_answer_seq_len,
                               zero_stage=settings.actor_zero_stage,

@@ -9,12 +9,11 @@ records of them. Imports no model code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from dschat.utils import args as flags
 from dschat.utils.args import flag, same_flag
 from dschat.utils.errors import UserError
-from dschat.utils.printing import print_rank_0
 
 BATCH_GROUP = "batches and lengths"
 OPTIM_GROUP = "actor / critic optimisation"
@@ -42,6 +41,8 @@ class UnsupervisedMixSettings(flags.Settings):
 
     def _check(self) -> None:
         if bool(self.unsupervised_dataset_name) != bool(self.unsupervised_dataset_config_name):
+            from dschat.utils.printing import print_rank_0  # torch: only when there is something to say
+
             print_rank_0("warning: the unsupervised mix needs both --unsupervised_dataset_name and "
                          "--unsupervised_dataset_config_name; it stays off")
 
@@ -76,15 +77,20 @@ class ActorCriticModelSettings(flags.RewardIndexSettings, flags.RewardEndingSett
 class RolloutBatchSettings(flags.Settings):
     flag_group = BATCH_GROUP
 
-    per_device_generation_batch_size: int = flag(16, "Prompts per device per generation.",
-                                                 deprecated=("--per_device_train_batch_size",))
+    per_device_generation_batch_size: int = flag(
+        16, "Prompts per device per generation. Upstream named it --per_device_train_batch_size before #698; that name "
+            "still works here with a warning, but it is the training batch in steps 1, 2 and 3b, so use this one.",
+        deprecated=("--per_device_train_batch_size",))
     per_device_training_batch_size: int = flag(16, "PPO micro-batch per device.",
                                                deprecated=("--per_device_mini_train_batch_size",))
     generation_batches: int = flag(1, "Generation batches collected before each PPO update.",
                                    deprecated=("--generation_batch_numbers",))
-    ppo_epochs: int = flag(1, "Passes over the collected experience.")
-    max_prompt_seq_len: int = flag(256, "Longer prompts are dropped; shorter ones are left-padded.")
-    max_answer_seq_len: int = flag(256, "Maximum new tokens per answer.")
+    ppo_epochs: int = flag(1, "Passes over the collected experience (TRL: --num_ppo_epochs).",
+                           aliases=("--num_ppo_epochs",))
+    max_prompt_seq_len: int = flag(256, "Longer prompts are dropped; shorter ones are left-padded (TRL: "
+                                        "--max_prompt_length).", aliases=("--max_prompt_length",))
+    max_answer_seq_len: int = flag(256, "Maximum new tokens per answer (TRL: --response_length).",
+                                   aliases=("--response_length",))
 
     def _check(self) -> None:
         flags.check_positive(self, *self.group_names(BATCH_GROUP))
@@ -150,8 +156,9 @@ class ActorCriticLoRASettings(flags.Settings):
 class PPOConstantSettings(flags.Settings):
     flag_group = PPO_GROUP
 
-    init_kl_coef: float = flag(0.1, "KL penalty coefficient per token. Fixed for the whole run unless --kl_target is "
-                                    "given (then it is the adaptive controller's start value).")
+    init_kl_coef: float = flag(0.1, "KL penalty coefficient per token (TRL: --kl_coef). Fixed for the whole run unless "
+                                    "--kl_target is given (then it is the adaptive controller's start value).",
+                               aliases=("--kl_coef",))
     kl_target: float | None = flag(None, "Enable the adaptive KL controller with this target KL per sequence "
                                          "(default: off, the coefficient stays --init_kl_coef).", own_default=True)
     kl_horizon: float = flag(10000, "Adaptive KL controller horizon (samples).")
@@ -195,6 +202,7 @@ class PPOSettings(flags.DataSettings, flags.BatchPaddingSettings, UnsupervisedMi
     and answers have their own lengths: no --max_seq_len)."""
 
     description = "Step 3: PPO (RLHF) fine-tuning (DeepSpeed-Chat compatible flags)."
+    run_label: ClassVar[str] = "step3_ppo"  # names its tracker runs (the pipeline's directory name)
 
     num_warmup_steps: int = same_flag(flags.ScheduleSettings, "num_warmup_steps", default=100)
     max_steps: int = same_flag(flags.ScheduleSettings, "max_steps",

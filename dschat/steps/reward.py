@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from dschat.rlhf import health
 from dschat.steps import train_main
-from dschat.utils import args as flags
+from dschat.steps.reward_args import RewardSettings, build_parser, parse_args  # noqa: F401 - the step's settings
 from dschat.utils.build import (
     end_of_text,
     initialize_trained_engine,
@@ -24,23 +22,6 @@ from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_re
 from dschat.utils.printing import print_rank_0
 from dschat.utils.saving import save_reward_model
 from dschat.utils.trainer import Trainer
-
-
-@dataclass(frozen=True, kw_only=True)
-class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings, flags.RewardHealthSettings):
-    """Every setting of step 2 (its flags, DeepSpeed-Chat's names and defaults)."""
-
-    description = "Step 2: reward model fine-tuning (DeepSpeed-Chat compatible flags)."
-    flag_group = "reward model"
-
-    reward_loss: str = flags.flag("end", "'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token "
-                                         "loss over the differing suffix.", choices=("end", "divergence"))
-    learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=5e-5)
-    tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step2_tensorboard")
-
-
-build_parser = RewardSettings.build_parser
-parse_args = RewardSettings.parse_args
 
 
 class RewardTrainer(Trainer):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from dschat.steps import train_main
-from dschat.utils import args as flags
+from dschat.steps.sft_args import SFTSettings, build_parser, parse_args  # noqa: F401 - the step's settings and parser
 from dschat.utils.build import (
     create_causal_lm,
     initialize_trained_engine,
@@ -20,21 +19,6 @@ from dschat.utils.data.collators import DataCollatorSFT
 from dschat.utils.dist import get_all_reduce_mean
 from dschat.utils.errors import run_main
 from dschat.utils.trainer import Trainer
-
-
-@dataclass(frozen=True, kw_only=True)
-class SFTSettings(flags.TrainStageSettings, flags.SFTOnlyDataSettings, flags.PrintLossSettings):
-    """Every setting of step 1 (its flags, DeepSpeed-Chat's names and defaults)."""
-
-    description = "Step 1: supervised fine-tuning (DeepSpeed-Chat compatible flags)."
-
-    learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=1e-3)
-    tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step1_tensorboard")
-    eval_iters: int = flags.same_flag(flags.EvalIntervalSettings, "eval_iters", default=0)
-
-
-build_parser = SFTSettings.build_parser
-parse_args = SFTSettings.parse_args
 
 
 class SFTTrainer(Trainer):

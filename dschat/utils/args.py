@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ class DataSettings(Settings):
         "Dataset names (DeepSpeed-Chat's), `local/jsonfile`, local files/directories "
         "(.json/.jsonl/.jsonl.gz/.parquet/.csv or a save_to_disk folder) or other hub ids (datasets.load_dataset), "
         "in DeepSpeed-Chat's or TRL's standard layouts (plain or conversational prompt/chosen/rejected, "
-        "prompt/completion, messages) or HH dialogues. Several are blended.")
+        "prompt/completion, messages) or HH dialogues. Several are blended.", aliases=("--dataset_name",))
     data_keys: str | None = flag(
         None, "Column mapping for local files and hub datasets: comma-separated NAME=COLUMN, NAME one of prompt, "
               "chosen, rejected, completion, messages (e.g. prompt=question,chosen=good,rejected=bad).")
@@ -155,7 +156,7 @@ class PadMaskSettings(Settings):
 class SequenceLengthSettings(Settings):
     flag_group = "data"
 
-    max_seq_len: int = flag(512, "Truncate sequences to this many tokens.")
+    max_seq_len: int = flag(512, "Truncate sequences to this many tokens (TRL: --max_length).", aliases=("--max_length",))
 
     def _check(self) -> None:
         if self.max_seq_len < 2:
@@ -246,12 +247,22 @@ class ScheduleSettings(Settings):
     lr_scheduler_type: str = flag("cosine", "Learning-rate schedule (transformers' get_scheduler).",
                                   choices=SCHEDULER_CHOICES)
     num_warmup_steps: int = flag(0, "Warm-up optimizer steps.", low=0)
+    warmup_ratio: float = flag(0.0, "Warm-up as a fraction of the run's optimizer steps (TRL's name); when set it "
+                                    "replaces --num_warmup_steps.", low=0.0, high=1.0)
     max_steps: int = flag(0, "Stop after this many optimizer steps (0: run all epochs).", low=0)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """The warm-up the schedule takes: --num_warmup_steps, or --warmup_ratio of `total_steps` rounded up."""
+        return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio else self.num_warmup_steps
 
     def _check(self) -> None:
         check_positive(self, "gradient_accumulation_steps")
         if self.num_train_epochs < 0:
             raise UserError(f"--num_train_epochs {self.num_train_epochs}: must be >= 0")
+        default_warmup = next(f.default for f in dataclasses.fields(self) if f.name == "num_warmup_steps")
+        if self.warmup_ratio and self.num_warmup_steps != default_warmup:
+            raise UserError(f"--warmup_ratio {self.warmup_ratio:g} --num_warmup_steps {self.num_warmup_steps}: two "
+                            "ways to set one warm-up; give one of them")
 
 
 # --------------------------------------------------------------------------------------------- DeepSpeed
@@ -320,7 +331,7 @@ LORA_MODULE_HELP = ("Substring selecting the Linear layers to wrap (default: the
 class LoRASettings(Settings):
     flag_group = "lora"
 
-    lora_dim: int = flag(0, "LoRA rank; > 0 enables LoRA.")
+    lora_dim: int = flag(0, "LoRA rank; > 0 enables LoRA (TRL: --lora_r).", aliases=("--lora_r",))
     lora_module_name: str | None = flag(None, LORA_MODULE_HELP, own_default=True)
     only_optimize_lora: bool = flag(False, "Train only the LoRA parameters.")
     lora_learning_rate: float = flag(5e-4, "Learning rate of the LoRA parameters.")
@@ -337,16 +348,19 @@ class LoRASettings(Settings):
 class LoggingSettings(Settings):
     flag_group = "logging and checkpoints"
 
-    output_dir: str | None = flag(None, "Where to save; nothing is saved if omitted.")
+    output_dir: str = flag(help="Where the model, its card, metrics.jsonl and the training states go (required).")
     seed: int | None = flag(1234, "Seed of the data split, shuffling and initialisation.", low=0, high=SEED_MAX)
     enable_tensorboard: bool = flag(False, "TensorBoard scalars (upstream's flag: --report_to tensorboard plus "
                                            "DeepSpeed's own monitor).")
-    tensorboard_path: str = flag("tensorboard", "Directory for TensorBoard logs.")
+    tensorboard_path: str = flag("tensorboard", "Directory for TensorBoard logs (TRL: --logging_dir); each run writes "
+                                                "a subdirectory named by its stage and identity.",
+                                 aliases=("--logging_dir",))
     report_to: list[str] = flag(
         ["none"], "Experiment trackers for the metrics (metrics.jsonl is always written): tensorboard (under "
                   "--tensorboard_path), wandb (pip install 'dschat-mpo[wandb]'; WANDB_PROJECT, WANDB_MODE=offline "
                   "etc. as wandb reads them), or none.", nargs="+", choices=REPORT_TO_CHOICES)
-    log_interval: int = flag(10, "Optimizer steps between log lines.", low=1)
+    log_interval: int = flag(10, "Optimizer steps between log lines (TRL: --logging_steps).", low=1,
+                             aliases=("--logging_steps",))
     save_steps: int = flag(0, "Write a full resumable training state every N optimizer steps (and each epoch end).",
                            low=0)
     push_to_hub: bool = flag(False, "Upload the final model (with its README.md model card) to the Hugging Face "
@@ -355,7 +369,8 @@ class LoggingSettings(Settings):
                                           "name).", own_default=True)
     hub_private_repo: bool = flag(False, "Create the hub repository as private.")
     save_total_limit: int = flag(2, "Keep only the newest K training states.")
-    resume: bool = flag(False, "Continue from the newest complete training state in --output_dir.")
+    resume: bool = flag(False, "Continue from the newest complete training state in --output_dir (TRL: "
+                               "--resume_from_checkpoint, here a switch).", aliases=("--resume_from_checkpoint",))
 
     @property
     def trackers(self) -> list[str]:
@@ -368,10 +383,6 @@ class LoggingSettings(Settings):
         if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
             raise UserError("--report_to wandb: the wandb package is not installed; pip install 'dschat-mpo[wandb]' "
                             "(or wandb), or drop wandb from --report_to")
-        if self.push_to_hub and not self.output_dir:
-            raise UserError("--push_to_hub needs --output_dir (the model is saved there first, then uploaded)")
-        if self.resume and not self.output_dir:
-            raise UserError("--resume needs --output_dir (the states live under OUTPUT_DIR/checkpoints)")
 
 
 def trackers(settings: LoggingSettings) -> list[str]:
@@ -398,8 +409,9 @@ class EvalIntervalSettings(Settings):
 
     flag_group = "evaluation"
 
-    eval_interval: int = flag(0, "Evaluate every N optimizer steps (0: only before training and after each epoch).",
-                              low=0)
+    eval_interval: int = flag(0, "Evaluate every N optimizer steps (0: only before training, after each epoch and at "
+                                 "the last step); --eval_steps (TRL's name) is the same setting.", low=0,
+                              aliases=("--eval_steps",))
     eval_iters: int = flag(100, "At most this many eval batches.", low=0)
 
 

@@ -221,7 +221,7 @@ def initialize_trained_engine(settings: TrainStageSettings, model: torch.nn.Modu
                             settings.gradient_accumulation_steps, settings.num_train_epochs, settings.max_steps)
     return initialize_engine(model, ds_config, learning_rate=settings.learning_rate,
                              weight_decay=settings.weight_decay, lora_learning_rate=settings.lora_learning_rate,
-                             lr_scheduler_type=settings.lr_scheduler_type, num_warmup_steps=settings.num_warmup_steps,
+                             lr_scheduler_type=settings.lr_scheduler_type, num_warmup_steps=settings.warmup_steps(updates),
                              num_training_steps=updates, offload=settings.offload)
 
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 
-from dschat.utils.dist import on_cpu
 from dschat.utils.errors import UserError
 
 GLOBAL_BATCH_SIZE = 32
 MICRO_BATCH_SIZE = 4
 
 DTYPES = ("fp32", "fp16", "bf16")
+
+
+def on_cpu() -> bool:
+    """Whether the engines run on the CPU accelerator (asked where needed: the flag groups import this module,
+    and parsing flags must not import torch)."""
+    from dschat.utils.dist import on_cpu as accelerator_is_cpu
+
+    return accelerator_is_cpu()
 
 
 def resolve_dtype(dtype: str | None) -> str:

@@ -33,7 +33,6 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from dschat.utils.dist import any_rank_true, is_rank_0
 from dschat.utils.errors import EXIT_USER_ERROR, UserError
 from dschat.utils.safe_paths import (  # noqa: F401 - ensure_private_dir: its older home, still importable here
     check_dir_is_yours,
@@ -197,6 +196,8 @@ def prepare_output_dir(path: str | os.PathLike | None, flag: str = "--output_dir
     directories left by a killed save are removed once the lock is held. Returns the path (None if
     `path` is None: the stage saves nothing).
     """
+    from dschat.utils.dist import any_rank_true, is_rank_0  # torch: not for modules that only parse flags
+
     if path is None:
         return None
     target = check_output_dir(path, flag)

@@ -32,7 +32,8 @@ def save_stage_model(settings, engine: Any, tokenizer, output_dir: str | os.Path
     go on), weights and tokenizer in `save`'s layout (default `save_causal_lm`), and a README.md model card
     derived from `settings` beside them (`extra_files` too). Collective under ZeRO-3."""
     module = getattr(engine, "module", engine)
-    files = {**(extra_files or {}), **card_files(settings, card_title, base_model, engine)}
+    files = {**(extra_files or {}), **card_files(settings, card_title, base_model, engine, model_dir=output_dir,
+                                                 reward_layout=save is save_reward_model, tokenizer=tokenizer)}
     with lora_fused(module):
         (save or save_causal_lm)(module, tokenizer, output_dir, extra_files=files)
 

@@ -8,9 +8,11 @@ cadence, logging (tqdm, console, TensorBoard, metrics.jsonl), periodic full stat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import re
 import signal
 import time
 from collections import defaultdict
@@ -154,36 +156,67 @@ def count_updates(num_samples: int, per_device_batch_size: int, gradient_accumul
 # --------------------------------------------------------------------------------------------- logging
 
 
+# A pipeline stage's output directory: <stage directory>-<first 8 hex digits of its identity>.
+PIPELINE_STAGE_DIR = re.compile(r"[\w.]+-[0-9a-f]{8}")
+
+
+def tracker_run_name(settings, label: str) -> str:
+    """The name a stage's tracker runs (TensorBoard directory, W&B run) go by: its stage and a short identity.
+    Run by `mpo pipeline`, that is the stage's output folder (`step3b_dpo-1a2b3c4d`: the pipeline's identity of
+    the stage); otherwise `label` and the first 8 hex digits of a hash of the settings that are not logging or
+    checkpoint cadence (so reruns of one configuration share a name and other settings get another)."""
+    folder = Path(settings.output_dir).name if settings.output_dir else ""
+    if PIPELINE_STAGE_DIR.fullmatch(folder):
+        return folder
+    logging_only = set(LoggingSettings.group_names(LoggingSettings.flag_group)) - {"seed"}
+    recorded = {k: v for k, v in settings.record().items() if k not in logging_only and k != "local_rank"}
+    digest = hashlib.sha256(json.dumps(recorded, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{label}-{digest}"
+
+
+def tracker_dir(output_dir: str | None) -> Path | None:
+    """Where a W&B run writes: the folder holding the output directory (its `wandb/` beside the model folders,
+    never inside a saved model)."""
+    return Path(output_dir).resolve().parent if output_dir else None
+
+
 class MetricLogger:
     """Rank-0 sink for metrics: console line, `metrics.jsonl` and the trackers of `--report_to`.
 
-    `tensorboard_dir` turns on TensorBoard scalars; `wandb_config` (the run's settings) starts a Weights &
-    Biases run under `output_dir` (its project, mode and entity come from wandb's own WANDB_* variables).
+    `tensorboard_dir` turns on TensorBoard scalars (under `tensorboard_dir/run_name`); `wandb_config` (the run's
+    settings) starts a Weights & Biases run named `run_name` in `tracker_dir(output_dir)`, beside the output
+    directory (its project, mode and entity come from wandb's own WANDB_* variables).
     """
 
     def __init__(self, output_dir: str | None, tensorboard_dir: str | None, name: str,
-                 wandb_config: dict | None = None):
+                 wandb_config: dict | None = None, run_name: str | None = None):
         self.rank0 = is_rank_0()
         self.path = Path(output_dir) / "metrics.jsonl" if output_dir else None
+        self.run_name = run_name or name
         self.writer = None
         self.wandb_run = None
         if self.rank0 and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter  # pulls in tensorboard: only when asked for
 
-            self.writer = SummaryWriter(str(Path(tensorboard_dir) / f"{name}_tensorboard_logs"))
+            self.writer = SummaryWriter(str(Path(tensorboard_dir) / self.run_name))
         if self.rank0 and wandb_config is not None:
             import wandb  # optional dependency, checked by --report_to's validation
 
-            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dschat-mpo"), name=name,
-                                        dir=output_dir or None, config=wandb_config)
+            where = tracker_dir(output_dir)
+            if where is not None:
+                where.mkdir(parents=True, exist_ok=True)
+            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dschat-mpo"), name=self.run_name,
+                                        job_type=name, dir=str(where) if where else None, config=wandb_config)
 
     @classmethod
     def from_settings(cls, settings: LoggingSettings, name: str) -> MetricLogger:
-        """The logger a stage's settings ask for (--report_to, and upstream's --enable_tensorboard); a wandb
-        run's config is the settings' record."""
+        """The logger a stage's settings ask for (--report_to, and upstream's --enable_tensorboard); its trackers'
+        runs are named by `tracker_run_name` (the stage's `run_label`, else `name`), and a wandb run's config is
+        the settings' record."""
         chosen = settings.trackers
+        run_name = tracker_run_name(settings, getattr(settings, "run_label", "") or name)
         return cls(settings.output_dir, settings.tensorboard_path if "tensorboard" in chosen else None, name,
-                   wandb_config=settings.record() if "wandb" in chosen else None)
+                   wandb_config=settings.record() if "wandb" in chosen else None, run_name=run_name)
 
     def start_fresh(self) -> None:
         """A run that does not resume starts a new metrics file: an earlier run's records (a killed run's
@@ -338,6 +371,7 @@ class ResumableRun:
     """
 
     global_step = 0     # optimizer (or PPO) steps done
+    _evaluated_at: int | None = None  # the step the last evaluation saw
     epoch = 0
     step_in_epoch = 0   # batches consumed in the current epoch
     _stop_requested = False
@@ -500,10 +534,19 @@ class Trainer(ResumableRun):
 
     @startup.timed("initial_eval")  # counted only before the first step
     def _log_eval(self) -> None:
+        self._evaluated_at = self.global_step
         metrics = self.evaluate()
         if metrics:
             self.logger.log(self.global_step, "eval", metrics)
             self.after_eval(metrics)
+
+    def _final_eval(self) -> None:
+        """An evaluation of the model as it is saved: where --max_steps (or a stop) ended the run between the
+        evaluations the schedule makes, the last logged eval, the model card's "final eval metrics" and the
+        health verdict would otherwise describe an earlier model."""
+        if self._evaluated_at != self.global_step:
+            print_rank_0(f"***** Evaluating the final model (step {self.global_step}) *****")
+            self._log_eval()
 
     def train(self) -> None:
         with self.sigterm_saves_state():
@@ -518,6 +561,7 @@ class Trainer(ResumableRun):
                 self._log_eval()
             self._run_epochs(total)
             check_finite_weights(self.engine.module, self.global_step)
+            self._final_eval()
         self.logger.close()
 
     def _run_epochs(self, total: int) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dschat.rlhf.health import HEALTH_FILE
 from dschat.utils.files import atomic_write_text
+from mpo_ext.eval_table import format_table, prompts_phrase
 from mpo_ext.pipeline.config import PipelineConfig, dump_config
 from mpo_ext.pipeline.plan import Stage
 
@@ -52,17 +53,12 @@ def print_final_report(plan: Sequence[Stage], out: Path) -> None:
     table = evals[0].output / "table.json" if evals else None
     if table is None or not table.exists():
         return
-    rows = json.loads(table.read_text())
-    rows = rows["rows"] if isinstance(rows, dict) else rows
-    print("\nMean reward on held-out prompts:")
-    has_gold = any(r.get("gold_mean") is not None for r in rows)
-    print(f"  {'model':<14}{'reward model':>14}{'95% CI':>20}" + (f"{'gold':>10}" if has_gold else ""))
-    for r in rows:
-        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        line = f"  {r['name']:<14}{r['mean_reward']:>14.3f}{ci:>20}"
-        if has_gold:
-            line += f"{r.get('gold_mean', float('nan')):>10.3f}"
-        print(line)
+    recorded = json.loads(table.read_text())
+    rows = recorded["rows"] if isinstance(recorded, dict) else recorded
+    settings = recorded.get("settings", {}) if isinstance(recorded, dict) else {}
+    count = settings.get("num_prompts", rows[0]["n"] if rows else 0)
+    print(f"\nScores on {prompts_phrase(count, settings.get('held_out', True))} (the eval table, {table}):")
+    print(format_table(rows, settings.get("confidence", 0.95)))
 
 
 def save_config(out: Path, config: PipelineConfig) -> Path:

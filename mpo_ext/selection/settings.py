@@ -131,8 +131,10 @@ class AnswerSamplingSettings(flags.Settings):
     flag_group = SAMPLING_GROUP
     flag_group_description = "What decides the sampled answers (recorded with every shard)."
 
-    max_prompt_seq_len: int = flag(256, "Prompts longer than this are dropped.")
-    max_answer_seq_len: int = flag(256, "Maximum new tokens per answer.")
+    max_prompt_seq_len: int = flag(256, "Prompts longer than this are dropped (TRL: --max_prompt_length).",
+                                   aliases=("--max_prompt_length",))
+    max_answer_seq_len: int = flag(256, "Maximum new tokens per answer (TRL: --max_new_tokens).",
+                                   aliases=("--max_new_tokens",))
     num_samples: int = flag(2, "Answers sampled per prompt (2: the paper's); the pair is the best and the worst of "
                                "them by reward. The prompt's prefill is computed once for all of its samples.")
     temperature: float = same_flag(flags.SamplingSettings, "temperature", help="Sampling temperature.",

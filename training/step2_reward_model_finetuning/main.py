@@ -8,8 +8,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.steps.reward import main
-from dschat.utils.errors import run_main
+from dschat.steps import run_step
 
-if __name__ == "__main__":
-    run_main(main)
+if __name__ == "__main__":  # the flags are parsed before torch is imported: --help answers at once
+    run_step("dschat.steps.reward_args", "dschat.steps.reward")

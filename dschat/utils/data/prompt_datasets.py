@@ -425,6 +425,7 @@ def create_prompt_dataset(local_rank: int, data_path: str | Sequence[str], data_
                local_rank, force, wait_timeout_s)
     train, evals = load_cached_dataset(train_file), load_cached_dataset(eval_file)
     report_filtered(train, evals, train_phase, max_seq_len, keep_truncated, local_rank)
+    warn_unknown_tokens(train, tokenizer, [*paths, *sft_paths])
     return train, evals
 
 
@@ -458,6 +459,37 @@ def data_record(train: Dataset, evals: Dataset | None = None) -> dict[str, int]:
         record[f"{split}_rows"] = len(dataset)
         record.update({f"{split}_{reason}": n for reason, n in counts.items()})
     return record
+
+
+# Above this share of unknown tokens the tokenizer does not know the data's words (e.g. the tiny preset's
+# word-level tokenizer, built for the synthetic task, on one's own data): training would learn `<unk>`.
+UNKNOWN_TOKEN_WARN_SHARE = 0.03
+
+
+def unknown_token_share(rows: Iterable[torch.Tensor], unk_id: int | None) -> float:
+    """Share of all tokens of `rows` (1-D id tensors) that are `unk_id` (0 without an unknown token or tokens)."""
+    if unk_id is None:
+        return 0.0
+    unknown = total = 0
+    for ids in rows:
+        unknown += int((ids == unk_id).sum())
+        total += int(ids.numel())
+    return unknown / total if total else 0.0
+
+
+def warn_unknown_tokens(dataset: PromptDataset, tokenizer, paths: Sequence[str]) -> float:
+    """One warning line when more than UNKNOWN_TOKEN_WARN_SHARE of a stage's tokenised data is the tokenizer's
+    unknown token (the share, the tokenizer, the fix); returns the share."""
+    columns = dataset._columns()
+    share = unknown_token_share([*columns["prompt"], *columns["chosen"], *columns["rejected"]],
+                                getattr(tokenizer, "unk_token_id", None))
+    if share > UNKNOWN_TOKEN_WARN_SHARE:
+        print_rank_0(f"warning: {share:.0%} of the tokens of --data_path {' '.join(paths)} are the tokenizer's unknown "
+                     f"token {tokenizer.unk_token!r} (its vocabulary has {len(tokenizer)} tokens, e.g. the tiny "
+                     "preset's word-level one, built for the synthetic task): the model would learn from "
+                     "unknown tokens; use a real tokenizer and model for this data (--model_name_or_path, or "
+                     "models.sft in a pipeline config)")
+    return share
 
 
 def load_cached_dataset(path: Path) -> PromptDataset:
