@@ -9,6 +9,7 @@ it). All are collective under ZeRO-3 (call on every rank); rank 0 writes through
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -70,10 +71,29 @@ def save_reward_model(model: torch.nn.Module, tokenizer, output_dir: str | os.Pa
     barrier()
 
 
+def record_right_padding(directory: Path) -> None:
+    """Write `"padding_side": "right"` into the saved `tokenizer_config.json`.
+
+    `save_pretrained` writes the padding side only when the source config named one, and a tokenizer class
+    may default to the left (Llama's does). DeepSpeed-Chat's loader forces right padding only when it adds
+    its own `[PAD]`; a saved pad = eos tokenizer keeps the file's side, and upstream's reward reader (first
+    pad after the text) then reads a left-padded row at the wrong position. Our own loader sets right
+    padding anyway and generation left-pads prompts itself, so this changes nothing here.
+    """
+    config_file = directory / "tokenizer_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("padding_side") != "right":
+        config["padding_side"] = "right"
+        atomic_write_text(config_file, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def _save_tokenizer(tokenizer, directory: Path, model: torch.nn.Module) -> None:
     """The full tokenizer, plus the slow tokenizer's files (`tokenizer.model`, `vocab.json`/`merges.txt`)
     when it was loaded from them: upstream's savers call `save_vocabulary`, which needs them."""
     tokenizer.save_pretrained(directory)
+    record_right_padding(directory)
     for attribute in ("vocab_file", "merges_file"):
         source = getattr(tokenizer, attribute, None) or tokenizer.init_kwargs.get(attribute)
         if isinstance(source, str) and os.path.isfile(source) and not (directory / Path(source).name).exists():
