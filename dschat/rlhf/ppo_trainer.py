@@ -49,6 +49,7 @@ from dschat.rlhf.ppo_math import (
     whiten,
     zero_after,
 )
+from dschat.steps.ppo_args import PPOSettings
 from dschat.utils.dist import all_reduce
 from dschat.utils.inference import RewardScorer
 from dschat.utils.model.masks import position_ids_from_mask
@@ -67,6 +68,7 @@ class PPOUpdater:
     Not a `Trainer`: `dschat.steps.ppo.PPOLoop` drives it."""
 
     def __init__(self, rlhf_engine, settings):
+        settings = PPOSettings.adopt(settings)  # upstream's step-3 main passes its argparse Namespace
         self.rlhf_engine = rlhf_engine
         self.actor_model = rlhf_engine.actor
         self.critic_model = rlhf_engine.critic
@@ -109,6 +111,7 @@ class PPOUpdater:
         self._last_kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.last_train_stats: dict[str, torch.Tensor] = {}
         self.last_health: dict[str, float] = {}  # answer checks of the last rollout batch, before any drop
+        self.generate_time = 0.0  # seconds the last rollout batch took to generate (upstream's attribute)
 
     @property
     def kl_ctl(self) -> float:
@@ -168,6 +171,7 @@ class PPOUpdater:
         self.eval()
         prompts, prompt_mask, seq = self._generate_sequence(prompts, mask, step)
         stats = dict(self.generator.last_stats)
+        self.generate_time = float(stats.get("generate_time", 0.0))
         self.train()
         attention_mask = self.generator.attention_mask(seq, prompt_mask)
         width = prompts.shape[1]
@@ -276,10 +280,14 @@ class PPOUpdater:
         elif actor_overflow and critic_overflow:
             print_rank_0("OVERFLOW: actor and critic overflow, skipping both actor and critic steps")
 
+    def get_overflow(self) -> tuple[bool, bool]:
+        """(actor, critic): whether each one's last step was skipped for fp16 overflow (upstream's name)."""
+        return (bool(getattr(self.actor_model.optimizer, "overflow", False)),
+                bool(getattr(self.critic_model.optimizer, "overflow", False)))
+
     def overflowed(self) -> bool:
-        """Whether the last actor/critic step was skipped for fp16 overflow (always False otherwise)."""
-        return bool(getattr(self.actor_model.optimizer, "overflow", False)
-                    or getattr(self.critic_model.optimizer, "overflow", False))
+        """Whether the last actor or critic step was skipped for fp16 overflow (always False otherwise)."""
+        return any(self.get_overflow())
 
     # ---- modes
     def train(self) -> None:

@@ -22,6 +22,7 @@ import time
 import torch
 
 from dschat.rlhf.generation import hybrid_engine_unavailable_reason, warn_once
+from dschat.steps.ppo_args import PPOSettings
 from dschat.utils.build import (
     apply_lora,
     frozen_causal_lm,
@@ -53,10 +54,14 @@ def actor_gradient_accumulation_steps(settings) -> int:
 
 
 class DeepSpeedRLHFEngine:
-    """Holds `actor`, `ref`, `actor_ema` (None unless --enable_ema), `critic`, `reward` engines."""
+    """Holds `actor`, `ref`, `actor_ema` (None unless --enable_ema), `critic`, `reward` engines.
 
-    def __init__(self, actor_model_name_or_path: str, critic_model_name_or_path: str, tokenizer, settings,
+    `args` is step 3's `PPOSettings`, or the argparse Namespace of DeepSpeed-Chat's own step-3 main (its
+    keyword, `args=`), taken as settings through `PPOSettings.adopt`."""
+
+    def __init__(self, actor_model_name_or_path: str, critic_model_name_or_path: str, tokenizer, args,
                  num_total_iters: int):
+        settings = PPOSettings.adopt(args)
         self.settings = settings
         self.num_total_iters = num_total_iters
         self.tokenizer = tokenizer

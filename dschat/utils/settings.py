@@ -351,6 +351,17 @@ class Settings:
             raise UserError(f"{where}{missing[0]}: required (the --{missing[0]} flag)")
         return cls(**chosen)
 
+    @classmethod
+    def adopt(cls: type[S], args: Any) -> S:
+        """`args` itself when it already is settings of this type; else the settings of an argparse Namespace
+        made by another parser (DeepSpeed-Chat's step mains pass theirs to `DeepSpeedRLHFEngine` and
+        `DeepSpeedPPOTrainer`): its attributes that are flags of this type are taken through `from_mapping`
+        (checked alike), the others (`global_rank`, ...) are not flags and are left out; None keeps a default."""
+        if isinstance(args, cls):
+            return args
+        names = {spec.name for spec in cls.flag_specs()}
+        return cls.from_mapping({k: v for k, v in vars(args).items() if k in names}, where="args.")
+
     # ---- what a run records
     def flag_values(self) -> dict[str, Any]:
         """Every flag's value as given (lists copied)."""

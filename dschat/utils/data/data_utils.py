@@ -12,10 +12,15 @@ cache key covers file contents and the tokenizer; the cache is built by local ra
 while other ranks poll for the files instead of sitting in an NCCL barrier; caches are safetensors files
 (token ids and offsets, no pickle: loading one cannot run code) in a directory only the user can write,
 by default under the user's cache directory.
+
+One name is upstream's contract rather than ours: `create_prompt_dataset` here returns the items at upstream's
+fixed width (`dschat.utils.compat.UpstreamLayoutDataset`), because upstream's mains collate them with
+`default_data_collator`; the project's own code calls `prompt_datasets.create_prompt_dataset` (unpadded items).
 """
 
 from __future__ import annotations
 
+from dschat.utils.compat import UpstreamLayoutDataset, create_prompt_dataset
 from dschat.utils.data.cache import (
     CACHE_FILE_MODE,
     CACHE_WAIT_TIMEOUT_ENV,
@@ -53,7 +58,6 @@ from dschat.utils.data.prompt_datasets import (
     check_data_path,
     create_dataset,
     create_dataset_split,
-    create_prompt_dataset,
     get_raw_dataset,
     get_unsupervised_data,
     load_cached_dataset,
@@ -79,7 +83,7 @@ from dschat.utils.data.splits import (
 __all__ = [
     "CACHE_FILE_MODE", "CACHE_WAIT_TIMEOUT_ENV", "DATA_CACHE_VERSION", "DEFAULT_CACHE_WAIT_S", "DEFAULT_DATA_SPLIT",
     "EDGE_HASH_BYTES", "FULL_HASH_LIMIT", "MARKER_SLACK_S", "TRAIN_EVAL_SPLIT",
-    "DataCollatorRLHF", "DataCollatorReward", "DataCollatorSFT", "MiniDataset", "PromptDataset",
+    "DataCollatorRLHF", "UpstreamLayoutDataset", "DataCollatorReward", "DataCollatorSFT", "MiniDataset", "PromptDataset",
     "batch_width", "build_once", "cache_wait_timeout", "check_data_path", "create_dataset", "create_dataset_split",
     "create_prompt_dataset", "data_cache_dir", "data_cache_files", "data_cache_key", "default_data_cache_dir",
     "effective_data_split", "file_fingerprint", "file_lock", "get_raw_dataset", "get_raw_dataset_split_index",
