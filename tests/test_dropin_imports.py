@@ -25,7 +25,7 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
+from transformers import LlamaConfig, LlamaForCausalLM, SchedulerType, default_data_collator
 
 UPSTREAM_IMPORTS: dict[tuple[str, str], list[tuple[int, tuple[str, ...]]]] = {
     ('dschat.rlhf.ppo_trainer', 'DeepSpeedPPOTrainer'): [(2, ())],
@@ -132,8 +132,10 @@ def test_step3_classes_take_upstreams_argparse_namespace(tmp_path):
     upstream_args = Namespace(**{**vars(base), "global_rank": 0, "end_of_conversation_token": "<|endoftext|>",
                                  "gradient_accumulation_steps_actor": 1})
     upstream_args.actor_learning_rate = 1e-4
+    upstream_args.lr_scheduler_type = SchedulerType("linear")  # upstream's parser gives transformers' enum
     settings = PPOSettings.adopt(upstream_args)
     assert isinstance(settings, PPOSettings) and settings.actor_learning_rate == 1e-4
+    assert settings.lr_scheduler_type == "linear"
     assert PPOSettings.adopt(settings) is settings
 
 
@@ -159,3 +161,21 @@ def test_perf_prints_upstreams_throughput_lines():
     assert len(lines) == 5
     assert lines[0].startswith("Model Parameters: ") and "Samples/sec: 4.00" in lines[0]
     assert [line.split(" =>")[0] for line in lines[1:]] == ["End-to-End", "Generation", "Training  ", "Actor Model Parameters"]
+
+
+def test_perf_reads_the_model_config_inside_a_deepspeed_engine():
+    """Upstream's mains pass their DeepSpeed engine, whose own `config` is DeepSpeed's dict."""
+    from dschat.utils.build import initialize_frozen_engine
+    from dschat.utils.dist import init_distributed
+    from dschat.utils.perf import print_throughput
+
+    init_distributed()
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    engine = initialize_frozen_engine(LlamaForCausalLM(config), {"train_batch_size": 2,
+                                                                 "train_micro_batch_size_per_gpu": 2})
+    args = Namespace(max_seq_len=8, per_device_train_batch_size=2, gradient_checkpointing=False, lora_dim=0)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        print_throughput(engine, args, 0.5, 0)
+    assert out.getvalue().startswith("Model Parameters: ")

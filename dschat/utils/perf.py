@@ -46,7 +46,8 @@ def _module(model: Any) -> Any:
 
 
 def _config(model: Any) -> Any:
-    return getattr(model, "config", None) or getattr(_module(model), "config", None)
+    """The Hugging Face config (a DeepSpeed engine's own `config` is its DeepSpeed dict: look inside it)."""
+    return _module(model).config
 
 
 def _num_params(model: Any) -> int:

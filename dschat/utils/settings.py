@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
 import math
 import os
 import sys
@@ -356,11 +357,13 @@ class Settings:
         """`args` itself when it already is settings of this type; else the settings of an argparse Namespace
         made by another parser (DeepSpeed-Chat's step mains pass theirs to `DeepSpeedRLHFEngine` and
         `DeepSpeedPPOTrainer`): its attributes that are flags of this type are taken through `from_mapping`
-        (checked alike), the others (`global_rank`, ...) are not flags and are left out; None keeps a default."""
+        (checked alike), the others (`global_rank`, ...) are not flags and are left out; None keeps a default;
+        an enum (transformers' `SchedulerType`) counts as its value."""
         if isinstance(args, cls):
             return args
         names = {spec.name for spec in cls.flag_specs()}
-        return cls.from_mapping({k: v for k, v in vars(args).items() if k in names}, where="args.")
+        return cls.from_mapping({k: v.value if isinstance(v, enum.Enum) else v for k, v in vars(args).items()
+                                 if k in names}, where="args.")
 
     # ---- what a run records
     def flag_values(self) -> dict[str, Any]:
