@@ -169,7 +169,8 @@ class DeepSpeedRLHFEngine:
 
         model = create_critic_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
                                     rlhf_training=True, dropout=settings.critic_dropout,
-                                    zero_stage=settings.critic_zero_stage, compute_fp32_loss=settings.fp32_loss)
+                                    zero_stage=settings.critic_zero_stage, compute_fp32_loss=settings.fp32_loss,
+                                    positions_from_mask=settings.positions_from_mask)
         # The value head always trains (upstream froze it with --only_optimize_lora, leaving a random
         # projection of the LoRA features as the value estimate).
         model = apply_lora(model, settings.critic_lora_dim, settings.critic_lora_module_name, settings.only_optimize_lora,
@@ -189,6 +190,7 @@ class DeepSpeedRLHFEngine:
                                      zero_stage=settings.critic_zero_stage,
                                      micro_batch_size=settings.per_device_training_batch_size)
         engine = frozen_reward_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
-                                     dropout=settings.critic_dropout, compute_fp32_loss=settings.fp32_loss)
+                                     dropout=settings.critic_dropout, compute_fp32_loss=settings.fp32_loss,
+                                     positions_from_mask=settings.positions_from_mask)
         log_init("Reward", start)
         return engine

@@ -19,18 +19,27 @@ from dschat.utils.data.collators import DataCollatorReward
 from dschat.utils.dist import get_all_reduce_mean
 from dschat.utils.errors import run_main
 from dschat.utils.losses import pairwise_accuracy
-from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
+from dschat.utils.model.reward_model import REWARD_ENDING_FILE, UPSTREAM_REWARD_ENDING, reward_ending_record
 from dschat.utils.printing import print_rank_0
 from dschat.utils.saving import save_reward_model
 from dschat.utils.trainer import Trainer
 
 
 @dataclass(frozen=True, kw_only=True)
-class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings):
+class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings, flags.DSChatCompatSettings):
     """Every setting of step 2 (its flags, DeepSpeed-Chat's names and defaults)."""
 
     description = "Step 2: reward model fine-tuning (DeepSpeed-Chat compatible flags)."
     flag_group = "reward model"
+    upstream_defaults = {
+        "reward_loss": flags.UpstreamDefault(
+            "divergence", "Bradley-Terry on the score the reward is read from; upstream's loss pushes apart every "
+                          "token after the two answers diverge, padding of the shorter one included."),
+        "end_of_conversation_token": flags.UpstreamDefault(
+            UPSTREAM_REWARD_ENDING, "The reward model learns the ending the actor produces (its eos); upstream's "
+                                    "reward model was trained on a literal its step 3 never appends.",
+            ours="the tokenizer's eos token"),
+    }
 
     reward_loss: str = flags.flag("end", "'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token "
                                          "loss over the differing suffix.", choices=("end", "divergence"))
