@@ -232,7 +232,7 @@ def prepare_assets(workdir: Path, models: list[str] | None = None) -> dict[str, 
     import torch
     from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dschat.utils.data.data_utils import create_prompt_dataset
+    from dschat.utils.data.prompt_datasets import create_prompt_dataset
     from dschat.utils.model.reward_model import RewardModel
     from dschat.utils.saving import save_reward_model
     from dschat.utils.tokenizer import load_hf_tokenizer

@@ -285,7 +285,7 @@ def test_chat_template_reward_model_learns_as_well_as_plain_text(template_runs):
 
 @torch.no_grad()
 def test_chat_template_reward_index_lands_on_each_answers_end(template_runs):
-    from dschat.utils.data.data_utils import create_prompt_dataset
+    from dschat.utils.data.prompt_datasets import create_prompt_dataset
     from dschat.utils.model.model_utils import create_critic_model
 
     run = template_runs["chat"]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from dschat.utils.data import data_utils as du
 from dschat.utils.data import raw_datasets as rd
+from dschat.utils.data.prompt_datasets import create_prompt_dataset
 from dschat.utils.errors import UserError
 from mpo_ext.selection import load_items, parse_args
 
@@ -34,7 +35,7 @@ def pcr(i: int, **extra) -> dict:
 
 
 def build(tok, data_path, phase, out, max_seq_len=64, data_split=None, **kw):
-    return du.create_prompt_dataset(-1, data_path, data_split, str(out), phase, 1234, tok, max_seq_len, **kw)
+    return create_prompt_dataset(-1, data_path, data_split, str(out), phase, 1234, tok, max_seq_len, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_phase_rows_of_a_local_file_without_eval_split(tmp_path):
 def test_selection_reads_the_prompts_step3_trains_on(tmp_path, tiny_tokenizer, tiny_llama_dir, hh_file):
     """A local prompt file without an eval split: step 2.5 scores exactly step 3's prompts, in its order."""
     cache = tmp_path / "cache"
-    step3, _ = du.create_prompt_dataset(-1, [str(hh_file)], None, str(cache), 3, 1234, tiny_tokenizer, 128)
+    step3, _ = create_prompt_dataset(-1, [str(hh_file)], None, str(cache), 3, 1234, tiny_tokenizer, 128)
     args = parse_args(["--data_path", str(hh_file), "--sft_model_name_or_path", str(tiny_llama_dir),
                        "--reward_model_name_or_path", str(tiny_llama_dir), "--max_prompt_seq_len", "128",
                        "--data_output_path", str(cache), "--output_dir", str(tmp_path / "select"),
@@ -489,19 +490,19 @@ def test_non_builder_rank_waits_then_loads(tmp_path, tiny_tokenizer, monkeypatch
     f = write_jsonl(tmp_path / "d.jsonl", [pcr(i) for i in range(10)])
     out = tmp_path / "out"
     with pytest.raises(UserError, match="waited"):
-        du.create_prompt_dataset(1, [str(f)], None, str(out), 1, 1, tiny_tokenizer, 64, wait_timeout_s=0.3)
-    built, _ = du.create_prompt_dataset(0, [str(f)], None, str(out), 1, 1, tiny_tokenizer, 64)
-    waited, _ = du.create_prompt_dataset(1, [str(f)], None, str(out), 1, 1, tiny_tokenizer, 64, wait_timeout_s=1)
+        create_prompt_dataset(1, [str(f)], None, str(out), 1, 1, tiny_tokenizer, 64, wait_timeout_s=0.3)
+    built, _ = create_prompt_dataset(0, [str(f)], None, str(out), 1, 1, tiny_tokenizer, 64)
+    waited, _ = create_prompt_dataset(1, [str(f)], None, str(out), 1, 1, tiny_tokenizer, 64, wait_timeout_s=1)
     assert len(waited) == len(built) and torch.equal(waited[0]["input_ids"], built[0]["input_ids"])
     # A builder's UserError reaches the waiting ranks instead of a timeout.
     with pytest.raises(UserError, match="no usable samples"):
-        du.create_prompt_dataset(0, [str(f)], "10,0,0", str(out), 2, 1, tiny_tokenizer, 64)
+        create_prompt_dataset(0, [str(f)], "10,0,0", str(out), 2, 1, tiny_tokenizer, 64)
     with pytest.raises(UserError, match="no usable samples"):
-        du.create_prompt_dataset(1, [str(f)], "10,0,0", str(out), 2, 1, tiny_tokenizer, 64, wait_timeout_s=5)
+        create_prompt_dataset(1, [str(f)], "10,0,0", str(out), 2, 1, tiny_tokenizer, 64, wait_timeout_s=5)
     marker = next(out.glob("*.error"))
     os.utime(marker, (1e9, 1e9))  # an old marker (earlier run) is not trusted: the rank waits instead
     with pytest.raises(UserError, match="waited"):
-        du.create_prompt_dataset(1, [str(f)], "10,0,0", str(out), 2, 1, tiny_tokenizer, 64, wait_timeout_s=0.3)
+        create_prompt_dataset(1, [str(f)], "10,0,0", str(out), 2, 1, tiny_tokenizer, 64, wait_timeout_s=0.3)
 
 
 def test_waiting_rank_sees_concurrent_build(tmp_path, tiny_tokenizer):
@@ -510,14 +511,14 @@ def test_waiting_rank_sees_concurrent_build(tmp_path, tiny_tokenizer):
     result: dict = {}
 
     def waiter():
-        result["ds"] = du.create_prompt_dataset(1, [str(f)], None, str(out), 2, 1, tiny_tokenizer, 64,
+        result["ds"] = create_prompt_dataset(1, [str(f)], None, str(out), 2, 1, tiny_tokenizer, 64,
                                                 wait_timeout_s=60)[0]
 
     thread = threading.Thread(target=waiter)
     thread.start()
     time.sleep(0.3)
     assert thread.is_alive()  # still polling: nothing built yet
-    built, _ = du.create_prompt_dataset(0, [str(f)], None, str(out), 2, 1, tiny_tokenizer, 64)
+    built, _ = create_prompt_dataset(0, [str(f)], None, str(out), 2, 1, tiny_tokenizer, 64)
     thread.join(60)
     assert len(result["ds"]) == len(built) == 36
 

@@ -371,7 +371,7 @@ def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(easy_pairs, tinystori
     from dschat.rlhf.generation import Generator
     from dschat.rlhf.held_out import HeldOutEvaluator
     from dschat.utils.build import end_of_text
-    from dschat.utils.data.data_utils import create_prompt_dataset
+    from dschat.utils.data.prompt_datasets import create_prompt_dataset
     from dschat.utils.utils import load_hf_tokenizer
     from mpo_ext import synthetic
     from mpo_ext.dpo import held_out_prompts, parse_args

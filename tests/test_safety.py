@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dschat.utils.data import data_utils as du
+from dschat.utils.data.prompt_datasets import create_prompt_dataset
 from dschat.utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def _data_file(tmp_path: Path) -> Path:
 
 
 def _build(tokenizer, data: Path, cache, rebuild: bool = False):
-    return du.create_prompt_dataset(0, [str(data)], "10,0,0", cache, 1, 1234, tokenizer, 32, rebuild=rebuild)
+    return create_prompt_dataset(0, [str(data)], "10,0,0", cache, 1, 1234, tokenizer, 32, rebuild=rebuild)
 
 
 # --------------------------------------------------------------------------------------------- data cache

@@ -94,6 +94,14 @@ def rollout_attention_mask(sequences: torch.Tensor, prompt_mask: torch.Tensor,
     return torch.cat([prompt_mask.to(sequences.device), answer], dim=1)
 
 
+def pad_token_mask(sequences: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """DeepSpeed-Chat's rollout mask, `ids != pad` ([B, T] long), used only under `--rollout_mask pad_token`
+    (part of --dschat_compat). Where the pad is a token of its own (upstream's Llama `[PAD]`) it equals
+    `rollout_attention_mask`; where pad = eos it also hides each answer's eos, every eos inside the prompt
+    and OPT's beginning token, which is why the project's rule reads positions instead."""
+    return (sequences != pad_token_id).long()
+
+
 def answer_token_lists(sequences: torch.Tensor, prompt_width: int,
                        eos_token_id: int | Sequence[int] | None) -> list[list[int]]:
     """Answer token ids per row: everything after the prompt up to (not including) its eos."""

@@ -15,7 +15,9 @@ upstream, each deliberate:
 - rollouts go through `generation.Generator` (Hybrid Engine only where it works, ZeRO-3 parameters
   gathered once per call, stop on eos), with upstream's greedy decoding unless --do_sample;
 - model forwards get position ids computed from the attention mask, so left-padded prompts are
-  positioned exactly as during generation (upstream relied on OPT doing this internally);
+  positioned exactly as during generation (upstream relied on OPT doing this internally; --position_ids
+  model restores upstream's), and a rollout's mask is positions, not `ids != pad` (--rollout_mask pad_token
+  restores upstream's; both are part of --dschat_compat);
 - the KL coefficient can be adaptive, the reward can be normalised by running statistics and the
   advantages whitened (all off by default), and every step reports TRL-style statistics.
 """
@@ -33,6 +35,7 @@ from dschat.rlhf.generation import (
     answer_token_lists,
     decode_answers,
     decode_prompts,
+    pad_token_mask,
 )
 from dschat.rlhf.health import generation_health
 from dschat.rlhf.ppo_math import (
@@ -49,6 +52,7 @@ from dschat.rlhf.ppo_math import (
     whiten,
     zero_after,
 )
+from dschat.steps.ppo_args import PPOSettings
 from dschat.utils.dist import all_reduce
 from dschat.utils.inference import RewardScorer
 from dschat.utils.model.masks import position_ids_from_mask
@@ -67,6 +71,7 @@ class PPOUpdater:
     Not a `Trainer`: `dschat.steps.ppo.PPOLoop` drives it."""
 
     def __init__(self, rlhf_engine, settings):
+        settings = PPOSettings.adopt(settings)  # upstream's step-3 main passes its argparse Namespace
         self.rlhf_engine = rlhf_engine
         self.actor_model = rlhf_engine.actor
         self.critic_model = rlhf_engine.critic
@@ -104,11 +109,13 @@ class PPOUpdater:
             zero_stage=settings.actor_zero_stage, enable_hybrid_engine=settings.enable_hybrid_engine,
             gather_params=False if settings.unpin_actor_parameters else None,
         )
-        self._actor_position_ids = _accepts_position_ids(self.actor_model.module)
-        self._ref_position_ids = _accepts_position_ids(self.ref_model.module)
+        # --position_ids model (upstream): forwards get no position ids, whatever the model does then
+        self._actor_position_ids = settings.positions_from_mask and _accepts_position_ids(self.actor_model.module)
+        self._ref_position_ids = settings.positions_from_mask and _accepts_position_ids(self.ref_model.module)
         self._last_kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.last_train_stats: dict[str, torch.Tensor] = {}
         self.last_health: dict[str, float] = {}  # answer checks of the last rollout batch, before any drop
+        self.generate_time = 0.0  # seconds the last rollout batch took to generate (upstream's attribute)
 
     @property
     def kl_ctl(self) -> float:
@@ -139,7 +146,7 @@ class PPOUpdater:
         answers = answer_token_lists(seq, width, self.end_of_conversation_token_id)
         texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         self.last_health = {**generation_health(answers, self.max_answer_seq_len, texts), "rows": float(len(answers))}
-        keep = self.generator.attention_mask(seq, mask)[:, width:].sum(dim=1) > 1
+        keep = self.rollout_mask(seq, mask)[:, width:].sum(dim=1) > 1
         if not bool(keep.all()):
             print_rank_0(f"Dropping {int((~keep).sum())} too short generated answer(s) (<= 1 token)")
         if bool(keep.any()):
@@ -151,6 +158,13 @@ class PPOUpdater:
             return self._last_kept
         print_rank_0("every answer of the first batch was too short; training on them anyway")
         return prompts, mask, seq
+
+    def rollout_mask(self, seq: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Which positions of the rollouts are real: the prompt collator's mask, then each answer through its
+        eos; under --rollout_mask pad_token (--dschat_compat) upstream's `ids != pad`."""
+        if self.settings.rollout_mask == "pad_token":
+            return pad_token_mask(seq, self.pad_token_id)
+        return self.generator.attention_mask(seq, prompt_mask)
 
     def _normalized_scores(self, scores: torch.Tensor) -> torch.Tensor:
         if self.reward_stats is None:
@@ -169,8 +183,9 @@ class PPOUpdater:
         self.eval()
         prompts, prompt_mask, seq = self._generate_sequence(prompts, mask, step)
         stats = dict(self.generator.last_stats)
+        self.generate_time = float(stats.get("generate_time", 0.0))
         self.train()
-        attention_mask = self.generator.attention_mask(seq, prompt_mask)
+        attention_mask = self.rollout_mask(seq, prompt_mask)
         width = prompts.shape[1]
 
         logits = self._lm_logits(self.actor_model, seq, attention_mask, self._actor_position_ids)
@@ -277,10 +292,14 @@ class PPOUpdater:
         elif actor_overflow and critic_overflow:
             print_rank_0("OVERFLOW: actor and critic overflow, skipping both actor and critic steps")
 
+    def get_overflow(self) -> tuple[bool, bool]:
+        """(actor, critic): whether each one's last step was skipped for fp16 overflow (upstream's name)."""
+        return (bool(getattr(self.actor_model.optimizer, "overflow", False)),
+                bool(getattr(self.critic_model.optimizer, "overflow", False)))
+
     def overflowed(self) -> bool:
-        """Whether the last actor/critic step was skipped for fp16 overflow (always False otherwise)."""
-        return bool(getattr(self.actor_model.optimizer, "overflow", False)
-                    or getattr(self.critic_model.optimizer, "overflow", False))
+        """Whether the last actor or critic step was skipped for fp16 overflow (always False otherwise)."""
+        return any(self.get_overflow())
 
     # ---- modes
     def train(self) -> None:

@@ -22,6 +22,7 @@ import time
 import torch
 
 from dschat.rlhf.generation import hybrid_engine_unavailable_reason, warn_once
+from dschat.steps.ppo_args import PPOSettings
 from dschat.utils.build import (
     apply_lora,
     frozen_causal_lm,
@@ -53,10 +54,14 @@ def actor_gradient_accumulation_steps(settings) -> int:
 
 
 class DeepSpeedRLHFEngine:
-    """Holds `actor`, `ref`, `actor_ema` (None unless --enable_ema), `critic`, `reward` engines."""
+    """Holds `actor`, `ref`, `actor_ema` (None unless --enable_ema), `critic`, `reward` engines.
 
-    def __init__(self, actor_model_name_or_path: str, critic_model_name_or_path: str, tokenizer, settings,
+    `args` is step 3's `PPOSettings`, or the argparse Namespace of DeepSpeed-Chat's own step-3 main (its
+    keyword, `args=`), taken as settings through `PPOSettings.adopt`."""
+
+    def __init__(self, actor_model_name_or_path: str, critic_model_name_or_path: str, tokenizer, args,
                  num_total_iters: int):
+        settings = PPOSettings.adopt(args)
         self.settings = settings
         self.num_total_iters = num_total_iters
         self.tokenizer = tokenizer
@@ -164,7 +169,8 @@ class DeepSpeedRLHFEngine:
 
         model = create_critic_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
                                     rlhf_training=True, dropout=settings.critic_dropout,
-                                    zero_stage=settings.critic_zero_stage, compute_fp32_loss=settings.fp32_loss)
+                                    zero_stage=settings.critic_zero_stage, compute_fp32_loss=settings.fp32_loss,
+                                    positions_from_mask=settings.positions_from_mask)
         # The value head always trains (upstream froze it with --only_optimize_lora, leaving a random
         # projection of the LoRA features as the value estimate).
         model = apply_lora(model, settings.critic_lora_dim, settings.critic_lora_module_name, settings.only_optimize_lora,
@@ -184,6 +190,7 @@ class DeepSpeedRLHFEngine:
                                      zero_stage=settings.critic_zero_stage,
                                      micro_batch_size=settings.per_device_training_batch_size)
         engine = frozen_reward_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
-                                     dropout=settings.critic_dropout, compute_fp32_loss=settings.fp32_loss)
+                                     dropout=settings.critic_dropout, compute_fp32_loss=settings.fp32_loss,
+                                     positions_from_mask=settings.positions_from_mask)
         log_init("Reward", start)
         return engine

@@ -109,14 +109,15 @@ def build(settings) -> PPOLoop:
     prompt_loader = make_loader(prompts, settings.per_device_generation_batch_size,
                                 DataCollatorRLHF(settings.max_prompt_seq_len, pad_token_id=tokenizer.pad_token_id,
                                                  padding=settings.padding),
-                                shuffle=True, seed=seed, group_lengths=settings.groups_by_length)
+                                shuffle=True, seed=seed, group_lengths=settings.groups_by_length,
+                                upstream_order=settings.upstream_order)
     unsup_loader = None
     if unsup is not None:
         # transformers takes seconds to import (it is not otherwise needed before the engines are built)
         from transformers import default_data_collator
 
         unsup_loader = make_loader(unsup, settings.per_device_generation_batch_size, default_data_collator,
-                                   shuffle=True, seed=seed)
+                                   shuffle=True, seed=seed, upstream_order=settings.upstream_order)
     num_total_iters = count_total_iters(settings, len(prompt_loader), len(unsup_loader) if unsup_loader else None)
     engine = DeepSpeedRLHFEngine(settings.actor_model_name_or_path, settings.critic_model_name_or_path, tokenizer, settings,
                                  num_total_iters)

@@ -47,9 +47,32 @@ class UnsupervisedMixSettings(flags.Settings):
                          "--unsupervised_dataset_config_name; it stays off")
 
 
+POSITION_IDS = ("from_mask", "model")
+ROLLOUT_MASKS = ("positions", "pad_token")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ActorCriticModelSettings(flags.RewardIndexSettings, flags.RewardEndingSettings):
     flag_group = "models"
+    upstream_defaults = {
+        "compute_fp32_loss": flags.UpstreamDefault(
+            False, "With bf16/fp16 logits the log-softmax over a 32K vocabulary is off by up to 0.1 nats per token, "
+                   "which goes straight into the PPO ratios and the KL.", ours="on for bf16/fp16"),
+        "reward_end_text": flags.UpstreamDefault(
+            "eos", "A reward model trained with a literal ending (upstream's `<|endoftext|>`) scores each rollout "
+                   "with that ending in place of its eos; upstream scores the rollout as generated.",
+            ours="the ending recorded with the reward model"),
+        "rollout_mask": flags.UpstreamDefault(
+            "pad_token", "Upstream marks a rollout's real tokens as those that are not the pad token; where pad = "
+                         "eos (OPT, and every tokenizer upstream does not treat as Llama) that also hides each "
+                         "answer's eos, every eos inside the prompt and OPT's beginning token, so the reward, the "
+                         "KL and the last action skip the eos. Padding is a position here."),
+        "position_ids": flags.UpstreamDefault(
+            "model", "Left-padded rollouts keep the positions generation gave them; upstream's forwards let the "
+                     "model number the left padding too, which moves every token of a model with absolute "
+                     "positions (GPT-2, GPT-J, ...); rotary Llama and OPT (positions from its mask) agree up to "
+                     "rounding."),
+    }
 
     actor_model_name_or_path: str = flag(help="Usually the step-1 output.")
     critic_model_name_or_path: str = flag(help="A step-2 output (ours or DeepSpeed-Chat's); also used as the reward "
@@ -67,6 +90,19 @@ class ActorCriticModelSettings(flags.RewardIndexSettings, flags.RewardEndingSett
         None, "Upcast the logits to fp32 for the log-probs, ratios and per-token KL, and compute the critic loss "
               "in fp32 (default: on for --dtype bf16/fp16; --no_compute_fp32_loss turns it off).",
         negative="--no_compute_fp32_loss", own_default=True)
+    position_ids: str = flag(
+        "from_mask", "Positions of the left-padded rollouts in the actor, reference, critic and reward forwards: "
+                     "from_mask counts only real tokens (as generation does); model: the model's own default "
+                     "(upstream; models with absolute positions then count the padding).", choices=POSITION_IDS)
+
+    rollout_mask: str = flag(
+        "positions", "Which positions of a rollout are real: positions (the prompt collator's mask, then each answer "
+                     "through its eos); pad_token: those whose token is not the pad (upstream's rule; with pad = "
+                     "eos it hides every eos).", choices=ROLLOUT_MASKS)
+
+    @property
+    def positions_from_mask(self) -> bool:
+        return self.position_ids == "from_mask"
 
     def _check(self) -> None:
         for name in ("actor_model_name_or_path", "critic_model_name_or_path", "reference_model_name_or_path"):
@@ -193,11 +229,12 @@ class Step3OutputSettings(flags.Settings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PPOSettings(flags.DataSettings, flags.BatchPaddingSettings, UnsupervisedMixSettings, ActorCriticModelSettings,
-                  flags.TokenizerSettings, RolloutBatchSettings, ActorCriticOptimSettings, flags.ScheduleSettings,
-                  flags.DeepSpeedSettings, flags.DeepSpeedConfigSettings, Step3EngineSettings,
+class PPOSettings(flags.DataSettings, flags.BatchPaddingSettings, flags.SampleOrderSettings, UnsupervisedMixSettings,
+                  ActorCriticModelSettings, flags.TokenizerSettings, RolloutBatchSettings, ActorCriticOptimSettings,
+                  flags.ScheduleSettings, flags.DeepSpeedSettings, flags.DeepSpeedConfigSettings, Step3EngineSettings,
                   ActorCriticLoRASettings, PPOConstantSettings, flags.SamplingSettings, flags.LoggingSettings,
-                  Step3OutputSettings, flags.HealthSettings, flags.HeldOutSettings, flags.EvalStepsSettings):
+                  flags.SaveFormatSettings, Step3OutputSettings, flags.HealthSettings, flags.HeldOutSettings, flags.EvalStepsSettings,
+                  flags.DSChatCompatSettings):
     """Every setting of step 3 (rollouts are left-padded and always keep their mask: no --pad_mask; prompts
     and answers have their own lengths: no --max_seq_len)."""
 

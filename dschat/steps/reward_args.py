@@ -10,14 +10,25 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dschat.utils import args as flags
+from dschat.utils.tokenizer import UPSTREAM_REWARD_ENDING
 
 
 @dataclass(frozen=True, kw_only=True)
-class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings, flags.RewardHealthSettings):
+class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings, flags.RewardHealthSettings,
+                     flags.DSChatCompatSettings):
     """Every setting of step 2 (its flags, DeepSpeed-Chat's names and defaults)."""
 
     description = "Step 2: reward model fine-tuning (DeepSpeed-Chat compatible flags)."
     flag_group = "reward model"
+    upstream_defaults = {
+        "reward_loss": flags.UpstreamDefault(
+            "divergence", "Bradley-Terry on the score the reward is read from; upstream's loss pushes apart every "
+                          "token after the two answers diverge, padding of the shorter one included."),
+        "end_of_conversation_token": flags.UpstreamDefault(
+            UPSTREAM_REWARD_ENDING, "The reward model learns the ending the actor produces (its eos); upstream's "
+                                    "reward model was trained on a literal its step 3 never appends.",
+            ours="the tokenizer's eos token"),
+    }
     run_label: ClassVar[str] = "step2_rm"  # names its tracker runs (the pipeline's directory name)
 
     reward_loss: str = flags.flag("end", "'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token "

@@ -13,7 +13,8 @@ from dschat.utils import args as flags
 
 
 @dataclass(frozen=True, kw_only=True)
-class SFTSettings(flags.TrainStageSettings, flags.SFTOnlyDataSettings, flags.PrintLossSettings):
+class SFTSettings(flags.TrainStageSettings, flags.SFTOnlyDataSettings, flags.PrintLossSettings,
+                  flags.DSChatCompatSettings):
     """Every setting of step 1 (its flags, DeepSpeed-Chat's names and defaults)."""
 
     description = "Step 1: supervised fine-tuning (DeepSpeed-Chat compatible flags)."

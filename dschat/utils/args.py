@@ -32,12 +32,14 @@ from dschat.utils.settings import (  # noqa: F401 - the settings machinery, re-e
     OWN_DEFAULT,
     FlagParser,
     Settings,
+    UpstreamDefault,
     check_positive,
     finite_float,
     flag,
     new_parser,
     same_flag,
 )
+from dschat.utils.tokenizer import TOKENIZER_RULES
 
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
 SCHEDULER_CHOICES = (
@@ -128,6 +130,11 @@ class BatchPaddingSettings(Settings):
     """How training batches are padded and grouped (stages whose batches the collators pad)."""
 
     flag_group = "data"
+    upstream_defaults = {
+        "padding": UpstreamDefault("max_length", "A batch is padded to its longest row (a multiple of 8), not to "
+                                                 "--max_seq_len: the same losses for less compute."),
+        "group_by_length": UpstreamDefault(False, "Batches of similar lengths need even less padding."),
+    }
 
     padding: str = flag("longest", "Pad each batch to its longest row (multiple of 8) or, as upstream, to the "
                                    "max length.", choices=("longest", "max_length"))
@@ -145,11 +152,42 @@ class BatchPaddingSettings(Settings):
 @dataclass(frozen=True, kw_only=True)
 class PadMaskSettings(Settings):
     flag_group = "data"
+    upstream_defaults = {
+        "pad_mask": UpstreamDefault("always", "Causal attention already keeps real tokens from seeing the pads after "
+                                              "them, and without a mask attention takes its fast causal kernel; "
+                                              "only values at pad positions change (which only --reward_loss "
+                                              "divergence reads)."),
+    }
 
     pad_mask: str = flag(
         "auto", "auto: right-padded training batches run without an attention mask (the causal mask already "
                 "hides trailing pads from real tokens, and attention takes its causal fast path); always: pass "
                 "the padding mask as upstream.", choices=("auto", "always"))
+
+
+SAMPLE_ORDERS = ("epoch", "upstream")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleOrderSettings(Settings):
+    """Which training samples each step sees, in which order."""
+
+    flag_group = "data"
+    upstream_defaults = {
+        "sample_order": UpstreamDefault("upstream", "Upstream's DistributedSampler is seeded 0 whatever --seed and is "
+                                                    "never told the epoch, so every epoch replays one order; here "
+                                                    "the order follows --seed, changes every epoch and resumes "
+                                                    "mid-epoch."),
+    }
+
+    sample_order: str = flag(
+        "epoch", "epoch: shuffled from --seed, a new order every epoch (resumable mid-epoch); upstream: DeepSpeed-Chat's "
+                 "order (DistributedSampler seeded 0 whatever --seed, the same order every epoch, evaluation batches "
+                 "shuffled too).", choices=SAMPLE_ORDERS)
+
+    @property
+    def upstream_order(self) -> bool:
+        return self.sample_order == "upstream"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,9 +223,21 @@ class ModelSettings(Settings):
 @dataclass(frozen=True, kw_only=True)
 class TokenizerSettings(Settings):
     flag_group = "model"
+    upstream_defaults = {
+        "tokenizer_rule": UpstreamDefault(
+            "upstream", "Upstream judges a tokenizer by the model's name: with 'llama' in it, LlamaTokenizer and, "
+                        "without a pad token, a new untrained [PAD] (one more embedding row; Llama-2 rollouts "
+                        "then start from it); any other name gets AutoTokenizer and pad = eos, replacing its own "
+                        "pad (OPT's too). Here the checkpoint's own tokenizer, its own pad or else its eos."),
+    }
 
     add_eot_token: bool = flag(False, "Add --eot_token to the tokenizer as a special token.")
     eot_token: str = flag("<|endoftext|>", "The special token --add_eot_token adds.")
+    tokenizer_rule: str = flag(
+        "ours", "ours: the checkpoint's own tokenizer, its own pad token or else its eos (never a new token); "
+                "upstream: DeepSpeed-Chat's rules by the model's name (config.json's _name_or_path, else the "
+                "path): 'llama' in it gives LlamaTokenizer and a new [PAD] token when it has no pad, any other name "
+                "AutoTokenizer with pad = eos, replacing its own pad.", choices=TOKENIZER_RULES)
 
     @property
     def added_special_token(self) -> str | None:
@@ -393,6 +443,26 @@ def trackers(settings: LoggingSettings) -> list[str]:
     return chosen
 
 
+SAVE_FORMATS = ("hf", "upstream")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveFormatSettings(Settings):
+    flag_group = "logging and checkpoints"
+    upstream_defaults = {
+        "save_format": UpstreamDefault(
+            "upstream", "Our folders load anywhere Hugging Face models do (safetensors, the full tokenizer with its "
+                        "pad and special-token settings). Upstream keeps the vocabulary files only, and its next "
+                        "step reads a tokenizer.model-only Llama without those settings (on transformers 5: no "
+                        "beginning-of-sequence token in step 3's prompts)."),
+    }
+
+    save_format: str = flag(
+        "hf", "Files of a saved model. hf: Hugging Face layout (model.safetensors, config, generation config, the full "
+              "tokenizer; a reward model keeps upstream's pytorch_model.bin); upstream: DeepSpeed-Chat's files "
+              "(pytorch_model.bin, config.json, the tokenizer's vocabulary files only).", choices=SAVE_FORMATS)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrintLossSettings(Settings):
     flag_group = "logging and checkpoints"
@@ -550,12 +620,28 @@ class EvalStepsSettings(Settings):
             raise UserError(f"--eval_steps {self.eval_steps}: must be >= 0")
 
 
+# --------------------------------------------------------------------------------------------- parity
+
+
+@dataclass(frozen=True, kw_only=True)
+class DSChatCompatSettings(Settings):
+    """--dschat_compat: DeepSpeed-Chat's defaults for every flag whose default here changes the numbers."""
+
+    flag_group = "DeepSpeed-Chat parity"
+
+    dschat_compat: bool = flag(
+        False, "Set every default that changes numbers as DeepSpeed-Chat has it (listed below the options), so that "
+               "a run with the same seed, data and model reproduces upstream's losses step for step; flags given "
+               "explicitly still win.")
+
+
 # --------------------------------------------------------------------------------------------- a trained stage
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainStageSettings(DataSettings, BatchPaddingSettings, PadMaskSettings, SequenceLengthSettings, ModelSettings,
-                         TokenizerSettings, TrainBatchSettings, ScheduleSettings, DeepSpeedSettings, ZeroSettings,
-                         DeepSpeedConfigSettings, LoRASettings, LoggingSettings, EvalIntervalSettings):
+class TrainStageSettings(DataSettings, BatchPaddingSettings, SampleOrderSettings, PadMaskSettings,
+                         SequenceLengthSettings, ModelSettings, TokenizerSettings, TrainBatchSettings, ScheduleSettings,
+                         DeepSpeedSettings, ZeroSettings, DeepSpeedConfigSettings, LoRASettings, LoggingSettings,
+                         SaveFormatSettings, EvalIntervalSettings):
     """The groups every stage built by `dschat.utils.build` offers (steps 1, 2 and 3b)."""
 

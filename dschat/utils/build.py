@@ -40,9 +40,11 @@ from dschat.utils.trainer import count_updates
 
 
 def build_tokenizer(settings, model_name_or_path: str | None = None):
-    """The tokenizer of `model_name_or_path` (default: --model_name_or_path), with --add_eot_token's token."""
+    """The tokenizer of `model_name_or_path` (default: --model_name_or_path), with --add_eot_token's token and
+    the class and pad token of --tokenizer_rule."""
     path = model_name_or_path or settings.model_name_or_path
-    return load_hf_tokenizer(path, fast_tokenizer=True, add_special_tokens=settings.added_special_token)
+    return load_hf_tokenizer(path, fast_tokenizer=True, add_special_tokens=settings.added_special_token,
+                             rule=settings.tokenizer_rule)
 
 
 def model_context_length(model_name_or_path: str, flag: str) -> int | None:
@@ -158,13 +160,15 @@ def frozen_causal_lm(path: str, tokenizer, ds_config: dict):
 
 
 def frozen_reward_model(path: str, tokenizer, ds_config: dict, num_padding_at_beginning: int, *,
-                        dropout: float | None = None, compute_fp32_loss: bool = False):
+                        dropout: float | None = None, compute_fp32_loss: bool = False,
+                        positions_from_mask: bool = True):
     """A frozen engine of the step-2 reward model at `path` (ours or DeepSpeed-Chat's layout)."""
     from dschat.utils.model.model_utils import create_critic_model
 
     zero_stage = ds_config["zero_optimization"]["stage"]
     model = create_critic_model(path, tokenizer, ds_config, num_padding_at_beginning, rlhf_training=True,
-                                dropout=dropout, zero_stage=zero_stage, compute_fp32_loss=compute_fp32_loss)
+                                dropout=dropout, zero_stage=zero_stage, compute_fp32_loss=compute_fp32_loss,
+                                positions_from_mask=positions_from_mask)
     return initialize_frozen_engine(model, ds_config)
 
 

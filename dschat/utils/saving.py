@@ -9,6 +9,7 @@ it). All are collective under ZeRO-3 (call on every rank); rank 0 writes through
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -35,11 +36,14 @@ def save_stage_model(settings, engine: Any, tokenizer, output_dir: str | os.Path
     files = {**(extra_files or {}), **card_files(settings, card_title, base_model, engine, model_dir=output_dir,
                                                  reward_layout=save is save_reward_model, tokenizer=tokenizer)}
     with lora_fused(module):
-        (save or save_causal_lm)(module, tokenizer, output_dir, extra_files=files)
+        (save or save_causal_lm)(module, tokenizer, output_dir, extra_files=files, file_format=settings.save_format)
 
 
-def save_causal_lm(model: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None) -> None:
-    """Save a causal LM in Hugging Face layout (safetensors, config, generation config, full tokenizer).
+def save_causal_lm(model: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None,
+                   file_format: str = "hf") -> None:
+    """Save a causal LM in Hugging Face layout (safetensors, config, generation config, full tokenizer), or with
+    `file_format="upstream"` (--save_format upstream) in DeepSpeed-Chat's: `pytorch_model.bin`, config and the
+    tokenizer's vocabulary files only.
 
     Collective under ZeRO-3: call on every rank. Rank 0 writes through `staged_output` (staged inside
     `output_dir`, config.json moved in last).
@@ -47,17 +51,25 @@ def save_causal_lm(model: torch.nn.Module, tokenizer, output_dir: str | os.PathL
     module = getattr(model, "module", model)
     state = gather_full_state_dict(module)
     if is_rank_0():
-        with staged_output(output_dir, markers=("config.json",)) as tmp:
-            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            _save_tokenizer(tokenizer, tmp, module)
+        markers = ("pytorch_model.bin", "config.json") if file_format == "upstream" else ("config.json",)
+        with staged_output(output_dir, markers=markers) as tmp:
+            if file_format == "upstream":
+                torch.save(state, tmp / "pytorch_model.bin")
+                module.config.save_pretrained(tmp)
+            else:
+                module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            _save_tokenizer(tokenizer, tmp, module, file_format)
             for name, content in (extra_files or {}).items():
                 atomic_write_text(tmp / name, content)
+            drop_stale_model_files(tmp, Path(output_dir), markers)
     barrier()
 
 
-def save_reward_model(model: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None) -> None:
+def save_reward_model(model: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, extra_files: dict | None = None,
+                      file_format: str = "hf") -> None:
     """Save a reward/critic model in upstream's layout: `pytorch_model.bin` with `rwtransformer.*` +
-    `v_head.weight`, plus the base config and the full tokenizer, so both projects load it."""
+    `v_head.weight`, plus the base config and the full tokenizer (`file_format="upstream"`: the tokenizer's
+    vocabulary files only, as DeepSpeed-Chat writes them), so both projects load it."""
     module = getattr(model, "module", model)
     state = gather_full_state_dict(module)
     if is_rank_0():
@@ -65,16 +77,59 @@ def save_reward_model(model: torch.nn.Module, tokenizer, output_dir: str | os.Pa
             torch.save(state, tmp / "pytorch_model.bin")
             config = module.rwtransformer.config
             config.save_pretrained(tmp)
-            _save_tokenizer(tokenizer, tmp, module.rwtransformer)
+            _save_tokenizer(tokenizer, tmp, module.rwtransformer, file_format)
             for name, content in (extra_files or {}).items():
                 atomic_write_text(tmp / name, content)
+            drop_stale_model_files(tmp, Path(output_dir), ("pytorch_model.bin", "config.json"))
     barrier()
 
 
-def _save_tokenizer(tokenizer, directory: Path, model: torch.nn.Module) -> None:
+# Files of a saved model that one --save_format writes and the other does not.
+FORMAT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json", "chat_template.jinja")
+
+
+def drop_stale_model_files(staging: Path, target: Path, markers: tuple[str, ...]) -> None:
+    """Before a staged model moves in: remove from `target` the model files an earlier save in the other
+    format left there and this one does not replace (a stale model.safetensors would be loaded before a new
+    pytorch_model.bin). The markers go first, so a crash in between leaves a folder that reads incomplete."""
+    staged = {entry.name for entry in staging.iterdir()}
+    stale = [name for name in FORMAT_FILES if name not in staged and (target / name).exists()]
+    if not stale:
+        return
+    for name in (*markers, *stale):
+        (target / name).unlink(missing_ok=True)
+
+
+def record_right_padding(directory: Path) -> None:
+    """Write `"padding_side": "right"` into the saved `tokenizer_config.json`.
+
+    `save_pretrained` writes the padding side only when the source config named one, and a tokenizer class
+    may default to the left (Llama's does). DeepSpeed-Chat's loader forces right padding only when it adds
+    its own `[PAD]`; a saved pad = eos tokenizer keeps the file's side, and upstream's reward reader (first
+    pad after the text) then reads a left-padded row at the wrong position. Our own loader sets right
+    padding anyway and generation left-pads prompts itself, so this changes nothing here.
+    """
+    config_file = directory / "tokenizer_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("padding_side") != "right":
+        config["padding_side"] = "right"
+        atomic_write_text(config_file, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _save_tokenizer(tokenizer, directory: Path, model: torch.nn.Module, file_format: str = "hf") -> None:
     """The full tokenizer, plus the slow tokenizer's files (`tokenizer.model`, `vocab.json`/`merges.txt`)
-    when it was loaded from them: upstream's savers call `save_vocabulary`, which needs them."""
+    when it was loaded from them: upstream's savers call `save_vocabulary`, which needs them. `upstream`
+    format: what DeepSpeed-Chat writes, the vocabulary files alone (no added tokens, no special-token
+    settings: its loaders, and ours, then read a Llama folder with `LlamaTokenizer` from `tokenizer.model`)."""
+    if file_format == "upstream":
+        tokenizer.save_vocabulary(str(directory))
+        return
     tokenizer.save_pretrained(directory)
+    record_right_padding(directory)
     for attribute in ("vocab_file", "merges_file"):
         source = getattr(tokenizer, attribute, None) or tokenizer.init_kwargs.get(attribute)
         if isinstance(source, str) and os.path.isfile(source) and not (directory / Path(source).name).exists():

@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
 import math
 import os
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -68,9 +70,13 @@ class FlagParser(argparse.ArgumentParser):
                          if option.startswith("--") and action.default is not argparse.SUPPRESS)
 
 
-def new_parser(description: str) -> argparse.ArgumentParser:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults in the help, and the description and epilog printed as written (the epilog's table)."""
+
+
+def new_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A parser with the project's conventions (for tools whose flags are not settings, e.g. rw_eval.py)."""
-    return FlagParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return FlagParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
 
 
 class DeprecatedAlias(argparse.Action):
@@ -84,6 +90,24 @@ class DeprecatedAlias(argparse.Action):
         if os.environ.get("RANK", "0") == "0":
             print(f"warning: {option_string} is deprecated; use {self.replacement}", file=sys.stderr, flush=True)
         setattr(namespace, self.dest, values)
+
+
+# --------------------------------------------------------------------------------------------- parity profile
+
+# The flag that switches on DeepSpeed-Chat's defaults: every group of a settings type may declare, in
+# `upstream_defaults`, the flags whose upstream default differs from ours (with why ours differs); with
+# --dschat_compat those values become the defaults when the settings are built (parse_args, from_mapping),
+# so any flag given explicitly still wins and nothing is changed after construction.
+PARITY_FLAG = "dschat_compat"
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamDefault:
+    """A flag's DeepSpeed-Chat default where ours differs, and why ours differs (--help's epilog, README)."""
+
+    value: Any
+    why: str
+    ours: str | None = None  # how our default reads when the field's default (None) stands for a rule
 
 
 # --------------------------------------------------------------------------------------------- fields
@@ -278,6 +302,9 @@ class Settings:
     flag_group: typing.ClassVar[str | None] = None
     flag_group_description: typing.ClassVar[str | None] = None
     description: typing.ClassVar[str] = ""
+    # {flag: UpstreamDefault} for the flags this class declares or re-declares whose DeepSpeed-Chat default
+    # differs from ours (see PARITY_FLAG)
+    upstream_defaults: typing.ClassVar[Mapping[str, UpstreamDefault]] = {}
 
     def __post_init__(self) -> None:
         for spec in self.flag_specs():
@@ -312,7 +339,7 @@ class Settings:
     def build_parser(cls) -> argparse.ArgumentParser:
         """The command line of this settings type: one option per field (plus its aliases), in --help
         sections by flag group."""
-        parser = new_parser(cls.description or (cls.__doc__ or "").strip().splitlines()[0])
+        parser = new_parser(cls.description or (cls.__doc__ or "").strip().splitlines()[0], cls.upstream_epilog())
         groups: dict[str, Any] = {}
         for spec in cls.flag_specs():
             if spec.group not in groups:
@@ -324,8 +351,47 @@ class Settings:
     def parse_args(cls: type[S], argv: Sequence[str] | None = None) -> S:
         """The checked settings of a command line (`sys.argv[1:]` when None); a bad flag is one line and exit
         code 2 (argparse), a bad value a `UserError` naming the flag."""
-        namespace = cls.build_parser().parse_args(argv)
+        parser = cls.build_parser()
+        namespace = parser.parse_args(argv)
+        profile = cls.profile_defaults(vars(namespace))
+        if profile:  # --dschat_compat: upstream's defaults, then the command line again over them
+            parser.set_defaults(**profile)
+            namespace = parser.parse_args(argv)
         return cls(**vars(namespace))
+
+    # ---- DeepSpeed-Chat's defaults (PARITY_FLAG)
+    @classmethod
+    def upstream_values(cls) -> dict[str, UpstreamDefault]:
+        """Every flag of this type whose DeepSpeed-Chat default differs from ours, in flag order (the
+        `upstream_defaults` of its classes; a stage's own entry wins over its groups')."""
+        names = [spec.name for spec in cls.flag_specs()]
+        found: dict[str, UpstreamDefault] = {}
+        for klass in reversed(cls.__mro__):
+            found.update({k: v for k, v in klass.__dict__.get("upstream_defaults", {}).items() if k in names})
+        return {name: found[name] for name in names if name in found}
+
+    @classmethod
+    def profile_defaults(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The defaults that the flag values `given` switch on: upstream's (`upstream_values`) when
+        --dschat_compat is among them, else none."""
+        if not given.get(PARITY_FLAG):
+            return {}
+        return {name: default.value for name, default in cls.upstream_values().items()}
+
+    @classmethod
+    def upstream_epilog(cls) -> str | None:
+        """--help's table of the defaults that differ from DeepSpeed-Chat's (None for a type without the
+        parity flag)."""
+        if PARITY_FLAG not in {spec.name for spec in cls.flag_specs()} or not cls.upstream_values():
+            return None
+        defaults = {spec.name: spec.default() for spec in cls.flag_specs()}
+        lines = [f"defaults that differ from DeepSpeed-Chat's (--{PARITY_FLAG} sets them all as upstream; a flag "
+                 "given explicitly still wins):"]
+        for name, upstream in cls.upstream_values().items():
+            ours = upstream.ours or _shown(defaults[name])
+            lines.append(f"  --{name}: {ours} (DeepSpeed-Chat: {_shown(upstream.value)})")
+            lines += textwrap.wrap(upstream.why, 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        return "\n".join(lines)
 
     @classmethod
     def option_index(cls) -> dict[str, str]:
@@ -353,10 +419,24 @@ class Settings:
                 raise UserError(f"{where}{key}: {name} is given twice (under two of its names); keep one")
             if value is not None:
                 chosen[name] = specs[name].coerce(value, where)
+        chosen = {**cls.profile_defaults(chosen), **chosen}
         missing = [spec.name for spec in specs.values() if spec.required and spec.name not in chosen]
         if missing:
             raise UserError(f"{where}{missing[0]}: required (the --{missing[0]} flag)")
         return cls(**chosen)
+
+    @classmethod
+    def adopt(cls: type[S], args: Any) -> S:
+        """`args` itself when it already is settings of this type; else the settings of an argparse Namespace
+        made by another parser (DeepSpeed-Chat's step mains pass theirs to `DeepSpeedRLHFEngine` and
+        `DeepSpeedPPOTrainer`): its attributes that are flags of this type are taken through `from_mapping`
+        (checked alike), the others (`global_rank`, ...) are not flags and are left out; None keeps a default;
+        an enum (transformers' `SchedulerType`) counts as its value."""
+        if isinstance(args, cls):
+            return args
+        names = {spec.name for spec in cls.flag_specs()}
+        return cls.from_mapping({k: v.value if isinstance(v, enum.Enum) else v for k, v in vars(args).items()
+                                 if k in names}, where="args.")
 
     # ---- what a run records
     def flag_values(self) -> dict[str, Any]:
@@ -400,6 +480,15 @@ def _reading_order(cls: type) -> list[type]:
 
     visit(cls)
     return order
+
+
+def _shown(value: Any) -> str:
+    """A default as a user types it on the command line (None: the flag's own rule, said in its help)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 def _plain(value: Any) -> Any:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from dschat.utils.errors import UserError
 
+# DeepSpeed-Chat's literal end of a conversation: its step 2 appends it to every dialogue (and its step 3 never does).
+UPSTREAM_REWARD_ENDING = "<|endoftext|>"
+
 SLOW_TOKENIZER_FILES = ("tokenizer.model",)  # sentencepiece model: what upstream saves for Llama
 FULL_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -35,12 +38,54 @@ def is_upstream_llama_tokenizer_dir(path: str | os.PathLike) -> bool:
     return config.get("model_type") == "llama" or "llama" in str(config.get("_name_or_path", "")).lower()
 
 
-def load_hf_tokenizer(model_name_or_path: str, fast_tokenizer: bool = True, add_special_tokens=None):
+UPSTREAM_PAD_TOKEN = "[PAD]"
+TOKENIZER_RULES = ("ours", "upstream")
+
+
+def upstream_model_name(model_name_or_path: str) -> str:
+    """The name DeepSpeed-Chat's tokenizer loader judges a model by: its config.json's `_name_or_path` when
+    the path is a directory that records one, else the path as given."""
+    config_file = Path(model_name_or_path) / "config.json"
+    if config_file.is_file():
+        try:
+            return json.loads(config_file.read_text(encoding="utf-8")).get("_name_or_path") or model_name_or_path
+        except (OSError, ValueError):
+            return model_name_or_path
+    return model_name_or_path
+
+
+def uses_llama_rules(model_name_or_path: str, rule: str) -> bool | None:
+    """Under DeepSpeed-Chat's rules (`rule == "upstream"`): whether the model's name (`upstream_model_name`)
+    contains "llama", which picks its tokenizer class and pad rule; None under ours."""
+    return "llama" in upstream_model_name(model_name_or_path) if rule == "upstream" else None
+
+
+def set_pad_token(tokenizer, model_name_or_path: str, rule: str = "ours") -> None:
+    """Give `tokenizer` its pad token. `ours`: its own pad, else its eos (never a new token whose embedding
+    nobody trained). `upstream` (--tokenizer_rule upstream, part of --dschat_compat): a model whose name
+    contains "llama" keeps its pad or gets a new `[PAD]` token (one embedding row more); any other gets pad =
+    eos, replacing its own pad (OPT's `<pad>` too)."""
+    if rule not in TOKENIZER_RULES:
+        raise ValueError(f"tokenizer rule {rule!r}: not one of {', '.join(TOKENIZER_RULES)}")
+    llama = uses_llama_rules(model_name_or_path, rule)
+    if llama is False:
+        tokenizer.pad_token = tokenizer.eos_token
+    elif llama and tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": UPSTREAM_PAD_TOKEN})
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_hf_tokenizer(model_name_or_path: str, fast_tokenizer: bool = True, add_special_tokens=None,
+                      rule: str = "ours"):
     """Load the tokenizer saved beside a checkpoint, falling back to the model it came from.
 
     Upstream ignored the checkpoint's own tokenizer files and followed `_name_or_path`, which fails
-    offline; here the checkpoint directory is tried first. Pad = eos when there is no pad token (never a
-    new untrained `[PAD]`), right padding for training.
+    offline; here the checkpoint directory is tried first. The pad token by `set_pad_token` (ours: pad =
+    eos when there is no pad token, never a new untrained `[PAD]`), right padding for training.
+    `rule="upstream"` (--tokenizer_rule upstream) also takes DeepSpeed-Chat's class: `LlamaTokenizer` when
+    the model's name contains "llama", else `AutoTokenizer` (which reads a `tokenizer.model`-only folder
+    differently: ours reads any Llama folder saved that way with `LlamaTokenizer`).
     """
     from transformers import AutoTokenizer  # lazy: see the module docstring
 
@@ -55,7 +100,8 @@ def load_hf_tokenizer(model_name_or_path: str, fast_tokenizer: bool = True, add_
     tokenizer, last_error = None, None
     for name in candidates:
         try:
-            if is_upstream_llama_tokenizer_dir(name):
+            llama = uses_llama_rules(model_name_or_path, rule)
+            if llama or (llama is None and is_upstream_llama_tokenizer_dir(name)):
                 from transformers import LlamaTokenizer  # lazy: see the module docstring
 
                 tokenizer = LlamaTokenizer.from_pretrained(name)
@@ -70,8 +116,7 @@ def load_hf_tokenizer(model_name_or_path: str, fast_tokenizer: bool = True, add_
             f"{str(last_error).splitlines()[0] if last_error else 'unknown error'}; save the tokenizer "
             "in the model directory or make its hub id reachable"
         )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    set_pad_token(tokenizer, model_name_or_path, rule)
     tokenizer.padding_side = "right"
     if add_special_tokens:
         extra = [add_special_tokens] if isinstance(add_special_tokens, str) else list(add_special_tokens)

@@ -60,10 +60,12 @@ class ResumableSampler(Sampler[int]):
     Upstream never called `set_epoch`, so every epoch replayed the same order; here the order changes per
     epoch and a resumed run continues exactly where the saved state stopped. Given `lengths`, shuffled
     samples are grouped by length (see `group_by_length`) so that per-batch padding stays small.
+    `reshuffle=False` keeps epoch 0's order for every epoch (upstream's, with seed 0: `--sample_order upstream`).
     """
 
     def __init__(self, dataset_len: int, shuffle: bool, seed: int, rank: int | None = None,
-                 world_size: int | None = None, lengths: Sequence[int] | None = None, batch_size: int = 1):
+                 world_size: int | None = None, lengths: Sequence[int] | None = None, batch_size: int = 1,
+                 reshuffle: bool = True):
         if lengths is not None and len(lengths) != dataset_len:
             raise ValueError(f"{len(lengths)} lengths for {dataset_len} samples")
         self.dataset_len = dataset_len
@@ -73,6 +75,7 @@ class ResumableSampler(Sampler[int]):
         self.world_size = get_world_size() if world_size is None else world_size
         self.lengths = list(lengths) if lengths is not None else None
         self.batch_size = batch_size
+        self.reshuffle = reshuffle
         self.num_samples = math.ceil(dataset_len / self.world_size)
         self.epoch = 0
         self.start = 0
@@ -81,7 +84,7 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def _order(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed + (self.epoch if self.reshuffle else 0))
         if self.shuffle:
             order = torch.randperm(self.dataset_len, generator=generator).tolist()
         else:
@@ -98,7 +101,8 @@ class ResumableSampler(Sampler[int]):
     def order_settings(self) -> dict:
         """Everything `_order` depends on besides the dataset: a resumed run must see the same values."""
         return {"seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size,
-                "group_by_length": self.lengths is not None, "world_size": self.world_size}
+                "group_by_length": self.lengths is not None, "world_size": self.world_size,
+                "reshuffle_each_epoch": self.reshuffle}
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -135,9 +139,15 @@ def sample_lengths(dataset: Dataset) -> list[int] | None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, collate_fn, shuffle: bool, seed: int,
-                group_lengths: bool = False) -> DataLoader:
+                group_lengths: bool = False, upstream_order: bool = False) -> DataLoader:
+    """A DataLoader over a `ResumableSampler`. `upstream_order` (--sample_order upstream): DeepSpeed-Chat's
+    DistributedSampler order, shuffled from seed 0 whatever `seed` and the same every epoch (evaluation
+    loaders are shuffled too then, as upstream's were)."""
+    if upstream_order:
+        shuffle, seed, group_lengths = True, 0, False
     lengths = sample_lengths(dataset) if group_lengths and shuffle else None
-    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, lengths=lengths, batch_size=batch_size)
+    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, lengths=lengths, batch_size=batch_size,
+                               reshuffle=not upstream_order)
     # Its own generator: a DataLoader iterator otherwise draws from the global RNG, and a resumed run
     # would then sample (dropout, generation) differently from an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
@@ -355,6 +365,8 @@ def check_data_order(saved: dict | None, current: dict, state_dir) -> None:
             return "--group_by_length" if value else "--no_group_by_length (or --padding max_length)"
         if key == "shuffle":
             return "shuffled data" if value else "data in file order"
+        if key == "reshuffle_each_epoch":
+            return "--sample_order epoch" if value else "--sample_order upstream"
         return f"--{key} {value}"
 
     diffs = "; ".join(f"{describe(k, saved.get(k))} (now {describe(k, current.get(k))})" for k in changed)
@@ -489,9 +501,11 @@ class Trainer(ResumableRun):
         self.tokenizer = tokenizer
         self.device = engine.device
         self.train_loader = make_loader(train_dataset, settings.per_device_train_batch_size, collate_fn,
-                                        shuffle=True, seed=settings.seed or 0, group_lengths=settings.groups_by_length)
+                                        shuffle=True, seed=settings.seed or 0, group_lengths=settings.groups_by_length,
+                                        upstream_order=settings.upstream_order)
         self.eval_loader = (make_loader(eval_dataset, settings.per_device_eval_batch_size, collate_fn,
-                                        shuffle=False, seed=0) if eval_dataset is not None and len(eval_dataset) else None)
+                                        shuffle=False, seed=0, upstream_order=settings.upstream_order)
+                            if eval_dataset is not None and len(eval_dataset) else None)
         self.logger = MetricLogger.from_settings(settings, self.name)
         self.data_record = data_record(train_dataset, eval_dataset)
         self.global_step = 0

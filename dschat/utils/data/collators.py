@@ -82,9 +82,13 @@ class DataCollatorReward:
         ids = [_flat(item[0]).long() for item in batch] + [_flat(item[2]).long() for item in batch]
         masks = [_flat(item[1]).long() for item in batch] + [_flat(item[3]).long() for item in batch]
         lengths = [int(item[4]) if len(item) > 4 else 0 for item in batch]
-        width = batch_width(max(len(i) for i in ids), self.max_seq_len, self.padding)
-        if self.pad_token_id is None and any(len(i) != width for i in ids):
-            raise ValueError("DataCollatorReward needs pad_token_id to pad unpadded items")
+        longest = max(len(i) for i in ids)
+        if self.pad_token_id is None:  # upstream's `DataCollatorReward()`: items already at one width
+            if any(len(i) != longest for i in ids):
+                raise ValueError("DataCollatorReward needs pad_token_id to pad unpadded items")
+            width = longest
+        else:
+            width = batch_width(longest, self.max_seq_len, self.padding)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
         return {
             "input_ids": pad_rows(ids, width, pad),

@@ -12,10 +12,15 @@ cache key covers file contents and the tokenizer; the cache is built by local ra
 while other ranks poll for the files instead of sitting in an NCCL barrier; caches are safetensors files
 (token ids and offsets, no pickle: loading one cannot run code) in a directory only the user can write,
 by default under the user's cache directory.
+
+One name is upstream's contract rather than ours: `create_prompt_dataset` here returns the items at upstream's
+fixed width (`dschat.utils.compat.UpstreamLayoutDataset`), because upstream's mains collate them with
+`default_data_collator`; the project's own code calls `prompt_datasets.create_prompt_dataset` (unpadded items).
 """
 
 from __future__ import annotations
 
+from dschat.utils.compat import UpstreamLayoutDataset, create_prompt_dataset
 from dschat.utils.data.cache import (
     CACHE_FILE_MODE,
     CACHE_WAIT_TIMEOUT_ENV,
@@ -55,7 +60,6 @@ from dschat.utils.data.prompt_datasets import (
     check_data_path,
     create_dataset,
     create_dataset_split,
-    create_prompt_dataset,
     data_record,
     get_raw_dataset,
     get_unsupervised_data,
@@ -83,9 +87,10 @@ from dschat.utils.data.splits import (
 __all__ = [
     "CACHE_FILE_MODE", "CACHE_WAIT_TIMEOUT_ENV", "DATA_CACHE_VERSION", "DEFAULT_CACHE_WAIT_S", "DEFAULT_DATA_SPLIT",
     "EDGE_HASH_BYTES", "FILTER_REASONS", "FULL_HASH_LIMIT", "MARKER_SLACK_S", "TRAIN_EVAL_SPLIT",
-    "DataCollatorRLHF", "DataCollatorReward", "DataCollatorSFT", "MiniDataset", "PromptDataset",
-    "answer_token_count", "batch_width", "build_once", "cache_wait_timeout", "check_data_path", "create_dataset", "create_dataset_split",
-    "create_prompt_dataset", "data_cache_dir", "data_cache_files", "data_cache_key", "data_record", "default_data_cache_dir",
+    "DataCollatorRLHF", "DataCollatorReward", "DataCollatorSFT", "MiniDataset", "PromptDataset", "UpstreamLayoutDataset",
+    "answer_token_count", "batch_width", "build_once", "cache_wait_timeout", "check_data_path", "create_dataset",
+    "create_dataset_split", "create_prompt_dataset", "data_cache_dir", "data_cache_files", "data_cache_key",
+    "data_record", "default_data_cache_dir",
     "effective_data_split", "file_fingerprint", "file_lock", "get_raw_dataset", "get_raw_dataset_split_index",
     "get_shuffle_idx", "get_unsupervised_data", "is_local_source", "load_cached_dataset", "looks_like_path",
     "pad_rows", "parse_data_split", "path_fingerprint", "phase_only_split", "phase_rows", "report_filtered",

@@ -291,23 +291,25 @@ def create_critic_model(
     zero_stage: int = 0,
     compute_fp32_loss: bool = False,
     loss_type: str = "end",
+    positions_from_mask: bool = True,
 ) -> RewardModel:
     """RewardModel for step 2 (base weights from a causal LM / base model) or, with
     `rlhf_training=True`, for step 3 (all weights from a step-2 output: ours or upstream's).
 
     `zero_stage` is accepted for upstream signature compatibility; partitioning is detected from the
-    parameters themselves.
+    parameters themselves. `positions_from_mask`: see `RewardModel`.
     """
     del zero_stage
     if not rlhf_training:
         base = create_hf_model(AutoModel, model_name_or_path, tokenizer, ds_config, False, dropout)
-        model = RewardModel(base, tokenizer, num_padding_at_beginning, compute_fp32_loss, loss_type)
+        model = RewardModel(base, tokenizer, num_padding_at_beginning, compute_fp32_loss, loss_type,
+                            positions_from_mask)
         return match_zero3_dtype(model, ds_config or {})
     model_dir = resolve_model_dir(model_name_or_path)
     files = find_reward_weights(model_dir)
     state = load_weight_files(files)  # read and checked on every rank, so all ranks fail alike
     base = create_hf_model(AutoModel, model_dir, tokenizer, ds_config, True, dropout)
-    model = RewardModel(base, tokenizer, num_padding_at_beginning, compute_fp32_loss, loss_type)
+    model = RewardModel(base, tokenizer, num_padding_at_beginning, compute_fp32_loss, loss_type, positions_from_mask)
     source = files[0] if len(files) == 1 else os.path.join(model_dir, "<shards>")
     check_reward_state_dict(model, state, source)
     load_state_dict_zero3_aware(model, state)

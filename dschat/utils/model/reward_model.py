@@ -28,6 +28,7 @@ from dschat.utils.losses import (
     reward_index,
 )
 from dschat.utils.model.masks import has_left_padding, position_ids_from_mask
+from dschat.utils.tokenizer import UPSTREAM_REWARD_ENDING  # noqa: F401 - also read from here
 
 LOSS_TYPES = ("end", "divergence")
 
@@ -44,7 +45,6 @@ LOSS_TYPES = ("end", "divergence")
 
 REWARD_ENDING_FILE = "reward_ending.json"
 EOS_ENDING = "eos"  # the tokenizer's eos token, whatever its text
-UPSTREAM_REWARD_ENDING = "<|endoftext|>"
 FULL_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
@@ -132,7 +132,10 @@ class RewardModel(nn.Module):
         num_padding_at_beginning: int = 0,
         compute_fp32_loss: bool = False,
         loss_type: str = "end",
+        positions_from_mask: bool = True,
     ) -> None:
+        """`positions_from_mask`: left-padded rows are positioned from their mask (as generation positions
+        them); False leaves the positions to the base model, as upstream did (--position_ids model)."""
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -142,6 +145,7 @@ class RewardModel(nn.Module):
         self.num_padding_at_beginning = num_padding_at_beginning
         self.compute_fp32_loss = compute_fp32_loss
         self.loss_type = loss_type
+        self.positions_from_mask = positions_from_mask
         self.PAD_ID = tokenizer.pad_token_id
         if getattr(self.config, "word_embed_proj_dim", None) is not None:
             hidden = self.config.word_embed_proj_dim  # OPT projects the last hidden state down
@@ -197,7 +201,7 @@ class RewardModel(nn.Module):
             kwargs["input_ids"] = input_ids
         if past_key_values is not None:
             kwargs[self._cache_kwarg] = past_key_values
-        if position_ids is None and has_left_padding(attention_mask):
+        if position_ids is None and self.positions_from_mask and has_left_padding(attention_mask):
             position_ids = position_ids_from_mask(attention_mask)
         if position_ids is not None and self._accepts_position_ids:
             kwargs["position_ids"] = position_ids
