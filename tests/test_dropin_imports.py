@@ -128,7 +128,8 @@ def test_step3_classes_take_upstreams_argparse_namespace(tmp_path):
     from dschat.steps.ppo_args import PPOSettings
 
     base = PPOSettings.build_parser().parse_args(["--actor_model_name_or_path", str(tmp_path),
-                                                  "--critic_model_name_or_path", str(tmp_path)])
+                                                  "--critic_model_name_or_path", str(tmp_path),
+                                                  "--output_dir", str(tmp_path)])
     upstream_args = Namespace(**{**vars(base), "global_rank": 0, "end_of_conversation_token": "<|endoftext|>",
                                  "gradient_accumulation_steps_actor": 1})
     upstream_args.actor_learning_rate = 1e-4

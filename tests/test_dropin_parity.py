@@ -43,8 +43,8 @@ STAGES = (SFTSettings, RewardSettings, PPOSettings)
 
 def _required(settings_type, path: str) -> list[str]:
     if settings_type is PPOSettings:
-        return ["--actor_model_name_or_path", path, "--critic_model_name_or_path", path]
-    return ["--model_name_or_path", path]
+        return ["--actor_model_name_or_path", path, "--critic_model_name_or_path", path, "--output_dir", path]
+    return ["--model_name_or_path", path, "--output_dir", path]
 
 
 # --------------------------------------------------------------------------------------------- the switch
@@ -74,7 +74,7 @@ def test_dschat_compat_sets_upstreams_defaults_and_explicit_flags_win(tmp_path):
         assert settings_type.from_mapping({**mapping, PARITY_FLAG: True}) == compat
         assert settings_type.from_mapping({**mapping, PARITY_FLAG: True, "padding": "longest"}).padding == "longest"
     # what a run records is the values it ran with
-    assert RewardSettings.parse_args(["--model_name_or_path", str(tmp_path), "--dschat_compat"]).record()[
+    assert RewardSettings.parse_args([*_required(RewardSettings, str(tmp_path)), "--dschat_compat"]).record()[
         "reward_loss"] == "divergence"
     assert PPOSettings.parse_args([*_required(PPOSettings, str(tmp_path)), "--dschat_compat", "--dtype", "bf16"]
                                   ).fp32_loss is False
@@ -169,7 +169,8 @@ def test_sft_under_dschat_compat_sees_upstreams_batches(tiny_llama_dir, hh_file,
     init_distributed()
     argv = ["--model_name_or_path", str(tiny_llama_dir), "--data_path", str(hh_file), "--data_split", "2,4,4",
             "--data_output_path", str(tmp_path / "cache"), "--max_seq_len", "96", "--per_device_train_batch_size", "4",
-            "--per_device_eval_batch_size", "2", "--seed", "77", "--dschat_compat"]
+            "--per_device_eval_batch_size", "2", "--seed", "77", "--dschat_compat",
+            "--output_dir", str(tmp_path / "out")]
     run = sft.build(sft.parse_args(argv))
     tok = run.tokenizer
     assert tok.pad_token == "[PAD]" and run.engine.module.get_input_embeddings().weight.shape[0] == 520

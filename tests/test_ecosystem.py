@@ -192,7 +192,7 @@ def test_mpo_version():
 def _option_blocks(help_text: str) -> dict[str, str]:
     """{--flag: its help block} from argparse's --help output."""
     blocks, current = {}, None
-    for line in help_text.splitlines():
+    for line in help_text.split("\ndefaults that differ from DeepSpeed-Chat")[0].splitlines():  # not the epilog
         match = re.match(r"^  (--\w+)", line)
         if match:
             current = match.group(1)
