@@ -16,8 +16,9 @@ from dschat.utils.build import (
     start_training_stage,
 )
 from dschat.utils.data.collators import DataCollatorReward
+from dschat.utils.data.splits import parse_data_part, part_indices
 from dschat.utils.dist import get_all_reduce_mean
-from dschat.utils.errors import run_main
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
 from dschat.utils.printing import print_rank_0
@@ -34,8 +35,22 @@ class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings):
 
     reward_loss: str = flags.flag("end", "'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token "
                                          "loss over the differing suffix.", choices=("end", "divergence"))
+    data_part: str | None = flags.flag(
+        None, "K/N: train on part K of N disjoint parts of the phase's training pairs (their positions permuted by "
+              "--seed, then cut in N; the eval pairs stay whole). Two runs with the same data flags and seed, 1/2 "
+              "and 2/2, train on disjoint halves that together are every pair: a training reward model and a "
+              "held-out one (mpo pipeline's heldout_rm).")
     learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=5e-5)
     tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step2_tensorboard")
+
+
+    @property
+    def part(self) -> tuple[int, int] | None:
+        """(K, N) of --data_part, or None (every pair)."""
+        return parse_data_part(self.data_part) if self.data_part else None
+
+    def _check(self) -> None:
+        self.part  # noqa: B018 - a malformed K/N: one line now, not after loading the data
 
 
 build_parser = RewardSettings.build_parser
@@ -87,12 +102,26 @@ class RewardTrainer(Trainer):
                            save=save_reward_model, extra_files={REWARD_ENDING_FILE: record})
 
 
+def data_part(train_data, settings: RewardSettings):
+    """The --data_part K/N of the training pairs (`splits.part_indices`: seeded by --seed)."""
+    part, parts = settings.part
+    indices = part_indices(len(train_data), part, parts, settings.seed)
+    if not indices:
+        raise UserError(f"--data_part {settings.data_part}: part {part} of {len(train_data)} training pairs is empty; "
+                        "use fewer parts or more data")
+    print_rank_0(f"--data_part {settings.data_part}: training on {len(indices)} of {len(train_data)} pairs (part "
+                 f"{part} of {parts}, positions permuted with seed {settings.seed})")
+    return train_data.select(indices)
+
+
 def build(settings) -> RewardTrainer:
     # model_utils imports transformers (seconds): deferred so --help and flag errors answer first
     from dschat.utils.model.model_utils import create_critic_model
 
     tokenizer, ds_config = start_training_stage(settings, tb_name="step2_model")
     train_data, eval_data = stage_datasets(settings, tokenizer, 2)
+    if settings.part is not None:
+        train_data = data_part(train_data, settings)
     model = create_critic_model(settings.model_name_or_path, tokenizer, ds_config, settings.num_padding_at_beginning,
                                 dropout=settings.dropout, zero_stage=settings.zero_stage,
                                 compute_fp32_loss=settings.compute_fp32_loss, loss_type=settings.reward_loss)
