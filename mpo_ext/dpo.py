@@ -327,11 +327,11 @@ class DPOTrainer(Trainer):
         held_out = held_out_prompts(eval_dataset if eval_dataset is not None and len(eval_dataset)
                                     else train_dataset, settings.eval_prompts, tokenizer.pad_token_id)
         if held_out is not None:
-            scorer = (RewardScorer.from_path(settings.reward_model_name_or_path, self.device,
-                                             max_seq_len=settings.max_seq_len)
-                      if settings.reward_model_name_or_path else None)
+            scorer, heldout = (RewardScorer.from_path(path, self.device, max_seq_len=settings.max_seq_len)
+                               if path else None for path in (settings.reward_model_name_or_path,
+                                                              settings.heldout_reward_model_name_or_path))
             gold = health.load_gold_reward(settings.gold_reward) if settings.gold_reward else None
-            self.evaluator = HeldOutEvaluator(*held_out, tokenizer, scorer=scorer, gold=gold,
+            self.evaluator = HeldOutEvaluator(*held_out, tokenizer, scorer=scorer, heldout_scorer=heldout, gold=gold,
                                               batch_size=settings.per_device_eval_batch_size)
 
     def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
@@ -399,11 +399,14 @@ class DPOTrainer(Trainer):
         return Path(self.settings.output_dir) / "best_model"
 
     def extra_state(self) -> dict:
-        return {"health_baseline": self.monitor.baseline, "keep_best": self.best.state_dict()}
+        return {"health": self.monitor.state_dict(), "keep_best": self.best.state_dict(),
+                "held_out": self.evaluator.state_dict() if self.evaluator is not None else {}}
 
     def load_extra_state(self, state: dict) -> None:
-        self.monitor.baseline.update(state.get("health_baseline", {}))
+        self.monitor.load_state_dict(state.get("health") or {"baseline": state.get("health_baseline", {})})
         self.best.load_state_dict(state.get("keep_best", {}))
+        if self.evaluator is not None:
+            self.evaluator.load_state_dict(state.get("held_out", {}))
 
     def save_model(self) -> None:
         if not self.settings.output_dir:
@@ -483,6 +486,9 @@ class DPOSettings(flags.TrainStageSettings, DPOFlagSettings, flags.PrintLossSett
         if self.keep_best and self.best_metric == "reward" and not self.reward_model_name_or_path:
             raise UserError("--keep_best --best_metric reward needs --reward_model_name_or_path (or use "
                             "--best_metric gold with --gold_reward)")
+        if self.heldout_reward_model_name_or_path and not self.reward_model_name_or_path:
+            raise UserError("--heldout_reward_model_name_or_path is compared with the training reward model: give "
+                            "--reward_model_name_or_path too")
         check_pair_files(self.data_path)
 
 
