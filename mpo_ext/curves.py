@@ -23,6 +23,12 @@ METRICS_FILE = "metrics.jsonl"
 NON_METRIC_KEYS = frozenset({"step", "phase", "epoch", "time", "timestamp"})
 MAX_PANELS = 48
 SEARCH_DEPTH = 3
+#: Panels that draw several metrics of one run together (label = the metric): the training and the held-out
+#: reward model's scores, each standardised by the first evaluation, and their gap (over-optimisation: the
+#: training curve rising away from the held-out one).
+OVERLAYS: dict[str, tuple[str, ...]] = {
+    "reward vs held-out reward (z)": ("eval/reward_z", "eval/reward_heldout_z", "eval/reward_gap"),
+}
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -54,6 +60,16 @@ def panel_name(metric: str, phase: str) -> str:
     if phase != "train" and "/" not in metric:
         return f"{phase}/{metric}"
     return metric
+
+
+def overlay_panels(series: Mapping[tuple[str, str], tuple[list[float], list[float]]],
+                   ) -> dict[str, list[tuple[str, list[float], list[float], bool]]]:
+    """The `OVERLAYS` panels a run's eval-phase series fill (every metric of the panel logged)."""
+    panels = {}
+    for title, keys in OVERLAYS.items():
+        if all((key, "eval") in series for key in keys):
+            panels[title] = [(key, *series[(key, "eval")], True) for key in keys]
+    return panels
 
 
 def find_metrics_files(run_dirs: Iterable[str]) -> dict[str, Path]:
@@ -106,8 +122,11 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
     for run_name, path in metrics_files.items():
         if not Path(path).is_file():
             raise UserError(f"{path}: no such metrics file")
-        for (metric, phase), (steps, values) in metric_series(read_metrics(path)).items():
+        series = metric_series(read_metrics(path))
+        for (metric, phase), (steps, values) in series.items():
             panels.setdefault((run_name, panel_name(metric, phase)), []).append((phase, steps, values, phase != "train"))
+        for title, lines in overlay_panels(series).items():
+            panels[(run_name, title)] = lines
     wanted = list(metrics) if metrics else None
     if wanted:
         logged = {name for _, name in panels}
@@ -129,8 +148,8 @@ def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_png
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, key in zip(axes.flat, shown):
-        for phase, steps, values, is_eval in panels[key]:
-            ax.plot(steps, values, label=phase, marker="o" if is_eval or len(steps) < 3 else None,
+        for label, steps, values, is_eval in panels[key]:
+            ax.plot(steps, values, label=label, marker="o" if is_eval or len(steps) < 3 else None,
                     markersize=3, linestyle="--" if is_eval else "-", linewidth=1.2)
         ax.set_title(title(key), fontsize=9)
         ax.set_xlabel("step", fontsize=8)

@@ -310,14 +310,37 @@ def summarize_model(name: str, records: Sequence[dict], seed: int, num_resamples
     return row
 
 
+def summarize_heldout(records: Sequence[dict], seed: int, num_resamples: int = 1000,
+                      confidence: float = 0.95) -> dict[str, Any]:
+    """A row's held-out reward columns (`reward_heldout` of each record; empty when there is none)."""
+    scores = [r["reward_heldout"] for r in records if r.get("reward_heldout") is not None]
+    if not scores:
+        return {}
+    stats = mean_with_ci(scores, seed, num_resamples, confidence)
+    return {"heldout_mean": stats["mean"], "heldout_ci_low": stats["ci_low"], "heldout_ci_high": stats["ci_high"]}
+
+
+def add_heldout_rewards(scorer: RewardScorer, records: list[dict]) -> None:
+    """Each record's `reward_heldout`: its answer scored by the held-out reward model."""
+    for record, score in zip(records, scorer.score([r["prompt"] for r in records], [r["answer"] for r in records])
+                             if records else []):
+        record["reward_heldout"] = score
+
+
 def format_table(rows: Sequence[dict], confidence: float = 0.95) -> str:
-    """Markdown table in the layout of the paper's Table 3 (plus interval, gold and length columns)."""
+    """Markdown table in the layout of the paper's Table 3 (plus interval, held-out reward, gold and length
+    columns)."""
     has_gold = any(r.get("gold_mean") is not None for r in rows)
+    has_heldout = any(r.get("heldout_mean") is not None for r in rows)
     pct = f"{confidence:.0%}"
-    header = ["model", f"RM reward [{pct} CI]"] + ([f"gold [{pct} CI]"] if has_gold else []) + ["mean length", "n"]
+    header = (["model", f"RM reward [{pct} CI]"] + ([f"held-out RM [{pct} CI]"] if has_heldout else [])
+              + ([f"gold [{pct} CI]"] if has_gold else []) + ["mean length", "n"])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         cells = [r["name"], f"{r['mean_reward']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"]
+        if has_heldout:
+            cells.append(f"{r['heldout_mean']:.3f} [{r['heldout_ci_low']:.3f}, {r['heldout_ci_high']:.3f}]"
+                         if r.get("heldout_mean") is not None else "-")
         if has_gold:
             cells.append(f"{r['gold_mean']:.3f} [{r['gold_ci_low']:.3f}, {r['gold_ci_high']:.3f}]"
                          if r.get("gold_mean") is not None else "-")
@@ -397,24 +420,38 @@ def evaluate(settings: EvalSettings) -> list[dict]:
     progress = MetricLogger(str(out), None, "eval")  # the pipeline's heartbeat reads these records
     progress.start(0, len(models) * len(prompts), unit="answers", task="generating")
     answers = generate_for_models(models, prompts, settings, torch_device, torch_dtype, progress)
-    scorer = RewardScorer.from_path(settings.reward_model, torch_device, torch_dtype,
-                                    settings.num_padding_at_beginning, settings.max_seq_len, settings.batch_size,
-                                    end_text=settings.reward_end_text)
+    def load_scorer(path: str) -> RewardScorer:
+        return RewardScorer.from_path(path, torch_device, torch_dtype, settings.num_padding_at_beginning,
+                                      settings.max_seq_len, settings.batch_size, end_text=settings.reward_end_text)
+
+    scorer = load_scorer(settings.reward_model)
+    reward_ending = scorer.ending
     progress.start(0, len(models) * len(prompts), unit="answers", task="scoring")
-    rows = []
+    scored = {}
     for number, (name, _) in enumerate(models, start=1):
-        records = gather_records(score_records(scorer, prompts, answers[name], gold_fn))
+        scored[name] = score_records(scorer, prompts, answers[name], gold_fn)
         progress.progress(number * len(prompts))
+    del scorer  # one reward model in memory at a time
+    if settings.heldout_reward_model:
+        heldout = load_scorer(settings.heldout_reward_model)
+        for records in scored.values():
+            add_heldout_rewards(heldout, records)
+        del heldout
+    rows = []
+    for name, _ in models:
+        records = gather_records(scored[name])
         row = summarize_model(name, records, settings.seed, settings.num_bootstrap, settings.confidence)
+        row.update(summarize_heldout(records, settings.seed, settings.num_bootstrap, settings.confidence))
         rows.append(row)
         if is_rank_0():
             atomic_write_jsonl(out / GENERATIONS_DIR / f"{name}.jsonl", records)
     if is_rank_0():
         recorded = {"data_path": data_paths[0] if len(data_paths) == 1 else data_paths,
-                    "reward_model": settings.reward_model, "models": dict(models), "num_prompts": len(prompts),
+                    "reward_model": settings.reward_model, "heldout_reward_model": settings.heldout_reward_model,
+                    "models": dict(models), "num_prompts": len(prompts),
                     "decoding": settings.decoding_record(), "dtype": str(torch_dtype),
                     "confidence": settings.confidence, "num_resamples": settings.num_bootstrap,
-                    "world_size": get_world_size(), "reward_ending": scorer.ending}
+                    "world_size": get_world_size(), "reward_ending": reward_ending}
         atomic_write_json(out / TABLE_FILE, {"rows": rows, "settings": recorded})
         table_text = format_table(rows, settings.confidence)
         print(table_text, flush=True)

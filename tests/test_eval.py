@@ -32,6 +32,7 @@ from mpo_ext.evaluation import (
     parse_model_specs,
     percentile_indices,
     rank_batches,
+    summarize_heldout,
     summarize_model,
     win_tie_lose,
 )
@@ -106,6 +107,19 @@ def test_summarize_model_and_table():
     assert row["ci_low"] <= 2.0 <= row["ci_high"]
     table = format_table([row])
     assert table.splitlines()[0].startswith("| model") and "| mpo | 2.000 [" in table
+
+
+def test_heldout_reward_column():
+    records = [{"reward": 1.0, "length": 3, "reward_heldout": 0.5}, {"reward": 2.0, "length": 3, "reward_heldout": 1.5}]
+    row = summarize_model("mpo", records, seed=1, num_resamples=200)
+    row.update(summarize_heldout(records, seed=1, num_resamples=200))
+    assert row["heldout_mean"] == pytest.approx(1.0) and row["heldout_ci_low"] <= 1.0 <= row["heldout_ci_high"]
+    plain = summarize_model("sft", [{"reward": 0.0, "length": 1}], seed=1, num_resamples=10)
+    assert summarize_heldout([{"reward": 0.0, "length": 1}], seed=1) == {}
+    lines = format_table([row, plain]).splitlines()
+    assert "held-out RM" in lines[0] and "| mpo | 1.500 [" in lines[2] and "| 1.000 [" in lines[2]
+    assert lines[3].startswith("| sft | 0.000 [0.000, 0.000] | - |")
+    assert "held-out" not in format_table([plain])
 
 
 def test_batches_are_independent_of_world_size():
@@ -266,6 +280,33 @@ def test_eval_writes_table_and_generations_reproducibly(tiny_assets, tmp_path):
         {k: expected[k] for k in ("win", "tie", "lose")}
 
 
+def test_eval_scores_with_the_heldout_reward_model_too(tiny_assets, tmp_path):
+    """--heldout_reward_model: every answer is also scored by the held-out reward model (its own scorer), and
+    the table gets its column; the training reward model's scores are what they are without it."""
+    from conftest import save_random_critic
+
+    from dschat.utils.utils import load_hf_tokenizer
+    from mpo_ext.eval_cli import eval_command
+
+    heldout = save_random_critic(tiny_assets["policy_b"], load_hf_tokenizer(str(tiny_assets["policy_b"])),
+                                 tmp_path / "rm_heldout", std=1.0, seed=4)
+    runner = CliRunner()
+    plain = runner.invoke(eval_command, _eval_args(tiny_assets, tmp_path / "plain", "--num_prompts", "12"))
+    both = runner.invoke(eval_command, _eval_args(tiny_assets, tmp_path / "both", "--num_prompts", "12",
+                                                  "--heldout_reward_model", str(heldout)))
+    assert plain.exit_code == 0 and both.exit_code == 0, both.output
+    assert "held-out RM [" in both.output and "held-out RM" not in plain.output
+    table = json.loads((tmp_path / "both" / "table.json").read_text())
+    assert table["settings"]["heldout_reward_model"] == str(heldout)
+    scorer = RewardScorer.from_path(str(heldout), torch.device("cpu"), max_seq_len=512)
+    for row, plain_row in zip(table["rows"], json.loads((tmp_path / "plain" / "table.json").read_text())["rows"]):
+        records = [json.loads(x) for x in (tmp_path / "both/generations" / f"{row['name']}.jsonl").read_text().splitlines()]
+        assert [r["reward_heldout"] for r in records] == pytest.approx(
+            scorer.score([r["prompt"] for r in records], [r["answer"] for r in records]), abs=1e-5)
+        assert row["heldout_mean"] == pytest.approx(sum(r["reward_heldout"] for r in records) / len(records))
+        assert row["mean_reward"] == plain_row["mean_reward"] and row["heldout_mean"] != row["mean_reward"]
+
+
 def test_eval_bad_input_is_one_line_error(tiny_assets, tmp_path):
     from mpo_ext.eval_cli import eval_command
 
@@ -411,6 +452,21 @@ def test_plot_curves(tmp_path):
     assert (tmp_path / "cli.png").stat().st_size > 1000
     bad = CliRunner().invoke(plot_curves_command, [str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "no such run directory" in bad.output
+
+
+def test_plot_curves_overlays_the_training_and_heldout_reward(tmp_path):
+    from mpo_ext.curves import OVERLAYS, metric_series, overlay_panels, plot_training_curves
+
+    lines = [{"step": s, "phase": "eval", "eval/reward_z": 0.5 * s, "eval/reward_heldout_z": 0.2 * s,
+              "eval/reward_gap": 0.3 * s} for s in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    series = metric_series(lines)
+    (title, keys), = OVERLAYS.items()
+    panel = overlay_panels(series)[title]
+    assert [line[0] for line in panel] == list(keys) and panel[2][2] == pytest.approx([0.0, 0.3, 0.6, 0.9])
+    assert overlay_panels({k: v for k, v in series.items() if k[0] != "eval/reward_heldout_z"}) == {}
+    plot = plot_training_curves({"ppo": tmp_path / "metrics.jsonl"}, tmp_path / "curves.png")
+    assert title in plot.panels and "eval/reward_gap" in plot.panels
 
 
 # --------------------------------------------------------------------------------------------- upstream tools
