@@ -30,10 +30,14 @@ PINNED_IDENTITIES = {
                 "dpo": "739b7f8b38c8", "ppo": "3d3919144c4f", "eval": "e3e32443d2b4"},
     ("smoke",): {"assets": "4663ab87e0e4", "sft": "493b783932cf", "rm": "b9bcacac4c6c", "select": "068d4fab0c97",
                  "dpo": "370fd2a8c6aa", "ppo": "5f2b73ccf58f", "eval": "cf15c3458ec5"},
-    ("llama2-7b-hh",): {"sft": "7e9cfca5f41b", "rm": "f8e74afeb59d", "select": "91304c59fb2e", "dpo": "63f055226d94",
-                        "ppo": "dc3be9db65a1", "eval": "d24bf85480cc"},
-    ("llama2-7b-tldr",): {"sft": "008ac72c4f28", "rm": "0801871a915f", "select": "31fc4267989a",
-                          "dpo": "c3b474eb889b", "ppo": "e9c43d919be0", "eval": "c8e5262931fa"},
+    # the paper presets turned the held-out reward model on (and DPO/PPO evaluations every 50 steps): SFT is
+    # reused, the RM (now on half its pairs) and everything downstream are new
+    ("llama2-7b-hh",): {"sft": "7e9cfca5f41b", "rm": "72568d9a5dc7", "rm_heldout": "28a8148d8b99",
+                        "select": "044b98297d69", "dpo": "465849772595", "ppo": "ece21998fbed",
+                        "eval": "28cc7205e405"},
+    ("llama2-7b-tldr",): {"sft": "008ac72c4f28", "rm": "4f970a951c79", "rm_heldout": "58b6106c146f",
+                          "select": "998ebf30c5b7", "dpo": "a247280c027a", "ppo": "2be88e1a98ba",
+                          "eval": "e95e2aa5a38a"},
     ("smoke", "mpo.order=reverse"): {"assets": "4663ab87e0e4", "sft": "493b783932cf", "rm": "b9bcacac4c6c",
                                      "select": "068d4fab0c97", "ppo": "41f064b77e36", "dpo": "01950a93bff4",
                                      "eval": "e12c791d432d"},
