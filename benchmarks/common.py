@@ -95,6 +95,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def machine_line() -> str:
+    """Cores, CPU and the load when a run ends, in one line for a report's footer."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()} cores, {cpu_model()}, load {load:.1f} at the end"
+
+
+def write_report(results_dir: Path, stem: str, report: dict[str, Any], text: str, plot, tag: str) -> None:
+    """A benchmark's results: STEM.json (the report), STEM.md (`text`, also printed) and STEM.png
+    (`plot(report, path)`) in `results_dir`, each written atomically."""
+    from dschat.utils.files import atomic_write_json, atomic_write_text
+
+    atomic_write_json(results_dir / f"{stem}.json", report)
+    atomic_write_text(results_dir / f"{stem}.md", text)
+    plot(report, results_dir / f"{stem}.png")
+    print("\n" + text)
+    print(f"[{tag}] wrote {results_dir / stem}.{{json,md,png}}", flush=True)
+
+
 def machine_info() -> dict[str, Any]:
     """What a reader needs to judge the figures: cores, CPU, RAM, library versions, load."""
     cpu = cpu_model()

@@ -40,10 +40,10 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import cpu_model  # noqa: E402
+from common import machine_line, write_report  # noqa: E402
 
 from dschat.utils.errors import UserError, run_main  # noqa: E402
-from dschat.utils.files import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from dschat.utils.files import atomic_write_json, read_jsonl  # noqa: E402
 from mpo_ext.pipeline import PipelineConfig, Stage, build_plan, dump_config, load_config, run_plan  # noqa: E402
 from mpo_ext.synthetic import SYNTHETIC_TASK_NAME, TASKS, any_gold_reward  # noqa: E402
 
@@ -392,12 +392,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def machine() -> str:
-    cpu = cpu_model()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{os.cpu_count()} cores, {cpu}, load {load:.1f} at the end"
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -478,15 +472,10 @@ def main(argv: list[str] | None = None) -> None:
         "paper_hh_rm_score": PAPER_HH,
         "settings": fingerprint(args.quick, args.thetas, args.task),
         "wall_seconds": round(time.time() - start, 1),
-        "machine": machine(),
+        "machine": machine_line(),
         "output_dir": str(args.output_dir),
     }
-    text = markdown(report)
-    atomic_write_json(args.results_dir / f"{args.stem}.json", report)
-    atomic_write_text(args.results_dir / f"{args.stem}.md", text)
-    plot(report, args.results_dir / f"{args.stem}.png")
-    print("\n" + text)
-    print(f"[reproduce] wrote {args.results_dir / args.stem}.{{json,md,png}}", flush=True)
+    write_report(args.results_dir, args.stem, report, markdown(report), plot, "reproduce")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ METRICS_FILE = "metrics.jsonl"
 NON_METRIC_KEYS = frozenset({"step", "phase", "epoch", "time", "timestamp"})
 MAX_PANELS = 48
 SEARCH_DEPTH = 3
-
 # Stages in the order a chain runs them, how their output folders are named (pipeline and stage run labels,
 # and the trainers' older names), and their key panels: (title, metric as logged). A panel shows the metric's
-# training series and its evaluations (an eval-phase record's key, or `eval/<key>`).
+# training series and its evaluations (an eval-phase record's key, or `eval/<key>`). With a held-out reward
+# model the DPO and PPO rows add its reward and the standardised gap (over-optimisation: the gap widening).
 STAGE_ORDER = ("sft", "rm", "dpo", "ppo")
 STAGE_DIRS = {"sft": ("step1_sft", "step1_model"), "rm": ("step2_rm", "step2_model"),
               "dpo": ("step3b_dpo",), "ppo": ("step3_ppo", "step3")}
@@ -41,8 +41,10 @@ STAGE_TITLES = {"sft": "SFT", "rm": "reward model", "dpo": "DPO", "ppo": "PPO"}
 KEY_PANELS: dict[str, tuple[str, ...]] = {
     "sft": ("loss", "perplexity"),
     "rm": ("loss", "accuracy", "rewards/margins"),
-    "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval/reward", "eval/gold"),
-    "ppo": ("loss/policy", "reward/mean", "objective/kl", "eval/reward", "eval/gold"),
+    "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval/reward", "eval/reward_heldout", "eval/reward_gap",
+            "eval/gold"),
+    "ppo": ("loss/policy", "reward/mean", "objective/kl", "eval/reward", "eval/reward_heldout", "eval/reward_gap",
+            "eval/gold"),
     "": ("loss", "reward/mean", "objective/kl", "eval/reward"),
 }
 

@@ -52,7 +52,7 @@ from dschat.utils.dist import (
 from dschat.utils.errors import run_main
 from dschat.utils.files import atomic_write, atomic_write_json
 from dschat.utils.fingerprint import model_signature
-from dschat.utils.inference import RewardScorer, pad_with_mask
+from dschat.utils.inference import RewardScorer, pad_with_mask, resolve_torch_dtype
 from dschat.utils.losses import gather_log_probs
 from dschat.utils.model.masks import training_attention_mask
 from dschat.utils.module.lora import lora_disabled
@@ -315,6 +315,15 @@ def save_reference_tables(path: Path, fingerprint: dict, tables: dict[str, torch
 # --------------------------------------------------------------------------------------------- trainer
 
 
+def evaluation_scorers(settings, device: torch.device) -> tuple[RewardScorer | None, RewardScorer | None]:
+    """The reward models DPO's held-out evaluations score with: (--reward_model_name_or_path,
+    --heldout_reward_model_name_or_path), None where not given. Each is a replica on this rank in the stage's
+    precision, so its scores read like PPO's reward engine's and a bf16 run does not hold two fp32 copies."""
+    dtype = resolve_torch_dtype(settings.resolved_dtype, device)
+    return tuple(RewardScorer.from_path(path, device, dtype, max_seq_len=settings.max_seq_len) if path else None
+                 for path in (settings.reward_model_name_or_path, settings.heldout_reward_model_name_or_path))
+
+
 class DPOTrainer(Trainer):
     """DPO on the shared loop: one forward for chosen+rejected, loss on answer tokens only."""
 
@@ -333,11 +342,9 @@ class DPOTrainer(Trainer):
         held_out = held_out_prompts(eval_dataset if eval_dataset is not None and len(eval_dataset)
                                     else train_dataset, settings.eval_prompts, tokenizer.pad_token_id)
         if held_out is not None:
-            scorer = (RewardScorer.from_path(settings.reward_model_name_or_path, self.device,
-                                             max_seq_len=settings.max_seq_len)
-                      if settings.reward_model_name_or_path else None)
+            scorer, heldout = evaluation_scorers(settings, self.device)
             gold = health.load_gold_reward(settings.gold_reward) if settings.gold_reward else None
-            self.evaluator = HeldOutEvaluator(*held_out, tokenizer, scorer=scorer, gold=gold,
+            self.evaluator = HeldOutEvaluator(*held_out, tokenizer, scorer=scorer, heldout_scorer=heldout, gold=gold,
                                               batch_size=settings.per_device_eval_batch_size)
 
     def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
@@ -405,11 +412,14 @@ class DPOTrainer(Trainer):
         return Path(self.settings.output_dir) / "best_model"
 
     def extra_state(self) -> dict:
-        return {"health": self.monitor.state_dict(), "keep_best": self.best.state_dict()}
+        return {"health": self.monitor.state_dict(), "keep_best": self.best.state_dict(),
+                "held_out": self.evaluator.state_dict() if self.evaluator is not None else {}}
 
     def load_extra_state(self, state: dict) -> None:
         self.monitor.load_state_dict(state.get("health") or {"baseline": state.get("health_baseline", {})})
         self.best.load_state_dict(state.get("keep_best", {}))
+        if self.evaluator is not None:
+            self.evaluator.load_state_dict(state.get("held_out", {}))
 
     def save_model(self) -> None:
         if not self.settings.output_dir:

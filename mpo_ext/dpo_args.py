@@ -70,6 +70,9 @@ class DPOSettings(flags.TrainStageSettings, DPOFlagSettings, flags.PrintLossSett
         if self.keep_best and self.best_metric == "reward" and not self.reward_model_name_or_path:
             raise UserError("--keep_best --best_metric reward needs --reward_model_name_or_path (or use "
                             "--best_metric gold with --gold_reward)")
+        if self.heldout_reward_model_name_or_path and not self.reward_model_name_or_path:
+            raise UserError("--heldout_reward_model_name_or_path is compared with the training reward model: give "
+                            "--reward_model_name_or_path too")
         check_pair_files(self.data_path)
 
 

@@ -24,6 +24,9 @@ class EvalInputSettings(flags.Settings):
 
     model: list[str] = flag(help="NAME=PATH of a causal LM to evaluate (repeat: --model sft=... --model mpo=...).")
     reward_model: str | None = flag(None, "Step-2 reward model output directory (scores every answer).")
+    heldout_reward_model: str | None = flag(
+        None, "A held-out step-2 reward model (trained on pairs --reward_model never saw; mpo pipeline's heldout_rm): "
+              "every answer is scored by it too, in a held-out reward column.")
     data_path: list[str] = flag([], "Dataset name or local file/directory; its eval/test split gives the prompts (a "
                                     "local file without one: all its prompts). Repeat it to evaluate on several "
                                     "datasets together.")

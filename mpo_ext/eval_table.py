@@ -127,8 +127,11 @@ class Score:
 
 # The reward model's score keeps the row names table.json always had (mean_reward, ci_low, ci_high).
 REWARD = Score("reward", "RM reward", legacy=(("mean", "mean_reward"), ("ci_low", "ci_low"), ("ci_high", "ci_high")))
+# The held-out reward model's (`mpo eval --heldout_reward_model`): its row names as table.json first had them.
+HELDOUT = Score("reward_heldout", "held-out RM", legacy=(("mean", "heldout_mean"), ("ci_low", "heldout_ci_low"),
+                                                        ("ci_high", "heldout_ci_high")))
 GOLD = Score("gold", "gold")
-SCORES: tuple[Score, ...] = (REWARD, GOLD)
+SCORES: tuple[Score, ...] = (REWARD, HELDOUT, GOLD)
 
 
 def score_fields(score: Score, records: Sequence[dict], baseline: Sequence[dict] | None, seed: int,

@@ -279,6 +279,13 @@ def summarize_model(name: str, records: Sequence[dict], seed: int, num_resamples
     return row
 
 
+def add_heldout_rewards(scorer: RewardScorer, records: list[dict]) -> None:
+    """Each record's `reward_heldout`: its answer scored by the held-out reward model."""
+    for record, score in zip(records, scorer.score([r["prompt"] for r in records], [r["answer"] for r in records])
+                             if records else []):
+        record["reward_heldout"] = score
+
+
 def _log(message: str) -> None:
     if is_rank_0():
         print(f"[eval] {message}", flush=True)
@@ -363,15 +370,27 @@ def evaluate(settings: EvalSettings) -> list[dict]:
     progress = MetricLogger(str(out), None, "eval")  # the pipeline's heartbeat reads these records
     progress.start(0, len(models) * len(prompts), unit="answers", task="generating")
     answers = generate_for_models(models, prompts, settings, torch_device, torch_dtype, progress)
-    scorer = RewardScorer.from_path(settings.reward_model, torch_device, torch_dtype,
-                                    settings.num_padding_at_beginning, settings.max_seq_len, settings.batch_size,
-                                    end_text=settings.reward_end_text)
+    def load_scorer(path: str) -> RewardScorer:
+        return RewardScorer.from_path(path, torch_device, torch_dtype, settings.num_padding_at_beginning,
+                                      settings.max_seq_len, settings.batch_size, end_text=settings.reward_end_text)
+
+    scorer = load_scorer(settings.reward_model)
+    reward_ending = scorer.ending
     progress.start(0, len(models) * len(prompts), unit="answers", task="scoring")
+    scored = {}
+    for number, (name, _) in enumerate(models, start=1):
+        scored[name] = score_records(scorer, prompts, answers[name], gold_fn)
+        progress.progress(number * len(prompts))
+    del scorer  # one reward model in memory at a time
+    if settings.heldout_reward_model:
+        heldout = load_scorer(settings.heldout_reward_model)
+        for records in scored.values():
+            add_heldout_rewards(heldout, records)
+        del heldout
     rows = []
     baseline = None
-    for number, (name, _) in enumerate(models, start=1):
-        records = gather_records(score_records(scorer, prompts, answers[name], gold_fn))
-        progress.progress(number * len(prompts))
+    for name, _ in models:
+        records = gather_records(scored[name])
         rows.append(summarize_model(name, records, settings.seed, settings.num_bootstrap, settings.confidence,
                                     baseline=baseline))
         baseline = records if baseline is None else baseline
@@ -379,11 +398,12 @@ def evaluate(settings: EvalSettings) -> list[dict]:
             atomic_write_jsonl(out / GENERATIONS_DIR / f"{name}.jsonl", [file_record(r) for r in records])
     if is_rank_0():
         recorded = {"data_path": data_paths[0] if len(data_paths) == 1 else data_paths,
-                    "reward_model": settings.reward_model, "models": dict(models), "num_prompts": len(prompts),
+                    "reward_model": settings.reward_model, "heldout_reward_model": settings.heldout_reward_model,
+                    "models": dict(models), "num_prompts": len(prompts),
                     "held_out": chosen.held_out, "training_prompts_from": list(chosen.training_sources),
                     "baseline": models[0][0], "decoding": settings.decoding_record(), "dtype": str(torch_dtype),
                     "confidence": settings.confidence, "num_resamples": settings.num_bootstrap,
-                    "world_size": get_world_size(), "reward_ending": scorer.ending}
+                    "world_size": get_world_size(), "reward_ending": reward_ending}
         atomic_write_json(out / TABLE_FILE, {"rows": rows, "settings": recorded})
         table_text = format_table(rows, settings.confidence)
         print(f"Scores on {chosen.describe()}:\n{table_text}", flush=True)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from dschat.utils.data import data_utils as du
 from dschat.utils.data import raw_datasets as rd
+from dschat.utils.data import splits
 from dschat.utils.data.prompt_datasets import create_prompt_dataset
 from dschat.utils.errors import UserError
 from mpo_ext.selection import load_items, parse_args
@@ -96,6 +97,37 @@ def test_selection_reads_the_prompts_step3_trains_on(tmp_path, tiny_tokenizer, t
     items, _ = load_items(args, tiny_tokenizer)
     selected = [tiny_tokenizer(item["prompt"])["input_ids"] for item in items]
     assert len(step3) > 50 and selected == [step3[i][0].tolist() for i in range(len(step3))]
+
+
+def test_data_parts_are_disjoint_seeded_and_cover_every_row():
+    # size 5, seed 7: permutation perm, halves by split_boundaries("1,1", 5) = [0, 3, 5], each sorted
+    perm = du.get_shuffle_idx(7, 5).tolist()
+    assert splits.part_indices(5, 1, 2, 7) == sorted(perm[:3]) and splits.part_indices(5, 2, 2, 7) == sorted(perm[3:])
+    for size, parts in ((31, 2), (10, 3), (1, 2)):
+        pieces = [splits.part_indices(size, k, parts, 1234) for k in range(1, parts + 1)]
+        assert sorted(i for piece in pieces for i in piece) == list(range(size))  # disjoint, cover every row
+    assert splits.part_indices(31, 1, 2, 1) != splits.part_indices(31, 1, 2, 2)  # the seed decides
+    assert splits.parse_data_part("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "1", "a/b", "1/0"):
+        with pytest.raises(UserError, match=f"--data_part {bad}: expected K/N"):
+            splits.parse_data_part(bad)
+
+
+def test_reward_model_trains_on_its_part_of_the_pairs(tmp_path, tiny_tokenizer, tiny_llama_dir, pair_file):
+    """--data_part 1/2 and 2/2 of step 2 read disjoint halves of the phase's training pairs that together are
+    all of them; the eval pairs stay whole."""
+    from dschat.steps.reward import RewardSettings, data_part
+
+    train, _ = build(tiny_tokenizer, [str(pair_file)], 2, tmp_path / "out", data_split="0,1,0")
+    rows = {tuple(train[i][0].tolist()) for i in range(len(train))}
+    halves = []
+    for part in ("1/2", "2/2"):
+        settings = RewardSettings.parse_args(["--model_name_or_path", str(tiny_llama_dir), "--data_path",
+                                              str(pair_file), "--data_part", part, "--seed", "1234"])
+        half = data_part(train, settings)
+        halves.append({tuple(half[i][0].tolist()) for i in range(len(half))})
+    assert halves[0] and halves[1] and not halves[0] & halves[1] and halves[0] | halves[1] == rows
+    assert abs(len(halves[0]) - len(halves[1])) <= 1
 
 
 @pytest.mark.parametrize("bad", ["2,4", "a,b,c", "0,0,0", "1,-1,1"])

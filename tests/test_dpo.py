@@ -115,6 +115,25 @@ def test_dpo_flags_keep_upstream_defaults():
         parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--label_smoothing", "0.5"])
 
 
+@pytest.mark.parametrize("dtype, expected", [(None, torch.float32), ("bf16", torch.bfloat16)])
+def test_evaluation_scorers_run_in_the_stage_precision(tinystories_dir, tiny_tokenizer, tmp_path, dtype, expected):
+    """Both reward models of DPO's held-out evaluations load in the stage's precision (a bf16 run scores like
+    PPO's reward engine and holds no fp32 copies); one not given is None."""
+    from conftest import save_random_critic
+
+    from mpo_ext.dpo import evaluation_scorers, parse_args
+
+    rm = save_random_critic(tinystories_dir, tiny_tokenizer, tmp_path / "rm", seed=1)
+    heldout = save_random_critic(tinystories_dir, tiny_tokenizer, tmp_path / "rm_heldout", seed=2)
+    flags = ["--model_name_or_path", str(tinystories_dir), "--reward_model_name_or_path", str(rm),
+             *(["--dtype", dtype] if dtype else [])]
+    scorer, none = evaluation_scorers(parse_args(flags), torch.device("cpu"))
+    assert none is None and next(scorer.model.parameters()).dtype == expected
+    scorers = evaluation_scorers(parse_args([*flags, "--heldout_reward_model_name_or_path", str(heldout)]),
+                                 torch.device("cpu"))
+    assert [next(s.model.parameters()).dtype for s in scorers] == [expected, expected]
+
+
 # --------------------------------------------------------------------------------------------- reference
 
 

@@ -148,6 +148,20 @@ def test_degenerate_answers_show_in_the_table_beside_a_higher_reward():
         in table[3]
 
 
+def test_heldout_reward_column():
+    """The held-out reward model's score is one more `Score` of the table: its mean, interval and column."""
+    records = [{"reward": 1.0, "length": 3, "reward_heldout": 0.5}, {"reward": 2.0, "length": 3, "reward_heldout": 1.5}]
+    row = summarize_model("mpo", records, seed=1, num_resamples=200)
+    assert row["heldout_mean"] == pytest.approx(1.0) and row["heldout_ci_low"] <= 1.0 <= row["heldout_ci_high"]
+    plain = summarize_model("sft", [{"reward": 0.0, "length": 1}], seed=1, num_resamples=10)
+    assert "heldout_mean" not in plain
+    lines = format_table([row]).splitlines()
+    assert lines[0] == "| model | RM reward [95% CI] | held-out RM [95% CI] | mean length | n |"
+    assert lines[2].startswith("| mpo | 1.500 [") and "| 1.000 [" in lines[2]
+    assert format_table([row, plain]).splitlines()[3].startswith("| sft | 0.000 [0.000, 0.000] | - | - |")
+    assert "held-out" not in format_table([plain])
+
+
 def test_batches_are_independent_of_world_size():
     assert global_batches(5, 2) == [[0, 1], [2, 3], [4]]
     for world in (1, 2, 3):
@@ -357,6 +371,33 @@ def test_eval_adds_a_markdown_table_per_eval_run_to_each_model_card(tiny_assets,
     assert again.exit_code == 0 and (model / "README.md").read_text().count("## Evaluation: ") == 2  # replaced
 
 
+def test_eval_scores_with_the_heldout_reward_model_too(tiny_assets, tmp_path):
+    """--heldout_reward_model: every answer is also scored by the held-out reward model (its own scorer), and
+    the table gets its column; the training reward model's scores are what they are without it."""
+    from conftest import save_random_critic
+
+    from dschat.utils.utils import load_hf_tokenizer
+    from mpo_ext.eval_cli import eval_command
+
+    heldout = save_random_critic(tiny_assets["policy_b"], load_hf_tokenizer(str(tiny_assets["policy_b"])),
+                                 tmp_path / "rm_heldout", std=1.0, seed=4)
+    runner = CliRunner()
+    plain = runner.invoke(eval_command, _eval_args(tiny_assets, tmp_path / "plain", "--num_prompts", "12"))
+    both = runner.invoke(eval_command, _eval_args(tiny_assets, tmp_path / "both", "--num_prompts", "12",
+                                                  "--heldout_reward_model", str(heldout)))
+    assert plain.exit_code == 0 and both.exit_code == 0, both.output
+    assert "held-out RM [" in both.output and "held-out RM" not in plain.output
+    table = json.loads((tmp_path / "both" / "table.json").read_text())
+    assert table["settings"]["heldout_reward_model"] == str(heldout)
+    scorer = RewardScorer.from_path(str(heldout), torch.device("cpu"), max_seq_len=512)
+    for row, plain_row in zip(table["rows"], json.loads((tmp_path / "plain" / "table.json").read_text())["rows"]):
+        records = [json.loads(x) for x in (tmp_path / "both/generations" / f"{row['name']}.jsonl").read_text().splitlines()]
+        assert [r["reward_heldout"] for r in records] == pytest.approx(
+            scorer.score([r["prompt"] for r in records], [r["answer"] for r in records]), abs=1e-5)
+        assert row["heldout_mean"] == pytest.approx(sum(r["reward_heldout"] for r in records) / len(records))
+        assert row["mean_reward"] == plain_row["mean_reward"] and row["heldout_mean"] != row["mean_reward"]
+
+
 def test_eval_bad_input_is_one_line_error(tiny_assets, tmp_path):
     from mpo_ext.eval_cli import eval_command
 
@@ -538,6 +579,21 @@ def test_plot_curves_overlays_runs_on_the_same_axes(tmp_path):
     assert bad.exit_code == 2 and "no such run directory" in bad.output
     missing = CliRunner().invoke(plot_curves_command, [str(a), "--metric", "nope"])
     assert missing.exit_code == 2 and "--metric nope: not logged" in missing.output
+
+
+def test_plot_curves_overlays_the_training_and_heldout_reward(tmp_path):
+    from mpo_ext.curves import OVERLAYS, metric_series, overlay_panels, plot_training_curves
+
+    lines = [{"step": s, "phase": "eval", "eval/reward_z": 0.5 * s, "eval/reward_heldout_z": 0.2 * s,
+              "eval/reward_gap": 0.3 * s} for s in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    series = metric_series(lines)
+    (title, keys), = OVERLAYS.items()
+    panel = overlay_panels(series)[title]
+    assert [line[0] for line in panel] == list(keys) and panel[2][2] == pytest.approx([0.0, 0.3, 0.6, 0.9])
+    assert overlay_panels({k: v for k, v in series.items() if k[0] != "eval/reward_heldout_z"}) == {}
+    plot = plot_training_curves({"ppo": tmp_path / "metrics.jsonl"}, tmp_path / "curves.png")
+    assert title in plot.panels and "eval/reward_gap" in plot.panels
 
 
 # --------------------------------------------------------------------------------------------- upstream tools

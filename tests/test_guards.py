@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from dschat.rlhf.health import (
     HealthMonitor,
     HealthThresholds,
     KeepBest,
+    RewardGap,
     cycle_period,
     degenerate_share,
     distinct_n,
@@ -23,10 +25,14 @@ from dschat.rlhf.health import (
     identical_share,
     is_degenerate,
     load_gold_reward,
+    mean_and_std,
     mean_gold,
     repeat_share,
     repeated_ngrams,
+    reward_gap_widened,
+    standardised,
     truncated_share,
+    widened_gaps,
 )
 from dschat.utils.checkpoint import find_latest_state
 from dschat.utils.errors import UserError
@@ -127,7 +133,9 @@ def test_monitor_warns_once_per_crossing_and_names_the_signal_and_step():
     again = monitor.observe(6, {"health/entropy": 0.1})
     assert [w.step for w in again] == [6]
     summary = monitor.summary()
-    assert summary["status"] == "unhealthy" and summary["active"] == ["health/entropy"]
+    # a signal is judged only on the calls that carry it: KL and degeneracy were last measured bad at step 2
+    assert summary["status"] == "unhealthy"
+    assert summary["active"] == ["health/degenerate_share", "health/entropy", "objective/kl"]
     assert summary["baseline"]["health/entropy"] == 2.0
     assert [w["step"] for w in summary["warnings"] if w["signal"] == "health/entropy"] == [2, 6]
     # a check set to 0 is off
@@ -199,6 +207,48 @@ def test_identical_share_by_hand():
     chosen = torch.tensor([1.0, 2.0, -3.0, 1e6])
     rejected = torch.tensor([1.0, 2.5, -3.0, 1e6 + 1.0])  # equal, different, equal, equal up to rounding
     assert identical_share(chosen, rejected).item() == pytest.approx(0.75)
+
+
+def test_reward_gap_rule_by_hand():
+    # running narrowest gap: 0, -0.2, -0.2, -0.2, -0.2 -> widened 0, 0, 0.3, 0.7, 0.6
+    gaps = [0.0, -0.2, 0.1, 0.5, 0.4]
+    assert widened_gaps(gaps) == pytest.approx([0.0, 0.0, 0.3, 0.7, 0.6])
+    assert reward_gap_widened(gaps, 0.5, 2)                  # 0.7 and 0.6 both above 0.5
+    assert not reward_gap_widened(gaps[:4], 0.5, 2)          # 0.3, 0.7: only the last one
+    assert reward_gap_widened(gaps[:4], 0.5, 1)
+    assert not reward_gap_widened(gaps, 0.7, 1)              # 0.6 is not above 0.7
+    assert not reward_gap_widened(gaps, 0, 1)                # 0: the check is off
+    assert not reward_gap_widened([0.9], 0.5, 2)             # fewer evaluations than the patience
+    # a held-out reward that first rises faster (negative gap) does not hide a later divergence
+    assert reward_gap_widened([0.0, -1.0, -0.4, -0.3], 0.5, 2)
+    # standardised by the first evaluation: train scores 1, 3 (mean 2, sd 1.414), held-out 0, 2 (mean 1)
+    gap = RewardGap()
+    first = gap.metrics([1.0, 3.0], [0.0, 2.0])
+    assert first == pytest.approx({"eval/reward_z": 0.0, "eval/reward_heldout_z": 0.0, "eval/reward_gap": 0.0})
+    later = gap.metrics([3.0, 5.0], [1.0, 1.0])              # train mean 4: +2/1.414; held-out mean 1: 0
+    assert later["eval/reward_z"] == pytest.approx(2 / math.sqrt(2))
+    assert later["eval/reward_heldout_z"] == pytest.approx(0.0)
+    assert later["eval/reward_gap"] == pytest.approx(math.sqrt(2))
+    assert standardised(3.0, 1.0, 0.0) == 2.0                # a first spread of ~0 counts as 1
+    assert mean_and_std([2.0]) == (2.0, 0.0)
+
+
+def test_monitor_warns_on_a_widening_reward_gap_and_keeps_other_signals():
+    monitor = HealthMonitor("step3", HealthThresholds(max_reward_gap=0.5, reward_gap_patience=2, max_kl=25.0))
+    assert monitor.observe(1, {"objective/kl": 30.0}) != []          # a rollout signal first
+    for step, gap in ((0, 0.0), (5, 0.3), (10, 0.7)):
+        assert monitor.observe(step, {"eval/reward_gap": gap}) == []
+    new = monitor.observe(15, {"eval/reward_gap": 0.8})              # 0.7 and 0.8 above the narrowest 0 by > 0.5
+    assert [w.signal for w in new] == ["eval/reward_gap"] and new[0].step == 15
+    assert "over-optimisation" in new[0].message and "0.8" in new[0].message
+    summary = monitor.summary()
+    assert summary["active"] == ["eval/reward_gap", "objective/kl"]  # judged on different calls, both kept
+    assert summary["reward_gaps"] == [[0, 0.0], [5, 0.3], [10, 0.7], [15, 0.8]]
+    assert monitor.observe(16, {"objective/kl": 1.0}) == []          # KL recovers; the gap stays flagged
+    assert monitor.summary()["active"] == ["eval/reward_gap"]
+    restored = HealthMonitor("step3", HealthThresholds(max_reward_gap=0.5, reward_gap_patience=2))
+    restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert restored.observe(20, {"eval/reward_gap": 0.9})[0].signal == "eval/reward_gap"
 
 
 def test_keep_best_keeps_the_first_of_equal_scores_and_ignores_nan():
@@ -341,6 +391,56 @@ def test_healthy_ppo_does_not_warn_and_keeps_the_best_evaluated_actor(ppo_setup,
     assert again["eval/reward"] == pytest.approx(best["best_score"], abs=1e-3)
 
 
+def negated_reward_model(source: Path, out: Path) -> Path:
+    """A copy of the reward model at `source` whose value head is negated: it scores every answer exactly minus
+    the original's, the held-out reward model that disagrees most (its standardised score is the negative of the
+    training one's, so the gap is twice the training reward's)."""
+    shutil.copytree(source, out)
+    state = torch.load(out / "pytorch_model.bin", weights_only=True)
+    state["v_head.weight"] = -state["v_head.weight"]
+    torch.save(state, out / "pytorch_model.bin")
+    return out
+
+
+def test_ppo_scores_with_the_heldout_reward_model_and_stops_on_a_widening_gap(ppo_setup, run_ds, tmp_path):
+    """--heldout_reward_model_name_or_path: each evaluation scores the same answers with both reward models
+    (here the held-out one is the training one negated, so its score is exactly minus the training score) and logs
+    the standardised gap; with --stop_on_collapse the run stops at the first evaluation where the logged gaps
+    satisfy the widening rule, and health.json keeps the series."""
+    heldout = negated_reward_model(ppo_setup["critic"], tmp_path / "heldout_rm")
+    out = tmp_path / "ppo_gap"
+    argv = _ppo_argv(ppo_setup, out, "--actor_learning_rate", "2e-3", "--max_steps", "4", "--eval_steps", "1",
+                     "--eval_prompts", "8", "--heldout_reward_model_name_or_path", str(heldout),
+                     "--health_max_reward_gap", "0.01", "--health_reward_gap_patience", "1", "--health_max_kl", "0",
+                     "--health_min_entropy_ratio", "0", "--health_max_degenerate_share", "0", "--stop_on_collapse")
+    proc = run_ds(PPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
+    log = proc.stdout + proc.stderr
+    evals = _records(out, "eval")
+    for e in evals:
+        assert e["eval/reward_heldout"] == pytest.approx(-e["eval/reward"], abs=1e-4)
+        assert e["eval/reward_gap"] == pytest.approx(2 * e["eval/reward_z"], abs=1e-4)
+    assert evals[0]["eval/reward_gap"] == 0.0
+    gaps = [e["eval/reward_gap"] for e in evals]
+    fires = [e["step"] for i, e in enumerate(evals) if reward_gap_widened(gaps[:i + 1], 0.01, 1)]
+    assert fires, f"the training reward never rose over 4 steps: {gaps}"  # PPO on a fixed reward raises it
+    health = _assert_stopped(proc, out, "step3")
+    assert health["last_step"] == fires[0] and health["active"] == ["eval/reward_gap"], log[-3000:]
+    assert health["reward_gaps"] == [[e["step"], pytest.approx(e["eval/reward_gap"])] for e in evals]
+    assert "reward over-optimisation" in log
+    info = json.loads((out / "run_info.json").read_text())  # written at the start: what the run was held to
+    assert info["kl_budget"] == {"controller": "fixed", "kl_coef": 0.1, "kl_target": None}
+
+
+def test_run_info_records_the_kl_budget(tinystories_dir):
+    from dschat.steps import ppo
+
+    base = ["--actor_model_name_or_path", str(tinystories_dir), "--critic_model_name_or_path", str(tinystories_dir)]
+    adaptive = ppo.parse_args([*base, "--kl_target", "4", "--kl_horizon", "1000", "--init_kl_coef", "0.05"])
+    assert ppo.kl_budget(adaptive, 0.2) == {"controller": "adaptive", "kl_target": 4.0, "kl_horizon": 1000,
+                                            "init_kl_coef": 0.05, "kl_coef": 0.2}
+    assert ppo.kl_budget(ppo.parse_args(base), 0.1)["controller"] == "fixed"
+
+
 def _dpo_argv(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
     return ["--data_path", str(data / "easy.jsonl"), "--model_name_or_path", str(model), "--max_seq_len", "64",
             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--beta", "0.1",
@@ -361,6 +461,27 @@ def test_high_lr_dpo_warns_and_stops_with_a_saved_state(easy_pairs, tinystories_
     assert "health/degenerate_share" in health["active"] or "health/logps_chosen_per_token" in health["active"]
     first = _records(out, "eval")[0]
     assert first["step"] == 0 and {"health/logps_chosen_per_token", "eval/gold", "health/entropy"} <= set(first)
+
+
+def test_dpo_keep_best_by_the_heldout_reward(easy_pairs, tinystories_dir, tiny_tokenizer, run_ds, tmp_path):
+    """DPO's evaluations score with both reward models; --best_metric reward_heldout keeps the evaluated step the
+    held-out reward model likes best."""
+    rm = save_random_critic(tinystories_dir, tiny_tokenizer, tmp_path / "rm", seed=1)
+    heldout = save_random_critic(tinystories_dir, tiny_tokenizer, tmp_path / "rm_heldout", seed=2)
+    out = tmp_path / "dpo_heldout"
+    argv = _dpo_argv(easy_pairs, tinystories_dir, out, "--learning_rate", "2e-3", "--eval_steps", "2",
+                     "--max_steps", "6", "--reward_model_name_or_path", str(rm), "--heldout_reward_model_name_or_path",
+                     str(heldout), "--keep_best", "--best_metric", "reward_heldout")
+    proc = run_ds(DPO_MAIN, argv, num_ranks=0, env=QUIET, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    evals = _records(out, "eval")
+    assert {"eval/reward", "eval/reward_heldout", "eval/reward_z", "eval/reward_heldout_z", "eval/reward_gap"} <= \
+        set(evals[0]) and evals[0]["eval/reward_gap"] == 0.0
+    health = json.loads((out / "health.json").read_text())
+    assert [g[0] for g in health["reward_gaps"]] == [e["step"] for e in evals]
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == "eval/reward_heldout"
+    assert best["best_step"] == _best_healthy(evals, "eval/reward_heldout", health)
 
 
 def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(easy_pairs, tinystories_dir, run_ds, tmp_path):
@@ -414,6 +535,10 @@ def test_dpo_keep_best_by_gold_keeps_the_best_healthy_step(easy_pairs, tinystori
     (["--eval_steps", "2", "--keep_best", "--eval_prompts", "0"], "--keep_best needs held-out evaluations"),
     (["--eval_steps", "2", "--keep_best", "--best_metric", "gold"], "--best_metric gold needs --gold_reward"),
     (["--gold_reward", "mpo_ext.synthetic"], "--gold_reward mpo_ext.synthetic: expected MODULE:FUNCTION"),
+    (["--eval_steps", "2", "--best_metric", "reward_heldout"],
+     "--best_metric reward_heldout needs --heldout_reward_model_name_or_path"),
+    (["--heldout_reward_model_name_or_path", "./no/such/rm"], "--heldout_reward_model_name_or_path ./no/such/rm"),
+    (["--health_reward_gap_patience", "0"], "--health_reward_gap_patience"),
 ])
 def test_guard_flags_bad_input_names_the_flag(tinystories_dir, tmp_path, extra, message):
     from dschat.steps import ppo

@@ -40,9 +40,10 @@ def test_llama2_dry_run_prints_the_paper_plan(tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
-    for stage in ("# sft", "# rm", "# select", "# dpo", "# ppo", "# eval"):
+    for stage in ("# sft", "# rm", "# rm_heldout", "# select", "# dpo", "# ppo", "# eval"):
         assert stage in text
-    assert text.count("deepspeed --num_gpus 8 --module") == 5
+    assert text.count("deepspeed --num_gpus 8 --module") == 6  # the held-out reward model is on in the preset
+    assert "--data_part 1/2" in text and "--data_part 2/2" in text
     assert "Anthropic/hh-rlhf/helpful-base Anthropic/hh-rlhf/harmless-base" in text
     assert not (tmp_path / "plan").exists()
 
@@ -59,6 +60,8 @@ def test_presets_carry_the_paper_settings_and_mpo_wiring(tmp_path):
     assert _flag(ppo, "--actor_model_name_or_path") == _flag(ppo, "--reference_model_name_or_path") == str(
         plan["dpo"].output)
     assert _flag(plan["select"].command, "--threshold") == "1.0"
+    assert _flag(dpo, "--heldout_reward_model_name_or_path") == _flag(ppo, "--heldout_reward_model_name_or_path") \
+        == str(plan["rm_heldout"].output) and _flag(ppo, "--eval_steps") == "50"
     tldr = _plan(tmp_path, "llama2-7b-tldr")
     assert _flag(tldr["sft"].command, "--data_path") == "CarperAI/openai_summarize_comparisons"
     assert _flag(tldr["sft"].command, "--learning_rate") == "5e-05"  # inherited from the HH preset

@@ -31,10 +31,14 @@ PINNED_IDENTITIES = {
                 "dpo": "739b7f8b38c8", "ppo": "3d3919144c4f", "eval": "e3e32443d2b4"},
     ("smoke",): {"assets": "4663ab87e0e4", "sft": "493b783932cf", "rm": "b9bcacac4c6c", "select": "068d4fab0c97",
                  "dpo": "370fd2a8c6aa", "ppo": "5f2b73ccf58f", "eval": "cf15c3458ec5"},
-    ("llama2-7b-hh",): {"sft": "7e9cfca5f41b", "rm": "f8e74afeb59d", "select": "91304c59fb2e", "dpo": "63f055226d94",
-                        "ppo": "dc3be9db65a1", "eval": "d24bf85480cc"},
-    ("llama2-7b-tldr",): {"sft": "008ac72c4f28", "rm": "0801871a915f", "select": "31fc4267989a",
-                          "dpo": "c3b474eb889b", "ppo": "e9c43d919be0", "eval": "c8e5262931fa"},
+    # the paper presets turned the held-out reward model on (and DPO/PPO evaluations every 50 steps): SFT is
+    # reused, the RM (now on half its pairs) and everything downstream are new
+    ("llama2-7b-hh",): {"sft": "7e9cfca5f41b", "rm": "72568d9a5dc7", "rm_heldout": "28a8148d8b99",
+                        "select": "044b98297d69", "dpo": "465849772595", "ppo": "ece21998fbed",
+                        "eval": "28cc7205e405"},
+    ("llama2-7b-tldr",): {"sft": "008ac72c4f28", "rm": "4f970a951c79", "rm_heldout": "58b6106c146f",
+                          "select": "998ebf30c5b7", "dpo": "a247280c027a", "ppo": "2be88e1a98ba",
+                          "eval": "e95e2aa5a38a"},
     ("smoke", "mpo.order=reverse"): {"assets": "4663ab87e0e4", "sft": "493b783932cf", "rm": "b9bcacac4c6c",
                                      "select": "068d4fab0c97", "ppo": "41f064b77e36", "dpo": "01950a93bff4",
                                      "eval": "e12c791d432d"},
@@ -47,6 +51,10 @@ PINNED_IDENTITIES = {
     ("smoke", "launcher.num_gpus=2"): {"assets": "4663ab87e0e4", "sft": "595ff58b2429", "rm": "65c4e1487c85",
                                        "select": "bce2c3d88ecf", "dpo": "f3df263b6622", "ppo": "b66ad9bf7df1",
                                        "eval": "7524751271ea"},
+    # the held-out reward model switched off explicitly: the identities of before
+    ("tiny", "heldout_rm=false"): {"assets": "0889edbafadb", "sft": "90e7a7188491", "rm": "43844a49bb3b",
+                                   "select": "376879c41169", "dpo": "739b7f8b38c8", "ppo": "3d3919144c4f",
+                                   "eval": "e3e32443d2b4"},
     ("smoke", "eval.num_prompts=8", "select.data_split=0,0,1"): {
         "assets": "4663ab87e0e4", "sft": "493b783932cf", "rm": "b9bcacac4c6c", "select": "3771abeb8dfd",
         "dpo": "2d0f85d257c3", "ppo": "e64a51383414", "eval": "e9685904f0a0"},
@@ -67,7 +75,7 @@ def test_stage_identities_do_not_move(tmp_path, case):
 
 def test_registry_describes_every_stage_once():
     names = [spec.name for spec in STAGES]
-    assert names == ["assets", "sft", "rm", "select", "dpo", "ppo", "eval"]
+    assert names == ["assets", "sft", "rm", "rm_heldout", "select", "dpo", "ppo", "eval"]
     assert len({spec.directory for spec in STAGES}) == len(STAGES)
     for spec in STAGES:
         assert bool(spec.module) != bool(spec.command), spec.name  # a step or an `mpo` command
@@ -79,7 +87,7 @@ def test_registry_describes_every_stage_once():
             if spec.module:
                 # the settings type lives with its step: in the module or its light `<module>_args` beside it
                 assert spec.flags.settings_type.__module__.startswith(spec.module), spec.name
-    assert [s.name for s in STAGES if s.resumable] == ["sft", "rm", "dpo", "ppo"]
+    assert [s.name for s in STAGES if s.resumable] == ["sft", "rm", "rm_heldout", "dpo", "ppo"]
     assert "learning_rate" not in PIPELINE_FLAGS
 
 
@@ -185,6 +193,36 @@ def test_sections_are_checked_by_the_stage_settings_and_false_switches_reach_the
         "smoke", ["ppo.compute_fp32_loss=false", "sft.group_by_length=false", "eval.do_sample=false"]), tmp_path)}
     assert "--no_compute_fp32_loss" in plan["ppo"].command and "--no_group_by_length" in plan["sft"].command
     assert "--greedy" not in plan["eval"].command and "--do_sample" not in plan["eval"].command  # off by default
+
+
+def test_heldout_rm_trains_a_second_reward_model_on_the_other_half(tmp_path):
+    """heldout_rm: the RM section runs twice, on --data_part 1/2 and 2/2 (same data, seed and flags); DPO, PPO
+    and eval score with both reward models. Off, nothing of it appears (the pinned identities above)."""
+    plan = {s.name: s for s in build_plan(load_config("smoke", ["heldout_rm=true", "rm.seed=7"]), tmp_path)}
+    rm, heldout = plan["rm"], plan["rm_heldout"]
+    assert list(plan) == ["assets", "sft", "rm", "rm_heldout", "select", "dpo", "ppo", "eval"]
+    assert rm.flags == heldout.flags and rm.flags["seed"] == 7 and rm.identity != heldout.identity
+    assert heldout.output.name.startswith("step2_rm_heldout-")
+    part = {name: plan[name].command[plan[name].command.index("--data_part") + 1] for name in ("rm", "rm_heldout")}
+    assert part == {"rm": "1/2", "rm_heldout": "2/2"}
+    assert rm.command[:rm.command.index("--data_part")] == heldout.command[:heldout.command.index("--data_part")]
+
+    def value(stage: str, flag: str) -> str:
+        command = plan[stage].command
+        return command[command.index(flag) + 1]
+
+    assert value("dpo", "--reward_model_name_or_path") == str(rm.output)
+    for stage, flag in (("dpo", "--heldout_reward_model_name_or_path"), ("ppo", "--heldout_reward_model_name_or_path"),
+                        ("eval", "--heldout_reward_model")):
+        assert value(stage, flag) == str(heldout.output), stage
+    assert plan["select"].command[plan["select"].command.index("--reward_model_name_or_path") + 1] == str(rm.output)
+    off = {s.name: s for s in build_plan(load_config("smoke"), tmp_path)}
+    assert "rm_heldout" not in off and "--data_part" not in off["rm"].command
+    assert not any(arg.startswith("--heldout") for stage in off.values() for arg in stage.command)
+    _one_line_error(_pipeline("--preset", "smoke", "--set", "heldout_rm=true", "--set", "rm.data_part=1/3",
+                              "--print_config"), "config key rm.data_part: set by the pipeline")
+    _one_line_error(_pipeline("--preset", "smoke", "--set", "rm_heldout.seed=3", "--print_config"),
+                    "config key rm_heldout: unknown")
 
 
 def test_local_paths_are_checked_at_load_time(tmp_path, monkeypatch):

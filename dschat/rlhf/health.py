@@ -22,6 +22,12 @@ make that visible while it happens:
   and `reward_identical` (the reward is read where the two answers are the same, e.g. a turn-end token
   inside the prompt). The pipeline will not start selection from a reward model whose health.json says
   `unhealthy` with one of them.
+- With a held-out reward model (trained on pairs the training reward model never saw): `eval/reward_gap`,
+  the training reward minus the held-out reward at each evaluation, each standardised by its own mean and
+  standard deviation at the first evaluation (`RewardGap`). Both models see the same answers, so while the
+  policy really improves they rise together; a gap that keeps widening means the policy is learning what
+  only the training reward model likes (Gao et al. 2022's proxy-vs-gold picture, with the held-out model
+  standing in for the gold reward a real user does not have). `reward_gap_widened` is the rule.
 
 `HealthMonitor` compares them with documented thresholds and prints one warning line per signal when
 it crosses; `health_summary()` is what a run writes to `OUTPUT/health.json`. `KeepBest` tracks the
@@ -149,6 +155,69 @@ def degenerate_share(answers: Sequence[Sequence[int]], texts: Sequence[str | Non
     return sum(is_degenerate(a, text=t) for a, t in zip(answers, texts)) / max(1, len(answers))
 
 
+# --------------------------------------------------------------------------------------------- reward over-optimisation
+
+
+#: Below this, a first evaluation's score spread is taken as 1 (raw units): its answers scored alike, and
+#: dividing by a spread of ~0 would turn every later change into an arbitrarily large number.
+MIN_SCORE_STD = 1e-3
+
+
+def mean_and_std(scores: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for fewer than two scores)."""
+    n = len(scores)
+    if n == 0:
+        return float("nan"), 0.0
+    mean = sum(scores) / n
+    var = sum((x - mean) ** 2 for x in scores) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def standardised(value: float, mean: float, std: float) -> float:
+    """(value - mean) / std, with a spread below MIN_SCORE_STD taken as 1."""
+    return (value - mean) / (std if std >= MIN_SCORE_STD else 1.0)
+
+
+def widened_gaps(gaps: Sequence[float]) -> list[float]:
+    """How far each gap is above the narrowest gap up to and including it (so >= 0)."""
+    out, narrowest = [], math.inf
+    for gap in gaps:
+        narrowest = min(narrowest, gap)
+        out.append(gap - narrowest)
+    return out
+
+
+def reward_gap_widened(gaps: Sequence[float], max_widening: float, patience: int) -> bool:
+    """The over-optimisation rule on the series of reward gaps (training minus held-out, standardised): the
+    gap has widened by more than `max_widening` from its narrowest point at each of the last `patience`
+    evaluations. Widening from the narrowest point, not from zero, so a held-out model that first rises faster
+    than the training one (a negative gap) does not hide a later divergence; several evaluations in a row, so
+    one noisy evaluation does not warn."""
+    if max_widening <= 0 or patience < 1 or len(gaps) < patience:
+        return False
+    return all(w > max_widening for w in widened_gaps(gaps)[-patience:])
+
+
+@dataclass
+class RewardGap:
+    """Training and held-out reward of one evaluation's answers, each standardised by its own first
+    evaluation (the policy the stage starts from): `baseline` holds both models' mean and std then."""
+
+    baseline: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self, train_scores: Sequence[float], heldout_scores: Sequence[float]) -> dict[str, float]:
+        """`eval/reward_z`, `eval/reward_heldout_z` and `eval/reward_gap` (their difference) of these answers."""
+        train_mean, train_std = mean_and_std(train_scores)
+        heldout_mean, heldout_std = mean_and_std(heldout_scores)
+        if not self.baseline:
+            self.baseline = {"reward_mean": train_mean, "reward_std": train_std,
+                             "reward_heldout_mean": heldout_mean, "reward_heldout_std": heldout_std}
+        b = self.baseline
+        train_z = standardised(train_mean, b["reward_mean"], b["reward_std"])
+        heldout_z = standardised(heldout_mean, b["reward_heldout_mean"], b["reward_heldout_std"])
+        return {"eval/reward_z": train_z, "eval/reward_heldout_z": heldout_z, "eval/reward_gap": train_z - heldout_z}
+
+
 # --------------------------------------------------------------------------------------------- thresholds
 
 
@@ -165,6 +234,22 @@ class HealthThresholds:
     max_logp_drop: float = 1.0          # DPO: chosen AND rejected per-token log-probs fell by more (nats)
     rm_min_accuracy: float = 0.0        # step 2: held-out accuracy at or below this is at chance (0.55 there)
     rm_max_identical_share: float = 0.0  # step 2: this share of held-out pairs scored equal or more (0.5 there)
+    max_reward_gap: float = 0.5         # eval/reward_gap widened by more (first-eval std units) ...
+    reward_gap_patience: int = 2        # ... at this many evaluations in a row
+
+
+#: The metrics each signal is judged on (a call to `HealthMonitor.observe` without them leaves it as it was).
+SIGNAL_INPUTS: dict[str, tuple[str, ...]] = {
+    "health/entropy": ("health/entropy",),
+    "objective/kl": ("objective/kl",),
+    "health/degenerate_share": ("health/degenerate_share",),
+    "health/logps_chosen_per_token": ("health/logps_chosen_per_token", "health/logps_rejected_per_token"),
+    "eval/reward_gap": ("eval/reward_gap",),
+    "reward_at_chance": ("health/reward_accuracy", "health/reward_margin"),
+    "reward_identical": ("health/reward_identical_share",),
+}
+#: The held-out evaluation's reward-gap metrics (`RewardGap.metrics` and the two means).
+GAP_KEYS = ("eval/reward", "eval/reward_heldout", "eval/reward_z", "eval/reward_heldout_z", "eval/reward_gap")
 
 
 REWARD_BASELINE_KEYS = ("health/reward_accuracy", "health/reward_margin")
@@ -230,10 +315,19 @@ class HealthMonitor:
     last: dict[str, float] = field(default_factory=dict)
     last_step: int = 0
     checks: int = 0
+    reward_gaps: list[list[float]] = field(default_factory=list)  #: [step, eval/reward_gap] of every evaluation
 
     def _problems(self, metrics: dict[str, float]) -> list[tuple[str, float, float, str]]:
         t = self.thresholds
         found = []
+        if "eval/reward_gap" in metrics:
+            gaps = [gap for _, gap in self.reward_gaps]
+            if reward_gap_widened(gaps, t.max_reward_gap, t.reward_gap_patience):
+                widened = widened_gaps(gaps)[-1]
+                found.append(("eval/reward_gap", gaps[-1], t.max_reward_gap,
+                              f"reward over-optimisation: the training reward model's score has risen {widened:.3g} "
+                              f"standard deviations more than the held-out reward model's since their gap was "
+                              f"narrowest (limit {t.max_reward_gap:g}, {t.reward_gap_patience} evaluations in a row)"))
         reward_judged = "health/reward_accuracy" in self.baseline  # the first evaluation is the baseline
         for key in ("health/entropy", "health/logps_chosen_per_token", "health/logps_rejected_per_token",
                     *REWARD_BASELINE_KEYS):
@@ -267,24 +361,29 @@ class HealthMonitor:
         return found
 
     def observe(self, step: int, metrics: dict[str, float]) -> list[HealthWarning]:
-        """New warnings at `step` (a signal warns again only after it has recovered in between)."""
+        """New warnings at `step` (a signal warns again only after it has recovered in between). Only the signals
+        `metrics` carries are re-judged: PPO checks its rollouts each step and its reward gap at evaluations."""
         self.checks += 1
         self.last_step = step
-        self.last = {k: float(v) for k, v in metrics.items()
-                     if k.startswith("health/") or k in ("objective/kl", "reward/mean")}
+        self.last.update({k: float(v) for k, v in metrics.items()
+                          if k.startswith("health/") or k in ("objective/kl", "reward/mean") or k in GAP_KEYS})
+        if "eval/reward_gap" in metrics:
+            self.reward_gaps.append([step, float(metrics["eval/reward_gap"])])
         problems = self._problems(metrics)
         now = {signal for signal, *_ in problems}
         new = [HealthWarning(step, s, float(v), float(th), msg) for s, v, th, msg in problems if s not in self.active]
-        self.active = now
+        checked = {signal for signal, keys in SIGNAL_INPUTS.items() if any(k in metrics for k in keys)}
+        self.active = (self.active - checked) | now
         self.warnings.extend(new)
         return new
 
     def state_dict(self) -> dict:
         """What a resumed run carries on from (saved with every training state): without it, a resumed run's
-        health.json would forget the warnings and checks made before the interruption."""
+        health.json would forget the warnings and checks made before the interruption, and the reward-gap
+        series its over-optimisation rule judges."""
         return {"baseline": dict(self.baseline), "warnings": [asdict(w) for w in self.warnings],
                 "active": sorted(self.active), "last": dict(self.last), "last_step": self.last_step,
-                "checks": self.checks}
+                "checks": self.checks, "reward_gaps": [list(x) for x in self.reward_gaps]}
 
     def load_state_dict(self, state: dict) -> None:
         """`state_dict()`'s output, or a training state of an earlier version (`{"baseline": ...}` only)."""
@@ -294,6 +393,7 @@ class HealthMonitor:
         self.last = dict(state.get("last", {}))
         self.last_step = int(state.get("last_step", 0))
         self.checks = int(state.get("checks", 0))
+        self.reward_gaps = [list(x) for x in state.get("reward_gaps", [])]
 
     def format(self, warning: HealthWarning) -> str:
         return f"HEALTH WARNING [{self.stage}] step {warning.step}: {warning.signal}: {warning.message}"
@@ -314,6 +414,7 @@ class HealthMonitor:
             "last": self.last,
             "baseline": self.baseline,
             "thresholds": asdict(self.thresholds),
+            "reward_gaps": self.reward_gaps,
         }
 
 

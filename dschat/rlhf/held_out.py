@@ -7,6 +7,11 @@ generation signals (`dschat.rlhf.health.generation_health`), the policy's per-to
 answers, the mean reward-model score (`eval/reward`) and the mean gold score (`eval/gold`, when a gold
 function is known); the stage hands the metrics to its `KeepBest` (`dschat.rlhf.health`).
 
+With a second, held-out reward model (trained on pairs the first never saw) the same answers are scored by
+both: `eval/reward_heldout`, and the two standardised by their own first evaluation and their gap
+(`eval/reward_z`, `eval/reward_heldout_z`, `eval/reward_gap`; `dschat.rlhf.health.RewardGap`), the
+over-optimisation signal the stage's `HealthMonitor` judges.
+
 Masks are positions: the prompt mask comes from the prompt collator, each answer runs from the prompt width
 to its first eos (included), so an eos or pad token inside a chat prompt is attended to like any other.
 The reward is read by the one reader (`RewardScorer.score_rollouts` -> `RewardModel.read_end_scores`), the
@@ -21,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from dschat.rlhf.generation import Generator, answer_token_lists, decode_continuations, rollout_attention_mask
-from dschat.rlhf.health import generation_health, mean_gold
+from dschat.rlhf.health import RewardGap, generation_health, mean_gold
 from dschat.rlhf.ppo_math import entropy_from_logits
 from dschat.utils.inference import RewardScorer
 from dschat.utils.model.masks import position_ids_from_mask
@@ -58,20 +63,32 @@ def rollout_rewards(scorer: RewardScorer, policy_tokenizer, sequences: torch.Ten
 class HeldOutEvaluator:
     """Answers fixed held-out prompts ([N, P] left-padded ids + the collator's mask) and scores them.
 
-    `scorer`: the reward model (None: no `eval/reward`); `gold`: `f(prompt, answer) -> float` (None: no
-    `eval/gold`).
+    `scorer`: the reward model (None: no `eval/reward`); `heldout_scorer`: the held-out reward model (None: no
+    `eval/reward_heldout` and no gap; it needs `scorer`); `gold`: `f(prompt, answer) -> float` (None: no
+    `eval/gold`). `reward_gap` keeps the first evaluation's statistics (`state_dict` for a resumed run).
     """
 
     def __init__(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokenizer, *,
-                 scorer: RewardScorer | None = None, gold: Callable[[str, str], float] | None = None,
-                 batch_size: int = 16):
+                 scorer: RewardScorer | None = None, heldout_scorer: RewardScorer | None = None,
+                 gold: Callable[[str, str], float] | None = None, batch_size: int = 16):
+        if heldout_scorer is not None and scorer is None:
+            raise ValueError("a held-out reward model is compared with the training one: pass scorer too")
         self.prompt_ids = prompt_ids
         self.prompt_mask = prompt_mask
         self.tokenizer = tokenizer
-        self.scorer = scorer
+        self.scorers = {key: (scorer, scorer.shares_vocabulary(tokenizer))
+                        for key, scorer in (("eval/reward", scorer), ("eval/reward_heldout", heldout_scorer))
+                        if scorer is not None}
         self.gold = gold
         self.batch_size = max(1, batch_size)
-        self._same_vocabulary = scorer.shares_vocabulary(tokenizer) if scorer is not None else False
+        self.reward_gap = RewardGap() if heldout_scorer is not None else None
+
+    def state_dict(self) -> dict:
+        return {"reward_gap_baseline": dict(self.reward_gap.baseline)} if self.reward_gap is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.reward_gap is not None:
+            self.reward_gap.baseline = dict(state.get("reward_gap_baseline") or {})
 
     @torch.no_grad()
     def evaluate(self, model, generator: Generator) -> dict[str, float]:
@@ -81,7 +98,7 @@ class HeldOutEvaluator:
         device = next(module.parameters()).device
         eos = generator.eos_token_id
         answers_ids: list[list[int]] = []
-        rewards: list[float] = []
+        rewards: dict[str, list[float]] = {key: [] for key in self.scorers}
         prompts_text: list[str] = []
         answers_text: list[str] = []
         entropy_sum, token_count = 0.0, 0.0
@@ -102,16 +119,18 @@ class HeldOutEvaluator:
             if self.gold is not None:
                 prompts_text += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
                 answers_text += self.tokenizer.batch_decode(seq[:, width:], skip_special_tokens=True)
-            if self.scorer is not None:
-                rewards += rollout_rewards(self.scorer, self.tokenizer, seq, attention, width,
-                                           self._same_vocabulary).tolist()
+            for key, (scorer, same_vocabulary) in self.scorers.items():
+                rewards[key] += rollout_rewards(scorer, self.tokenizer, seq, attention, width, same_vocabulary).tolist()
         module.train(was_training)
         texts = self.tokenizer.batch_decode(answers_ids, skip_special_tokens=True)
         metrics = generation_health(answers_ids, generator.max_new_tokens, texts)
         metrics["health/entropy"] = entropy_sum / max(token_count, 1.0)
         metrics["eval/answer_length"] = sum(len(a) for a in answers_ids) / max(1, len(answers_ids))
-        if rewards:
-            metrics["eval/reward"] = sum(rewards) / len(rewards)
+        for key, scores in rewards.items():
+            if scores:
+                metrics[key] = sum(scores) / len(scores)
+        if self.reward_gap is not None and rewards["eval/reward"]:
+            metrics.update(self.reward_gap.metrics(rewards["eval/reward"], rewards["eval/reward_heldout"]))
         if self.gold is not None:
             metrics["eval/gold"] = mean_gold(self.gold, prompts_text, answers_text)
         return metrics

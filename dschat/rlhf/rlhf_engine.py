@@ -34,8 +34,10 @@ from dschat.utils.build import (
     train_ds_config,
 )
 from dschat.utils.dist import on_cpu
-from dschat.utils.model.reward_model import ending_token_ids, resolve_reward_ending
+from dschat.utils.inference import RewardScorer
+from dschat.utils.model.reward_model import ending_text, ending_token_ids, resolve_reward_ending
 from dschat.utils.printing import print_rank_0
+from dschat.utils.tokenizer import load_hf_tokenizer
 
 
 def log_init(model_name: str, start_time: float | None = None) -> float:
@@ -183,14 +185,23 @@ class DeepSpeedRLHFEngine:
         log_init("Critic", start)
         return engine
 
-    def _init_reward(self, path: str):
+    def _init_reward(self, path: str, tokenizer=None, name: str = "Reward"):
         settings = self.settings
-        start = log_init("Reward")
+        start = log_init(name)
         ds_config = frozen_ds_config(settings.resolved_dtype, offload=settings.offload_reward_model,
                                      zero_stage=settings.critic_zero_stage,
                                      micro_batch_size=settings.per_device_training_batch_size)
-        engine = frozen_reward_model(path, self.tokenizer, ds_config, settings.num_padding_at_beginning,
+        engine = frozen_reward_model(path, tokenizer or self.tokenizer, ds_config, settings.num_padding_at_beginning,
                                      dropout=settings.critic_dropout, compute_fp32_loss=settings.fp32_loss,
                                      positions_from_mask=settings.positions_from_mask)
-        log_init("Reward", start)
+        log_init(name, start)
         return engine
+
+    def heldout_reward_scorer(self, path: str) -> RewardScorer:
+        """The held-out reward model (--heldout_reward_model_name_or_path) as a scorer for the evaluations: a
+        frozen engine placed like the reward engine, in its own tokenizer and with its own ending."""
+        tokenizer = load_hf_tokenizer(path)
+        engine = self._init_reward(path, tokenizer, name="Held-out reward")
+        ending = resolve_reward_ending(path, self.settings.reward_end_text)
+        return RewardScorer(engine, tokenizer, ending_text(ending, tokenizer), ending=ending,
+                            pad_token_id=engine.module.PAD_ID)

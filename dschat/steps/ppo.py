@@ -126,8 +126,10 @@ def build(settings) -> PPOLoop:
     if settings.eval_steps and settings.eval_prompts:
         batch = held_out_prompt_batch(settings, held_out, prompts, tokenizer)
         gold = health.load_gold_reward(settings.gold_reward) if settings.gold_reward else None
+        heldout = settings.heldout_reward_model_name_or_path
         loop.evaluator = HeldOutEvaluator(batch["prompt"], batch["prompt_att_mask"], tokenizer,
                                           scorer=updater.reward_scorer, gold=gold,
+                                          heldout_scorer=engine.heldout_reward_scorer(heldout) if heldout else None,
                                           batch_size=settings.per_device_generation_batch_size)
     return loop
 
@@ -148,6 +150,15 @@ def held_out_prompt_batch(settings, held_out, train_prompts, tokenizer) -> dict[
 def _resolved(path: str) -> str:
     """Absolute path for local files/directories (provenance survives a `cd`); hub ids unchanged."""
     return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def kl_budget(settings, kl_coef: float) -> dict:
+    """The KL budget a run was held to: the adaptive controller's target (nats per answer) and horizon, or a fixed
+    coefficient (DeepSpeed-Chat's default: nothing bounds the KL itself), and the coefficient now."""
+    if settings.kl_target is None:
+        return {"controller": "fixed", "kl_coef": settings.init_kl_coef, "kl_target": None}
+    return {"controller": "adaptive", "kl_target": settings.kl_target, "kl_horizon": settings.kl_horizon,
+            "init_kl_coef": settings.init_kl_coef, "kl_coef": kl_coef}
 
 
 class PPOLoop(ResumableRun):
@@ -223,6 +234,7 @@ class PPOLoop(ResumableRun):
             "non_overflow_steps": self.non_overflow_steps,
             "health": self.monitor.state_dict(),
             "keep_best": self.best.state_dict(),
+            "held_out": self.evaluator.state_dict() if self.evaluator is not None else {},
         }
 
     def load_extra_state(self, state: dict) -> None:
@@ -235,6 +247,8 @@ class PPOLoop(ResumableRun):
         self.non_overflow_steps = int(state.get("non_overflow_steps", self.global_step))
         self.monitor.load_state_dict(state.get("health") or {"baseline": state.get("health_baseline", {})})
         self.best.load_state_dict(state.get("keep_best", {}))
+        if self.evaluator is not None:
+            self.evaluator.load_state_dict(state.get("held_out", {}))
 
     # ---- loop
     def _done(self) -> bool:
@@ -458,6 +472,9 @@ class PPOLoop(ResumableRun):
         metrics = self.evaluator.evaluate(updater.actor_model, generator)
         updater.train()
         self.logger.log(self.global_step, "eval", metrics)
+        if "eval/reward_gap" in metrics:  # the rollouts' guards run each step; the reward gap is judged here
+            health.check_health(self.monitor, self.global_step, {k: metrics[k] for k in health.GAP_KEYS if k in metrics},
+                                settings.output_dir, settings.stop_on_collapse, self.save_state)
         if self.best.consider(self.global_step, metrics, healthy=not self.monitor.active) and settings.keep_best:
             self._save_best_actor()
 
@@ -491,6 +508,7 @@ class PPOLoop(ResumableRun):
             "hybrid_engine_requested": settings.enable_hybrid_engine,
             "global_step": self.global_step,
             "final_kl_coef": self.updater.kl_ctl,
+            "kl_budget": kl_budget(settings, self.updater.kl_ctl),
             "health": self.monitor.summary()["status"],
             "kept_step": self.best.best_step if settings.keep_best else self.global_step,
             "complete": final,

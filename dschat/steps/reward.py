@@ -15,8 +15,9 @@ from dschat.utils.build import (
     start_training_stage,
 )
 from dschat.utils.data.collators import DataCollatorReward
+from dschat.utils.data.splits import part_indices
 from dschat.utils.dist import get_all_reduce_mean
-from dschat.utils.errors import run_main
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.losses import pairwise_accuracy
 from dschat.utils.model.reward_model import REWARD_ENDING_FILE, reward_ending_record
 from dschat.utils.printing import print_rank_0
@@ -93,12 +94,26 @@ class RewardTrainer(Trainer):
                            save=save_reward_model, extra_files={REWARD_ENDING_FILE: record})
 
 
+def data_part(train_data, settings: RewardSettings):
+    """The --data_part K/N of the training pairs (`splits.part_indices`: seeded by --seed)."""
+    part, parts = settings.part
+    indices = part_indices(len(train_data), part, parts, settings.seed)
+    if not indices:
+        raise UserError(f"--data_part {settings.data_part}: part {part} of {len(train_data)} training pairs is empty; "
+                        "use fewer parts or more data")
+    print_rank_0(f"--data_part {settings.data_part}: training on {len(indices)} of {len(train_data)} pairs (part "
+                 f"{part} of {parts}, positions permuted with seed {settings.seed})")
+    return train_data.select(indices)
+
+
 def build(settings) -> RewardTrainer:
     # model_utils imports transformers (seconds): deferred so --help and flag errors answer first
     from dschat.utils.model.model_utils import create_critic_model
 
     tokenizer, ds_config = start_training_stage(settings, tb_name="step2_model")
     train_data, eval_data = stage_datasets(settings, tokenizer, 2)
+    if settings.part is not None:
+        train_data = data_part(train_data, settings)
     model = create_critic_model(settings.model_name_or_path, tokenizer, ds_config, settings.num_padding_at_beginning,
                                 dropout=settings.dropout, zero_stage=settings.zero_stage,
                                 compute_fp32_loss=settings.compute_fp32_loss, loss_type=settings.reward_loss)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dschat.utils import args as flags
+from dschat.utils.data.splits import parse_data_part
 from dschat.utils.tokenizer import UPSTREAM_REWARD_ENDING
 
 
@@ -33,8 +34,21 @@ class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings, flags.
 
     reward_loss: str = flags.flag("end", "'end': Bradley-Terry on the end scores; 'divergence': upstream's per-token "
                                          "loss over the differing suffix.", choices=("end", "divergence"))
+    data_part: str | None = flags.flag(
+        None, "K/N: train on part K of N disjoint parts of the phase's training pairs (their positions permuted by "
+              "--seed, then cut in N; the eval pairs stay whole). Two runs with the same data flags and seed, 1/2 "
+              "and 2/2, train on disjoint halves that together are every pair: a training reward model and a "
+              "held-out one (mpo pipeline's heldout_rm).")
     learning_rate: float = flags.same_flag(flags.TrainBatchSettings, "learning_rate", default=5e-5)
     tensorboard_path: str = flags.same_flag(flags.LoggingSettings, "tensorboard_path", default="step2_tensorboard")
+
+    @property
+    def part(self) -> tuple[int, int] | None:
+        """(K, N) of --data_part, or None (every pair)."""
+        return parse_data_part(self.data_part) if self.data_part else None
+
+    def _check(self) -> None:
+        self.part  # noqa: B018 - a malformed K/N: one line now, not after loading the data
 
 
 build_parser = RewardSettings.build_parser

@@ -539,6 +539,15 @@ class HealthSettings(Settings):
     health_max_logp_drop: float = flag(
         _THRESHOLDS.max_logp_drop, "DPO: warn when the held-out chosen and rejected log-probs per token have both "
                                    "fallen by more than this (nats) since the first eval (likelihood displacement).")
+    health_max_reward_gap: float = flag(
+        _THRESHOLDS.max_reward_gap, "With a held-out reward model (--heldout_reward_model_name_or_path): warn when the "
+                                    "gap between the training and the held-out reward (each in standard deviations "
+                                    "of its scores at the first evaluation) has widened by more than this from its "
+                                    "narrowest point, at --health_reward_gap_patience evaluations in a row "
+                                    "(over-optimisation of the training reward model).")
+    health_reward_gap_patience: int = flag(
+        _THRESHOLDS.reward_gap_patience, "Consecutive evaluations the reward gap must stay widened before it warns.",
+        low=1)
     stop_on_collapse: bool = flag(False, "On a health warning, save a training state and stop with exit status 3 "
                                          "instead of only warning.")
 
@@ -546,7 +555,8 @@ class HealthSettings(Settings):
     def health_thresholds(self) -> HealthThresholds:
         return HealthThresholds(min_entropy_ratio=self.health_min_entropy_ratio, max_kl=self.health_max_kl,
                                 max_degenerate_share=self.health_max_degenerate_share,
-                                max_logp_drop=self.health_max_logp_drop)
+                                max_logp_drop=self.health_max_logp_drop, max_reward_gap=self.health_max_reward_gap,
+                                reward_gap_patience=self.health_reward_gap_patience)
 
     def _check(self) -> None:
         for name in HealthSettings.group_names(HEALTH_GROUP):
@@ -594,8 +604,16 @@ class HeldOutSettings(Settings):
                                          "pipeline config).")
     keep_best: bool = flag(False, "Make the saved result the evaluated step with the best held-out score instead "
                                   "of the last step; best.json beside it records which step was kept and why.")
-    best_metric: str = flag("reward", "Held-out score that decides the best step: the reward model's mean, or the "
-                                      "gold reward's mean (needs --gold_reward).", choices=("reward", "gold"))
+    heldout_reward_model_name_or_path: str | None = flag(
+        None, "A second step-2 reward model trained on preference pairs the training reward model never saw (mpo "
+              "pipeline's heldout_rm: the other half of its pairs). Every evaluation also scores the answers with it "
+              "(eval/reward_heldout) and logs the gap between the two rewards, each standardised by its first "
+              "evaluation (eval/reward_gap): the training reward rising away from the held-out one is "
+              "over-optimisation (see --health_max_reward_gap).")
+    best_metric: str = flag("reward", "Held-out score that decides the best step: the reward model's mean, the "
+                                      "held-out reward model's mean (reward_heldout, needs "
+                                      "--heldout_reward_model_name_or_path), or the gold reward's mean (needs "
+                                      "--gold_reward).", choices=("reward", "reward_heldout", "gold"))
 
     def _check(self) -> None:
         if self.eval_prompts < 0:
@@ -604,6 +622,10 @@ class HeldOutSettings(Settings):
             raise UserError("--keep_best needs held-out evaluations: set --eval_prompts above 0")
         if self.best_metric == "gold" and not self.gold_reward:
             raise UserError("--best_metric gold needs --gold_reward MODULE:FUNCTION")
+        if self.best_metric == "reward_heldout" and not self.heldout_reward_model_name_or_path:
+            raise UserError("--best_metric reward_heldout needs --heldout_reward_model_name_or_path")
+        check_path_exists("--heldout_reward_model_name_or_path", self.heldout_reward_model_name_or_path,
+                          "model directory")
         if self.gold_reward:
             load_gold_reward(self.gold_reward)
 

@@ -127,6 +127,9 @@ class PipelineConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     mpo: MpoConfig = field(default_factory=MpoConfig)
     progress_interval: float = 10.0  #: seconds between heartbeat lines on the console
+    #: a second reward model (stage rm_heldout) on the other half of the RM's pairs; DPO, PPO and eval score with
+    #: both (the over-optimisation signal). Off: one RM on every pair, and the stage identities of before.
+    heldout_rm: bool = False
     common: dict = field(default_factory=dict)
     sections: dict[str, dict] = field(default_factory=dict)  #: {stage name: its flags} (FLAG_SECTIONS)
 
@@ -512,7 +515,7 @@ def stage_flags(config: PipelineConfig, spec: StageSpec) -> dict:
     if spec.flags is None:
         return {}
     common = {k: v for k, v in config.common.items() if k in spec.flags.names()} if spec.takes_common else {}
-    return {**common, **config.section(spec.name)}
+    return {**common, **config.section(spec.section_name)}
 
 
 def _check_keys(section: str, flags: dict, owned: frozenset[str], names: frozenset[str], missing: str) -> None:
@@ -534,7 +537,7 @@ def check_sections(config: PipelineConfig) -> None:
     outputs as placeholders); `common` keys must be flags of at least one training stage."""
     enabled = [spec for spec in STAGES if spec.flags is not None and spec.enabled(config)]
     for spec in enabled:
-        _check_keys(spec.name, config.section(spec.name), _owned(spec, config), spec.flags.names(),
+        _check_keys(spec.section_name, config.section(spec.section_name), _owned(spec, config), spec.flags.names(),
                     f"stage {spec.name} has no flag --{{flag}}")
     takers = [spec for spec in enabled if spec.takes_common]
     every_flag = frozenset().union(*(spec.flags.names() for spec in takers))

@@ -3,7 +3,7 @@
 Order, output directories, the module each stage runs, the file that proves it finished, whether it
 resumes, which config section it reads (and how that section is checked), what it is wired to, and
 which `mpo STAGE` command runs it alone are all read from `STAGES`. Adding a stage (a second selection
-round, a held-out reward model) is one `StageSpec` here plus its module.
+round; the held-out reward model, `rm_heldout`, is one) is one `StageSpec` here plus its module.
 
 Wiring is the part of a stage's command line the pipeline sets itself (inputs, upstream outputs): a list
 of `(flag, value)` pairs, a value being a string, a `Ref` to an upstream stage's output, a list of
@@ -187,6 +187,11 @@ class StageSpec:
     reward_model: bool = False  #: a reward model: stages reading it refuse one whose health.json says unhealthy
     enabled: Callable[[PipelineConfig], bool] = lambda config: True
     summary: str = ""  #: one line for `mpo NAME --help`
+    section: str | None = None  #: the config section it runs with, when not its own (`name`): rm_heldout reads rm
+
+    @property
+    def section_name(self) -> str:
+        return self.section or self.name
 
 
 def _data(config: PipelineConfig) -> Wiring:
@@ -215,8 +220,28 @@ def _sft_wiring(config: PipelineConfig) -> Wiring:
     return [*_data(config), ("model_name_or_path", as_input(config.models.sft))]
 
 
-def _rm_wiring(config: PipelineConfig) -> Wiring:
+#: `--data_part` of the training and the held-out reward model (`heldout_rm: true`): two disjoint halves of
+#: the RM's pairs, cut by the RM's seed (`dschat.utils.data.splits.part_indices`), that together are every pair.
+TRAINING_HALF, HELDOUT_HALF = "1/2", "2/2"
+
+
+def _reward_model(config: PipelineConfig) -> Wiring:
     return [*_data(config), ("model_name_or_path", as_input(config.models.reward)), *_padding(config)]
+
+
+def _rm_wiring(config: PipelineConfig) -> Wiring:
+    # without a held-out RM: every pair, and the wiring (so the identity) of before
+    return _reward_model(config) + ([("data_part", TRAINING_HALF)] if config.heldout_rm else [])
+
+
+def _rm_heldout_wiring(config: PipelineConfig) -> Wiring:
+    """The training RM's command line (its section, data, seed) on the other half of its pairs."""
+    return [*_reward_model(config), ("data_part", HELDOUT_HALF)]
+
+
+def _heldout_scorer(config: PipelineConfig, flag: str = "heldout_reward_model_name_or_path") -> Wiring:
+    """The held-out reward model for DPO's/PPO's evaluations and `mpo eval` (nothing when it is off)."""
+    return [(flag, Ref("rm_heldout"))] if config.heldout_rm else []
 
 
 def _select_wiring(config: PipelineConfig) -> Wiring:
@@ -227,11 +252,13 @@ def _select_wiring(config: PipelineConfig) -> Wiring:
 
 
 def _dpo_wiring(config: PipelineConfig) -> Wiring:
+    # Its evaluations score with both reward models when there is a held-out one (else they have no reward model).
+    scorers = [("reward_model_name_or_path", Ref("rm")), *_heldout_scorer(config)] if config.heldout_rm else []
     if config.mpo.order == "mpo":  # DPO first, from SFT; its reference is its starting model (the default)
-        return [("data_path", EASY), ("model_name_or_path", Ref("sft"))]
+        return [("data_path", EASY), ("model_name_or_path", Ref("sft")), *scorers]
     start = Ref("ppo", "actor")  # reverse: DPO second, from the PPO actor
     return [("data_path", EASY), ("model_name_or_path", start),
-            ("reference_model_name_or_path", _kl_reference(config, start))]
+            ("reference_model_name_or_path", _kl_reference(config, start)), *scorers]
 
 
 def _ppo_wiring(config: PipelineConfig) -> Wiring:
@@ -240,7 +267,7 @@ def _ppo_wiring(config: PipelineConfig) -> Wiring:
     else:
         start = reference = Ref("sft")
     return [("data_path", HARD), ("actor_model_name_or_path", start), ("reference_model_name_or_path", reference),
-            ("critic_model_name_or_path", Ref("rm")), *_padding(config)]
+            ("critic_model_name_or_path", Ref("rm")), *_padding(config), *_heldout_scorer(config)]
 
 
 def _eval_wiring(config: PipelineConfig) -> Wiring:
@@ -250,7 +277,8 @@ def _eval_wiring(config: PipelineConfig) -> Wiring:
         models = [("sft", Ref("sft")), ("ppo_hard", Ref("ppo", "actor")), ("mpo_reverse", Ref("dpo"))]
     data = config.data
     return ([("model", model) for model in models] + [("reward_model", Ref("rm"))]
-            + [("data_path", as_input(path)) for path in (data.eval_path or data.path[:1])] + _padding(config))
+            + [("data_path", as_input(path)) for path in (data.eval_path or data.path[:1])] + _padding(config)
+            + _heldout_scorer(config, "heldout_reward_model"))
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -263,6 +291,11 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("rm", "step2_rm", "config.json", _rm_wiring, SettingsFlags("rm"),
               module="dschat.steps.reward", resumable=True, takes_common=True, reward_model=True,
               summary="Step 2: the Bradley-Terry reward model from models.reward."),
+    StageSpec("rm_heldout", "step2_rm_heldout", "config.json", _rm_heldout_wiring, SettingsFlags("rm"),
+              module="dschat.steps.reward", resumable=True, takes_common=True, reward_model=True, section="rm",
+              enabled=lambda config: config.heldout_rm,
+              summary="Step 2, held out (heldout_rm: true): a second reward model, trained like rm on the other half "
+                      "of its pairs; DPO, PPO and eval also score with it (the over-optimisation signal)."),
     StageSpec("select", "step2.5_select", "manifest.json", _select_wiring, SettingsFlags("select"),
               module="mpo_ext.selection", takes_common=True,
               summary="Step 2.5: two SFT samples per prompt scored by the RM, split at theta into easy and hard."),
@@ -278,7 +311,7 @@ STAGES: tuple[StageSpec, ...] = (
 STAGE_BY_NAME: dict[str, StageSpec] = {spec.name: spec for spec in STAGES}
 STAGE_NAMES: tuple[str, ...] = tuple(STAGE_BY_NAME)
 #: Sections of step flags (one per stage with a `flags` hook), in chain order.
-FLAG_SECTIONS: tuple[str, ...] = tuple(spec.name for spec in STAGES if spec.flags is not None)
+FLAG_SECTIONS: tuple[str, ...] = tuple(spec.name for spec in STAGES if spec.flags is not None and spec.section is None)
 
 #: Flags the pipeline sets itself for every stage (inputs, outputs, placement); a config sets them through
 #: models/data/mpo/launcher/output_dir. (`data_split` in a stage section replaces data.split for that stage.)
@@ -286,7 +319,7 @@ PIPELINE_FLAGS = frozenset({
     "output_dir", "data_path", "data_output_path", "model_name_or_path", "actor_model_name_or_path",
     "reference_model_name_or_path", "critic_model_name_or_path", "sft_model_name_or_path",
     "reward_model_name_or_path", "num_padding_at_beginning", "threshold", "easy_fraction", "resume", "model",
-    "reward_model", "local_rank"})
+    "reward_model", "local_rank", "heldout_reward_model_name_or_path", "heldout_reward_model"})
 #: Flags that change logs or checkpoint cadence, never results: left out of a stage's identity.
 NO_RESULT_FLAGS = frozenset({
     "log_interval", "save_steps", "save_total_limit", "enable_tensorboard", "tensorboard_path", "report_to",

@@ -114,6 +114,32 @@ def effective_data_split(data_split: str | None, raw: PromptRawDataset, train_ph
     return phase_only_split(train_phase) if is_local_source(raw) else DEFAULT_DATA_SPLIT
 
 
+def parse_data_part(text: str, flag: str = "--data_part") -> tuple[int, int]:
+    """`K/N` -> (K, N) with 1 <= K <= N (part K of N parts)."""
+    part, sep, parts = str(text).partition("/")
+    try:
+        k, n = int(part), int(parts)
+    except ValueError:
+        k = n = 0
+    if not sep or n < 1 or not 1 <= k <= n:
+        raise UserError(f"{flag} {text}: expected K/N with 1 <= K <= N, e.g. 1/2 (the first of two disjoint "
+                        "halves) or 2/2 (the second)")
+    return k, n
+
+
+def part_indices(size: int, part: int, parts: int, seed: int | None) -> list[int]:
+    """Positions of part `part` (1-based) of `parts` disjoint parts of `size` rows: the rows' positions
+    permuted by `get_shuffle_idx(seed, size)` (upstream's seeded permutation) and cut into `parts` contiguous
+    pieces by `split_boundaries` (equal weights), each piece in ascending position order.
+
+    Why a rule of its own, after the phase split: the held-out reward model must train on pairs the training
+    reward model never saw, and the two must together cover exactly the pairs one reward model would have
+    used. Same size and seed give the same permutation, so parts 1..N are disjoint and cover every row."""
+    bounds = split_boundaries(",".join(["1"] * parts), size)
+    shuffle = get_shuffle_idx(seed, size)
+    return sorted(int(i) for i in shuffle[bounds[part - 1]:bounds[part]])
+
+
 def take_rows(data: Any, indices: list[int]) -> list[Mapping[str, Any]]:
     """The samples at `indices`, in that order, from a list of records or a datasets.Dataset."""
     if hasattr(data, "select"):  # datasets.Dataset: one arrow read instead of per-row lookups
