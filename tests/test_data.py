@@ -123,7 +123,8 @@ def test_reward_model_trains_on_its_part_of_the_pairs(tmp_path, tiny_tokenizer, 
     halves = []
     for part in ("1/2", "2/2"):
         settings = RewardSettings.parse_args(["--model_name_or_path", str(tiny_llama_dir), "--data_path",
-                                              str(pair_file), "--data_part", part, "--seed", "1234"])
+                                              str(pair_file), "--data_part", part, "--seed", "1234",
+                                              "--output_dir", str(tmp_path / "rm")])
         half = data_part(train, settings)
         halves.append({tuple(half[i][0].tolist()) for i in range(len(half))})
     assert halves[0] and halves[1] and not halves[0] & halves[1] and halves[0] | halves[1] == rows

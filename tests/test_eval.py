@@ -581,19 +581,20 @@ def test_plot_curves_overlays_runs_on_the_same_axes(tmp_path):
     assert missing.exit_code == 2 and "--metric nope: not logged" in missing.output
 
 
-def test_plot_curves_overlays_the_training_and_heldout_reward(tmp_path):
-    from mpo_ext.curves import OVERLAYS, metric_series, overlay_panels, plot_training_curves
+def test_plot_curves_shows_the_heldout_reward_and_the_gap_in_the_ppo_row(tmp_path):
+    from mpo_ext.curves import collect_panels, find_metrics_files, plot_training_curves
 
-    lines = [{"step": s, "phase": "eval", "eval/reward_z": 0.5 * s, "eval/reward_heldout_z": 0.2 * s,
-              "eval/reward_gap": 0.3 * s} for s in range(4)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    series = metric_series(lines)
-    (title, keys), = OVERLAYS.items()
-    panel = overlay_panels(series)[title]
-    assert [line[0] for line in panel] == list(keys) and panel[2][2] == pytest.approx([0.0, 0.3, 0.6, 0.9])
-    assert overlay_panels({k: v for k, v in series.items() if k[0] != "eval/reward_heldout_z"}) == {}
-    plot = plot_training_curves({"ppo": tmp_path / "metrics.jsonl"}, tmp_path / "curves.png")
-    assert title in plot.panels and "eval/reward_gap" in plot.panels
+    lines = [{"step": s, "phase": "train", "loss/policy": 0.1, "reward/mean": 0.5 * s, "objective/kl": 0.01 * s}
+             for s in range(1, 4)]
+    lines += [{"step": s, "phase": "eval", "eval/reward": 0.5 * s, "eval/reward_heldout": 0.2 * s,
+               "eval/reward_z": 0.5 * s, "eval/reward_heldout_z": 0.2 * s, "eval/reward_gap": 0.3 * s} for s in range(4)]
+    _write_stage_metrics(tmp_path / "run" / "step3_ppo-00000001", lines)
+    files = find_metrics_files([str(tmp_path / "run")])
+    gap = collect_panels(files)["ppo"]["eval/reward_gap"]
+    assert [(line.is_eval, line.values) for line in gap] == [(True, pytest.approx([0.0, 0.3, 0.6, 0.9]))]
+    plot = plot_training_curves(files, tmp_path / "curves.png")
+    assert plot.panels == ["PPO: loss/policy", "PPO: reward/mean", "PPO: objective/kl", "PPO: eval/reward",
+                           "PPO: eval/reward_heldout", "PPO: eval/reward_gap"]
 
 
 # --------------------------------------------------------------------------------------------- upstream tools

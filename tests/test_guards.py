@@ -248,7 +248,9 @@ def test_monitor_warns_on_a_widening_reward_gap_and_keeps_other_signals():
     assert monitor.summary()["active"] == ["eval/reward_gap"]
     restored = HealthMonitor("step3", HealthThresholds(max_reward_gap=0.5, reward_gap_patience=2))
     restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
-    assert restored.observe(20, {"eval/reward_gap": 0.9})[0].signal == "eval/reward_gap"
+    # a resumed run carries on: the gap series and the warning already given (not repeated while it lasts)
+    assert restored.summary()["reward_gaps"] == summary["reward_gaps"]
+    assert restored.observe(20, {"eval/reward_gap": 0.9}) == [] and restored.summary()["active"] == ["eval/reward_gap"]
 
 
 def test_keep_best_keeps_the_first_of_equal_scores_and_ignores_nan():
@@ -434,7 +436,8 @@ def test_ppo_scores_with_the_heldout_reward_model_and_stops_on_a_widening_gap(pp
 def test_run_info_records_the_kl_budget(tinystories_dir):
     from dschat.steps import ppo
 
-    base = ["--actor_model_name_or_path", str(tinystories_dir), "--critic_model_name_or_path", str(tinystories_dir)]
+    base = ["--actor_model_name_or_path", str(tinystories_dir), "--critic_model_name_or_path", str(tinystories_dir),
+            "--output_dir", str(tinystories_dir / "unused")]
     adaptive = ppo.parse_args([*base, "--kl_target", "4", "--kl_horizon", "1000", "--init_kl_coef", "0.05"])
     assert ppo.kl_budget(adaptive, 0.2) == {"controller": "adaptive", "kl_target": 4.0, "kl_horizon": 1000,
                                             "init_kl_coef": 0.05, "kl_coef": 0.2}

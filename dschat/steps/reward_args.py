@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dschat.utils import args as flags
-from dschat.utils.data.splits import parse_data_part
 from dschat.utils.tokenizer import UPSTREAM_REWARD_ENDING
 
 
@@ -45,6 +44,10 @@ class RewardSettings(flags.TrainStageSettings, flags.RewardIndexSettings, flags.
     @property
     def part(self) -> tuple[int, int] | None:
         """(K, N) of --data_part, or None (every pair)."""
+        from dschat.utils.data.splits import (
+            parse_data_part,  # here: the data modules load torch; --help must not
+        )
+
         return parse_data_part(self.data_part) if self.data_part else None
 
     def _check(self) -> None:
