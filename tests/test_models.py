@@ -260,6 +260,20 @@ def test_position_ids_from_mask():
     assert has_left_padding(mask) and not has_left_padding(mask[1:])
 
 
+def test_a_folder_still_marked_gguf_quantised_is_refused_before_training(tinystories_dir, tiny_tokenizer, tmp_path):
+    """A hand conversion that kept the GGUF quantization_config trains, then cannot be saved: refused at load."""
+    import json
+    import shutil
+
+    folder = tmp_path / "converted"
+    shutil.copytree(tinystories_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "m.Q4_1.gguf", "dequantize": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="GGUF quantization_config"):
+        create_hf_model(AutoModelForCausalLM, str(folder), tiny_tokenizer)
+
+
 def test_create_hf_model_resizes_to_multiple_of_8(tinystories_dir, tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<x_extra>"]})

@@ -91,6 +91,17 @@ def check_tokenizer_matches(config: Any, tokenizer: Any, model_name_or_path: str
 
 
 @startup.timed("model_load")
+def check_trainable_config(config: Any, model_name_or_path: str) -> None:
+    """A folder whose config.json still carries a GGUF quantisation entry (a hand conversion that saved the
+    loaded model's config) loads and trains, then refuses `save_pretrained` after the whole run: say so at once."""
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(method).lower().endswith("gguf"):
+        raise UserError(f"{model_name_or_path}/config.json: has a GGUF quantization_config, so the trained model could "
+                        "not be saved; convert the GGUF file to a plain folder (`mpo assets --model smollm2`, or load it "
+                        "and save a model built from its config without that entry)")
+
+
 def create_hf_model(
     model_class: Any,
     model_name_or_path: str,
@@ -109,6 +120,7 @@ def create_hf_model(
         config = AutoConfig.from_pretrained(model_name_or_path)
     except (OSError, ValueError) as err:
         raise UserError(f"{model_name_or_path}: cannot load a model config ({_one_line(err)})") from err
+    check_trainable_config(config, model_name_or_path)
     configure_dropout(config, dropout)
     check_tokenizer_matches(config, tokenizer, model_name_or_path)
     with hf_deepspeed_scope(ds_config):
