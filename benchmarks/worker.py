@@ -145,19 +145,8 @@ def _our_module(task: str):
     return module
 
 
-def run_ours_train(cfg: dict, workdir: Path) -> dict:
-    """Our step module end to end: parse_args -> build (DeepSpeed engine) -> the shared Trainer.train()."""
-    import deepspeed  # noqa: F401 - counted in the baseline, not in the run
-    import torch
-    from torch.utils.data import DataLoader
-
-    from dschat.utils.dist import init_distributed
-    from dschat.utils.trainer import ResumableSampler, sample_lengths
-
-    module = _our_module(cfg["task"])
-    tokens = load_tokens(workdir, cfg["model"])
-    items = window_items(cfg, tokens)
-    baseline = rss_mb()
+def our_argv(cfg: dict, workdir: Path) -> list[str]:
+    """The flags our step module gets for a configuration (its defaults otherwise)."""
     bs = cfg["batch_size"]
     argv = our_data_args(workdir, cfg.get("data", "main"), cfg["model"]) + [
         "--model_name_or_path", str(model_dir(workdir, cfg["model"])),
@@ -179,7 +168,24 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
         argv += ["--lora_dim", str(cfg["lora_dim"]), "--lora_module_name", "layers.", "--only_optimize_lora"]
     if cfg.get("max_seq_len"):  # shorter rows: the memory runs where weights, not activations, dominate
         argv += ["--max_seq_len", str(cfg["max_seq_len"])]
-    args = module.parse_args(argv + list(cfg.get("flags", ())))
+    return argv + list(cfg.get("flags", ()))
+
+
+def run_ours_train(cfg: dict, workdir: Path) -> dict:
+    """Our step module end to end: parse_args -> build (DeepSpeed engine) -> the shared Trainer.train()."""
+    import deepspeed  # noqa: F401 - counted in the baseline, not in the run
+    import torch
+    from torch.utils.data import DataLoader
+
+    from dschat.utils.dist import init_distributed
+    from dschat.utils.trainer import ResumableSampler, sample_lengths
+
+    module = _our_module(cfg["task"])
+    tokens = load_tokens(workdir, cfg["model"])
+    items = window_items(cfg, tokens)
+    baseline = rss_mb()
+    bs = cfg["batch_size"]
+    args = module.parse_args(our_argv(cfg, workdir))
     init_distributed(args.local_rank)
     t0 = now()
     trainer = module.build(args)
