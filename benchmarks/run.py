@@ -127,7 +127,8 @@ def plan_real_size(with_trl: bool, with_weights: bool) -> list[dict[str, Any]]:
     the framework from the padding. `s135m` has random weights; `smollm2` (with `--model_dir`) its own.
 
     Short on purpose (a 135M model trains at ~60 tokens per CPU-second on one thread): one warm-up step,
-    then one timed window of 4 steps; `--reps` gives the median over runs.
+    then one timed window of 4 steps; `--reps` gives the median over runs. DPO also runs `ours-keep`
+    (--use_logits_to_keep, opt-in).
     """
     spec = REAL_SIZE
     configs = []
@@ -140,6 +141,8 @@ def plan_real_size(with_trl: bool, with_weights: bool) -> list[dict[str, Any]]:
             if with_trl:
                 variants.append(("trl", {"impl": "trl"}))
             variants.append(("ours-nogroup", {"impl": "ours", "flags": ABLATIONS["ours-nogroup"]}))
+            if task == "dpo":  # opt-in: the vocabulary head only from the first answer position on
+                variants.append(("ours-keep", {"impl": "ours", "flags": ["--use_logits_to_keep"]}))
             for label, extra in variants:
                 configs.append({**base, **extra, "name": f"{task}/{model}/bs{spec['batch_size']}/{label}",
                                 "label": label})
@@ -271,6 +274,8 @@ RATIOS = (
     ("ours-nogroup", "trl", "cpu_tokens_per_second", None, ">=", "same batches: ours/TRL useful tok per CPU-s"),
     ("ours", "bare", "cpu_tokens_per_second", None, ">=", "ours/bare useful tok per CPU-s"),
     ("ours", "ours-nogroup", "cpu_tokens_per_second", None, ">=", "effect of length grouping"),
+    ("ours-keep", "ours", "cpu_tokens_per_second", None, ">=", "effect of --use_logits_to_keep (DPO)"),
+    ("ours-keep", "trl", "cpu_tokens_per_second", None, ">=", "ours with --use_logits_to_keep / TRL"),
     ("ours-nogroup", "ours-nogroup-mask", "cpu_tokens_per_second", None, ">=",
      "effect of no pad mask on right-padded rows"),
     ("ours-nogroup", "ours-maxlen", "cpu_tokens_per_second", None, ">=", "effect of padding longest vs max_length"),
@@ -406,10 +411,11 @@ def real_size_table(rows: dict[str, dict]) -> list[str]:
     lines = ["", f"Real size (rows of at most {REAL_MAX_SEQ_LEN} tokens, fp32, 1 thread); the window is the timed "
              "steps after the warm-up, the process is launch to exit (imports, data, model build, all steps):", "",
              "| stage / model / batch | ours tok/CPU-s | TRL tok/CPU-s | ours/TRL | ours on TRL's batches / TRL | "
-             "pad % ours / TRL | process CPU s ours / TRL | process wall s ours / TRL | peak RSS MiB ours / TRL |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ours --use_logits_to_keep / TRL | pad % ours / TRL | process CPU s ours / TRL | process wall s ours / "
+             "TRL | peak RSS MiB ours / TRL |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for prefix, m in real_size_groups(rows).items():
-        ours, trl, same = m.get("ours", {}), m.get("trl", {}), m.get("ours-nogroup", {})
+        ours, trl, same, keep = (m.get(label, {}) for label in ("ours", "trl", "ours-nogroup", "ours-keep"))
 
         def pair(key: str, fmt: str = "{:.0f}", a: dict = ours, b: dict = trl) -> str:
             return f"{_f(a.get(key), fmt)} / {_f(b.get(key), fmt)}"
@@ -419,6 +425,7 @@ def real_size_table(rows: dict[str, dict]) -> list[str]:
             f"{_f(trl.get('cpu_tokens_per_second'), '{:.1f}')} | "
             f"{_f(_ratio(ours.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
             f"{_f(_ratio(same.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
+            f"{_f(_ratio(keep.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
             f"{_f(_pad_share(ours))} / {_f(_pad_share(trl))} | {pair('process_cpu_seconds')} | "
             f"{pair('wall_seconds')} | {pair('peak_rss_mb')} |")
     return lines
@@ -432,7 +439,7 @@ def plot_real_size(rows: dict[str, dict], out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     groups = real_size_groups(rows)
-    labels = [label for label in ("ours", "trl", "ours-nogroup") if any(label in m for m in groups.values())]
+    labels = [label for label in ("ours", "trl", "ours-nogroup", "ours-keep") if any(label in m for m in groups.values())]
     panels = (("cpu_tokens_per_second", "useful tokens per CPU-second (timed window)"),
               ("process_cpu_seconds", "whole process CPU seconds"), ("peak_rss_mb", "peak RSS (MiB)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(17, 5), squeeze=False)
@@ -456,7 +463,7 @@ def plot_real_size(rows: dict[str, dict], out_dir: Path) -> list[str]:
 
 
 CURVE_LABELS = ("ours", "trl", "bare", "ours-nogroup", "ours-maxlen", "ours-precomp", "trl-precomp")
-STYLES = {"ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
+STYLES = {"ours-keep": "C4", "ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
           "ours-nogroup": "C6", "ours-nogroup-mask": "C7", "ours-lora": "C8", "ours-lora-precomp": "C9",
           "ours-lora-copy": "C3"}
 
