@@ -43,7 +43,7 @@ OP_GROUPS = (
     ("matmul (linear layers, lm_head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "aten::_efficient_attention")),
     ("log-softmax / cross-entropy over the vocabulary", ("log_softmax", "nll_loss", "cross_entropy", "aten::gather",
-                                                         "_softmax")),
+                                                         "_softmax", "logsumexp")),
     ("optimizer and clipping per-tensor ops", ("aten::addcdiv", "aten::addcmul", "aten::lerp", "aten::sqrt",
                                                "aten::_foreach", "aten::norm", "linalg_vector_norm", "_fused_adam")),
 )
@@ -185,16 +185,17 @@ def markdown(results: list[dict], info: dict) -> str:
         for name, value in sorted(r["phases_cpu"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {value:.3f} | {100 * value / total:.1f}% |")
         ops_total = sum(r["op_groups_cpu"].values())
-        lines += ["", "Operators of one profiled step (torch.profiler, self CPU):", "", "| operator group | CPU s | share |",
-                  "|---|---:|---:|"]
+        lines += ["", "Operators of one further step under torch.profiler (self time per operator group; the profiler "
+                  "clocks wall time per operator, stretched by the other jobs on the machine, so read the shares):", "",
+                  "| operator group | profiler s | share |", "|---|---:|---:|"]
         for name, value in sorted(r["op_groups_cpu"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {value:.3f} | {100 * value / ops_total:.1f}% |")
         ev = r["initial_eval"]
         settings = r["eval_settings"]
         gen = f", of which greedy answers to held-out prompts {ev['generation_cpu']:.1f}" if ev["generation_cpu"] else ""
         lines += ["", f"Build (data from cache, model, DeepSpeed engine): {r['build']['cpu']:.1f} CPU-s. Evaluation "
-                  f"before training (defaults: --eval_iters {settings['eval_iters']}, eval batch "
-                  f"{settings['per_device_eval_batch_size']}"
+                  f"before training (--eval_iters {settings['eval_iters']} (the step's default; 0: every batch), eval "
+                  f"batch {settings['per_device_eval_batch_size']} (the benchmark's)"
                   + (f", --eval_prompts {settings['eval_prompts']}" if settings["eval_prompts"] is not None else "")
                   + f"; {r['eval_samples']} eval samples in this data): {ev['cpu']:.1f} CPU-s{gen}, "
                   f"= {ev['cpu'] / total:.1f} training steps.", ""]
