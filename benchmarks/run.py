@@ -123,8 +123,9 @@ REAL_SIZE = {"batch_size": 2, "samples": 8, "windows": 1, "warmup_steps": 1}
 
 def plan_real_size(with_trl: bool, with_weights: bool) -> list[dict[str, Any]]:
     """`--size 135m`: SFT, RM and DPO at SmolLM2-135M's shape, ours and TRL on the same ids (fp32, batch 2,
-    rows of at most REAL_MAX_SEQ_LEN tokens), plus ours on TRL's batches (no length grouping) to separate
-    the framework from the padding. `s135m` has random weights; `smollm2` (with `--model_dir`) its own.
+    rows of at most REAL_MAX_SEQ_LEN tokens, torch AdamW), and on `s135m` only: ours on TRL's batches (no
+    length grouping: the framework without the padding), and both with torch's fused AdamW (TRL's default
+    optimizer, our `--optim adamw_torch_fused`). `s135m` has random weights; `smollm2` (`--model_dir`) its own.
 
     Short on purpose (a 135M model trains at ~60 tokens per CPU-second on one thread): one warm-up step,
     then one timed window of 4 steps; `--reps` gives the median over runs. DPO also runs `ours-keep`
@@ -140,9 +141,14 @@ def plan_real_size(with_trl: bool, with_weights: bool) -> list[dict[str, Any]]:
             variants: list[tuple[str, dict]] = [("ours", {"impl": "ours"})]
             if with_trl:
                 variants.append(("trl", {"impl": "trl"}))
-            variants.append(("ours-nogroup", {"impl": "ours", "flags": ABLATIONS["ours-nogroup"]}))
-            if task == "dpo":  # opt-in: the vocabulary head only from the first answer position on
-                variants.append(("ours-keep", {"impl": "ours", "flags": ["--use_logits_to_keep"]}))
+            if model == "s135m":  # the ablations and opt-ins once, on the random-weight model (the same shapes)
+                variants.append(("ours-nogroup", {"impl": "ours", "flags": ABLATIONS["ours-nogroup"]}))
+                if task == "dpo":  # opt-in: the vocabulary head only from the first answer position on
+                    variants.append(("ours-keep", {"impl": "ours", "flags": ["--use_logits_to_keep"]}))
+                # torch's fused AdamW: opt-in for us (--optim), TRL's default optimizer
+                variants.append(("ours-fused", {"impl": "ours", "flags": ["--optim", "adamw_torch_fused"]}))
+                if with_trl:
+                    variants.append(("trl-fused", {"impl": "trl", "trl_optim": "adamw_torch_fused"}))
             for label, extra in variants:
                 configs.append({**base, **extra, "name": f"{task}/{model}/bs{spec['batch_size']}/{label}",
                                 "label": label})
@@ -276,6 +282,9 @@ RATIOS = (
     ("ours", "ours-nogroup", "cpu_tokens_per_second", None, ">=", "effect of length grouping"),
     ("ours-keep", "ours", "cpu_tokens_per_second", None, ">=", "effect of --use_logits_to_keep (DPO)"),
     ("ours-keep", "trl", "cpu_tokens_per_second", None, ">=", "ours with --use_logits_to_keep / TRL"),
+    ("ours-fused", "trl-fused", "cpu_tokens_per_second", "vs_trl", ">=",
+     "both with torch's fused AdamW (TRL's default): ours/TRL"),
+    ("ours-fused", "ours", "cpu_tokens_per_second", None, ">=", "effect of --optim adamw_torch_fused"),
     ("ours-nogroup", "ours-nogroup-mask", "cpu_tokens_per_second", None, ">=",
      "effect of no pad mask on right-padded rows"),
     ("ours-nogroup", "ours-maxlen", "cpu_tokens_per_second", None, ">=", "effect of padding longest vs max_length"),
@@ -411,11 +420,12 @@ def real_size_table(rows: dict[str, dict]) -> list[str]:
     lines = ["", f"Real size (rows of at most {REAL_MAX_SEQ_LEN} tokens, fp32, 1 thread); the window is the timed "
              "steps after the warm-up, the process is launch to exit (imports, data, model build, all steps):", "",
              "| stage / model / batch | ours tok/CPU-s | TRL tok/CPU-s | ours/TRL | ours on TRL's batches / TRL | "
-             "ours --use_logits_to_keep / TRL | pad % ours / TRL | process CPU s ours / TRL | process wall s ours / "
+             "ours --use_logits_to_keep / TRL | both fused AdamW: ours / TRL | pad % ours / TRL | process CPU s ours / TRL | process wall s ours / "
              "TRL | peak RSS MiB ours / TRL |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for prefix, m in real_size_groups(rows).items():
-        ours, trl, same, keep = (m.get(label, {}) for label in ("ours", "trl", "ours-nogroup", "ours-keep"))
+        ours, trl, same, keep, fused, trl_fused = (m.get(label, {}) for label in (
+            "ours", "trl", "ours-nogroup", "ours-keep", "ours-fused", "trl-fused"))
 
         def pair(key: str, fmt: str = "{:.0f}", a: dict = ours, b: dict = trl) -> str:
             return f"{_f(a.get(key), fmt)} / {_f(b.get(key), fmt)}"
@@ -426,6 +436,7 @@ def real_size_table(rows: dict[str, dict]) -> list[str]:
             f"{_f(_ratio(ours.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
             f"{_f(_ratio(same.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
             f"{_f(_ratio(keep.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
+            f"{_f(_ratio(fused.get('cpu_tokens_per_second'), trl_fused.get('cpu_tokens_per_second')), '{:.2f}')} | "
             f"{_f(_pad_share(ours))} / {_f(_pad_share(trl))} | {pair('process_cpu_seconds')} | "
             f"{pair('wall_seconds')} | {pair('peak_rss_mb')} |")
     return lines
@@ -439,7 +450,8 @@ def plot_real_size(rows: dict[str, dict], out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     groups = real_size_groups(rows)
-    labels = [label for label in ("ours", "trl", "ours-nogroup", "ours-keep") if any(label in m for m in groups.values())]
+    labels = [label for label in ("ours", "trl", "ours-nogroup", "ours-keep", "ours-fused", "trl-fused")
+              if any(label in m for m in groups.values())]
     panels = (("cpu_tokens_per_second", "useful tokens per CPU-second (timed window)"),
               ("process_cpu_seconds", "whole process CPU seconds"), ("peak_rss_mb", "peak RSS (MiB)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(17, 5), squeeze=False)
@@ -463,7 +475,7 @@ def plot_real_size(rows: dict[str, dict], out_dir: Path) -> list[str]:
 
 
 CURVE_LABELS = ("ours", "trl", "bare", "ours-nogroup", "ours-maxlen", "ours-precomp", "trl-precomp")
-STYLES = {"ours-keep": "C4", "ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
+STYLES = {"ours-keep": "C4", "ours-fused": "C8", "trl-fused": "C5", "ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
           "ours-nogroup": "C6", "ours-nogroup-mask": "C7", "ours-lora": "C8", "ours-lora-precomp": "C9",
           "ours-lora-copy": "C3"}
 
@@ -566,13 +578,27 @@ def plot(rows: dict[str, dict], comparisons: list[dict], out_dir: Path, mode: st
 # --------------------------------------------------------------------------------------------- main
 
 
-def rerender(path: Path) -> int:
-    """Tables, Markdown and plots again from a stored results JSON (no benchmark is run)."""
-    report = json.loads(path.read_text())
+def rerender(paths: list[Path], out: Path | None = None) -> int:
+    """Tables, Markdown and plots again from stored results JSON (no benchmark is run). Several files of one
+    mode (e.g. a `--reps 3` run and a later `--only` run) are merged: their runs pooled, the merged JSON
+    written as OUT/<mode>.json (OUT: `--out`, default the first file's folder)."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    report = reports[0]
+    if {r["mode"] for r in reports} != {report["mode"]}:
+        print(f"error: --report: files of different modes ({sorted({r['mode'] for r in reports})})", file=sys.stderr)
+        return 2
+    path = paths[0] if out is None else out / paths[0].name
+    if len(reports) > 1:
+        report = {**report, "runs": [run for r in reports for run in r["runs"]], "merged_from": [str(p) for p in paths],
+                  "total_seconds": sum(r.get("total_seconds", 0.0) for r in reports),
+                  "machines": [r["machine"] for r in reports]}
     rows = summarise(report["runs"])
     comparisons = compare(rows)
     print_tables(rows, comparisons)
     mode = report["mode"]
+    if len(reports) > 1:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path.parent / f"{mode}.json", {**report, "rows": rows, "comparisons": comparisons})
     pngs = plot(rows, comparisons, path.parent, mode)
     (path.parent / f"{mode}.md").write_text(markdown(rows, comparisons, report["machine"], mode))
     print(f"\nwrote {path.parent / f'{mode}.md'} and {', '.join(pngs)}")
@@ -591,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~2-3 minute smoke (tiny model, one batch size).")
     parser.add_argument("--all", action="store_true", help="Every variant at every size (about twice --full).")
     parser.add_argument("--reps", type=int, default=1, help="Repeat the whole matrix (more windows per median).")
-    parser.add_argument("--only", type=str, default=None, help="Run configurations whose name contains this.")
+    parser.add_argument("--only", type=str, default=None,
+                        help="Run configurations whose name contains this (several: comma-separated, any of them).")
     parser.add_argument("--no-trl", action="store_true", help="Leave out the TRL comparison.")
     parser.add_argument("--no-zero3", action="store_true", help="Leave out the 2-rank ZeRO-3 generation runs.")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dschat_mpo_bench",
@@ -607,11 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_dir", type=Path, default=None,
                         help="A SmolLM2-135M-Instruct folder (Hugging Face layout): its config, tokenizer and chat "
                              "template (needed by --size 135m) and its weights (the `smollm2` rows).")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="Only re-render tables, Markdown and plots from an existing results JSON.")
+    parser.add_argument("--report", type=Path, nargs="+", default=None,
+                        help="Only re-render tables, Markdown and plots from existing results JSON (several files "
+                             "of one mode: merged into --out/<mode>.json when --out is given).")
     args = parser.parse_args(argv)
     if args.report:
-        return rerender(args.report)
+        return rerender(args.report, args.out if len(args.report) > 1 else None)
 
     real_size = args.size == "135m"
     for path in (HH_TEST,) if real_size else (HH_TEST, TINYSTORIES):
@@ -641,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = (plan_real_size(with_trl, with_weights=True) if real_size
                else plan(mode, with_trl=with_trl, with_zero3=not args.no_zero3))
     if args.only:
-        configs = [c for c in configs if args.only in c["name"]]
+        wanted = [part for part in args.only.split(",") if part]
+        configs = [c for c in configs if any(part in c["name"] for part in wanted)]
     for cfg in configs:
         cfg.setdefault("threads", args.threads)
         cfg.setdefault("hang_dump_s", max(30, args.timeout - 30))

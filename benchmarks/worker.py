@@ -336,7 +336,9 @@ def run_trl_train(cfg: dict, workdir: Path) -> dict:
     common = dict(
         output_dir=str(workdir / f"trl_out_{os.getpid()}"), per_device_train_batch_size=bs, max_steps=total_steps(cfg),
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", adam_beta1=ADAM_BETAS[0],
-        adam_beta2=ADAM_BETAS[1], weight_decay=0.0, max_grad_norm=GRAD_CLIP, optim="adamw_torch",
+        adam_beta2=ADAM_BETAS[1], weight_decay=0.0, max_grad_norm=GRAD_CLIP,
+        # ours' default on CPU; TRL's own default is adamw_torch_fused (the `trl-fused` rows of --size 135m)
+        optim=cfg.get("trl_optim", "adamw_torch"),
         # fp32 and no activation checkpointing, like ours (TRL defaults to bf16 on CPU and to checkpointing)
         bf16=False, fp16=False, gradient_checkpointing=False,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, use_cpu=True,
