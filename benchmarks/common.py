@@ -310,7 +310,8 @@ def prepare_assets(workdir: Path, models: list[str] | None = None) -> dict[str, 
 
 def prepare_real_size(workdir: Path, source: Path) -> dict[str, Any]:
     """Assets of the real-size set: `model_smollm2` (links to the files of `source`, a SmolLM2-135M-Instruct
-    folder), `model_s135m` (its config and tokenizer, random weights) and the token ids, produced by our
+    folder), `model_s135m` (its config and tokenizer, random weights), `critic_s135m` (a step-2 style
+    reward/critic model on it, for PPO) and the token ids, produced by our
     steps' own data path (`stage_datasets` under the flags our runs get: chat template, length limit, split)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -337,6 +338,19 @@ def prepare_real_size(workdir: Path, source: Path) -> dict[str, Any]:
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(random_dir)
         AutoTokenizer.from_pretrained(str(source)).save_pretrained(random_dir)
+    critic = critic_dir(workdir, "s135m")  # PPO's critic and reward model: the shape with a random value head
+    if not (critic / "config.json").exists():
+        from transformers import AutoModel
+
+        from dschat.utils.model.reward_model import RewardModel
+        from dschat.utils.saving import save_reward_model
+        from dschat.utils.tokenizer import load_hf_tokenizer
+
+        tokenizer = load_hf_tokenizer(str(random_dir))
+        torch.manual_seed(0)
+        value_model = RewardModel(AutoModel.from_pretrained(str(random_dir)), tokenizer, 0)
+        torch.nn.init.normal_(value_model.v_head.weight, std=0.5)
+        save_reward_model(value_model, tokenizer, critic)
     tset = TOKEN_SETS["smollm2"]
     tokens_file = workdir / tset.tokens
     if not tokens_file.exists():

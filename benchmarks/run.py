@@ -152,6 +152,9 @@ def plan_real_size(with_trl: bool, with_weights: bool) -> list[dict[str, Any]]:
             for label, extra in variants:
                 configs.append({**base, **extra, "name": f"{task}/{model}/bs{spec['batch_size']}/{label}",
                                 "label": label})
+    # one PPO step after a warm-up step: 2 prompts of at most 64 tokens, 32 new tokens, four 135M models
+    configs.append({"kind": "ppo", "model": "s135m", "batch_size": 2, "max_new_tokens": 32, "max_prompt_seq_len": 64,
+                    "windows": 1, "warmup_steps": 1, "name": "ppo/s135m/bs2/ours", "label": "ours"})
     return configs
 
 

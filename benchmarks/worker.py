@@ -583,8 +583,8 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
     argv = [
         "--actor_model_name_or_path", str(model_dir(workdir, model)),
         "--critic_model_name_or_path", str(critic_dir(workdir, model)),
-        "--data_path", str(data_file(workdir, cfg.get("data", "main"))),
-        "--data_output_path", str(workdir / "data_cache"),
+        "--data_path", str(data_file(workdir, cfg.get("data", token_set(model).data))),
+        "--data_output_path", str(workdir / token_set(model).cache),
         "--per_device_generation_batch_size", str(bs), "--per_device_training_batch_size", str(bs),
         "--max_prompt_seq_len", str(cfg.get("max_prompt_seq_len", MAX_PROMPT_LEN)),
         "--max_answer_seq_len", str(cfg["max_new_tokens"]),
