@@ -467,7 +467,8 @@ def plot_real_size(rows: dict[str, dict], out_dir: Path) -> list[str]:
                       ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if labels:
+        axes[0][0].legend(fontsize=8)
     fig.suptitle(f"dschat-mpo vs TRL at 135M parameters (SmolLM2-135M shape; s135m: random weights, smollm2: "
                  f"real), fp32, rows <= {REAL_MAX_SEQ_LEN} tokens, 1 thread")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
