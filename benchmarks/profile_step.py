@@ -80,7 +80,7 @@ def _group_ops(prof) -> dict[str, float]:
     return dict(groups)
 
 
-def profile_task(task: str, workdir: Path, steps: int, model: str) -> dict:
+def profile_task(task: str, workdir: Path, steps: int, model: str, extra: list[str]) -> dict:
     import torch
     from worker import _our_module, our_argv
 
@@ -92,13 +92,13 @@ def profile_task(task: str, workdir: Path, steps: int, model: str) -> dict:
            "samples_per_window": 2 * (steps + 2), "windows": 1, "warmup_steps": 0}
     module = _our_module(task)
     args = module.parse_args(our_argv({**cfg, "workdir": str(workdir)}, workdir)
-                             + ["--output_dir", str(workdir / f"profile_out_{os.getpid()}")])
+                             + ["--output_dir", str(workdir / f"profile_out_{os.getpid()}")] + extra)
     init_distributed(args.local_rank)
     c0, w0 = time.process_time(), time.perf_counter()
     trainer = module.build(args)
     build = {"cpu": time.process_time() - c0, "wall": time.perf_counter() - w0}
     engine = trainer.engine
-    result: dict = {"task": task, "model": model, "build": build, "eval_rows": 0}
+    result: dict = {"task": task, "model": model, "build": build, "extra_flags": extra}
 
     # ---- the evaluation before training, as Trainer.train() runs it at step 0 (defaults of the step)
     eval_loader = trainer.eval_loader
@@ -178,7 +178,8 @@ def markdown(results: list[dict], info: dict) -> str:
              "CPU seconds of this process (`time.process_time`), mean over the counted steps after one warm-up.", ""]
     for r in results:
         total = r["step_cpu"]
-        lines += [f"## {r['task'].upper()}", "",
+        flags = f" with `{' '.join(r['extra_flags'])}`" if r.get("extra_flags") else ""
+        lines += [f"## {r['task'].upper()}{flags}", "",
                   f"{r['steps']} steps counted: {total:.2f} CPU-s per step ({r['step_wall']:.2f} s wall), "
                   f"{r['tokens_per_step']:.0f} useful tokens per step ({r['tokens_per_step'] / total:.1f} per CPU-s).",
                   "", "| phase | CPU s per step | share |", "|---|---:|---:|"]
@@ -205,8 +206,9 @@ def markdown(results: list[dict], info: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", type=Path, required=True, help="A SmolLM2-135M-Instruct folder.")
-    parser.add_argument("--task", choices=TASKS, default=None, help="One task in this process (default: all, "
-                                                                     "one fresh process each).")
+    parser.add_argument("--task", choices=TASKS, default=None, help=argparse.SUPPRESS)  # one task, in this process
+    parser.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated tasks, one fresh process each.")
+    parser.add_argument("--extra", default="", help="More flags for our step, e.g. \"--optim adamw_torch_fused\".")
     parser.add_argument("--model", default="s135m", choices=("s135m", "smollm2"))
     parser.add_argument("--steps", type=int, default=3, help="Counted steps after one warm-up.")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dschat_mpo_bench")
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json_out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.task:
-        result = profile_task(args.task, args.workdir, args.steps, args.model)
+        result = profile_task(args.task, args.workdir, args.steps, args.model, args.extra.split())
         if args.json_out:
             args.json_out.write_text(json.dumps(result, indent=1))
         return 0
@@ -224,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     prepare_real_size(args.workdir, args.model_dir)
     results = []
-    for task in TASKS:
-        out = args.workdir / f"profile_{task}.json"
+    for task in args.tasks.split(","):
+        out = args.workdir / f"profile_{task}_{os.getpid()}.json"
         out.unlink(missing_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                    MASTER_PORT=str(port), PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, __file__, "--model_dir", str(args.model_dir), "--task", task, "--model", args.model,
-               "--steps", str(args.steps), "--workdir", str(args.workdir), "--json_out", str(out)]
+               "--steps", str(args.steps), "--workdir", str(args.workdir), "--json_out", str(out),
+               f"--extra={args.extra}"]
         subprocess.run(cmd, env=env, check=True)
         results.append(json.loads(out.read_text()))
         print(f"{task}: {results[-1]['step_cpu']:.2f} CPU-s per step", flush=True)
