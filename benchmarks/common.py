@@ -323,18 +323,23 @@ def prepare_real_size(workdir: Path, source: Path) -> dict[str, Any]:
     filename, count = DATA_FILES["real"]
     if not (workdir / filename).exists():
         write_hh_subset(workdir / filename, count)
+    # A folder converted from GGUF by hand may still record its origin (`quantization_config`, which makes
+    # transformers' Trainer refuse to fine-tune it); the weights are plain fp32: both models get the config
+    # without it, as `mpo assets` writes it.
+    config = json.loads((source / "config.json").read_text())
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
     linked = model_dir(workdir, "smollm2")
     if not (linked / "config.json").exists():
         tmp = workdir / f".model_smollm2.{os.getpid()}"
         tmp.mkdir(parents=True)
         for item in source.iterdir():
-            (tmp / item.name).symlink_to(item.resolve())
+            if item.name != "config.json":
+                (tmp / item.name).symlink_to(item.resolve())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tmp.rename(linked)
     random_dir = model_dir(workdir, "s135m")
     if not (random_dir / "config.json").exists():
-        config = json.loads((source / "config.json").read_text())
-        config.pop("quantization_config", None)  # the folder records its GGUF origin; the weights are plain
-        config.pop("_model_name_or_path", None)
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(random_dir)
         AutoTokenizer.from_pretrained(str(source)).save_pretrained(random_dir)
