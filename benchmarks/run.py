@@ -442,6 +442,10 @@ def real_size_table(rows: dict[str, dict]) -> list[str]:
             f"{_f(_ratio(fused.get('cpu_tokens_per_second'), trl_fused.get('cpu_tokens_per_second')), '{:.2f}')} | "
             f"{_f(_pad_share(ours))} / {_f(_pad_share(trl))} | {pair('process_cpu_seconds')} | "
             f"{pair('wall_seconds')} | {pair('peak_rss_mb')} |")
+    lines += ["", "Ratios are between rows of one invocation where run back to back (`ours`, `trl`, `ours-nogroup`; "
+              "`ours-fused`, `trl-fused`, `ours-keep`); a merged report (`merged_from` in the JSON) can put rows of "
+              "different invocations in one line, and CPU seconds moved by ~10% with the machine's load between "
+              "them."]
     return lines
 
 
