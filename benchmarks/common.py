@@ -58,7 +58,32 @@ MODEL_CONFIGS = {"rand": RAND_CONFIG, "wide": WIDE_CONFIG, "xl": XL_CONFIG, "r1m
 CRITIC_MODELS = ("tiny", "r1m", "rand", "r12m")
 # "prompts": enough HH records that the step-3 / step-2.5 slice keeps a few dozen short prompts.
 DATA_FILES = {"main": ("hh_pairs.jsonl", NUM_PAIRS), "small": ("hh_pairs_small.jsonl", NUM_PAIRS_SMALL),
-              "prompts": ("hh_pairs_prompts.jsonl", 800)}
+              "prompts": ("hh_pairs_prompts.jsonl", 800), "real": ("hh_pairs_real.jsonl", 400)}
+
+# Real size (`run.py --size 135m`): SmolLM2-135M-Instruct's tokenizer and chat template (from `--model_dir`),
+# its shape with random weights ("s135m") and its own weights ("smollm2"). Rendered through the ChatML template
+# many HH dialogues exceed REAL_MAX_SEQ_LEN and are dropped by our data layer, hence the larger file ("real").
+REAL_SIZE_MODELS = ("s135m", "smollm2")
+REAL_MAX_SEQ_LEN = 128
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """What a model family trains on: the HH subset, the length limit, the data cache and the stored ids."""
+
+    data: str  # key of DATA_FILES
+    max_seq_len: int
+    cache: str  # folder under the work directory (our data cache)
+    tokens: str  # file under the work directory (the ids every implementation reads)
+
+
+TOKEN_SETS = {"tinystories": TokenSet("main", MAX_SEQ_LEN, "data_cache", "tokens.pt"),
+              "smollm2": TokenSet("real", REAL_MAX_SEQ_LEN, "data_cache_smollm2", "tokens_smollm2.pt")}
+
+
+def token_set(model: str) -> TokenSet:
+    """The token set a benchmark model trains on (every small model shares tinystories' tokenizer)."""
+    return TOKEN_SETS["smollm2" if model in REAL_SIZE_MODELS else "tinystories"]
 
 
 # --------------------------------------------------------------------------------------------- memory, time
@@ -238,10 +263,13 @@ def data_file(workdir: Path, data: str = "main") -> Path:
     return workdir / DATA_FILES[data][0]
 
 
-def our_data_args(workdir: Path, data: str = "main") -> list[str]:
+def our_data_args(workdir: Path, data: str = "main", model: str = "tiny") -> list[str]:
     """Data flags shared by every run through our pipeline (same cache, same split, same order)."""
-    return ["--data_path", str(data_file(workdir, data)), "--data_output_path", str(workdir / "data_cache"),
-            "--max_seq_len", str(MAX_SEQ_LEN), "--seed", str(SEED)]
+    tset = token_set(model)
+    if model in REAL_SIZE_MODELS:
+        data = tset.data
+    return ["--data_path", str(data_file(workdir, data)), "--data_output_path", str(workdir / tset.cache),
+            "--max_seq_len", str(tset.max_seq_len), "--seed", str(SEED)]
 
 
 def prepare_assets(workdir: Path, models: list[str] | None = None) -> dict[str, Any]:
@@ -286,13 +314,10 @@ def prepare_assets(workdir: Path, models: list[str] | None = None) -> dict[str, 
         small, _ = create_prompt_dataset(0, [small_file], train_phase=2, **common)
         prompts, _ = create_prompt_dataset(0, [main_file], train_phase=3, **{**common, "max_seq_len": MAX_PROMPT_LEN})
 
-        def as_pairs(dataset) -> list:
-            return [(dataset[i][0].tolist(), dataset[i][2].tolist(), int(dataset[i][4])) for i in range(len(dataset))]
-
         tokens = {
             "sft": [sft[i]["input_ids"].tolist() for i in range(len(sft))],
-            "pairs": as_pairs(pairs),
-            "pairs_small": as_pairs(small),
+            "pairs": _as_pairs(pairs),
+            "pairs_small": _as_pairs(small),
             "prompts": [prompts[i][0].tolist() for i in range(len(prompts))],
             "pad_token_id": tokenizer.pad_token_id,
         }
@@ -301,10 +326,79 @@ def prepare_assets(workdir: Path, models: list[str] | None = None) -> dict[str, 
     return {key: len(value) for key, value in tokens.items() if isinstance(value, list)}
 
 
-def load_tokens(workdir: Path) -> dict[str, Any]:
+def prepare_real_size(workdir: Path, source: Path) -> dict[str, Any]:
+    """Assets of the real-size set: `model_smollm2` (links to the files of `source`, a SmolLM2-135M-Instruct
+    folder), `model_s135m` (its config and tokenizer, random weights), `critic_s135m` (a step-2 style
+    reward/critic model on it, for PPO) and the token ids, produced by our
+    steps' own data path (`stage_datasets` under the flags our runs get: chat template, length limit, split)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dschat.steps import sft
+    from dschat.utils.build import build_tokenizer, stage_datasets
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    filename, count = DATA_FILES["real"]
+    if not (workdir / filename).exists():
+        write_hh_subset(workdir / filename, count)
+    # A folder converted from GGUF by hand may still record its origin (`quantization_config`, which makes
+    # transformers' Trainer refuse to fine-tune it); the weights are plain fp32: both models get the config
+    # without it, as `mpo assets` writes it.
+    config = json.loads((source / "config.json").read_text())
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    linked = model_dir(workdir, "smollm2")
+    if not (linked / "config.json").exists():
+        tmp = workdir / f".model_smollm2.{os.getpid()}"
+        tmp.mkdir(parents=True)
+        for item in source.iterdir():
+            if item.name != "config.json":
+                (tmp / item.name).symlink_to(item.resolve())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tmp.rename(linked)
+    random_dir = model_dir(workdir, "s135m")
+    if not (random_dir / "config.json").exists():
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(random_dir)
+        AutoTokenizer.from_pretrained(str(source)).save_pretrained(random_dir)
+    critic = critic_dir(workdir, "s135m")  # PPO's critic and reward model: the shape with a random value head
+    if not (critic / "config.json").exists():
+        from transformers import AutoModel
+
+        from dschat.utils.model.reward_model import RewardModel
+        from dschat.utils.saving import save_reward_model
+        from dschat.utils.tokenizer import load_hf_tokenizer
+
+        tokenizer = load_hf_tokenizer(str(random_dir))
+        torch.manual_seed(0)
+        value_model = RewardModel(AutoModel.from_pretrained(str(random_dir)), tokenizer, 0)
+        torch.nn.init.normal_(value_model.v_head.weight, std=0.5)
+        save_reward_model(value_model, tokenizer, critic)
+    tset = TOKEN_SETS["smollm2"]
+    tokens_file = workdir / tset.tokens
+    if not tokens_file.exists():
+        argv = our_data_args(workdir, model="smollm2") + ["--model_name_or_path", str(linked),
+                                                          "--output_dir", str(workdir / "unused_out")]
+        settings = sft.parse_args(argv)
+        tokenizer = build_tokenizer(settings)
+        sft_rows, _ = stage_datasets(settings, tokenizer, 1)
+        pairs, _ = stage_datasets(settings, tokenizer, 2)
+        tokens = {"sft": [sft_rows[i]["input_ids"].tolist() for i in range(len(sft_rows))],
+                  "pairs": _as_pairs(pairs), "pad_token_id": tokenizer.pad_token_id}
+        torch.save(tokens, tokens_file)
+    tokens = torch.load(tokens_file)
+    return {key: len(value) for key, value in tokens.items() if isinstance(value, list)}
+
+
+def _as_pairs(dataset) -> list:
+    """(chosen ids, rejected ids, prompt length) of every pair of a phase-2 dataset."""
+    return [(dataset[i][0].tolist(), dataset[i][2].tolist(), int(dataset[i][4])) for i in range(len(dataset))]
+
+
+def load_tokens(workdir: Path, model: str = "tiny") -> dict[str, Any]:
     import torch
 
-    return torch.load(workdir / "tokens.pt")
+    return torch.load(workdir / token_set(model).tokens)
 
 
 def write_json(path: Path, obj: Any) -> None:

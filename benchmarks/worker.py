@@ -5,7 +5,7 @@
 configuration: `ru_maxrss` is a process-lifetime high-water mark.
 
 Configurations (keys of the JSON):
-  kind=train: task sft|rm|dpo, impl ours|trl|bare, model tiny|rand|wide|xl, batch_size, padding
+  kind=train: task sft|rm|dpo, impl ours|trl|bare, model tiny|rand|wide|xl|s135m|smollm2, batch_size, padding
               longest|max_length, ref resident|precomputed|copy (dpo; copy: a second model even for LoRA),
               data main|small, lora_dim (ours), flags (ours: extra step flags, e.g. --no_group_by_length),
               max_seq_len (ours, default 512), samples_per_window, windows, warmup_steps
@@ -19,6 +19,8 @@ Configurations (keys of the JSON):
               batch_size (prompts per generate call), num_samples, max_new_tokens, max_prompt_seq_len; the
               first batch of each rank is the warm-up, the rest is one timed window
   kind=prepare: build the work directory (data subset, random models, critic, token ids)
+  kind=prepare_real: the real-size set (model_dir: a SmolLM2-135M-Instruct folder): its weights linked as
+              model "smollm2", its shape with random weights as "s135m", token ids through our chat-template path
   any kind:   ranks (launched by run.py under the deepspeed launcher when > 1: each rank takes its
               share of a window; CPU seconds and tokens are summed over ranks, wall is the slowest rank's),
               workdir, threads, hang_dump_s (faulthandler stacks before a timeout), profile (ours: PATH for a
@@ -40,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     MAX_PROMPT_LEN,
-    MAX_SEQ_LEN,
     SEED,
     Clock,
     critic_dir,
@@ -52,6 +53,7 @@ from common import (  # noqa: E402
     padded_width,
     peak_rss_mb,
     rss_mb,
+    token_set,
     write_json,
 )
 
@@ -88,7 +90,7 @@ def token_counts(cfg: dict, items: list, padding: str, multiple: int | None) -> 
     useful = padded = 0
     for lengths in row_lengths(cfg, items):
         useful += sum(lengths)
-        padded += len(lengths) * padded_width(lengths, padding, MAX_SEQ_LEN, multiple)
+        padded += len(lengths) * padded_width(lengths, padding, token_set(cfg["model"]).max_seq_len, multiple)
     return useful, padded
 
 
@@ -143,21 +145,10 @@ def _our_module(task: str):
     return module
 
 
-def run_ours_train(cfg: dict, workdir: Path) -> dict:
-    """Our step module end to end: parse_args -> build (DeepSpeed engine) -> the shared Trainer.train()."""
-    import deepspeed  # noqa: F401 - counted in the baseline, not in the run
-    import torch
-    from torch.utils.data import DataLoader
-
-    from dschat.utils.dist import init_distributed
-    from dschat.utils.trainer import ResumableSampler, sample_lengths
-
-    module = _our_module(cfg["task"])
-    tokens = load_tokens(workdir)
-    items = window_items(cfg, tokens)
-    baseline = rss_mb()
+def our_argv(cfg: dict, workdir: Path) -> list[str]:
+    """The flags our step module gets for a configuration (its defaults otherwise)."""
     bs = cfg["batch_size"]
-    argv = our_data_args(workdir, cfg.get("data", "main")) + [
+    argv = our_data_args(workdir, cfg.get("data", "main"), cfg["model"]) + [
         "--model_name_or_path", str(model_dir(workdir, cfg["model"])),
         "--per_device_train_batch_size", str(bs), "--per_device_eval_batch_size", str(bs),
         "--padding", cfg["padding"], "--num_train_epochs", str(-(-total_steps(cfg) // steps_per_window(cfg))),
@@ -177,7 +168,24 @@ def run_ours_train(cfg: dict, workdir: Path) -> dict:
         argv += ["--lora_dim", str(cfg["lora_dim"]), "--lora_module_name", "layers.", "--only_optimize_lora"]
     if cfg.get("max_seq_len"):  # shorter rows: the memory runs where weights, not activations, dominate
         argv += ["--max_seq_len", str(cfg["max_seq_len"])]
-    args = module.parse_args(argv + list(cfg.get("flags", ())))
+    return argv + list(cfg.get("flags", ()))
+
+
+def run_ours_train(cfg: dict, workdir: Path) -> dict:
+    """Our step module end to end: parse_args -> build (DeepSpeed engine) -> the shared Trainer.train()."""
+    import deepspeed  # noqa: F401 - counted in the baseline, not in the run
+    import torch
+    from torch.utils.data import DataLoader
+
+    from dschat.utils.dist import init_distributed
+    from dschat.utils.trainer import ResumableSampler, sample_lengths
+
+    module = _our_module(cfg["task"])
+    tokens = load_tokens(workdir, cfg["model"])
+    items = window_items(cfg, tokens)
+    baseline = rss_mb()
+    bs = cfg["batch_size"]
+    args = module.parse_args(our_argv(cfg, workdir))
     init_distributed(args.local_rank)
     t0 = now()
     trainer = module.build(args)
@@ -318,7 +326,7 @@ def run_trl_train(cfg: dict, workdir: Path) -> dict:
         TrainerCallback,
     )
 
-    tokens = load_tokens(workdir)
+    tokens = load_tokens(workdir, cfg["model"])
     items = window_items(cfg, tokens)
     baseline = rss_mb()
     path = str(model_dir(workdir, cfg["model"]))
@@ -328,11 +336,14 @@ def run_trl_train(cfg: dict, workdir: Path) -> dict:
     common = dict(
         output_dir=str(workdir / f"trl_out_{os.getpid()}"), per_device_train_batch_size=bs, max_steps=total_steps(cfg),
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", adam_beta1=ADAM_BETAS[0],
-        adam_beta2=ADAM_BETAS[1], weight_decay=0.0, max_grad_norm=GRAD_CLIP, optim="adamw_torch",
+        adam_beta2=ADAM_BETAS[1], weight_decay=0.0, max_grad_norm=GRAD_CLIP,
+        # ours' default on CPU; TRL's own default is adamw_torch_fused (the `trl-fused` rows of --size 135m)
+        optim=cfg.get("trl_optim", "adamw_torch"),
         # fp32 and no activation checkpointing, like ours (TRL defaults to bf16 on CPU and to checkpointing)
         bf16=False, fp16=False, gradient_checkpointing=False,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, use_cpu=True,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, seed=SEED, max_length=MAX_SEQ_LEN,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, seed=SEED,
+        max_length=token_set(cfg["model"]).max_seq_len,
     )
     clock = Clock()
     first_loss: list[float] = []
@@ -405,7 +416,7 @@ def run_bare_train(cfg: dict, workdir: Path) -> dict:
     import torch.nn.functional as F
     from transformers import AutoModel, AutoModelForCausalLM
 
-    tokens = load_tokens(workdir)
+    tokens = load_tokens(workdir, cfg["model"])
     items = window_items(cfg, tokens)
     baseline = rss_mb()
     torch.manual_seed(SEED)
@@ -572,8 +583,8 @@ def run_ppo(cfg: dict, workdir: Path) -> dict:
     argv = [
         "--actor_model_name_or_path", str(model_dir(workdir, model)),
         "--critic_model_name_or_path", str(critic_dir(workdir, model)),
-        "--data_path", str(data_file(workdir, cfg.get("data", "main"))),
-        "--data_output_path", str(workdir / "data_cache"),
+        "--data_path", str(data_file(workdir, cfg.get("data", token_set(model).data))),
+        "--data_output_path", str(workdir / token_set(model).cache),
         "--per_device_generation_batch_size", str(bs), "--per_device_training_batch_size", str(bs),
         "--max_prompt_seq_len", str(cfg.get("max_prompt_seq_len", MAX_PROMPT_LEN)),
         "--max_answer_seq_len", str(cfg["max_new_tokens"]),
@@ -709,6 +720,11 @@ def main(argv: list[str]) -> None:
         from common import prepare_assets
 
         write_json(out, prepare_assets(workdir, cfg.get("models")))
+        return
+    if cfg["kind"] == "prepare_real":
+        from common import prepare_real_size
+
+        write_json(out, prepare_real_size(workdir, Path(cfg["model_dir"])))
         return
     if cfg["kind"] == "train":
         runner = {"ours": run_ours_train, "trl": run_trl_train, "bare": run_bare_train}[cfg["impl"]]

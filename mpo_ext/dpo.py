@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from dschat.utils.dist import (
     get_world_size,
     is_rank_0,
 )
-from dschat.utils.errors import run_main
+from dschat.utils.errors import UserError, run_main
 from dschat.utils.files import atomic_write, atomic_write_json
 from dschat.utils.fingerprint import model_signature
 from dschat.utils.inference import RewardScorer, pad_with_mask, resolve_torch_dtype
@@ -190,25 +191,49 @@ class IndexedCollator:
         return batch
 
 
-def policy_log_probs(model, batch: dict[str, torch.Tensor], pad_mask: str = "always") -> torch.Tensor:
-    """Summed answer log-probs [2B] of every row of a pair batch, one forward for chosen and rejected."""
+def answer_logits_start(prompt_lengths: torch.Tensor) -> int:
+    """First position whose logits some answer token needs: the one before the earliest answer start (the
+    logits at position t predict token t+1). Everything before it is prompt in every row."""
+    return max(int(prompt_lengths.min()) - 1, 0) if prompt_lengths.numel() else 0
+
+
+def policy_log_probs(model, batch: dict[str, torch.Tensor], pad_mask: str = "always",
+                     answer_logits_only: bool = False) -> torch.Tensor:
+    """Summed answer log-probs [2B] of every row of a pair batch, one forward for chosen and rejected.
+
+    `answer_logits_only` (--use_logits_to_keep) asks the model for the logits of the last positions only,
+    from `answer_logits_start` on (transformers' `logits_to_keep`): the vocabulary-sized head and its
+    log-softmax then skip the shared prompt prefix, whose log-probs the response mask drops anyway. Same
+    sums; only the floating-point summation order of the head's weight gradient changes.
+    """
+    start = answer_logits_start(batch["prompt_lengths"]) if answer_logits_only else 0
+    keep = {"logits_to_keep": batch["input_ids"].shape[1] - start} if start else {}
     out = model(input_ids=batch["input_ids"], attention_mask=training_attention_mask(batch["attention_mask"], pad_mask),
-                use_cache=False)
+                use_cache=False, **keep)
     logits = out.logits if hasattr(out, "logits") else out[0]
     mask = response_mask(batch["attention_mask"], batch["prompt_lengths"])
-    return sequence_log_prob_sums(logits, batch["input_ids"], mask)
+    return sequence_log_prob_sums(logits, batch["input_ids"][:, start:], mask[:, start:])
+
+
+def check_logits_to_keep(model, flag: str = "--use_logits_to_keep") -> None:
+    """The model's forward must take `logits_to_keep` (transformers' causal LMs do; some custom code does not)."""
+    module = getattr(model, "module", model)
+    if "logits_to_keep" not in inspect.signature(module.forward).parameters:
+        raise UserError(f"{flag}: {type(module).__name__}.forward takes no logits_to_keep argument; leave the flag off "
+                        "for this model")
 
 
 class ResidentReference:
     """Reference log-probs computed on the fly by a frozen model kept in memory (upstream's way)."""
 
-    def __init__(self, model, pad_mask: str = "always"):
+    def __init__(self, model, pad_mask: str = "always", answer_logits_only: bool = False):
         self.model = model
         self.pad_mask = pad_mask
+        self.answer_logits_only = answer_logits_only
 
     @torch.no_grad()
     def log_probs(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:  # noqa: ARG002
-        return policy_log_probs(self.model, batch, self.pad_mask)
+        return policy_log_probs(self.model, batch, self.pad_mask, self.answer_logits_only)
 
 
 class BaseWeightsReference:
@@ -219,9 +244,10 @@ class BaseWeightsReference:
     (what TRL does for PEFT models): the memory of a precomputed reference without the precompute pass.
     """
 
-    def __init__(self, engine, pad_mask: str = "always"):
+    def __init__(self, engine, pad_mask: str = "always", answer_logits_only: bool = False):
         self.module = getattr(engine, "module", engine)
         self.pad_mask = pad_mask
+        self.answer_logits_only = answer_logits_only
 
     @torch.no_grad()
     def log_probs(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:  # noqa: ARG002
@@ -229,7 +255,7 @@ class BaseWeightsReference:
         self.module.eval()  # the reference never sees dropout
         try:
             with lora_disabled(self.module):
-                return policy_log_probs(self.module, batch, self.pad_mask)
+                return policy_log_probs(self.module, batch, self.pad_mask, self.answer_logits_only)
         finally:
             self.module.train(was_training)
 
@@ -251,7 +277,7 @@ class PrecomputedReference:
 @torch.no_grad()
 def compute_reference_table(model, dataset: Dataset, collate_fn, batch_size: int, device=None,
                             rank: int | None = None, world_size: int | None = None,
-                            pad_mask: str = "always") -> torch.Tensor:
+                            pad_mask: str = "always", answer_logits_only: bool = False) -> torch.Tensor:
     """[N, 2] (chosen, rejected) reference log-probs of every pair of `dataset`, on every rank.
 
     Work is split r::world; every rank runs the same number of batches (short shards repeat their last
@@ -269,7 +295,7 @@ def compute_reference_table(model, dataset: Dataset, collate_fn, batch_size: int
     for start in range(0, per_rank, batch_size):
         chunk = mine[start:start + batch_size]
         batch = to_device(collate([(i, dataset[i]) for i in chunk]), device)
-        chosen, rejected = split_pairs(policy_log_probs(model, batch, pad_mask))
+        chosen, rejected = split_pairs(policy_log_probs(model, batch, pad_mask, answer_logits_only))
         values[start:start + len(chunk)] = torch.stack([chosen, rejected], dim=1).float()
     indices = torch.tensor(mine, dtype=torch.long, device=device)
     if world_size > 1:
@@ -348,7 +374,7 @@ class DPOTrainer(Trainer):
                                               batch_size=settings.per_device_eval_batch_size)
 
     def _metrics(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
-        policy = policy_log_probs(self.engine, batch, self.settings.pad_mask)
+        policy = policy_log_probs(self.engine, batch, self.settings.pad_mask, self.settings.use_logits_to_keep)
         ref = self.reference.log_probs(batch, split)
         policy_chosen, policy_rejected = split_pairs(policy)
         ref_chosen, ref_rejected = split_pairs(ref.to(policy.dtype))
@@ -484,10 +510,13 @@ def precomputed_reference(settings: DPOSettings, reference_path: str, tokenizer,
                  f"({len(train_data)} train + {len(eval_data) if eval_data is not None else 0} eval pairs) ...")
     engine = frozen_causal_lm(reference_path, tokenizer, eval_config)
     batch_size = settings.per_device_eval_batch_size
+    if settings.use_logits_to_keep:
+        check_logits_to_keep(engine)
+    keep = settings.use_logits_to_keep
     tables = {"train": compute_reference_table(engine, train_data, collator, batch_size, engine.device,
-                                               pad_mask=settings.pad_mask)}
+                                               pad_mask=settings.pad_mask, answer_logits_only=keep)}
     tables["eval"] = (compute_reference_table(engine, eval_data, collator, batch_size, engine.device,
-                                              pad_mask=settings.pad_mask)
+                                              pad_mask=settings.pad_mask, answer_logits_only=keep)
                       if eval_data is not None and len(eval_data) else torch.zeros(0, 2))
     _release(engine)
     del engine
@@ -513,13 +542,18 @@ def build(settings: DPOSettings) -> DPOTrainer:
         reference = precomputed_reference(settings, reference_path, tokenizer, eval_config, train_data, eval_data,
                                           collator)
     elif not base_is_reference:
-        reference = ResidentReference(frozen_causal_lm(reference_path, tokenizer, eval_config), settings.pad_mask)
+        reference = ResidentReference(frozen_causal_lm(reference_path, tokenizer, eval_config), settings.pad_mask,
+                                      settings.use_logits_to_keep)
+        if settings.use_logits_to_keep:
+            check_logits_to_keep(reference.model)
 
     model = create_causal_lm(settings, tokenizer, ds_config)
+    if settings.use_logits_to_keep:
+        check_logits_to_keep(model)
     engine = initialize_trained_engine(settings, model, ds_config, len(train_data))
     if reference is None:
         print_rank_0("Reference log-probs: the policy's own base weights with LoRA switched off (no second model)")
-        reference = BaseWeightsReference(engine, settings.pad_mask)
+        reference = BaseWeightsReference(engine, settings.pad_mask, settings.use_logits_to_keep)
     return DPOTrainer(settings, engine, train_data, eval_data, collator, tokenizer, reference)
 
 

@@ -29,6 +29,12 @@ class DPOFlagSettings(flags.Settings):
     precompute_ref_log_probs: bool = flags.flag(
         False, "Score train+eval pairs with the reference once before training, store the table in --output_dir "
                "and free the reference (no second model resident while training).")
+    use_logits_to_keep: bool = flags.flag(
+        False, "Compute the logits (the vocabulary-sized head and its log-softmax) only from the first answer "
+               "position of each batch on, not over the shared prompt prefix whose log-probs DPO drops "
+               "(transformers' logits_to_keep). The same log-probs; faster where prompts are long or the vocabulary is large. Off by "
+               "default: the head's gradient is summed over fewer positions, so the trained weights can differ "
+               "in the last bits.")
 
     def _check(self) -> None:
         if self.beta <= 0:

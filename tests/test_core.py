@@ -257,3 +257,39 @@ def test_repo_scripts_are_executable():
     repo = Path(__file__).resolve().parents[1]
     scripts = list((repo / "training").rglob("*.sh"))
     assert scripts and all(os.access(s, os.X_OK) for s in scripts)
+
+
+def test_optim_flag_builds_torchs_fused_adamw_on_a_real_engine(tiny_llama_dir):
+    """--optim adamw_torch_fused: the engine steps with torch's fused AdamW (one pass per tensor), the same update
+    as the default torch AdamW up to rounding; the default stays auto; offload keeps DeepSpeed's CPU Adam."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dschat.utils.build import initialize_engine
+    from dschat.utils.dist import init_distributed
+    from dschat.utils.optim import create_optimizer
+
+    assert sft_step.parse_args(["--output_dir", "out", "--model_name_or_path", "m"]).optim == "auto"
+    args = sft_step.parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--optim", "adamw_torch_fused"])
+    assert args.optim == "adamw_torch_fused"
+    with pytest.raises(UserError, match="--optim adamw_torch_fused: ZeRO offload"):
+        create_optimizer([{"params": [torch.nn.Parameter(torch.ones(2))]}], lr=0.1, offload=True,
+                         optim="adamw_torch_fused")
+    init_distributed()
+    ids = torch.tensor([[5, 9, 14, 3, 7, 2]])
+    weights = {}
+    for optim in ("auto", "adamw_torch_fused"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+        config = set_batch_sizes(get_train_ds_config(offload=False, dtype="fp32", stage=0), 1, 1, 1)
+        engine = initialize_engine(model, config, learning_rate=1e-2, weight_decay=0.1, lora_learning_rate=1e-2,
+                                   lr_scheduler_type="constant", num_warmup_steps=0, num_training_steps=2,
+                                   offload=False, optim=optim)
+        assert isinstance(engine.optimizer, torch.optim.AdamW)
+        assert bool(engine.optimizer.defaults.get("fused")) == (optim == "adamw_torch_fused")
+        for _ in range(2):
+            engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
+            engine.step()
+        weights[optim] = [p.detach().clone() for p in engine.module.parameters()]
+    for fused, plain in zip(weights["adamw_torch_fused"], weights["auto"]):
+        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)

@@ -111,6 +111,7 @@ def test_dpo_flags_keep_upstream_defaults():
         0.1, 0.0, 1e-3, "step3b_tensorboard")
     assert args.reference_model_name_or_path is None and not args.precompute_ref_log_probs
     assert not args.offload_reference_model and args.data_path == ["Dahoas/rm-static"]
+    assert not args.use_logits_to_keep  # opt-in: the default keeps full logits (bit-for-bit upstream's sums)
     with pytest.raises(UserError, match="--label_smoothing"):
         parse_args(["--output_dir", "out", "--model_name_or_path", "m", "--label_smoothing", "0.5"])
 
@@ -181,6 +182,46 @@ def test_precomputed_reference_equals_resident(tinystories_dir, tiny_tokenizer):
     loss_pre = dpo_loss(pc, pr, *split_pairs(precomputed), beta=0.1)[0].mean()
     torch.testing.assert_close(loss_pre, loss_resident, atol=1e-6, rtol=1e-5)
     assert abs(loss_resident.item() - math.log(2.0)) > 1e-4  # the policy really differs from the reference
+
+
+def test_logits_to_keep_skips_the_shared_prompt_and_keeps_the_log_probs(tinystories_dir, tiny_tokenizer):
+    """--use_logits_to_keep: the head runs from the earliest answer's previous position on (fewer logits), and
+    the answer log-probs and their gradients are those of the full forward (up to summation order)."""
+    from transformers import AutoModelForCausalLM
+
+    from dschat.utils.data.data_utils import DataCollatorReward
+    from mpo_ext.dpo import answer_logits_start, check_logits_to_keep, policy_log_probs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tinystories_dir))
+    items = _pair_items(tiny_tokenizer, 4)
+    batch = IndexedCollator(DataCollatorReward(pad_token_id=tiny_tokenizer.pad_token_id, max_seq_len=96))(
+        list(enumerate(items)))
+    start = answer_logits_start(batch["prompt_lengths"])
+    assert start == int(batch["prompt_lengths"].min()) - 1 > 0
+    widths: list[int] = []
+    hook = model.register_forward_hook(lambda _m, _a, out: widths.append(out.logits.shape[1]))
+    results = []
+    for keep in (False, True):
+        model.zero_grad()
+        logps = policy_log_probs(model, batch, "auto", answer_logits_only=keep)
+        logps.sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    hook.remove()
+    width = batch["input_ids"].shape[1]
+    assert widths == [width, width - start]
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-5)
+    for kept, full in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(kept, full, atol=1e-5, rtol=1e-4)
+    assert answer_logits_start(torch.tensor([1, 9])) == 0  # a one-token prompt: every position is needed
+
+    class NoKeep(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return input_ids
+
+    with pytest.raises(UserError, match="--use_logits_to_keep: NoKeep.forward takes no logits_to_keep"):
+        check_logits_to_keep(NoKeep())
+    check_logits_to_keep(model)
 
 
 # --------------------------------------------------------------------------------------------- real runs

@@ -45,6 +45,7 @@ REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
 SCHEDULER_CHOICES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
+OPTIM_CHOICES = ("auto", "adamw_torch", "adamw_torch_fused")
 
 
 SEED_MAX = 2**32 - 1  # numpy's seed range (it refuses negatives and 2**32 up); torch and random accept it too
@@ -283,6 +284,11 @@ class TrainBatchSettings(Settings):
     per_device_eval_batch_size: int = flag(16, "Evaluation samples per rank.")
     learning_rate: float = flag(1e-3, "Peak learning rate.")
     weight_decay: float = flag(0.0, "AdamW weight decay.")
+    optim: str = flag("auto", "Optimizer implementation (TRL's / transformers' names): auto (DeepSpeed's FusedAdam on "
+                              "GPU, DeepSpeedCPUAdam with --offload, torch AdamW on the CPU accelerator), adamw_torch "
+                              "(torch AdamW everywhere) or adamw_torch_fused (torch's fused AdamW kernel: one pass "
+                              "over each tensor, several times faster on CPU; same update up to rounding).",
+                      choices=OPTIM_CHOICES)
 
     def _check(self) -> None:
         check_positive(self, "per_device_train_batch_size", "per_device_eval_batch_size")

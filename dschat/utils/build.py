@@ -110,14 +110,14 @@ def set_gradient_checkpointing(model: torch.nn.Module, enabled: bool = True) -> 
 @startup.timed("deepspeed_init")
 def initialize_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate: float, weight_decay: float,
                       lora_learning_rate: float, lr_scheduler_type: str, num_warmup_steps: int,
-                      num_training_steps: int, offload: bool):
+                      num_training_steps: int, offload: bool, optim: str = "auto"):
     """Optimizer groups (upstream's three), a transformers LR schedule, and the DeepSpeed engine (its config
     already holds any --deepspeed_config file, so DeepSpeed is given no command-line arguments)."""
     import deepspeed
     from transformers import get_scheduler
 
     groups = get_optimizer_grouped_parameters(model, weight_decay, lora_learning_rate)
-    optimizer = create_optimizer(groups, lr=learning_rate, offload=offload)
+    optimizer = create_optimizer(groups, lr=learning_rate, offload=offload, optim=optim)
     scheduler = get_scheduler(lr_scheduler_type, optimizer=optimizer, num_warmup_steps=num_warmup_steps,
                               num_training_steps=max(1, num_training_steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -226,7 +226,7 @@ def initialize_trained_engine(settings: TrainStageSettings, model: torch.nn.Modu
     return initialize_engine(model, ds_config, learning_rate=settings.learning_rate,
                              weight_decay=settings.weight_decay, lora_learning_rate=settings.lora_learning_rate,
                              lr_scheduler_type=settings.lr_scheduler_type, num_warmup_steps=settings.warmup_steps(updates),
-                             num_training_steps=updates, offload=settings.offload)
+                             num_training_steps=updates, offload=settings.offload, optim=settings.optim)
 
 
 def save_trained_model(settings: TrainStageSettings, engine, tokenizer, what: str, card_title: str,

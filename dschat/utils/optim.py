@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import torch
 
 from dschat.utils.dist import on_cpu
+from dschat.utils.errors import UserError
 
 _NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight")
 
@@ -41,8 +42,15 @@ def get_optimizer_grouped_parameters(
     return [g for g in groups if g["params"]]
 
 
-def create_optimizer(param_groups: list[dict], lr: float, offload: bool = False, betas=(0.9, 0.95)):
-    """FusedAdam on GPU, DeepSpeedCPUAdam with ZeRO offload, torch AdamW on the CPU accelerator."""
+def create_optimizer(param_groups: list[dict], lr: float, offload: bool = False, betas=(0.9, 0.95),
+                     optim: str = "auto"):
+    """`optim` auto: FusedAdam on GPU, DeepSpeedCPUAdam with ZeRO offload, torch AdamW on the CPU accelerator;
+    adamw_torch / adamw_torch_fused: torch AdamW, plain or with its fused kernel (--optim)."""
+    if optim != "auto":
+        if offload:
+            raise UserError(f"--optim {optim}: ZeRO offload (--offload) steps on the CPU with DeepSpeed's CPU Adam; "
+                            "leave --optim auto with --offload")
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=optim == "adamw_torch_fused" or None)
     if on_cpu():
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
     if offload:
