@@ -127,7 +127,7 @@ def test_evaluation_scorers_run_in_the_stage_precision(tinystories_dir, tiny_tok
     rm = save_random_critic(tinystories_dir, tiny_tokenizer, tmp_path / "rm", seed=1)
     heldout = save_random_critic(tinystories_dir, tiny_tokenizer, tmp_path / "rm_heldout", seed=2)
     flags = ["--model_name_or_path", str(tinystories_dir), "--reward_model_name_or_path", str(rm),
-             *(["--dtype", dtype] if dtype else [])]
+             "--output_dir", str(tmp_path / "out"), *(["--dtype", dtype] if dtype else [])]
     scorer, none = evaluation_scorers(parse_args(flags), torch.device("cpu"))
     assert none is None and next(scorer.model.parameters()).dtype == expected
     scorers = evaluation_scorers(parse_args([*flags, "--heldout_reward_model_name_or_path", str(heldout)]),
