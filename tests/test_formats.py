@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dschat.utils.data import data_utils as du
+from dschat.utils.data import prompt_datasets
 from dschat.utils.data import raw_datasets as rd
 from dschat.utils.errors import UserError
 from dschat.utils.inference import RewardScorer
@@ -67,9 +68,9 @@ def test_conversational_pairs_use_the_chat_template_in_every_phase(tmp_path, cha
     assert raw.get_prompt(sample) == rendered_prompt("q3")
     assert raw.get_chosen(sample) == "good 3<|im_end|>"  # the turn's end stays, the final eos is added once
     eos = chat_tok.eos_token
-    sft, _ = du.create_prompt_dataset(-1, f, "10,0,0", str(tmp_path / "c"), 1, 1, chat_tok, 64)
-    rm, _ = du.create_prompt_dataset(-1, f, "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 64)
-    ppo, _ = du.create_prompt_dataset(-1, f, "0,0,10", str(tmp_path / "c"), 3, 1, chat_tok, 64)
+    sft, _ = prompt_datasets.create_prompt_dataset(-1, f, "10,0,0", str(tmp_path / "c"), 1, 1, chat_tok, 64)
+    rm, _ = prompt_datasets.create_prompt_dataset(-1, f, "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 64)
+    ppo, _ = prompt_datasets.create_prompt_dataset(-1, f, "0,0,10", str(tmp_path / "c"), 3, 1, chat_tok, 64)
     prompts = {tuple(p.tolist()) for p in ppo.prompt_dataset}
     assert tuple(expected_ids(chat_tok, rendered_prompt("q3"))) in prompts  # PPO generates after the gen prompt
     want = expected_ids(chat_tok, rendered_prompt("q3") + "good 3<|im_end|>" + eos)
@@ -105,10 +106,10 @@ def test_sft_layouts_prompt_completion_and_messages(tmp_path, chat_tok):
     assert raw.get_prompt(sample) == head + rendered_prompt("q2")
     assert raw.get_prompt_and_chosen(sample) == head + rendered_prompt("q2") + "a2<|im_end|>"
     for path in (plain, conv, msgs):
-        train, _ = du.create_prompt_dataset(-1, path, None, str(tmp_path / "c"), 1, 1, chat_tok, 256)
+        train, _ = prompt_datasets.create_prompt_dataset(-1, path, None, str(tmp_path / "c"), 1, 1, chat_tok, 256)
         assert len(train) == 9  # a local file goes wholly to phase 1, split 9:1 train/eval
         with pytest.raises(UserError, match="no usable samples for phase 2"):
-            du.create_prompt_dataset(-1, path, None, str(tmp_path / "c"), 2, 1, chat_tok, 256)
+            prompt_datasets.create_prompt_dataset(-1, path, None, str(tmp_path / "c"), 2, 1, chat_tok, 256)
 
 
 def test_column_mapping_flags_and_save_to_disk(tmp_path, chat_tok):
@@ -136,7 +137,7 @@ def test_column_mapping_flags_and_save_to_disk(tmp_path, chat_tok):
     raw = du.get_raw_dataset(str(folder), "", 1, -1, tokenizer=chat_tok, column_map=mapping)
     assert len(raw.get_train_data()) == 6 and len(raw.get_eval_data()) == 2
     assert raw.get_prompt_and_chosen(raw.get_train_data()[5]) == rendered_prompt("q5") + "y5<|im_end|>"
-    train, evals = du.create_prompt_dataset(-1, str(folder), None, str(tmp_path / "c"), 2, 1, chat_tok, 64,
+    train, evals = prompt_datasets.create_prompt_dataset(-1, str(folder), None, str(tmp_path / "c"), 2, 1, chat_tok, 64,
                                             column_map=mapping)
     assert (len(train), len(evals)) == (6, 2)
 
@@ -168,13 +169,13 @@ def test_select_and_dpo_build_the_same_texts(tmp_path, chat_tok):
     scorer = RewardScorer(None, chat_tok, chat_tok.eos_token, max_seq_len=64, batch_size=4)
     (head, tail), = scorer.layouts([item["prompt"]], [item["chosen"]])
     row, plen = head + tail, len(head)
-    rm, _ = du.create_prompt_dataset(-1, f, "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 64)
+    rm, _ = prompt_datasets.create_prompt_dataset(-1, f, "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 64)
     assert tuple(row) in {tuple(c.tolist()) for c in rm.chosen_dataset}
     assert plen == len(chat_tok(rendered_prompt("q2"))["input_ids"])
     # select writes easy.jsonl with the rendered prompt and decoded answers: DPO reads it as plain pairs.
     easy = write(tmp_path / "easy.jsonl", [{"prompt": item["prompt"], "chosen": item["chosen"],
                                             "rejected": item["rejected"]}])
-    pairs, _ = du.create_prompt_dataset(-1, easy, "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 64)
+    pairs, _ = prompt_datasets.create_prompt_dataset(-1, easy, "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 64)
     assert tuple(pairs.chosen_dataset[0].tolist()) == tuple(row)
 
 
@@ -273,11 +274,11 @@ def test_hh_dialogues_render_through_the_template_and_raw_text_on_request(tmp_pa
     assert "Human:" not in chat.get_prompt(sample) and chat.get_prompt(sample).endswith("<|im_start|>assistant\n")
     assert chat.get_prompt_and_chosen(sample) == chat.get_prompt(sample) + chat.get_chosen(sample)
     # The tokenised rows hold the rendered conversation; the reward model's prompt length covers its prompt.
-    pairs, _ = du.create_prompt_dataset(-1, str(hh_file), "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 512)
+    pairs, _ = prompt_datasets.create_prompt_dataset(-1, str(hh_file), "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 512)
     rendered = {tuple(chat_tok(chat.get_prompt(s))["input_ids"]) for s in chat.get_train_data()}
     c_ids, _, _, _, plen = pairs[0]
     assert tuple(c_ids[: int(plen)].tolist()) in rendered and c_ids[-1].item() == chat_tok.eos_token_id
-    raw_pairs, _ = du.create_prompt_dataset(-1, str(hh_file), "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 512,
+    raw_pairs, _ = prompt_datasets.create_prompt_dataset(-1, str(hh_file), "0,10,0", str(tmp_path / "c"), 2, 1, chat_tok, 512,
                                             chat_format="raw")
     assert "\n\nHuman:" in chat_tok.decode(raw_pairs[0][0]) and "\n\nHuman:" not in chat_tok.decode(c_ids)
     # Selection (step 3's prompts) and evaluation render prompts the same way.

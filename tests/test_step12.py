@@ -226,11 +226,12 @@ def test_wrong_keys_and_empty_split(tmp_path, assets, run_ds):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     proc = run_ds(STEP1, ["--data_path", str(bad), "--model_name_or_path", assets["model_dir"], "--max_seq_len", "64",
-                          "--data_output_path", str(tmp_path / "cache")], num_ranks=0)
+                          "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")],
+                  num_ranks=0)
     assert proc.returncode == 2 and "bad.jsonl" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_ds(STEP1, ["--data_path", assets["data_dir"], "--data_split", "0,0,10", "--model_name_or_path",
-                          assets["model_dir"], "--max_seq_len", "64", "--data_output_path", str(tmp_path / "cache")],
-                  num_ranks=0)
+                          assets["model_dir"], "--max_seq_len", "64", "--data_output_path", str(tmp_path / "cache"),
+                          "--output_dir", str(tmp_path / "out")], num_ranks=0)
     assert proc.returncode == 2 and "no usable samples" in proc.stderr and "Traceback" not in proc.stderr
 
 

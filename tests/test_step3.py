@@ -149,7 +149,7 @@ def test_one_rank_zero0_ema_hybrid_fallback_and_exact_resume(assets, run_ds, tmp
     assert info["generation_path"] == "hf_generate"
 
     card = (out / "actor" / "README.md").read_text()  # model card: stage, base model, the run's last numbers
-    assert "step3 PPO actor" in card and f"`{assets['actor']}`" in card
+    assert "step3 PPO actor" in card and f"`{Path(assets['actor']).name}`" in card  # outside the run: by name
     assert f"| reward/mean | {metrics[-1]['reward/mean']} |" in card and "| init_kl_coef | 0.1 |" in card
     assert "step3 PPO critic" in (out / "critic" / "README.md").read_text()
     tok = load_hf_tokenizer(str(out / "actor"))
@@ -388,7 +388,7 @@ def test_fp32_loss_default_is_derived_not_written_back():
     """The dtype-dependent --compute_fp32_loss default is a derived value: the flag keeps what was given."""
     from dschat.steps import ppo_args
 
-    argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--dtype", "bf16"]
+    argv = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--dtype", "bf16", "--output_dir", "o"]
     settings = ppo_args.parse_args(argv)
     assert settings.compute_fp32_loss is None and settings.fp32_loss is True
     assert settings.record()["compute_fp32_loss"] is True  # what a run records is what it used
