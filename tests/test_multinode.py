@@ -83,7 +83,9 @@ def chain_config(tmp_path: Path, assets: dict) -> Path:
     config.write_text(yaml.safe_dump({
         "name": "multinode", "base": "smoke", "assets": None, "progress_interval": 5,
         "models": {"sft": assets["model_dir"], "reward": "@sft"}, "data": {"path": [assets["data_dir"]]},
-        "mpo": {"threshold": None, "easy_fraction": 0.5},  # the tiny RM's gaps are small: half the pairs for DPO
+        # the tiny RM's gaps are small: half the pairs for DPO; its 4 steps check the plumbing, not the reward (its
+        # final held-out accuracy is noise around 0.5), so an unhealthy verdict does not stop the chain here
+        "mpo": {"threshold": None, "easy_fraction": 0.5, "allow_unhealthy_reward_model": True},
         "sft": {"per_device_train_batch_size": 4, "max_steps": 4, "zero_stage": 2},
         "rm": {"per_device_train_batch_size": 8, "max_steps": 4, "zero_stage": 2},
         "dpo": {"max_steps": 4, "zero_stage": 2},
