@@ -68,27 +68,33 @@ def _tflops(flops: float, seconds: float, devices: int) -> float:
     return flops / max(seconds, 1e-12) / devices / 1e12
 
 
-def print_throughput(hf_model: Any, args: Any, e2e_time: float, rank: int = 0) -> None:
+def _optional(upstream_flags: Any, name: str, default: Any) -> Any:
+    """A flag only some of upstream's parsers define (gradient checkpointing, LoRA, unsupervised data):
+    the caller's Namespace is upstream's, not one of our settings types, so absence means the default."""
+    return getattr(upstream_flags, name, default)
+
+
+def print_throughput(hf_model: Any, upstream_flags: Any, e2e_time: float, rank: int = 0) -> None:
     """Step 1/2: one line with the model size, the step's latency, TFLOPs per device and samples per second.
-    `args` needs `max_seq_len`, `per_device_train_batch_size` (and reads `gradient_checkpointing`, `lora_dim`
+    `upstream_flags` (the caller's argparse Namespace, upstream's or ours) needs `max_seq_len`, `per_device_train_batch_size` (and reads `gradient_checkpointing`, `lora_dim`
     when present). Only rank <= 0 prints."""
     if rank > 0:
         return
     config = _config(hf_model)
     _, hidden, _ = get_hf_configs(config)
-    batch = int(args.per_device_train_batch_size)
-    seq = int(args.max_seq_len)
-    factor = _training_factor(getattr(args, "gradient_checkpointing", False), getattr(args, "lora_dim", 0), hidden)
+    batch = int(upstream_flags.per_device_train_batch_size)
+    seq = int(upstream_flags.max_seq_len)
+    factor = _training_factor(_optional(upstream_flags, "gradient_checkpointing", False), _optional(upstream_flags, "lora_dim", 0), hidden)
     tflops = _tflops(calculate_flops(factor, batch, seq, config), e2e_time, get_world_size())
     print(f"Model Parameters: {_billions(_num_params(hf_model))}, Latency: {e2e_time:.2f}s, TFLOPs: {tflops:.2f}, "
           f"Samples/sec: {batch / max(e2e_time, 1e-12):.2f}, Time/seq {e2e_time / batch:.2f}s, Batch Size: {batch}, "
           f"Sequence Length: {seq}", flush=True)
 
 
-def print_throughput_step3(actor_model: Any, critic_model: Any, args: Any, e2e_time: float, gen_exp_time: float,
+def print_throughput_step3(actor_model: Any, critic_model: Any, upstream_flags: Any, e2e_time: float, gen_exp_time: float,
                            train_time: float, rank: int = 0) -> None:
     """Step 3: end-to-end, generation and training lines (latency, TFLOPs per device, generation bandwidth)
-    and both models' sizes. `actor_model` and `critic_model` may be models or DeepSpeed engines; `args` holds
+    and both models' sizes. `actor_model` and `critic_model` may be models or DeepSpeed engines; `upstream_flags` (the caller's Namespace) holds
     step 3's batch and length flags. Only rank <= 0 prints."""
     if rank > 0:
         return
@@ -96,31 +102,31 @@ def print_throughput_step3(actor_model: Any, critic_model: Any, args: Any, e2e_t
     actor_config, critic_config = _config(actor_model), _config(critic_model)
     _, actor_hidden, _ = get_hf_configs(actor_config)
     _, critic_hidden, _ = get_hf_configs(critic_config)
-    seq = int(args.max_prompt_seq_len) + int(args.max_answer_seq_len)
-    mixes_unsupervised = bool(getattr(args, "unsupervised_dataset_name", None))
-    batch = (int(args.per_device_generation_batch_size) * int(args.generation_batches) * int(args.ppo_epochs)
+    seq = int(upstream_flags.max_prompt_seq_len) + int(upstream_flags.max_answer_seq_len)
+    mixes_unsupervised = bool(_optional(upstream_flags, "unsupervised_dataset_name", None))
+    batch = (int(upstream_flags.per_device_generation_batch_size) * int(upstream_flags.generation_batches) * int(upstream_flags.ppo_epochs)
              * devices * (2 if mixes_unsupervised else 1))
     actor_params, critic_params = _num_params(actor_model), _num_params(critic_model)
 
     train_flops = (
-        calculate_flops(_training_factor(getattr(args, "actor_gradient_checkpointing", False),
-                                         getattr(args, "actor_lora_dim", 0), actor_hidden), batch, seq, actor_config)
-        + calculate_flops(_training_factor(getattr(args, "critic_gradient_checkpointing", False),
-                                           getattr(args, "critic_lora_dim", 0), critic_hidden), batch, seq, critic_config))
-    generation_batch = int(args.per_device_generation_batch_size) * devices
+        calculate_flops(_training_factor(_optional(upstream_flags, "actor_gradient_checkpointing", False),
+                                         _optional(upstream_flags, "actor_lora_dim", 0), actor_hidden), batch, seq, actor_config)
+        + calculate_flops(_training_factor(_optional(upstream_flags, "critic_gradient_checkpointing", False),
+                                           _optional(upstream_flags, "critic_lora_dim", 0), critic_hidden), batch, seq, critic_config))
+    generation_batch = int(upstream_flags.per_device_generation_batch_size) * devices
     generation_flops = calculate_flops(1.0, generation_batch, seq, actor_config)
-    per_token = gen_exp_time / max(int(args.max_answer_seq_len), 1)
+    per_token = gen_exp_time / max(int(upstream_flags.max_answer_seq_len), 1)
     bytes_per_param = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}.get(
         getattr(actor_config, "torch_dtype", None) or getattr(actor_config, "dtype", None), 0)
     bandwidth = actor_params * bytes_per_param / max(per_token, 1e-12) / 1e9 if bytes_per_param else float("nan")
-    total_flops = train_flops + generation_flops * int(args.generation_batches)
+    total_flops = train_flops + generation_flops * int(upstream_flags.generation_batches)
 
     print(f"End-to-End => Latency: {e2e_time:.2f}s, TFLOPs: {_tflops(total_flops, e2e_time, devices):.2f}, "
           f"Samples/sec: {batch / max(e2e_time, 1e-12):.2f}, Time/seq {e2e_time / batch:.2f}s, Batch Size: {batch}, "
           f"Total Seq. Length: {seq}", flush=True)
     print(f"Generation => Latency: {gen_exp_time:.2f}s, Per-token Latency {per_token * 1000:.2f} ms, "
           f"TFLOPs: {_tflops(generation_flops, gen_exp_time, devices):.2f}, BW: {bandwidth:.2f} GB/sec, "
-          f"Answer Seq. Length: {args.max_answer_seq_len}", flush=True)
+          f"Answer Seq. Length: {upstream_flags.max_answer_seq_len}", flush=True)
     print(f"Training   => Latency: {train_time:.2f}s, TFLOPs: {_tflops(train_flops, train_time, devices):.2f}", flush=True)
     print(f"Actor Model Parameters => {_billions(actor_params)}, Critic Model Parameters => {_billions(critic_params)}",
           flush=True)
