@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import os
 import socket
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dschat.utils import op_build, startup
-from dschat.utils.errors import EXIT_USER_ERROR, UserError
+from dschat.utils.errors import EXIT_USER_ERROR, UserError, exit_after_success
 from dschat.utils.safe_paths import processes_using
 
 
@@ -96,7 +97,19 @@ def init_distributed(local_rank: int = -1, timeout_minutes: int = 60) -> int:
             deepspeed.init_distributed(timeout=timeout)
         if not one_rank:
             atexit.register(leave_process_group, release_shm=cpu)
+            exit_after_success(finish_multi_rank_run)
     return dist.get_rank()
+
+
+def finish_multi_rank_run() -> None:
+    """End a multi-rank rank whose entry point succeeded: the exit handlers (locks, shm, the group), then
+    `os._exit(0)`. The C++ teardown after them (static destructors of torch's distributed runtime) sometimes
+    aborted a rank that had finished and written everything ("terminate called without an active
+    exception", SIGABRT), turning a complete run into a failed launch; nothing of ours runs after it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(0)
 
 
 def leave_process_group(release_shm: bool = False) -> None:

@@ -17,6 +17,16 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
+# Called, in order, after an entry point returned normally (see `exit_after_success`).
+_ON_SUCCESS: list[Callable[[], None]] = []
+
+
+def exit_after_success(hook: Callable[[], None]) -> None:
+    """Register `hook` to run once `run_main`'s entry point has returned normally (the multi-rank process
+    group uses it to leave without the C++ teardown that could abort a finished rank; see dschat.utils.dist)."""
+    _ON_SUCCESS.append(hook)
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Run an entry point; turn UserError into `error: <message>` on stderr and exit code 2."""
     try:
@@ -25,3 +35,5 @@ def run_main(main: Callable[[], object]) -> None:
         message = " ".join(str(err).split())
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    for hook in _ON_SUCCESS:
+        hook()
