@@ -68,15 +68,10 @@ def _tflops(flops: float, seconds: float, devices: int) -> float:
     return flops / max(seconds, 1e-12) / devices / 1e12
 
 
-def _optional(upstream_flags: Any, name: str, default: Any) -> Any:
-    """A flag only some of upstream's parsers define (gradient checkpointing, LoRA, unsupervised data):
-    the caller's Namespace is upstream's, not one of our settings types, so absence means the default."""
-    return getattr(upstream_flags, name, default)
-
-
 def print_throughput(hf_model: Any, upstream_flags: Any, e2e_time: float, rank: int = 0) -> None:
     """Step 1/2: one line with the model size, the step's latency, TFLOPs per device and samples per second.
-    `upstream_flags` (the caller's argparse Namespace, upstream's or ours) needs `max_seq_len`, `per_device_train_batch_size` (and reads `gradient_checkpointing`, `lora_dim`
+    `upstream_flags` (the caller's argparse Namespace, upstream's or ours; flags only some of upstream's parsers
+    define are read with a default) needs `max_seq_len`, `per_device_train_batch_size` (and reads `gradient_checkpointing`, `lora_dim`
     when present). Only rank <= 0 prints."""
     if rank > 0:
         return
@@ -84,7 +79,7 @@ def print_throughput(hf_model: Any, upstream_flags: Any, e2e_time: float, rank: 
     _, hidden, _ = get_hf_configs(config)
     batch = int(upstream_flags.per_device_train_batch_size)
     seq = int(upstream_flags.max_seq_len)
-    factor = _training_factor(_optional(upstream_flags, "gradient_checkpointing", False), _optional(upstream_flags, "lora_dim", 0), hidden)
+    factor = _training_factor(getattr(upstream_flags, "gradient_checkpointing", False), getattr(upstream_flags, "lora_dim", 0), hidden)
     tflops = _tflops(calculate_flops(factor, batch, seq, config), e2e_time, get_world_size())
     print(f"Model Parameters: {_billions(_num_params(hf_model))}, Latency: {e2e_time:.2f}s, TFLOPs: {tflops:.2f}, "
           f"Samples/sec: {batch / max(e2e_time, 1e-12):.2f}, Time/seq {e2e_time / batch:.2f}s, Batch Size: {batch}, "
@@ -103,16 +98,16 @@ def print_throughput_step3(actor_model: Any, critic_model: Any, upstream_flags: 
     _, actor_hidden, _ = get_hf_configs(actor_config)
     _, critic_hidden, _ = get_hf_configs(critic_config)
     seq = int(upstream_flags.max_prompt_seq_len) + int(upstream_flags.max_answer_seq_len)
-    mixes_unsupervised = bool(_optional(upstream_flags, "unsupervised_dataset_name", None))
+    mixes_unsupervised = bool(getattr(upstream_flags, "unsupervised_dataset_name", None))
     batch = (int(upstream_flags.per_device_generation_batch_size) * int(upstream_flags.generation_batches) * int(upstream_flags.ppo_epochs)
              * devices * (2 if mixes_unsupervised else 1))
     actor_params, critic_params = _num_params(actor_model), _num_params(critic_model)
 
     train_flops = (
-        calculate_flops(_training_factor(_optional(upstream_flags, "actor_gradient_checkpointing", False),
-                                         _optional(upstream_flags, "actor_lora_dim", 0), actor_hidden), batch, seq, actor_config)
-        + calculate_flops(_training_factor(_optional(upstream_flags, "critic_gradient_checkpointing", False),
-                                           _optional(upstream_flags, "critic_lora_dim", 0), critic_hidden), batch, seq, critic_config))
+        calculate_flops(_training_factor(getattr(upstream_flags, "actor_gradient_checkpointing", False),
+                                         getattr(upstream_flags, "actor_lora_dim", 0), actor_hidden), batch, seq, actor_config)
+        + calculate_flops(_training_factor(getattr(upstream_flags, "critic_gradient_checkpointing", False),
+                                           getattr(upstream_flags, "critic_lora_dim", 0), critic_hidden), batch, seq, critic_config))
     generation_batch = int(upstream_flags.per_device_generation_batch_size) * devices
     generation_flops = calculate_flops(1.0, generation_batch, seq, actor_config)
     per_token = gen_exp_time / max(int(upstream_flags.max_answer_seq_len), 1)
