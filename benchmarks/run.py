@@ -123,9 +123,10 @@ REAL_SIZE = {"batch_size": 2, "samples": 8, "windows": 1, "warmup_steps": 1}
 
 def plan_real_size(with_trl: bool, with_weights: bool) -> list[dict[str, Any]]:
     """`--size 135m`: SFT, RM and DPO at SmolLM2-135M's shape, ours and TRL on the same ids (fp32, batch 2,
-    rows of at most REAL_MAX_SEQ_LEN tokens, torch AdamW), and on `s135m` only: ours on TRL's batches (no
-    length grouping: the framework without the padding), and both with torch's fused AdamW (TRL's default
-    optimizer, our `--optim adamw_torch_fused`). `s135m` has random weights; `smollm2` (`--model_dir`) its own.
+    rows of at most REAL_MAX_SEQ_LEN tokens, each side's default optimizer: torch's fused AdamW), and on `s135m`
+    only: ours on TRL's batches (no length grouping: the framework without the padding), and both with torch's
+    plain AdamW (`ours-adamw`, `trl-adamw`: the fused default's effect). `s135m` has random weights; `smollm2`
+    (`--model_dir`) its own.
 
     Short on purpose (a 135M model trains at ~60 tokens per CPU-second on one thread): one warm-up step,
     then one timed window of 4 steps; `--reps` gives the median over runs. DPO also runs `ours-keep`
@@ -145,10 +146,10 @@ def plan_real_size(with_trl: bool, with_weights: bool) -> list[dict[str, Any]]:
                 variants.append(("ours-nogroup", {"impl": "ours", "flags": ABLATIONS["ours-nogroup"]}))
                 if task == "dpo":  # opt-in: the vocabulary head only from the first answer position on
                     variants.append(("ours-keep", {"impl": "ours", "flags": ["--use_logits_to_keep"]}))
-                # torch's fused AdamW: opt-in for us (--optim), TRL's default optimizer
-                variants.append(("ours-fused", {"impl": "ours", "flags": ["--optim", "adamw_torch_fused"]}))
+                # torch's plain AdamW on both sides: what the fused default gains
+                variants.append(("ours-adamw", {"impl": "ours", "flags": ["--optim", "adamw_torch"]}))
                 if with_trl:
-                    variants.append(("trl-fused", {"impl": "trl", "trl_optim": "adamw_torch_fused"}))
+                    variants.append(("trl-adamw", {"impl": "trl", "trl_optim": "adamw_torch"}))
             for label, extra in variants:
                 configs.append({**base, **extra, "name": f"{task}/{model}/bs{spec['batch_size']}/{label}",
                                 "label": label})
@@ -285,9 +286,8 @@ RATIOS = (
     ("ours", "ours-nogroup", "cpu_tokens_per_second", None, ">=", "effect of length grouping"),
     ("ours-keep", "ours", "cpu_tokens_per_second", None, ">=", "effect of --use_logits_to_keep (DPO)"),
     ("ours-keep", "trl", "cpu_tokens_per_second", None, ">=", "ours with --use_logits_to_keep / TRL"),
-    ("ours-fused", "trl-fused", "cpu_tokens_per_second", "vs_trl", ">=",
-     "both with torch's fused AdamW (TRL's default): ours/TRL"),
-    ("ours-fused", "ours", "cpu_tokens_per_second", None, ">=", "effect of --optim adamw_torch_fused"),
+    ("ours-adamw", "trl-adamw", "cpu_tokens_per_second", None, ">=", "both with torch's plain AdamW: ours/TRL"),
+    ("ours", "ours-adamw", "cpu_tokens_per_second", None, ">=", "effect of the fused AdamW default"),
     ("ours-nogroup", "ours-nogroup-mask", "cpu_tokens_per_second", None, ">=",
      "effect of no pad mask on right-padded rows"),
     ("ours-nogroup", "ours-maxlen", "cpu_tokens_per_second", None, ">=", "effect of padding longest vs max_length"),
@@ -423,12 +423,12 @@ def real_size_table(rows: dict[str, dict]) -> list[str]:
     lines = ["", f"Real size (rows of at most {REAL_MAX_SEQ_LEN} tokens, fp32, 1 thread); the window is the timed "
              "steps after the warm-up, the process is launch to exit (imports, data, model build, all steps):", "",
              "| stage / model / batch | ours tok/CPU-s | TRL tok/CPU-s | ours/TRL | ours on TRL's batches / TRL | "
-             "ours --use_logits_to_keep / TRL | both fused AdamW: ours / TRL | pad % ours / TRL | process CPU s ours / TRL | process wall s ours / "
+             "ours --use_logits_to_keep / TRL | both plain AdamW: ours / TRL | pad % ours / TRL | process CPU s ours / TRL | process wall s ours / "
              "TRL | peak RSS MiB ours / TRL |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for prefix, m in real_size_groups(rows).items():
-        ours, trl, same, keep, fused, trl_fused = (m.get(label, {}) for label in (
-            "ours", "trl", "ours-nogroup", "ours-keep", "ours-fused", "trl-fused"))
+        ours, trl, same, keep, plain, trl_plain = (m.get(label, {}) for label in (
+            "ours", "trl", "ours-nogroup", "ours-keep", "ours-adamw", "trl-adamw"))
 
         def pair(key: str, fmt: str = "{:.0f}", a: dict = ours, b: dict = trl) -> str:
             return f"{_f(a.get(key), fmt)} / {_f(b.get(key), fmt)}"
@@ -439,11 +439,11 @@ def real_size_table(rows: dict[str, dict]) -> list[str]:
             f"{_f(_ratio(ours.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
             f"{_f(_ratio(same.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
             f"{_f(_ratio(keep.get('cpu_tokens_per_second'), trl.get('cpu_tokens_per_second')), '{:.2f}')} | "
-            f"{_f(_ratio(fused.get('cpu_tokens_per_second'), trl_fused.get('cpu_tokens_per_second')), '{:.2f}')} | "
+            f"{_f(_ratio(plain.get('cpu_tokens_per_second'), trl_plain.get('cpu_tokens_per_second')), '{:.2f}')} | "
             f"{_f(_pad_share(ours))} / {_f(_pad_share(trl))} | {pair('process_cpu_seconds')} | "
             f"{pair('wall_seconds')} | {pair('peak_rss_mb')} |")
-    lines += ["", "Ratios are between rows of one invocation where run back to back (`ours`, `trl`, `ours-nogroup`; "
-              "`ours-fused`, `trl-fused`, `ours-keep`); a merged report (`merged_from` in the JSON) can put rows of "
+    lines += ["", "Ratios are between rows of one invocation where run back to back (`ours`, `trl`, `ours-nogroup`, "
+              "`ours-keep`; `ours-adamw`, `trl-adamw`); a merged report (`merged_from` in the JSON) can put rows of "
               "different invocations in one line, and CPU seconds moved by ~10% with the machine's load between "
               "them."]
     return lines
@@ -457,7 +457,7 @@ def plot_real_size(rows: dict[str, dict], out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     groups = real_size_groups(rows)
-    labels = [label for label in ("ours", "trl", "ours-nogroup", "ours-keep", "ours-fused", "trl-fused")
+    labels = [label for label in ("ours", "trl", "ours-nogroup", "ours-keep", "ours-adamw", "trl-adamw")
               if any(label in m for m in groups.values())]
     panels = (("cpu_tokens_per_second", "useful tokens per CPU-second (timed window)"),
               ("process_cpu_seconds", "whole process CPU seconds"), ("peak_rss_mb", "peak RSS (MiB)"))
@@ -483,7 +483,7 @@ def plot_real_size(rows: dict[str, dict], out_dir: Path) -> list[str]:
 
 
 CURVE_LABELS = ("ours", "trl", "bare", "ours-nogroup", "ours-maxlen", "ours-precomp", "trl-precomp")
-STYLES = {"ours-keep": "C4", "ours-fused": "C8", "trl-fused": "C5", "ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
+STYLES = {"ours-keep": "C4", "ours-adamw": "C8", "trl-adamw": "C5", "ours": "C0", "trl": "C1", "bare": "C2", "ours-maxlen": "C3", "ours-precomp": "C4", "trl-precomp": "C5",
           "ours-nogroup": "C6", "ours-nogroup-mask": "C7", "ours-lora": "C8", "ours-lora-precomp": "C9",
           "ours-lora-copy": "C3"}
 

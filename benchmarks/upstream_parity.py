@@ -22,8 +22,8 @@ changes):
   package on `sys.path` (an installed dschat-mpo) over upstream's namespace folder whatever the order, and a
   namespace folder first on PYTHONPATH over an editable install (whose finder runs after the path finder);
   `parity` records what a plain `import dschat` gives with the checkout first on PYTHONPATH.
-- `deepspeed.ops.adam.FusedAdam` (a CUDA kernel) becomes `torch.optim.AdamW` with the same arguments, the
-  optimizer our steps use on CPU.
+- `deepspeed.ops.adam.FusedAdam` (a CUDA kernel) becomes `torch.optim.AdamW(fused=True)` with the same
+  arguments, the optimizer our steps use on CPU.
 - Upstream accepts only `--dtype fp16|bf16`: its mains get `--dtype bf16` and its DeepSpeed configs lose the
   half-precision section (`get_train_ds_config` / `get_eval_ds_config` wrapped), so everything runs in fp32.
 - The process is launched as the `deepspeed` launcher would for one rank (`--local_rank 0`, RANK, WORLD_SIZE,
@@ -157,7 +157,7 @@ def install_cpu_shims() -> None:
     import torch
 
     def adamw(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **_):
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
 
     deepspeed.ops.adam.FusedAdam = adamw
     import dschat.utils.ds_utils as ds_utils
@@ -459,7 +459,7 @@ def parity(chat: Path, work: Path, timeout: int, out_dir: Path, configs: list[st
                 f"+ eval.json) whose prompt has at most {MAX_PROMPT_CHARS} characters, chosen answer "
                 f"{MAX_CHOSEN_CHARS}, rejected answer {MAX_REJECTED_CHARS}; --data_split 2,4,4",
         "plain_import_with_checkout_on_pythonpath": plain_import(chat),
-        "shims": ["dschat pinned to the checkout's folder", "FusedAdam -> torch.optim.AdamW (same arguments)",
+        "shims": ["dschat pinned to the checkout's folder", "FusedAdam -> torch.optim.AdamW(fused=True) (same arguments)",
                   "--dtype bf16 with the bf16 section removed from upstream's DeepSpeed configs: fp32",
                   "one-rank launcher environment with --local_rank 0",
                   "recorders around DeepSpeedEngine.backward, RewardModel.forward and "

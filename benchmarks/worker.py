@@ -337,8 +337,9 @@ def run_trl_train(cfg: dict, workdir: Path) -> dict:
         output_dir=str(workdir / f"trl_out_{os.getpid()}"), per_device_train_batch_size=bs, max_steps=total_steps(cfg),
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", adam_beta1=ADAM_BETAS[0],
         adam_beta2=ADAM_BETAS[1], weight_decay=0.0, max_grad_norm=GRAD_CLIP,
-        # ours' default on CPU; TRL's own default is adamw_torch_fused (the `trl-fused` rows of --size 135m)
-        optim=cfg.get("trl_optim", "adamw_torch"),
+        # TRL's own default, and ours on CPU (auto): torch's fused AdamW; the `*-adamw` rows of --size 135m
+        # run both sides with the plain kernel
+        optim=cfg.get("trl_optim", "adamw_torch_fused"),
         # fp32 and no activation checkpointing, like ours (TRL defaults to bf16 on CPU and to checkpointing)
         bf16=False, fp16=False, gradient_checkpointing=False,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, use_cpu=True,
@@ -411,7 +412,7 @@ def _pad(rows: list[list[int]], value: int, width: int):
 
 
 def run_bare_train(cfg: dict, workdir: Path) -> dict:
-    """The floor: the same maths in a plain loop (AdamW, clipping, longest-rounded-to-8 padding)."""
+    """The floor: the same maths in a plain loop (fused AdamW, clipping, longest-rounded-to-8 padding)."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModel, AutoModelForCausalLM
@@ -434,7 +435,8 @@ def run_bare_train(cfg: dict, workdir: Path) -> dict:
             ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=ADAM_BETAS, weight_decay=0.0)
+    # torch's fused AdamW kernel: our default optimizer on CPU
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=ADAM_BETAS, weight_decay=0.0, fused=True)
     bs = cfg["batch_size"]
     batches = [items[b:b + bs] for b in range(0, len(items), bs)]
 

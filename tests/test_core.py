@@ -260,8 +260,9 @@ def test_repo_scripts_are_executable():
 
 
 def test_optim_flag_builds_torchs_fused_adamw_on_a_real_engine(tiny_llama_dir):
-    """--optim adamw_torch_fused: the engine steps with torch's fused AdamW (one pass per tensor), the same update
-    as the default torch AdamW up to rounding; the default stays auto; offload keeps DeepSpeed's CPU Adam."""
+    """On the CPU accelerator the default (auto) and --optim adamw_torch_fused step with torch's fused AdamW (one
+    pass per tensor), the same update as --optim adamw_torch (the plain kernel) up to rounding; offload keeps
+    DeepSpeed's CPU Adam."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -278,7 +279,7 @@ def test_optim_flag_builds_torchs_fused_adamw_on_a_real_engine(tiny_llama_dir):
     init_distributed()
     ids = torch.tensor([[5, 9, 14, 3, 7, 2]])
     weights = {}
-    for optim in ("auto", "adamw_torch_fused"):
+    for optim in ("auto", "adamw_torch_fused", "adamw_torch"):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
         config = set_batch_sizes(get_train_ds_config(offload=False, dtype="fp32", stage=0), 1, 1, 1)
@@ -286,10 +287,11 @@ def test_optim_flag_builds_torchs_fused_adamw_on_a_real_engine(tiny_llama_dir):
                                    lr_scheduler_type="constant", num_warmup_steps=0, num_training_steps=2,
                                    offload=False, optim=optim)
         assert isinstance(engine.optimizer, torch.optim.AdamW)
-        assert bool(engine.optimizer.defaults.get("fused")) == (optim == "adamw_torch_fused")
+        assert bool(engine.optimizer.defaults.get("fused")) == (optim != "adamw_torch")
         for _ in range(2):
             engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
             engine.step()
         weights[optim] = [p.detach().clone() for p in engine.module.parameters()]
-    for fused, plain in zip(weights["adamw_torch_fused"], weights["auto"]):
+    for auto, fused, plain in zip(weights["auto"], weights["adamw_torch_fused"], weights["adamw_torch"]):
+        assert torch.equal(auto, fused)
         torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)

@@ -285,9 +285,10 @@ class TrainBatchSettings(Settings):
     learning_rate: float = flag(1e-3, "Peak learning rate.")
     weight_decay: float = flag(0.0, "AdamW weight decay.")
     optim: str = flag("auto", "Optimizer implementation (TRL's / transformers' names): auto (DeepSpeed's FusedAdam on "
-                              "GPU, DeepSpeedCPUAdam with --offload, torch AdamW on the CPU accelerator), adamw_torch "
-                              "(torch AdamW everywhere) or adamw_torch_fused (torch's fused AdamW kernel: one pass "
-                              "over each tensor, several times faster on CPU; same update up to rounding).",
+                              "GPU, DeepSpeedCPUAdam with --offload, torch's fused AdamW on the CPU accelerator), "
+                              "adamw_torch (torch's plain AdamW everywhere) or adamw_torch_fused (torch's fused AdamW "
+                              "kernel: one pass over each tensor, several times faster on CPU; same update up to "
+                              "rounding).",
                       choices=OPTIM_CHOICES)
 
     def _check(self) -> None:
