@@ -22,3 +22,10 @@ def test_reproduce_quick_writes_the_table(tmp_path):
     assert report["seeds_list"] == [1]
     table = (tmp_path / "runs" / "reproduce_quick.md").read_text()
     assert "gold" in table.lower() and "SFT" in table
+    # every method is also scored by the held-out reward model, and the paper's claims are checked on it
+    assert "held-out RM (greedy)" in table
+    rows = report["aggregate"]["rows"]
+    assert all(isinstance(row["reward_heldout_mean"], float) for row in rows)
+    assert report["aggregate"]["claim_metrics"][:2] == ["gold", "reward_heldout"]
+    assert all(claim["reward_heldout"]["verdict"] in ("holds", "mostly", "fails")
+               for claim in report["aggregate"]["claims"])
