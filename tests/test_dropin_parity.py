@@ -53,11 +53,14 @@ def _required(settings_type, path: str) -> list[str]:
 def test_dschat_compat_sets_upstreams_defaults_and_explicit_flags_win(tmp_path):
     expected = {
         SFTSettings: {"padding": "max_length", "group_by_length": False, "sample_order": "upstream",
-                      "pad_mask": "always", "tokenizer_rule": "upstream", "save_format": "upstream"},
+                      "pad_mask": "always", "tokenizer_rule": "upstream", "save_format": "upstream",
+                      "chat_format": "raw", "keep_truncated": True},
         RewardSettings: {"padding": "max_length", "group_by_length": False, "sample_order": "upstream",
                          "pad_mask": "always", "tokenizer_rule": "upstream", "save_format": "upstream",
-                         "reward_loss": "divergence", "end_of_conversation_token": "<|endoftext|>"},
-        PPOSettings: {"padding": "max_length", "group_by_length": False, "sample_order": "upstream",
+                         "reward_loss": "divergence", "end_of_conversation_token": "<|endoftext|>",
+                         "chat_format": "raw", "keep_truncated": True},
+        # step 3 drops over-long prompts as upstream does: keep_truncated keeps its default there
+        PPOSettings: {"padding": "max_length", "group_by_length": False, "sample_order": "upstream", "chat_format": "raw",
                       "tokenizer_rule": "upstream", "save_format": "upstream", "compute_fp32_loss": False,
                       "reward_end_text": "eos", "position_ids": "model", "rollout_mask": "pad_token"},
     }
@@ -178,6 +181,10 @@ def test_sft_under_dschat_compat_sees_upstreams_batches(tiny_llama_dir, hh_file,
 
     train, evals = create_prompt_dataset(-1, [str(hh_file)], "2,4,4", str(tmp_path / "upstream-cache"), 1, 77, tok, 96,
                                          end_of_conversation_token=tok.eos_token)
+    # upstream trains on the rows whose answer 96 tokens cut away: this data has some, and both sides keep them
+    dropped, _ = create_prompt_dataset(-1, [str(hh_file)], "2,4,4", str(tmp_path / "upstream-cache"), 1, 77, tok, 96,
+                                       end_of_conversation_token=tok.eos_token, keep_truncated=False)
+    assert len(dropped) < len(train) == len(run.train_loader.dataset)
     for ours_loader, data, batch_size in ((run.train_loader, train, 4), (run.eval_loader, evals, 2)):
         upstream = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=DistributedSampler(data, 1, 0),
                                                collate_fn=default_data_collator)

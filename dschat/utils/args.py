@@ -71,6 +71,11 @@ class DataSettings(Settings):
     """Where the training text comes from and how it is cached."""
 
     flag_group = "data"
+    upstream_defaults = {
+        "chat_format": UpstreamDefault("raw", "HH-RLHF dialogues and conversations go through the tokenizer's chat "
+                                              "template when it has one (the text a chat model was trained on); "
+                                              "upstream tokenises every dataset's text as written."),
+    }
 
     data_path: list[str] = flag(
         ["Dahoas/rm-static"],
@@ -673,4 +678,10 @@ class TrainStageSettings(DataSettings, BatchPaddingSettings, SampleOrderSettings
                          DeepSpeedSettings, ZeroSettings, DeepSpeedConfigSettings, LoRASettings, LoggingSettings,
                          SaveFormatSettings, EvalIntervalSettings):
     """The groups every stage built by `dschat.utils.build` offers (steps 1, 2 and 3b)."""
+
+    upstream_defaults = {
+        "keep_truncated": UpstreamDefault(True, "A row whose answer --max_seq_len cuts away entirely teaches nothing "
+                                                "(SFT: prompt only; RM: a tie or one empty side) and is dropped and "
+                                                "counted; upstream trains on it."),
+    }
 

@@ -106,8 +106,11 @@ def create_prompt_dataset(local_rank: int, data_path, data_split, output_path, t
                           reload: bool = False, **options) -> tuple[UpstreamLayoutDataset, UpstreamLayoutDataset]:
     """Upstream's `create_prompt_dataset` (same positional parameters): this package's datasets
     (`prompt_datasets.create_prompt_dataset`; `options` are its keyword-only extras) with upstream's item
-    layout (`UpstreamLayoutDataset`). The ending defaults to the tokenizer's eos, this package's one
-    convention (upstream's default was the literal `<|endoftext|>`)."""
+    layout (`UpstreamLayoutDataset`) and upstream's rows: phases 1 and 2 keep the rows whose answer the length
+    limit cuts away (`keep_truncated`, as upstream trains on them), phase 3 drops over-long prompts (as upstream
+    filters them). The ending defaults to the tokenizer's eos, this package's one convention (upstream's default
+    was the literal `<|endoftext|>`)."""
+    options.setdefault("keep_truncated", train_phase != 3)
     train, evals = create_unpadded_prompt_dataset(
         local_rank, data_path, data_split, output_path, train_phase, seed, tokenizer, max_seq_len,
         end_of_conversation_token=end_of_conversation_token, sft_only_data_path=sft_only_data_path, reload=reload,
