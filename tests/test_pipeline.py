@@ -321,3 +321,38 @@ def test_a_busy_root_refuses_a_second_run_and_ctrl_c_says_how_to_resume(tmp_path
     assert states and f"sft saved a training state in {states[-1]}" in output, output[-3000:]
     assert "run the same command again to resume" in output and "Aborted!" not in output
     assert not (out / ".dschat-run.lock").exists()  # released: the next run may start
+
+
+def test_a_stage_stopped_by_a_signal_of_its_own_is_an_interruption_to_resume(tmp_path, assets):
+    """SIGTERM sent to the stage alone (a scheduler, `kill`, or a Ctrl-C that reached the stage before the
+    pipeline): the stage saves a state and exits 143, and the pipeline reports an interruption with the way
+    to resume and exit status 143, not a failed stage."""
+    out = tmp_path / "run"
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "long", "base": "smoke", "assets": None, "output_dir": str(out), "progress_interval": 0.5,
+        "models": {"sft": assets["model_dir"], "reward": "@sft"}, "data": {"path": [assets["data_dir"]]},
+        "sft": {"max_steps": 0, "num_train_epochs": 100, "per_device_train_batch_size": 1},
+        "launcher": {"warm_start": False}}))  # the stage is the pipeline's own child, found by its command line
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    pipeline = subprocess.Popen([sys.executable, "-m", "mpo_ext.cli", "pipeline", "--config", str(config), "--steps",
+                                 "sft"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        while not any('"phase": "train"' in p.read_text() for p in out.glob("step1_sft-*/metrics.jsonl")):
+            assert pipeline.poll() is None, pipeline.communicate()[0][-4000:]
+            time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-P", str(pipeline.pid), "-f", "dschat.steps.sft"], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 1, children
+        os.kill(int(children[0]), signal.SIGTERM)
+        output = pipeline.communicate(timeout=600)[0]
+    finally:
+        if pipeline.poll() is None:
+            os.killpg(pipeline.pid, signal.SIGKILL)
+            pipeline.wait()
+    assert pipeline.returncode == 143, output[-4000:]
+    (sft_dir,) = out.glob("step1_sft-*")
+    states = sorted((sft_dir / "checkpoints").glob("step-*"))
+    assert states and f"sft saved a training state in {states[-1]}" in output, output[-3000:]
+    assert "failed" not in output and not (out / ".dschat-run.lock").exists()

@@ -65,6 +65,14 @@ WATCH_INTERVAL_S = 2.0  #: how often a per_node share checks whether node 0 gave
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+#: A stage's exit status when SIGINT / SIGTERM stopped it (its handler saves a state, then exits 128 + signal;
+#: negative: killed by the signal itself) -> that signal. The terminal's Ctrl-C reaches the stage and the
+#: pipeline together, and the stage may be done before the pipeline sees its own; either way it is an
+#: interruption to resume from, not a failure.
+STOPPED_BY_SIGNAL = {128 + signal.SIGINT: signal.SIGINT, 128 + signal.SIGTERM: signal.SIGTERM,
+                     -signal.SIGINT: signal.SIGINT, -signal.SIGTERM: signal.SIGTERM}
+
+
 class Interrupted(Exception):
     """The pipeline got SIGINT or SIGTERM while a stage ran (the stage was let finish saving)."""
 
@@ -284,6 +292,8 @@ def _run_one(stage: Stage, out: Path, config: PipelineConfig, console: ConsoleFi
     try:
         code = run_stage(_with_free_port(command), log_path, out, config.progress_interval, console, progress,
                          warm_start=config.launcher.warm_start)
+        if code in STOPPED_BY_SIGNAL:  # Ctrl-C or SIGTERM reached the stage first (or only): it saved and stopped
+            raise Interrupted(STOPPED_BY_SIGNAL[code], f"interrupted: {stage.name} stopped (exit code {code})")
     except Interrupted as stop:
         entry.update(status="interrupted", seconds=round(time.time() - start, 1), log=str(log_path))
         atomic_write_json(out / "summary.json", summary)
