@@ -289,51 +289,16 @@ def test_output_dir_that_is_a_file_or_a_config_not_utf8_is_one_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
-def test_a_busy_root_refuses_a_second_run_and_ctrl_c_says_how_to_resume(tmp_path, assets):
-    """A second `mpo pipeline` into a root in use refuses with one line naming the holder; Ctrl-C (SIGINT to
-    the terminal's process group) lets the stage save a state, and the pipeline says where and how to go on."""
-    out = tmp_path / "run"
-    config = tmp_path / "long.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "long", "base": "smoke", "assets": None, "output_dir": str(out), "progress_interval": 0.5,
-        "models": {"sft": assets["model_dir"], "reward": "@sft"}, "data": {"path": [assets["data_dir"]]},
-        "sft": {"max_steps": 0, "num_train_epochs": 100, "per_device_train_batch_size": 1}}))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    first = subprocess.Popen([sys.executable, "-m", "mpo_ext.cli", "pipeline", "--config", str(config), "--steps",
-                              "sft"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)  # its own process group, as a terminal's job
-    try:
-        while not any('"phase": "train"' in p.read_text() for p in out.glob("step1_sft-*/metrics.jsonl")):
-            assert first.poll() is None, first.communicate()[0][-4000:]
-            time.sleep(0.2)
-        second = _invoke(["--config", str(config), "--steps", "sft"])
-        assert second.exit_code == 2, second.output[-3000:]
-        assert f"another run (pid {first.pid} " in second.output and len(second.output.strip().splitlines()) == 1
-        os.killpg(first.pid, signal.SIGINT)
-        output = first.communicate(timeout=600)[0]
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    assert first.returncode == 130, output[-4000:]
-    (sft_dir,) = out.glob("step1_sft-*")
-    states = sorted((sft_dir / "checkpoints").glob("step-*"))
-    assert states and f"sft saved a training state in {states[-1]}" in output, output[-3000:]
-    assert "run the same command again to resume" in output and "Aborted!" not in output
-    assert not (out / ".dschat-run.lock").exists()  # released: the next run may start
-
-
-def test_a_stage_stopped_by_a_signal_of_its_own_is_an_interruption_to_resume(tmp_path, assets):
-    """SIGTERM sent to the stage alone (a scheduler, `kill`, or a Ctrl-C that reached the stage before the
-    pipeline): the stage saves a state and exits 143, and the pipeline reports an interruption with the way
-    to resume and exit status 143, not a failed stage."""
+def _start_long_sft(tmp_path: Path, assets: dict, **launcher) -> tuple[subprocess.Popen, Path, Path]:
+    """`mpo pipeline --steps sft` of a 100-epoch SFT in its own process group (as a terminal's job), returned
+    once the stage trains: (the pipeline's process, its config, its root)."""
     out = tmp_path / "run"
     config = tmp_path / "long.yaml"
     config.write_text(yaml.safe_dump({
         "name": "long", "base": "smoke", "assets": None, "output_dir": str(out), "progress_interval": 0.5,
         "models": {"sft": assets["model_dir"], "reward": "@sft"}, "data": {"path": [assets["data_dir"]]},
         "sft": {"max_steps": 0, "num_train_epochs": 100, "per_device_train_batch_size": 1},
-        "launcher": {"warm_start": False}}))  # the stage is the pipeline's own child, found by its command line
+        **({"launcher": launcher} if launcher else {})}))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     pipeline = subprocess.Popen([sys.executable, "-m", "mpo_ext.cli", "pipeline", "--config", str(config), "--steps",
                                  "sft"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -342,17 +307,55 @@ def test_a_stage_stopped_by_a_signal_of_its_own_is_an_interruption_to_resume(tmp
         while not any('"phase": "train"' in p.read_text() for p in out.glob("step1_sft-*/metrics.jsonl")):
             assert pipeline.poll() is None, pipeline.communicate()[0][-4000:]
             time.sleep(0.2)
+    except BaseException:
+        _stop(pipeline)
+        raise
+    return pipeline, config, out
+
+
+def _stop(pipeline: subprocess.Popen) -> None:
+    if pipeline.poll() is None:
+        os.killpg(pipeline.pid, signal.SIGKILL)
+        pipeline.wait()
+
+
+def _assert_interrupted_with_a_state(pipeline: subprocess.Popen, output: str, out: Path, signum: int) -> None:
+    """Exit status 128 + signum, the stage's last saved state named, the run lock released."""
+    assert pipeline.returncode == 128 + signum, output[-4000:]
+    (sft_dir,) = out.glob("step1_sft-*")
+    states = sorted((sft_dir / "checkpoints").glob("step-*"))
+    assert states and f"sft saved a training state in {states[-1]}" in output, output[-3000:]
+    assert "run the same command again to resume" in output and "Aborted!" not in output and "failed" not in output
+    assert not (out / ".dschat-run.lock").exists()  # released: the next run may start
+
+
+def test_a_busy_root_refuses_a_second_run_and_ctrl_c_says_how_to_resume(tmp_path, assets):
+    """A second `mpo pipeline` into a root in use refuses with one line naming the holder; Ctrl-C (SIGINT to
+    the terminal's process group) lets the stage save a state, and the pipeline says where and how to go on."""
+    first, config, out = _start_long_sft(tmp_path, assets)
+    try:
+        second = _invoke(["--config", str(config), "--steps", "sft"])
+        assert second.exit_code == 2, second.output[-3000:]
+        assert f"another run (pid {first.pid} " in second.output and len(second.output.strip().splitlines()) == 1
+        os.killpg(first.pid, signal.SIGINT)
+        output = first.communicate(timeout=600)[0]
+    finally:
+        _stop(first)
+    _assert_interrupted_with_a_state(first, output, out, signal.SIGINT)
+
+
+def test_a_stage_stopped_by_a_signal_of_its_own_is_an_interruption_to_resume(tmp_path, assets):
+    """SIGTERM sent to the stage alone (a scheduler, `kill`, or a Ctrl-C that reached the stage before the
+    pipeline): the stage saves a state and exits 143, and the pipeline reports an interruption with the way
+    to resume and exit status 143, not a failed stage."""
+    # without warm start the stage is the pipeline's own child, found by its command line
+    pipeline, _, out = _start_long_sft(tmp_path, assets, warm_start=False)
+    try:
         children = subprocess.run(["pgrep", "-P", str(pipeline.pid), "-f", "dschat.steps.sft"], capture_output=True,
                                   text=True).stdout.split()
         assert len(children) == 1, children
         os.kill(int(children[0]), signal.SIGTERM)
         output = pipeline.communicate(timeout=600)[0]
     finally:
-        if pipeline.poll() is None:
-            os.killpg(pipeline.pid, signal.SIGKILL)
-            pipeline.wait()
-    assert pipeline.returncode == 143, output[-4000:]
-    (sft_dir,) = out.glob("step1_sft-*")
-    states = sorted((sft_dir / "checkpoints").glob("step-*"))
-    assert states and f"sft saved a training state in {states[-1]}" in output, output[-3000:]
-    assert "failed" not in output and not (out / ".dschat-run.lock").exists()
+        _stop(pipeline)
+    _assert_interrupted_with_a_state(pipeline, output, out, signal.SIGTERM)
