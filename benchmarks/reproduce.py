@@ -448,7 +448,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     right.set_yticklabels([text for text, _ in claims], fontsize=9)
     right.invert_yaxis()
     right.grid(axis="x", alpha=0.3)
-    right.legend(loc="lower left", fontsize=8)
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)  # below: no row hidden
     right.set_xlabel("paired difference A − B per seed (> 0: the claim holds in that seed)")
     right.set_title(f"Paper claims \"A > B\" on {METRIC_NAMES[primary]}, paired per seed (right margin: seeds "
                     "holding)", fontsize=10)
