@@ -292,8 +292,6 @@ def _run_one(stage: Stage, out: Path, config: PipelineConfig, console: ConsoleFi
     try:
         code = run_stage(_with_free_port(command), log_path, out, config.progress_interval, console, progress,
                          warm_start=config.launcher.warm_start)
-        if code in STOPPED_BY_SIGNAL:  # Ctrl-C or SIGTERM reached the stage first (or only): it saved and stopped
-            raise Interrupted(STOPPED_BY_SIGNAL[code], f"interrupted: {stage.name} stopped (exit code {code})")
     except Interrupted as stop:
         entry.update(status="interrupted", seconds=round(time.time() - start, 1), log=str(log_path))
         atomic_write_json(out / "summary.json", summary)
@@ -426,9 +424,10 @@ def run_stage(command: list[str], log_path: Path, cwd: Path, interval: float, co
               progress: StageProgress, warm_start: bool = False, watch: Callable[[], str | None] | None = None) -> int:
     """Run one stage to its end: its output to the log (line by line) and through `console`, a heartbeat
     every `interval` seconds. On Ctrl-C (which the terminal sends to the stage too) or SIGTERM (forwarded
-    to it), wait for the stage to save its state and exit, then raise `Interrupted`. `watch` (a node's
-    share of a per_node stage) is asked every few seconds; when it gives a reason, the stage's processes
-    are killed (node 0 has given the stage up: there is nothing left to save on this node)."""
+    to it), wait for the stage to save its state and exit, then raise `Interrupted`; so also when the stage
+    exits 130/143 on its own (`STOPPED_BY_SIGNAL`). `watch` (a node's share of a per_node stage) is asked
+    every few seconds; when it gives a reason, the stage's processes are killed (node 0 has given the stage
+    up: there is nothing left to save on this node)."""
     lines: queue.Queue = queue.Queue()
     with open_append(log_path, buffering=1) as log:
         log.write(f"$ {shlex.join(command)}\n")
@@ -440,7 +439,11 @@ def run_stage(command: list[str], log_path: Path, cwd: Path, interval: float, co
         start = time.time()
         try:
             try:
-                return _pump(proc, lines, log, console, progress, interval, start, watch)
+                code = _pump(proc, lines, log, console, progress, interval, start, watch)
+                if code not in STOPPED_BY_SIGNAL:
+                    return code
+                # Ctrl-C or SIGTERM reached the stage first (or only): it saved and stopped
+                raise Interrupted(STOPPED_BY_SIGNAL[code], f"interrupted: {progress.stage} stopped (exit code {code})")
             except KeyboardInterrupt:
                 signum = signal.SIGINT
             except _Terminated:
