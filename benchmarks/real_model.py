@@ -278,9 +278,10 @@ def summarise(work: Path, sizes: Sizes) -> dict[str, Any]:
         if path.is_file():
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
             samples[row["name"]] = sorted(records, key=lambda r: r["index"])[:sizes.samples_shown]
+    data = {stage: (metrics(work / stage, "data") or [{}])[0] for stage in ("sft", "rm", "dpo", "ppo")}
     return {
-        "data": {stage: (metrics(work / stage, "data") or [{}])[0] for stage in ("sft", "rm", "dpo", "ppo")},
-        "rm": {"held_out_pairs": (metrics(work / "rm", "data") or [{}])[0].get("eval_rows", sizes.rm_held_out),
+        "data": data,
+        "rm": {"held_out_pairs": data["rm"].get("eval_rows", sizes.rm_held_out),
                "held_out_drawn": sizes.rm_held_out, "accuracy_before": rm_evals[0]["accuracy"] if rm_evals else None,
                "accuracy": last(rm_evals).get("accuracy"), "margin": last(rm_evals).get("rewards/margins"),
                "curve": [[r["step"], r.get("accuracy")] for r in rm_evals],
@@ -330,13 +331,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"| total | {fmt(sum(v['seconds'] for v in report['stages'].values()), 1)} | |", "",
         "## Reward model", "",
         f"Held-out accuracy {fmt(s['rm']['accuracy'])} on {s['rm']['held_out_pairs']} pairs (of "
-        f"{s['rm'].get('held_out_drawn', s['rm']['held_out_pairs'])} drawn; the rest lost their answer to the length "
+        f"{s['rm']['held_out_drawn']} drawn; the rest lost their answer to the length "
         f"limit) during training (before training "
         f"{fmt(s['rm']['accuracy_before'])}), mean margin {fmt(s['rm']['margin'], 4)}, identical scores in "
         f"{fmt(s['rm']['identical_share'])} of the pairs; health check: **{s['rm']['health']}**"
         + (f" ({', '.join(s['rm']['warnings'])})" if s['rm']['warnings'] else "") + ". Held-out accuracy by step: "
-        + ", ".join(f"{step}: {fmt(acc)}" for step, acc in s["rm"].get("curve", [])) + ".", "",
-        *rm_check_lines(s.get("rm_check") or {}),
+        + ", ".join(f"{step}: {fmt(acc)}" for step, acc in s["rm"]["curve"]) + ".", "",
+        *rm_check_lines(s["rm_check"]),
         "## Selection, DPO, PPO", "",
         f"Selection: {json.dumps(s['select']['counts'])}, theta {fmt(s['select']['threshold'], 4)}, "
         f"{(s['select']['data'] or {}).get('prompt_too_long')} prompts over --max_prompt_seq_len left out. "
