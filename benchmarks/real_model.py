@@ -399,9 +399,14 @@ def settings_record(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
 
 def resumable_stages(work: Path, settings: dict[str, Any], resume: bool, convert: bool) -> dict[str, dict[str, float]]:
     """{stage: its recorded wall time and memory} for the leading stages an earlier run of the same settings
-    finished (with --resume); without --resume, or with other settings, every stage runs (nothing is kept)."""
+    finished (with --resume); without --resume, or with other settings, every stage runs (nothing is kept).
+    The records of every stage that will run are removed first, so a run stopped half-way never leaves an
+    earlier run's record beside a stage it had started again."""
     record = work / "settings.json"
-    earlier = read_json(record)
+    try:
+        earlier = read_json(record)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--workdir {work}: {record} is unreadable ({err}); delete it to start afresh") from None
     if resume and earlier is not None and earlier != settings:
         raise UserError(f"--resume: {work} holds a run with other settings (see {record}); drop --resume or pass "
                         "another --workdir")
@@ -409,10 +414,16 @@ def resumable_stages(work: Path, settings: dict[str, Any], resume: bool, convert
     atomic_write_json(record, settings)
     finished: dict[str, dict[str, float]] = {}
     for name in (STAGES if convert else STAGES[1:]) if resume else ():
-        done = read_json(finished_record(work / "logs", name))
+        try:
+            done = read_json(finished_record(work / "logs", name))
+        except (OSError, ValueError):
+            done = None  # a torn record proves nothing: the stage runs again
         if done is None or (name != "convert" and not (work / name).is_dir()):
             break  # the first stage not finished: it and everything after it run
         finished[name] = done
+    for name in STAGES:
+        if name not in finished:
+            finished_record(work / "logs", name).unlink(missing_ok=True)
     return finished
 
 

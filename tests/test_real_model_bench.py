@@ -49,6 +49,20 @@ def test_resume_keeps_the_leading_finished_stages_of_the_same_settings(tmp_path)
     # a recorded stage whose output folder is gone runs again
     (tmp_path / "select").rmdir()
     assert list(resumable_stages(tmp_path, settings, resume=True, convert=True)) == ["convert", "sft", "rm"]
+    # a run that starts a stage again (here: without --resume) drops every record from there on, so a later
+    # --resume cannot take an earlier run's record for a stage this run left half-done
+    _finish(tmp_path, *STAGES)
+    assert resumable_stages(tmp_path, settings, resume=False, convert=True) == {}
+    assert not list((tmp_path / "logs").glob("*.done.json"))
+    assert resumable_stages(tmp_path, settings, resume=True, convert=True) == {}
+    # a torn record proves nothing; an unreadable settings file is one line naming it
+    _finish(tmp_path, "convert", "sft")
+    finished_record(tmp_path / "logs", "sft").write_text("{\"seconds\": 1")
+    assert list(resumable_stages(tmp_path, settings, resume=True, convert=True)) == ["convert"]
+    (tmp_path / "settings.json").write_bytes(b"\xff{")
+    with pytest.raises(UserError, match="settings.json is unreadable"):
+        resumable_stages(tmp_path, settings, resume=True, convert=True)
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
     with pytest.raises(UserError, match="other settings"):
         resumable_stages(tmp_path, settings_record(Namespace(**{**vars(args), "seed": 2}), FULL), resume=True,
                          convert=True)
